@@ -1,0 +1,44 @@
+# mantlet — run 'make' or 'make help' for the targets.
+
+GO      ?= go
+BIN     ?= bin/mantlet
+# Root-only tests fail instead of skipping when CI=true (see internal/privtest).
+TESTFLAGS ?= -count=1 -timeout 60m
+
+.DEFAULT_GOAL := help
+
+.PHONY: help build test test-unit lint generate check-generate bench demo clean
+
+help: ## list the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-15s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+build: ## build bin/mantlet
+	$(GO) build -o $(BIN) ./cmd/mantlet
+
+test: ## run the whole suite; as root it includes the namespaced eBPF/testbed tests (what CI runs)
+	$(GO) test $(TESTFLAGS) ./...
+	cd test/interop && $(GO) test $(TESTFLAGS) ./...
+
+test-unit: ## run the tests that need no root, quickly
+	$(GO) test -count=1 -short ./...
+
+lint: ## gofmt, go vet and staticcheck
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt wants to change:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+	$(GO) tool staticcheck ./...
+	cd test/interop && $(GO) vet ./...
+
+generate: ## rebuild the eBPF objects with bpf2go (needs clang-19, llvm-19, libbpf-dev)
+	$(GO) generate ./bpf/...
+
+check-generate: generate ## fail if the committed eBPF objects differ from a fresh build
+	@git diff --exit-code --stat -- bpf/ || { echo "bpf2go output is stale: run 'make generate' and commit"; exit 1; }
+
+bench: ## run the Go benchmarks (and, as root, the testbed scenario)
+	$(GO) test -run '^$$' -bench . -benchmem -count=1 -timeout 30m ./...
+
+demo: build ## run the two-node demo (needs root)
+	./$(BIN) demo
+
+clean: ## remove build output
+	rm -rf bin
