@@ -1,8 +1,8 @@
 // Package ca is mantlet's in-process certificate authority: an ECDSA P-256
 // root (optionally with an intermediate) that signs certificate requests
 // into X509-SVIDs meeting the SPIFFE X509-SVID specification. It keeps its
-// keys in memory or in a directory (key files 0600) and never generates or
-// returns workload private keys.
+// keys in memory (New) or in a directory (Init, Load; key files 0600) and
+// never generates or returns workload private keys.
 package ca
 
 import (
@@ -18,18 +18,21 @@ import (
 	"fmt"
 	"math/big"
 	"net/url"
+	"slices"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
-// Options tune a new CA.
+// Options tune a CA. Zero values select the defaults.
 type Options struct {
-	// Intermediate makes the CA sign SVIDs with an intermediate certificate
-	// under the root; chains then carry the intermediate.
+	// Intermediate makes New and Init create an intermediate certificate
+	// under the root that signs the SVIDs; chains then carry it. Load
+	// ignores it (the directory says whether there is one).
 	Intermediate bool
-	// RootTTL is the root's lifetime (default 10 years).
+	// RootTTL is the lifetime of a new root (default 10 years). Load
+	// ignores it.
 	RootTTL time.Duration
 	// MaxSVIDTTL caps SVID lifetimes (default 7 days).
 	MaxSVIDTTL time.Duration
@@ -41,7 +44,13 @@ type Options struct {
 // skew between nodes.
 const Backdate = 5 * time.Minute
 
-// CA signs X509-SVIDs for one trust domain.
+// Defaults of Options.
+const (
+	DefaultRootTTL    = 10 * 365 * 24 * time.Hour
+	DefaultMaxSVIDTTL = 7 * 24 * time.Hour
+)
+
+// CA signs X509-SVIDs for one trust domain. It is safe for concurrent use.
 type CA struct {
 	td     spiffeid.TrustDomain
 	opts   Options
@@ -50,13 +59,17 @@ type CA struct {
 	issuer *x509.Certificate   // root, or the intermediate
 	chain  []*x509.Certificate // intermediates to append to leaves
 
-	rootKey crypto.Signer
+	rootKey  crypto.Signer
+	interKey crypto.Signer // nil without an intermediate
 }
 
 // New creates a CA with fresh keys, in memory.
 func New(td spiffeid.TrustDomain, opts Options) (*CA, error) {
+	if td.IsZero() {
+		return nil, errors.New("ca: new: empty trust domain")
+	}
 	opts = opts.withDefaults()
-	rootKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	rootKey, err := newKey()
 	if err != nil {
 		return nil, fmt.Errorf("ca: generate root key: %w", err)
 	}
@@ -65,7 +78,7 @@ func New(td spiffeid.TrustDomain, opts Options) (*CA, error) {
 		Subject:               pkix.Name{Organization: []string{"mantlet"}, CommonName: "mantlet root CA " + td.Name()},
 		NotBefore:             now.Add(-Backdate),
 		NotAfter:              now.Add(opts.RootTTL),
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign | x509.KeyUsageDigitalSignature,
+		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
 		BasicConstraintsValid: true,
 		IsCA:                  true,
 		URIs:                  []*url.URL{td.ID().URL()},
@@ -84,11 +97,11 @@ func New(td spiffeid.TrustDomain, opts Options) (*CA, error) {
 }
 
 func (o Options) withDefaults() Options {
-	if o.RootTTL == 0 {
-		o.RootTTL = 10 * 365 * 24 * time.Hour
+	if o.RootTTL <= 0 {
+		o.RootTTL = DefaultRootTTL
 	}
-	if o.MaxSVIDTTL == 0 {
-		o.MaxSVIDTTL = 7 * 24 * time.Hour
+	if o.MaxSVIDTTL <= 0 {
+		o.MaxSVIDTTL = DefaultMaxSVIDTTL
 	}
 	if o.Now == nil {
 		o.Now = time.Now
@@ -96,8 +109,12 @@ func (o Options) withDefaults() Options {
 	return o
 }
 
+func newKey() (*ecdsa.PrivateKey, error) {
+	return ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+}
+
 func (c *CA) addIntermediate() error {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	key, err := newKey()
 	if err != nil {
 		return fmt.Errorf("ca: generate intermediate key: %w", err)
 	}
@@ -111,7 +128,7 @@ func (c *CA) addIntermediate() error {
 		Subject:               pkix.Name{Organization: []string{"mantlet"}, CommonName: "mantlet intermediate CA " + c.td.Name()},
 		NotBefore:             now.Add(-Backdate),
 		NotAfter:              c.root.NotAfter,
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign | x509.KeyUsageDigitalSignature,
+		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
 		BasicConstraintsValid: true,
 		IsCA:                  true,
 		MaxPathLenZero:        true,
@@ -126,7 +143,7 @@ func (c *CA) addIntermediate() error {
 	if err != nil {
 		return fmt.Errorf("ca: parse intermediate: %w", err)
 	}
-	c.signer, c.issuer, c.chain = key, inter, []*x509.Certificate{inter}
+	c.signer, c.issuer, c.chain, c.interKey = key, inter, []*x509.Certificate{inter}, key
 	return nil
 }
 
@@ -136,7 +153,12 @@ func (c *CA) TrustDomain() spiffeid.TrustDomain { return c.td }
 // Root returns the root certificate.
 func (c *CA) Root() *x509.Certificate { return c.root }
 
-// Bundle returns the trust bundle (the root) of the CA's trust domain.
+// Intermediates returns the certificates between the root and the SVIDs the
+// CA signs (none, or the intermediate).
+func (c *CA) Intermediates() []*x509.Certificate { return slices.Clone(c.chain) }
+
+// Bundle returns the trust bundle (the root) of the CA's trust domain. It
+// never fails; the error is there to satisfy identity.Issuer.
 func (c *CA) Bundle(context.Context) (*x509bundle.Bundle, error) {
 	return x509bundle.FromX509Authorities(c.td, []*x509.Certificate{c.root}), nil
 }
@@ -145,18 +167,32 @@ func (c *CA) Bundle(context.Context) (*x509bundle.Bundle, error) {
 var (
 	// ErrForeignTrustDomain: the requested ID is not in the CA's trust domain.
 	ErrForeignTrustDomain = errors.New("identity is not in the CA's trust domain")
-	// ErrBadCSR: the request does not parse, its signature is wrong, or its
-	// key is not ECDSA P-256.
+	// ErrBadID: the requested ID cannot name a workload (it has no path:
+	// the X509-SVID specification reserves path-less IDs for CAs).
+	ErrBadID = errors.New("SPIFFE ID has no path")
+	// ErrBadCSR: the request does not parse, its signature is wrong, its key
+	// is not ECDSA P-256, or it names an identity other than the requested
+	// one.
 	ErrBadCSR = errors.New("bad certificate request")
+	// ErrExpired: the CA's signing certificate has expired.
+	ErrExpired = errors.New("CA certificate expired")
 )
 
 // SignCSR signs a PKCS#10 request (DER) for id and returns the chain, leaf
-// first, without the root. The leaf's only name is id as a URI SAN; its
-// lifetime is ttl capped by Options.MaxSVIDTTL and by the issuer's own
-// expiry. It returns errors wrapping ErrForeignTrustDomain or ErrBadCSR.
+// first, without the root. The leaf's only name is id as a URI SAN (a
+// request may carry that same URI SAN and nothing else); it is not a CA,
+// its key usage is digitalSignature only, its extended key usages are
+// serverAuth and clientAuth, it starts Backdate before now (but not before
+// the issuing certificate) and lives ttl (a ttl <= 0 or above
+// Options.MaxSVIDTTL means MaxSVIDTTL), capped by the issuing certificate's
+// expiry. It returns errors wrapping ErrForeignTrustDomain, ErrBadID,
+// ErrBadCSR or ErrExpired.
 func (c *CA) SignCSR(_ context.Context, csrDER []byte, id spiffeid.ID, ttl time.Duration) ([]*x509.Certificate, error) {
 	if !id.MemberOf(c.td) {
 		return nil, fmt.Errorf("ca: sign %s: %w (%s)", id, ErrForeignTrustDomain, c.td)
+	}
+	if id.Path() == "" {
+		return nil, fmt.Errorf("ca: sign %s: %w", id, ErrBadID)
 	}
 	csr, err := x509.ParseCertificateRequest(csrDER)
 	if err != nil {
@@ -169,10 +205,22 @@ func (c *CA) SignCSR(_ context.Context, csrDER []byte, id spiffeid.ID, ttl time.
 	if !ok || pub.Curve != elliptic.P256() {
 		return nil, fmt.Errorf("ca: sign %s: %w: key is not ECDSA P-256", id, ErrBadCSR)
 	}
+	if len(csr.URIs) > 1 || len(csr.URIs) == 1 && csr.URIs[0].String() != id.String() ||
+		len(csr.DNSNames) > 0 || len(csr.IPAddresses) > 0 || len(csr.EmailAddresses) > 0 {
+		return nil, fmt.Errorf("ca: sign %s: %w: it asks for other names (URIs %v, DNS %v, IPs %v, emails %v)",
+			id, ErrBadCSR, csr.URIs, csr.DNSNames, csr.IPAddresses, csr.EmailAddresses)
+	}
 	if ttl <= 0 || ttl > c.opts.MaxSVIDTTL {
 		ttl = c.opts.MaxSVIDTTL
 	}
 	now := c.opts.Now()
+	if !now.Before(c.issuer.NotAfter) {
+		return nil, fmt.Errorf("ca: sign %s: %w on %s", id, ErrExpired, c.issuer.NotAfter.UTC().Format(time.RFC3339))
+	}
+	notBefore := now.Add(-Backdate)
+	if notBefore.Before(c.issuer.NotBefore) {
+		notBefore = c.issuer.NotBefore
+	}
 	notAfter := now.Add(ttl)
 	if notAfter.After(c.issuer.NotAfter) {
 		notAfter = c.issuer.NotAfter
@@ -184,9 +232,9 @@ func (c *CA) SignCSR(_ context.Context, csrDER []byte, id spiffeid.ID, ttl time.
 	tmpl := &x509.Certificate{
 		SerialNumber:          serial,
 		Subject:               pkix.Name{Organization: []string{"mantlet"}},
-		NotBefore:             now.Add(-Backdate),
+		NotBefore:             notBefore,
 		NotAfter:              notAfter,
-		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageKeyAgreement,
+		KeyUsage:              x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
 		BasicConstraintsValid: true,
 		IsCA:                  false,
@@ -222,6 +270,7 @@ func selfSign(tmpl *x509.Certificate, key *ecdsa.PrivateKey) (*x509.Certificate,
 	return cert, nil
 }
 
+// newSerial returns a random positive 128-bit serial number.
 func newSerial() (*big.Int, error) {
 	s, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
 	if err != nil {
