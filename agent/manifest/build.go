@@ -1,0 +1,510 @@
+package manifest
+
+import (
+	"fmt"
+	"net/netip"
+	"slices"
+	"strings"
+
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/apimachinery/pkg/util/validation"
+
+	"github.com/mantlet/mantlet/internal/workload"
+)
+
+// builtinNamespaces exist in every cluster, so pods may use them without a
+// Namespace object in the file.
+var builtinNamespaces = []string{"default", "kube-system", "kube-public", "kube-node-lease"}
+
+// namespaceInfo is what pods need to know of their namespace.
+type namespaceInfo struct {
+	meshed bool
+}
+
+// owner remembers which object claimed a name or an address first.
+type owner struct{ loc Location }
+
+func (o owner) String() string {
+	s := o.loc.String()
+	return strings.TrimPrefix(s, o.loc.File+": ")
+}
+
+// build validates the decoded objects against each other and makes the
+// snapshot. Problems go to p.errs.
+func (p *parser) build() *Manifest {
+	m := &Manifest{File: p.file, MTLS: map[string]MTLSMode{}, Extra: p.extra}
+	names := map[string]owner{} // kind/namespace/name
+	dup := func(loc Location) bool {
+		key := loc.Kind + "/" + loc.Namespace + "/" + loc.Name
+		if first, ok := names[key]; ok {
+			p.errorf(loc, "metadata.name", loc.Name, "duplicate: %s has the same kind, namespace and name", first)
+			return true
+		}
+		names[key] = owner{loc}
+		return false
+	}
+	ips := map[netip.Addr]owner{} // pod, node and service addresses
+	claim := func(loc Location, field string, ip netip.Addr) bool {
+		if first, ok := ips[ip]; ok {
+			p.errorf(loc, field, ip.String(), "address already used by %s", first)
+			return false
+		}
+		ips[ip] = owner{loc}
+		return true
+	}
+
+	namespaces := map[string]namespaceInfo{}
+	for _, n := range builtinNamespaces {
+		namespaces[n] = namespaceInfo{}
+	}
+	for _, e := range p.namespaces {
+		ns, loc := e.obj, e.loc
+		if !p.checkName(loc, "metadata.name", ns.Name, validation.IsDNS1123Label) || dup(loc) {
+			continue
+		}
+		info := namespaceInfo{}
+		switch v, ok := ns.Annotations[AnnotationMesh]; {
+		case !ok, v == meshDisabled:
+		case v == meshEnabled:
+			info.meshed = true
+		default:
+			p.errorf(loc, annotationField(AnnotationMesh), v, "want %q or %q", meshEnabled, meshDisabled)
+		}
+		if v, ok := ns.Annotations[AnnotationMTLS]; ok {
+			if mode, err := ParseMTLSMode(v); err != nil {
+				p.errorf(loc, annotationField(AnnotationMTLS), v, "want STRICT or PERMISSIVE")
+			} else {
+				m.MTLS[ns.Name] = mode
+			}
+		}
+		namespaces[ns.Name] = info
+	}
+
+	type nodeInfo struct {
+		ips []netip.Addr
+	}
+	nodeIPs := map[string]nodeInfo{}
+	var nodes []workload.Node
+	for _, e := range p.nodes {
+		n, loc := e.obj, e.loc
+		if !p.checkName(loc, "metadata.name", n.Name, validation.IsDNS1123Subdomain) || dup(loc) {
+			continue
+		}
+		var info nodeInfo
+		for i, a := range n.Status.Addresses {
+			if a.Type != corev1.NodeInternalIP {
+				continue
+			}
+			ip, ok := p.parseIP(loc, fmt.Sprintf("status.addresses[%d].address", i), a.Address)
+			if ok && claim(loc, fmt.Sprintf("status.addresses[%d].address", i), ip) {
+				info.ips = append(info.ips, ip)
+			}
+		}
+		if len(info.ips) == 0 {
+			if !slices.ContainsFunc(n.Status.Addresses, func(a corev1.NodeAddress) bool { return a.Type == corev1.NodeInternalIP }) {
+				p.errorf(loc, "status.addresses", "", "no InternalIP (want an entry with type: InternalIP and the node's underlay address)")
+			}
+			continue
+		}
+		nodeIPs[n.Name] = info
+		nodes = append(nodes, workload.Node{Name: n.Name, IP: info.ips[0]})
+	}
+
+	var workloads []workload.Workload
+	pods := map[string][]*corev1.Pod{} // namespace → pods in the snapshot, for selectors
+	uids := map[string]owner{}
+	for _, e := range p.pods {
+		pod, loc := e.obj, e.loc
+		if !p.checkName(loc, "metadata.name", pod.Name, validation.IsDNS1123Subdomain) ||
+			!p.checkName(loc, "metadata.namespace", loc.Namespace, validation.IsDNS1123Label) || dup(loc) {
+			continue
+		}
+		w, ok := p.pod(loc, pod, namespaces, func(node string) ([]netip.Addr, bool) {
+			n, ok := nodeIPs[node]
+			return n.ips, ok
+		})
+		if !ok || w == nil {
+			continue
+		}
+		if first, ok := uids[w.UID]; ok {
+			p.errorf(loc, "metadata.uid", w.UID, "already used by %s", first)
+			continue
+		}
+		uids[w.UID] = owner{loc}
+		clean := true
+		for i, ip := range w.IPs {
+			field := "status.podIP"
+			if len(pod.Status.PodIPs) > 0 {
+				field = fmt.Sprintf("status.podIPs[%d].ip", i)
+			}
+			clean = claim(loc, field, ip) && clean
+		}
+		if !clean {
+			continue
+		}
+		workloads = append(workloads, *w)
+		pods[loc.Namespace] = append(pods[loc.Namespace], pod)
+	}
+
+	var services []workload.Service
+	vips := map[netip.AddrPort]owner{}
+	for _, e := range p.services {
+		svc, loc := e.obj, e.loc
+		if !p.checkName(loc, "metadata.name", svc.Name, validation.IsDNS1035Label) ||
+			!p.checkName(loc, "metadata.namespace", loc.Namespace, validation.IsDNS1123Label) || dup(loc) {
+			continue
+		}
+		s, ok := p.service(loc, svc, pods[loc.Namespace])
+		if !ok || s == nil {
+			continue
+		}
+		clean := true
+		for _, vip := range s.VIPs {
+			if first, ok := ips[vip]; ok {
+				p.errorf(loc, "spec.clusterIP", vip.String(), "address already used by %s", first)
+				clean = false
+				continue
+			}
+			for _, sp := range s.Ports {
+				ap := netip.AddrPortFrom(vip, sp.Port)
+				if first, ok := vips[ap]; ok {
+					p.errorf(loc, "spec.clusterIP", vip.String(), "address already used by %s", first)
+					clean = false
+					break
+				}
+				vips[ap] = owner{loc}
+			}
+		}
+		if clean {
+			services = append(services, *s)
+		}
+	}
+	if len(p.errs) > 0 {
+		return nil
+	}
+	snap, err := workload.New(nodes, workloads, services)
+	if err != nil {
+		// The checks above should have caught every contradiction New
+		// knows; report it against the file rather than panic.
+		p.errorf(Location{File: p.file}, "", "", "%v", err)
+		return nil
+	}
+	m.Snapshot = snap
+	m.Warnings = p.warnings
+	return m
+}
+
+func annotationField(key string) string { return fmt.Sprintf("metadata.annotations[%q]", key) }
+
+// checkName validates a name with one of Kubernetes' validators.
+func (p *parser) checkName(loc Location, field, name string, valid func(string) []string) bool {
+	if name == "" {
+		p.errorf(loc, field, "", "missing")
+		return false
+	}
+	if msgs := valid(name); len(msgs) > 0 {
+		p.errorf(loc, field, name, "%s", strings.Join(msgs, "; "))
+		return false
+	}
+	return true
+}
+
+// parseIP parses an address the way a user means it: no zone, not
+// loopback, multicast or unspecified.
+func (p *parser) parseIP(loc Location, field, s string) (netip.Addr, bool) {
+	ip, err := netip.ParseAddr(s)
+	switch {
+	case s == "":
+		p.errorf(loc, field, "", "missing")
+	case err != nil:
+		p.errorf(loc, field, s, "not an IP address")
+	case ip.Zone() != "":
+		p.errorf(loc, field, s, "an address with a zone cannot be used; write the address alone")
+	case ip.IsUnspecified(), ip.IsLoopback(), ip.IsMulticast():
+		p.errorf(loc, field, s, "not a unicast address a pod or node can have")
+	default:
+		return ip.Unmap(), true
+	}
+	return netip.Addr{}, false
+}
+
+// pod turns a Pod into a workload. It returns nil, true for pods that hold
+// no address of their own (finished, pending without an IP, host network).
+func (p *parser) pod(loc Location, pod *corev1.Pod, namespaces map[string]namespaceInfo, nodeIPs func(string) ([]netip.Addr, bool)) (*workload.Workload, bool) {
+	if pod.Status.Phase == corev1.PodSucceeded || pod.Status.Phase == corev1.PodFailed || pod.Spec.HostNetwork {
+		return nil, true
+	}
+	if pod.Status.PodIP == "" && len(pod.Status.PodIPs) == 0 && pod.Status.Phase == corev1.PodPending {
+		return nil, true
+	}
+	ok := true
+	ns, known := namespaces[loc.Namespace]
+	if !known {
+		p.errorf(loc, "metadata.namespace", loc.Namespace, "no Namespace object of that name in the file (add one; annotate it %s: %s to mesh its pods)", AnnotationMesh, meshEnabled)
+		ok = false
+	}
+	enrolled := ns.meshed
+	switch v, set := pod.Annotations[AnnotationMesh]; {
+	case !set:
+	case v == meshDisabled:
+		enrolled = false
+	case v == meshEnabled:
+		if !ns.meshed && known {
+			p.warnf(loc, annotationField(AnnotationMesh), v, "has no effect on a pod; annotate Namespace %s to mesh its pods", loc.Namespace)
+		}
+	default:
+		p.errorf(loc, annotationField(AnnotationMesh), v, "want %q (opt this pod out) or %q", meshDisabled, meshEnabled)
+		ok = false
+	}
+	sa := pod.Spec.ServiceAccountName
+	saField := "spec.serviceAccountName"
+	if sa == "" {
+		sa, saField = pod.Spec.DeprecatedServiceAccount, "spec.serviceAccount"
+	}
+	if sa == "" {
+		sa = "default"
+	} else if !p.checkName(loc, saField, sa, validation.IsDNS1123Subdomain) {
+		ok = false
+	}
+
+	var ips []netip.Addr
+	switch {
+	case pod.Status.PodIP == "" && len(pod.Status.PodIPs) == 0:
+		p.errorf(loc, "status.podIP", "", "missing (want the pod's address, e.g. \"198.19.1.10\"; pods without one must have status.phase Pending)")
+		ok = false
+	case len(pod.Status.PodIPs) == 0:
+		if ip, good := p.parseIP(loc, "status.podIP", pod.Status.PodIP); good {
+			ips = append(ips, ip)
+		} else {
+			ok = false
+		}
+	default:
+		if pod.Status.PodIP != "" && pod.Status.PodIP != pod.Status.PodIPs[0].IP {
+			p.errorf(loc, "status.podIPs[0].ip", pod.Status.PodIPs[0].IP, "must equal status.podIP %q", pod.Status.PodIP)
+			ok = false
+		}
+		for i, a := range pod.Status.PodIPs {
+			ip, good := p.parseIP(loc, fmt.Sprintf("status.podIPs[%d].ip", i), a.IP)
+			switch {
+			case !good:
+				ok = false
+			case slices.Contains(ips, ip):
+				p.errorf(loc, fmt.Sprintf("status.podIPs[%d].ip", i), a.IP, "listed twice")
+				ok = false
+			default:
+				ips = append(ips, ip)
+			}
+		}
+	}
+
+	nodeName := pod.Spec.NodeName
+	var nodeIP netip.Addr
+	if nodeName == "" {
+		p.errorf(loc, "spec.nodeName", "", "missing (want the name of the node the pod runs on)")
+		ok = false
+	} else if !p.checkName(loc, "spec.nodeName", nodeName, validation.IsDNS1123Subdomain) {
+		ok = false
+	} else {
+		known, haveNode := nodeIPs(nodeName)
+		var hostIP netip.Addr
+		if pod.Status.HostIP != "" {
+			var good bool
+			if hostIP, good = p.parseIP(loc, "status.hostIP", pod.Status.HostIP); !good {
+				ok = false
+			}
+		}
+		switch {
+		case haveNode && hostIP.IsValid() && !slices.Contains(known, hostIP):
+			p.errorf(loc, "status.hostIP", pod.Status.HostIP, "is not an InternalIP of Node %s (%s)", nodeName, joinAddrs(known))
+			ok = false
+		case haveNode:
+			nodeIP = known[0]
+		case hostIP.IsValid():
+			nodeIP = hostIP
+		case pod.Status.HostIP == "":
+			p.errorf(loc, "spec.nodeName", nodeName, "no Node object of that name and no status.hostIP (add a Node with an InternalIP, or set status.hostIP)")
+			ok = false
+		}
+	}
+	if !ok {
+		return nil, false
+	}
+	uid := string(pod.UID)
+	if uid == "" {
+		uid = loc.Namespace + "/" + pod.Name
+	}
+	return &workload.Workload{
+		UID:            uid,
+		Name:           pod.Name,
+		Namespace:      loc.Namespace,
+		ServiceAccount: sa,
+		Labels:         pod.Labels,
+		Node:           nodeName,
+		NodeIP:         nodeIP,
+		IPs:            ips,
+		Enrolled:       enrolled,
+	}, true
+}
+
+func joinAddrs(ips []netip.Addr) string {
+	s := make([]string, len(ips))
+	for i, ip := range ips {
+		s[i] = ip.String()
+	}
+	return strings.Join(s, ", ")
+}
+
+// service turns a Service into a workload.Service whose endpoints are the
+// pods (of the snapshot, same namespace) that its selector matches. It
+// returns nil, true for services mantlet ignores (ExternalName).
+func (p *parser) service(loc Location, svc *corev1.Service, pods []*corev1.Pod) (*workload.Service, bool) {
+	if svc.Spec.Type == corev1.ServiceTypeExternalName {
+		return nil, true
+	}
+	ok := true
+	var vips []netip.Addr
+	headless := svc.Spec.ClusterIP == corev1.ClusterIPNone
+	switch {
+	case svc.Spec.ClusterIP == "" && len(svc.Spec.ClusterIPs) == 0:
+		p.errorf(loc, "spec.clusterIP", "", "missing (want the service's virtual IP, e.g. \"198.18.128.10\", or \"None\" for a headless service)")
+		ok = false
+	case headless:
+		if len(svc.Spec.ClusterIPs) > 1 || (len(svc.Spec.ClusterIPs) == 1 && svc.Spec.ClusterIPs[0] != corev1.ClusterIPNone) {
+			p.errorf(loc, "spec.clusterIPs", "", "must be [\"None\"] or absent when spec.clusterIP is \"None\"")
+			ok = false
+		}
+	default:
+		list, field := svc.Spec.ClusterIPs, "spec.clusterIPs[%d]"
+		if len(list) == 0 {
+			list, field = []string{svc.Spec.ClusterIP}, "spec.clusterIP"
+		} else if svc.Spec.ClusterIP != "" && svc.Spec.ClusterIP != list[0] {
+			p.errorf(loc, "spec.clusterIPs[0]", list[0], "must equal spec.clusterIP %q", svc.Spec.ClusterIP)
+			ok = false
+		}
+		for i, s := range list {
+			f := field
+			if strings.Contains(f, "%d") {
+				f = fmt.Sprintf(field, i)
+			}
+			ip, good := p.parseIP(loc, f, s)
+			switch {
+			case !good:
+				ok = false
+			case slices.Contains(vips, ip):
+				p.errorf(loc, f, s, "listed twice")
+				ok = false
+			default:
+				vips = append(vips, ip)
+			}
+		}
+	}
+
+	var endpoints []*corev1.Pod
+	if len(svc.Spec.Selector) > 0 {
+		for _, pod := range pods {
+			if matches(svc.Spec.Selector, pod.Labels) {
+				endpoints = append(endpoints, pod)
+			}
+		}
+	}
+
+	var ports []workload.ServicePort
+	seen := map[int32]int{}
+	for i, sp := range svc.Spec.Ports {
+		field := fmt.Sprintf("spec.ports[%d]", i)
+		if sp.Protocol != "" && sp.Protocol != corev1.ProtocolTCP {
+			continue // the mesh carries TCP only
+		}
+		if sp.Port < 1 || sp.Port > 65535 {
+			p.errorf(loc, field+".port", fmt.Sprint(sp.Port), "want a port number from 1 to 65535")
+			ok = false
+			continue
+		}
+		if j, dup := seen[sp.Port]; dup {
+			p.errorf(loc, field+".port", fmt.Sprint(sp.Port), "spec.ports[%d] has the same port", j)
+			ok = false
+			continue
+		}
+		seen[sp.Port] = i
+		target, good := p.targetPort(loc, field+".targetPort", sp, endpoints)
+		if !good {
+			ok = false
+			continue
+		}
+		ports = append(ports, workload.ServicePort{Name: sp.Name, Port: uint16(sp.Port), TargetPort: target})
+	}
+	if !ok {
+		return nil, false
+	}
+	s := &workload.Service{Name: svc.Name, Namespace: loc.Namespace, VIPs: vips, Ports: ports}
+	for _, pod := range endpoints {
+		uid := string(pod.UID)
+		if uid == "" {
+			uid = loc.Namespace + "/" + pod.Name
+		}
+		s.Endpoints = append(s.Endpoints, uid)
+	}
+	return s, true
+}
+
+// targetPort resolves a service port's targetPort to a number: numeric
+// ones directly, named ones through the container ports of the selected
+// pods, which must agree.
+func (p *parser) targetPort(loc Location, field string, sp corev1.ServicePort, endpoints []*corev1.Pod) (uint16, bool) {
+	tp := sp.TargetPort
+	if tp.Type == intstr.Int {
+		switch {
+		case tp.IntVal == 0:
+			return uint16(sp.Port), true
+		case tp.IntVal < 1 || tp.IntVal > 65535:
+			p.errorf(loc, field, fmt.Sprint(tp.IntVal), "want a port number from 1 to 65535 or a container port name")
+			return 0, false
+		}
+		return uint16(tp.IntVal), true
+	}
+	name := tp.StrVal
+	if msgs := validation.IsValidPortName(name); len(msgs) > 0 {
+		p.errorf(loc, field, name, "want a port number from 1 to 65535 or a container port name: %s", strings.Join(msgs, "; "))
+		return 0, false
+	}
+	var found int32
+	var foundOn string
+	for _, pod := range endpoints {
+		for _, c := range pod.Spec.Containers {
+			for _, cp := range c.Ports {
+				if cp.Name != name || (cp.Protocol != "" && cp.Protocol != corev1.ProtocolTCP) {
+					continue
+				}
+				switch {
+				case found == 0:
+					found, foundOn = cp.ContainerPort, pod.Name
+				case cp.ContainerPort != found:
+					p.errorf(loc, field, name, "means port %d on pod %s but %d on pod %s; mantlet needs one number per service port (use a number)", found, foundOn, cp.ContainerPort, pod.Name)
+					return 0, false
+				}
+			}
+		}
+	}
+	switch {
+	case len(endpoints) == 0:
+		return uint16(sp.Port), true // nothing to resolve against; no endpoint will be used
+	case found == 0:
+		p.errorf(loc, field, name, "no selected pod has a TCP container port of that name (name one in spec.containers[].ports, or use a number)")
+		return 0, false
+	case found < 1 || found > 65535:
+		p.errorf(loc, field, name, "means port %d on pod %s, not a port number from 1 to 65535", found, foundOn)
+		return 0, false
+	}
+	return uint16(found), true
+}
+
+// matches reports whether labels satisfy every key of selector.
+func matches(selector, labels map[string]string) bool {
+	for k, v := range selector {
+		if got, ok := labels[k]; !ok || got != v {
+			return false
+		}
+	}
+	return true
+}
