@@ -9,6 +9,7 @@ import (
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
+	kjson "sigs.k8s.io/json"
 	"sigs.k8s.io/yaml"
 
 	"github.com/mantlet/mantlet/policy/v1alpha1"
@@ -64,9 +65,19 @@ func Parse(data []byte) ([]*v1alpha1.MeshPolicy, error) {
 // validates it. Errors wrap ErrInvalid; a policy that decodes but is
 // invalid yields a *ValidationError.
 func ParseDocument(raw []byte) (*v1alpha1.MeshPolicy, error) {
-	var p v1alpha1.MeshPolicy
-	if err := yaml.UnmarshalStrict(raw, &p); err != nil {
+	js, err := yaml.YAMLToJSONStrict(raw)
+	if err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrInvalid, err)
+	}
+	var p v1alpha1.MeshPolicy
+	// Case-sensitive, like the Kubernetes API server: "Action" is not
+	// "action".
+	strict, err := kjson.UnmarshalStrict(js, &p)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrInvalid, err)
+	}
+	if len(strict) > 0 {
+		return nil, fmt.Errorf("%w: %w", ErrInvalid, errors.Join(strict...))
 	}
 	if p.APIVersion != APIVersion || p.Kind != v1alpha1.Kind {
 		return nil, fmt.Errorf("%w: apiVersion %q kind %q: want apiVersion %s, kind %s", ErrInvalid, p.APIVersion, p.Kind, APIVersion, v1alpha1.Kind)
