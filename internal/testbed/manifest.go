@@ -1,0 +1,123 @@
+package testbed
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"fmt"
+	"maps"
+	"slices"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	"sigs.k8s.io/yaml"
+)
+
+// Manifest returns the cluster as multi-document YAML of ordinary
+// Kubernetes objects, the file that `mantlet agent --config` reads in
+// standalone mode: a Namespace for every namespace in use (with the
+// annotations of the spec), a Node per node (InternalIP, podCIDR), a Pod per
+// pod (spec.nodeName, spec.serviceAccountName, status.podIP/podIPs,
+// status.hostIP, phase Running) and a Service per service (ClusterIP).
+func (tb *Testbed) Manifest() []byte {
+	spec := tb.Spec()
+	var objs []any
+
+	nsNames := map[string]bool{}
+	for _, p := range tb.pods {
+		nsNames[p.Namespace] = true
+	}
+	for _, s := range tb.services {
+		nsNames[s.Namespace] = true
+	}
+	for ns := range spec.Namespaces {
+		nsNames[ns] = true
+	}
+	for _, ns := range slices.Sorted(maps.Keys(nsNames)) {
+		objs = append(objs, &corev1.Namespace{
+			TypeMeta:   metav1.TypeMeta{APIVersion: "v1", Kind: "Namespace"},
+			ObjectMeta: metav1.ObjectMeta{Name: ns, Annotations: spec.Namespaces[ns]},
+		})
+	}
+
+	for _, n := range tb.nodes {
+		objs = append(objs, &corev1.Node{
+			TypeMeta:   metav1.TypeMeta{APIVersion: "v1", Kind: "Node"},
+			ObjectMeta: metav1.ObjectMeta{Name: n.Name, UID: tb.uid("node", "", n.Name)},
+			Spec:       corev1.NodeSpec{PodCIDR: n.PodCIDR.String(), PodCIDRs: []string{n.PodCIDR.String()}},
+			Status: corev1.NodeStatus{Addresses: []corev1.NodeAddress{
+				{Type: corev1.NodeInternalIP, Address: n.IP.String()},
+				{Type: corev1.NodeHostName, Address: n.Name},
+			}},
+		})
+	}
+
+	podSpecs := map[string]PodSpec{}
+	for _, ns := range spec.Nodes {
+		for _, ps := range ns.Pods {
+			podSpecs[ps.Name] = ps
+		}
+	}
+	for _, p := range tb.pods {
+		ps := podSpecs[p.Name]
+		hostIP := tb.Node(p.Node).IP.String()
+		objs = append(objs, &corev1.Pod{
+			TypeMeta: metav1.TypeMeta{APIVersion: "v1", Kind: "Pod"},
+			ObjectMeta: metav1.ObjectMeta{
+				Name: p.Name, Namespace: p.Namespace, UID: tb.uid("pod", p.Namespace, p.Name),
+				Labels: ps.Labels, Annotations: ps.Annotations,
+			},
+			Spec: corev1.PodSpec{NodeName: p.Node, ServiceAccountName: p.ServiceAccount},
+			Status: corev1.PodStatus{
+				Phase:   corev1.PodRunning,
+				HostIP:  hostIP,
+				HostIPs: []corev1.HostIP{{IP: hostIP}},
+				PodIP:   p.IP.String(),
+				PodIPs:  []corev1.PodIP{{IP: p.IP.String()}},
+			},
+		})
+	}
+
+	for _, s := range tb.services {
+		svc := &corev1.Service{
+			TypeMeta:   metav1.TypeMeta{APIVersion: "v1", Kind: "Service"},
+			ObjectMeta: metav1.ObjectMeta{Name: s.Name, Namespace: s.Namespace, UID: tb.uid("service", s.Namespace, s.Name)},
+			Spec: corev1.ServiceSpec{
+				Type: corev1.ServiceTypeClusterIP, Selector: s.Selector,
+				ClusterIP: s.IP.String(), ClusterIPs: []string{s.IP.String()},
+			},
+		}
+		for _, sp := range s.Ports {
+			target := sp.TargetPort
+			if target == 0 {
+				target = sp.Port
+			}
+			svc.Spec.Ports = append(svc.Spec.Ports, corev1.ServicePort{
+				Name: sp.Name, Protocol: corev1.ProtocolTCP, Port: int32(sp.Port), TargetPort: intstr.FromInt32(int32(target)),
+			})
+		}
+		objs = append(objs, svc)
+	}
+
+	var buf bytes.Buffer
+	fmt.Fprintf(&buf, "# mantlet testbed %s: generated, edits are lost on the next write\n", tb.prefix)
+	for _, o := range objs {
+		b, err := yaml.Marshal(o)
+		if err != nil {
+			// The objects are built above from validated names; a failure
+			// is a bug, not input.
+			panic(fmt.Sprintf("testbed: marshal manifest: %v", err))
+		}
+		buf.WriteString("---\n")
+		buf.Write(b)
+	}
+	return buf.Bytes()
+}
+
+// uid makes a stable UID for an object of the testbed, shaped like a
+// Kubernetes UID.
+func (tb *Testbed) uid(kind, namespace, name string) types.UID {
+	h := sha256.Sum256([]byte(tb.prefix + "/" + kind + "/" + namespace + "/" + name))
+	return types.UID(fmt.Sprintf("%x-%x-%x-%x-%x", h[0:4], h[4:6], h[6:8], h[8:10], h[10:16]))
+}
