@@ -1,0 +1,229 @@
+package main
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"io/fs"
+	"net/url"
+	"os"
+	"path/filepath"
+	"sort"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/mantlet/mantlet/identity"
+	"github.com/mantlet/mantlet/identity/ca"
+)
+
+func init() {
+	register(command{name: "ca", summary: "create a certificate authority and issue SVIDs from it", run: runCA})
+}
+
+// caCommands are the subcommands of 'mantlet ca'.
+var caCommands = map[string]struct {
+	summary string
+	run     func(ctx context.Context, e *env, args []string) error
+}{
+	"init":  {"create a CA (root key, optional intermediate) in a directory", runCAInit},
+	"issue": {"issue an X509-SVID (chain, key, bundle as PEM) from a CA directory", runCAIssue},
+}
+
+func caUsage(w io.Writer) {
+	fmt.Fprintln(w, "Usage: mantlet ca <subcommand> [flags]")
+	fmt.Fprintln(w)
+	fmt.Fprintln(w, "Subcommands:")
+	names := make([]string, 0, len(caCommands))
+	for n := range caCommands {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	for _, n := range names {
+		fmt.Fprintf(w, "  %-6s %s\n", n, caCommands[n].summary)
+	}
+	fmt.Fprintln(w)
+	fmt.Fprintln(w, "Run 'mantlet ca <subcommand> -h' for its flags.")
+}
+
+func runCA(ctx context.Context, e *env, args []string) error {
+	if len(args) == 0 {
+		caUsage(e.stderr)
+		return errUsage
+	}
+	switch args[0] {
+	case "-h", "-help", "--help", "help":
+		caUsage(e.stderr)
+		return flag.ErrHelp
+	}
+	c, ok := caCommands[args[0]]
+	if !ok {
+		fmt.Fprintf(e.stderr, "mantlet ca: unknown subcommand %q\n\n", args[0])
+		caUsage(e.stderr)
+		return errUsage
+	}
+	return c.run(ctx, e, args[1:])
+}
+
+// requireFlags prints an error and the usage when a required flag is
+// empty.
+func requireFlags(flags *flag.FlagSet, names ...string) error {
+	for _, n := range names {
+		if flags.Lookup(n).Value.String() == "" {
+			fmt.Fprintf(flags.Output(), "%s: --%s is required\n", flags.Name(), n)
+			flags.Usage()
+			return errUsage
+		}
+	}
+	if flags.NArg() > 0 {
+		fmt.Fprintf(flags.Output(), "%s: unexpected argument %q\n", flags.Name(), flags.Arg(0))
+		flags.Usage()
+		return errUsage
+	}
+	return nil
+}
+
+func runCAInit(_ context.Context, e *env, args []string) error {
+	flags := newFlagSet(e, "ca init", "--dir DIR [--trust-domain TD] [--intermediate]")
+	dir := flags.String("dir", "", "`DIR` to create the CA in: new or empty; it is made mode 0700, key files 0600")
+	tdName := flags.String("trust-domain", identity.DefaultTrustDomain, "`TD`, the trust domain of the CA's identities")
+	inter := flags.Bool("intermediate", false, "sign SVIDs with an intermediate certificate under the root")
+	if err := parseFlags(flags, args); err != nil {
+		return err
+	}
+	if err := requireFlags(flags, "dir"); err != nil {
+		return err
+	}
+	td, err := spiffeid.TrustDomainFromString(*tdName)
+	if err != nil {
+		return fmt.Errorf("--trust-domain %q: %w", *tdName, err)
+	}
+	c, err := ca.Init(*dir, td, ca.Options{Intermediate: *inter})
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(e.stdout, "Created a CA for trust domain %s in %s.\n", td.Name(), *dir)
+	fmt.Fprintf(e.stdout, "  root certificate: %s (expires %s)\n", filepath.Join(*dir, ca.RootCertFile), c.Root().NotAfter.UTC().Format(time.DateOnly))
+	if *inter {
+		fmt.Fprintf(e.stdout, "  intermediate:     %s\n", filepath.Join(*dir, ca.IntermediateFile))
+	}
+	fmt.Fprintf(e.stdout, "The trust bundle is the root certificate. Keep %s private: it holds the signing keys.\n", *dir)
+	return nil
+}
+
+// Files written by 'mantlet ca issue'.
+const (
+	svidFile    = "svid.pem"
+	svidKeyFile = "svid-key.pem"
+	bundleFile  = "bundle.pem"
+)
+
+func runCAIssue(ctx context.Context, e *env, args []string) error {
+	flags := newFlagSet(e, "ca issue", "--dir DIR --spiffe-id ID --out OUTDIR [--ttl 24h]")
+	dir := flags.String("dir", "", "`DIR` of the CA, made by 'mantlet ca init'")
+	idStr := flags.String("spiffe-id", "", "`ID` to issue, e.g. spiffe://cluster.local/ns/NS/sa/SA")
+	out := flags.String("out", "", "`OUTDIR` to write "+svidFile+" (chain, leaf first), "+svidKeyFile+" (mode 0600) and "+bundleFile+" to")
+	ttl := flags.Duration("ttl", identity.DefaultSVIDTTL, fmt.Sprintf("lifetime of the SVID (the CA caps it at %dh)", int(ca.DefaultMaxSVIDTTL.Hours())))
+	if err := parseFlags(flags, args); err != nil {
+		return err
+	}
+	if err := requireFlags(flags, "dir", "spiffe-id", "out"); err != nil {
+		return err
+	}
+	if *ttl <= 0 {
+		return fmt.Errorf("--ttl %s: must be positive", *ttl)
+	}
+	id, err := spiffeid.FromString(*idStr)
+	if err != nil {
+		return fmt.Errorf("--spiffe-id %s: %w", *idStr, err)
+	}
+	authority, err := ca.Load(*dir, ca.Options{})
+	if err != nil {
+		return err
+	}
+	if !id.MemberOf(authority.TrustDomain()) {
+		return fmt.Errorf("--spiffe-id %s: not in trust domain %s of the CA in %s", id, authority.TrustDomain().Name(), *dir)
+	}
+	if id.Path() == "" {
+		return fmt.Errorf("--spiffe-id %s: a workload's ID needs a path, e.g. %s/ns/NS/sa/SA", id, id)
+	}
+
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return fmt.Errorf("generate key: %w", err)
+	}
+	csr, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{URIs: []*url.URL{id.URL()}}, key)
+	if err != nil {
+		return fmt.Errorf("certificate request: %w", err)
+	}
+	chain, err := authority.SignCSR(ctx, csr, id, *ttl)
+	if err != nil {
+		return err
+	}
+	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		return fmt.Errorf("marshal key: %w", err)
+	}
+	var chainPEM []byte
+	for _, c := range chain {
+		chainPEM = append(chainPEM, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})...)
+	}
+	bundlePEM := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: authority.Root().Raw})
+	keyPEM := pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER})
+
+	if err := os.MkdirAll(*out, 0o755); err != nil {
+		return fmt.Errorf("--out: %w", err)
+	}
+	for _, f := range []struct {
+		name string
+		data []byte
+		mode fs.FileMode
+	}{
+		{svidKeyFile, keyPEM, 0o600},
+		{svidFile, chainPEM, 0o644},
+		{bundleFile, bundlePEM, 0o644},
+	} {
+		if err := writeFileAtomic(filepath.Join(*out, f.name), f.data, f.mode); err != nil {
+			return err
+		}
+	}
+	leaf := chain[0]
+	fmt.Fprintf(e.stdout, "Issued %s (serial %s), valid until %s.\n", id, leaf.SerialNumber.Text(16), leaf.NotAfter.UTC().Format(time.RFC3339))
+	if got := leaf.NotAfter.Sub(leaf.NotBefore) - ca.Backdate; got < *ttl-time.Second {
+		fmt.Fprintf(e.stdout, "Note: the CA shortened the lifetime to %s.\n", got.Round(time.Second))
+	}
+	fmt.Fprintf(e.stdout, "  %s  certificate chain, leaf first\n", filepath.Join(*out, svidFile))
+	fmt.Fprintf(e.stdout, "  %s  private key (mode 0600)\n", filepath.Join(*out, svidKeyFile))
+	fmt.Fprintf(e.stdout, "  %s  trust bundle of %s\n", filepath.Join(*out, bundleFile), authority.TrustDomain().Name())
+	return nil
+}
+
+// writeFileAtomic replaces path with data: a reader sees the old file or
+// the new one, never a part, and a key is never readable beyond mode.
+func writeFileAtomic(path string, data []byte, mode fs.FileMode) error {
+	tmp, err := os.CreateTemp(filepath.Dir(path), "."+filepath.Base(path)+".*")
+	if err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	defer os.Remove(tmp.Name()) // after a successful rename, a no-op
+	err = errors.Join(tmp.Chmod(mode), write(tmp, data), tmp.Sync(), tmp.Close())
+	if err == nil {
+		err = os.Rename(tmp.Name(), path)
+	}
+	if err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	return nil
+}
+
+func write(w io.Writer, b []byte) error {
+	_, err := w.Write(b)
+	return err
+}
