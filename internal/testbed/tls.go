@@ -30,7 +30,8 @@ type TLSHello struct {
 	SupportedVersions []uint16
 	// ServerName is the client's SNI, empty when it sent none.
 	ServerName string
-	// ALPN lists the client's protocols, or the server's choice.
+	// ALPN lists the client's protocols, or the server's choice (visible
+	// only up to TLS 1.2: TLS 1.3 encrypts it with the certificate).
 	ALPN []string
 	// PlaintextCertificate is true when a Certificate message follows in
 	// clear (TLS 1.2 and older). In TLS 1.3 the server's certificate is
