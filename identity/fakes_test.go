@@ -103,7 +103,7 @@ type fakeIssuer struct {
 
 var errIssuerDown = errors.New("issuer is down")
 
-func newFakeIssuer(t *testing.T, clock *fakeClock) *fakeIssuer {
+func newFakeIssuer(t testing.TB, clock *fakeClock) *fakeIssuer {
 	t.Helper()
 	c, err := ca.New(td, ca.Options{Now: clock.Now})
 	if err != nil {
@@ -189,7 +189,7 @@ func discardLogger() *slog.Logger { return slog.New(slog.NewTextHandler(io.Disca
 
 // newHarness makes a Manager over a fake issuer and a fake clock. run
 // starts its Run loop, stopped when the test ends.
-func newHarness(t *testing.T, opts identity.ManagerOptions, run bool) *harness {
+func newHarness(t testing.TB, opts identity.ManagerOptions, run bool) *harness {
 	t.Helper()
 	h := &harness{clock: newFakeClock(t0), events: make(chan issueEvent, 100)}
 	h.issuer = newFakeIssuer(t, h.clock)

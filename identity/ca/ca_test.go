@@ -36,12 +36,14 @@ func fixedClock(t time.Time) func() time.Time { return func() time.Time { return
 
 func newKey(t *testing.T) *ecdsa.PrivateKey {
 	t.Helper()
-	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	k, err := newKeyF()
 	if err != nil {
 		t.Fatal(err)
 	}
 	return k
 }
+
+func newKeyF() (*ecdsa.PrivateKey, error) { return ecdsa.GenerateKey(elliptic.P256(), rand.Reader) }
 
 // csrFor makes a DER certificate request signed by key, carrying tmpl's names.
 func csrFor(t *testing.T, key crypto.Signer, tmpl *x509.CertificateRequest) []byte {
