@@ -1,0 +1,517 @@
+// Package agent is mantlet's node agent: it makes the node's data path
+// match the desired state of the cluster. For every enrolled pod of its
+// node it finds the pod's veth (by the route to the pod's IP), enrolls it
+// in the eBPF data path and asks for its identity's SVID ahead of time; it
+// un-enrolls pods that left or opted out, hands the whole workload snapshot
+// to the ztunnel, retries what failed with backoff, and answers the
+// readiness probe. The desired state comes from a watched file in
+// standalone mode (package agent/manifest) or, later, from Kubernetes.
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"runtime/debug"
+	"slices"
+	"sort"
+	"sync"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/mantlet/mantlet/agent/manifest"
+	"github.com/mantlet/mantlet/bpf"
+	"github.com/mantlet/mantlet/internal/workload"
+)
+
+// Datapath is the node's eBPF data path as the agent drives it; *bpf.Datapath
+// implements it.
+type Datapath interface {
+	// EnrollPod attaches the pod programs to the pod's veth and records the
+	// pod's addresses (for anti-spoofing and for the uplink program);
+	// enrolling an enrolled veth again updates it.
+	EnrollPod(p bpf.Pod) error
+	// UnenrollPod detaches the programs from the veth and forgets the pod.
+	UnenrollPod(ifindex int) error
+	// Status reports what is attached, including what a previous agent
+	// left pinned.
+	Status() bpf.Status
+}
+
+// LinkFinder finds the host side of a local pod's veth.
+type LinkFinder interface {
+	// PodLink returns the ifindex, in the node's namespace, of the veth
+	// that leads to the pod with address ip.
+	PodLink(ip netip.Addr) (int, error)
+}
+
+// Identities keeps the SVIDs of the node's identities; *identity.Manager
+// implements it.
+type Identities interface {
+	// Prefetch starts fetching the SVID of id if it is not held yet.
+	Prefetch(id spiffeid.ID)
+	// Forget drops the SVID of an identity no local pod has any more.
+	Forget(id spiffeid.ID)
+}
+
+// State is what the agent is asked to make true.
+type State struct {
+	// Snapshot is the cluster: every workload (local ones get enrolled,
+	// the others are known to the ztunnel for routing), service and node.
+	Snapshot *workload.Snapshot
+	// MTLS holds the mode of namespaces that chose one; the others get
+	// Config.DefaultMTLS.
+	MTLS map[string]manifest.MTLSMode
+}
+
+// Defaults of Config.
+const (
+	DefaultRetryMin = 200 * time.Millisecond
+	DefaultRetryMax = 5 * time.Second
+	DefaultResync   = 10 * time.Second
+)
+
+// Config configures an Agent. Node, Datapath, Links and Store are
+// required.
+type Config struct {
+	// Node is the name of this node, as pods' spec.nodeName say.
+	Node string
+	// TrustDomain names the pods' identities (default cluster.local).
+	TrustDomain spiffeid.TrustDomain
+	// DefaultMTLS applies to namespaces without a mode of their own
+	// (default PERMISSIVE).
+	DefaultMTLS manifest.MTLSMode
+	// Datapath is the eBPF data path.
+	Datapath Datapath
+	// Links finds pods' veths.
+	Links LinkFinder
+	// Identities, if set, is told which identities the node's pods have.
+	Identities Identities
+	// Store receives every snapshot; the ztunnel reads it.
+	Store *workload.Store
+	// Logger receives enrollments (Info) and failures (Warn); nil discards.
+	Logger *slog.Logger
+	// RetryMin and RetryMax bound the backoff between attempts to enroll
+	// or un-enroll a pod that failed (defaults 200ms and 5s).
+	RetryMin, RetryMax time.Duration
+	// Resync is how often the agent re-checks every pod even when nothing
+	// changed, to repair drift such as a recreated veth (default 10s).
+	Resync time.Duration
+}
+
+// Agent reconciles the node's data path with the desired State.
+type Agent struct {
+	cfg  Config
+	log  *slog.Logger
+	wake chan struct{}
+
+	mu       sync.Mutex
+	desired  *State
+	pending  bool // desired changed since the last reconcile
+	applied  bool // a state has been reconciled once
+	draining bool
+	pods     map[string]*podState // by workload UID: pods enrolled or to enroll
+	removing map[int]*podState    // by ifindex: veths to un-enroll that failed to
+	ids      map[spiffeid.ID]bool // identities announced to Identities
+}
+
+// podState is what the agent knows of one local enrolled pod.
+type podState struct {
+	uid, name string
+	id        spiffeid.ID
+	ips       []netip.Addr
+	strict    bool
+	ifindex   int // the veth enrolled, 0 when not (yet)
+
+	failures int
+	retryAt  time.Time
+	lastErr  string
+}
+
+// New checks cfg and returns an Agent; call Run, then Apply.
+func New(cfg Config) (*Agent, error) {
+	switch {
+	case cfg.Node == "":
+		return nil, errors.New("agent: config: Node is required")
+	case cfg.Datapath == nil:
+		return nil, errors.New("agent: config: Datapath is required")
+	case cfg.Links == nil:
+		return nil, errors.New("agent: config: Links is required")
+	case cfg.Store == nil:
+		return nil, errors.New("agent: config: Store is required")
+	}
+	if cfg.TrustDomain.IsZero() {
+		cfg.TrustDomain = spiffeid.RequireTrustDomainFromString("cluster.local")
+	}
+	if cfg.DefaultMTLS == manifest.MTLSUnset {
+		cfg.DefaultMTLS = manifest.MTLSPermissive
+	}
+	if cfg.RetryMin <= 0 {
+		cfg.RetryMin = DefaultRetryMin
+	}
+	if cfg.RetryMax < cfg.RetryMin {
+		cfg.RetryMax = max(DefaultRetryMax, cfg.RetryMin)
+	}
+	if cfg.Resync <= 0 {
+		cfg.Resync = DefaultResync
+	}
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	return &Agent{
+		cfg:      cfg,
+		log:      log,
+		wake:     make(chan struct{}, 1),
+		pods:     map[string]*podState{},
+		removing: map[int]*podState{},
+		ids:      map[spiffeid.ID]bool{},
+	}, nil
+}
+
+// Apply makes s the desired state. It does not block: Run reconciles.
+func (a *Agent) Apply(s State) {
+	if s.Snapshot == nil {
+		s.Snapshot = workload.Empty()
+	}
+	a.mu.Lock()
+	a.desired = &s
+	a.pending = true
+	a.mu.Unlock()
+	a.kick()
+}
+
+// ApplyManifest makes a parsed cluster file the desired state.
+func (a *Agent) ApplyManifest(m *manifest.Manifest) {
+	a.Apply(State{Snapshot: m.Snapshot, MTLS: m.MTLS})
+}
+
+func (a *Agent) kick() {
+	select {
+	case a.wake <- struct{}{}:
+	default:
+	}
+}
+
+// Run reconciles until ctx is done: at once when a new state is applied,
+// when a failed pod's retry is due, and every Config.Resync. It returns nil
+// when ctx is done. Enrolled pods stay enrolled (their programs and maps
+// are pinned), so traffic keeps its protection while the agent is away.
+func (a *Agent) Run(ctx context.Context) error {
+	timer := time.NewTimer(a.cfg.Resync)
+	defer timer.Stop()
+	for {
+		next := a.reconcile(time.Now())
+		if !timer.Stop() {
+			select {
+			case <-timer.C:
+			default:
+			}
+		}
+		timer.Reset(time.Until(next))
+		select {
+		case <-ctx.Done():
+			a.mu.Lock()
+			a.draining = true
+			a.mu.Unlock()
+			return nil
+		case <-a.wake:
+		case <-timer.C:
+		}
+	}
+}
+
+// desiredPod is a local pod that should be enrolled.
+type desiredPod struct {
+	w      *workload.Workload
+	id     spiffeid.ID
+	ips    []netip.Addr
+	strict bool
+}
+
+// reconcile does one pass and returns when the next is due.
+func (a *Agent) reconcile(now time.Time) (next time.Time) {
+	next = now.Add(a.cfg.Resync)
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if a.desired == nil {
+		return next
+	}
+	defer func() {
+		// A bug in a collaborator must not stop the node's agent: log it
+		// and try again later.
+		if r := recover(); r != nil {
+			a.log.Error("agent: reconcile panicked; retrying", "panic", r, "stack", string(debug.Stack()))
+			next = now.Add(a.cfg.RetryMax)
+		}
+	}()
+	logSkips := a.pending
+	if a.pending {
+		a.cfg.Store.Replace(a.desired.Snapshot)
+		a.pending = false
+	}
+	want := a.wanted(logSkips)
+	enrolled := map[int]bool{}
+	for _, ifindex := range a.cfg.Datapath.Status().Pods {
+		enrolled[ifindex] = true
+	}
+	due := func(t time.Time) {
+		if t.Before(next) {
+			next = t
+		}
+	}
+
+	// Pods that left, opted out or moved away: un-enroll.
+	for uid, st := range a.pods {
+		if _, ok := want[uid]; ok {
+			continue
+		}
+		delete(a.pods, uid)
+		if st.ifindex != 0 {
+			st.failures, st.retryAt = 0, time.Time{}
+			a.removing[st.ifindex] = st
+		}
+	}
+	for ifindex, st := range a.removing {
+		if st.retryAt.After(now) {
+			due(st.retryAt)
+			continue
+		}
+		if !enrolled[ifindex] {
+			delete(a.removing, ifindex) // gone already (veth deleted)
+			a.log.Info("pod un-enrolled", "pod", st.name, "ifindex", ifindex, "reason", "veth gone")
+			continue
+		}
+		if err := a.cfg.Datapath.UnenrollPod(ifindex); err != nil {
+			a.fail(st, now, fmt.Errorf("un-enroll veth %d: %w", ifindex, err))
+			due(st.retryAt)
+			continue
+		}
+		delete(a.removing, ifindex)
+		delete(enrolled, ifindex)
+		a.log.Info("pod un-enrolled", "pod", st.name, "ifindex", ifindex)
+	}
+
+	// Pods to enroll, or whose veth, addresses or mode changed.
+	owned := map[int]bool{}
+	unresolved := 0
+	for _, uid := range sortedKeys(want) {
+		d := want[uid]
+		st := a.pods[uid]
+		if st == nil {
+			st = &podState{uid: uid, name: d.w.String()}
+			a.pods[uid] = st
+		}
+		if st.ifindex != 0 {
+			owned[st.ifindex] = true
+		}
+		if st.retryAt.After(now) {
+			unresolved++
+			due(st.retryAt)
+			continue
+		}
+		ifindex, err := a.cfg.Links.PodLink(d.ips[0])
+		if err != nil {
+			unresolved++
+			a.fail(st, now, fmt.Errorf("find veth: %w", err))
+			due(st.retryAt)
+			continue
+		}
+		owned[ifindex] = true
+		if st.ifindex == ifindex && enrolled[ifindex] && st.strict == d.strict && slices.Equal(st.ips, d.ips) {
+			st.id = d.id
+			continue
+		}
+		if st.ifindex != 0 && st.ifindex != ifindex && enrolled[st.ifindex] && !owned[st.ifindex] {
+			// The pod's veth was replaced; the old one is stale.
+			old := &podState{name: st.name, ifindex: st.ifindex}
+			a.removing[st.ifindex] = old
+		}
+		p := bpf.Pod{HostIfindex: ifindex, IPs: d.ips, Strict: d.strict}
+		if err := a.cfg.Datapath.EnrollPod(p); err != nil {
+			unresolved++
+			a.fail(st, now, fmt.Errorf("enroll veth %d: %w", ifindex, err))
+			due(st.retryAt)
+			continue
+		}
+		adopted := st.ifindex == 0 && enrolled[ifindex]
+		st.ifindex, st.ips, st.strict, st.id = ifindex, d.ips, d.strict, d.id
+		st.failures, st.retryAt, st.lastErr = 0, time.Time{}, ""
+		enrolled[ifindex] = true
+		a.log.Info("pod enrolled", "pod", st.name, "ip", d.ips[0], "ifindex", ifindex, "strict", d.strict, "spiffe_id", d.id.String(), "adopted", adopted)
+	}
+
+	// Veths enrolled by nobody we know: pods removed while no agent ran.
+	// Only when every wanted pod was resolved, so that a transient lookup
+	// failure never un-enrolls (and so un-protects) a live pod.
+	if unresolved == 0 {
+		for ifindex := range enrolled {
+			if owned[ifindex] || a.removing[ifindex] != nil {
+				continue
+			}
+			if err := a.cfg.Datapath.UnenrollPod(ifindex); err != nil {
+				a.log.Warn("agent: un-enroll stale veth failed; will retry", "ifindex", ifindex, "error", err)
+				due(now.Add(a.cfg.RetryMin))
+				continue
+			}
+			a.log.Info("stale veth un-enrolled", "ifindex", ifindex, "reason", "no pod of the desired state uses it")
+		}
+	}
+
+	a.syncIdentities(want)
+	a.applied = true
+	return next
+}
+
+// wanted lists the local pods that should be enrolled, by UID. With
+// logSkips it logs the pods it cannot enroll.
+func (a *Agent) wanted(logSkips bool) map[string]desiredPod {
+	want := map[string]desiredPod{}
+	for _, w := range a.desired.Snapshot.LocalWorkloads(a.cfg.Node) {
+		if !w.Enrolled {
+			continue
+		}
+		var ips []netip.Addr
+		for _, ip := range w.IPs {
+			if ip.Unmap().Is4() {
+				ips = append(ips, ip.Unmap())
+			}
+		}
+		if len(ips) == 0 {
+			if logSkips {
+				a.log.Warn("agent: pod not enrolled: it has no IPv4 address, and IPv6 capture is not supported yet", "pod", w.String())
+			}
+			continue
+		}
+		id, err := w.ID(a.cfg.TrustDomain)
+		if err != nil {
+			if logSkips {
+				a.log.Warn("agent: pod not enrolled: no valid identity", "pod", w.String(), "error", err)
+			}
+			continue
+		}
+		mode, ok := a.desired.MTLS[w.Namespace]
+		if !ok || mode == manifest.MTLSUnset {
+			mode = a.cfg.DefaultMTLS
+		}
+		want[w.UID] = desiredPod{w: w, id: id, ips: ips, strict: mode == manifest.MTLSStrict}
+	}
+	return want
+}
+
+// fail records a failed attempt and schedules the next one.
+func (a *Agent) fail(st *podState, now time.Time, err error) {
+	st.failures++
+	wait := a.cfg.RetryMin << min(st.failures-1, 16)
+	if wait > a.cfg.RetryMax || wait <= 0 {
+		wait = a.cfg.RetryMax
+	}
+	st.retryAt = now.Add(wait)
+	msg := err.Error()
+	// The first failure, and any new kind of failure, at Warn; repeats at
+	// Debug, so a pod whose veth is not there yet does not flood the log.
+	level := slog.LevelDebug
+	if msg != st.lastErr {
+		level = slog.LevelWarn
+	}
+	st.lastErr = msg
+	a.log.Log(context.Background(), level, "agent: pod not enrolled; will retry", "pod", st.name, "error", msg, "attempts", st.failures, "retry_in", wait)
+}
+
+// syncIdentities prefetches the SVIDs of local identities and forgets the
+// ones no local pod has any more.
+func (a *Agent) syncIdentities(want map[string]desiredPod) {
+	if a.cfg.Identities == nil {
+		return
+	}
+	now := map[spiffeid.ID]bool{}
+	for _, d := range want {
+		now[d.id] = true
+		if !a.ids[d.id] {
+			a.cfg.Identities.Prefetch(d.id)
+		}
+	}
+	for id := range a.ids {
+		if !now[id] {
+			a.cfg.Identities.Forget(id)
+		}
+	}
+	a.ids = now
+}
+
+func sortedKeys[V any](m map[string]V) []string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	return keys
+}
+
+// PodStatus is the agent's view of one local enrolled pod.
+type PodStatus struct {
+	// Pod is namespace/name.
+	Pod string
+	// IP is the pod's first IPv4 address.
+	IP netip.Addr
+	// Ifindex is the enrolled veth, 0 when not enrolled (yet).
+	Ifindex int
+	// Strict is true when the pod is in STRICT mTLS mode.
+	Strict bool
+	// Err is the last failure, "" when enrolled.
+	Err string
+}
+
+// Pods reports every local pod the agent wants enrolled, sorted by name.
+func (a *Agent) Pods() []PodStatus {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	out := make([]PodStatus, 0, len(a.pods))
+	for _, st := range a.pods {
+		ps := PodStatus{Pod: st.name, Ifindex: st.ifindex, Strict: st.strict, Err: st.lastErr}
+		if len(st.ips) > 0 {
+			ps.IP = st.ips[0]
+		}
+		out = append(out, ps)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Pod < out[j].Pod })
+	return out
+}
+
+// Ready reports whether the node can carry captured traffic: a state has
+// been applied, the data path's programs are attached and the ztunnel's
+// listeners are in the SOCKMAP. The reason says what is missing, or sums
+// up the node when ready.
+func (a *Agent) Ready() (bool, string) {
+	a.mu.Lock()
+	applied, draining := a.applied, a.draining
+	pods, failing := len(a.pods), 0
+	for _, st := range a.pods {
+		if st.ifindex == 0 || st.lastErr != "" {
+			failing++
+		}
+	}
+	a.mu.Unlock()
+	switch {
+	case draining:
+		return false, "shutting down"
+	case !applied:
+		return false, "waiting for the first workload snapshot"
+	}
+	st := a.cfg.Datapath.Status()
+	if !st.Ready() {
+		return false, st.String()
+	}
+	return true, fmt.Sprintf("ready: %d local pods enrolled, %d pending, %d veths attached", pods-failing, failing, len(st.Pods))
+}
+
+// Drain marks the agent as shutting down, so the readiness probe fails
+// while the ztunnel finishes its connections.
+func (a *Agent) Drain() {
+	a.mu.Lock()
+	a.draining = true
+	a.mu.Unlock()
+}

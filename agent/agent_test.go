@@ -1,0 +1,436 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"net/netip"
+	"slices"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/mantlet/mantlet/agent/manifest"
+	"github.com/mantlet/mantlet/bpf"
+	"github.com/mantlet/mantlet/internal/workload"
+)
+
+// fakeDatapath is an in-memory data path. failEnroll[ifindex] makes that
+// many EnrollPod calls for the veth fail.
+type fakeDatapath struct {
+	mu         sync.Mutex
+	pods       map[int]bpf.Pod
+	calls      []string
+	failEnroll map[int]int
+	panicOnce  bool
+	ready      bool
+}
+
+func newFakeDatapath(pinned ...int) *fakeDatapath {
+	d := &fakeDatapath{pods: map[int]bpf.Pod{}, failEnroll: map[int]int{}, ready: true}
+	for _, i := range pinned {
+		d.pods[i] = bpf.Pod{HostIfindex: i}
+	}
+	return d
+}
+
+func (d *fakeDatapath) EnrollPod(p bpf.Pod) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.panicOnce {
+		d.panicOnce = false
+		panic("fake datapath bug")
+	}
+	d.calls = append(d.calls, fmt.Sprintf("enroll %d", p.HostIfindex))
+	if d.failEnroll[p.HostIfindex] > 0 {
+		d.failEnroll[p.HostIfindex]--
+		return errors.New("attach: device busy")
+	}
+	d.pods[p.HostIfindex] = p
+	return nil
+}
+
+func (d *fakeDatapath) UnenrollPod(ifindex int) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.calls = append(d.calls, fmt.Sprintf("unenroll %d", ifindex))
+	if _, ok := d.pods[ifindex]; !ok {
+		return fmt.Errorf("veth %d not enrolled", ifindex)
+	}
+	delete(d.pods, ifindex)
+	return nil
+}
+
+func (d *fakeDatapath) Status() bpf.Status {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	st := bpf.Status{SkLookupAttached: d.ready}
+	if d.ready {
+		st.Listeners = []bpf.Slot{bpf.Outbound, bpf.HBONE}
+	}
+	for i := range d.pods {
+		st.Pods = append(st.Pods, i)
+	}
+	slices.Sort(st.Pods)
+	return st
+}
+
+// enrolled returns "ifindex:ip[:strict]" for every enrolled veth, sorted.
+func (d *fakeDatapath) enrolled() []string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var out []string
+	for i, p := range d.pods {
+		s := fmt.Sprint(i)
+		if len(p.IPs) > 0 {
+			s += ":" + p.IPs[0].String()
+		}
+		if p.Strict {
+			s += ":strict"
+		}
+		out = append(out, s)
+	}
+	slices.Sort(out)
+	return out
+}
+
+func (d *fakeDatapath) callLog() []string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return slices.Clone(d.calls)
+}
+
+// fakeLinks maps pod IPs to veths; fail[ip] makes that many lookups fail.
+type fakeLinks struct {
+	mu    sync.Mutex
+	veths map[netip.Addr]int
+	fail  map[netip.Addr]int
+}
+
+func (l *fakeLinks) PodLink(ip netip.Addr) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.fail[ip] > 0 {
+		l.fail[ip]--
+		return 0, fmt.Errorf("route to %s: network unreachable", ip)
+	}
+	i, ok := l.veths[ip]
+	if !ok {
+		return 0, fmt.Errorf("route to %s: no veth", ip)
+	}
+	return i, nil
+}
+
+func (l *fakeLinks) set(ip string, ifindex int) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.veths[netip.MustParseAddr(ip)] = ifindex
+}
+
+type fakeIdentities struct {
+	mu  sync.Mutex
+	ids map[string]bool
+	log []string
+}
+
+func (f *fakeIdentities) Prefetch(id spiffeid.ID) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.ids[id.String()] = true
+	f.log = append(f.log, "prefetch "+id.String())
+}
+
+func (f *fakeIdentities) Forget(id spiffeid.ID) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	delete(f.ids, id.String())
+	f.log = append(f.log, "forget "+id.String())
+}
+
+func (f *fakeIdentities) held() []string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	var out []string
+	for id := range f.ids {
+		out = append(out, id)
+	}
+	slices.Sort(out)
+	return out
+}
+
+type rig struct {
+	agent *Agent
+	dp    *fakeDatapath
+	links *fakeLinks
+	ids   *fakeIdentities
+	store *workload.Store
+}
+
+// newRig runs an agent for node-1 over fakes until the test ends. The
+// veths of the pods 198.19.1.<n> are ifindex 100+n.
+func newRig(t *testing.T, dp *fakeDatapath) *rig {
+	t.Helper()
+	r := &rig{
+		dp:    dp,
+		links: &fakeLinks{veths: map[netip.Addr]int{}, fail: map[netip.Addr]int{}},
+		ids:   &fakeIdentities{ids: map[string]bool{}},
+		store: workload.NewStore(),
+	}
+	for n := 1; n < 20; n++ {
+		r.links.set(fmt.Sprintf("198.19.1.%d", n), 100+n)
+	}
+	a, err := New(Config{
+		Node: "node-1", Datapath: dp, Links: r.links, Identities: r.ids, Store: r.store,
+		Logger:   slog.New(slog.NewTextHandler(io.Discard, nil)),
+		RetryMin: 5 * time.Millisecond, RetryMax: 20 * time.Millisecond, Resync: 50 * time.Millisecond,
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.agent = a
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); _ = a.Run(ctx) }()
+	t.Cleanup(func() { cancel(); <-done })
+	return r
+}
+
+// pod describes a workload compactly: "ns/name@node=ip" plus flags.
+type pod struct {
+	id, node, ip string
+	sa           string
+	enrolled     bool
+}
+
+func state(t *testing.T, mtls map[string]manifest.MTLSMode, pods ...pod) State {
+	t.Helper()
+	var ws []workload.Workload
+	for _, p := range pods {
+		ns, name, _ := strings.Cut(p.id, "/")
+		ws = append(ws, workload.Workload{UID: p.id, Name: name, Namespace: ns, ServiceAccount: p.sa, Node: p.node,
+			IPs: []netip.Addr{netip.MustParseAddr(p.ip)}, Enrolled: p.enrolled})
+	}
+	s, err := workload.New(nil, ws, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return State{Snapshot: s, MTLS: mtls}
+}
+
+// eventually polls cond for up to 5s.
+func eventually(t *testing.T, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting until %s", what)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+func wantEnrolled(t *testing.T, dp *fakeDatapath, want ...string) {
+	t.Helper()
+	if want == nil {
+		want = []string{}
+	}
+	var got []string
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		got = dp.enrolled()
+		if got == nil {
+			got = []string{}
+		}
+		if slices.Equal(got, want) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("enrolled veths = %v, want %v; calls %v", got, want, dp.callLog())
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+func TestAgentEnrollsOnlyLocalMeshedPods(t *testing.T) {
+	r := newRig(t, newFakeDatapath())
+	st := state(t, nil,
+		pod{"shop/frontend", "node-1", "198.19.1.1", "web", true},
+		pod{"shop/debug", "node-1", "198.19.1.2", "", false}, // opted out, or namespace not meshed
+		pod{"shop/checkout", "node-2", "198.19.2.1", "", true},
+	)
+	r.agent.Apply(st)
+	wantEnrolled(t, r.dp, "101:198.19.1.1")
+	eventually(t, "the ztunnel's store holds the snapshot", func() bool { return r.store.Load() == st.Snapshot })
+	if got := r.ids.held(); !slices.Equal(got, []string{"spiffe://cluster.local/ns/shop/sa/web"}) {
+		t.Fatalf("identities prefetched = %v, want only the local enrolled pod's", got)
+	}
+	time.Sleep(120 * time.Millisecond) // two resyncs
+	if calls := r.dp.callLog(); !slices.Equal(calls, []string{"enroll 101"}) {
+		t.Fatalf("data path calls = %v; resyncs must not re-enroll an unchanged pod", calls)
+	}
+}
+
+func TestAgentFollowsEditsOfTheDesiredState(t *testing.T) {
+	r := newRig(t, newFakeDatapath())
+	r.agent.Apply(state(t, nil,
+		pod{"shop/a", "node-1", "198.19.1.1", "a", true},
+		pod{"shop/b", "node-1", "198.19.1.2", "b", true},
+		pod{"shop/c", "node-1", "198.19.1.3", "c", true},
+	))
+	wantEnrolled(t, r.dp, "101:198.19.1.1", "102:198.19.1.2", "103:198.19.1.3")
+
+	// a stays, b opts out, c is deleted, d appears; shop goes STRICT.
+	r.agent.Apply(state(t, map[string]manifest.MTLSMode{"shop": manifest.MTLSStrict},
+		pod{"shop/a", "node-1", "198.19.1.1", "a", true},
+		pod{"shop/b", "node-1", "198.19.1.2", "b", false},
+		pod{"shop/d", "node-1", "198.19.1.4", "a", true},
+	))
+	wantEnrolled(t, r.dp, "101:198.19.1.1:strict", "104:198.19.1.4:strict")
+	eventually(t, "identities b and c are forgotten", func() bool {
+		return slices.Equal(r.ids.held(), []string{"spiffe://cluster.local/ns/shop/sa/a"})
+	})
+
+	r.agent.Apply(state(t, nil))
+	wantEnrolled(t, r.dp)
+}
+
+func TestAgentRetriesFailuresWithoutBlockingOtherPods(t *testing.T) {
+	dp := newFakeDatapath()
+	dp.failEnroll[102] = 3
+	r := newRig(t, dp)
+	r.links.fail[netip.MustParseAddr("198.19.1.1")] = 3
+	r.agent.Apply(state(t, nil,
+		pod{"shop/a", "node-1", "198.19.1.1", "", true},
+		pod{"shop/b", "node-1", "198.19.1.2", "", true},
+		pod{"shop/c", "node-1", "198.19.1.3", "", true},
+	))
+	wantEnrolled(t, dp, "101:198.19.1.1", "102:198.19.1.2", "103:198.19.1.3")
+	for _, p := range r.agent.Pods() {
+		if p.Err != "" || p.Ifindex == 0 {
+			t.Errorf("pod %s still reports %q (ifindex %d) after it was enrolled", p.Pod, p.Err, p.Ifindex)
+		}
+	}
+}
+
+func TestAgentReportsPodsItCannotEnroll(t *testing.T) {
+	r := newRig(t, newFakeDatapath())
+	r.agent.Apply(state(t, nil, pod{"shop/a", "node-1", "198.19.9.9", "", true}))
+	eventually(t, "the pod reports why it is not enrolled", func() bool {
+		ps := r.agent.Pods()
+		return len(ps) == 1 && ps[0].Err == "find veth: route to 198.19.9.9: no veth"
+	})
+	r.links.set("198.19.9.9", 109) // the pod's veth appears
+	wantEnrolled(t, r.dp, "109:198.19.9.9")
+}
+
+func TestAgentAdoptsPinnedVethsAndRemovesStaleOnes(t *testing.T) {
+	// A previous agent left veths 101 (pod a, still wanted) and 105 (a pod
+	// deleted while no agent ran) enrolled.
+	dp := newFakeDatapath(101, 105)
+	r := newRig(t, dp)
+	r.agent.Apply(state(t, nil, pod{"shop/a", "node-1", "198.19.1.1", "", true}))
+	wantEnrolled(t, dp, "101:198.19.1.1")
+	if calls := dp.callLog(); !slices.Equal(calls, []string{"enroll 101", "unenroll 105"}) {
+		t.Fatalf("calls = %v, want pod a's veth updated in place and the stale one removed", calls)
+	}
+}
+
+func TestAgentKeepsPinnedVethsWhileAPodIsUnresolved(t *testing.T) {
+	// After a restart, pod a's route lookup fails for a while: its pinned
+	// veth must stay enrolled (un-enrolling would leave it unprotected).
+	dp := newFakeDatapath(101)
+	r := newRig(t, dp)
+	r.links.fail[netip.MustParseAddr("198.19.1.1")] = 1 << 30
+	r.agent.Apply(state(t, nil, pod{"shop/a", "node-1", "198.19.1.1", "", true}))
+	eventually(t, "a few failed lookups", func() bool {
+		ps := r.agent.Pods()
+		return len(ps) == 1 && ps[0].Err != ""
+	})
+	time.Sleep(100 * time.Millisecond)
+	if calls := dp.callLog(); len(calls) != 0 {
+		t.Fatalf("calls = %v, want none while the pod is unresolved", calls)
+	}
+}
+
+func TestAgentMovesAPodToItsNewVeth(t *testing.T) {
+	r := newRig(t, newFakeDatapath())
+	r.agent.Apply(state(t, nil, pod{"shop/a", "node-1", "198.19.1.1", "", true}))
+	wantEnrolled(t, r.dp, "101:198.19.1.1")
+	r.links.set("198.19.1.1", 201) // the pod's sandbox was recreated: new veth
+	wantEnrolled(t, r.dp, "201:198.19.1.1")
+}
+
+func TestAgentSurvivesAPanickingDatapath(t *testing.T) {
+	dp := newFakeDatapath()
+	dp.panicOnce = true
+	r := newRig(t, dp)
+	r.agent.Apply(state(t, nil, pod{"shop/a", "node-1", "198.19.1.1", "", true}))
+	wantEnrolled(t, dp, "101:198.19.1.1")
+}
+
+func TestAgentDefaultMTLSMode(t *testing.T) {
+	dp := newFakeDatapath()
+	a, err := New(Config{Node: "node-1", Datapath: dp, Links: &fakeLinks{veths: map[netip.Addr]int{netip.MustParseAddr("198.19.1.1"): 101, netip.MustParseAddr("198.19.1.2"): 102}},
+		Store: workload.NewStore(), DefaultMTLS: manifest.MTLSStrict})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.Apply(state(t, map[string]manifest.MTLSMode{"open": manifest.MTLSPermissive},
+		pod{"shop/a", "node-1", "198.19.1.1", "", true},
+		pod{"open/b", "node-1", "198.19.1.2", "", true}))
+	a.reconcile(time.Now())
+	if got, want := dp.enrolled(), []string{"101:198.19.1.1:strict", "102:198.19.1.2"}; !slices.Equal(got, want) {
+		t.Fatalf("enrolled = %v, want %v (default STRICT, namespace open PERMISSIVE)", got, want)
+	}
+}
+
+func TestReadinessProbe(t *testing.T) {
+	dp := newFakeDatapath()
+	dp.ready = false
+	a, err := New(Config{Node: "node-1", Datapath: dp, Links: &fakeLinks{veths: map[netip.Addr]int{netip.MustParseAddr("198.19.1.1"): 101}}, Store: workload.NewStore()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer(a.Handler())
+	t.Cleanup(srv.Close)
+	probe := func() (int, string) {
+		t.Helper()
+		resp, err := http.Get(srv.URL + ReadyPath)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, strings.TrimSpace(string(b))
+	}
+	for _, step := range []struct {
+		name   string
+		do     func()
+		code   int
+		reason string
+	}{
+		{"before any state", func() {}, 503, "waiting for the first workload snapshot"},
+		{"state applied, programs not attached", func() {
+			a.Apply(state(t, nil, pod{"shop/a", "node-1", "198.19.1.1", "", true}))
+			a.reconcile(time.Now())
+		}, 503, "not ready: sk_lookup program not attached; no outbound listener (:15001) in the SOCKMAP; no hbone listener (:15008) in the SOCKMAP"},
+		{"attached with listeners", func() {
+			dp.mu.Lock()
+			dp.ready = true
+			dp.mu.Unlock()
+		}, 200, "ready: 1 local pods enrolled, 0 pending, 1 veths attached"},
+		{"draining", a.Drain, 503, "shutting down"},
+	} {
+		step.do()
+		if code, reason := probe(); code != step.code || reason != step.reason {
+			t.Errorf("%s: probe = %d %q, want %d %q", step.name, code, reason, step.code, step.reason)
+		}
+	}
+}
