@@ -1,0 +1,281 @@
+package bpf
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"path/filepath"
+	"strings"
+)
+
+// Slot names one of the ztunnel's listeners in the listeners SOCKMAP.
+type Slot uint32
+
+// The listener slots. An empty slot makes the sk_lookup program drop the
+// connections it would have handed to it (fail closed).
+const (
+	// Outbound receives connections captured from local pods (:15001).
+	Outbound Slot = 0
+	// InboundPlain is reserved for plaintext connections to local pods
+	// (:15006); nothing is steered to it unless Config.CaptureInboundPlain.
+	InboundPlain Slot = 1
+	// HBONE receives mutual-TLS tunnels addressed to local pods (:15008).
+	HBONE Slot = 2
+
+	numSlots = 3
+)
+
+// Slots lists every slot, in order.
+func Slots() []Slot { return []Slot{Outbound, InboundPlain, HBONE} }
+
+func (s Slot) String() string {
+	switch s {
+	case Outbound:
+		return "outbound"
+	case InboundPlain:
+		return "inbound-plain"
+	case HBONE:
+		return "hbone"
+	}
+	return fmt.Sprintf("slot(%d)", uint32(s))
+}
+
+// Port is the ztunnel port that conventionally serves the slot.
+func (s Slot) Port() uint16 {
+	switch s {
+	case Outbound:
+		return 15001
+	case InboundPlain:
+		return 15006
+	case HBONE:
+		return 15008
+	}
+	return 0
+}
+
+// Defaults for Config. The marks stay clear of the bits kube-proxy
+// (0x4000, 0x8000), Calico (0xffff0000) and Cilium (0x0f00) use.
+const (
+	DefaultPinRoot      = "/sys/fs/bpf/mantlet"
+	DefaultRedirectMark = 0x1000
+	DefaultMarkMask     = 0x1000
+	DefaultZtunnelMark  = 0x2000
+	DefaultRouteTable   = 15001
+	DefaultRulePriority = 1500
+)
+
+// Config describes the data path of one node. Open validates it.
+type Config struct {
+	// PinDir holds the pinned maps and links of this node, on a bpf
+	// filesystem: DefaultPinRoot/<node>. It must be absolute.
+	PinDir string
+	// RedirectMark is the fwmark the tc programs set on packets that must
+	// be delivered locally (to the ztunnel or to a socket it owns).
+	RedirectMark uint32
+	// MarkMask selects the bits of the fwmark that RedirectMark owns.
+	// RedirectMark must lie inside it.
+	MarkMask uint32
+	// RouteTable is the policy routing table that gets `local 0.0.0.0/0
+	// dev lo`. Not 0 and not one of the kernel's tables (253-255).
+	RouteTable int
+	// RulePriority is the priority of the `fwmark RedirectMark/MarkMask
+	// lookup RouteTable` rule, between 1 and 32765.
+	RulePriority int
+	// ZtunnelMark is the SO_MARK of the ztunnel's sockets. With STRICT, a
+	// SYN towards a pod passes only if it carries all of these bits (or
+	// comes from a node IP). Must be non-zero and must not match the
+	// redirect rule.
+	ZtunnelMark uint32
+	// NodeIPs are the node's own addresses: never captured, and allowed
+	// through STRICT (kubelet probes). IPv6 addresses are ignored for now.
+	NodeIPs []netip.Addr
+	// ExcludeCIDRs are destination prefixes that are never captured.
+	// IPv6 prefixes are ignored for now.
+	ExcludeCIDRs []netip.Prefix
+	// ExcludePorts are destination ports that are never captured.
+	ExcludePorts []uint16
+	// CaptureInboundPlain also captures plaintext connections from other
+	// nodes to local pods on ports other than 15008 and hands them to the
+	// InboundPlain slot. Off by default: the inbound plaintext listener
+	// belongs to the policy work.
+	CaptureInboundPlain bool
+}
+
+// Limits of the maps, mirrored from bpf/mantlet.h.
+const (
+	maxNodeIPs      = 64
+	maxExcludeCIDRs = 256
+	maxExcludePorts = 64
+)
+
+// DefaultConfig returns the defaults for the node named node. The pin
+// directory is DefaultPinRoot/<node> with dots replaced by '-' (bpffs
+// refuses names with a dot).
+func DefaultConfig(node string) Config {
+	return Config{
+		PinDir:       filepath.Join(DefaultPinRoot, strings.ReplaceAll(node, ".", "-")),
+		RedirectMark: DefaultRedirectMark,
+		MarkMask:     DefaultMarkMask,
+		RouteTable:   DefaultRouteTable,
+		RulePriority: DefaultRulePriority,
+		ZtunnelMark:  DefaultZtunnelMark,
+	}
+}
+
+// Validate reports the first thing wrong with c.
+func (c Config) Validate() error {
+	switch {
+	case c.PinDir == "" || !filepath.IsAbs(c.PinDir) || filepath.Clean(c.PinDir) != c.PinDir || c.PinDir == "/":
+		return fmt.Errorf("bpf: config: PinDir %q must be a clean absolute path below a bpf filesystem", c.PinDir)
+	case strings.ContainsAny(filepath.Base(c.PinDir), "._"):
+		return fmt.Errorf("bpf: config: the last element of PinDir %q must not contain '.' (bpffs refuses it) or '_'", c.PinDir)
+	case c.RedirectMark == 0 || c.MarkMask == 0:
+		return fmt.Errorf("bpf: config: RedirectMark %#x and MarkMask %#x must be non-zero", c.RedirectMark, c.MarkMask)
+	case c.RedirectMark&^c.MarkMask != 0:
+		return fmt.Errorf("bpf: config: RedirectMark %#x has bits outside MarkMask %#x", c.RedirectMark, c.MarkMask)
+	case c.ZtunnelMark == 0:
+		return errors.New("bpf: config: ZtunnelMark must be non-zero (STRICT needs it to recognise the ztunnel)")
+	case c.ZtunnelMark&c.MarkMask == c.RedirectMark:
+		return fmt.Errorf("bpf: config: ZtunnelMark %#x matches the redirect rule %#x/%#x: the ztunnel's own packets would loop back", c.ZtunnelMark, c.RedirectMark, c.MarkMask)
+	case c.RouteTable <= 0 || c.RouteTable >= 253 && c.RouteTable <= 255 || int64(c.RouteTable) > 0xffffffff:
+		return fmt.Errorf("bpf: config: RouteTable %d must be a free table id (not 0, 253, 254, 255)", c.RouteTable)
+	case c.RulePriority < 1 || c.RulePriority > 32765:
+		return fmt.Errorf("bpf: config: RulePriority %d must be between 1 and 32765", c.RulePriority)
+	case len(c.NodeIPs) > maxNodeIPs:
+		return fmt.Errorf("bpf: config: %d NodeIPs, at most %d", len(c.NodeIPs), maxNodeIPs)
+	case len(c.ExcludeCIDRs) > maxExcludeCIDRs:
+		return fmt.Errorf("bpf: config: %d ExcludeCIDRs, at most %d", len(c.ExcludeCIDRs), maxExcludeCIDRs)
+	case len(c.ExcludePorts) > maxExcludePorts:
+		return fmt.Errorf("bpf: config: %d ExcludePorts, at most %d", len(c.ExcludePorts), maxExcludePorts)
+	}
+	for _, a := range c.NodeIPs {
+		if !a.IsValid() {
+			return errors.New("bpf: config: NodeIPs holds an invalid address")
+		}
+	}
+	for _, p := range c.ExcludeCIDRs {
+		if !p.IsValid() {
+			return errors.New("bpf: config: ExcludeCIDRs holds an invalid prefix")
+		}
+	}
+	for _, p := range c.ExcludePorts {
+		if p == 0 {
+			return errors.New("bpf: config: ExcludePorts holds port 0")
+		}
+	}
+	return nil
+}
+
+// Pod is a local pod to enroll: the host side of its veth and its
+// addresses.
+type Pod struct {
+	// HostIfindex is the ifindex of the host side of the pod's veth in the
+	// node's namespace. Either it or HostIfName is required.
+	HostIfindex int
+	// HostIfName is the name of the host side of the pod's veth; used when
+	// HostIfindex is 0.
+	HostIfName string
+	// IPs are the pod's addresses: the only source addresses its veth
+	// accepts. At least one IPv4 address; IPv6 addresses are ignored for
+	// now (IPv6 traffic is neither captured nor filtered).
+	IPs []netip.Addr
+	// Strict drops new connections towards the pod that the ztunnel did
+	// not make, except from the node's own addresses.
+	Strict bool
+}
+
+// Counters are the data path's counters, summed over CPUs. They only grow
+// (until the pins are removed).
+type Counters struct {
+	// Redirected counts SYNs from pods marked for capture.
+	Redirected uint64
+	// UplinkRedirected counts SYNs from other nodes to local pods marked
+	// for capture (HBONE).
+	UplinkRedirected uint64
+	// Assigned counts packets the tc programs handed to the local socket
+	// that owns their flow.
+	Assigned uint64
+	// AssignFailed counts packets for which that hand-over was refused.
+	AssignFailed uint64
+	// SpoofDrops counts packets from pods with a source address that is
+	// not the pod's.
+	SpoofDrops uint64
+	// StrictDrops counts SYNs towards STRICT pods the ztunnel did not send.
+	StrictDrops uint64
+	// NoListener counts captured connections dropped because the
+	// listener's slot was empty (the ztunnel was away): fail closed.
+	NoListener uint64
+	// Excluded counts SYNs from pods left alone because their destination
+	// is excluded.
+	Excluded uint64
+	// LookupOutbound, LookupInboundPlain and LookupHBONE count connections
+	// handed to each listener.
+	LookupOutbound     uint64
+	LookupInboundPlain uint64
+	LookupHBONE        uint64
+	// LookupFailed counts connections dropped because the kernel refused
+	// the listener.
+	LookupFailed uint64
+}
+
+// Status is what /healthz/ready needs to know about the data path.
+type Status struct {
+	// SkLookupAttached reports whether the sk_lookup program is attached
+	// to the node's namespace.
+	SkLookupAttached bool
+	// Listeners are the slots that hold a listening socket.
+	Listeners []Slot
+	// Pods are the ifindexes of enrolled pods' veths with programs
+	// attached; Uplinks those of uplinks.
+	Pods    []int
+	Uplinks []int
+}
+
+// HasListener reports whether slot holds a listener.
+func (s Status) HasListener(slot Slot) bool {
+	for _, l := range s.Listeners {
+		if l == slot {
+			return true
+		}
+	}
+	return false
+}
+
+// Ready reports whether captured traffic can flow: sk_lookup attached and
+// listeners in the Outbound and HBONE slots.
+func (s Status) Ready() bool {
+	return s.SkLookupAttached && s.HasListener(Outbound) && s.HasListener(HBONE)
+}
+
+// String says why the data path is not ready, or that it is.
+func (s Status) String() string {
+	var missing []string
+	if !s.SkLookupAttached {
+		missing = append(missing, "sk_lookup program not attached")
+	}
+	for _, slot := range []Slot{Outbound, HBONE} {
+		if !s.HasListener(slot) {
+			missing = append(missing, fmt.Sprintf("no %s listener (:%d) in the SOCKMAP", slot, slot.Port()))
+		}
+	}
+	if len(missing) > 0 {
+		return "not ready: " + strings.Join(missing, "; ")
+	}
+	return fmt.Sprintf("ready: %d pods, %d uplinks", len(s.Pods), len(s.Uplinks))
+}
+
+// ErrLocked is returned by Open and Cleanup when another process (another
+// agent) holds the pin directory.
+var ErrLocked = errors.New("bpf: pin directory is in use by another agent")
+
+// ipv4Only returns the IPv4 addresses of addrs, unmapped.
+func ipv4Only(addrs []netip.Addr) []netip.Addr {
+	var out []netip.Addr
+	for _, a := range addrs {
+		a = a.Unmap()
+		if a.Is4() {
+			out = append(out, a)
+		}
+	}
+	return out
+}

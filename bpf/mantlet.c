@@ -1,0 +1,316 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR BSD-2-Clause)
+
+//go:build ignore
+
+/*
+ * mantlet's data path: capture of pod traffic into the node's ztunnel.
+ *
+ *   pod_ingress     tc ingress, host side of an enrolled pod's veth
+ *   uplink_ingress  tc ingress, the node's uplink interface(s)
+ *   pod_egress      tc egress, host side of an enrolled pod's veth (STRICT)
+ *   node_sk_lookup  sk_lookup, attached to the node's network namespace
+ *
+ * IPv4 only for now: IPv6 packets pass untouched (not captured).
+ * See docs/datapath.md for the whole recipe.
+ */
+#include <linux/types.h>
+#include <linux/bpf.h>
+#include <linux/pkt_cls.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/tcp.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "mantlet.h"
+
+char _license[] SEC("license") = "Dual BSD/GPL";
+
+/* The fields of a packet the programs look at. */
+struct pkt {
+	__u32 saddr; /* network byte order */
+	__u32 daddr; /* network byte order */
+	__u16 sport; /* network byte order */
+	__u16 dport; /* network byte order */
+	__u8 tcp;    /* 1: TCP header parsed */
+	__u8 syn;    /* TCP SYN without ACK: a new connection attempt */
+};
+
+static __always_inline struct counter_set *get_counters(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&counters, &zero);
+}
+
+/* COUNT adds one to a field of this CPU's counter_set. */
+#define COUNT(field)                                         \
+	do {                                                 \
+		struct counter_set *__c = get_counters();    \
+		if (__c)                                     \
+			__c->field++;                        \
+	} while (0)
+
+static __always_inline struct settings *get_config(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&config, &zero);
+}
+
+/* parse fills p from an Ethernet frame carrying IPv4. It returns -1 for
+ * anything else (other protocols, IPv6, frames too short to be IPv4). */
+static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
+{
+	struct iphdr ip;
+	struct tcphdr tcp;
+
+	if (skb->protocol != bpf_htons(ETH_P_IP))
+		return -1;
+	if (bpf_skb_load_bytes(skb, ETH_HLEN, &ip, sizeof(ip)) < 0)
+		return -1;
+	if (ip.version != 4 || ip.ihl < 5)
+		return -1;
+	p->saddr = ip.saddr;
+	p->daddr = ip.daddr;
+	p->sport = 0;
+	p->dport = 0;
+	p->tcp = 0;
+	p->syn = 0;
+	/* Only the first fragment carries the TCP header. */
+	if (ip.protocol != IPPROTO_TCP || (ip.frag_off & bpf_htons(0x1fff)))
+		return 0;
+	if (bpf_skb_load_bytes(skb, ETH_HLEN + ip.ihl * 4, &tcp, sizeof(tcp)) < 0)
+		return 0;
+	p->sport = tcp.source;
+	p->dport = tcp.dest;
+	p->tcp = 1;
+	p->syn = tcp.syn && !tcp.ack;
+	return 0;
+}
+
+static __always_inline void set_mark(struct __sk_buff *skb, const struct settings *cfg)
+{
+	skb->mark = (skb->mark & ~cfg->mark_mask) | cfg->redirect_mark;
+}
+
+/* excluded reports whether a new connection to daddr:dport (network byte
+ * order) stays out of the mesh: the node's own addresses, configured
+ * prefixes and ports. */
+static __always_inline int excluded(__u32 daddr, __u16 dport_host)
+{
+	struct lpm_v4_key k = { .prefixlen = 32, .addr = daddr };
+
+	if (bpf_map_lookup_elem(&node_ips, &daddr))
+		return 1;
+	if (bpf_map_lookup_elem(&excl_cidrs, &k))
+		return 1;
+	if (bpf_map_lookup_elem(&excl_ports, &dport_host))
+		return 1;
+	return 0;
+}
+
+static __always_inline void set_probing(__u32 on)
+{
+	__u32 zero = 0;
+	__u32 *v = bpf_map_lookup_elem(&probing, &zero);
+
+	if (v)
+		*v = on;
+}
+
+/* assign_owner looks for a local, non-listening socket that owns the
+ * packet's flow (established, half-open or TIME_WAIT: for example the
+ * ztunnel's accepted or transparent sockets). If there is one, the packet
+ * is assigned to it and marked for local delivery (forwarding would drop a
+ * packet that carries a socket). A TIME_WAIT socket hands a new SYN over to
+ * the listener lookup, so sk_lookup still chooses the listener. Returns 1
+ * when a socket owned the flow. Every reference taken is released. */
+static __always_inline int assign_owner(struct __sk_buff *skb, const struct pkt *p,
+					const struct settings *cfg)
+{
+	struct bpf_sock_tuple t = {};
+	struct bpf_sock *sk;
+	long err;
+
+	t.ipv4.saddr = p->saddr;
+	t.ipv4.daddr = p->daddr;
+	t.ipv4.sport = p->sport;
+	t.ipv4.dport = p->dport;
+
+	set_probing(1);
+	sk = bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+	set_probing(0);
+	if (!sk)
+		return 0;
+	if (sk->state == BPF_TCP_LISTEN) {
+		bpf_sk_release(sk);
+		return 0;
+	}
+	err = bpf_sk_assign(skb, sk, 0);
+	bpf_sk_release(sk);
+	set_mark(skb, cfg);
+	if (err)
+		COUNT(assign_failed);
+	else
+		COUNT(assigned);
+	return 1;
+}
+
+/* pod_ingress sees packets FROM an enrolled pod. */
+SEC("tc")
+int pod_ingress(struct __sk_buff *skb)
+{
+	struct pod_ip_key key = {};
+	struct settings *cfg;
+	struct pkt p;
+
+	if (parse(skb, &p) < 0)
+		return TC_ACT_UNSPEC;
+
+	/* Anti-spoofing: the workload identity is bound to the veth, so the
+	 * source address must be one of this pod's. */
+	key.ifindex = skb->ifindex;
+	key.addr = p.saddr;
+	if (!bpf_map_lookup_elem(&pod_ips, &key)) {
+		COUNT(spoof_drops);
+		return TC_ACT_SHOT;
+	}
+	if (!p.tcp)
+		return TC_ACT_UNSPEC;
+	cfg = get_config();
+	if (!cfg)
+		return TC_ACT_UNSPEC;
+
+	if (assign_owner(skb, &p, cfg))
+		return TC_ACT_UNSPEC;
+	if (!p.syn)
+		return TC_ACT_UNSPEC;
+	if (excluded(p.daddr, bpf_ntohs(p.dport))) {
+		COUNT(excluded);
+		return TC_ACT_UNSPEC;
+	}
+	/* Policy routing delivers the SYN locally; sk_lookup then picks the
+	 * outbound listener. */
+	set_mark(skb, cfg);
+	COUNT(redirected);
+	return TC_ACT_UNSPEC;
+}
+
+/* uplink_ingress sees packets arriving from other nodes. */
+SEC("tc")
+int uplink_ingress(struct __sk_buff *skb)
+{
+	struct settings *cfg;
+	struct pkt p;
+
+	if (parse(skb, &p) < 0 || !p.tcp)
+		return TC_ACT_UNSPEC;
+	if (!bpf_map_lookup_elem(&local_pods, &p.daddr))
+		return TC_ACT_UNSPEC;
+	cfg = get_config();
+	if (!cfg)
+		return TC_ACT_UNSPEC;
+
+	/* Later packets of HBONE connections, and replies to the ztunnel's
+	 * transparent sockets bound to a local pod's address. */
+	if (assign_owner(skb, &p, cfg))
+		return TC_ACT_UNSPEC;
+	if (!p.syn)
+		return TC_ACT_UNSPEC;
+	if (p.dport == bpf_htons(PORT_HBONE) || (cfg->flags & CFG_F_INBOUND_PLAIN)) {
+		set_mark(skb, cfg);
+		COUNT(uplink_redirected);
+	}
+	return TC_ACT_UNSPEC;
+}
+
+/* pod_egress sees packets TO an enrolled pod. With STRICT it drops new
+ * connection attempts that the ztunnel did not make. */
+SEC("tc")
+int pod_egress(struct __sk_buff *skb)
+{
+	__u32 ifindex = skb->ifindex;
+	struct iface_info *info;
+	struct settings *cfg;
+	struct pkt p;
+
+	info = bpf_map_lookup_elem(&ifaces, &ifindex);
+	if (!info || !(info->flags & IFACE_F_STRICT))
+		return TC_ACT_UNSPEC;
+	if (parse(skb, &p) < 0 || !p.tcp || !p.syn)
+		return TC_ACT_UNSPEC;
+	cfg = get_config();
+	if (cfg && cfg->ztunnel_mark && (skb->mark & cfg->ztunnel_mark) == cfg->ztunnel_mark)
+		return TC_ACT_UNSPEC;
+	/* Kubelet probes come from the node's own addresses. */
+	if (bpf_map_lookup_elem(&node_ips, &p.saddr))
+		return TC_ACT_UNSPEC;
+	COUNT(strict_drops);
+	return TC_ACT_SHOT;
+}
+
+/* node_sk_lookup picks the ztunnel listener for connections that the tc
+ * programs steered into local delivery. */
+SEC("sk_lookup")
+int node_sk_lookup(struct bpf_sk_lookup *ctx)
+{
+	__u32 ifindex = ctx->ingress_ifindex;
+	__u32 laddr = ctx->local_ip4;
+	__u32 zero = 0, slot;
+	struct iface_info *info;
+	struct settings *cfg;
+	struct bpf_sock *sk;
+	__u32 *probe;
+	long err;
+
+	probe = bpf_map_lookup_elem(&probing, &zero);
+	if (probe && *probe)
+		return SK_PASS;
+	if (ctx->family != AF_INET || ctx->protocol != IPPROTO_TCP)
+		return SK_PASS;
+	info = bpf_map_lookup_elem(&ifaces, &ifindex);
+	if (!info)
+		return SK_PASS;
+
+	if (info->kind == IFACE_POD) {
+		if (excluded(laddr, (__u16)ctx->local_port))
+			return SK_PASS;
+		slot = SLOT_OUTBOUND;
+	} else if (info->kind == IFACE_UPLINK) {
+		if (!bpf_map_lookup_elem(&local_pods, &laddr))
+			return SK_PASS;
+		if (ctx->local_port == PORT_HBONE) {
+			slot = SLOT_HBONE;
+		} else {
+			cfg = get_config();
+			if (!cfg || !(cfg->flags & CFG_F_INBOUND_PLAIN))
+				return SK_PASS;
+			slot = SLOT_INBOUND_PLAIN;
+		}
+	} else {
+		return SK_PASS;
+	}
+
+	sk = bpf_map_lookup_elem(&listeners, &slot);
+	if (!sk) {
+		/* Fail closed: never let a captured connection through in
+		 * plaintext because the ztunnel is away. */
+		COUNT(no_listener);
+		return SK_DROP;
+	}
+	err = bpf_sk_assign(ctx, sk, 0);
+	bpf_sk_release(sk);
+	if (err) {
+		COUNT(lookup_failed);
+		return SK_DROP;
+	}
+	if (slot == SLOT_OUTBOUND)
+		COUNT(lookup_outbound);
+	else if (slot == SLOT_HBONE)
+		COUNT(lookup_hbone);
+	else
+		COUNT(lookup_inbound_plain);
+	return SK_PASS;
+}
