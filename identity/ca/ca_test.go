@@ -272,3 +272,24 @@ func TestNewRejectsEmptyTrustDomain(t *testing.T) {
 		t.Fatal("New accepted an empty trust domain")
 	}
 }
+
+func BenchmarkSignCSR(b *testing.B) {
+	c, err := ca.New(td, ca.Options{Intermediate: true})
+	if err != nil {
+		b.Fatal(err)
+	}
+	key, err := newKeyF()
+	if err != nil {
+		b.Fatal(err)
+	}
+	csr, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, key)
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := c.SignCSR(context.Background(), csr, podID, time.Hour); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
