@@ -36,6 +36,9 @@ type Datapath interface {
 	EnrollPod(p bpf.Pod) error
 	// UnenrollPod detaches the programs from the veth and forgets the pod.
 	UnenrollPod(ifindex int) error
+	// SetLocalPod tells the uplink program whether ip belongs to a local
+	// enrolled pod, so that HBONE to it is captured.
+	SetLocalPod(ip netip.Addr, on bool) error
 	// Status reports what is attached, including what a previous agent
 	// left pinned.
 	Status() bpf.Status
@@ -124,7 +127,8 @@ type podState struct {
 	id        spiffeid.ID
 	ips       []netip.Addr
 	strict    bool
-	ifindex   int // the veth enrolled, 0 when not (yet)
+	ifindex   int          // the veth enrolled, 0 when not (yet)
+	local     []netip.Addr // addresses marked as local pods for the uplink
 
 	failures int
 	retryAt  time.Time
@@ -281,8 +285,18 @@ func (a *Agent) reconcile(now time.Time) (next time.Time) {
 			continue
 		}
 		if !enrolled[ifindex] {
+			if err := a.markLocal(st, nil); err != nil {
+				a.fail(st, now, err)
+				due(st.retryAt)
+				continue
+			}
 			delete(a.removing, ifindex) // gone already (veth deleted)
 			a.log.Info("pod un-enrolled", "pod", st.name, "ifindex", ifindex, "reason", "veth gone")
+			continue
+		}
+		if err := a.markLocal(st, nil); err != nil {
+			a.fail(st, now, err)
+			due(st.retryAt)
 			continue
 		}
 		if err := a.cfg.Datapath.UnenrollPod(ifindex); err != nil {
@@ -323,6 +337,15 @@ func (a *Agent) reconcile(now time.Time) (next time.Time) {
 		owned[ifindex] = true
 		if st.ifindex == ifindex && enrolled[ifindex] && st.strict == d.strict && slices.Equal(st.ips, d.ips) {
 			st.id = d.id
+			if !slices.Equal(st.local, d.ips) {
+				if err := a.markLocal(st, d.ips); err != nil {
+					unresolved++
+					a.fail(st, now, err)
+					due(st.retryAt)
+					continue
+				}
+				st.failures, st.retryAt, st.lastErr = 0, time.Time{}, ""
+			}
 			continue
 		}
 		if st.ifindex != 0 && st.ifindex != ifindex && enrolled[st.ifindex] && !owned[st.ifindex] {
@@ -339,8 +362,14 @@ func (a *Agent) reconcile(now time.Time) (next time.Time) {
 		}
 		adopted := st.ifindex == 0 && enrolled[ifindex]
 		st.ifindex, st.ips, st.strict, st.id = ifindex, d.ips, d.strict, d.id
-		st.failures, st.retryAt, st.lastErr = 0, time.Time{}, ""
 		enrolled[ifindex] = true
+		if err := a.markLocal(st, d.ips); err != nil {
+			unresolved++
+			a.fail(st, now, err)
+			due(st.retryAt)
+			continue
+		}
+		st.failures, st.retryAt, st.lastErr = 0, time.Time{}, ""
 		a.log.Info("pod enrolled", "pod", st.name, "ip", d.ips[0], "ifindex", ifindex, "strict", d.strict, "spiffe_id", d.id.String(), "adopted", adopted)
 	}
 
@@ -400,6 +429,36 @@ func (a *Agent) wanted(logSkips bool) map[string]desiredPod {
 		want[w.UID] = desiredPod{w: w, id: id, ips: ips, strict: mode == manifest.MTLSStrict}
 	}
 	return want
+}
+
+// markLocal makes the pod's addresses marked for the uplink program equal
+// to want (nil: none), recording progress in st.local.
+func (a *Agent) markLocal(st *podState, want []netip.Addr) error {
+	for _, ip := range want {
+		if slices.Contains(st.local, ip) {
+			continue
+		}
+		if err := a.cfg.Datapath.SetLocalPod(ip, true); err != nil {
+			return fmt.Errorf("mark %s local for HBONE capture: %w", ip, err)
+		}
+		st.local = append(st.local, ip)
+	}
+	for i := 0; i < len(st.local); {
+		ip := st.local[i]
+		if slices.Contains(want, ip) {
+			i++
+			continue
+		}
+		if err := a.cfg.Datapath.SetLocalPod(ip, false); err != nil {
+			return fmt.Errorf("unmark %s as local: %w", ip, err)
+		}
+		st.local = slices.Delete(st.local, i, i+1)
+	}
+	if slices.Equal(st.local, want) {
+		return nil
+	}
+	st.local = slices.Clone(want) // same set, canonical order
+	return nil
 }
 
 // fail records a failed attempt and schedules the next one.
@@ -515,3 +574,6 @@ func (a *Agent) Drain() {
 	a.draining = true
 	a.mu.Unlock()
 }
+
+// The data path of package bpf is the one the agent drives.
+var _ Datapath = (*bpf.Datapath)(nil)

@@ -29,12 +29,14 @@ type fakeDatapath struct {
 	pods       map[int]bpf.Pod
 	calls      []string
 	failEnroll map[int]int
+	local      map[netip.Addr]bool
+	failLocal  int
 	panicOnce  bool
 	ready      bool
 }
 
 func newFakeDatapath(pinned ...int) *fakeDatapath {
-	d := &fakeDatapath{pods: map[int]bpf.Pod{}, failEnroll: map[int]int{}, ready: true}
+	d := &fakeDatapath{pods: map[int]bpf.Pod{}, failEnroll: map[int]int{}, local: map[netip.Addr]bool{}, ready: true}
 	for _, i := range pinned {
 		d.pods[i] = bpf.Pod{HostIfindex: i}
 	}
@@ -66,6 +68,33 @@ func (d *fakeDatapath) UnenrollPod(ifindex int) error {
 	}
 	delete(d.pods, ifindex)
 	return nil
+}
+
+func (d *fakeDatapath) SetLocalPod(ip netip.Addr, on bool) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.failLocal > 0 {
+		d.failLocal--
+		return errors.New("map full")
+	}
+	if on {
+		d.local[ip] = true
+	} else {
+		delete(d.local, ip)
+	}
+	return nil
+}
+
+// localPods returns the addresses marked local for the uplink, sorted.
+func (d *fakeDatapath) localPods() []string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	out := []string{}
+	for ip := range d.local {
+		out = append(out, ip.String())
+	}
+	slices.Sort(out)
+	return out
 }
 
 func (d *fakeDatapath) Status() bpf.Status {
@@ -258,6 +287,16 @@ func wantEnrolled(t *testing.T, dp *fakeDatapath, want ...string) {
 	}
 }
 
+func wantLocal(t *testing.T, dp *fakeDatapath, want ...string) {
+	t.Helper()
+	if want == nil {
+		want = []string{}
+	}
+	eventually(t, fmt.Sprintf("the uplink's local pods are %v (now %v)", want, dp.localPods()), func() bool {
+		return slices.Equal(dp.localPods(), want)
+	})
+}
+
 func TestAgentEnrollsOnlyLocalMeshedPods(t *testing.T) {
 	r := newRig(t, newFakeDatapath())
 	st := state(t, nil,
@@ -267,6 +306,7 @@ func TestAgentEnrollsOnlyLocalMeshedPods(t *testing.T) {
 	)
 	r.agent.Apply(st)
 	wantEnrolled(t, r.dp, "101:198.19.1.1")
+	wantLocal(t, r.dp, "198.19.1.1")
 	eventually(t, "the ztunnel's store holds the snapshot", func() bool { return r.store.Load() == st.Snapshot })
 	if got := r.ids.held(); !slices.Equal(got, []string{"spiffe://cluster.local/ns/shop/sa/web"}) {
 		t.Fatalf("identities prefetched = %v, want only the local enrolled pod's", got)
@@ -293,17 +333,20 @@ func TestAgentFollowsEditsOfTheDesiredState(t *testing.T) {
 		pod{"shop/d", "node-1", "198.19.1.4", "a", true},
 	))
 	wantEnrolled(t, r.dp, "101:198.19.1.1:strict", "104:198.19.1.4:strict")
+	wantLocal(t, r.dp, "198.19.1.1", "198.19.1.4")
 	eventually(t, "identities b and c are forgotten", func() bool {
 		return slices.Equal(r.ids.held(), []string{"spiffe://cluster.local/ns/shop/sa/a"})
 	})
 
 	r.agent.Apply(state(t, nil))
 	wantEnrolled(t, r.dp)
+	wantLocal(t, r.dp)
 }
 
 func TestAgentRetriesFailuresWithoutBlockingOtherPods(t *testing.T) {
 	dp := newFakeDatapath()
 	dp.failEnroll[102] = 3
+	dp.failLocal = 2
 	r := newRig(t, dp)
 	r.links.fail[netip.MustParseAddr("198.19.1.1")] = 3
 	r.agent.Apply(state(t, nil,
@@ -312,6 +355,7 @@ func TestAgentRetriesFailuresWithoutBlockingOtherPods(t *testing.T) {
 		pod{"shop/c", "node-1", "198.19.1.3", "", true},
 	))
 	wantEnrolled(t, dp, "101:198.19.1.1", "102:198.19.1.2", "103:198.19.1.3")
+	wantLocal(t, dp, "198.19.1.1", "198.19.1.2", "198.19.1.3")
 	for _, p := range r.agent.Pods() {
 		if p.Err != "" || p.Ifindex == 0 {
 			t.Errorf("pod %s still reports %q (ifindex %d) after it was enrolled", p.Pod, p.Err, p.Ifindex)
