@@ -321,6 +321,13 @@ func (sc *serverConn) readError(err error) bool {
 		last := sc.lastStreamID
 		sc.mu.Unlock()
 		sc.writeFrame(func(fr *http2.Framer) error { return fr.WriteGoAway(last, http2.ErrCode(ce), nil) })
+		if sc.srv.Refused != nil {
+			detail := ""
+			if http2.ErrCode(ce) == http2.ErrCodeCompression {
+				detail = " (undecodable header block, or one field beyond the header limit)"
+			}
+			sc.srv.Refused(sc.info, fmt.Errorf("hbone: %w: connection error %v%s", ErrMalformed, http2.ErrCode(ce), detail))
+		}
 	}
 	return false
 }

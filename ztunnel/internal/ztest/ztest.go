@@ -11,6 +11,7 @@ import (
 	"crypto/x509"
 	"fmt"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -24,22 +25,34 @@ import (
 // identity.
 type CA struct {
 	*ca.CA
+	skew  atomic.Int64 // added to the clock, in nanoseconds
 	mu    sync.Mutex
 	svids map[spiffeid.ID]*x509svid.SVID
 	// Minted counts SVIDs minted.
 	Minted int
 }
 
-// NewCA returns a CA for trust domain td (e.g. "cluster.local"); opts may
-// set a clock in the past to mint expired certificates.
+// NewCA returns a CA for trust domain td (e.g. "cluster.local"). Its clock
+// is opts.Now (default time.Now) shifted by Skew.
 func NewCA(t testing.TB, td string, opts ca.Options) *CA {
 	t.Helper()
-	c, err := ca.New(spiffeid.RequireTrustDomainFromString(td), opts)
+	c := &CA{svids: make(map[spiffeid.ID]*x509svid.SVID)}
+	now := opts.Now
+	if now == nil {
+		now = time.Now
+	}
+	opts.Now = func() time.Time { return now().Add(time.Duration(c.skew.Load())) }
+	var err error
+	c.CA, err = ca.New(spiffeid.RequireTrustDomainFromString(td), opts)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &CA{CA: c, svids: make(map[spiffeid.ID]*x509svid.SVID)}
+	return c
 }
+
+// Skew shifts the CA's clock by d for the certificates it mints next (a
+// negative d mints certificates that are already expired).
+func (c *CA) Skew(d time.Duration) { c.skew.Store(int64(d)) }
 
 // Mint signs a fresh key for id, valid for ttl.
 func (c *CA) Mint(id spiffeid.ID, ttl time.Duration) (*x509svid.SVID, error) {

@@ -1,0 +1,161 @@
+package ztunnel
+
+import (
+	"errors"
+
+	"github.com/mantlet/mantlet/ztunnel/hbone"
+)
+
+// ResponseFlag says why a connection was refused or ended badly. The set
+// is closed; String gives the name used as the response_flags metric label
+// and in access logs ("-" for none).
+type ResponseFlag uint8
+
+// The response flags.
+const (
+	// FlagNone: the flow ran normally.
+	FlagNone ResponseFlag = iota
+	// FlagUnknownSource: an outbound connection from an address that no
+	// workload of this node owns.
+	FlagUnknownSource
+	// FlagLoop: the original destination is one of the ztunnel's own
+	// ports; serving it would make the ztunnel dial itself.
+	FlagLoop
+	// FlagNoSVID: the ztunnel could not get the certificate of an
+	// identity it must present.
+	FlagNoSVID
+	// FlagNoLocalWorkload: an HBONE connection or CONNECT addressed to an
+	// IP that no enrolled workload of this node owns.
+	FlagNoLocalWorkload
+	// FlagTLSNoClientCert: an HBONE client presented no certificate.
+	FlagTLSNoClientCert
+	// FlagTLSUntrustedDomain: the peer's SPIFFE ID is in a trust domain
+	// without a trusted bundle.
+	FlagTLSUntrustedDomain
+	// FlagTLSUnknownCA: the peer's chain leads to no trusted root.
+	FlagTLSUnknownCA
+	// FlagTLSExpired: the peer's certificate is expired or not yet valid.
+	FlagTLSExpired
+	// FlagTLSPeerMismatch: the HBONE server is not the destination
+	// workload's identity.
+	FlagTLSPeerMismatch
+	// FlagTLSBadCert: the peer's certificate is not an X509-SVID.
+	FlagTLSBadCert
+	// FlagTLSHandshake: the TLS handshake failed otherwise (protocol
+	// version, ALPN, timeout, reset).
+	FlagTLSHandshake
+	// FlagHTTP1: an HTTP/1 request on the HBONE port.
+	FlagHTTP1
+	// FlagNotConnect: an HTTP/2 request with a method other than CONNECT.
+	FlagNotConnect
+	// FlagHeadersTooLarge: request headers beyond the limit.
+	FlagHeadersTooLarge
+	// FlagMalformed: a CONNECT the server cannot parse (target, pseudo
+	// headers).
+	FlagMalformed
+	// FlagRelayRefused: a CONNECT target other than the pod the HBONE
+	// connection was addressed to.
+	FlagRelayRefused
+	// FlagForwardedSpoofed: a Forwarded header claimed a source IP of
+	// another identity; the claim was ignored and the TLS peer's address
+	// used. The flow itself goes on.
+	FlagForwardedSpoofed
+	// FlagPolicyDenied: the Authorizer denied the flow.
+	FlagPolicyDenied
+	// FlagStreamLimit: no stream slot left (pool or server limit).
+	FlagStreamLimit
+	// FlagConnectFailed: the destination refused or could not be reached.
+	FlagConnectFailed
+	// FlagConnectTimeout: connecting to the destination timed out.
+	FlagConnectTimeout
+	// FlagHBONEConnectFailed: the destination node's ztunnel could not be
+	// reached.
+	FlagHBONEConnectFailed
+	// FlagHBONERefused: the destination node's ztunnel answered the
+	// CONNECT with an error status.
+	FlagHBONERefused
+	// FlagShutdown: the ztunnel is shutting down.
+	FlagShutdown
+
+	numFlags
+)
+
+var flagNames = [numFlags]string{
+	FlagNone:               "-",
+	FlagUnknownSource:      "unknown_source",
+	FlagLoop:               "loop_refused",
+	FlagNoSVID:             "no_svid",
+	FlagNoLocalWorkload:    "no_local_workload",
+	FlagTLSNoClientCert:    "tls_no_client_cert",
+	FlagTLSUntrustedDomain: "tls_untrusted_domain",
+	FlagTLSUnknownCA:       "tls_unknown_ca",
+	FlagTLSExpired:         "tls_expired_cert",
+	FlagTLSPeerMismatch:    "tls_peer_mismatch",
+	FlagTLSBadCert:         "tls_bad_cert",
+	FlagTLSHandshake:       "tls_handshake_failed",
+	FlagHTTP1:              "http1_refused",
+	FlagNotConnect:         "not_connect",
+	FlagHeadersTooLarge:    "headers_too_large",
+	FlagMalformed:          "malformed_request",
+	FlagRelayRefused:       "relay_refused",
+	FlagForwardedSpoofed:   "forwarded_spoofed",
+	FlagPolicyDenied:       "policy_denied",
+	FlagStreamLimit:        "stream_limit",
+	FlagConnectFailed:      "connect_failed",
+	FlagConnectTimeout:     "connect_timeout",
+	FlagHBONEConnectFailed: "hbone_connect_failed",
+	FlagHBONERefused:       "hbone_refused",
+	FlagShutdown:           "shutting_down",
+}
+
+// String returns the flag's name, e.g. "policy_denied"; "-" for FlagNone.
+func (f ResponseFlag) String() string {
+	if f < numFlags {
+		return flagNames[f]
+	}
+	return "unknown"
+}
+
+// Flags returns every flag, FlagNone first (for metrics that pre-create
+// their series).
+func Flags() []ResponseFlag {
+	out := make([]ResponseFlag, numFlags)
+	for i := range out {
+		out[i] = ResponseFlag(i)
+	}
+	return out
+}
+
+// tlsFlag classifies a TLS handshake or verification error.
+func tlsFlag(err error) ResponseFlag {
+	switch {
+	case errors.Is(err, hbone.ErrNoPeerCert):
+		return FlagTLSNoClientCert
+	case errors.Is(err, hbone.ErrUntrustedDomain):
+		return FlagTLSUntrustedDomain
+	case errors.Is(err, hbone.ErrUnknownAuthority):
+		return FlagTLSUnknownCA
+	case errors.Is(err, hbone.ErrExpired):
+		return FlagTLSExpired
+	case errors.Is(err, hbone.ErrPeerMismatch):
+		return FlagTLSPeerMismatch
+	case errors.Is(err, hbone.ErrNotSVID):
+		return FlagTLSBadCert
+	}
+	return FlagTLSHandshake
+}
+
+// serverRefusalFlag maps the hbone server's own refusals.
+func serverRefusalFlag(err error) ResponseFlag {
+	switch {
+	case errors.Is(err, hbone.ErrHTTP1):
+		return FlagHTTP1
+	case errors.Is(err, hbone.ErrNotConnect):
+		return FlagNotConnect
+	case errors.Is(err, hbone.ErrHeadersTooLarge):
+		return FlagHeadersTooLarge
+	case errors.Is(err, hbone.ErrStreamLimit):
+		return FlagStreamLimit
+	}
+	return FlagMalformed
+}

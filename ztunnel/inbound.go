@@ -1,0 +1,148 @@
+package ztunnel
+
+import (
+	"context"
+	"crypto/tls"
+	"fmt"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/mantlet/mantlet/internal/workload"
+	"github.com/mantlet/mantlet/ztunnel/hbone"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+)
+
+// HandleHBONE serves one HBONE connection: LocalAddr must be a local
+// enrolled pod (its certificate is presented), the client must present an
+// X509-SVID of a trusted domain, and each CONNECT stream is authorized and
+// delivered to that pod. It closes conn before it returns.
+func (p *Proxy) HandleHBONE(ctx context.Context, conn net.Conn) {
+	defer conn.Close()
+	local, _ := hbone.AddrOf(conn.LocalAddr())
+	remote, _ := hbone.AddrOf(conn.RemoteAddr())
+	if p.localWorkload(p.cfg.Store.Load(), local.Addr()) == nil {
+		p.reject(FlagNoLocalWorkload, fmt.Errorf("ztunnel: HBONE to %s: no enrolled workload of node %s", local, p.cfg.NodeName),
+			"src", remote, "dst", local)
+		return
+	}
+	tc := tls.Server(conn, p.serverTLS)
+	hctx, cancel := context.WithTimeout(ctx, p.cfg.Tuning.HandshakeTimeout)
+	err := tc.HandshakeContext(hctx)
+	cancel()
+	if err != nil {
+		p.reject(tlsFlag(err), fmt.Errorf("ztunnel: HBONE handshake: %w", err), "src", remote, "dst", local)
+		return
+	}
+	p.srv.ServeConn(ctx, tc)
+}
+
+// serveStream handles one CONNECT stream of an HBONE connection.
+func (p *Proxy) serveStream(ctx context.Context, s *hbone.Stream) {
+	rec := &FlowRecord{Direction: Inbound, Path: PathHBONE, Start: time.Now(), SrcID: s.Conn.PeerID, MTLS: true}
+	defer p.endFlow(rec)
+	rec.Src = s.Conn.Remote
+	fail := func(status int, flag ResponseFlag, err error) {
+		rec.Flag, rec.Err = flag, err
+		_ = s.Respond(status)
+	}
+	target, err := hbone.ParseTarget(s.Authority)
+	if err != nil {
+		fail(http.StatusBadRequest, FlagMalformed, err)
+		return
+	}
+	rec.Dst, rec.OrigDst = target, target
+	if target.Addr() != s.Conn.Local.Addr() {
+		fail(http.StatusBadRequest, FlagRelayRefused,
+			fmt.Errorf("ztunnel: CONNECT target %s is not the addressed pod %s", target, s.Conn.Local.Addr()))
+		return
+	}
+	if p.ports[target.Port()] {
+		fail(http.StatusBadRequest, FlagLoop, fmt.Errorf("ztunnel: CONNECT to the ztunnel's own port %s", target))
+		return
+	}
+	snap := p.cfg.Store.Load()
+	dstW := p.localWorkload(snap, target.Addr())
+	if dstW == nil {
+		fail(http.StatusServiceUnavailable, FlagNoLocalWorkload, fmt.Errorf("ztunnel: %s is no local workload", target.Addr()))
+		return
+	}
+	rec.DstWorkload = dstW
+	rec.DstID, _ = dstW.ID(p.cfg.TrustDomain)
+
+	// The caller's identity is its certificate's; a Forwarded source is
+	// believed only if that address belongs to a workload of the same
+	// identity.
+	if v := s.Header.Get("Forwarded"); v != "" {
+		claimed, ok, err := hbone.ParseForwarded(v)
+		switch {
+		case err != nil:
+			p.log.Info("ztunnel: ignoring malformed Forwarded header", "src", s.Conn.Remote, "src_id", s.Conn.PeerID, "error", err)
+		case ok:
+			if p.sameIdentity(snap.WorkloadByIP(claimed.Addr()), s.Conn.PeerID) {
+				rec.Src = claimed
+			} else {
+				p.reject(FlagForwardedSpoofed,
+					fmt.Errorf("ztunnel: Forwarded claims %s, which is not a workload of %s; using the TLS peer's address", claimed, s.Conn.PeerID),
+					"src", s.Conn.Remote, "src_id", s.Conn.PeerID, "dst", target)
+			}
+		}
+	}
+	if w := snap.WorkloadByIP(rec.Src.Addr()); p.sameIdentity(w, s.Conn.PeerID) {
+		rec.SrcWorkload = w
+	}
+	if !p.authorize(ctx, rec, &Flow{SrcID: rec.SrcID, SrcAddr: rec.Src, Src: rec.SrcWorkload, Dst: dstW, DstAddr: target, MTLS: true}) {
+		_ = s.Respond(http.StatusUnauthorized)
+		return
+	}
+	up, flag, err := p.dialDest(ctx, rec.Src.Addr(), target)
+	if err != nil {
+		fail(http.StatusServiceUnavailable, flag, err)
+		return
+	}
+	defer up.Close()
+	if err := s.Respond(http.StatusOK); err != nil {
+		rec.Err = err
+		return
+	}
+	rec.Sent, rec.Received, rec.Err = splice(ctx, s, asHalf(up))
+}
+
+// HandleInbound serves one plaintext connection to a local pod (:15006):
+// the source is unauthenticated (Flow.MTLS false), the destination must be
+// a local enrolled workload, and the Authorizer decides. It closes conn
+// before it returns.
+func (p *Proxy) HandleInbound(ctx context.Context, conn net.Conn) {
+	defer conn.Close()
+	rec := &FlowRecord{Direction: InboundPlaintext, Path: PathLocal, Start: time.Now()}
+	defer p.endFlow(rec)
+	rec.Src, _ = hbone.AddrOf(conn.RemoteAddr())
+	rec.Dst, _ = hbone.AddrOf(conn.LocalAddr())
+	rec.OrigDst = rec.Dst
+	if p.ports[rec.Dst.Port()] {
+		rec.Flag, rec.Err = FlagLoop, fmt.Errorf("ztunnel: %s is the ztunnel's own port", rec.Dst)
+		return
+	}
+	snap := p.cfg.Store.Load()
+	dstW := p.localWorkload(snap, rec.Dst.Addr())
+	if dstW == nil {
+		rec.Flag, rec.Err = FlagNoLocalWorkload, fmt.Errorf("ztunnel: %s is no local workload", rec.Dst.Addr())
+		return
+	}
+	rec.DstWorkload = dstW
+	rec.DstID, _ = dstW.ID(p.cfg.TrustDomain)
+	rec.SrcWorkload = snap.WorkloadByIP(rec.Src.Addr())
+	if !p.authorize(ctx, rec, &Flow{SrcAddr: rec.Src, Src: rec.SrcWorkload, Dst: dstW, DstAddr: rec.Dst}) {
+		return
+	}
+	p.direct(ctx, rec, conn, rec.Src.Addr(), rec.Dst)
+}
+
+// sameIdentity reports whether w exists and has identity id.
+func (p *Proxy) sameIdentity(w *workload.Workload, id spiffeid.ID) bool {
+	if w == nil {
+		return false
+	}
+	wid, err := w.ID(p.cfg.TrustDomain)
+	return err == nil && wid == id
+}

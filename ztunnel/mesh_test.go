@@ -1,0 +1,325 @@
+package ztunnel_test
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/mantlet/mantlet/identity/ca"
+	"github.com/mantlet/mantlet/internal/workload"
+	"github.com/mantlet/mantlet/ztunnel"
+	"github.com/mantlet/mantlet/ztunnel/hbone"
+	"github.com/mantlet/mantlet/ztunnel/internal/ztest"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+)
+
+// The in-process mesh: two ztunnels on loopback, "node-a" owning pods
+// 127.0.1.x and "node-b" owning 127.0.2.x. Each ztunnel listens on
+// 0.0.0.0 with its own ports, so a connection to 127.0.2.1:<hbone port of
+// node-b> arrives at node-b's ztunnel with LocalAddr 127.0.2.1, as the
+// capture would deliver it. Outbound connections are dialled to the
+// destination IP at the node's outbound port; the test listener reports
+// the intended destination port as the original destination.
+
+var (
+	ipA1      = netip.MustParseAddr("127.0.1.1") // shop/frontend on node-a
+	ipA2      = netip.MustParseAddr("127.0.1.2") // shop/checkout on node-a
+	ipB1      = netip.MustParseAddr("127.0.2.1") // shop/checkout on node-b
+	ipB2      = netip.MustParseAddr("127.0.2.2") // shop/admin on node-b
+	ipOutside = netip.MustParseAddr("127.0.3.1") // not in the mesh
+	ipUnmesh  = netip.MustParseAddr("127.0.3.2") // in the snapshot, not enrolled
+	ipVIP     = netip.MustParseAddr("127.0.4.1") // service checkout, port 80 -> b1
+)
+
+type node struct {
+	name  string
+	p     *ztunnel.Proxy
+	out   uint16 // outbound port
+	hbone uint16 // HBONE port
+	flows chan *ztunnel.FlowRecord
+	orig  *sync.Map // client AddrPort -> original destination
+}
+
+type mesh struct {
+	t     *testing.T
+	ca    *ztest.CA
+	store *workload.Store
+	nodes map[string]*node
+	apps  map[netip.Addr]*app
+	td    spiffeid.TrustDomain
+}
+
+type meshOpts struct {
+	tuning ztunnel.Config // only Tuning, Authorizer, ConnectTimeout are used
+	authz  map[string]ztunnel.Authorizer
+	svids  map[string]ztunnel.SVIDSource
+}
+
+func newMesh(t *testing.T, o meshOpts) *mesh {
+	t.Helper()
+	m := &mesh{
+		t:     t,
+		ca:    ztest.NewCA(t, "cluster.local", ca.Options{}),
+		store: workload.NewStore(),
+		nodes: map[string]*node{},
+		apps:  map[netip.Addr]*app{},
+		td:    spiffeid.RequireTrustDomainFromString("cluster.local"),
+	}
+	for _, ip := range []netip.Addr{ipA1, ipA2, ipB1, ipB2, ipOutside, ipUnmesh} {
+		m.apps[ip] = startApp(t, ip)
+	}
+	wl := func(uid, name, sa, nodeName string, ip netip.Addr, enrolled bool) workload.Workload {
+		return workload.Workload{UID: uid, Name: name, Namespace: "shop", ServiceAccount: sa, Node: nodeName,
+			IPs: []netip.Addr{ip}, Enrolled: enrolled}
+	}
+	snap, err := workload.New(
+		[]workload.Node{{Name: "node-a", IP: netip.MustParseAddr("127.0.0.11")}, {Name: "node-b", IP: netip.MustParseAddr("127.0.0.12")}},
+		[]workload.Workload{
+			wl("a1", "frontend-0", "frontend", "node-a", ipA1, true),
+			wl("a2", "checkout-1", "checkout", "node-a", ipA2, true),
+			wl("b1", "checkout-0", "checkout", "node-b", ipB1, true),
+			wl("b2", "admin-0", "admin", "node-b", ipB2, true),
+			wl("u1", "legacy-0", "legacy", "node-b", ipUnmesh, false),
+		},
+		[]workload.Service{{Name: "checkout", Namespace: "shop", VIPs: []netip.Addr{ipVIP},
+			Ports: []workload.ServicePort{{Port: 80, TargetPort: m.apps[ipB1].port}}, Endpoints: []string{"b1"}}},
+	)
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.store.Replace(snap)
+	for _, name := range []string{"node-a", "node-b"} {
+		m.nodes[name] = m.startNode(name, o)
+	}
+	return m
+}
+
+func testLogger(t *testing.T) *slog.Logger {
+	if os.Getenv("ZTUNNEL_TEST_LOG") != "" {
+		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	}
+	return slog.New(slog.DiscardHandler)
+}
+
+func (m *mesh) startNode(name string, o meshOpts) *node {
+	t := m.t
+	n := &node{name: name, flows: make(chan *ztunnel.FlowRecord, 4096), orig: &sync.Map{}}
+	outLn := listen(t)
+	hbLn := listen(t)
+	n.out = port(outLn)
+	n.hbone = port(hbLn)
+	var svids ztunnel.SVIDSource = m.ca
+	if s := o.svids[name]; s != nil {
+		svids = s
+	}
+	p, err := ztunnel.New(ztunnel.Config{
+		NodeName:    name,
+		TrustDomain: m.td,
+		Store:       m.store,
+		SVIDs:       svids,
+		Bundles:     m.ca.Bundles(),
+		Authorizer:  o.authz[name],
+		Logger:      testLogger(t).With("node", name),
+		Outbound:    &origDstListener{Listener: outLn, orig: n.orig},
+		HBONE:       hbLn,
+		HBONEAddr: func(ip netip.Addr, w *workload.Workload) netip.AddrPort {
+			return netip.AddrPortFrom(ip, m.nodes[w.Node].hbone)
+		},
+		ConnectTimeout: o.tuning.ConnectTimeout,
+		Tuning:         o.tuning.Tuning,
+		OnFlowEnd: func(r *ztunnel.FlowRecord) {
+			select {
+			case n.flows <- r:
+			default:
+			}
+		},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	n.p = p
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- p.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("%s: Run: %v", name, err)
+		}
+	})
+	return n
+}
+
+func listen(t testing.TB) net.Listener {
+	t.Helper()
+	ln, err := net.Listen("tcp4", "0.0.0.0:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	return ln
+}
+
+func port(ln net.Listener) uint16 { return uint16(ln.Addr().(*net.TCPAddr).Port) }
+
+// dial opens an outbound connection from the pod at src to dst through
+// the ztunnel of src's node.
+func (m *mesh) dial(src netip.Addr, dst netip.AddrPort) (*net.TCPConn, error) {
+	n := m.nodeOf(src)
+	d := net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(src, 0))}
+	c, err := d.Dial("tcp4", netip.AddrPortFrom(dst.Addr(), n.out).String())
+	if err != nil {
+		return nil, err
+	}
+	n.orig.Store(c.LocalAddr().(*net.TCPAddr).AddrPort(), dst)
+	return c.(*net.TCPConn), nil
+}
+
+func (m *mesh) mustDial(src netip.Addr, dst netip.AddrPort) *net.TCPConn {
+	m.t.Helper()
+	c, err := m.dial(src, dst)
+	if err != nil {
+		m.t.Fatal(err)
+	}
+	m.t.Cleanup(func() { c.Close() })
+	return c
+}
+
+func (m *mesh) nodeOf(ip netip.Addr) *node {
+	if ip.As4()[2] == 1 {
+		return m.nodes["node-a"]
+	}
+	return m.nodes["node-b"]
+}
+
+// appAddr is the echo app of the pod at ip.
+func (m *mesh) appAddr(ip netip.Addr) netip.AddrPort { return netip.AddrPortFrom(ip, m.apps[ip].port) }
+
+func (m *mesh) id(sa string) spiffeid.ID { return m.ca.ID("shop", sa) }
+
+// flow waits for the next flow record of node n.
+func (n *node) flow(t *testing.T) *ztunnel.FlowRecord {
+	t.Helper()
+	select {
+	case r := <-n.flows:
+		return r
+	case <-time.After(10 * time.Second):
+		t.Fatalf("%s: no flow ended", n.name)
+		return nil
+	}
+}
+
+// waitCount waits until flag's counter of n reaches want.
+func (n *node) waitCount(t *testing.T, flag ztunnel.ResponseFlag, want uint64) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for n.p.Rejected(flag) < want {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: %s counted %d times, want %d (counters %v)", n.name, flag, n.p.Rejected(flag), want, n.p.Counters())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// origDstListener reports, as an accepted conn's LocalAddr, the
+// destination the test dialled, the way capture preserves it.
+type origDstListener struct {
+	net.Listener
+	orig *sync.Map
+}
+
+func (l *origDstListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	return &origDstConn{TCPConn: c.(*net.TCPConn), orig: l.orig}, nil
+}
+
+type origDstConn struct {
+	*net.TCPConn
+	orig *sync.Map
+}
+
+func (c *origDstConn) LocalAddr() net.Addr {
+	key := c.RemoteAddr().(*net.TCPAddr).AddrPort()
+	for range 2000 { // the dialler stores the entry right after connect
+		if v, ok := c.orig.Load(key); ok {
+			return net.TCPAddrFromAddrPort(v.(netip.AddrPort))
+		}
+		time.Sleep(time.Millisecond)
+	}
+	return c.TCPConn.LocalAddr()
+}
+
+// app is a pod's server: it echoes, half-closing after the client did,
+// and records its clients' addresses.
+type app struct {
+	port  uint16
+	mu    sync.Mutex
+	peers []netip.AddrPort
+	// handle, if set, replaces the echo.
+	handle func(c *net.TCPConn)
+}
+
+func startApp(t testing.TB, ip netip.Addr) *app {
+	t.Helper()
+	ln, err := net.Listen("tcp4", netip.AddrPortFrom(ip, 0).String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := &app{port: port(ln)}
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			a.mu.Lock()
+			a.peers = append(a.peers, c.RemoteAddr().(*net.TCPAddr).AddrPort())
+			h := a.handle
+			a.mu.Unlock()
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				defer c.Close()
+				if h != nil {
+					h(c.(*net.TCPConn))
+					return
+				}
+				buf := make([]byte, 64<<10)
+				if _, err := io.CopyBuffer(c, readerOnly{c}, buf); err == nil {
+					c.(*net.TCPConn).CloseWrite()
+				}
+				io.Copy(io.Discard, c)
+			}()
+		}
+	}()
+	t.Cleanup(func() {
+		ln.Close()
+		wg.Wait()
+	})
+	return a
+}
+
+func (a *app) setHandler(h func(c *net.TCPConn)) {
+	a.mu.Lock()
+	a.handle = h
+	a.mu.Unlock()
+}
+
+type readerOnly struct{ io.Reader }
+
+// Guard against a forgotten import when tests change.
+var _ = errors.Is
+var _ = hbone.DefaultPort

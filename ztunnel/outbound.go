@@ -1,0 +1,174 @@
+package ztunnel
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"time"
+
+	"github.com/mantlet/mantlet/internal/workload"
+	"github.com/mantlet/mantlet/ztunnel/hbone"
+)
+
+// HandleOutbound serves one captured connection of a local pod: RemoteAddr
+// is the client pod, LocalAddr the original destination. A service VIP is
+// resolved to an endpoint; a meshed destination on another node is reached
+// over HBONE, one on this node directly (same authorization, no TLS), and a
+// destination outside the mesh in plaintext. It closes conn before it
+// returns.
+func (p *Proxy) HandleOutbound(ctx context.Context, conn net.Conn) {
+	defer conn.Close()
+	rec := &FlowRecord{Direction: Outbound, Start: time.Now()}
+	defer p.endFlow(rec)
+	src, _ := hbone.AddrOf(conn.RemoteAddr())
+	dst, _ := hbone.AddrOf(conn.LocalAddr())
+	rec.Src, rec.OrigDst, rec.Dst = src, dst, dst
+	if p.ports[dst.Port()] {
+		rec.Flag, rec.Err = FlagLoop, fmt.Errorf("ztunnel: %s is the ztunnel's own port", dst)
+		return
+	}
+	snap := p.cfg.Store.Load()
+	srcW := p.localWorkload(snap, src.Addr())
+	if srcW == nil {
+		rec.Flag, rec.Err = FlagUnknownSource, fmt.Errorf("ztunnel: no enrolled workload of node %s has IP %s", p.cfg.NodeName, src.Addr())
+		return
+	}
+	rec.SrcWorkload = srcW
+	srcID, err := srcW.ID(p.cfg.TrustDomain)
+	if err != nil {
+		rec.Flag, rec.Err = FlagNoSVID, err
+		return
+	}
+	rec.SrcID, rec.MTLS = srcID, true
+
+	var dstW *workload.Workload
+	if svc, ep, w, ok := snap.ResolveService(dst, p.pick.Add(1)); ok {
+		rec.Service, rec.Dst, dstW = svc, ep, w
+	} else {
+		dstW = snap.WorkloadByIP(dst.Addr())
+	}
+	target := rec.Dst
+	rec.DstWorkload = dstW
+
+	if dstW == nil || !dstW.Enrolled {
+		rec.Path, rec.MTLS = PathPassthrough, false
+		if !p.authorize(ctx, rec, &Flow{SrcID: srcID, SrcAddr: src, Src: srcW, Dst: dstW, DstAddr: target}) {
+			return
+		}
+		p.direct(ctx, rec, conn, src.Addr(), target)
+		return
+	}
+	dstID, err := dstW.ID(p.cfg.TrustDomain)
+	if err != nil {
+		rec.Flag, rec.Err = FlagNoSVID, err
+		return
+	}
+	rec.DstID = dstID
+	if dstW.Node == p.cfg.NodeName {
+		rec.Path = PathLocal
+		if !p.authorize(ctx, rec, &Flow{SrcID: srcID, SrcAddr: src, Src: srcW, Dst: dstW, DstAddr: target, MTLS: true}) {
+			return
+		}
+		p.direct(ctx, rec, conn, src.Addr(), target)
+		return
+	}
+	rec.Path = PathHBONE
+	p.outboundHBONE(ctx, rec, conn)
+}
+
+// authorize asks the Authorizer; on denial it fills rec and returns false.
+func (p *Proxy) authorize(ctx context.Context, rec *FlowRecord, f *Flow) bool {
+	v := p.authz.Authorize(ctx, f)
+	rec.Verdict = v
+	if v.Allow {
+		return true
+	}
+	rec.Flag = v.Flag
+	if rec.Flag == FlagNone {
+		rec.Flag = FlagPolicyDenied
+	}
+	rec.Err = fmt.Errorf("ztunnel: denied by policy %q", v.Policy)
+	return false
+}
+
+// direct connects to target without a tunnel and splices.
+func (p *Proxy) direct(ctx context.Context, rec *FlowRecord, conn net.Conn, src netip.Addr, target netip.AddrPort) {
+	up, flag, err := p.dialDest(ctx, src, target)
+	if err != nil {
+		rec.Flag, rec.Err = flag, err
+		return
+	}
+	defer up.Close()
+	rec.Sent, rec.Received, rec.Err = splice(ctx, asHalf(conn), asHalf(up))
+}
+
+func (p *Proxy) outboundHBONE(ctx context.Context, rec *FlowRecord, conn net.Conn) {
+	req := &hbone.Request{
+		Key:       hbone.Key{Src: rec.SrcID, Dst: rec.DstID, DstIP: rec.Dst.Addr()},
+		Addr:      p.hboneAddr(rec.Dst.Addr(), rec.DstWorkload),
+		Target:    rec.Dst,
+		Forwarded: rec.Src,
+		Body:      conn,
+	}
+	if p.cfg.Transparent {
+		req.BindSrc = rec.Src.Addr()
+	}
+	cs, err := p.pool.Connect(ctx, req)
+	if err != nil {
+		rec.Err = err
+		var re *hbone.RefusedError
+		switch {
+		case errors.As(err, &re):
+			rec.Flag = FlagHBONERefused
+		case errors.Is(err, hbone.ErrStreamLimit):
+			rec.Flag = FlagStreamLimit
+		case tlsFlag(err) != FlagTLSHandshake:
+			rec.Flag = tlsFlag(err)
+		default:
+			rec.Flag = FlagHBONEConnectFailed
+		}
+		return
+	}
+	abort := func() {
+		conn.Close() // unblocks the stream's read of conn
+		cs.Close()
+	}
+	stop := context.AfterFunc(ctx, abort)
+	defer stop()
+	buf := hbone.GetBuf()
+	n, err := io.CopyBuffer(writerOnly{conn}, readerOnly{cs}, *buf)
+	hbone.PutBuf(buf)
+	rec.Received = n
+	if err == nil {
+		if cw, ok := conn.(interface{ CloseWrite() error }); ok {
+			err = cw.CloseWrite()
+		}
+	}
+	if err != nil {
+		rec.Err = err
+		abort()
+	}
+	select {
+	case <-cs.SendDone():
+	case <-ctx.Done():
+		abort()
+		<-cs.SendDone()
+	}
+	cs.Close()
+	rec.Sent = cs.Sent()
+}
+
+// asHalf gives conns without CloseWrite one that closes them entirely.
+func asHalf(c net.Conn) halfConn {
+	if h, ok := c.(halfConn); ok {
+		return h
+	}
+	return fullCloser{c}
+}
+
+type fullCloser struct{ net.Conn }
+
+func (f fullCloser) CloseWrite() error { return f.Close() }
