@@ -3,8 +3,11 @@ package testbed
 import (
 	"bytes"
 	"crypto/sha256"
+	"errors"
 	"fmt"
 	"maps"
+	"os"
+	"path/filepath"
 	"slices"
 
 	corev1 "k8s.io/api/core/v1"
@@ -113,6 +116,38 @@ func (tb *Testbed) Manifest() []byte {
 		buf.Write(b)
 	}
 	return buf.Bytes()
+}
+
+// ManifestFile is where WriteManifest writes: <state dir>/<prefix>.yaml.
+// Close removes it.
+func (tb *Testbed) ManifestFile() string { return manifestFile(tb.stateDir, tb.prefix) }
+
+func manifestFile(dir, prefix string) string { return filepath.Join(dir, prefix+".yaml") }
+
+// WriteManifest writes Manifest to ManifestFile and returns its path. It
+// replaces the file whole (write, then rename), so a watcher never reads
+// half of it.
+func (tb *Testbed) WriteManifest() (string, error) {
+	path := tb.ManifestFile()
+	tmp, err := os.CreateTemp(filepath.Dir(path), "."+tb.prefix+"-*.yaml")
+	if err != nil {
+		return "", fmt.Errorf("testbed: write manifest: %w", err)
+	}
+	_, werr := tmp.Write(tb.Manifest())
+	cerr := tmp.Close()
+	if err := errors.Join(werr, cerr); err != nil {
+		os.Remove(tmp.Name())
+		return "", fmt.Errorf("testbed: write manifest: %w", err)
+	}
+	if err := os.Chmod(tmp.Name(), 0o644); err != nil {
+		os.Remove(tmp.Name())
+		return "", fmt.Errorf("testbed: write manifest: %w", err)
+	}
+	if err := os.Rename(tmp.Name(), path); err != nil {
+		os.Remove(tmp.Name())
+		return "", fmt.Errorf("testbed: write manifest: %w", err)
+	}
+	return path, nil
 }
 
 // uid makes a stable UID for an object of the testbed, shaped like a

@@ -126,8 +126,10 @@ func removeTestbed(prefix, stateDir string, log *slog.Logger) error {
 			errs = append(errs, err)
 		}
 	}
-	if err := os.Remove(stateFile(stateDir, prefix)); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		errs = append(errs, fmt.Errorf("testbed: remove state file: %w", err))
+	for _, f := range []string{manifestFile(stateDir, prefix), stateFile(stateDir, prefix)} {
+		if err := os.Remove(f); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("testbed: remove %s: %w", f, err))
+		}
 	}
 	if holders := namespaceHolders(inodes); len(holders) > 0 {
 		// The links are gone already; the namespaces live on, empty, until

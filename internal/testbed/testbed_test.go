@@ -3,6 +3,7 @@ package testbed
 import (
 	"bytes"
 	"net/netip"
+	"os"
 	"strings"
 	"testing"
 
@@ -174,5 +175,28 @@ func TestManifestDescribesTheCluster(t *testing.T) {
 	}
 	if spec.Namespaces["mesh"]["mantlet.io/mesh"] != "enabled" {
 		t.Error("SetNamespaceAnnotations changed the caller's spec")
+	}
+}
+
+func TestWriteManifestReplacesTheFileWhole(t *testing.T) {
+	tb, err := layout(SimpleSpec(1, 1, "apps"), "tbw")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tb.stateDir = t.TempDir()
+	for _, ann := range []map[string]string{nil, {"mantlet.io/mesh": "enabled"}} {
+		tb.SetNamespaceAnnotations("apps", ann)
+		path, err := tb.WriteManifest()
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := os.ReadFile(path)
+		if err != nil || !bytes.Equal(got, tb.Manifest()) {
+			t.Fatalf("%s holds %q (err %v), want the current manifest", path, got, err)
+		}
+	}
+	entries, _ := os.ReadDir(tb.stateDir)
+	if len(entries) != 1 || entries[0].Name() != "tbw.yaml" {
+		t.Errorf("state directory holds %v, want only tbw.yaml", entries)
 	}
 }
