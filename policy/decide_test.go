@@ -374,3 +374,49 @@ func TestReasonStrings(t *testing.T) {
 		t.Errorf("out-of-range reason: %q", got)
 	}
 }
+
+// TestDecideDuringUpdates runs decisions while policy sets and snapshots
+// are replaced (run with -race): every verdict must be one of the two
+// sets', never a mix or a crash.
+func TestDecideDuringUpdates(t *testing.T) {
+	e, snap := testEngine(t, Options{}, allowCheckout)
+	sets := [][]*v1alpha1.MeshPolicy{
+		{pol(t, allowCheckout)},
+		{pol(t, `shop/deny {action: DENY, rules: [{}]}`)},
+	}
+	in := input(t, snap, "shop/checkout@10.0.1.2", "payments:8443")
+	done := make(chan struct{})
+	errs := make(chan string, 1)
+	go func() {
+		defer close(done)
+		for range 20000 {
+			switch got := verdict(e.Decide(in)); got {
+			case "allowed-by-policy shop/pay-allow#0", "denied-by-policy shop/deny#0":
+			default:
+				errs <- got
+				return
+			}
+		}
+	}()
+	for i := 0; ; i++ {
+		select {
+		case <-done:
+			select {
+			case got := <-errs:
+				t.Fatalf("a decision during updates was %q", got)
+			default:
+			}
+			return
+		default:
+		}
+		if err := e.Update(sets[i%2]); err != nil {
+			t.Fatal(err)
+		}
+		if i%3 == 0 {
+			e.SetWorkloads(snap)
+		}
+		if i%5 == 0 {
+			e.SetWorkloads(nil)
+		}
+	}
+}

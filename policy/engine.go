@@ -99,8 +99,11 @@ func (e *Engine) Update(policies []*v1alpha1.MeshPolicy) error {
 // SetWorkloads gives the engine the current workloads, so that decisions
 // about them use a precomputed index. Decisions about a workload the
 // engine has not seen (or whose labels changed) are still correct, only
-// slower and allocating.
+// slower and allocating. A nil snapshot is an empty one.
 func (e *Engine) SetWorkloads(s *workload.Snapshot) {
+	if s == nil {
+		s = workload.Empty()
+	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	e.snap = s
