@@ -127,8 +127,10 @@ func (c Config) Validate() error {
 	switch {
 	case c.PinDir == "" || !filepath.IsAbs(c.PinDir) || filepath.Clean(c.PinDir) != c.PinDir || c.PinDir == "/":
 		return fmt.Errorf("bpf: config: PinDir %q must be a clean absolute path below a bpf filesystem", c.PinDir)
-	case strings.ContainsAny(filepath.Base(c.PinDir), "._"):
-		return fmt.Errorf("bpf: config: the last element of PinDir %q must not contain '.' (bpffs refuses it) or '_'", c.PinDir)
+	case strings.Contains(filepath.Base(c.PinDir), "."):
+		return fmt.Errorf("bpf: config: the last element of PinDir %q must not contain '.' (bpffs refuses it)", c.PinDir)
+	case strings.HasPrefix(filepath.Base(c.PinDir), "_"):
+		return fmt.Errorf("bpf: config: the last element of PinDir %q must not start with '_' (reserved for staging)", c.PinDir)
 	case c.RedirectMark == 0 || c.MarkMask == 0:
 		return fmt.Errorf("bpf: config: RedirectMark %#x and MarkMask %#x must be non-zero", c.RedirectMark, c.MarkMask)
 	case c.RedirectMark&^c.MarkMask != 0:

@@ -894,9 +894,10 @@ func (d *Datapath) checkOpen() error {
 }
 
 // EnrollPod starts capturing the pod's traffic: it fills the maps (the
-// pod's addresses, STRICT) and attaches the tc programs to the host side
-// of its veth. Enrolling again updates addresses and STRICT; it never
-// attaches twice.
+// pod's addresses for anti-spoofing and as local pods for the uplink
+// program, STRICT) and attaches the tc programs to the host side of its
+// veth. Enrolling again updates addresses and STRICT; it never attaches
+// twice.
 func (d *Datapath) EnrollPod(p Pod) error {
 	ips := ipv4Only(p.IPs)
 	if len(ips) == 0 {
@@ -953,7 +954,8 @@ func ifDesc(idx int, name string) string {
 	return strconv.Quote(name)
 }
 
-// syncPodIPs makes the entries of ifindex in pod_ips equal to want.
+// syncPodIPs makes the entries of ifindex in pod_ips equal to want, and
+// keeps local_pods (the uplink program's view) in step.
 func (d *Datapath) syncPodIPs(ifindex int, want map[mantletPodIpKey]bool) error {
 	var (
 		k     mantletPodIpKey
@@ -973,10 +975,16 @@ func (d *Datapath) syncPodIPs(ifindex int, want map[mantletPodIpKey]bool) error 
 		if err := d.objs.PodIps.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			return fmt.Errorf("bpf: delete pod address: %w", err)
 		}
+		if err := d.objs.LocalPods.Delete(k.Addr); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("bpf: delete local pod address: %w", err)
+		}
 	}
 	for k := range want {
 		if err := d.objs.PodIps.Put(k, uint8(1)); err != nil {
 			return fmt.Errorf("bpf: add pod address: %w", err)
+		}
+		if err := d.objs.LocalPods.Put(k.Addr, uint8(1)); err != nil {
+			return fmt.Errorf("bpf: add local pod address: %w", err)
 		}
 	}
 	return nil
@@ -1015,7 +1023,9 @@ func (d *Datapath) unenrollLocked(ifindex int) error {
 }
 
 // SetLocalPod tells the uplink program whether ip belongs to a local
-// enrolled pod (HBONE to it is captured).
+// enrolled pod (HBONE to it is captured). EnrollPod and UnenrollPod keep
+// the enrolled pods' addresses in step already; this is for addresses
+// managed otherwise.
 func (d *Datapath) SetLocalPod(ip netip.Addr, on bool) error {
 	ip = ip.Unmap()
 	if !ip.Is4() {

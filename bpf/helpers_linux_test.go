@@ -118,7 +118,13 @@ func testPinDir(t testing.TB) string {
 	t.Helper()
 	var b [4]byte
 	_, _ = rand.Read(b[:])
-	name := strings.NewReplacer("/", "_", " ", "_").Replace(t.Name())
+	name := strings.Map(func(r rune) rune {
+		if r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' {
+			return r
+		}
+		return '-'
+	}, t.Name())
+	name = name[:min(len(name), 100)]
 	dir := filepath.Join(testPinRoot, name+"-"+hex.EncodeToString(b[:]))
 	t.Cleanup(func() {
 		if err := Cleanup(context.Background(), dir); err != nil {
