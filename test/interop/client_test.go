@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"net"
 	"net/netip"
 	"testing"
 	"time"
@@ -11,6 +12,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
+	"github.com/mantlet/mantlet/ztunnel"
 	"github.com/mantlet/mantlet/ztunnel/hbone"
 )
 
@@ -132,3 +134,60 @@ func TestOurClientRefusesIstioServerWithAnotherIdentity(t *testing.T) {
 type eofReader struct{}
 
 func (eofReader) Read([]byte) (int, error) { return 0, io.EOF }
+
+// TestOurZtunnelTunnelsThroughIstioServer: a pod's connection captured by
+// our ztunnel (outbound) crosses to Istio's HBONE server standing in for
+// the destination node: our ztunnel presents the source pod's SVID,
+// accepts Istio's server because it presents the destination pod's SVID,
+// sends the pod's ip:port as :authority and the client pod's address in
+// Forwarded; bytes and half-close make it through both ways.
+func TestOurZtunnelTunnelsThroughIstioServer(t *testing.T) {
+	p := newPKI(t)
+	target, targetPeers := echoServer(t, netip.AddrPortFrom(ipCheckout, 0).String())
+	proxy, seen := p.istioServer(t, "127.0.0.1:0", p.svid(t, "shop", "checkout"))
+	z := p.ztunnel(t, ztunnelOpts{node: "node-a", outboundTo: target, hboneAddr: proxy})
+
+	// The frontend pod connects; the capture hands the connection to the
+	// ztunnel with target as its original destination.
+	d := net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(ipFrontend, 0))}
+	c, err := d.Dial("tcp4", z.outbound.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	pod := c.LocalAddr().(*net.TCPAddr).AddrPort()
+	payload := pattern(1 << 20)
+	exchange(t, c, payload)
+	if err := c.(*net.TCPConn).CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := c.Read(make([]byte, 1)); err != io.EOF {
+		t.Fatalf("after half-closing, the pod read %d bytes, %v; want EOF passed back through Istio's server", n, err)
+	}
+
+	s := <-seen
+	want := connectSeen{
+		Authority: target.String(),
+		Proto:     "HTTP/2.0",
+		Forwarded: `for="` + pod.String() + `"`,
+		PeerID:    idFrontend,
+		PeerAddr:  s.PeerAddr,
+	}
+	if s != want {
+		t.Errorf("istio's server saw\n %+v\nwant\n %+v", s, want)
+	}
+	select {
+	case <-targetPeers:
+	case <-time.After(5 * time.Second):
+		t.Fatal("istio's server never dialed the target")
+	}
+	select {
+	case r := <-z.flows:
+		if r.Flag != ztunnel.FlagNone || r.Direction != ztunnel.Outbound || r.Path != ztunnel.PathHBONE ||
+			r.SrcID != idFrontend || r.DstID != idCheckout || r.Sent != int64(len(payload)) || r.Received != int64(len(payload)) {
+			t.Errorf("flow record %+v; want an outbound hbone flow %s -> %s of %d bytes both ways", r, idFrontend, idCheckout, len(payload))
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("our ztunnel never ended the flow")
+	}
+}
