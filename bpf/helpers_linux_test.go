@@ -6,7 +6,6 @@ import (
 	"encoding/binary"
 	"encoding/hex"
 	"fmt"
-	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -279,30 +278,8 @@ func (p packet) bytes() []byte {
 
 func ap(a netip.Addr, port uint16) netip.AddrPort { return netip.AddrPortFrom(a, port) }
 
-// cookieOf returns SO_COOKIE of l.
-func cookieOf(t testing.TB, l net.Listener) uint64 {
-	t.Helper()
-	rc, err := l.(*net.TCPListener).SyscallConn()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var cookie uint64
-	var serr error
-	if err := rc.Control(func(fd uintptr) {
-		var v uint64
-		v, serr = unix.GetsockoptUint64(int(fd), unix.SOL_SOCKET, unix.SO_COOKIE)
-		cookie = v
-	}); err != nil {
-		t.Fatal(err)
-	}
-	if serr != nil {
-		t.Fatalf("SO_COOKIE: %v", serr)
-	}
-	return cookie
-}
-
 // requireRoot is privtest.Require, kept short for the tables.
-func requireRoot(t *testing.T) { t.Helper(); privtest.Require(t) }
+func requireRoot(t testing.TB) { t.Helper(); privtest.Require(t) }
 
 // diff returns the fields of b-a that are not zero, as "name+n" strings.
 func (c Counters) diff(before Counters) string {

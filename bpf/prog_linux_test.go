@@ -29,7 +29,7 @@ type progFixture struct {
 	cfg         Config
 }
 
-func newProgFixture(t *testing.T, edit func(*Config)) *progFixture {
+func newProgFixture(t testing.TB, edit func(*Config)) *progFixture {
 	t.Helper()
 	requireRoot(t)
 	f := &progFixture{ns: newNS(t)}
@@ -59,7 +59,7 @@ func newProgFixture(t *testing.T, edit func(*Config)) *progFixture {
 	return f
 }
 
-func (f *progFixture) counters(t *testing.T) Counters {
+func (f *progFixture) counters(t testing.TB) Counters {
 	t.Helper()
 	c, err := f.d.Counters()
 	if err != nil {
@@ -262,5 +262,37 @@ func TestUplinkIngressInboundPlainHook(t *testing.T) {
 	}
 	if got := f.counters(t).diff(before); got != "uplink_redirected+1" {
 		t.Errorf("counters changed by %q", got)
+	}
+}
+
+// BenchmarkPrograms measures the cost per packet of the tc programs in
+// the kernel (BPF_PROG_TEST_RUN repeating one packet b.N times).
+func BenchmarkPrograms(b *testing.B) {
+	f := newProgFixture(b, nil)
+	benches := []struct {
+		name string
+		prog *ebpf.Program
+		ifx  int
+		pkt  packet
+	}{
+		{"pod_ingress/SYN captured", f.d.objs.PodIngress, f.pod, packet{src: ap(podIP, 40000), dst: ap(remotePod, 8080), flags: tcpSYN}},
+		{"pod_ingress/ACK of a forwarded flow", f.d.objs.PodIngress, f.pod, packet{src: ap(podIP, 40000), dst: ap(remotePod, 8080), flags: tcpACK}},
+		{"pod_ingress/UDP", f.d.objs.PodIngress, f.pod, packet{src: ap(podIP, 5353), dst: ap(remotePod, 53), proto: unix.IPPROTO_UDP}},
+		{"pod_ingress/spoofed", f.d.objs.PodIngress, f.pod, packet{src: ap(otherPodIP, 40000), dst: ap(remotePod, 8080), flags: tcpSYN}},
+		{"pod_egress/STRICT drop", f.d.objs.PodEgress, f.pod, packet{src: ap(remotePod, 40000), dst: ap(podIP, 80), flags: tcpSYN}},
+		{"pod_egress/ACK", f.d.objs.PodEgress, f.pod, packet{src: ap(remotePod, 40000), dst: ap(podIP, 80), flags: tcpACK}},
+		{"uplink_ingress/HBONE SYN", f.d.objs.UplinkIngress, f.uplink, packet{src: ap(remotePod, 40000), dst: ap(podIP, 15008), flags: tcpSYN}},
+		{"uplink_ingress/not a local pod", f.d.objs.UplinkIngress, f.uplink, packet{src: ap(remotePod, 40000), dst: ap(otherPodIP, 80), flags: tcpACK}},
+	}
+	for _, bb := range benches {
+		b.Run(bb.name, func(b *testing.B) {
+			enter(b, f.ns)
+			data := bb.pkt.bytes()
+			var out skbCtx
+			b.ResetTimer()
+			if _, err := bb.prog.Run(&ebpf.RunOptions{Data: data, Context: skbCtx{Ifindex: uint32(bb.ifx)}, ContextOut: &out, Repeat: uint32(b.N)}); err != nil {
+				b.Fatal(err)
+			}
+		})
 	}
 }
