@@ -158,18 +158,16 @@ func Streams(pkts []Packet) []Stream {
 		}
 		key := [2]netip.AddrPort{p.Src, p.Dst}
 		f := flows[key]
-		if f == nil {
+		syn := p.Flags.Has(SYN)
+		// A SYN with another initial sequence number on a known tuple is a
+		// new connection reusing it: it gets a stream of its own.
+		if f == nil || syn && f.base != p.Seq+1 {
 			f = &flow{src: p.Src, dst: p.Dst, base: p.Seq}
-			if p.Flags.Has(SYN) {
+			if syn {
 				f.base++
 			}
 			flows[key] = f
 			order = append(order, f)
-		}
-		if p.Flags.Has(SYN) {
-			// A SYN seen late (or again, for a reused tuple) restarts
-			// the numbering.
-			f.base, f.segs = p.Seq+1, nil
 		}
 		if len(p.Payload) > 0 {
 			f.segs = append(f.segs, seg{off: int64(int32(p.Seq - f.base)), data: p.Payload})

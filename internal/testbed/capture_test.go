@@ -100,6 +100,10 @@ func TestStreamsReassembleOutOfOrderAndRetransmittedSegments(t *testing.T) {
 	if !withHole[0].Gaps || string(withHole[0].Data) != "abyz" {
 		t.Errorf("stream with a hole = %q gaps=%v, want %q with gaps", withHole[0].Data, withHole[0].Gaps, "abyz")
 	}
+	reused := Streams([]Packet{seg(a, b, 100, SYN, ""), seg(a, b, 101, ACK, "first"), seg(a, b, 100, SYN, ""), seg(a, b, 9000, SYN, ""), seg(a, b, 9001, ACK, "second")})
+	if len(reused) != 2 || string(reused[0].Data) != "first" || string(reused[1].Data) != "second" {
+		t.Errorf("a reused tuple gave streams %+v, want %q then %q", reused, "first", "second")
+	}
 	for _, tt := range []struct {
 		marker string
 		want   bool
