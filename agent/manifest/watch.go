@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 	"time"
 
 	"github.com/fsnotify/fsnotify"
@@ -49,6 +50,14 @@ type Watcher struct {
 	stat    os.FileInfo // of the content last read
 	sum     [sha256.Size]byte
 	missing bool // the file was unreadable at the last check, and that was logged
+
+	applied, rejected atomic.Uint64
+}
+
+// Reloads counts the changed versions of the file that were applied and
+// those that were rejected (they did not parse), since NewWatcher.
+func (w *Watcher) Reloads() (applied, rejected uint64) {
+	return w.applied.Load(), w.rejected.Load()
 }
 
 // NewWatcher returns a watcher of the file at path. It does nothing until
@@ -201,9 +210,11 @@ func (w *Watcher) check(apply func(*Manifest)) {
 	w.sum = sum
 	m, err := Parse(filepath.Base(w.path), data, w.opts.Options)
 	if err != nil {
+		w.rejected.Add(1)
 		w.logProblems(err)
 		return
 	}
+	w.applied.Add(1)
 	w.logWarnings(m)
 	w.log.Info("config file changed; applying it", "file", w.path,
 		"workloads", len(m.Snapshot.Workloads()), "services", len(m.Snapshot.Services()), "nodes", len(m.Snapshot.Nodes()))

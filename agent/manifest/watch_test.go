@@ -37,6 +37,7 @@ func clusterWith(n int) string {
 }
 
 type watchRig struct {
+	w       *Watcher
 	path    string
 	logs    *syncBuffer
 	applied chan *Manifest
@@ -51,6 +52,7 @@ func startWatcher(t *testing.T, poll time.Duration, notify bool) *watchRig {
 	r.write(t, clusterWith(1))
 	w := NewWatcher(r.path, slog.New(slog.NewTextHandler(r.logs, nil)), WatchOptions{Debounce: 20 * time.Millisecond, Poll: poll})
 	w.notify = notify
+	r.w = w
 	m, err := w.Load()
 	if err != nil {
 		t.Fatal(err)
@@ -147,6 +149,9 @@ func TestWatcherAppliesEditsAndKeepsTheLastGoodOnBadOnes(t *testing.T) {
 
 	r.renameInto(t, clusterWith(4))
 	r.wantApplied(t, "198.19.1.4")
+	if applied, rejected := r.w.Reloads(); applied != 3 || rejected != 1 {
+		t.Errorf("Reloads() = %d applied, %d rejected; want 3 and 1", applied, rejected)
+	}
 }
 
 func TestWatcherSurvivesTheFileDisappearing(t *testing.T) {

@@ -1,0 +1,121 @@
+package agent
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/mantlet/mantlet/bpf"
+)
+
+// DatapathCounters reads the data path's counters; *bpf.Datapath
+// implements it.
+type DatapathCounters interface {
+	Counters() (bpf.Counters, error)
+}
+
+// ConfigReloads counts reloads of the workload source; *manifest.Watcher
+// implements it.
+type ConfigReloads interface {
+	Reloads() (applied, rejected uint64)
+}
+
+// Collector exports the agent's state, the data path's counters and the
+// ztunnel's refusals to Prometheus under mantlet_ names.
+type Collector struct {
+	agent      *Agent
+	reloads    ConfigReloads
+	datapath   DatapathCounters
+	rejections func() map[string]uint64
+
+	ready, pods, reloadsDesc, events, refused *prometheus.Desc
+}
+
+// NewCollector returns a collector over a; reloads, datapath and
+// rejections (response flag → count, from the ztunnel) may be nil.
+func NewCollector(a *Agent, reloads ConfigReloads, datapath DatapathCounters, rejections func() map[string]uint64) *Collector {
+	return &Collector{
+		agent: a, reloads: reloads, datapath: datapath, rejections: rejections,
+		ready: prometheus.NewDesc("mantlet_agent_ready",
+			"1 when the node can carry captured traffic (the readiness probe answers 200).", nil, nil),
+		pods: prometheus.NewDesc("mantlet_agent_pods",
+			"Local meshed pods by state: enrolled, or pending (not enrolled yet, retried).", []string{"state"}, nil),
+		reloadsDesc: prometheus.NewDesc("mantlet_config_reloads_total",
+			"Changed versions of the cluster file, applied or rejected (the last good one stays in force).", []string{"result"}, nil),
+		events: prometheus.NewDesc("mantlet_datapath_packets_total",
+			"Packets and connections the eBPF programs handled, by event.", []string{"event"}, nil),
+		refused: prometheus.NewDesc("mantlet_ztunnel_refused_connections_total",
+			"Connections the ztunnel refused or ended badly, by reason.", []string{"response_flags"}, nil),
+	}
+}
+
+// Describe implements prometheus.Collector.
+func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- c.ready
+	ch <- c.pods
+	if c.reloads != nil {
+		ch <- c.reloadsDesc
+	}
+	if c.datapath != nil {
+		ch <- c.events
+	}
+	if c.rejections != nil {
+		ch <- c.refused
+	}
+}
+
+// Collect implements prometheus.Collector.
+func (c *Collector) Collect(ch chan<- prometheus.Metric) {
+	ready, _ := c.agent.Ready()
+	ch <- prometheus.MustNewConstMetric(c.ready, prometheus.GaugeValue, boolValue(ready))
+	var enrolled, pending float64
+	for _, p := range c.agent.Pods() {
+		if p.Ifindex != 0 && p.Err == "" {
+			enrolled++
+		} else {
+			pending++
+		}
+	}
+	ch <- prometheus.MustNewConstMetric(c.pods, prometheus.GaugeValue, enrolled, "enrolled")
+	ch <- prometheus.MustNewConstMetric(c.pods, prometheus.GaugeValue, pending, "pending")
+	if c.reloads != nil {
+		applied, rejected := c.reloads.Reloads()
+		ch <- prometheus.MustNewConstMetric(c.reloadsDesc, prometheus.CounterValue, float64(applied), "applied")
+		ch <- prometheus.MustNewConstMetric(c.reloadsDesc, prometheus.CounterValue, float64(rejected), "rejected")
+	}
+	if c.datapath != nil {
+		if n, err := c.datapath.Counters(); err == nil {
+			for _, e := range []struct {
+				name string
+				v    uint64
+			}{
+				{"redirected", n.Redirected},
+				{"uplink_redirected", n.UplinkRedirected},
+				{"assigned", n.Assigned},
+				{"assign_failed", n.AssignFailed},
+				{"spoof_dropped", n.SpoofDrops},
+				{"strict_dropped", n.StrictDrops},
+				{"no_listener_dropped", n.NoListener},
+				{"excluded", n.Excluded},
+				{"lookup_outbound", n.LookupOutbound},
+				{"lookup_inbound_plaintext", n.LookupInboundPlain},
+				{"lookup_hbone", n.LookupHBONE},
+				{"lookup_failed", n.LookupFailed},
+			} {
+				ch <- prometheus.MustNewConstMetric(c.events, prometheus.CounterValue, float64(e.v), e.name)
+			}
+		} else {
+			ch <- prometheus.NewInvalidMetric(c.events, err)
+		}
+	}
+	if c.rejections != nil {
+		for flag, n := range c.rejections() {
+			ch <- prometheus.MustNewConstMetric(c.refused, prometheus.CounterValue, float64(n), flag)
+		}
+	}
+}
+
+func boolValue(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
+}

@@ -1,0 +1,92 @@
+package agent
+
+import (
+	"errors"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/mantlet/mantlet/bpf"
+	"github.com/mantlet/mantlet/internal/workload"
+)
+
+type fakeReloads struct{ applied, rejected uint64 }
+
+func (f fakeReloads) Reloads() (uint64, uint64) { return f.applied, f.rejected }
+
+type fakeCounters struct {
+	c   bpf.Counters
+	err error
+}
+
+func (f fakeCounters) Counters() (bpf.Counters, error) { return f.c, f.err }
+
+func TestCollectorExportsTheNodeState(t *testing.T) {
+	dp := newFakeDatapath()
+	links := &fakeLinks{veths: map[netip.Addr]int{netip.MustParseAddr("198.19.1.1"): 101}}
+	a, err := New(Config{Node: "node-1", Datapath: dp, Links: links, Store: workload.NewStore()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.Apply(state(t, nil, pod{"shop/a", "node-1", "198.19.1.1", "", true}, pod{"shop/b", "node-1", "198.19.1.2", "", true}))
+	a.reconcile(time.Now())
+
+	reg := prometheus.NewPedanticRegistry()
+	reg.MustRegister(NewCollector(a, fakeReloads{3, 1}, fakeCounters{c: bpf.Counters{Redirected: 7, SpoofDrops: 2}},
+		func() map[string]uint64 { return map[string]uint64{"NR": 4} }))
+	want := `
+# HELP mantlet_agent_pods Local meshed pods by state: enrolled, or pending (not enrolled yet, retried).
+# TYPE mantlet_agent_pods gauge
+mantlet_agent_pods{state="enrolled"} 1
+mantlet_agent_pods{state="pending"} 1
+# HELP mantlet_agent_ready 1 when the node can carry captured traffic (the readiness probe answers 200).
+# TYPE mantlet_agent_ready gauge
+mantlet_agent_ready 1
+# HELP mantlet_config_reloads_total Changed versions of the cluster file, applied or rejected (the last good one stays in force).
+# TYPE mantlet_config_reloads_total counter
+mantlet_config_reloads_total{result="applied"} 3
+mantlet_config_reloads_total{result="rejected"} 1
+# HELP mantlet_ztunnel_refused_connections_total Connections the ztunnel refused or ended badly, by reason.
+# TYPE mantlet_ztunnel_refused_connections_total counter
+mantlet_ztunnel_refused_connections_total{response_flags="NR"} 4
+`
+	if err := testutil.GatherAndCompare(reg, strings.NewReader(want),
+		"mantlet_agent_pods", "mantlet_agent_ready", "mantlet_config_reloads_total", "mantlet_ztunnel_refused_connections_total"); err != nil {
+		t.Fatal(err)
+	}
+	wantPackets := `
+# HELP mantlet_datapath_packets_total Packets and connections the eBPF programs handled, by event.
+# TYPE mantlet_datapath_packets_total counter
+mantlet_datapath_packets_total{event="assign_failed"} 0
+mantlet_datapath_packets_total{event="assigned"} 0
+mantlet_datapath_packets_total{event="excluded"} 0
+mantlet_datapath_packets_total{event="lookup_failed"} 0
+mantlet_datapath_packets_total{event="lookup_hbone"} 0
+mantlet_datapath_packets_total{event="lookup_inbound_plaintext"} 0
+mantlet_datapath_packets_total{event="lookup_outbound"} 0
+mantlet_datapath_packets_total{event="no_listener_dropped"} 0
+mantlet_datapath_packets_total{event="redirected"} 7
+mantlet_datapath_packets_total{event="spoof_dropped"} 2
+mantlet_datapath_packets_total{event="strict_dropped"} 0
+mantlet_datapath_packets_total{event="uplink_redirected"} 0
+`
+	if err := testutil.GatherAndCompare(reg, strings.NewReader(wantPackets), "mantlet_datapath_packets_total"); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestCollectorReportsUnreadableCounters(t *testing.T) {
+	a, err := New(Config{Node: "node-1", Datapath: newFakeDatapath(), Links: &fakeLinks{}, Store: workload.NewStore()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	reg := prometheus.NewPedanticRegistry()
+	reg.MustRegister(NewCollector(a, nil, fakeCounters{err: errors.New("map gone")}, nil))
+	if _, err := reg.Gather(); err == nil || !strings.Contains(err.Error(), "map gone") {
+		t.Fatalf("Gather error = %v, want the counters' error", err)
+	}
+}

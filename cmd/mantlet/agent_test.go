@@ -1,0 +1,83 @@
+package main
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/mantlet/mantlet/identity/ca"
+)
+
+// agentFixture makes a CA directory and a cluster file with content.
+func agentFixture(t *testing.T, content string) (caDir, config string) {
+	t.Helper()
+	dir := t.TempDir()
+	caDir = filepath.Join(dir, "ca")
+	if _, err := ca.Init(caDir, spiffeid.RequireTrustDomainFromString("example.org"), ca.Options{}); err != nil {
+		t.Fatal(err)
+	}
+	config = filepath.Join(dir, "cluster.yaml")
+	if err := os.WriteFile(config, []byte(content), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return caDir, config
+}
+
+const goodCluster = `{apiVersion: v1, kind: Node, metadata: {name: node-1}, status: {addresses: [{type: InternalIP, address: 198.18.0.1}]}}
+`
+
+func TestAgentCommandRefusesBadInvocations(t *testing.T) {
+	caDir, config := agentFixture(t, goodCluster)
+	_, badConfig := agentFixture(t, "{apiVersion: v1, kind: Pod, metadata: {name: a}, spec: {nodeName: node-1}, status: {podIP: 198.19.1.300, hostIP: 198.18.0.1}}\n")
+	for _, tc := range []struct {
+		name string
+		args []string
+		code int
+		want string
+	}{
+		{"no node name", []string{"--config", config, "--ca-dir", caDir}, 2, "mantlet agent: --node-name is required"},
+		{"no config", []string{"--node-name", "node-1", "--ca-dir", caDir}, 2, "mantlet agent: --config is required"},
+		{"no CA", []string{"--node-name", "node-1", "--config", config}, 2, "mantlet agent: --ca-dir is required"},
+		{"an unknown mTLS mode", []string{"--node-name", "node-1", "--config", config, "--ca-dir", caDir, "--mtls-mode", "STRICTEST"}, 2,
+			`mantlet agent: --mtls-mode: mTLS mode "STRICTEST": want STRICT or PERMISSIVE`},
+		{"a bad log format", []string{"--node-name", "node-1", "--config", config, "--ca-dir", caDir, "--log-format", "xml"}, 2,
+			`mantlet agent: --log-format "xml": want text or json`},
+		{"a cluster file with an error", []string{"--node-name", "node-1", "--config", badConfig, "--ca-dir", caDir}, 1,
+			`mantlet agent: cluster.yaml: document 1 (Pod default/a): status.podIP "198.19.1.300": not an IP address`},
+		{"a missing cluster file", []string{"--node-name", "node-1", "--config", config + ".missing", "--ca-dir", caDir}, 1,
+			"mantlet agent: manifest: open " + config + ".missing: no such file or directory"},
+		{"a trust domain the CA does not serve", []string{"--node-name", "node-1", "--config", config, "--ca-dir", caDir, "--trust-domain", "cluster.local"}, 1,
+			"mantlet agent: --trust-domain cluster.local: the CA in " + caDir + " is for trust domain example.org"},
+		{"a CA directory without a CA", []string{"--node-name", "node-1", "--config", config, "--ca-dir", t.TempDir()}, 1,
+			"no CA here (run 'mantlet ca init')"},
+		{"a bad excluded CIDR", []string{"--node-name", "node-1", "--config", config, "--ca-dir", caDir, "--exclude-cidr", "10.0.0.0/40"}, 1,
+			`mantlet agent: --exclude-cidr "10.0.0.0/40": want a prefix like 10.96.0.0/12`},
+		{"a bad excluded port", []string{"--node-name", "node-1", "--config", config, "--ca-dir", caDir, "--exclude-port", "22,0"}, 1,
+			`mantlet agent: --exclude-port "0": want a port from 1 to 65535`},
+		{"a bad log level", []string{"--node-name", "node-1", "--config", config, "--ca-dir", caDir, "--log-level", "loud"}, 1,
+			`mantlet agent: --log-level "loud": want debug, info, warn or error`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e, _, errb := testEnv()
+			code := run(context.Background(), e, append([]string{"agent"}, tc.args...))
+			if code != tc.code || !strings.Contains(errb.String(), tc.want) {
+				t.Fatalf("exit %d, stderr:\n%s\nwant exit %d and %q", code, errb, tc.code, tc.want)
+			}
+		})
+	}
+}
+
+func TestAgentCleanupOfANodeWithoutPinsSucceeds(t *testing.T) {
+	e, _, errb := testEnv()
+	pins := filepath.Join(t.TempDir(), "node-1")
+	if code := run(context.Background(), e, []string{"agent", "--cleanup", "--node-name", "node-1", "--pin-dir", pins}); code != 0 {
+		t.Fatalf("exit %d, stderr:\n%s", code, errb)
+	}
+	if !strings.Contains(errb.String(), "cleaned up") {
+		t.Fatalf("stderr does not say it cleaned up:\n%s", errb)
+	}
+}
