@@ -5,6 +5,7 @@ package testbed
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -549,5 +550,70 @@ func TestDoRunsInTheNamespaceAndComesBack(t *testing.T) {
 	out, err := tb.Node("node1").Command(context.Background(), "cat", "/proc/sys/net/ipv4/ip_forward").Output()
 	if err != nil || strings.TrimSpace(string(out)) != "1" {
 		t.Errorf("ip_forward in node = %q, %v; want 1", out, err)
+	}
+}
+
+func TestCaptureShowsTLS13ButNeitherCertificateNorPayload(t *testing.T) {
+	tb := newTestbed(t, SimpleSpec(2, 1, "default"))
+	client, server := tb.Pod("pod-1-1"), tb.Pod("pod-2-1")
+	marker := "tls-marker-" + tb.Prefix()
+	l, err := server.Listen(context.Background(), "tcp", ":15008")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	srvConf := &tls.Config{Certificates: []tls.Certificate{selfSigned(t)}, NextProtos: []string{"h2"}, MinVersion: tls.VersionTLS13}
+	got := make(chan string, 1)
+	go func() {
+		c, err := l.Accept()
+		if err != nil {
+			got <- err.Error()
+			return
+		}
+		defer c.Close()
+		b, _ := io.ReadAll(tls.Server(c, srvConf))
+		got <- string(b)
+	}()
+
+	capture, err := tb.Capture(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	raw, err := client.Dial(context.Background(), "tcp", netip.AddrPortFrom(server.IP, 15008).String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := tls.Client(raw, &tls.Config{InsecureSkipVerify: true, NextProtos: []string{"h2"}})
+	if _, err := io.WriteString(c, marker); err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	if s := <-got; s != marker {
+		t.Fatalf("server received %q", s)
+	}
+	pkts, err := capture.Stop()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if Contains(pkts, []byte(marker)) {
+		t.Error("the marker crossed the underlay in clear inside TLS")
+	}
+	var hellos []*TLSHello
+	for _, s := range Streams(pkts) {
+		if s.Src.Port() != 15008 && s.Dst.Port() != 15008 {
+			t.Errorf("stream %s -> %s is not HBONE-shaped", s.Src, s.Dst)
+		}
+		h, err := ParseTLSHello(s.Data)
+		if err != nil {
+			t.Errorf("stream %s -> %s: %v", s.Src, s.Dst, err)
+			continue
+		}
+		hellos = append(hellos, h)
+	}
+	if len(hellos) != 2 || hellos[0].Type != TLSClientHello || hellos[1].Type != TLSServerHello {
+		t.Fatalf("hellos = %+v, want a client and a server hello", hellos)
+	}
+	if v := hellos[1].Version(); v != VersionTLS13 || hellos[1].PlaintextCertificate || hellos[0].ServerName != "" {
+		t.Errorf("server hello version %#x, certificate in clear %v, client SNI %q; want TLS 1.3, no, none", v, hellos[1].PlaintextCertificate, hellos[0].ServerName)
 	}
 }
