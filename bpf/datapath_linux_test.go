@@ -743,3 +743,37 @@ func TestSetListenerRefusals(t *testing.T) {
 		t.Errorf("Ready() without listeners")
 	}
 }
+
+// TestTimeWaitReuse: a pod reconnecting from the same port while the
+// ztunnel's side of the previous connection waits in TIME_WAIT gets the
+// outbound listener at once (the SYN goes to the TIME_WAIT socket, which
+// hands it to the listener lookup), with no retransmission stall.
+func TestTimeWaitReuse(t *testing.T) {
+	tb := newTestbed(t, false)
+	from := &net.TCPAddr{IP: podIP.AsSlice(), Port: 40123}
+	before := tb.counters(t)
+	for i := range 3 {
+		start := time.Now()
+		client, err := dialFrom(t, tb.pod, net.Dialer{Timeout: 900 * time.Millisecond, LocalAddr: from}, ap(realDst, 8080))
+		if err != nil {
+			t.Fatalf("connection %d from port %d: %v", i, from.Port, err)
+		}
+		server := accept(t, tb.outbound)
+		exchange(t, client, server)
+		// The ztunnel's side closes first and goes to TIME_WAIT.
+		server.Close()
+		_ = client.SetReadDeadline(time.Now().Add(3 * time.Second))
+		if _, err := client.Read(make([]byte, 1)); err != io.EOF {
+			t.Fatalf("connection %d: read after the server closed: %v, want EOF", i, err)
+		}
+		client.Close()
+		if d := time.Since(start); d > 500*time.Millisecond {
+			t.Errorf("connection %d took %v", i, d)
+		}
+	}
+	// Only the first SYN was marked as new; the others were assigned to
+	// the TIME_WAIT socket, and all three reached the listener.
+	if c := tb.counters(t); c.Redirected-before.Redirected != 1 || c.LookupOutbound-before.LookupOutbound != 3 {
+		t.Errorf("counters changed by %q, want redirected+1 lookup_outbound+3", c.diff(before))
+	}
+}
