@@ -397,6 +397,9 @@ func layout(spec Spec, prefix string) (*Testbed, error) {
 	return tb, nil
 }
 
+// bridgePort names node i's port on the underlay bridge.
+func bridgePort(i int) string { return fmt.Sprintf("port%d", i+1) }
+
 func checkName(what, name string) error {
 	if errs := validation.IsDNS1123Label(name); len(errs) > 0 {
 		return fmt.Errorf("testbed: %s name %q: %s", what, name, strings.Join(errs, "; "))

@@ -369,9 +369,6 @@ func (b *builder) uplink(i int, n *Node, br *netlink.Bridge) error {
 	return nil
 }
 
-// bridgePort names node i's port on the underlay bridge.
-func bridgePort(i int) string { return fmt.Sprintf("port%d", i+1) }
-
 // pod joins pod p to node n the way a routed CNI does: host veth in the
 // node with a /32 route to the pod, eth0 in the pod with a /32 address and a
 // default route via a link-local gateway answered by a permanent neighbour
