@@ -147,7 +147,8 @@ func printTestbed(w io.Writer, tb *testbed.Testbed, manifest string, foreground 
 	if pods := tb.Pods(); len(pods) > 0 {
 		fmt.Fprintf(w, "Enter a pod:      nsenter --net=%s bash\n", pods[0].NS)
 	}
-	fmt.Fprintf(w, "Run an agent:     nsenter --net=%s mantlet agent --node-name %s --config %s --ca-dir DIR\n", n1.NS, n1.Name, manifest)
+	fmt.Fprintf(w, "Run an agent:     nsenter --net=%s mantlet agent --node-name %s --config %s --ca-dir DIR --pin-dir /sys/fs/bpf/mantlet/%s-%s\n",
+		n1.NS, n1.Name, manifest, tb.Prefix(), n1.Name)
 	fmt.Fprintf(w, "Watch the wire:   nsenter --net=%s tcpdump -ni any  (frames cross the bridge ports, not %s)\n", tb.Underlay(), testbed.BridgeName)
 	if foreground {
 		fmt.Fprintln(w, "Press Ctrl-C to remove the testbed.")
