@@ -280,9 +280,16 @@ func (p *parser) pod(loc Location, pod *corev1.Pod, namespaces map[string]namesp
 			ok = false
 		}
 	default:
-		if pod.Status.PodIP != "" && pod.Status.PodIP != pod.Status.PodIPs[0].IP {
-			p.errorf(loc, "status.podIPs[0].ip", pod.Status.PodIPs[0].IP, "must equal status.podIP %q", pod.Status.PodIP)
-			ok = false
+		if pod.Status.PodIP != "" {
+			if _, good := p.parseIP(loc, "status.podIP", pod.Status.PodIP); !good {
+				ok = false
+				break
+			}
+			if pod.Status.PodIP != pod.Status.PodIPs[0].IP {
+				p.errorf(loc, "status.podIPs[0].ip", pod.Status.PodIPs[0].IP, "must equal status.podIP %q", pod.Status.PodIP)
+				ok = false
+				break
+			}
 		}
 		for i, a := range pod.Status.PodIPs {
 			ip, good := p.parseIP(loc, fmt.Sprintf("status.podIPs[%d].ip", i), a.IP)
