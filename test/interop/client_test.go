@@ -2,6 +2,7 @@ package interop
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"io"
 	"net"
@@ -36,8 +37,8 @@ func (p *pki) newPool(t *testing.T, svid *x509svid.SVID) *hbone.Pool {
 // CONNECT streams through Istio's HBONE server, which dials the target.
 // Bytes arrive intact both ways, half-close travels through Istio's server
 // to the target and back, Istio's server sees our client's SVID, the
-// target as :authority and our Forwarded header, and several streams share
-// one TLS connection.
+// target as :authority and our Forwarded header over TLS 1.3 with ALPN h2
+// and no SNI, and several streams share one TLS connection.
 func TestOurClientTunnelsThroughIstioServer(t *testing.T) {
 	p := newPKI(t)
 	client := p.svid(t, "default", "client")
@@ -81,11 +82,13 @@ func TestOurClientTunnelsThroughIstioServer(t *testing.T) {
 
 		s := <-seen
 		want := connectSeen{
-			Authority: target.String(),
-			Proto:     "HTTP/2.0",
-			Forwarded: `for="198.19.1.7:40123"`,
-			PeerID:    client.ID,
-			PeerAddr:  s.PeerAddr,
+			Authority:  target.String(),
+			Proto:      "HTTP/2.0",
+			Forwarded:  `for="198.19.1.7:40123"`,
+			PeerID:     client.ID,
+			PeerAddr:   s.PeerAddr,
+			ALPN:       "h2",
+			TLSVersion: tls.VersionTLS13,
 		}
 		if s != want {
 			t.Errorf("stream %d: istio's server saw\n %+v\nwant\n %+v", i, s, want)
@@ -167,11 +170,13 @@ func TestOurZtunnelTunnelsThroughIstioServer(t *testing.T) {
 
 	s := <-seen
 	want := connectSeen{
-		Authority: target.String(),
-		Proto:     "HTTP/2.0",
-		Forwarded: `for="` + pod.String() + `"`,
-		PeerID:    idFrontend,
-		PeerAddr:  s.PeerAddr,
+		Authority:  target.String(),
+		Proto:      "HTTP/2.0",
+		Forwarded:  `for="` + pod.String() + `"`,
+		PeerID:     idFrontend,
+		PeerAddr:   s.PeerAddr,
+		ALPN:       "h2",
+		TLSVersion: tls.VersionTLS13,
 	}
 	if s != want {
 		t.Errorf("istio's server saw\n %+v\nwant\n %+v", s, want)
@@ -190,4 +195,47 @@ func TestOurZtunnelTunnelsThroughIstioServer(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("our ztunnel never ended the flow")
 	}
+}
+
+// TestOurClientWhenIstioServerCannotReachTarget: Istio's Go server sends
+// its 200 before it dials the target (it flushes the response headers
+// first), so a refused target cannot show up as 503. Our client must
+// still end the stream promptly, without data, instead of hanging.
+func TestOurClientWhenIstioServerCannotReachTarget(t *testing.T) {
+	p := newPKI(t)
+	client := p.svid(t, "default", "client")
+	server := p.svid(t, "default", "server")
+	proxy, _ := p.istioServer(t, "127.0.0.1:0", server)
+	pool := p.newPool(t, client)
+	closed := listen(t, "127.0.0.1:0")
+	target := closed.Addr().(*net.TCPAddr).AddrPort()
+	closed.Close()
+
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	// The pod sends nothing and keeps its side open.
+	body, send := io.Pipe()
+	cs, err := pool.Connect(ctx, &hbone.Request{
+		Key:    hbone.Key{Src: client.ID, Dst: server.ID, DstIP: proxy.Addr()},
+		Addr:   proxy,
+		Target: target,
+		Body:   body,
+	})
+	if err != nil {
+		send.Close()
+		t.Logf("connect: %v (Istio's server refused up front)", err)
+		return
+	}
+	// ClientStream.Close waits for the request body to finish, so the
+	// pod's side is closed first (as the ztunnel's splice does).
+	defer cs.Close()
+	defer send.Close()
+	got, err := io.ReadAll(cs)
+	if ctx.Err() != nil {
+		t.Fatalf("the stream to an unreachable target stayed open for 5s (read %d bytes, %v)", len(got), err)
+	}
+	if len(got) != 0 {
+		t.Fatalf("read %d bytes from a target that does not exist", len(got))
+	}
+	t.Logf("Istio's server answered 200, then ended the stream: %v", err)
 }

@@ -134,6 +134,11 @@ type connectSeen struct {
 	Forwarded string
 	PeerID    spiffeid.ID
 	PeerAddr  string
+	// SNI is the server name the client sent ("" for none), ALPN the
+	// negotiated protocol, TLSVersion the negotiated version.
+	SNI        string
+	ALPN       string
+	TLSVersion uint16
 }
 
 // istioServer runs Istio's HBONE server (pkg/hbone.NewServer) behind a
@@ -162,9 +167,11 @@ func (p *pki) istioServer(t *testing.T, addr string, svid *x509svid.SVID) (netip
 	srv.Handler = http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		tc := r.Context().Value(tlsConnKey{}).(*tls.Conn)
 		s := connectSeen{Authority: r.Host, Proto: r.Proto, Forwarded: r.Header.Get("Forwarded"), PeerAddr: r.RemoteAddr}
-		if st := tc.ConnectionState(); len(st.PeerCertificates) > 0 {
+		st := tc.ConnectionState()
+		if len(st.PeerCertificates) > 0 {
 			s.PeerID, _ = x509svid.IDFromCert(st.PeerCertificates[0])
 		}
+		s.SNI, s.ALPN, s.TLSVersion = st.ServerName, st.NegotiatedProtocol, st.Version
 		select {
 		case seen <- s:
 		default:
