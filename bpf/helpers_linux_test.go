@@ -108,6 +108,9 @@ func inNS(t testing.TB, ns netns.NsHandle, fn func()) {
 	if ferr != nil {
 		t.Fatalf("enter netns: %v", ferr)
 	}
+	if t.Failed() {
+		t.FailNow() // fn failed on its own goroutine
+	}
 }
 
 // testPinDir returns a fresh pin directory for the test and removes
