@@ -19,6 +19,10 @@ func setSockopts(network string, c syscall.RawConn, mark int, transparent bool) 
 			}
 		}
 		if transparent {
+			// Bound to the client's IP with port 0: let connect() pick the
+			// port by the full 4-tuple instead of bind() searching for a
+			// port free on that IP (slow with many TIME_WAIT sockets).
+			_ = unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_BIND_ADDRESS_NO_PORT, 1)
 			if err := unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_TRANSPARENT, 1); err != nil {
 				serr = fmt.Errorf("ztunnel: set IP_TRANSPARENT: %w", err)
 				return

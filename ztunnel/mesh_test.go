@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -44,11 +45,11 @@ type node struct {
 	out   uint16 // outbound port
 	hbone uint16 // HBONE port
 	flows chan *ztunnel.FlowRecord
-	orig  *sync.Map // client AddrPort -> original destination
+	orig  *origMap // client AddrPort -> original destination
 }
 
 type mesh struct {
-	t     *testing.T
+	t     testing.TB
 	ca    *ztest.CA
 	store *workload.Store
 	nodes map[string]*node
@@ -62,7 +63,7 @@ type meshOpts struct {
 	svids  map[string]ztunnel.SVIDSource
 }
 
-func newMesh(t *testing.T, o meshOpts) *mesh {
+func newMesh(t testing.TB, o meshOpts) *mesh {
 	t.Helper()
 	m := &mesh{
 		t:     t,
@@ -101,7 +102,7 @@ func newMesh(t *testing.T, o meshOpts) *mesh {
 	return m
 }
 
-func testLogger(t *testing.T) *slog.Logger {
+func testLogger(testing.TB) *slog.Logger {
 	if os.Getenv("ZTUNNEL_TEST_LOG") != "" {
 		return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	}
@@ -110,7 +111,7 @@ func testLogger(t *testing.T) *slog.Logger {
 
 func (m *mesh) startNode(name string, o meshOpts) *node {
 	t := m.t
-	n := &node{name: name, flows: make(chan *ztunnel.FlowRecord, 4096), orig: &sync.Map{}}
+	n := &node{name: name, flows: make(chan *ztunnel.FlowRecord, 4096), orig: newOrigMap()}
 	outLn := listen(t)
 	hbLn := listen(t)
 	n.out = port(outLn)
@@ -173,8 +174,7 @@ func port(ln net.Listener) uint16 { return uint16(ln.Addr().(*net.TCPAddr).Port)
 // the ztunnel of src's node.
 func (m *mesh) dial(src netip.Addr, dst netip.AddrPort) (*net.TCPConn, error) {
 	n := m.nodeOf(src)
-	d := net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(src, 0))}
-	c, err := d.Dial("tcp4", netip.AddrPortFrom(dst.Addr(), n.out).String())
+	c, err := bindDialer(src).Dial("tcp4", netip.AddrPortFrom(dst.Addr(), n.out).String())
 	if err != nil {
 		return nil, err
 	}
@@ -232,7 +232,47 @@ func (n *node) waitCount(t *testing.T, flag ztunnel.ResponseFlag, want uint64) {
 // destination the test dialled, the way capture preserves it.
 type origDstListener struct {
 	net.Listener
-	orig *sync.Map
+	orig *origMap
+}
+
+// origMap maps a client's address to the destination it dialled.
+type origMap struct {
+	mu   sync.Mutex
+	cond *sync.Cond
+	m    map[netip.AddrPort]netip.AddrPort
+}
+
+func newOrigMap() *origMap {
+	o := &origMap{m: make(map[netip.AddrPort]netip.AddrPort)}
+	o.cond = sync.NewCond(&o.mu)
+	return o
+}
+
+func (o *origMap) Store(client, dst netip.AddrPort) {
+	o.mu.Lock()
+	o.m[client] = dst
+	o.mu.Unlock()
+	o.cond.Broadcast()
+}
+
+// take waits up to 2s for client's entry (the dialler stores it right
+// after connect returns) and removes it.
+func (o *origMap) take(client netip.AddrPort) (netip.AddrPort, bool) {
+	t := time.AfterFunc(2*time.Second, o.cond.Broadcast)
+	defer t.Stop()
+	deadline := time.Now().Add(2 * time.Second)
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	for {
+		if dst, ok := o.m[client]; ok {
+			delete(o.m, client)
+			return dst, true
+		}
+		if time.Now().After(deadline) {
+			return netip.AddrPort{}, false
+		}
+		o.cond.Wait()
+	}
 }
 
 func (l *origDstListener) Accept() (net.Conn, error) {
@@ -245,18 +285,19 @@ func (l *origDstListener) Accept() (net.Conn, error) {
 
 type origDstConn struct {
 	*net.TCPConn
-	orig *sync.Map
+	orig *origMap
+	once sync.Once
+	dst  net.Addr
 }
 
 func (c *origDstConn) LocalAddr() net.Addr {
-	key := c.RemoteAddr().(*net.TCPAddr).AddrPort()
-	for range 2000 { // the dialler stores the entry right after connect
-		if v, ok := c.orig.Load(key); ok {
-			return net.TCPAddrFromAddrPort(v.(netip.AddrPort))
+	c.once.Do(func() {
+		c.dst = c.TCPConn.LocalAddr()
+		if dst, ok := c.orig.take(c.RemoteAddr().(*net.TCPAddr).AddrPort()); ok {
+			c.dst = net.TCPAddrFromAddrPort(dst)
 		}
-		time.Sleep(time.Millisecond)
-	}
-	return c.TCPConn.LocalAddr()
+	})
+	return c.dst
 }
 
 // app is a pod's server: it echoes, half-closing after the client did,
@@ -323,3 +364,16 @@ type readerOnly struct{ io.Reader }
 // Guard against a forgotten import when tests change.
 var _ = errors.Is
 var _ = hbone.DefaultPort
+
+// bindDialer dials from src; IP_BIND_ADDRESS_NO_PORT keeps bind() from
+// scanning for a free port (slow once thousands of TIME_WAIT sockets exist).
+func bindDialer(src netip.Addr) *net.Dialer {
+	return &net.Dialer{
+		LocalAddr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(src, 0)),
+		Control: func(_, _ string, c syscall.RawConn) error {
+			return c.Control(func(fd uintptr) {
+				syscall.SetsockoptInt(int(fd), syscall.IPPROTO_IP, 24 /* IP_BIND_ADDRESS_NO_PORT */, 1)
+			})
+		},
+	}
+}

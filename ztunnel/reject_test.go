@@ -397,8 +397,7 @@ func TestOutboundRefusals(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			// Dial through node-a whatever the source, as a capture bug would.
 			n := a
-			d := net.Dialer{LocalAddr: net.TCPAddrFromAddrPort(netip.AddrPortFrom(tc.src, 0))}
-			c, err := d.Dial("tcp4", netip.AddrPortFrom(tc.dst.Addr(), n.out).String())
+			c, err := bindDialer(tc.src).Dial("tcp4", netip.AddrPortFrom(tc.dst.Addr(), n.out).String())
 			if err != nil {
 				t.Fatal(err)
 			}
