@@ -2,7 +2,6 @@ package ztunnel_test
 
 import (
 	"context"
-	"errors"
 	"io"
 	"log/slog"
 	"net"
@@ -16,7 +15,6 @@ import (
 	"github.com/mantlet/mantlet/identity/ca"
 	"github.com/mantlet/mantlet/internal/workload"
 	"github.com/mantlet/mantlet/ztunnel"
-	"github.com/mantlet/mantlet/ztunnel/hbone"
 	"github.com/mantlet/mantlet/ztunnel/internal/ztest"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
@@ -360,10 +358,6 @@ func (a *app) setHandler(h func(c *net.TCPConn)) {
 }
 
 type readerOnly struct{ io.Reader }
-
-// Guard against a forgotten import when tests change.
-var _ = errors.Is
-var _ = hbone.DefaultPort
 
 // bindDialer dials from src; IP_BIND_ADDRESS_NO_PORT keeps bind() from
 // scanning for a free port (slow once thousands of TIME_WAIT sockets exist).

@@ -18,7 +18,6 @@ import (
 	"time"
 
 	"github.com/mantlet/mantlet/identity/ca"
-	"github.com/mantlet/mantlet/internal/workload"
 	"github.com/mantlet/mantlet/ztunnel"
 	"github.com/mantlet/mantlet/ztunnel/hbone"
 	"github.com/mantlet/mantlet/ztunnel/internal/ztest"
@@ -417,7 +416,6 @@ func TestOutboundRefusals(t *testing.T) {
 			}
 		})
 	}
-	_ = workload.Empty
 }
 
 // closedRoundTrip is roundTrip for connections the ztunnel refuses: they
