@@ -126,4 +126,3 @@ func FuzzParseForwarded(f *testing.F) {
 		}
 	})
 }
-
