@@ -108,8 +108,7 @@ func TestIstioClientSeesOurRefusals(t *testing.T) {
 			} else {
 				cfg = p.istioClientTLS(p.svid(t, "shop", "frontend"), idCheckout)
 			}
-			timeout := 10 * time.Second
-			d := istiohbone.NewDialer(istiohbone.Config{ProxyAddress: z.hbone.String(), TLS: cfg, Timeout: &timeout})
+			d := istiohbone.NewDialer(istiohbone.Config{ProxyAddress: z.hbone.String(), TLS: cfg})
 
 			c, err := d.Dial("tcp", target)
 			if err == nil {
