@@ -15,6 +15,7 @@ import (
 	"github.com/mantlet/mantlet/identity/ca"
 	"github.com/mantlet/mantlet/internal/workload"
 	"github.com/mantlet/mantlet/ztunnel"
+	"github.com/mantlet/mantlet/ztunnel/hbone"
 	"github.com/mantlet/mantlet/ztunnel/internal/ztest"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
@@ -336,11 +337,11 @@ func startApp(t testing.TB, ip netip.Addr) *app {
 					h(c.(*net.TCPConn))
 					return
 				}
-				buf := make([]byte, 64<<10)
-				if _, err := io.CopyBuffer(c, readerOnly{c}, buf); err == nil {
+				buf := hbone.GetBuf()
+				defer hbone.PutBuf(buf)
+				if _, err := io.CopyBuffer(writerOnlyT{c}, readerOnly{c}, *buf); err == nil {
 					c.(*net.TCPConn).CloseWrite()
 				}
-				io.Copy(io.Discard, c)
 			}()
 		}
 	}()
