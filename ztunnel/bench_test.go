@@ -3,6 +3,7 @@ package ztunnel_test
 import (
 	"context"
 	"crypto/tls"
+	"fmt"
 	"io"
 	"net"
 	"net/netip"
@@ -232,3 +233,29 @@ func pipe(a, b net.Conn) {
 }
 
 type writerOnlyT struct{ io.Writer }
+
+// BenchmarkTuning is the sweep behind hbone.DefaultTuning: the upload of
+// BenchmarkThroughput under a few window and frame sizes.
+func BenchmarkTuning(b *testing.B) {
+	for _, tu := range []hbone.Tuning{
+		{StreamWindow: 1 << 20, ConnWindow: 4 << 20, MaxFrameSize: 16 << 10},
+		{StreamWindow: 1 << 20, ConnWindow: 4 << 20, MaxFrameSize: 1 << 20},
+		{StreamWindow: 4 << 20, ConnWindow: 16 << 20, MaxFrameSize: 16 << 10},
+		{StreamWindow: 4 << 20, ConnWindow: 16 << 20, MaxFrameSize: 1 << 20},
+		{StreamWindow: 16 << 20, ConnWindow: 64 << 20, MaxFrameSize: 1 << 20},
+	} {
+		name := fmt.Sprintf("stream=%dKiB/conn=%dKiB/frame=%dKiB", tu.StreamWindow>>10, tu.ConnWindow>>10, tu.MaxFrameSize>>10)
+		b.Run(name, func(b *testing.B) {
+			var o meshOpts
+			o.tuning.Tuning = tu
+			m := newMesh(b, o)
+			m.apps[ipB1].setHandler(sinkHandler)
+			c, err := m.dial(ipA1, m.appAddr(ipB1))
+			if err != nil {
+				b.Fatal(err)
+			}
+			defer c.Close()
+			runUpload(b, c)
+		})
+	}
+}
