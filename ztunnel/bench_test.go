@@ -1,3 +1,8 @@
+// The in-process mesh needs all of 127.0.0.0/8 on loopback and Linux socket
+// options: Linux only.
+
+//go:build linux
+
 package ztunnel_test
 
 import (
