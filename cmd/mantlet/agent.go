@@ -364,7 +364,7 @@ func runAgentWith(ctx context.Context, f *agentFlags, log *slog.Logger) error {
 	// 5. Run until a signal, then drain.
 	runCtx, stop := context.WithCancel(context.Background())
 	defer stop()
-	fatal := make(chan error, 4)
+	fatal := make(chan error, 4+len(servers)) // one slot per goroutine below: none blocks
 	var wg sync.WaitGroup
 	goRun := func(name string, fn func() error) {
 		wg.Add(1)
