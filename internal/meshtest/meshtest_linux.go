@@ -1,0 +1,68 @@
+package meshtest
+
+import (
+	"errors"
+	"fmt"
+	"syscall"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"github.com/vishvananda/netlink"
+)
+
+var sigterm = syscall.SIGTERM
+
+// sysProcAttr puts an agent in a process group of its own (a Ctrl-C on the
+// terminal reaches the caller, which stops the agents in order) and kills
+// it if the caller dies.
+func sysProcAttr() *syscall.SysProcAttr {
+	return &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+}
+
+// Attached counts the eBPF programs on one interface, by hook.
+type Attached struct {
+	// Ingress and Egress count tc programs (TCX links and clsact filters).
+	Ingress, Egress int
+}
+
+// AttachedPrograms counts the tc programs attached to the interface ifname
+// of node, whichever way they were attached (TCX or clsact). An agent
+// that adopted its pins correctly leaves one per hook it uses.
+func (m *Mesh) AttachedPrograms(node, ifname string) (Attached, error) {
+	n := m.TB.Node(node)
+	if n == nil {
+		return Attached{}, fmt.Errorf("meshtest: no node %q", node)
+	}
+	var a Attached
+	err := n.Do(func() error {
+		l, err := netlink.LinkByName(ifname)
+		if err != nil {
+			return fmt.Errorf("meshtest: %s on %s: %w", ifname, node, err)
+		}
+		count := func(at ebpf.AttachType, parent uint32) (int, error) {
+			c := 0
+			res, err := link.QueryPrograms(link.QueryOptions{Target: l.Attrs().Index, Attach: at})
+			if err != nil && !errors.Is(err, ebpf.ErrNotSupported) {
+				return 0, fmt.Errorf("meshtest: query %s programs on %s: %w", at, ifname, err)
+			}
+			if res != nil {
+				c += len(res.Programs)
+			}
+			filters, err := netlink.FilterList(l, parent)
+			if err == nil {
+				for _, f := range filters {
+					if _, ok := f.(*netlink.BpfFilter); ok {
+						c++
+					}
+				}
+			}
+			return c, nil
+		}
+		if a.Ingress, err = count(ebpf.AttachTCXIngress, netlink.HANDLE_MIN_INGRESS); err != nil {
+			return err
+		}
+		a.Egress, err = count(ebpf.AttachTCXEgress, netlink.HANDLE_MIN_EGRESS)
+		return err
+	})
+	return a, err
+}

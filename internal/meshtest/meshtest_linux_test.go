@@ -1,0 +1,125 @@
+package meshtest
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/mantlet/mantlet/internal/privtest"
+	"github.com/mantlet/mantlet/internal/testbed"
+)
+
+var binary string
+
+func TestMain(m *testing.M) {
+	os.Exit(run(m))
+}
+
+func run(m *testing.M) int {
+	if binary = os.Getenv(BinaryEnv); binary == "" && os.Geteuid() == 0 {
+		dir, err := os.MkdirTemp("", "meshtest-bin-*")
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+		defer os.RemoveAll(dir)
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+		defer cancel()
+		if binary, err = Build(ctx, dir); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+	}
+	return m.Run()
+}
+
+// TestMeshCarriesAMeshedConnectionAndCleansUp starts a two-node mesh,
+// sends bytes through it from a meshed pod to a meshed pod of the other
+// node, and checks that Close leaves no namespace, pin or process behind.
+func TestMeshCarriesAMeshedConnectionAndCleansUp(t *testing.T) {
+	privtest.Require(t)
+	ctx := context.Background()
+	spec := testbed.Spec{
+		Nodes: []testbed.NodeSpec{
+			{Name: "node1", Pods: []testbed.PodSpec{{Name: "a", Namespace: "shop", ServiceAccount: "sa-a"}}},
+			{Name: "node2", Pods: []testbed.PodSpec{{Name: "b", Namespace: "shop", ServiceAccount: "sa-b"}}},
+		},
+		Namespaces: map[string]map[string]string{"shop": {MeshAnnotation: "enabled"}},
+	}
+	m, err := Start(ctx, spec, Options{Binary: binary})
+	if err != nil {
+		t.Fatal(err)
+	}
+	closed := false
+	t.Cleanup(func() {
+		if !closed {
+			m.Close()
+		}
+	})
+	echo, err := m.Echo(ctx, "b", 7000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer echo.Close()
+	c, err := m.Dial(ctx, "a", echo.Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.WriteString(c, "hello"); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, 5)
+	if _, err := io.ReadFull(c, buf); err != nil || string(buf) != "hello" {
+		t.Fatalf("echo = %q, %v", buf, err)
+	}
+	c.Close()
+	cnt, err := m.Counters("node1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cnt.LookupOutbound == 0 {
+		t.Errorf("node1 counters %+v: want a captured outbound connection", cnt)
+	}
+	f, err := m.WaitFlow(ctx, "node2", func(f Flow) bool { return f.Direction == "inbound" && f.Dst == echo.Addr })
+	if err != nil {
+		t.Fatalf("%v\n%s", err, m.Logs("node2"))
+	}
+	if f.SrcID != "spiffe://cluster.local/ns/shop/sa/sa-a" || f.DstID != "spiffe://cluster.local/ns/shop/sa/sa-b" {
+		t.Errorf("flow %+v: wrong identities", f)
+	}
+	a, err := m.AttachedPrograms("node1", m.Pod("a").HostVeth)
+	if err != nil || a != (Attached{Ingress: 1, Egress: 1}) {
+		t.Errorf("attached on a's veth = %+v, %v; want one per hook", a, err)
+	}
+	prefix := m.TB.Prefix()
+	if err := m.Close(); err != nil {
+		t.Fatal(err)
+	}
+	closed = true
+	if left, _ := filepath.Glob(filepath.Join("/run/netns", prefix+"-*")); len(left) > 0 {
+		t.Errorf("namespaces left after Close: %v", left)
+	}
+	if left, _ := filepath.Glob(filepath.Join("/sys/fs/bpf/mantlet", prefix+"-*")); len(left) > 0 {
+		t.Errorf("pins left after Close: %v", left)
+	}
+	if m.Running("node1") || m.Running("node2") {
+		t.Error("agents still running after Close")
+	}
+}
+
+func TestLogBufferKeepsTheStartAndTheEnd(t *testing.T) {
+	l := newLogBuffer(400)
+	for i := range 100 {
+		l.Write([]byte(strings.Repeat("x", 9) + string(rune('0'+i%10)) + "\n"))
+	}
+	s := l.String()
+	if len(s) > 500 || !strings.HasPrefix(s, "xxxxxxxxx0\n") || !strings.HasSuffix(s, "xxxxxxxxx9\n") || !strings.Contains(s, "bytes of log dropped") {
+		t.Fatalf("kept %d bytes:\n%s", len(s), s)
+	}
+}
