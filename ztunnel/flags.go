@@ -76,6 +76,23 @@ const (
 	FlagHBONERefused
 	// FlagShutdown: the ztunnel is shutting down.
 	FlagShutdown
+	// FlagDeniedDefault: no ALLOW policy selects the destination and
+	// default-deny applies to it.
+	FlagDeniedDefault
+	// FlagStrictPlaintext: a plaintext connection to a workload in STRICT
+	// mTLS mode.
+	FlagStrictPlaintext
+	// FlagRateLimited: the source identity (the source IP for plaintext)
+	// opened new connections to the workload faster than its rate limit.
+	FlagRateLimited
+	// FlagMaxConnections: the destination workload has as many concurrent
+	// connections as its limit.
+	FlagMaxConnections
+	// FlagFlowLimit: the ztunnel has Config.MaxFlows flows open.
+	FlagFlowLimit
+	// FlagClosed: an open flow was closed by LiveFlow.Close without a
+	// more specific reason.
+	FlagClosed
 
 	numFlags
 )
@@ -106,6 +123,12 @@ var flagNames = [numFlags]string{
 	FlagHBONEConnectFailed: "hbone_connect_failed",
 	FlagHBONERefused:       "hbone_refused",
 	FlagShutdown:           "shutting_down",
+	FlagDeniedDefault:      "denied_default",
+	FlagStrictPlaintext:    "strict_plaintext",
+	FlagRateLimited:        "rate_limited",
+	FlagMaxConnections:     "max_connections",
+	FlagFlowLimit:          "flow_limit",
+	FlagClosed:             "closed",
 }
 
 // String returns the flag's name, e.g. "policy_denied"; "-" for FlagNone.

@@ -91,10 +91,17 @@ func (p *Proxy) serveStream(ctx context.Context, s *hbone.Stream) {
 	if w := snap.WorkloadByIP(rec.Src.Addr()); p.sameIdentity(w, s.Conn.PeerID) {
 		rec.SrcWorkload = w
 	}
-	if !p.authorize(ctx, rec, &Flow{SrcID: rec.SrcID, SrcAddr: rec.Src, Src: rec.SrcWorkload, Dst: dstW, DstAddr: target, MTLS: true}) {
+	f := &Flow{SrcID: rec.SrcID, SrcAddr: rec.Src, Src: rec.SrcWorkload, Dst: dstW, DstAddr: target, MTLS: true}
+	if !p.authorize(ctx, rec, f) {
 		_ = s.Respond(http.StatusUnauthorized)
 		return
 	}
+	l, ctx, ok := p.track(ctx, rec, f)
+	if !ok {
+		_ = s.Respond(http.StatusServiceUnavailable)
+		return
+	}
+	defer p.untrack(l, rec)
 	up, flag, err := p.dialDest(ctx, rec.Src.Addr(), target)
 	if err != nil {
 		fail(http.StatusServiceUnavailable, flag, err)
@@ -105,7 +112,7 @@ func (p *Proxy) serveStream(ctx context.Context, s *hbone.Stream) {
 		rec.Err = err
 		return
 	}
-	rec.Sent, rec.Received, rec.Err = splice(ctx, s, asHalf(up))
+	rec.Sent, rec.Received, rec.Err = splice(ctx, s, asHalf(up), &l.sent, &l.received)
 }
 
 // HandleInbound serves one plaintext connection to a local pod (:15006):
@@ -132,10 +139,16 @@ func (p *Proxy) HandleInbound(ctx context.Context, conn net.Conn) {
 	rec.DstWorkload = dstW
 	rec.DstID, _ = dstW.ID(p.cfg.TrustDomain)
 	rec.SrcWorkload = snap.WorkloadByIP(rec.Src.Addr())
-	if !p.authorize(ctx, rec, &Flow{SrcAddr: rec.Src, Src: rec.SrcWorkload, Dst: dstW, DstAddr: rec.Dst}) {
+	f := &Flow{SrcAddr: rec.Src, Src: rec.SrcWorkload, Dst: dstW, DstAddr: rec.Dst}
+	if !p.authorize(ctx, rec, f) {
 		return
 	}
-	p.direct(ctx, rec, conn, rec.Src.Addr(), rec.Dst)
+	l, ctx, ok := p.track(ctx, rec, f)
+	if !ok {
+		return
+	}
+	defer p.untrack(l, rec)
+	p.direct(ctx, rec, l, conn, rec.Src.Addr(), rec.Dst)
 }
 
 // sameIdentity reports whether w exists and has identity id.

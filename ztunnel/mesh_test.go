@@ -62,7 +62,7 @@ type mesh struct {
 }
 
 type meshOpts struct {
-	tuning ztunnel.Config // only Tuning, Authorizer, ConnectTimeout are used
+	tuning ztunnel.Config // only Tuning, ConnectTimeout, MaxFlows are used
 	authz  map[string]ztunnel.Authorizer
 	svids  map[string]ztunnel.SVIDSource
 }
@@ -138,6 +138,7 @@ func (m *mesh) startNode(name string, o meshOpts) *node {
 			return netip.AddrPortFrom(ip, m.nodes[w.Node].hbone)
 		},
 		ConnectTimeout: o.tuning.ConnectTimeout,
+		MaxFlows:       o.tuning.MaxFlows,
 		Tuning:         o.tuning.Tuning,
 		OnFlowEnd: func(r *ztunnel.FlowRecord) {
 			select {

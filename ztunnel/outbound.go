@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/netip"
 	"time"
@@ -55,10 +54,16 @@ func (p *Proxy) HandleOutbound(ctx context.Context, conn net.Conn) {
 
 	if dstW == nil || !dstW.Enrolled {
 		rec.Path, rec.MTLS = PathPassthrough, false
-		if !p.authorize(ctx, rec, &Flow{SrcID: srcID, SrcAddr: src, Src: srcW, Dst: dstW, DstAddr: target}) {
+		f := &Flow{SrcID: srcID, SrcAddr: src, Src: srcW, Dst: dstW, DstAddr: target}
+		if !p.authorize(ctx, rec, f) {
 			return
 		}
-		p.direct(ctx, rec, conn, src.Addr(), target)
+		l, ctx, ok := p.track(ctx, rec, f)
+		if !ok {
+			return
+		}
+		defer p.untrack(l, rec)
+		p.direct(ctx, rec, l, conn, src.Addr(), target)
 		return
 	}
 	dstID, err := dstW.ID(p.cfg.TrustDomain)
@@ -69,14 +74,31 @@ func (p *Proxy) HandleOutbound(ctx context.Context, conn net.Conn) {
 	rec.DstID = dstID
 	if dstW.Node == p.cfg.NodeName {
 		rec.Path = PathLocal
-		if !p.authorize(ctx, rec, &Flow{SrcID: srcID, SrcAddr: src, Src: srcW, Dst: dstW, DstAddr: target, MTLS: true}) {
+		f := &Flow{SrcID: srcID, SrcAddr: src, Src: srcW, Dst: dstW, DstAddr: target, MTLS: true}
+		if !p.authorize(ctx, rec, f) {
 			return
 		}
-		p.direct(ctx, rec, conn, src.Addr(), target)
+		l, ctx, ok := p.track(ctx, rec, f)
+		if !ok {
+			return
+		}
+		defer p.untrack(l, rec)
+		p.direct(ctx, rec, l, conn, src.Addr(), target)
 		return
 	}
 	rec.Path = PathHBONE
-	p.outboundHBONE(ctx, rec, conn)
+	// The destination's ztunnel decides; asking here too lets a denial
+	// fail fast without a tunnel.
+	f := &Flow{SrcID: srcID, SrcAddr: src, Src: srcW, Dst: dstW, DstAddr: target, MTLS: true, PreCheck: true}
+	if !p.authorize(ctx, rec, f) {
+		return
+	}
+	l, ctx, ok := p.track(ctx, rec, f)
+	if !ok {
+		return
+	}
+	defer p.untrack(l, rec)
+	p.outboundHBONE(ctx, rec, l, conn)
 }
 
 // authorize asks the Authorizer; on denial it fills rec and returns false.
@@ -95,17 +117,17 @@ func (p *Proxy) authorize(ctx context.Context, rec *FlowRecord, f *Flow) bool {
 }
 
 // direct connects to target without a tunnel and splices.
-func (p *Proxy) direct(ctx context.Context, rec *FlowRecord, conn net.Conn, src netip.Addr, target netip.AddrPort) {
+func (p *Proxy) direct(ctx context.Context, rec *FlowRecord, l *LiveFlow, conn net.Conn, src netip.Addr, target netip.AddrPort) {
 	up, flag, err := p.dialDest(ctx, src, target)
 	if err != nil {
 		rec.Flag, rec.Err = flag, err
 		return
 	}
 	defer up.Close()
-	rec.Sent, rec.Received, rec.Err = splice(ctx, asHalf(conn), asHalf(up))
+	rec.Sent, rec.Received, rec.Err = splice(ctx, asHalf(conn), asHalf(up), &l.sent, &l.received)
 }
 
-func (p *Proxy) outboundHBONE(ctx context.Context, rec *FlowRecord, conn net.Conn) {
+func (p *Proxy) outboundHBONE(ctx context.Context, rec *FlowRecord, l *LiveFlow, conn net.Conn) {
 	req := &hbone.Request{
 		Key:       hbone.Key{Src: rec.SrcID, Dst: rec.DstID, DstIP: rec.Dst.Addr()},
 		Addr:      p.hboneAddr(rec.Dst.Addr(), rec.DstWorkload),
@@ -132,15 +154,14 @@ func (p *Proxy) outboundHBONE(ctx context.Context, rec *FlowRecord, conn net.Con
 		}
 		return
 	}
+	l.stream.Store(cs)
 	abort := func() {
 		conn.Close() // unblocks the stream's read of conn
 		cs.Close()
 	}
 	stop := context.AfterFunc(ctx, abort)
 	defer stop()
-	buf := hbone.GetBuf()
-	n, err := io.CopyBuffer(writerOnly{conn}, readerOnly{cs}, *buf)
-	hbone.PutBuf(buf)
+	n, err := copyCounted(conn, cs, &l.received)
 	rec.Received = n
 	if err == nil {
 		if cw, ok := conn.(interface{ CloseWrite() error }); ok {

@@ -52,6 +52,11 @@ type Flow struct {
 	// MTLS is true when SrcID is authenticated: mutual TLS, or the
 	// same-node shortcut (identity bound to the sending veth).
 	MTLS bool
+	// PreCheck is true when the source ztunnel asks before tunnelling to
+	// another node, whose ztunnel decides again with the identity from the
+	// certificate. A denial fails the connection fast at the source; an
+	// Authorizer should not count a pre-check against rate limits.
+	PreCheck bool
 }
 
 // Verdict is an Authorizer's answer.
@@ -187,6 +192,10 @@ type Config struct {
 	// OnFlowEnd, if set, is called once per finished flow (from the
 	// flow's goroutine; keep it quick).
 	OnFlowEnd func(*FlowRecord)
+	// MaxFlows bounds the open flows (the registry behind OpenFlows); a
+	// connection beyond it is refused with FlagFlowLimit. Default
+	// DefaultMaxFlows.
+	MaxFlows int
 }
 
 // Proxy is a running ztunnel.
@@ -200,6 +209,7 @@ type Proxy struct {
 	ports     map[uint16]bool
 	counters  [numFlags]atomic.Uint64
 	pick      atomic.Uint32
+	live      *flowTable
 
 	ctx    context.Context // cancelled by Close: ends every flow
 	cancel context.CancelFunc
@@ -231,8 +241,11 @@ func New(cfg Config) (*Proxy, error) {
 	if cfg.ConnectTimeout <= 0 {
 		cfg.ConnectTimeout = 5 * time.Second
 	}
+	if cfg.MaxFlows <= 0 {
+		cfg.MaxFlows = DefaultMaxFlows
+	}
 	cfg.Tuning = cfg.Tuning.WithDefaults()
-	p := &Proxy{cfg: cfg, log: cfg.Logger, authz: cfg.Authorizer, ports: map[uint16]bool{}}
+	p := &Proxy{cfg: cfg, log: cfg.Logger, authz: cfg.Authorizer, ports: map[uint16]bool{}, live: newFlowTable(cfg.MaxFlows)}
 	if p.log == nil {
 		p.log = slog.New(slog.DiscardHandler)
 	}

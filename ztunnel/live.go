@@ -1,0 +1,241 @@
+package ztunnel
+
+import (
+	"context"
+	"fmt"
+	"net/netip"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/mantlet/mantlet/internal/workload"
+	"github.com/mantlet/mantlet/ztunnel/hbone"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+)
+
+// DefaultMaxFlows is the default of Config.MaxFlows.
+const DefaultMaxFlows = 1 << 16
+
+// Open-flow registry
+//
+// Every flow that passed authorization is registered, from just before the
+// ztunnel connects to the destination until the flow ends (right before
+// OnFlowEnd is called). The registry is a sharded map keyed by a flow id
+// that never repeats within a Proxy; it holds at most Config.MaxFlows
+// flows, and a connection that would exceed it is refused with
+// FlagFlowLimit, so the registry bounds the ztunnel's open connections.
+//
+// A registered flow is a *LiveFlow. Its descriptive fields never change;
+// its byte counters are atomic and move as the splice copies each buffer
+// (at most hbone.BufSize bytes behind the sockets), so a reader that polls
+// Bytes sees a flow's progress while it is open. OnFlowEnd's FlowRecord
+// carries the final counts. Close tears a flow down from any goroutine
+// (policy re-evaluation, an operator): both of its connections are closed
+// within the time it takes the flow's goroutine to notice, and its
+// FlowRecord ends with the flag given to Close.
+//
+// Authorizers that keep per-flow state (concurrent-connection limits) can
+// implement Releaser: Release is called once for every flow they allowed,
+// when it ends.
+
+// Releaser is implemented by Authorizers that must know when a flow they
+// allowed ends. Release is called exactly once per allowed flow, after
+// its connections are closed, with the same Flow and the Verdict
+// Authorize returned.
+type Releaser interface {
+	Release(f *Flow, v Verdict)
+}
+
+// LiveFlow is an open flow in the registry (see OpenFlows). Its methods
+// are safe for concurrent use.
+type LiveFlow struct {
+	id      uint64
+	dir     Direction
+	path    Path
+	start   time.Time
+	flow    Flow
+	origDst netip.AddrPort
+	dstID   spiffeid.ID
+	svc     *workload.Service
+	verdict Verdict
+
+	sent, received atomic.Int64
+	// stream counts Sent for outbound HBONE flows (the pool copies the
+	// client's bytes).
+	stream atomic.Pointer[hbone.ClientStream]
+	// closed holds the flag given to Close, plus one; 0 while open.
+	closed atomic.Uint32
+	cancel context.CancelFunc
+}
+
+// ID identifies the flow; ids are not reused by a Proxy.
+func (l *LiveFlow) ID() uint64 { return l.id }
+
+// Direction of the flow, as seen by this ztunnel.
+func (l *LiveFlow) Direction() Direction { return l.dir }
+
+// Path says how the flow is carried.
+func (l *LiveFlow) Path() Path { return l.path }
+
+// Start is when the connection arrived.
+func (l *LiveFlow) Start() time.Time { return l.start }
+
+// Flow is what the Authorizer was asked about: identities, workloads and
+// addresses. The caller must not modify it.
+func (l *LiveFlow) Flow() *Flow { return &l.flow }
+
+// OrigDst is the address the client dialled (a service VIP, or
+// Flow().DstAddr).
+func (l *LiveFlow) OrigDst() netip.AddrPort { return l.origDst }
+
+// DstID is the destination workload's identity (zero when not meshed).
+func (l *LiveFlow) DstID() spiffeid.ID { return l.dstID }
+
+// Service is the service the client dialled, nil when it dialled a pod.
+func (l *LiveFlow) Service() *workload.Service { return l.svc }
+
+// Verdict is the Authorizer's answer that admitted the flow.
+func (l *LiveFlow) Verdict() Verdict { return l.verdict }
+
+// Bytes returns the bytes moved so far from client to destination (sent)
+// and back (received).
+func (l *LiveFlow) Bytes() (sent, received int64) {
+	sent = l.sent.Load()
+	if cs := l.stream.Load(); cs != nil {
+		sent += cs.Sent()
+	}
+	return sent, l.received.Load()
+}
+
+// Close tears the flow down: both connections are closed and the flow's
+// FlowRecord ends with reason as its Flag (FlagNone is recorded as
+// FlagClosed). Only the first Close counts; closing a flow that already
+// ended does nothing.
+func (l *LiveFlow) Close(reason ResponseFlag) {
+	if reason == FlagNone {
+		reason = FlagClosed
+	}
+	if l.closed.CompareAndSwap(0, uint32(reason)+1) {
+		l.cancel()
+	}
+}
+
+// ClosedBy returns the flag given to Close, and false while Close was not
+// called.
+func (l *LiveFlow) ClosedBy() (ResponseFlag, bool) {
+	v := l.closed.Load()
+	if v == 0 {
+		return FlagNone, false
+	}
+	return ResponseFlag(v - 1), true
+}
+
+const flowShards = 32
+
+// flowTable is the registry: flowShards maps, each behind its own lock,
+// and one atomic count against the cap.
+type flowTable struct {
+	next   atomic.Uint64
+	n      atomic.Int64
+	max    int64
+	shards [flowShards]struct {
+		mu sync.Mutex
+		m  map[uint64]*LiveFlow
+		_  [40]byte // keep shards on separate cache lines
+	}
+}
+
+func newFlowTable(max int) *flowTable {
+	t := &flowTable{max: int64(max)}
+	for i := range t.shards {
+		t.shards[i].m = make(map[uint64]*LiveFlow)
+	}
+	return t
+}
+
+// add registers l and gives it an id; false when the table is full.
+func (t *flowTable) add(l *LiveFlow) bool {
+	if t.n.Add(1) > t.max {
+		t.n.Add(-1)
+		return false
+	}
+	l.id = t.next.Add(1)
+	s := &t.shards[l.id%flowShards]
+	s.mu.Lock()
+	s.m[l.id] = l
+	s.mu.Unlock()
+	return true
+}
+
+func (t *flowTable) remove(l *LiveFlow) {
+	s := &t.shards[l.id%flowShards]
+	s.mu.Lock()
+	delete(s.m, l.id)
+	s.mu.Unlock()
+	t.n.Add(-1)
+}
+
+// each calls fn for every registered flow, shard by shard, outside the
+// shard's lock, until fn returns false.
+func (t *flowTable) each(fn func(*LiveFlow) bool) {
+	var batch []*LiveFlow
+	for i := range t.shards {
+		s := &t.shards[i]
+		s.mu.Lock()
+		batch = batch[:0]
+		for _, l := range s.m {
+			batch = append(batch, l)
+		}
+		s.mu.Unlock()
+		for _, l := range batch {
+			if !fn(l) {
+				return
+			}
+		}
+	}
+}
+
+// OpenFlows calls fn for every open flow until fn returns false. Flows
+// that open or end meanwhile may or may not be seen; fn may call Close. It
+// is meant for periodic readers (flow tables, byte counters of long flows)
+// and policy re-evaluation, not for per-packet work: it takes each shard's
+// lock briefly.
+func (p *Proxy) OpenFlows(fn func(*LiveFlow) bool) { p.live.each(fn) }
+
+// NumOpenFlows returns how many flows are registered.
+func (p *Proxy) NumOpenFlows() int { return int(p.live.n.Load()) }
+
+// track registers the flow rec describes, which f's authorization
+// admitted, and returns it with the context that governs it; on false the
+// registry is full, rec says so and the flow must end. The caller must
+// defer untrack when track succeeds.
+func (p *Proxy) track(ctx context.Context, rec *FlowRecord, f *Flow) (*LiveFlow, context.Context, bool) {
+	l := &LiveFlow{
+		dir: rec.Direction, path: rec.Path, start: rec.Start, flow: *f,
+		origDst: rec.OrigDst, dstID: rec.DstID, svc: rec.Service, verdict: rec.Verdict,
+	}
+	if !p.live.add(l) {
+		p.release(f, rec.Verdict)
+		rec.Flag, rec.Err = FlagFlowLimit, fmt.Errorf("ztunnel: %d flows open, the limit", p.live.max)
+		return nil, ctx, false
+	}
+	ctx, l.cancel = context.WithCancel(ctx)
+	return l, ctx, true
+}
+
+// untrack removes l from the registry, releases it to the Authorizer and,
+// when l was closed by Close, records why in rec.
+func (p *Proxy) untrack(l *LiveFlow, rec *FlowRecord) {
+	l.cancel()
+	p.live.remove(l)
+	p.release(&l.flow, l.verdict)
+	if flag, ok := l.ClosedBy(); ok {
+		rec.Flag, rec.Err = flag, fmt.Errorf("ztunnel: flow closed: %s", flag)
+	}
+}
+
+func (p *Proxy) release(f *Flow, v Verdict) {
+	if r, ok := p.authz.(Releaser); ok {
+		r.Release(f, v)
+	}
+}
