@@ -18,6 +18,7 @@ import (
 	"slices"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -111,11 +112,17 @@ type Agent struct {
 	log  *slog.Logger
 	wake chan struct{}
 
-	mu       sync.Mutex
-	desired  *State
-	pending  bool // desired changed since the last reconcile
-	applied  bool // a state has been reconciled once
-	draining bool
+	inMu    sync.Mutex // guards desired and pending
+	desired *State
+	pending bool // desired changed since the last reconcile
+
+	// Published for readers (probe, metrics) at the end of each pass, so
+	// they never wait for a long reconcile.
+	applied  atomic.Bool // a state has been reconciled once
+	draining atomic.Bool
+	status   atomic.Pointer[[]PodStatus]
+
+	mu       sync.Mutex           // serialises reconcile passes
 	pods     map[string]*podState // by workload UID: pods enrolled or to enroll
 	removing map[int]*podState    // by ifindex: veths to un-enroll that failed to
 	ids      map[spiffeid.ID]bool // identities announced to Identities
@@ -181,10 +188,10 @@ func (a *Agent) Apply(s State) {
 	if s.Snapshot == nil {
 		s.Snapshot = workload.Empty()
 	}
-	a.mu.Lock()
+	a.inMu.Lock()
 	a.desired = &s
 	a.pending = true
-	a.mu.Unlock()
+	a.inMu.Unlock()
 	a.kick()
 }
 
@@ -218,9 +225,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		timer.Reset(time.Until(next))
 		select {
 		case <-ctx.Done():
-			a.mu.Lock()
-			a.draining = true
-			a.mu.Unlock()
+			a.draining.Store(true)
 			return nil
 		case <-a.wake:
 		case <-timer.C:
@@ -239,11 +244,16 @@ type desiredPod struct {
 // reconcile does one pass and returns when the next is due.
 func (a *Agent) reconcile(now time.Time) (next time.Time) {
 	next = now.Add(a.cfg.Resync)
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if a.desired == nil {
+	a.inMu.Lock()
+	desired, pending := a.desired, a.pending
+	a.pending = false
+	a.inMu.Unlock()
+	if desired == nil {
 		return next
 	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	defer a.publish()
 	defer func() {
 		// A bug in a collaborator must not stop the node's agent: log it
 		// and try again later.
@@ -252,12 +262,10 @@ func (a *Agent) reconcile(now time.Time) (next time.Time) {
 			next = now.Add(a.cfg.RetryMax)
 		}
 	}()
-	logSkips := a.pending
-	if a.pending {
-		a.cfg.Store.Replace(a.desired.Snapshot)
-		a.pending = false
+	if pending {
+		a.cfg.Store.Replace(desired.Snapshot)
 	}
-	want := a.wanted(logSkips)
+	want := a.wanted(desired, pending)
 	enrolled := map[int]bool{}
 	for _, ifindex := range a.cfg.Datapath.Status().Pods {
 		enrolled[ifindex] = true
@@ -391,15 +399,15 @@ func (a *Agent) reconcile(now time.Time) (next time.Time) {
 	}
 
 	a.syncIdentities(want)
-	a.applied = true
+	a.applied.Store(true)
 	return next
 }
 
-// wanted lists the local pods that should be enrolled, by UID. With
-// logSkips it logs the pods it cannot enroll.
-func (a *Agent) wanted(logSkips bool) map[string]desiredPod {
+// wanted lists the local pods of desired that should be enrolled, by UID.
+// With logSkips it logs the pods it cannot enroll.
+func (a *Agent) wanted(desired *State, logSkips bool) map[string]desiredPod {
 	want := map[string]desiredPod{}
-	for _, w := range a.desired.Snapshot.LocalWorkloads(a.cfg.Node) {
+	for _, w := range desired.Snapshot.LocalWorkloads(a.cfg.Node) {
 		if !w.Enrolled {
 			continue
 		}
@@ -422,7 +430,7 @@ func (a *Agent) wanted(logSkips bool) map[string]desiredPod {
 			}
 			continue
 		}
-		mode, ok := a.desired.MTLS[w.Namespace]
+		mode, ok := desired.MTLS[w.Namespace]
 		if !ok || mode == manifest.MTLSUnset {
 			mode = a.cfg.DefaultMTLS
 		}
@@ -524,10 +532,18 @@ type PodStatus struct {
 	Err string
 }
 
-// Pods reports every local pod the agent wants enrolled, sorted by name.
+// Pods reports every local pod the agent wants enrolled, sorted by name,
+// as of the end of the last reconcile pass.
 func (a *Agent) Pods() []PodStatus {
-	a.mu.Lock()
-	defer a.mu.Unlock()
+	if p := a.status.Load(); p != nil {
+		return *p
+	}
+	return nil
+}
+
+// publish makes the pods' state visible to Pods and Ready. Called with
+// a.mu held.
+func (a *Agent) publish() {
 	out := make([]PodStatus, 0, len(a.pods))
 	for _, st := range a.pods {
 		ps := PodStatus{Pod: st.name, Ifindex: st.ifindex, Strict: st.strict, Err: st.lastErr}
@@ -537,7 +553,7 @@ func (a *Agent) Pods() []PodStatus {
 		out = append(out, ps)
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Pod < out[j].Pod })
-	return out
+	a.status.Store(&out)
 }
 
 // Ready reports whether the node can carry captured traffic: a state has
@@ -545,35 +561,29 @@ func (a *Agent) Pods() []PodStatus {
 // listeners are in the SOCKMAP. The reason says what is missing, or sums
 // up the node when ready.
 func (a *Agent) Ready() (bool, string) {
-	a.mu.Lock()
-	applied, draining := a.applied, a.draining
-	pods, failing := len(a.pods), 0
-	for _, st := range a.pods {
-		if st.ifindex == 0 || st.lastErr != "" {
+	pods := a.Pods()
+	failing := 0
+	for _, p := range pods {
+		if p.Ifindex == 0 || p.Err != "" {
 			failing++
 		}
 	}
-	a.mu.Unlock()
 	switch {
-	case draining:
+	case a.draining.Load():
 		return false, "shutting down"
-	case !applied:
+	case !a.applied.Load():
 		return false, "waiting for the first workload snapshot"
 	}
 	st := a.cfg.Datapath.Status()
 	if !st.Ready() {
 		return false, st.String()
 	}
-	return true, fmt.Sprintf("ready: %d local pods enrolled, %d pending, %d veths attached", pods-failing, failing, len(st.Pods))
+	return true, fmt.Sprintf("ready: %d local pods enrolled, %d pending, %d veths attached", len(pods)-failing, failing, len(st.Pods))
 }
 
 // Drain marks the agent as shutting down, so the readiness probe fails
 // while the ztunnel finishes its connections.
-func (a *Agent) Drain() {
-	a.mu.Lock()
-	a.draining = true
-	a.mu.Unlock()
-}
+func (a *Agent) Drain() { a.draining.Store(true) }
 
 // The data path of package bpf is the one the agent drives.
 var _ Datapath = (*bpf.Datapath)(nil)

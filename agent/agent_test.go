@@ -33,6 +33,8 @@ type fakeDatapath struct {
 	failLocal  int
 	panicOnce  bool
 	ready      bool
+	block      chan struct{} // if set, EnrollPod signals blocked and waits for block to close
+	blocked    chan struct{}
 }
 
 func newFakeDatapath(pinned ...int) *fakeDatapath {
@@ -44,6 +46,13 @@ func newFakeDatapath(pinned ...int) *fakeDatapath {
 }
 
 func (d *fakeDatapath) EnrollPod(p bpf.Pod) error {
+	if d.block != nil {
+		select {
+		case d.blocked <- struct{}{}:
+		default:
+		}
+		<-d.block
+	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.panicOnce {
@@ -477,4 +486,36 @@ func TestReadinessProbe(t *testing.T) {
 			t.Errorf("%s: probe = %d %q, want %d %q", step.name, code, reason, step.code, step.reason)
 		}
 	}
+}
+
+func TestReadinessDoesNotWaitForAReconcilePass(t *testing.T) {
+	dp := newFakeDatapath()
+	dp.block, dp.blocked = make(chan struct{}), make(chan struct{}, 1)
+	var unblock sync.Once
+	release := func() { unblock.Do(func() { close(dp.block) }) }
+	r := newRig(t, dp)
+	t.Cleanup(release) // runs before the rig's: the loop can stop
+	r.agent.Apply(state(t, nil, pod{"shop/a", "node-1", "198.19.1.1", "", true}))
+	<-dp.blocked // the pass is now stuck in EnrollPod
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for range 3 {
+			if ok, reason := r.agent.Ready(); ok || reason != "waiting for the first workload snapshot" {
+				t.Errorf("Ready() = %v %q during the first pass", ok, reason)
+			}
+			r.agent.Pods()
+		}
+	}()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("Ready blocked while a reconcile pass was stuck in the data path")
+	}
+	release()
+	wantEnrolled(t, dp, "101:198.19.1.1")
+	eventually(t, "the probe sees the enrolled pod", func() bool {
+		ok, reason := r.agent.Ready()
+		return ok && reason == "ready: 1 local pods enrolled, 0 pending, 1 veths attached"
+	})
 }
