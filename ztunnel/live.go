@@ -220,6 +220,10 @@ func (p *Proxy) track(ctx context.Context, rec *FlowRecord, f *Flow) (*LiveFlow,
 		return nil, ctx, false
 	}
 	ctx, l.cancel = context.WithCancel(ctx)
+	rec.ID = l.id
+	if p.cfg.OnFlowOpen != nil {
+		p.cfg.OnFlowOpen(l)
+	}
 	return l, ctx, true
 }
 

@@ -62,7 +62,7 @@ type mesh struct {
 }
 
 type meshOpts struct {
-	tuning ztunnel.Config // only Tuning, ConnectTimeout, MaxFlows are used
+	tuning ztunnel.Config // only Tuning, ConnectTimeout, MaxFlows, OnFlowOpen are used
 	authz  map[string]ztunnel.Authorizer
 	svids  map[string]ztunnel.SVIDSource
 }
@@ -139,6 +139,7 @@ func (m *mesh) startNode(name string, o meshOpts) *node {
 		},
 		ConnectTimeout: o.tuning.ConnectTimeout,
 		MaxFlows:       o.tuning.MaxFlows,
+		OnFlowOpen:     o.tuning.OnFlowOpen,
 		Tuning:         o.tuning.Tuning,
 		OnFlowEnd: func(r *ztunnel.FlowRecord) {
 			select {

@@ -114,6 +114,9 @@ const (
 // every connection the ztunnel handled past its first checks, the place for
 // metrics and access logs.
 type FlowRecord struct {
+	// ID is the flow's id in the open-flow registry (LiveFlow.ID); 0 when
+	// the flow was refused before it was registered.
+	ID        uint64
 	Direction Direction
 	Path      Path
 	// Src is the client's address; Dst the destination pod's ip:port (the
@@ -192,6 +195,11 @@ type Config struct {
 	// OnFlowEnd, if set, is called once per finished flow (from the
 	// flow's goroutine; keep it quick).
 	OnFlowEnd func(*FlowRecord)
+	// OnFlowOpen, if set, is called once per flow when it has been
+	// admitted and registered, before the ztunnel connects to the
+	// destination (from the flow's goroutine; keep it quick). OnFlowEnd
+	// follows with a FlowRecord of the same ID.
+	OnFlowOpen func(*LiveFlow)
 	// MaxFlows bounds the open flows (the registry behind OpenFlows); a
 	// connection beyond it is refused with FlagFlowLimit. Default
 	// DefaultMaxFlows.
