@@ -202,8 +202,10 @@ func TestAgentRunsNodesOfTheTestbed(t *testing.T) {
 		return startAgent(t, n, "--config", config, "--ca-dir", caDir, "--pin-dir", pinDir(n), "--config-poll", "200ms")
 	}
 	node1, node2 := tb.Node("node1"), tb.Node("node2")
+	started := time.Now()
 	a1, a2 := start(node1), start(node2)
 	a1.waitReady(t, "ready: 1 local pods enrolled, 0 pending, 1 veths attached")
+	t.Logf("start to ready: %v", time.Since(started).Round(time.Millisecond))
 	a2.waitReady(t, "ready: 1 local pods enrolled, 0 pending, 1 veths attached")
 
 	// A meshed pod talks to a meshed pod of the other node.
@@ -261,8 +263,10 @@ func TestAgentRunsNodesOfTheTestbed(t *testing.T) {
 
 	// Opting the client out in the file un-enrolls it without a restart.
 	tb.SetPodAnnotations("client", map[string]string{"mantlet.io/mesh": "disabled"})
+	edited := time.Now()
 	writeFileAtomically(t, config, tb.Manifest())
 	a1.waitReady(t, "ready: 0 local pods enrolled, 0 pending, 0 veths attached")
+	t.Logf("edit to un-enrolled (seen by the probe): %v", time.Since(edited).Round(time.Millisecond))
 	a1.stop(t)
 	a2.stop(t)
 }
