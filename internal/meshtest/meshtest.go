@@ -17,7 +17,6 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
-	"crypto/tls"
 	"crypto/x509"
 	"encoding/json"
 	"errors"
@@ -34,7 +33,9 @@ import (
 	"sync"
 	"time"
 
+	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
 	"github.com/mantlet/mantlet/bpf"
 	"github.com/mantlet/mantlet/identity"
@@ -623,34 +624,28 @@ func (m *Mesh) WaitFlow(ctx context.Context, node string, match func(Flow) bool)
 	}
 }
 
-// ClientSVID issues a certificate for id from the mesh's CA, with a fresh
-// key made here, as `mantlet ca issue` would: a client of the mesh's HBONE
-// listeners, for tests that talk to them directly.
-func (m *Mesh) ClientSVID(ctx context.Context, id spiffeid.ID) (tls.Certificate, error) {
+// IssueSVID issues an X509-SVID for id from the mesh's CA, with a fresh
+// key made here, as `mantlet ca issue` would: for tests that talk to the
+// HBONE listeners directly. It lives an hour.
+func (m *Mesh) IssueSVID(ctx context.Context, id spiffeid.ID) (*x509svid.SVID, error) {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
-		return tls.Certificate{}, fmt.Errorf("meshtest: key: %w", err)
+		return nil, fmt.Errorf("meshtest: key: %w", err)
 	}
 	csr, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{}, key)
 	if err != nil {
-		return tls.Certificate{}, fmt.Errorf("meshtest: certificate request: %w", err)
+		return nil, fmt.Errorf("meshtest: certificate request: %w", err)
 	}
 	chain, err := m.CA.SignCSR(ctx, csr, id, time.Hour)
 	if err != nil {
-		return tls.Certificate{}, fmt.Errorf("meshtest: %w", err)
+		return nil, fmt.Errorf("meshtest: %w", err)
 	}
-	cert := tls.Certificate{PrivateKey: key, Leaf: chain[0]}
-	for _, c := range chain {
-		cert.Certificate = append(cert.Certificate, c.Raw)
-	}
-	return cert, nil
+	return &x509svid.SVID{ID: id, Certificates: chain, PrivateKey: key}, nil
 }
 
-// Roots returns a pool holding the mesh's trust bundle.
-func (m *Mesh) Roots() *x509.CertPool {
-	pool := x509.NewCertPool()
-	pool.AddCert(m.CA.Root())
-	return pool
+// Bundle returns the mesh's trust bundle.
+func (m *Mesh) Bundle() *x509bundle.Bundle {
+	return x509bundle.FromX509Authorities(m.td, []*x509.Certificate{m.CA.Root()})
 }
 
 // Close stops every agent (SIGTERM, then SIGKILL), removes each node's

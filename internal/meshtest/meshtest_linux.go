@@ -8,6 +8,7 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
 )
 
 var sigterm = syscall.SIGTERM
@@ -65,4 +66,23 @@ func (m *Mesh) AttachedPrograms(node, ifname string) (Attached, error) {
 		return err
 	})
 	return a, err
+}
+
+// SkLookupPrograms counts the sk_lookup programs attached to node's
+// network namespace: one when an agent's data path is in place.
+func (m *Mesh) SkLookupPrograms(node string) (int, error) {
+	n := m.TB.Node(node)
+	if n == nil {
+		return 0, fmt.Errorf("meshtest: no node %q", node)
+	}
+	h, err := netns.GetFromPath(n.NS)
+	if err != nil {
+		return 0, fmt.Errorf("meshtest: open namespace of %s: %w", node, err)
+	}
+	defer h.Close()
+	res, err := link.QueryPrograms(link.QueryOptions{Target: int(h), Attach: ebpf.AttachSkLookup})
+	if err != nil {
+		return 0, fmt.Errorf("meshtest: query sk_lookup programs of %s: %w", node, err)
+	}
+	return len(res.Programs), nil
 }

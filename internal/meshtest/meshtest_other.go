@@ -21,3 +21,8 @@ type Attached struct {
 func (m *Mesh) AttachedPrograms(node, ifname string) (Attached, error) {
 	return Attached{}, errors.New("meshtest: needs Linux")
 }
+
+// SkLookupPrograms fails off Linux.
+func (m *Mesh) SkLookupPrograms(node string) (int, error) {
+	return 0, errors.New("meshtest: needs Linux")
+}

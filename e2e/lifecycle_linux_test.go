@@ -1,0 +1,224 @@
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"net/netip"
+	"testing"
+	"time"
+
+	"github.com/mantlet/mantlet/internal/meshtest"
+	"github.com/mantlet/mantlet/internal/testbed"
+)
+
+// TestAgentsFailClosedAndAdoptTheirPinsOnRestart kills both agents with
+// SIGKILL (a crash) and restarts them. What it proves, precisely:
+//
+//   - While no agent runs, a meshed pod's new connection to a meshed pod
+//     of the other node fails within a second and a half and nothing of
+//     it reaches the underlay: no SYN to the application port in
+//     plaintext (and no HBONE either); the node counts it as dropped for
+//     want of a listener. The data path fails closed.
+//   - Connections that the data path lets through without the ztunnel
+//     survive the crash and keep carrying bytes while no agent runs and
+//     after the restart, because the programs stay attached and the maps
+//     pinned: a meshed pod's connection to an excluded port, and an
+//     unmeshed pod's plaintext to a meshed PERMISSIVE pod.
+//   - A connection carried by the ztunnel ends with the ztunnel's process
+//     (it is that process's sockets); it ends, it does not continue in
+//     plaintext. DESIGN's "established connections keep working while the
+//     agent restarts" holds for the data path, not for proxied streams.
+//   - The restarted agents adopt the pins: the agent says so for each pod,
+//     and every hook holds exactly one program (pod veth ingress and
+//     egress, uplink ingress, sk_lookup in the node's namespace); new
+//     meshed connections work again.
+func TestAgentsFailClosedAndAdoptTheirPinsOnRestart(t *testing.T) {
+	const excludedPort = 9000
+	spec := testbed.Spec{
+		Nodes: []testbed.NodeSpec{
+			{Name: "node1", Pods: []testbed.PodSpec{
+				{Name: "client", Namespace: "shop", ServiceAccount: "client"},
+				{Name: "legacy", Namespace: "plain"},
+			}},
+			{Name: "node2", Pods: []testbed.PodSpec{
+				{Name: "server", Namespace: "shop", ServiceAccount: "server"},
+				{Name: "outside", Namespace: "plain"},
+			}},
+		},
+		Namespaces: map[string]map[string]string{"shop": meshedNS},
+	}
+	m := startMesh(t, spec, meshtest.Options{AgentArgs: []string{"--exclude-port", fmt.Sprint(excludedPort)}})
+	srv := echo(t, m, "server", appPort)
+	outside := echo(t, m, "outside", excludedPort)
+	client := m.Pod("client")
+
+	excluded := dial(t, m, "client", outside.Addr)
+	plain := dial(t, m, "legacy", srv.Addr)
+	proxied := dial(t, m, "client", srv.Addr)
+	ping(t, excluded, "before")
+	ping(t, plain, "before")
+	ping(t, proxied, "before")
+	if c := counters(t, m, "node1"); c.Excluded == 0 || c.LookupOutbound != 1 {
+		t.Fatalf("node1 counters %+v: want the excluded connection seen and only the proxied one captured", c)
+	}
+
+	for _, n := range []string{"node1", "node2"} {
+		if err := m.KillAgent(n); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	// The proxied connection ends with the ztunnel.
+	_ = proxied.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if n, err := proxied.Read(make([]byte, 1)); err == nil || isTimeout(err) {
+		t.Errorf("proxied connection after the crash: read %d bytes, %v; want it closed (EOF or reset)", n, err)
+	}
+
+	// New meshed connections fail closed.
+	before := counters(t, m, "node1")
+	stop := capture(t, m)
+	dialFails(t, m, "client", srv.Addr)
+	pkts := stop()
+	if s := syns(pkts, netip.AddrPortFrom(srv.Addr.Addr(), 0)); len(s) > 0 {
+		t.Errorf("with no agent, %d connection attempts to the server crossed the underlay: %+v", len(s), s)
+	}
+	for _, p := range pkts {
+		if p.Src.Addr() == client.IP && p.Dst.Port() != excludedPort {
+			t.Errorf("with no agent, the client sent %s -> %s %s on the underlay", p.Src, p.Dst, p.Flags)
+		}
+	}
+	if after := counters(t, m, "node1"); after.NoListener <= before.NoListener {
+		t.Errorf("node1 counted no drop for want of a listener: %d -> %d", before.NoListener, after.NoListener)
+	}
+
+	// What the data path passes without the ztunnel keeps working.
+	ping(t, excluded, "while no agent runs")
+	ping(t, plain, "while no agent runs")
+
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	for _, n := range []string{"node1", "node2"} {
+		if err := m.StartAgent(ctx, n); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, pod := range []string{"client", "server"} {
+		p := m.Pod(pod)
+		adopted := false
+		for _, r := range m.Records(p.Node) {
+			if r["msg"] == "pod enrolled" && r["pod"] == "shop/"+pod && r["adopted"] == true {
+				adopted = true
+			}
+		}
+		if !adopted {
+			t.Errorf("the restarted agent of %s did not adopt %s's pinned programs", p.Node, pod)
+		}
+		got, err := m.AttachedPrograms(p.Node, p.HostVeth)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got != (meshtest.Attached{Ingress: 1, Egress: 1}) {
+			t.Errorf("%s's veth holds %+v programs after the restart, want one per hook", pod, got)
+		}
+	}
+	for _, n := range m.TB.Nodes() {
+		if got, err := m.AttachedPrograms(n.Name, n.Uplink); err != nil || got != (meshtest.Attached{Ingress: 1}) {
+			t.Errorf("%s's uplink holds %+v programs (%v), want one on ingress", n.Name, got, err)
+		}
+		if got, err := m.SkLookupPrograms(n.Name); err != nil || got != 1 {
+			t.Errorf("%s's namespace holds %d sk_lookup programs (%v), want one", n.Name, got, err)
+		}
+	}
+
+	ping(t, excluded, "after the restart")
+	ping(t, plain, "after the restart")
+	c := dial(t, m, "client", srv.Addr)
+	roundTrip(t, c, randomBytes(t, 1<<20))
+	if _, err := m.WaitFlow(ctx, "node2", func(f meshtest.Flow) bool {
+		return f.Direction == "inbound" && f.Src.Addr() == client.IP && f.Reason == "-"
+	}); err != nil {
+		t.Errorf("after the restart the new connection did not go through node2's ztunnel: %v", err)
+	}
+}
+
+func isTimeout(err error) bool {
+	te, ok := err.(interface{ Timeout() bool })
+	return ok && te.Timeout()
+}
+
+// TestAnnotatingANamespaceEnrollsItsPodsAtRuntime edits the cluster file
+// the running agents watch: annotating a namespace mantlet.io/mesh=enabled
+// enrolls its pods on both nodes (their traffic becomes HBONE between the
+// pods' identities, the marker disappears from the underlay), removing the
+// annotation un-enrolls them (plaintext again, nothing captured).
+func TestAnnotatingANamespaceEnrollsItsPodsAtRuntime(t *testing.T) {
+	spec := testbed.Spec{
+		Nodes: []testbed.NodeSpec{
+			{Name: "node1", Pods: []testbed.PodSpec{{Name: "web", Namespace: "late", ServiceAccount: "web"}}},
+			{Name: "node2", Pods: []testbed.PodSpec{{Name: "db", Namespace: "late", ServiceAccount: "db"}}},
+		},
+	}
+	m := startMesh(t, spec, meshtest.Options{})
+	db := echo(t, m, "db", appPort)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+
+	// send sends a marker from web to db and reports whether it crossed the
+	// underlay in clear and whether node1 captured the connection.
+	send := func(t *testing.T) (clear, captured bool) {
+		t.Helper()
+		before := counters(t, m, "node1")
+		marker := newMarker(t)
+		stop := capture(t, m)
+		c := dial(t, m, "web", db.Addr)
+		ping(t, c, marker)
+		c.Close()
+		pkts := stop()
+		after := counters(t, m, "node1")
+		return testbed.Contains(pkts, []byte(marker)), after.LookupOutbound > before.LookupOutbound
+	}
+	ready := func(t *testing.T, node, want string) {
+		t.Helper()
+		code, body, err := m.Get(ctx, node, meshtest.ReadyPort, "/healthz/ready")
+		if err != nil || code != http.StatusOK || body != want {
+			t.Errorf("%s readiness = %d %q (%v), want 200 %q", node, code, body, err, want)
+		}
+	}
+
+	t.Run("not annotated: plaintext", func(t *testing.T) {
+		ready(t, "node1", meshtest.ReadyBody(0))
+		if clear, captured := send(t); !clear || captured {
+			t.Errorf("marker in clear = %v, captured = %v; want plaintext, not captured", clear, captured)
+		}
+	})
+	t.Run("annotated: enrolled", func(t *testing.T) {
+		if err := m.SetNamespaceAnnotations(ctx, "late", meshedNS); err != nil {
+			t.Fatal(err)
+		}
+		ready(t, "node1", meshtest.ReadyBody(1))
+		ready(t, "node2", meshtest.ReadyBody(1))
+		if clear, captured := send(t); clear || !captured {
+			t.Errorf("marker in clear = %v, captured = %v; want captured and tunnelled", clear, captured)
+		}
+		web, _ := m.ID("web")
+		dbID, _ := m.ID("db")
+		f, err := m.WaitFlow(ctx, "node2", func(f meshtest.Flow) bool { return f.Direction == "inbound" && f.Dst == db.Addr })
+		if err != nil {
+			t.Fatal(err)
+		}
+		if f.Path != "hbone" || f.SrcID != web.String() || f.DstID != dbID.String() {
+			t.Errorf("node2 logged %+v; want HBONE from %s to %s", f, web, dbID)
+		}
+	})
+	t.Run("annotation removed: plaintext again", func(t *testing.T) {
+		if err := m.SetNamespaceAnnotations(ctx, "late", nil); err != nil {
+			t.Fatal(err)
+		}
+		ready(t, "node1", meshtest.ReadyBody(0))
+		ready(t, "node2", meshtest.ReadyBody(0))
+		if clear, captured := send(t); !clear || captured {
+			t.Errorf("marker in clear = %v, captured = %v; want plaintext, not captured", clear, captured)
+		}
+	})
+}
