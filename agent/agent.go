@@ -343,6 +343,18 @@ func (a *Agent) reconcile(now time.Time) (next time.Time) {
 			continue
 		}
 		owned[ifindex] = true
+		if rm := a.removing[ifindex]; rm != nil {
+			// The veth was to be un-enrolled for a pod that left, and now
+			// belongs to this one: keep it, drop only the leaver's marks.
+			delete(a.removing, ifindex)
+			for _, ip := range rm.local {
+				if !slices.Contains(d.ips, ip) {
+					if err := a.cfg.Datapath.SetLocalPod(ip, false); err != nil {
+						a.log.Warn("agent: unmark a departed pod's address failed", "pod", rm.name, "ip", ip, "error", err)
+					}
+				}
+			}
+		}
 		if st.ifindex == ifindex && enrolled[ifindex] && st.strict == d.strict && slices.Equal(st.ips, d.ips) {
 			st.id = d.id
 			if !slices.Equal(st.local, d.ips) {
@@ -356,11 +368,6 @@ func (a *Agent) reconcile(now time.Time) (next time.Time) {
 			}
 			continue
 		}
-		if st.ifindex != 0 && st.ifindex != ifindex && enrolled[st.ifindex] && !owned[st.ifindex] {
-			// The pod's veth was replaced; the old one is stale.
-			old := &podState{name: st.name, ifindex: st.ifindex}
-			a.removing[st.ifindex] = old
-		}
 		p := bpf.Pod{HostIfindex: ifindex, IPs: d.ips, Strict: d.strict}
 		if err := a.cfg.Datapath.EnrollPod(p); err != nil {
 			unresolved++
@@ -369,6 +376,20 @@ func (a *Agent) reconcile(now time.Time) (next time.Time) {
 			continue
 		}
 		adopted := st.ifindex == 0 && enrolled[ifindex]
+		if old := st.ifindex; old != 0 && old != ifindex {
+			// The pod's sandbox was recreated: its old veth is stale.
+			delete(owned, old)
+			if enrolled[old] {
+				if err := a.cfg.Datapath.UnenrollPod(old); err != nil {
+					a.removing[old] = &podState{name: st.name, ifindex: old}
+					a.fail(a.removing[old], now, fmt.Errorf("un-enroll old veth %d: %w", old, err))
+					due(a.removing[old].retryAt)
+				} else {
+					delete(enrolled, old)
+					a.log.Info("old veth un-enrolled", "pod", st.name, "ifindex", old, "reason", "the pod has a new veth")
+				}
+			}
+		}
 		st.ifindex, st.ips, st.strict, st.id = ifindex, d.ips, d.strict, d.id
 		enrolled[ifindex] = true
 		if err := a.markLocal(st, d.ips); err != nil {

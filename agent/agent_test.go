@@ -29,6 +29,7 @@ type fakeDatapath struct {
 	pods       map[int]bpf.Pod
 	calls      []string
 	failEnroll map[int]int
+	failUnenr  map[int]int
 	local      map[netip.Addr]bool
 	failLocal  int
 	panicOnce  bool
@@ -38,7 +39,7 @@ type fakeDatapath struct {
 }
 
 func newFakeDatapath(pinned ...int) *fakeDatapath {
-	d := &fakeDatapath{pods: map[int]bpf.Pod{}, failEnroll: map[int]int{}, local: map[netip.Addr]bool{}, ready: true}
+	d := &fakeDatapath{pods: map[int]bpf.Pod{}, failEnroll: map[int]int{}, failUnenr: map[int]int{}, local: map[netip.Addr]bool{}, ready: true}
 	for _, i := range pinned {
 		d.pods[i] = bpf.Pod{HostIfindex: i}
 	}
@@ -72,6 +73,10 @@ func (d *fakeDatapath) UnenrollPod(ifindex int) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	d.calls = append(d.calls, fmt.Sprintf("unenroll %d", ifindex))
+	if d.failUnenr[ifindex] > 0 {
+		d.failUnenr[ifindex]--
+		return errors.New("detach: busy")
+	}
 	if _, ok := d.pods[ifindex]; !ok {
 		return fmt.Errorf("veth %d not enrolled", ifindex)
 	}
@@ -418,6 +423,33 @@ func TestAgentMovesAPodToItsNewVeth(t *testing.T) {
 	wantEnrolled(t, r.dp, "101:198.19.1.1")
 	r.links.set("198.19.1.1", 201) // the pod's sandbox was recreated: new veth
 	wantEnrolled(t, r.dp, "201:198.19.1.1")
+	if calls := r.dp.callLog(); !slices.Equal(calls, []string{"enroll 101", "enroll 201", "unenroll 101"}) {
+		t.Fatalf("calls = %v, want the old veth un-enrolled right after the new one was enrolled", calls)
+	}
+}
+
+func TestAgentKeepsAVethThatChangesHands(t *testing.T) {
+	// Pod a leaves and pod b arrives with a's address (so a's veth) in the
+	// same edit, while un-enrolling a's veth fails once: b must end up
+	// enrolled, and a's pending removal must not un-enroll b later.
+	dp := newFakeDatapath()
+	r := newRig(t, dp)
+	r.agent.Apply(state(t, nil, pod{"shop/a", "node-1", "198.19.1.1", "", true}))
+	wantEnrolled(t, dp, "101:198.19.1.1")
+	dp.mu.Lock()
+	dp.failUnenr[101] = 1
+	dp.mu.Unlock()
+	r.agent.Apply(state(t, nil, pod{"shop/b", "node-1", "198.19.1.1", "", true}))
+	eventually(t, "b is enrolled", func() bool {
+		ps := r.agent.Pods()
+		return len(ps) == 1 && ps[0].Pod == "shop/b" && ps[0].Ifindex == 101 && ps[0].Err == ""
+	})
+	time.Sleep(150 * time.Millisecond) // retries and resyncs
+	if calls := dp.callLog(); !slices.Equal(calls, []string{"enroll 101", "unenroll 101", "enroll 101"}) {
+		t.Fatalf("calls = %v, want one failed un-enroll and b's enrollment, nothing after", calls)
+	}
+	wantEnrolled(t, dp, "101:198.19.1.1")
+	wantLocal(t, dp, "198.19.1.1")
 }
 
 func TestAgentSurvivesAPanickingDatapath(t *testing.T) {
