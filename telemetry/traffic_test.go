@@ -1,0 +1,262 @@
+package telemetry
+
+import (
+	"errors"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/mantlet/mantlet/identity"
+	"github.com/mantlet/mantlet/internal/workload"
+	"github.com/mantlet/mantlet/ztunnel"
+	"github.com/mantlet/mantlet/ztunnel/hbone"
+)
+
+var (
+	td       = spiffeid.RequireTrustDomainFromString("cluster.local")
+	frontend = &workload.Workload{UID: "f", Name: "frontend-7d9f-abcde", Namespace: "shop", ServiceAccount: "frontend",
+		Labels: map[string]string{"app": "frontend"}, Node: "node-a", IPs: []netip.Addr{netip.MustParseAddr("198.19.1.10")}, Enrolled: true}
+	payments = &workload.Workload{UID: "p", Name: "payments-0", Namespace: "shop", ServiceAccount: "payments",
+		Node: "node-b", IPs: []netip.Addr{netip.MustParseAddr("198.19.2.10")}, Enrolled: true}
+	paymentsSvc = &workload.Service{Name: "payments", Namespace: "shop"}
+)
+
+func id(w *workload.Workload) spiffeid.ID {
+	i, err := w.ID(td)
+	if err != nil {
+		panic(err)
+	}
+	return i
+}
+
+// hboneOut is an outbound HBONE flow frontend → payments through the
+// payments service.
+func hboneOut(flowID uint64) *ztunnel.FlowRecord {
+	return &ztunnel.FlowRecord{
+		ID: flowID, Direction: ztunnel.Outbound, Path: ztunnel.PathHBONE,
+		Src: netip.MustParseAddrPort("198.19.1.10:40000"), Dst: netip.MustParseAddrPort("198.19.2.10:8443"),
+		SrcID: id(frontend), DstID: id(payments), SrcWorkload: frontend, DstWorkload: payments, Service: paymentsSvc,
+		MTLS: true, Verdict: ztunnel.Verdict{Allow: true},
+	}
+}
+
+const trafficHelp = `
+# HELP istio_tcp_connections_closed_total TCP connections closed, by response flag.
+# TYPE istio_tcp_connections_closed_total counter
+# HELP istio_tcp_connections_failed_total TCP connections that were refused or ended badly (closed with a response flag other than "-").
+# TYPE istio_tcp_connections_failed_total counter
+# HELP istio_tcp_connections_opened_total TCP connections opened.
+# TYPE istio_tcp_connections_opened_total counter
+# HELP istio_tcp_received_bytes_total Bytes received by the destination: sent by the client (request direction), counted while connections are open.
+# TYPE istio_tcp_received_bytes_total counter
+# HELP istio_tcp_sent_bytes_total Bytes sent by the destination back to the client (response direction), counted while connections are open.
+# TYPE istio_tcp_sent_bytes_total counter
+`
+
+var trafficNames = []string{"istio_tcp_connections_opened_total", "istio_tcp_connections_closed_total",
+	"istio_tcp_connections_failed_total", "istio_tcp_received_bytes_total", "istio_tcp_sent_bytes_total"}
+
+// compare checks the whole exposition of names against want (HELP and
+// TYPE lines are added).
+func compare(t *testing.T, reg *prometheus.Registry, want string, names ...string) {
+	t.Helper()
+	if err := testutil.GatherAndCompare(reg, strings.NewReader(trafficHelp+want), names...); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestTrafficCountsBytesWhileOpenAndEachByteOnce(t *testing.T) {
+	tr := NewTraffic()
+	reg := prometheus.NewPedanticRegistry()
+	reg.MustRegister(tr)
+	const labels = `connection_security_policy="mutual_tls",destination_principal="spiffe://cluster.local/ns/shop/sa/payments",destination_service="payments.shop.svc.cluster.local",destination_workload="payments-0",destination_workload_namespace="shop",reporter="source",response_flags="-",source_principal="spiffe://cluster.local/ns/shop/sa/frontend",source_workload="frontend",source_workload_namespace="shop"`
+
+	r := hboneOut(7)
+	tr.Opened(r)
+	tr.Flush(7, 1000, 10)
+	tr.Flush(7, 1500, 10) // only the growth counts
+	compare(t, reg, `
+istio_tcp_connections_opened_total{`+labels+`} 1
+istio_tcp_received_bytes_total{`+labels+`} 1500
+istio_tcp_sent_bytes_total{`+labels+`} 10
+`, trafficNames...)
+
+	r.Sent, r.Received = 2000, 30
+	tr.Closed(r)
+	tr.Flush(7, 5000, 500) // a late flush of a closed flow counts nothing
+	compare(t, reg, `
+istio_tcp_connections_closed_total{`+labels+`} 1
+istio_tcp_connections_opened_total{`+labels+`} 1
+istio_tcp_received_bytes_total{`+labels+`} 2000
+istio_tcp_sent_bytes_total{`+labels+`} 30
+`, trafficNames...)
+	if n := tr.OpenFlows(); n != 0 {
+		t.Errorf("%d flows still tracked after close", n)
+	}
+}
+
+func TestTrafficLabelsByPathAndOutcome(t *testing.T) {
+	local := hboneOut(1)
+	local.Path, local.Service = ztunnel.PathLocal, nil
+	local.Sent, local.Received = 5, 6
+
+	plain := &ztunnel.FlowRecord{ // refused before it was registered: id 0, no open
+		Direction: ztunnel.InboundPlaintext, Path: ztunnel.PathLocal,
+		Src: netip.MustParseAddrPort("198.19.9.9:1234"), Dst: netip.MustParseAddrPort("198.19.2.10:8443"),
+		DstID: id(payments), DstWorkload: payments, Flag: ztunnel.FlagStrictPlaintext,
+		Verdict: ztunnel.Verdict{Flag: ztunnel.FlagStrictPlaintext},
+	}
+	tr := NewTraffic()
+	reg := prometheus.NewPedanticRegistry()
+	reg.MustRegister(tr)
+	tr.Opened(local)
+	tr.Closed(local)
+	tr.Closed(plain)
+
+	const l = `connection_security_policy="mutual_tls",destination_principal="spiffe://cluster.local/ns/shop/sa/payments",destination_service="unknown",destination_workload="payments-0",destination_workload_namespace="shop",`
+	const s = `source_principal="spiffe://cluster.local/ns/shop/sa/frontend",source_workload="frontend",source_workload_namespace="shop"`
+	const p = `connection_security_policy="none",destination_principal="spiffe://cluster.local/ns/shop/sa/payments",destination_service="unknown",destination_workload="payments-0",destination_workload_namespace="shop",reporter="destination",response_flags="strict_plaintext",source_principal="unknown",source_workload="unknown",source_workload_namespace="unknown"`
+	const p0 = `connection_security_policy="none",destination_principal="spiffe://cluster.local/ns/shop/sa/payments",destination_service="unknown",destination_workload="payments-0",destination_workload_namespace="shop",reporter="destination",response_flags="-",source_principal="unknown",source_workload="unknown",source_workload_namespace="unknown"`
+	// The same-node flow is reported by both ends, since no other ztunnel
+	// sees it; the refused plaintext one by the destination only.
+	compare(t, reg, `
+istio_tcp_connections_closed_total{`+l+`reporter="destination",response_flags="-",`+s+`} 1
+istio_tcp_connections_closed_total{`+l+`reporter="source",response_flags="-",`+s+`} 1
+istio_tcp_connections_closed_total{`+p+`} 1
+istio_tcp_connections_failed_total{`+p+`} 1
+istio_tcp_connections_opened_total{`+l+`reporter="destination",response_flags="-",`+s+`} 1
+istio_tcp_connections_opened_total{`+l+`reporter="source",response_flags="-",`+s+`} 1
+istio_tcp_connections_opened_total{`+p0+`} 1
+istio_tcp_received_bytes_total{`+l+`reporter="destination",response_flags="-",`+s+`} 5
+istio_tcp_received_bytes_total{`+l+`reporter="source",response_flags="-",`+s+`} 5
+istio_tcp_sent_bytes_total{`+l+`reporter="destination",response_flags="-",`+s+`} 6
+istio_tcp_sent_bytes_total{`+l+`reporter="source",response_flags="-",`+s+`} 6
+`, trafficNames...)
+}
+
+func TestWorkloadNameStaysStableAcrossPods(t *testing.T) {
+	for _, c := range []struct {
+		w    *workload.Workload
+		want string
+	}{
+		{&workload.Workload{Name: "web-6b7c-x2k4p", Labels: map[string]string{"app.kubernetes.io/name": "web", "app": "other"}}, "web"},
+		{&workload.Workload{Name: "web-6b7c-x2k4p", Labels: map[string]string{"app": "web"}}, "web"},
+		{&workload.Workload{Name: "db-0"}, "db-0"},
+		{nil, "unknown"},
+	} {
+		if got := WorkloadName(c.w); got != c.want {
+			t.Errorf("WorkloadName(%v) = %q, want %q", c.w, got, c.want)
+		}
+	}
+}
+
+func TestObserverCountsPolicyDecisions(t *testing.T) {
+	o := NewObserver(ObserverOptions{})
+	reg := prometheus.NewPedanticRegistry()
+	reg.MustRegister(o.Collectors()...)
+	allowed := hboneOut(1)
+	allowed.Verdict.Policy, allowed.Verdict.Rule = "shop/payments-allow", 0
+	byDefault := hboneOut(2)
+	denied := hboneOut(0)
+	denied.Verdict = ztunnel.Verdict{Policy: "shop/deny-frontend", Rule: 1}
+	denied.Flag = ztunnel.FlagPolicyDenied
+	limited := hboneOut(0)
+	limited.Verdict = ztunnel.Verdict{Flag: ztunnel.FlagRateLimited, Policy: "shop/payments-rate"}
+	limited.Flag = ztunnel.FlagRateLimited
+	notAsked := hboneOut(0) // refused before the policy was asked
+	notAsked.Verdict, notAsked.Flag = ztunnel.Verdict{}, ztunnel.FlagNoSVID
+	for _, r := range []*ztunnel.FlowRecord{allowed, byDefault, byDefault, denied, limited, notAsked} {
+		o.FlowEnded(r)
+	}
+	want := `
+# HELP mantlet_policy_decisions_total Policy decisions on connections at the destination, by action (allow, deny, audit), reason and deciding policy (namespace/name; empty for defaults).
+# TYPE mantlet_policy_decisions_total counter
+mantlet_policy_decisions_total{action="allow",policy="",reason="allowed-by-default"} 2
+mantlet_policy_decisions_total{action="allow",policy="shop/payments-allow",reason="allowed-by-policy"} 1
+mantlet_policy_decisions_total{action="deny",policy="shop/deny-frontend",reason="denied"} 1
+mantlet_policy_decisions_total{action="deny",policy="shop/payments-rate",reason="rate_limited"} 1
+# HELP mantlet_ratelimit_dropped_connections_total Connections refused by a policy's rateLimit, by limit (rate_limited: new connections per second of one source; max_connections: concurrent connections to the workload) and policy.
+# TYPE mantlet_ratelimit_dropped_connections_total counter
+mantlet_ratelimit_dropped_connections_total{limit="rate_limited",policy="shop/payments-rate"} 1
+`
+	if err := testutil.GatherAndCompare(reg, strings.NewReader(want),
+		"mantlet_policy_decisions_total", "mantlet_ratelimit_dropped_connections_total"); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestCertificatesExportExpiryAndIssuance(t *testing.T) {
+	now := time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC)
+	certs := []identity.CertInfo{
+		{ID: id(frontend), Serial: "1a", NotAfter: now.Add(90 * time.Minute)},
+		{ID: id(payments), Serial: "2b", NotAfter: now.Add(-time.Minute)}, // expired
+		{ID: spiffeid.RequireFromString("spiffe://cluster.local/ns/shop/sa/new")}, // not issued yet
+	}
+	c := NewCertificates(func() []identity.CertInfo { return certs }, func() time.Time { return now })
+	c.OnIssue(id(frontend), nil)
+	c.OnIssue(id(frontend), nil)
+	c.OnIssue(id(payments), errors.New("CA unreachable"))
+	reg := prometheus.NewPedanticRegistry()
+	reg.MustRegister(c)
+	want := `
+# HELP mantlet_svid_expiry_seconds Seconds until the node's SVID of this identity expires; negative once expired.
+# TYPE mantlet_svid_expiry_seconds gauge
+mantlet_svid_expiry_seconds{identity="spiffe://cluster.local/ns/shop/sa/frontend"} 5400
+mantlet_svid_expiry_seconds{identity="spiffe://cluster.local/ns/shop/sa/payments"} -60
+# HELP mantlet_svid_issuances_total Attempts to get an SVID from the CA (first fetches and renewals), by result: ok or failed.
+# TYPE mantlet_svid_issuances_total counter
+mantlet_svid_issuances_total{result="failed"} 1
+mantlet_svid_issuances_total{result="ok"} 2
+`
+	if err := testutil.GatherAndCompare(reg, strings.NewReader(want)); err != nil {
+		t.Fatal(err)
+	}
+}
+
+type fakePool struct{}
+
+func (fakePool) PoolConns() int         { return 2 }
+func (fakePool) PoolStats() hbone.Stats { return hbone.Stats{Handshakes: 3, Streams: 40} }
+
+func TestPoolCollectorAndBuildInfo(t *testing.T) {
+	reg := prometheus.NewPedanticRegistry()
+	reg.MustRegister(NewPoolCollector(fakePool{}), BuildInfo())
+	want := `
+# HELP mantlet_hbone_pool_connections HBONE connections the ztunnel's client pool holds open.
+# TYPE mantlet_hbone_pool_connections gauge
+mantlet_hbone_pool_connections 2
+# HELP mantlet_hbone_pool_handshakes_total TLS handshakes the HBONE client pool made (new connections to other nodes).
+# TYPE mantlet_hbone_pool_handshakes_total counter
+mantlet_hbone_pool_handshakes_total 3
+# HELP mantlet_hbone_streams_total HBONE CONNECT streams opened by the client pool (one per proxied connection).
+# TYPE mantlet_hbone_streams_total counter
+mantlet_hbone_streams_total 40
+`
+	if err := testutil.GatherAndCompare(reg, strings.NewReader(want),
+		"mantlet_hbone_pool_connections", "mantlet_hbone_pool_handshakes_total", "mantlet_hbone_streams_total"); err != nil {
+		t.Fatal(err)
+	}
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != "mantlet_build_info" {
+			continue
+		}
+		labels := map[string]string{}
+		for _, lp := range mf.GetMetric()[0].GetLabel() {
+			labels[lp.GetName()] = lp.GetValue()
+		}
+		if labels["version"] == "" || !strings.HasPrefix(labels["goversion"], "go") || mf.GetMetric()[0].GetGauge().GetValue() != 1 {
+			t.Errorf("mantlet_build_info = %v %v", labels, mf.GetMetric()[0].GetGauge().GetValue())
+		}
+		return
+	}
+	t.Error("no mantlet_build_info")
+}
