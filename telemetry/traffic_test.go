@@ -194,7 +194,7 @@ func TestCertificatesExportExpiryAndIssuance(t *testing.T) {
 	now := time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC)
 	certs := []identity.CertInfo{
 		{ID: id(frontend), Serial: "1a", NotAfter: now.Add(90 * time.Minute)},
-		{ID: id(payments), Serial: "2b", NotAfter: now.Add(-time.Minute)}, // expired
+		{ID: id(payments), Serial: "2b", NotAfter: now.Add(-time.Minute)},         // expired
 		{ID: spiffeid.RequireFromString("spiffe://cluster.local/ns/shop/sa/new")}, // not issued yet
 	}
 	c := NewCertificates(func() []identity.CertInfo { return certs }, func() time.Time { return now })
