@@ -10,6 +10,8 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"path/filepath"
+	"sync"
 	"testing"
 	"time"
 
@@ -40,7 +42,35 @@ func run(m *testing.M) int {
 			return 1
 		}
 	}
-	return m.Run()
+	code := m.Run()
+	if code == 0 {
+		if left := leftovers(); len(left) > 0 {
+			fmt.Fprintf(os.Stderr, "e2e: left behind after the tests: %v\n", left)
+			return 1
+		}
+	}
+	return code
+}
+
+// prefixes are the testbed prefixes of the meshes the tests started.
+var (
+	prefixMu sync.Mutex
+	prefixes []string
+)
+
+// leftovers lists the namespaces and pin directories of the tests'
+// meshes that still exist.
+func leftovers() []string {
+	prefixMu.Lock()
+	defer prefixMu.Unlock()
+	var left []string
+	for _, p := range prefixes {
+		for _, pattern := range []string{"/run/netns/" + p + "-*", bpf.DefaultPinRoot + "/" + p + "-*"} {
+			found, _ := filepath.Glob(pattern)
+			left = append(left, found...)
+		}
+	}
+	return left
 }
 
 // Names used by the tests' clusters.
@@ -62,6 +92,9 @@ func startMesh(t *testing.T, spec testbed.Spec, opts meshtest.Options) *meshtest
 	if err != nil {
 		t.Fatal(err)
 	}
+	prefixMu.Lock()
+	prefixes = append(prefixes, m.TB.Prefix())
+	prefixMu.Unlock()
 	t.Cleanup(func() {
 		if t.Failed() {
 			for _, n := range m.TB.Nodes() {

@@ -432,7 +432,7 @@ func (m *Mesh) waitNode(ctx context.Context, node string) error {
 			return nil
 		}
 		if p.exited() {
-			return fmt.Errorf("meshtest: agent of %s exited (%v) before it was ready; last log lines:\n%s", node, p.err, tail(p.logs.String(), 30))
+			return fmt.Errorf("meshtest: agent of %s exited (%v) before it was ready; its output:\n%s", node, p.err, excerpt(p.logs.String(), 10, 20))
 		}
 		select {
 		case <-ctx.Done():
@@ -660,7 +660,9 @@ func (m *Mesh) Close() error {
 	m.closed = true
 	procs := make([]*agentProc, 0, len(m.agents))
 	for _, p := range m.agents {
-		procs = append(procs, p)
+		if !p.exited() { // an agent that exited earlier was reported then
+			procs = append(procs, p)
+		}
 	}
 	m.mu.Unlock()
 
@@ -727,12 +729,14 @@ func Build(ctx context.Context, dir string) (string, error) {
 	return out, nil
 }
 
-func tail(s string, lines int) string {
-	parts := strings.Split(strings.TrimRight(s, "\n"), "\n")
-	if len(parts) > lines {
-		parts = parts[len(parts)-lines:]
+// excerpt returns the first head and the last tail lines of s.
+func excerpt(s string, head, tail int) string {
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	if len(lines) <= head+tail {
+		return strings.Join(lines, "\n")
 	}
-	return strings.Join(parts, "\n")
+	return strings.Join(lines[:head], "\n") + fmt.Sprintf("\n[... %d lines ...]\n", len(lines)-head-tail) +
+		strings.Join(lines[len(lines)-tail:], "\n")
 }
 
 // prefixWriter writes each line with a prefix.

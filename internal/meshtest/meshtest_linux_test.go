@@ -123,3 +123,22 @@ func TestLogBufferKeepsTheStartAndTheEnd(t *testing.T) {
 		t.Fatalf("kept %d bytes:\n%s", len(s), s)
 	}
 }
+
+// TestStartRemovesEverythingWhenAnAgentFails starts a mesh whose agents
+// cannot start (a bad flag): Start fails with the agent's own complaint
+// and leaves no namespace of its testbed behind.
+func TestStartRemovesEverythingWhenAnAgentFails(t *testing.T) {
+	privtest.Require(t)
+	prefix := fmt.Sprintf("mtfail%d", os.Getpid()%1000000)
+	m, err := Start(context.Background(), testbed.SimpleSpec(2, 1, "shop"), Options{Binary: binary, Prefix: prefix, AgentArgs: []string{"--mtls-mode", "SOMETIMES"}})
+	if err == nil {
+		m.Close()
+		t.Fatal("Start succeeded with agents that cannot start")
+	}
+	if !strings.Contains(err.Error(), "exited") || !strings.Contains(err.Error(), "--mtls-mode") {
+		t.Errorf("error does not say that the agent exited and why:\n%v", err)
+	}
+	if left, _ := filepath.Glob("/run/netns/" + prefix + "-*"); len(left) > 0 {
+		t.Errorf("namespaces left after Start failed: %v", left)
+	}
+}
