@@ -15,14 +15,22 @@ import (
 )
 
 // Table is a text table whose first column is left-aligned and whose other
-// columns are right-aligned (they hold numbers).
+// columns are right-aligned (they hold numbers), unless LeftAligned.
 type Table struct {
 	header []string
 	rows   [][]string
+	left   bool
 }
 
 // NewTable returns a table with the given column headers.
 func NewTable(header ...string) *Table { return &Table{header: header} }
+
+// LeftAligned makes every column left-aligned (for tables of names) and
+// returns t.
+func (t *Table) LeftAligned() *Table {
+	t.left = true
+	return t
+}
 
 // Add appends a row; missing cells print empty, extra cells are dropped.
 func (t *Table) Add(cells ...string) {
@@ -42,21 +50,24 @@ func (t *Table) Write(w io.Writer, indent string) error {
 	}
 	var b strings.Builder
 	line := func(row []string) {
-		b.WriteString(indent)
+		var l strings.Builder
+		l.WriteString(indent)
 		for i, c := range row {
 			pad := strings.Repeat(" ", widths[i]-utf8.RuneCountInString(c))
-			switch {
-			case i == 0:
-				b.WriteString(c)
-				if len(row) > 1 {
-					b.WriteString(pad)
-				}
-			default:
-				b.WriteString("  ")
-				b.WriteString(pad)
-				b.WriteString(c)
+			if i > 0 {
+				l.WriteString("  ")
+			}
+			if i == 0 || t.left {
+				l.WriteString(c + pad)
+			} else {
+				l.WriteString(pad + c)
 			}
 		}
+		out := l.String()
+		if t.left {
+			out = strings.TrimRight(out, " ")
+		}
+		b.WriteString(out)
 		b.WriteByte('\n')
 	}
 	line(t.header)

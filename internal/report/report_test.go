@@ -24,6 +24,23 @@ func TestTableAlignsNumbersToTheRight(t *testing.T) {
 	}
 }
 
+func TestLeftAlignedTableTrimsLineEnds(t *testing.T) {
+	tb := NewTable("node", "pod", "note").LeftAligned()
+	tb.Add("node1", "shop/client", "meshed")
+	tb.Add("node2", "legacy/legacy-server")
+	var b bytes.Buffer
+	if err := tb.Write(&b, "> "); err != nil {
+		t.Fatal(err)
+	}
+	want := "" +
+		"> node   pod                   note\n" +
+		"> node1  shop/client           meshed\n" +
+		"> node2  legacy/legacy-server\n"
+	if b.String() != want {
+		t.Fatalf("table:\n%s\nwant:\n%s", b.String(), want)
+	}
+}
+
 func TestChecksCountFailures(t *testing.T) {
 	var b bytes.Buffer
 	c := NewChecks(&b)

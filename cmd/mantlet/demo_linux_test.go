@@ -1,0 +1,185 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/mantlet/mantlet/bpf"
+	"github.com/mantlet/mantlet/internal/meshtest"
+	"github.com/mantlet/mantlet/internal/privtest"
+	"github.com/mantlet/mantlet/internal/testbed"
+)
+
+// mantletBinary returns a mantlet executable for the agents of the demo and
+// the bench: $MANTLET_TEST_BINARY, or one built for the test.
+func mantletBinary(t *testing.T) string {
+	t.Helper()
+	if b := os.Getenv(meshtest.BinaryEnv); b != "" {
+		return b
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+	defer cancel()
+	b, err := meshtest.Build(ctx, t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+// syncBuffer is a bytes.Buffer that a running command writes while the
+// test reads.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+var demoPrefixRE = regexp.MustCompile(`\(testbed (demo[0-9a-f]+)\)`)
+
+// checkDemoLeftNothing fails t if the testbed, pins or temporary files of
+// the demo whose report is out survived.
+func checkDemoLeftNothing(t *testing.T, out string) {
+	t.Helper()
+	m := demoPrefixRE.FindStringSubmatch(out)
+	if m == nil {
+		t.Fatalf("the report names no testbed:\n%s", out)
+	}
+	prefix := m[1]
+	if ns, _ := filepath.Glob("/run/netns/" + prefix + "-*"); len(ns) > 0 {
+		t.Errorf("namespaces left behind: %v", ns)
+	}
+	if pins, _ := filepath.Glob(filepath.Join(bpf.DefaultPinRoot, prefix+"-*")); len(pins) > 0 {
+		t.Errorf("pins left behind: %v", pins)
+	}
+	if logs := regexp.MustCompile(`tail -f (\S+)`).FindStringSubmatch(out); logs != nil {
+		if _, err := os.Stat(filepath.Dir(logs[1])); err == nil {
+			t.Errorf("temporary directory %s left behind", filepath.Dir(logs[1]))
+		}
+	}
+}
+
+// TestDemoReportsCaptureIdentitiesAndAnEncryptedWire runs `mantlet demo`
+// and checks the lines of its report a user relies on.
+func TestDemoReportsCaptureIdentitiesAndAnEncryptedWire(t *testing.T) {
+	privtest.Require(t)
+	bin := mantletBinary(t)
+	e, out, errb := testEnv()
+	start := time.Now()
+	code := run(context.Background(), e, []string{"demo", "--binary", bin})
+	took := time.Since(start)
+	report := out.String()
+	if code != 0 {
+		t.Fatalf("mantlet demo exited %d; stdout:\n%s\nstderr:\n%s", code, report, errb)
+	}
+	for _, want := range []string{
+		"ok    the meshed server saw the client pod's own IP (peer 198.19.1.11:",
+		"ok    the connection was captured on node1 (outbound) and carried over HBONE to node2 (inbound)",
+		"ok    identities on both ends: client spiffe://cluster.local/ns/shop/sa/client, server spiffe://cluster.local/ns/shop/sa/server",
+		"  node1  outbound hbone  198.19.1.11:",
+		"  node2  inbound hbone  198.19.1.11:",
+		"ok    meshed traffic on the wire: ",
+		"every one to or from port 15008 (0 on another port)",
+		"ok    it is TLS 1.3 to the destination pod 198.19.2.11:15008: client hello with ALPN h2 and no SNI",
+		`ok    the meshed marker "mantlet-demo-secret-`,
+		`ok    unmeshed traffic left alone: marker "legacy-demo-plaintext-`,
+		"198.19.1.12 -> 198.19.2.12:8080 directly",
+		"ok    no ztunnel saw it: 0 flows in the logs, capture counters moved by 0",
+		"curl -s http://127.0.0.1:15020/metrics",
+		`mantlet_datapath_packets_total{event="lookup_outbound"} 1`,
+		`mantlet_datapath_packets_total{event="lookup_hbone"} 1`,
+		"All checks passed in ",
+		"Removed.",
+	} {
+		if !strings.Contains(report, want) {
+			t.Errorf("the report lacks %q", want)
+		}
+	}
+	if strings.Contains(report, "FAIL") {
+		t.Error("the report shows a failed check")
+	}
+	if t.Failed() {
+		t.Logf("report:\n%s\nstderr:\n%s", report, errb)
+	}
+	if took > 30*time.Second {
+		t.Errorf("the demo took %v; it should take well under 30 s", took)
+	}
+	checkDemoLeftNothing(t, report)
+}
+
+// TestDemoKeepRunsUntilInterrupted runs `mantlet demo --keep`, talks to the
+// kept mesh the way the instructions say, then interrupts it as Ctrl-C would
+// and checks that everything is gone.
+func TestDemoKeepRunsUntilInterrupted(t *testing.T) {
+	privtest.Require(t)
+	bin := mantletBinary(t)
+	var out, errb syncBuffer
+	e := &env{stdout: &out, stderr: &errb, getenv: func(string) string { return "" }}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan int, 1)
+	go func() { done <- run(ctx, e, []string{"demo", "--keep", "--binary", bin}) }()
+
+	deadline := time.After(60 * time.Second)
+	for !strings.Contains(out.String(), "Press Ctrl-C here to remove everything") {
+		select {
+		case code := <-done:
+			t.Fatalf("mantlet demo --keep exited %d before Ctrl-C; stdout:\n%s\nstderr:\n%s", code, out.String(), errb.String())
+		case <-deadline:
+			cancel()
+			<-done
+			t.Fatalf("no instructions within 60 s; stdout:\n%s", out.String())
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	// The instructions' first command, in Go: the echo server still answers
+	// through the mesh.
+	// (Open only reads the testbed's state file; the demo removes it.)
+	tb, err := testbed.Open(demoPrefixRE.FindStringSubmatch(out.String())[1])
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := tb.Pod("client").Dial(ctx, "tcp4", "198.19.2.11:8080")
+	if err != nil {
+		t.Errorf("the kept mesh does not answer: %v", err)
+	} else {
+		_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+		_, _ = c.Write([]byte("hello\n"))
+		buf := make([]byte, 6)
+		if _, err := c.Read(buf); err != nil || string(buf) != "hello\n" {
+			t.Errorf("echo through the kept mesh = %q, %v", buf, err)
+		}
+		c.Close()
+	}
+
+	cancel()
+	select {
+	case code := <-done:
+		if code != 0 {
+			t.Errorf("interrupted demo exited %d; stderr:\n%s", code, errb.String())
+		}
+	case <-time.After(60 * time.Second):
+		t.Fatal("the demo did not finish within 60 s of Ctrl-C")
+	}
+	if !strings.Contains(out.String(), "Interrupted.") || !strings.HasSuffix(out.String(), "Removed.\n") {
+		t.Errorf("the demo did not say it removed the mesh:\n%s", out.String())
+	}
+	checkDemoLeftNothing(t, out.String())
+}
