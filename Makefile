@@ -34,8 +34,9 @@ generate: ## rebuild the eBPF objects with bpf2go (needs clang-19, llvm-19, libb
 check-generate: generate ## fail if the committed eBPF objects differ from a fresh build
 	@git diff --exit-code --stat -- bpf/ || { echo "bpf2go output is stale: run 'make generate' and commit"; exit 1; }
 
-bench: ## run the Go benchmarks (and, as root, the testbed scenario)
+bench: build ## run the Go benchmarks, then (as root) the testbed scenario: direct vs through mantlet
 	$(GO) test -run '^$$' -bench . -benchmem -count=1 -timeout 30m ./...
+	@if [ "$$(id -u)" = 0 ]; then ./$(BIN) bench; else echo "bench: the testbed scenario (mantlet bench) was skipped: it needs root (network namespaces, eBPF); run 'sudo make bench'"; fi
 
 demo: build ## run the two-node demo (needs root)
 	./$(BIN) demo
