@@ -465,6 +465,7 @@ func checkDemo(c *report.Checks, m *meshtest.Mesh, r *demoResult) {
 func tlsCheck(pkts []testbed.Packet, server netip.Addr) (bool, string) {
 	hbone := netip.AddrPortFrom(server, meshtest.HBONEPort)
 	var ch, sh *testbed.TLSHello
+	var from netip.AddrPort
 	var errs []error
 	for _, s := range testbed.Streams(pkts) {
 		switch {
@@ -474,7 +475,7 @@ func tlsCheck(pkts []testbed.Packet, server netip.Addr) (bool, string) {
 				errs = append(errs, fmt.Errorf("client side: %w", err))
 				continue
 			}
-			ch = h
+			ch, from = h, s.Src
 		case s.Src == hbone && sh == nil:
 			h, err := testbed.ParseTLSHello(s.Data)
 			if err != nil {
@@ -495,7 +496,7 @@ func tlsCheck(pkts []testbed.Packet, server netip.Addr) (bool, string) {
 		detail = fmt.Sprintf(" (client offered %#04x, SNI %q, ALPN %q; server chose %#04x, certificate in clear: %v)",
 			ch.Version(), ch.ServerName, ch.ALPN, sh.Version(), sh.PlaintextCertificate)
 	}
-	return ok, fmt.Sprintf("it is TLS 1.3 to the destination pod %s: client hello with ALPN h2 and no SNI, server hello chose TLS 1.3, certificates encrypted%s", hbone, detail)
+	return ok, fmt.Sprintf("it is TLS 1.3 from %s to the destination pod %s: client hello with ALPN h2 and no SNI, server hello chose TLS 1.3, certificates encrypted%s", from, hbone, detail)
 }
 
 func peersString(ps []netip.AddrPort) string {
