@@ -164,7 +164,7 @@ func TestFlowsFilterAndFollow(t *testing.T) {
 	f.Flows.Add(admintest.Denied(2))
 	ctx := context.Background()
 	evs, err := c.Flows(ctx, telemetry.FlowFilter{Verdict: telemetry.VerdictDenied}, 0)
-	if err != nil || len(evs) != 1 || evs[0].ID != 2 || evs[0].Policy != "shop/payments-allow-checkout" {
+	if err != nil || len(evs) != 1 || evs[0].ID != 2 || evs[0].ResponseFlag != "policy_denied" {
 		t.Fatalf("denied flows = %+v, %v", evs, err)
 	}
 	if _, err := c.Flows(ctx, telemetry.FlowFilter{Verdict: "maybe"}, 0); err == nil || !strings.Contains(err.Error(), `verdict "maybe": want allowed or denied`) {

@@ -16,9 +16,25 @@ import (
 	"github.com/mantlet/mantlet/telemetry"
 )
 
-// ErrUnreachable is wrapped by the Client's errors when nothing answers at
-// the admin address.
+// ErrUnreachable is matched (errors.Is) by the Client's errors when
+// nothing answers at the admin address.
 var ErrUnreachable = errors.New("admin API unreachable")
+
+// UnreachableError says that nothing answered at Addr.
+type UnreachableError struct {
+	Addr string
+	Err  error
+}
+
+func (e *UnreachableError) Error() string {
+	return fmt.Sprintf("cannot reach the admin API at %s: %v", e.Addr, e.Err)
+}
+
+// Unwrap returns the dial error.
+func (e *UnreachableError) Unwrap() error { return e.Err }
+
+// Is matches ErrUnreachable.
+func (e *UnreachableError) Is(target error) bool { return target == ErrUnreachable }
 
 // Client talks to a node's admin API.
 type Client struct {
@@ -74,7 +90,7 @@ func (c *Client) do(ctx context.Context, path string, q url.Values) (*http.Respo
 		if ctx.Err() != nil {
 			return nil, ctx.Err()
 		}
-		return nil, fmt.Errorf("cannot reach the admin API at %s: %w: %w", c.addr, ErrUnreachable, unwrapURL(err))
+		return nil, &UnreachableError{Addr: c.addr, Err: unwrapURL(err)}
 	}
 	if resp.StatusCode/100 != 2 {
 		defer resp.Body.Close()

@@ -275,8 +275,8 @@ func (s *Server) workloads(w http.ResponseWriter, r *http.Request) {
 		if v.ServiceAccount == "" {
 			v.ServiceAccount = "default"
 		}
-		if id, err := wl.ID(s.cfg.TrustDomain); err == nil {
-			v.Identity = id.String()
+		if id, err := wl.ID(s.cfg.TrustDomain); err == nil && wl.Enrolled {
+			v.Identity = id.String() // unmeshed pods have no identity in the mesh
 		}
 		for _, ip := range wl.IPs {
 			v.IPs = append(v.IPs, ip.String())

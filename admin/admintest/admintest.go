@@ -186,14 +186,14 @@ func New(t testing.TB) *Fixture {
 	return f
 }
 
-// Denied is a flow event of a denied connection frontend-0 → payments-0.
+// Denied is a flow event of a denied connection frontend-0 → payments-0
+// (an ALLOW policy selects payments, none of its rules admits frontend).
 func Denied(id uint64) telemetry.FlowEvent {
-	rule := 0
 	return telemetry.FlowEvent{
 		Time: Now, Event: telemetry.EventClose, ID: id, Direction: "inbound", Path: "hbone",
 		Src:  telemetry.Endpoint{Addr: "198.19.1.10:40000", Workload: "frontend-0", Namespace: "shop", Identity: "spiffe://cluster.local/ns/shop/sa/frontend"},
 		Dst:  telemetry.Endpoint{Addr: "198.19.2.10:8443", Workload: "payments-0", Namespace: "shop", Identity: "spiffe://cluster.local/ns/shop/sa/payments"},
-		MTLS: true, ResponseFlag: "policy_denied", Verdict: telemetry.VerdictDenied, Policy: "shop/payments-allow-checkout", Rule: &rule,
+		MTLS: true, ResponseFlag: "policy_denied", Verdict: telemetry.VerdictDenied,
 	}
 }
 

@@ -1,0 +1,72 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"text/tabwriter"
+	"time"
+
+	"github.com/mantlet/mantlet/admin"
+)
+
+func init() {
+	register(command{name: "certs", summary: "list this node's workload certificates (identity, serial, expiry, renewal)", run: runCerts})
+}
+
+func runCerts(ctx context.Context, e *env, args []string) error {
+	var cf clientFlags
+	fs := newFlagSet(e, "certs", "[--admin ADDR | --node N] [-o table|json|yaml]")
+	addClientFlags(fs, &cf)
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	if err := cf.validate(e, fs); err != nil {
+		return err
+	}
+	c, ctx, done, err := cf.client(ctx, e)
+	if err != nil {
+		return err
+	}
+	defer done()
+	certs, err := c.Certs(ctx)
+	if err != nil {
+		return explain(err)
+	}
+	return printData(e.stdout, cf.output, certs, func(tw *tabwriter.Writer) {
+		row(tw, "IDENTITY", "SERIAL", "NOT AFTER", "EXPIRES IN", "STATUS")
+		for _, c := range certs {
+			row(tw, c.Identity, c.Serial, notAfter(c), expiresIn(c), certState(c))
+		}
+	})
+}
+
+func notAfter(c admin.Cert) string {
+	if c.NotAfter.IsZero() {
+		return ""
+	}
+	return c.NotAfter.UTC().Format(time.RFC3339)
+}
+
+func expiresIn(c admin.Cert) string {
+	if c.NotAfter.IsZero() {
+		return ""
+	}
+	return human(time.Duration(c.ExpiresInSeconds * float64(time.Second)))
+}
+
+func certState(c admin.Cert) string {
+	left := time.Duration(c.ExpiresInSeconds * float64(time.Second))
+	switch {
+	case c.NotAfter.IsZero() && c.Failures > 0:
+		return fmt.Sprintf("NOT ISSUED: %d failed attempts: %s", c.Failures, c.LastError)
+	case c.NotAfter.IsZero():
+		return "pending"
+	case left <= 0:
+		return "EXPIRED"
+	case c.Failures > 0:
+		return fmt.Sprintf("renewal failing (%d attempts): %s", c.Failures, c.LastError)
+	case left < admin.ExpiryWarning:
+		return "expiring soon"
+	}
+	return "ok"
+}

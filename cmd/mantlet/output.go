@@ -1,0 +1,167 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"sigs.k8s.io/yaml"
+
+	"github.com/mantlet/mantlet/admin"
+)
+
+// adminEnv is the environment variable that sets the default admin
+// address of the operator commands.
+const adminEnv = "MANTLET_ADMIN"
+
+// clientFlags are the flags every operator command shares: where the admin
+// API is and how to print.
+type clientFlags struct {
+	admin   string
+	node    string
+	output  string
+	timeout time.Duration
+}
+
+// addClientFlags registers --admin, --node, -o/--output and --timeout.
+func addClientFlags(fs *flag.FlagSet, f *clientFlags) {
+	fs.StringVar(&f.admin, "admin", "", "admin API of the node: host:port, or a unix socket path (default $"+adminEnv+", else the --node socket, else "+admin.DefaultAddr+")")
+	fs.StringVar(&f.node, "node", "", "talk to this node's agent through its unix socket ("+admin.SocketPath("<node>")+")")
+	fs.StringVar(&f.output, "o", "table", "output format: table, json or yaml")
+	fs.StringVar(&f.output, "output", "table", "same as -o")
+	fs.DurationVar(&f.timeout, "timeout", 10*time.Second, "how long to wait for the admin API")
+}
+
+// validate checks the shared flags; it prints the problem and the usage.
+func (f *clientFlags) validate(e *env, fs *flag.FlagSet) error {
+	switch f.output {
+	case "table", "json", "yaml":
+	default:
+		fmt.Fprintf(e.stderr, "%s: -o %q: want table, json or yaml\n", fs.Name(), f.output)
+		fs.Usage()
+		return errUsage
+	}
+	if fs.NArg() > 0 {
+		fmt.Fprintf(e.stderr, "%s: unexpected arguments %q\n", fs.Name(), fs.Args())
+		fs.Usage()
+		return errUsage
+	}
+	return nil
+}
+
+// addr is the admin address to use.
+func (f *clientFlags) addr(e *env) string {
+	switch {
+	case f.admin != "":
+		return f.admin
+	case f.node != "":
+		return admin.SocketPath(f.node)
+	case e.getenv(adminEnv) != "":
+		return e.getenv(adminEnv)
+	}
+	return admin.DefaultAddr
+}
+
+// client returns a client of the admin API and a context bounded by
+// --timeout.
+func (f *clientFlags) client(ctx context.Context, e *env) (*admin.Client, context.Context, context.CancelFunc, error) {
+	c, err := admin.NewClient(f.addr(e))
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("--admin: %w", err)
+	}
+	ctx, cancel := context.WithTimeout(ctx, f.timeout)
+	return c, ctx, func() { cancel(); c.Close() }, nil
+}
+
+// explain adds what to do next to an error of the admin client.
+func explain(err error) error {
+	var ue *admin.UnreachableError
+	if errors.As(err, &ue) {
+		return fmt.Errorf("%w\nIs 'mantlet agent' running on this node? Point at it with --admin host:port, --admin /path/to/admin.sock or --node <name>", err)
+	}
+	if errors.Is(err, context.DeadlineExceeded) {
+		return fmt.Errorf("the admin API did not answer in time (--timeout): %w", err)
+	}
+	return err
+}
+
+// printData prints v as JSON or YAML, or calls table with a tab writer
+// for the default format.
+func printData(w io.Writer, format string, v any, table func(tw *tabwriter.Writer)) error {
+	switch format {
+	case "json":
+		enc := json.NewEncoder(w)
+		enc.SetIndent("", "  ")
+		return enc.Encode(v)
+	case "yaml":
+		b, err := yaml.Marshal(v)
+		if err != nil {
+			return fmt.Errorf("yaml: %w", err)
+		}
+		_, err = w.Write(b)
+		return err
+	}
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	table(tw)
+	return tw.Flush()
+}
+
+// row writes one tab-separated row.
+func row(tw io.Writer, cols ...any) {
+	s := make([]string, len(cols))
+	for i, c := range cols {
+		s[i] = fmt.Sprint(c)
+		if s[i] == "" {
+			s[i] = "-"
+		}
+	}
+	fmt.Fprintln(tw, strings.Join(s, "\t"))
+}
+
+// human prints a duration the way kubectl does: 5s, 3m, 2h10m, 4d.
+func human(d time.Duration) string {
+	neg := d < 0
+	if neg {
+		d = -d
+	}
+	var s string
+	switch {
+	case d < time.Minute:
+		s = fmt.Sprintf("%ds", int(d.Seconds()))
+	case d < time.Hour:
+		s = fmt.Sprintf("%dm", int(d.Minutes()))
+	case d < 48*time.Hour:
+		h := int(d.Hours())
+		if m := int(d.Minutes()) % 60; m != 0 && h < 10 {
+			s = fmt.Sprintf("%dh%dm", h, m)
+		} else {
+			s = fmt.Sprintf("%dh", h)
+		}
+	default:
+		s = fmt.Sprintf("%dd", int(d.Hours()/24))
+	}
+	if neg {
+		return "-" + s
+	}
+	return s
+}
+
+// bytesHuman prints a byte count with a binary unit.
+func bytesHuman(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%dB", n)
+	}
+	div, exp := int64(unit), 0
+	for m := n / unit; m >= unit; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f%ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}

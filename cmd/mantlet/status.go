@@ -1,0 +1,87 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"strings"
+	"text/tabwriter"
+
+	"github.com/mantlet/mantlet/admin"
+)
+
+func init() {
+	register(command{name: "status", summary: "is this node healthy, and why not (asks the local agent)", run: runStatus})
+}
+
+func runStatus(ctx context.Context, e *env, args []string) error {
+	var cf clientFlags
+	fs := newFlagSet(e, "status", "[--admin ADDR | --node N] [-o table|json|yaml]")
+	addClientFlags(fs, &cf)
+	if err := parseFlags(fs, args); err != nil {
+		return err
+	}
+	if err := cf.validate(e, fs); err != nil {
+		return err
+	}
+	c, ctx, done, err := cf.client(ctx, e)
+	if err != nil {
+		return err
+	}
+	defer done()
+	st, err := c.Status(ctx)
+	if err != nil {
+		return explain(err)
+	}
+	if err := printData(e.stdout, cf.output, st, func(tw *tabwriter.Writer) { statusTable(tw, &st) }); err != nil {
+		return err
+	}
+	if !st.Ready {
+		return fmt.Errorf("node %s is not ready: %s", st.Node, st.Reason)
+	}
+	return nil
+}
+
+func statusTable(tw *tabwriter.Writer, st *admin.Status) {
+	ready := "yes"
+	if !st.Ready {
+		ready = "NO"
+	}
+	node := st.Node
+	if st.Version != "" {
+		node += " (mantlet " + st.Version + ")"
+	}
+	fmt.Fprintf(tw, "Node:\t%s\n", node)
+	fmt.Fprintf(tw, "Ready:\t%s: %s\n", ready, st.Reason)
+	d := st.Datapath
+	if d.Available {
+		attached := "attached"
+		if !d.SkLookupAttached {
+			attached = "NOT attached"
+		}
+		listeners := strings.Join(d.Listeners, ", ")
+		if listeners == "" {
+			listeners = "none"
+		}
+		fmt.Fprintf(tw, "Data path:\tsk_lookup %s; listeners in the SOCKMAP: %s; programs on %d pod veths and %d uplinks\n",
+			attached, listeners, d.Pods, d.Uplinks)
+	} else {
+		fmt.Fprintf(tw, "Data path:\tnone\n")
+	}
+	s := st.Snapshot
+	fmt.Fprintf(tw, "Workloads:\t%d in the cluster, %d on this node (%d enrolled, %d pending); %d services; snapshot generation %d\n",
+		s.Workloads, s.LocalWorkloads, s.Enrolled, s.Pending, s.Services, s.Generation)
+	if st.Policy.Available {
+		fmt.Fprintf(tw, "Policies:\t%d in force (generation %d)\n", st.Policy.Policies, st.Policy.Generation)
+	} else {
+		fmt.Fprintf(tw, "Policies:\tno policy engine\n")
+	}
+	fmt.Fprintf(tw, "Certificates:\t%d identities; %d expiring within %s, %d expired, %d failing to renew\n",
+		st.Certs.Identities, len(st.Certs.Expiring), human(admin.ExpiryWarning), len(st.Certs.Expired), len(st.Certs.Failing))
+	fmt.Fprintf(tw, "Flows:\t%d open, %d logged since start\n", st.Flows.Open, st.Flows.Logged)
+	if len(st.Problems) > 0 {
+		fmt.Fprintf(tw, "\nProblems:\n")
+		for _, p := range st.Problems {
+			fmt.Fprintf(tw, "  - %s\n", p)
+		}
+	}
+}
