@@ -274,7 +274,10 @@ func (cs *ClientStream) Close() error {
 }
 
 // bodyReader feeds the request body from the caller's reader and notes
-// when it ends.
+// when it ends: when the transport closes it, after it sent the last byte
+// and END_STREAM, or aborted the stream. The EOF of the caller's reader is
+// not the end: the transport may still hold bytes it read but could not
+// send yet (flow control), and closing the stream then would drop them.
 type bodyReader struct {
 	r    io.Reader
 	n    atomic.Int64
@@ -285,9 +288,6 @@ type bodyReader struct {
 func (b *bodyReader) Read(p []byte) (int, error) {
 	n, err := b.r.Read(p)
 	b.n.Add(int64(n))
-	if err != nil {
-		b.finish()
-	}
 	return n, err
 }
 
