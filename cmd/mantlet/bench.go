@@ -182,7 +182,7 @@ func bench(ctx context.Context, e *env, f benchFlags) (err error) {
 		return demoInterrupted(ctx, fmt.Errorf("start the mesh: %w", err))
 	}
 	defer func() {
-		if err != nil {
+		if err != nil && ctx.Err() == nil {
 			printAgentTails(e.stderr, m)
 		}
 		if cerr := m.Close(); cerr != nil {

@@ -138,7 +138,7 @@ func demo(ctx context.Context, e *env, f demoFlags) (err error) {
 		return demoInterrupted(ctx, fmt.Errorf("start the mesh: %w", err))
 	}
 	defer func() {
-		if err != nil {
+		if err != nil && ctx.Err() == nil {
 			printAgentTails(e.stderr, m)
 		}
 		fmt.Fprintf(w, "\nRemoving the mesh (agents, pinned programs, namespaces)...\n")
@@ -191,11 +191,15 @@ func demo(ctx context.Context, e *env, f demoFlags) (err error) {
 	return nil
 }
 
-// demoInterrupted says "interrupted" rather than a raw context error when
-// the user pressed Ctrl-C.
+// errInterrupted is returned when the user pressed Ctrl-C (or the command
+// was told to stop) before it was done.
+var errInterrupted = errors.New("interrupted; everything it made is removed")
+
+// demoInterrupted returns errInterrupted instead of err, which is then only
+// a consequence, when ctx was cancelled.
 func demoInterrupted(ctx context.Context, err error) error {
 	if ctx.Err() != nil {
-		return fmt.Errorf("interrupted (everything it made is removed): %w", err)
+		return errInterrupted
 	}
 	return err
 }
