@@ -22,6 +22,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/mantlet/mantlet/admin"
 	"github.com/mantlet/mantlet/agent"
 	"github.com/mantlet/mantlet/agent/manifest"
 	"github.com/mantlet/mantlet/bpf"
@@ -64,6 +65,7 @@ type agentFlags struct {
 	rulePriority int
 	resync       time.Duration
 	pollInterval time.Duration
+	observe      observeFlags // metrics, access log, admin API (agent_observe.go)
 }
 
 // listFlag is a flag that may be repeated or hold a comma-separated list.
@@ -109,6 +111,7 @@ func parseAgentFlags(e *env, args []string) (*agentFlags, error) {
 	fs.IntVar(&f.rulePriority, "rule-priority", bpf.DefaultRulePriority, "priority of the policy routing rule")
 	fs.DurationVar(&f.resync, "resync", agent.DefaultResync, "how often every local pod is re-checked even without changes")
 	fs.DurationVar(&f.pollInterval, "config-poll", manifest.DefaultPoll, "how often the config file is re-checked besides change notifications")
+	addObserveFlags(fs, &f.observe)
 	if err := parseFlags(fs, args); err != nil {
 		return nil, err
 	}
@@ -205,6 +208,7 @@ func runAgent(ctx context.Context, e *env, args []string) error {
 		log.Info("cleaned up: programs detached, routing rule and pins removed", "node", f.node, "pin_dir", dir)
 		return nil
 	}
+	f.observe.stdout = e.stdout
 	return runAgentWith(ctx, f, log)
 }
 
@@ -254,6 +258,11 @@ func runAgentWith(ctx context.Context, f *agentFlags, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
+	obsv, err := newObservability(&f.observe, filepath.Base(bpfCfg.PinDir), log.With("component", "admin"))
+	if err != nil {
+		return err
+	}
+	defer obsv.close()
 
 	// 2. The data path: programs, maps, routing; adopted if pinned.
 	dp, err := bpf.Open(ctx, bpfCfg, log.With("component", "bpf"))
@@ -313,9 +322,11 @@ func runAgentWith(ctx context.Context, f *agentFlags, log *slog.Logger) error {
 	}
 
 	// 4. Identities, the ztunnel and the agent.
-	ids := identity.NewManager(authority, td, log.With("component", "identity"), identity.ManagerOptions{TTL: f.svidTTL})
+	ids := identity.NewManager(authority, td, log.With("component", "identity"), obsv.identityOptions(identity.ManagerOptions{TTL: f.svidTTL}))
+	obsv.ids = ids
 	store := workload.NewStore()
 	zcfg.Store, zcfg.SVIDs, zcfg.Bundles = store, ids, ids
+	obsv.ztunnelHooks(&zcfg)
 	proxy, err := ztunnel.New(zcfg)
 	if err != nil {
 		return err
@@ -344,6 +355,7 @@ func runAgentWith(ctx context.Context, f *agentFlags, log *slog.Logger) error {
 				}
 				return out
 			}))
+		reg.MustRegister(obsv.collectors(proxy)...)
 		mux := http.NewServeMux()
 		mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
 		servers = append(servers, &http.Server{Addr: f.metricsAddr, Handler: mux, ReadHeaderTimeout: 5 * time.Second})
@@ -364,7 +376,7 @@ func runAgentWith(ctx context.Context, f *agentFlags, log *slog.Logger) error {
 	// 5. Run until a signal, then drain.
 	runCtx, stop := context.WithCancel(context.Background())
 	defer stop()
-	fatal := make(chan error, 4+len(servers)) // one slot per goroutine below: none blocks
+	fatal := make(chan error, 4+observeGoroutines+len(servers)) // one slot per goroutine below: none blocks
 	var wg sync.WaitGroup
 	goRun := func(name string, fn func() error) {
 		wg.Add(1)
@@ -379,6 +391,8 @@ func runAgentWith(ctx context.Context, f *agentFlags, log *slog.Logger) error {
 	goRun("ztunnel", func() error { return proxy.Run(runCtx) })
 	goRun("agent", func() error { return ag.Run(runCtx) })
 	goRun("config watcher", func() error { return watcher.Run(runCtx, ag.ApplyManifest) })
+	obsv.run(runCtx, goRun, proxy, admin.Config{Node: f.node, TrustDomain: td, Snapshot: store.Load, Ready: ag.Ready,
+		Pods: ag.Pods, Datapath: dp, Certificates: ids.Certificates, Logger: log.With("component", "admin")})
 	for i, s := range servers {
 		goRun("http "+s.Addr, func() error {
 			if err := s.Serve(serverLns[i]); !errors.Is(err, http.ErrServerClosed) {
@@ -389,7 +403,7 @@ func runAgentWith(ctx context.Context, f *agentFlags, log *slog.Logger) error {
 	}
 	log.Info("agent running", "node", f.node, "trust_domain", td.Name(), "config", configPath,
 		"pin_dir", bpfCfg.PinDir, "uplinks", uplinks, "outbound", zcfg.Outbound.Addr().String(), "hbone", zcfg.HBONE.Addr().String(),
-		"ready", f.readyAddr, "metrics", f.metricsAddr, "default_mtls", mode.String())
+		"ready", f.readyAddr, "metrics", f.metricsAddr, "admin", obsv.addrs(), "default_mtls", mode.String())
 
 	var runErr error
 	select {
