@@ -191,15 +191,15 @@ func TestStrictDropsPlaintextFromUnmeshedPodsAndPermissiveLetsItPass(t *testing.
 	node2 := m.Node("node2")
 	for _, tc := range []struct {
 		name   string
-		dial   func(dst netip.AddrPort) (net.Conn, error)
+		dial   func(dst netip.AddrPort, timeout time.Duration) (net.Conn, error)
 		dst    *meshtest.Echo
 		passes bool
 	}{
 		{"STRICT drops an unmeshed pod of another node", podDialer(m, "legacy"), strict, false},
 		{"STRICT drops an unmeshed pod of the same node", podDialer(m, "neighbour"), strict, false},
 		{"STRICT lets a meshed pod through its ztunnel", podDialer(m, "client"), strict, true},
-		{"STRICT lets the node's own probes through", func(dst netip.AddrPort) (net.Conn, error) {
-			ctx, cancel := context.WithTimeout(context.Background(), dropWait)
+		{"STRICT lets the node's own probes through", func(dst netip.AddrPort, timeout time.Duration) (net.Conn, error) {
+			ctx, cancel := context.WithTimeout(context.Background(), timeout)
 			defer cancel()
 			return node2.Dial(ctx, "tcp4", dst.String())
 		}, strict, true},
@@ -208,7 +208,11 @@ func TestStrictDropsPlaintextFromUnmeshedPodsAndPermissiveLetsItPass(t *testing.
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			before := counters(t, m, "node2")
-			c, err := tc.dial(tc.dst.Addr)
+			timeout := 5 * time.Second
+			if !tc.passes {
+				timeout = dropWait
+			}
+			c, err := tc.dial(tc.dst.Addr, timeout)
 			after := counters(t, m, "node2")
 			if !tc.passes {
 				if err == nil {
@@ -232,10 +236,10 @@ func TestStrictDropsPlaintextFromUnmeshedPodsAndPermissiveLetsItPass(t *testing.
 	}
 }
 
-// podDialer returns a dial function from pod that gives up after dropWait.
-func podDialer(m *meshtest.Mesh, pod string) func(netip.AddrPort) (net.Conn, error) {
-	return func(dst netip.AddrPort) (net.Conn, error) {
-		ctx, cancel := context.WithTimeout(context.Background(), dropWait)
+// podDialer returns a function that dials from pod.
+func podDialer(m *meshtest.Mesh, pod string) func(netip.AddrPort, time.Duration) (net.Conn, error) {
+	return func(dst netip.AddrPort, timeout time.Duration) (net.Conn, error) {
+		ctx, cancel := context.WithTimeout(context.Background(), timeout)
 		defer cancel()
 		return m.Dial(ctx, pod, dst)
 	}
