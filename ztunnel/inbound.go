@@ -91,7 +91,7 @@ func (p *Proxy) serveStream(ctx context.Context, s *hbone.Stream) {
 	if w := snap.WorkloadByIP(rec.Src.Addr()); p.sameIdentity(w, s.Conn.PeerID) {
 		rec.SrcWorkload = w
 	}
-	f := &Flow{SrcID: rec.SrcID, SrcAddr: rec.Src, Src: rec.SrcWorkload, Dst: dstW, DstAddr: target, MTLS: true}
+	f := &Flow{Direction: Inbound, SrcID: rec.SrcID, SrcAddr: rec.Src, Src: rec.SrcWorkload, Dst: dstW, DstAddr: target, MTLS: true}
 	if !p.authorize(ctx, rec, f) {
 		_ = s.Respond(http.StatusUnauthorized)
 		return
@@ -139,7 +139,7 @@ func (p *Proxy) HandleInbound(ctx context.Context, conn net.Conn) {
 	rec.DstWorkload = dstW
 	rec.DstID, _ = dstW.ID(p.cfg.TrustDomain)
 	rec.SrcWorkload = snap.WorkloadByIP(rec.Src.Addr())
-	f := &Flow{SrcAddr: rec.Src, Src: rec.SrcWorkload, Dst: dstW, DstAddr: rec.Dst}
+	f := &Flow{Direction: InboundPlaintext, SrcAddr: rec.Src, Src: rec.SrcWorkload, Dst: dstW, DstAddr: rec.Dst}
 	if !p.authorize(ctx, rec, f) {
 		return
 	}

@@ -54,7 +54,7 @@ func (p *Proxy) HandleOutbound(ctx context.Context, conn net.Conn) {
 
 	if dstW == nil || !dstW.Enrolled {
 		rec.Path, rec.MTLS = PathPassthrough, false
-		f := &Flow{SrcID: srcID, SrcAddr: src, Src: srcW, Dst: dstW, DstAddr: target}
+		f := &Flow{Direction: Outbound, SrcID: srcID, SrcAddr: src, Src: srcW, Dst: dstW, DstAddr: target}
 		if !p.authorize(ctx, rec, f) {
 			return
 		}
@@ -74,7 +74,7 @@ func (p *Proxy) HandleOutbound(ctx context.Context, conn net.Conn) {
 	rec.DstID = dstID
 	if dstW.Node == p.cfg.NodeName {
 		rec.Path = PathLocal
-		f := &Flow{SrcID: srcID, SrcAddr: src, Src: srcW, Dst: dstW, DstAddr: target, MTLS: true}
+		f := &Flow{Direction: Outbound, SrcID: srcID, SrcAddr: src, Src: srcW, Dst: dstW, DstAddr: target, MTLS: true}
 		if !p.authorize(ctx, rec, f) {
 			return
 		}
@@ -89,7 +89,7 @@ func (p *Proxy) HandleOutbound(ctx context.Context, conn net.Conn) {
 	rec.Path = PathHBONE
 	// The destination's ztunnel decides; asking here too lets a denial
 	// fail fast without a tunnel.
-	f := &Flow{SrcID: srcID, SrcAddr: src, Src: srcW, Dst: dstW, DstAddr: target, MTLS: true, PreCheck: true}
+	f := &Flow{Direction: Outbound, SrcID: srcID, SrcAddr: src, Src: srcW, Dst: dstW, DstAddr: target, MTLS: true, PreCheck: true}
 	if !p.authorize(ctx, rec, f) {
 		return
 	}

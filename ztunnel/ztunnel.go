@@ -35,6 +35,10 @@ type SVIDSource interface {
 
 // Flow describes a connection to authorize.
 type Flow struct {
+	// Direction is the flow's direction at this ztunnel: Outbound for the
+	// same-node shortcut, passthrough and source pre-checks, Inbound for
+	// HBONE, InboundPlaintext for :15006.
+	Direction Direction
 	// SrcID is the caller's authenticated identity: from its client
 	// certificate (HBONE) or, for the same-node shortcut, from the veth
 	// the connection came from. Zero when the source is plaintext.
