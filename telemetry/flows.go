@@ -64,9 +64,11 @@ type FlowEvent struct {
 	// ResponseFlag is "-" or why the flow was refused or failed.
 	ResponseFlag string `json:"response_flag"`
 	// Verdict is allowed, denied, or empty when no policy was asked (the
-	// flow was refused before). Policy and Rule name the deciding policy
-	// and the index of its rule.
+	// flow was refused before); Reason says why (the policy engine's
+	// reason when the authorizer gave one). Policy and Rule name the
+	// deciding policy and the index of its rule.
 	Verdict string `json:"verdict,omitempty"`
+	Reason  string `json:"reason,omitempty"`
 	Policy  string `json:"policy,omitempty"`
 	Rule    *int   `json:"rule,omitempty"`
 	Error   string `json:"error,omitempty"`
@@ -100,7 +102,7 @@ func NewFlowEvent(r *ztunnel.FlowRecord, event string, now time.Time) FlowEvent 
 		ev.HBONEAddr = r.Dst.String()
 	}
 	if v, ok := verdictOf(r); ok {
-		ev.Verdict = v
+		ev.Verdict, ev.Reason = v, reasonOf(r)
 		if r.Verdict.Policy != "" {
 			ev.Policy = r.Verdict.Policy
 			rule := r.Verdict.Rule

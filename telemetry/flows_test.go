@@ -17,7 +17,7 @@ import (
 
 func TestFlowEventDescribesTheFlow(t *testing.T) {
 	r := hboneOut(9)
-	r.Verdict = ztunnel.Verdict{Policy: "shop/deny-frontend", Rule: 2}
+	r.Verdict = ztunnel.Verdict{Policy: "shop/deny-frontend", Rule: 2, Reason: "denied-by-policy"}
 	r.Flag, r.Err = ztunnel.FlagPolicyDenied, errors.New(`ztunnel: denied by policy "shop/deny-frontend"`)
 	r.Duration = 1500 * time.Microsecond
 	ev := NewFlowEvent(r, EventClose, time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC))
@@ -29,7 +29,7 @@ func TestFlowEventDescribesTheFlow(t *testing.T) {
 		`"src":{"addr":"198.19.1.10:40000","workload":"frontend-7d9f-abcde","namespace":"shop","identity":"spiffe://cluster.local/ns/shop/sa/frontend"},` +
 		`"dst":{"addr":"198.19.2.10:8443","workload":"payments-0","namespace":"shop","identity":"spiffe://cluster.local/ns/shop/sa/payments","service":"payments.shop.svc.cluster.local"},` +
 		`"hbone_addr":"198.19.2.10:8443","mtls":true,"bytes_sent":0,"bytes_received":0,"duration_ms":1.5,"response_flag":"policy_denied",` +
-		`"verdict":"denied","policy":"shop/deny-frontend","rule":2,"error":"ztunnel: denied by policy \"shop/deny-frontend\""}`
+		`"verdict":"denied","reason":"denied-by-policy","policy":"shop/deny-frontend","rule":2,"error":"ztunnel: denied by policy \"shop/deny-frontend\""}`
 	if string(got) != want {
 		t.Errorf("event =\n%s\nwant\n%s", got, want)
 	}

@@ -100,6 +100,12 @@ func (o *Observer) FlowEnded(r *ztunnel.FlowRecord) {
 // where the verdict allows telling.
 func reasonOf(r *ztunnel.FlowRecord) string {
 	switch {
+	case r.Verdict.Reason != "":
+		return r.Verdict.Reason
+	case r.Verdict.Flag == ztunnel.FlagDeniedDefault:
+		return "denied-by-default-deny"
+	case r.Verdict.Flag == ztunnel.FlagStrictPlaintext:
+		return "denied-plaintext-strict"
 	case r.Verdict.Allow && r.Verdict.Policy != "":
 		return "allowed-by-policy"
 	case r.Verdict.Allow && r.DstWorkload == nil:

@@ -168,9 +168,15 @@ func TestObserverCountsPolicyDecisions(t *testing.T) {
 	limited := hboneOut(0)
 	limited.Verdict = ztunnel.Verdict{Flag: ztunnel.FlagRateLimited, Policy: "shop/payments-rate"}
 	limited.Flag = ztunnel.FlagRateLimited
+	noAllow := hboneOut(0) // with the engine's own reason
+	noAllow.Verdict = ztunnel.Verdict{Reason: "no-allow-matched", Rule: -1}
+	noAllow.Flag = ztunnel.FlagPolicyDenied
+	strict := hboneOut(0)
+	strict.Verdict = ztunnel.Verdict{Flag: ztunnel.FlagStrictPlaintext, Policy: "mantlet-system/mesh-defaults", Rule: -1}
+	strict.Flag = ztunnel.FlagStrictPlaintext
 	notAsked := hboneOut(0) // refused before the policy was asked
 	notAsked.Verdict, notAsked.Flag = ztunnel.Verdict{}, ztunnel.FlagNoSVID
-	for _, r := range []*ztunnel.FlowRecord{allowed, byDefault, byDefault, denied, limited, notAsked} {
+	for _, r := range []*ztunnel.FlowRecord{allowed, byDefault, byDefault, denied, limited, noAllow, strict, notAsked} {
 		o.FlowEnded(r)
 	}
 	want := `
@@ -178,6 +184,8 @@ func TestObserverCountsPolicyDecisions(t *testing.T) {
 # TYPE mantlet_policy_decisions_total counter
 mantlet_policy_decisions_total{action="allow",policy="",reason="allowed-by-default"} 2
 mantlet_policy_decisions_total{action="allow",policy="shop/payments-allow",reason="allowed-by-policy"} 1
+mantlet_policy_decisions_total{action="deny",policy="",reason="no-allow-matched"} 1
+mantlet_policy_decisions_total{action="deny",policy="mantlet-system/mesh-defaults",reason="denied-plaintext-strict"} 1
 mantlet_policy_decisions_total{action="deny",policy="shop/deny-frontend",reason="denied"} 1
 mantlet_policy_decisions_total{action="deny",policy="shop/payments-rate",reason="rate_limited"} 1
 # HELP mantlet_ratelimit_dropped_connections_total Connections refused by a policy's rateLimit, by limit (rate_limited: new connections per second of one source; max_connections: concurrent connections to the workload) and policy.

@@ -75,6 +75,10 @@ type Verdict struct {
 	Policy string
 	// Rule is the index of the deciding rule in Policy.
 	Rule int
+	// Reason, if set, says why in the policy engine's words
+	// (policy.Reason.String(), e.g. "no-allow-matched"); metrics, access
+	// logs and the flow API show it.
+	Reason string
 }
 
 // Authorizer decides whether a flow may proceed. It is called once per
