@@ -1,7 +1,7 @@
 package telemetry
 
 import (
-	"bufio"
+	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -94,25 +94,38 @@ type droppedLine struct {
 }
 
 // Run writes queued lines until ctx is done, then writes what is still
-// queued and returns. A write error is returned (the log stops).
+// queued and returns. Each line is one write, so lines stay whole when
+// the log shares a pipe with other output. A write error is returned (the
+// log stops).
 func (a *AccessLog) Run(ctx context.Context) error {
-	bw := bufio.NewWriterSize(a.w, 64<<10)
-	enc := json.NewEncoder(bw)
+	var buf bytes.Buffer
+	enc := json.NewEncoder(&buf)
 	tick := time.NewTicker(a.opts.SummaryEvery)
 	defer tick.Stop()
 	var reported uint64
-	summary := func() error {
-		if n := a.dropped.Load(); n > reported {
-			d := n - reported
-			reported = n
-			return enc.Encode(droppedLine{Time: time.Now().UTC(), Event: "dropped", Dropped: d,
-				Msg: fmt.Sprintf("access log: dropped %d lines (rate limit %g/s or full queue)", d, a.opts.Rate)})
+	line := func(v any) error {
+		buf.Reset()
+		if err := enc.Encode(v); err != nil {
+			return fmt.Errorf("access log: encode: %w", err)
+		}
+		if _, err := a.w.Write(buf.Bytes()); err != nil {
+			return fmt.Errorf("access log: write: %w", err)
 		}
 		return nil
 	}
+	summary := func() error {
+		n := a.dropped.Load()
+		if n <= reported {
+			return nil
+		}
+		d := n - reported
+		reported = n
+		return line(droppedLine{Time: time.Now().UTC(), Event: "dropped", Dropped: d,
+			Msg: fmt.Sprintf("access log: dropped %d lines (rate limit %g/s or full queue)", d, a.opts.Rate)})
+	}
 	write := func(ev *FlowEvent) error {
-		if err := enc.Encode(ev); err != nil {
-			return fmt.Errorf("access log: write: %w", err)
+		if err := line(ev); err != nil {
+			return err
 		}
 		a.written.Add(1)
 		return nil
@@ -123,21 +136,9 @@ func (a *AccessLog) Run(ctx context.Context) error {
 			if err := write(&ev); err != nil {
 				return err
 			}
-			// Write what else is queued before flushing, so bursts cost one
-			// write system call.
-			for more := true; more; {
-				select {
-				case ev := <-a.q:
-					if err := write(&ev); err != nil {
-						return err
-					}
-				default:
-					more = false
-				}
-			}
 		case <-tick.C:
 			if err := summary(); err != nil {
-				return fmt.Errorf("access log: write: %w", err)
+				return err
 			}
 		case <-ctx.Done():
 			for {
@@ -149,18 +150,8 @@ func (a *AccessLog) Run(ctx context.Context) error {
 					continue
 				default:
 				}
-				break
+				return summary()
 			}
-			if err := summary(); err != nil {
-				return fmt.Errorf("access log: write: %w", err)
-			}
-			if err := bw.Flush(); err != nil {
-				return fmt.Errorf("access log: write: %w", err)
-			}
-			return nil
-		}
-		if err := bw.Flush(); err != nil {
-			return fmt.Errorf("access log: write: %w", err)
 		}
 	}
 }
