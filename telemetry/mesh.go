@@ -14,10 +14,10 @@ import (
 )
 
 // Verdicts counts policy decisions on flows, under
-// mantlet_policy_decisions_total{action, reason, policy}: action is
-// allow, deny or audit (an AUDIT policy that would have denied), reason
-// the decision's reason, policy the deciding policy as namespace/name (""
-// for defaults). Series are bounded by the policies in force.
+// mantlet_policy_decisions_total{action, reason, policy}: action is allow
+// or deny, reason the decision's reason, policy the deciding policy as
+// namespace/name ("" for defaults). Series are bounded by the policies in
+// force times the reasons.
 type Verdicts struct {
 	decisions *prometheus.CounterVec
 	rateDrops *prometheus.CounterVec
@@ -28,7 +28,7 @@ func NewVerdicts() *Verdicts {
 	return &Verdicts{
 		decisions: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "mantlet_policy_decisions_total",
-			Help: "Policy decisions on connections at the destination, by action (allow, deny, audit), reason and deciding policy (namespace/name; empty for defaults).",
+			Help: "Policy decisions on connections, each counted once mesh-wide (allowed HBONE connections by the destination's node, denials where they happened), by action (allow, deny), reason and deciding policy (namespace/name; empty for defaults).",
 		}, []string{"action", "reason", "policy"}),
 		rateDrops: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "mantlet_ratelimit_dropped_connections_total",

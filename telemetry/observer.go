@@ -75,7 +75,11 @@ func (o *Observer) FlowOpened(l *ztunnel.LiveFlow) {
 // FlowEnded is called once per finished flow (ztunnel.Config.OnFlowEnd).
 func (o *Observer) FlowEnded(r *ztunnel.FlowRecord) {
 	o.Traffic.Closed(r)
-	if v, ok := verdictOf(r); ok {
+	if v, ok := verdictOf(r); ok && !(v == VerdictAllowed && r.Direction == ztunnel.Outbound && r.Path == ztunnel.PathHBONE) {
+		// An HBONE connection the source's pre-check allowed is decided
+		// (and counted) again by the destination's ztunnel; counting it
+		// here too would count it twice mesh-wide. A pre-check denial is
+		// counted here: the destination never sees that connection.
 		action := "allow"
 		if v == VerdictDenied {
 			action = "deny"

@@ -159,9 +159,15 @@ func TestObserverCountsPolicyDecisions(t *testing.T) {
 	o := NewObserver(ObserverOptions{})
 	reg := prometheus.NewPedanticRegistry()
 	reg.MustRegister(o.Collectors()...)
-	allowed := hboneOut(1)
+	inbound := func(id uint64) *ztunnel.FlowRecord {
+		r := hboneOut(id)
+		r.Direction = ztunnel.Inbound
+		return r
+	}
+	allowed := inbound(1)
 	allowed.Verdict.Policy, allowed.Verdict.Rule = "shop/payments-allow", 0
-	byDefault := hboneOut(2)
+	byDefault := inbound(2)
+	preChecked := hboneOut(3) // allowed at the source: the destination counts it
 	denied := hboneOut(0)
 	denied.Verdict = ztunnel.Verdict{Policy: "shop/deny-frontend", Rule: 1}
 	denied.Flag = ztunnel.FlagPolicyDenied
@@ -176,11 +182,11 @@ func TestObserverCountsPolicyDecisions(t *testing.T) {
 	strict.Flag = ztunnel.FlagStrictPlaintext
 	notAsked := hboneOut(0) // refused before the policy was asked
 	notAsked.Verdict, notAsked.Flag = ztunnel.Verdict{}, ztunnel.FlagNoSVID
-	for _, r := range []*ztunnel.FlowRecord{allowed, byDefault, byDefault, denied, limited, noAllow, strict, notAsked} {
+	for _, r := range []*ztunnel.FlowRecord{allowed, byDefault, byDefault, preChecked, denied, limited, noAllow, strict, notAsked} {
 		o.FlowEnded(r)
 	}
 	want := `
-# HELP mantlet_policy_decisions_total Policy decisions on connections at the destination, by action (allow, deny, audit), reason and deciding policy (namespace/name; empty for defaults).
+# HELP mantlet_policy_decisions_total Policy decisions on connections, each counted once mesh-wide (allowed HBONE connections by the destination's node, denials where they happened), by action (allow, deny), reason and deciding policy (namespace/name; empty for defaults).
 # TYPE mantlet_policy_decisions_total counter
 mantlet_policy_decisions_total{action="allow",policy="",reason="allowed-by-default"} 2
 mantlet_policy_decisions_total{action="allow",policy="shop/payments-allow",reason="allowed-by-policy"} 1

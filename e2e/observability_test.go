@@ -1,0 +1,297 @@
+//go:build linux
+
+package e2e
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"maps"
+	"net/netip"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	dto "github.com/prometheus/client_model/go"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
+
+	"github.com/mantlet/mantlet/admin"
+	"github.com/mantlet/mantlet/internal/meshtest"
+	"github.com/mantlet/mantlet/internal/testbed"
+	"github.com/mantlet/mantlet/telemetry"
+)
+
+// observeSpec is shopSpec with labels and a service in front of the
+// server.
+func observeSpec() testbed.Spec {
+	return testbed.Spec{
+		Nodes: []testbed.NodeSpec{
+			{Name: "node1", Pods: []testbed.PodSpec{
+				{Name: "client", Namespace: "shop", ServiceAccount: "client", Labels: map[string]string{"app": "client"}},
+				{Name: "neighbour", Namespace: "shop", ServiceAccount: "neighbour"},
+			}},
+			{Name: "node2", Pods: []testbed.PodSpec{
+				{Name: "server", Namespace: "shop", ServiceAccount: "server", Labels: map[string]string{"app": "server"}},
+			}},
+		},
+		Services:   []testbed.ServiceSpec{{Name: "server", Namespace: "shop", Selector: map[string]string{"app": "server"}, Ports: []testbed.ServicePort{{Port: 80, TargetPort: appPort}}}},
+		Namespaces: map[string]map[string]string{"shop": meshedNS},
+	}
+}
+
+// scrape returns node's metric families, parsed.
+func scrape(t *testing.T, m *meshtest.Mesh, node string) map[string]*dto.MetricFamily {
+	t.Helper()
+	text, err := m.Metrics(context.Background(), node)
+	if err != nil {
+		t.Fatal(err)
+	}
+	parser := expfmt.NewTextParser(model.UTF8Validation)
+	mfs, err := parser.TextToMetricFamilies(strings.NewReader(text + "\n"))
+	if err != nil {
+		t.Fatalf("metrics of %s: %v", node, err)
+	}
+	return mfs
+}
+
+// value returns the value of the series of family name whose labels are
+// exactly labels, and whether it exists.
+func value(mfs map[string]*dto.MetricFamily, name string, labels map[string]string) (float64, bool) {
+	mf := mfs[name]
+	if mf == nil {
+		return 0, false
+	}
+	for _, mt := range mf.GetMetric() {
+		got := map[string]string{}
+		for _, lp := range mt.GetLabel() {
+			got[lp.GetName()] = lp.GetValue()
+		}
+		if !maps.Equal(got, labels) {
+			continue
+		}
+		switch {
+		case mt.Counter != nil:
+			return mt.GetCounter().GetValue(), true
+		case mt.Gauge != nil:
+			return mt.GetGauge().GetValue(), true
+		}
+	}
+	return 0, false
+}
+
+// seriesOf lists the label sets of family name, for failure messages.
+func seriesOf(mfs map[string]*dto.MetricFamily, name string) string {
+	var b strings.Builder
+	for _, mt := range mfs[name].GetMetric() {
+		var ls []string
+		for _, lp := range mt.GetLabel() {
+			ls = append(ls, lp.GetName()+"="+lp.GetValue())
+		}
+		fmt.Fprintf(&b, "  {%s} %v\n", strings.Join(ls, ","), mt.GetCounter().GetValue())
+	}
+	return b.String()
+}
+
+// traffic are the labels of one series of the istio_tcp_* families.
+func traffic(reporter, src, srcNS, srcID, dst, dstNS, dstID, svc, security, flag string) map[string]string {
+	return map[string]string{
+		"reporter": reporter, "source_workload": src, "source_workload_namespace": srcNS, "source_principal": srcID,
+		"destination_workload": dst, "destination_workload_namespace": dstNS, "destination_principal": dstID,
+		"destination_service": svc, "connection_security_policy": security, "response_flags": flag,
+	}
+}
+
+// waitSeries scrapes node until the series has want (within tolerance),
+// and fails with the family's series when it does not within 10 s.
+func waitSeries(t *testing.T, m *meshtest.Mesh, node, name string, labels map[string]string, want, tolerance float64) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		mfs := scrape(t, m, node)
+		got, ok := value(mfs, name, labels)
+		if ok && got >= want-tolerance && got <= want+tolerance {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: %s%v = %v (exists: %v), want %v ± %v; the family has:\n%s", node, name, labels, got, ok, want, tolerance, seriesOf(mfs, name))
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// accessLog returns the access log lines of node's agent (its stdout,
+// JSON lines with an "event").
+func accessLog(m *meshtest.Mesh, node string) []telemetry.FlowEvent {
+	var out []telemetry.FlowEvent
+	for _, line := range strings.Split(m.Logs(node), "\n") {
+		if !strings.HasPrefix(line, `{"time"`) || !strings.Contains(line, `"event":"`) {
+			continue
+		}
+		var ev telemetry.FlowEvent
+		if json.Unmarshal([]byte(line), &ev) == nil && (ev.Event == telemetry.EventOpen || ev.Event == telemetry.EventClose) {
+			out = append(out, ev)
+		}
+	}
+	return out
+}
+
+// mantlet runs the mantlet command inside node's namespace (so the
+// default admin address, 127.0.0.1:15000, is that node's agent) and
+// returns its stdout.
+func mantlet(t *testing.T, m *meshtest.Mesh, node string, args ...string) string {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	cmd := m.Node(node).Command(ctx, binary, args...)
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	if err := cmd.Run(); err != nil {
+		t.Fatalf("mantlet %s on %s: %v\n%s%s", strings.Join(args, " "), node, err, out.String(), errb.String())
+	}
+	return out.String()
+}
+
+// TestMetricsAccessLogAndFlowsShowTheTraffic sends known traffic between
+// meshed pods (through a service to the other node, straight to the
+// other node's pod, and to a pod of the same node) and checks what an
+// operator sees: the exact istio_tcp_* series on both nodes, bytes counted
+// while a connection is still open, mantlet's own metrics, one access log
+// line per connection, and the same flows through 'mantlet flows' and the
+// admin socket.
+func TestMetricsAccessLogAndFlowsShowTheTraffic(t *testing.T) {
+	m := startMesh(t, observeSpec(), meshtest.Options{AgentArgs: []string{"--metrics-flush", "200ms"}})
+	server := echo(t, m, "server", appPort)
+	neighbour := echo(t, m, "neighbour", appPort)
+	vip := netip.AddrPortFrom(m.TB.Services()[0].IP, 80)
+	id := func(pod string) string {
+		i, err := m.ID(pod)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return i.String()
+	}
+	const svc = "server.shop.svc.cluster.local"
+	viaService := traffic("source", "client", "shop", id("client"), "server", "shop", id("server"), svc, "mutual_tls", "-")
+	direct := traffic("source", "client", "shop", id("client"), "server", "shop", id("server"), "unknown", "mutual_tls", "-")
+	atServer := traffic("destination", "client", "shop", id("client"), "server", "shop", id("server"), "unknown", "mutual_tls", "-")
+	localSrc := traffic("source", "client", "shop", id("client"), "neighbour", "shop", id("neighbour"), "unknown", "mutual_tls", "-")
+	localDst := traffic("destination", "client", "shop", id("client"), "neighbour", "shop", id("neighbour"), "unknown", "mutual_tls", "-")
+
+	// A long connection through the service: its bytes show while it is
+	// open (flushed every 200 ms), on both nodes.
+	const mib = 1 << 20
+	long := dial(t, m, "client", vip)
+	ping(t, long, string(randomBytes(t, mib)))
+	waitSeries(t, m, "node1", "istio_tcp_connections_opened_total", viaService, 1, 0)
+	waitSeries(t, m, "node1", "istio_tcp_received_bytes_total", viaService, mib, 0)
+	waitSeries(t, m, "node1", "istio_tcp_sent_bytes_total", viaService, mib, 0)
+	waitSeries(t, m, "node2", "istio_tcp_received_bytes_total", atServer, mib, 0)
+	if _, ok := value(scrape(t, m, "node1"), "istio_tcp_connections_closed_total", viaService); ok {
+		t.Error("node1 counts the open connection as closed")
+	}
+	roundTrip(t, long, []byte("bye")) // half-close, echo, close
+	long.Close()
+
+	// Three short connections straight to the server's pod, two to the
+	// neighbour on the same node.
+	for range 3 {
+		roundTrip(t, dial(t, m, "client", server.Addr), randomBytes(t, 1000))
+	}
+	for range 2 {
+		roundTrip(t, dial(t, m, "client", neighbour.Addr), randomBytes(t, 500))
+	}
+
+	for _, c := range []struct {
+		node, name string
+		labels     map[string]string
+		want       float64
+	}{
+		{"node1", "istio_tcp_connections_opened_total", viaService, 1},
+		{"node1", "istio_tcp_connections_closed_total", viaService, 1},
+		{"node1", "istio_tcp_received_bytes_total", viaService, mib + 3},
+		{"node1", "istio_tcp_sent_bytes_total", viaService, mib + 3},
+		{"node1", "istio_tcp_connections_opened_total", direct, 3},
+		{"node1", "istio_tcp_connections_closed_total", direct, 3},
+		{"node1", "istio_tcp_received_bytes_total", direct, 3000},
+		{"node1", "istio_tcp_sent_bytes_total", direct, 3000},
+		// The same-node path is reported by both ends.
+		{"node1", "istio_tcp_connections_closed_total", localSrc, 2},
+		{"node1", "istio_tcp_connections_closed_total", localDst, 2},
+		{"node1", "istio_tcp_received_bytes_total", localDst, 1000},
+		{"node1", "istio_tcp_sent_bytes_total", localSrc, 1000},
+		// The destination's node sees all four HBONE connections; it does
+		// not know which went through the service.
+		{"node2", "istio_tcp_connections_opened_total", atServer, 4},
+		{"node2", "istio_tcp_connections_closed_total", atServer, 4},
+		{"node2", "istio_tcp_received_bytes_total", atServer, mib + 3 + 3000},
+		{"node2", "istio_tcp_sent_bytes_total", atServer, mib + 3 + 3000},
+		{"node1", "mantlet_hbone_streams_total", map[string]string{}, 4},
+	} {
+		waitSeries(t, m, c.node, c.name, c.labels, c.want, 0)
+	}
+	mfs := scrape(t, m, "node1")
+	if _, ok := mfs["istio_tcp_connections_failed_total"]; ok {
+		t.Errorf("node1 counts failed connections:\n%s", seriesOf(mfs, "istio_tcp_connections_failed_total"))
+	}
+	if v, ok := value(mfs, "mantlet_svid_expiry_seconds", map[string]string{"identity": id("client")}); !ok || v < 23*3600 || v > 24*3600 {
+		t.Errorf("mantlet_svid_expiry_seconds of the client = %v (%v), want just under 24h", v, ok)
+	}
+	if v, _ := value(mfs, "mantlet_svid_issuances_total", map[string]string{"result": "ok"}); v < 2 {
+		t.Errorf("node1 counted %v SVID issuances, want at least 2 (client, neighbour)", v)
+	}
+	// Each connection is decided once: by the destination's node.
+	if v, ok := value(mfs, "mantlet_policy_decisions_total", map[string]string{"action": "allow", "reason": "allowed-by-default", "policy": ""}); !ok || v != 2 {
+		t.Errorf("node1 counted %v allow decisions, want 2 (the same-node connections)", v)
+	}
+	waitSeries(t, m, "node2", "mantlet_policy_decisions_total", map[string]string{"action": "allow", "reason": "allowed-by-default", "policy": ""}, 4, 0)
+
+	// One access log line per connection, when it closes.
+	var closes []telemetry.FlowEvent
+	for _, ev := range accessLog(m, "node1") {
+		if ev.Event == telemetry.EventClose && ev.Direction == "outbound" {
+			closes = append(closes, ev)
+		}
+	}
+	if len(closes) != 6 {
+		t.Fatalf("node1's access log has %d outbound close lines, want 6: %+v", len(closes), closes)
+	}
+	first := closes[0]
+	if first.Src.Identity != id("client") || first.Dst.Identity != id("server") || first.Dst.Service != svc || first.Path != "hbone" ||
+		first.HBONEAddr != server.Addr.String() || first.BytesSent != mib+3 || first.BytesReceived != mib+3 ||
+		first.ResponseFlag != "-" || first.Verdict != telemetry.VerdictAllowed || first.DurationMS <= 0 {
+		t.Errorf("access log line of the service connection: %+v", first)
+	}
+	if n := len(accessLog(m, "node2")); n != 4 {
+		t.Errorf("node2's access log has %d lines, want 4 (its inbound connections)", n)
+	}
+
+	// The same flows through the CLI inside the node, and through the
+	// admin socket from outside.
+	var evs []telemetry.FlowEvent
+	if err := json.Unmarshal([]byte(mantlet(t, m, "node1", "flows", "-o", "json", "--last", "0")), &evs); err != nil {
+		t.Fatal(err)
+	}
+	if len(evs) != 6 || evs[0].ID != first.ID || evs[5].Dst.Workload != "neighbour" {
+		t.Errorf("mantlet flows on node1: %d flows %+v", len(evs), evs)
+	}
+	sock := admin.SocketPath(filepath.Base(m.PinDir("node1")))
+	c, err := admin.NewClient(sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	st, err := c.Status(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !st.Ready || st.Snapshot.Enrolled != 2 || !st.Datapath.SkLookupAttached || !slices.Contains(st.Datapath.Listeners, "hbone") || st.Certs.Identities != 2 {
+		t.Errorf("status of node1 through %s: %+v", sock, st)
+	}
+	if out := mantlet(t, m, "node1", "status"); !strings.Contains(out, "Ready:         yes") {
+		t.Errorf("mantlet status on node1:\n%s", out)
+	}
+}
