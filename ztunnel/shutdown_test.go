@@ -28,9 +28,12 @@ func TestShutdownDrainsOpenFlows(t *testing.T) {
 	// New connections are refused while the open one keeps working.
 	deadline := time.Now().Add(5 * time.Second)
 	for {
-		if _, err := m.dial(ipA1, m.appAddr(ipB1)); err != nil {
+		c2, err := m.dial(ipA1, m.appAddr(ipB1))
+		if err != nil {
 			break
 		}
+		// Accepted before the listener closed: a flow Shutdown waits for.
+		c2.Close()
 		if time.Now().After(deadline) {
 			t.Fatal("still accepting during shutdown")
 		}
