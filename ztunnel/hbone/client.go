@@ -291,7 +291,19 @@ func (b *bodyReader) Read(p []byte) (int, error) {
 	return n, err
 }
 
-func (b *bodyReader) Close() error { b.finish(); return nil }
+// Close is called by the transport when it is done with the body, also
+// concurrently with a Read when the stream is aborted (the connection to
+// the server died): a Read blocked on a reader with read deadlines (a
+// net.Conn) is then woken up, so the stream's end reaches the caller
+// instead of waiting for the client's next byte. The reader itself stays
+// open.
+func (b *bodyReader) Close() error {
+	if d, ok := b.r.(interface{ SetReadDeadline(time.Time) error }); ok {
+		_ = d.SetReadDeadline(time.Unix(1, 0))
+	}
+	b.finish()
+	return nil
+}
 
 func (b *bodyReader) finish() { b.once.Do(func() { close(b.done) }) }
 
