@@ -3,6 +3,7 @@ package e2e
 import (
 	"context"
 	"fmt"
+	"io"
 	"net/http"
 	"net/netip"
 	"testing"
@@ -12,10 +13,17 @@ import (
 	"github.com/mantlet/mantlet/internal/testbed"
 )
 
-// TestAgentsFailClosedAndAdoptTheirPinsOnRestart kills both agents with
-// SIGKILL (a crash) and restarts them. What it proves, precisely:
+// TestAgentsFailClosedAndAdoptTheirPinsOnRestart kills the agents with
+// SIGKILL (a crash), the destination node's first, then the source's, and
+// restarts them. What it proves, precisely:
 //
-//   - While no agent runs, a meshed pod's new connection to a meshed pod
+//   - With the destination node's agent down, a meshed pod's new
+//     connection is accepted by its own node's ztunnel, whose HBONE attempt
+//     (to the destination pod's IP, port 15008) the destination node drops
+//     and counts; the client sees its connection closed without an answer
+//     (accept-then-close, as DESIGN says), and what it sent never crosses
+//     the underlay in clear, nor does any SYN to the application port.
+//   - With no agent running on the source node either, a meshed pod's new connection to a meshed pod
 //     of the other node fails within a second and a half and nothing of
 //     it reaches the underlay: no SYN to the application port in
 //     plaintext (and no HBONE either); the node counts it as dropped for
@@ -63,23 +71,53 @@ func TestAgentsFailClosedAndAdoptTheirPinsOnRestart(t *testing.T) {
 		t.Fatalf("node1 counters %+v: want the excluded connection seen and only the proxied one captured", c)
 	}
 
-	for _, n := range []string{"node1", "node2"} {
-		if err := m.KillAgent(n); err != nil {
-			t.Fatal(err)
-		}
+	// 1. The destination node's agent crashes.
+	if err := m.KillAgent("node2"); err != nil {
+		t.Fatal(err)
 	}
-
-	// The proxied connection ends with the ztunnel.
+	// The proxied connection ends with node2's ztunnel.
 	_ = proxied.SetReadDeadline(time.Now().Add(5 * time.Second))
 	if n, err := proxied.Read(make([]byte, 1)); err == nil || isTimeout(err) {
-		t.Errorf("proxied connection after the crash: read %d bytes, %v; want it closed (EOF or reset)", n, err)
+		t.Errorf("proxied connection after node2's crash: read %d bytes, %v; want it closed (EOF or reset)", n, err)
+	}
+	// A new meshed connection is accepted by node1's ztunnel, whose HBONE
+	// connection attempt node2 drops; the client sees its connection
+	// closed without an answer, and its bytes never cross in clear.
+	marker := newMarker(t)
+	before2 := counters(t, m, "node2")
+	stop := capture(t, m)
+	c := dial(t, m, "client", srv.Addr)
+	_ = c.SetDeadline(time.Now().Add(20 * time.Second))
+	_, _ = io.WriteString(c, marker)
+	answer, err := io.ReadAll(c)
+	pkts := stop()
+	if len(answer) > 0 || isTimeout(err) {
+		t.Errorf("with node2's agent down the client read %q, %v; want its connection closed without an answer", answer, err)
+	}
+	if testbed.Contains(pkts, []byte(marker)) {
+		t.Error("with node2's agent down the marker crossed the underlay in clear")
+	}
+	if s := syns(pkts, srv.Addr); len(s) > 0 {
+		t.Errorf("with node2's agent down, %d connection attempts to the application port crossed the underlay", len(s))
+	}
+	hbone := netip.AddrPortFrom(srv.Addr.Addr(), meshtest.HBONEPort)
+	if len(syns(pkts, hbone)) == 0 {
+		t.Errorf("no HBONE connection attempt to %s on the underlay", hbone)
+	}
+	if after := counters(t, m, "node2"); after.NoListener <= before2.NoListener {
+		t.Errorf("node2 counted no HBONE connection dropped for want of a listener: %d -> %d", before2.NoListener, after.NoListener)
 	}
 
-	// New meshed connections fail closed.
+	// 2. The source node's agent crashes too.
+	if err := m.KillAgent("node1"); err != nil {
+		t.Fatal(err)
+	}
+
+	// New meshed connections fail closed at the source.
 	before := counters(t, m, "node1")
-	stop := capture(t, m)
+	stop = capture(t, m)
 	dialFails(t, m, "client", srv.Addr)
-	pkts := stop()
+	pkts = stop()
 	if s := syns(pkts, netip.AddrPortFrom(srv.Addr.Addr(), 0)); len(s) > 0 {
 		t.Errorf("with no agent, %d connection attempts to the server crossed the underlay: %+v", len(s), s)
 	}
@@ -133,7 +171,7 @@ func TestAgentsFailClosedAndAdoptTheirPinsOnRestart(t *testing.T) {
 
 	ping(t, excluded, "after the restart")
 	ping(t, plain, "after the restart")
-	c := dial(t, m, "client", srv.Addr)
+	c = dial(t, m, "client", srv.Addr)
 	roundTrip(t, c, randomBytes(t, 1<<20))
 	if _, err := m.WaitFlow(ctx, "node2", func(f meshtest.Flow) bool {
 		return f.Direction == "inbound" && f.Src.Addr() == client.IP && f.Reason == "-"
