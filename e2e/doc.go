@@ -2,5 +2,23 @@
 // processes on a testbed of network namespaces (internal/meshtest), driven
 // by traffic between pods and checked on the pods, in the agents' logs and
 // counters, and on the underlay. They need root; run them with
-// `go test ./e2e/` as root (CI=true turns a skip into a failure).
+// `go test ./e2e/` as root (under CI=true a skip is a failure). TestMain
+// builds the mantlet command once ($MANTLET_TEST_BINARY names a prebuilt
+// one instead) and, after the tests, fails if a namespace or pin of theirs
+// is left.
+//
+// One test per scenario a user would recognise, each on a mesh of its own:
+//
+//   - TestMeshedPodsTalkAcrossNodesAndOnOneNode: bytes intact both ways,
+//     the client pod's IP at the server, getpeername as dialled,
+//     half-close in both directions;
+//   - TestUnderlayCarriesOnlyTLS13ToTheDestinationPodsPort15008: no marker
+//     in clear, TLS 1.3 (ALPN h2, no SNI) to the pod's IP on 15008 only,
+//     the destination workload's SVID presented, both identities logged;
+//   - TestUnmeshedAndOptedOutPodsAreNotCaptured;
+//   - TestAPodForgingAnotherPodsIPIsDroppedAndCounted;
+//   - TestStrictDropsPlaintextFromUnmeshedPodsAndPermissiveLetsItPass;
+//   - TestAgentsFailClosedAndAdoptTheirPinsOnRestart (its comment says
+//     exactly what it proves);
+//   - TestAnnotatingANamespaceEnrollsItsPodsAtRuntime.
 package e2e
