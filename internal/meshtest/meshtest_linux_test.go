@@ -40,7 +40,8 @@ func run(m *testing.M) int {
 
 // TestMeshCarriesAMeshedConnectionAndCleansUp starts a two-node mesh,
 // sends bytes through it from a meshed pod to a meshed pod of the other
-// node, and checks that Close leaves no namespace, pin or process behind.
+// node, restarts an agent gracefully, and checks that Close leaves no
+// namespace, pin or process behind.
 func TestMeshCarriesAMeshedConnectionAndCleansUp(t *testing.T) {
 	privtest.Require(t)
 	ctx := context.Background()
@@ -97,6 +98,33 @@ func TestMeshCarriesAMeshedConnectionAndCleansUp(t *testing.T) {
 	if err != nil || a != (Attached{Ingress: 1, Egress: 1}) {
 		t.Errorf("attached on a's veth = %+v, %v; want one per hook", a, err)
 	}
+	// A graceful restart: SIGTERM, a clean exit, a new agent that settles
+	// and carries traffic.
+	if err := m.StopAgent(ctx, "node2"); err != nil {
+		t.Fatalf("StopAgent: %v", err)
+	}
+	if m.Running("node2") {
+		t.Fatal("node2's agent runs after StopAgent")
+	}
+	if err := m.StartAgent(ctx, "node2"); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(m.AllLogs("node2"), "meshtest: agent run ended (<nil>)") {
+		t.Errorf("node2's history does not record the clean exit:\n%s", m.AllLogs("node2"))
+	}
+	c, err = m.Dial(ctx, "a", echo.Addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.WriteString(c, "again"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.ReadFull(c, buf); err != nil || string(buf) != "again" {
+		t.Fatalf("echo after the restart = %q, %v", buf, err)
+	}
+	c.Close()
+
 	prefix := m.TB.Prefix()
 	if err := m.Close(); err != nil {
 		t.Fatal(err)
