@@ -88,6 +88,11 @@ type Config struct {
 	// DefaultMTLS applies to namespaces without a mode of their own
 	// (default PERMISSIVE).
 	DefaultMTLS manifest.MTLSMode
+	// MTLSMode, if set, gives each local pod's mode (the policy engine,
+	// which folds in policies, namespace annotations and the default);
+	// MTLSUnset falls back to the namespace's mode in State, then
+	// DefaultMTLS. A pod whose mode changes is enrolled again.
+	MTLSMode func(w *workload.Workload) manifest.MTLSMode
 	// Datapath is the eBPF data path.
 	Datapath Datapath
 	// Links finds pods' veths.
@@ -451,8 +456,14 @@ func (a *Agent) wanted(desired *State, logSkips bool) map[string]desiredPod {
 			}
 			continue
 		}
-		mode, ok := desired.MTLS[w.Namespace]
-		if !ok || mode == manifest.MTLSUnset {
+		mode := manifest.MTLSUnset
+		if a.cfg.MTLSMode != nil {
+			mode = a.cfg.MTLSMode(w)
+		}
+		if mode == manifest.MTLSUnset {
+			mode = desired.MTLS[w.Namespace]
+		}
+		if mode == manifest.MTLSUnset {
 			mode = a.cfg.DefaultMTLS
 		}
 		want[w.UID] = desiredPod{w: w, id: id, ips: ips, strict: mode == manifest.MTLSStrict}

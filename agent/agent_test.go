@@ -476,6 +476,39 @@ func TestAgentDefaultMTLSMode(t *testing.T) {
 	}
 }
 
+func TestAgentMTLSModePerWorkload(t *testing.T) {
+	dp := newFakeDatapath()
+	var mu sync.Mutex
+	modes := map[string]manifest.MTLSMode{"shop/a": manifest.MTLSStrict, "shop/b": manifest.MTLSUnset}
+	a, err := New(Config{Node: "node-1", Datapath: dp, Links: &fakeLinks{veths: map[netip.Addr]int{netip.MustParseAddr("198.19.1.1"): 101, netip.MustParseAddr("198.19.1.2"): 102}},
+		Store: workload.NewStore(), DefaultMTLS: manifest.MTLSPermissive,
+		MTLSMode: func(w *workload.Workload) manifest.MTLSMode {
+			mu.Lock()
+			defer mu.Unlock()
+			return modes[w.UID]
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	st := state(t, map[string]manifest.MTLSMode{"shop": manifest.MTLSStrict},
+		pod{"shop/a", "node-1", "198.19.1.1", "", true},
+		pod{"shop/b", "node-1", "198.19.1.2", "", true})
+	a.Apply(st)
+	a.reconcile(time.Now())
+	if got, want := dp.enrolled(), []string{"101:198.19.1.1:strict", "102:198.19.1.2:strict"}; !slices.Equal(got, want) {
+		t.Fatalf("enrolled = %v, want %v (a from the hook, b from the namespace)", got, want)
+	}
+	// The policy engine turns a PERMISSIVE: the next pass re-enrolls it.
+	mu.Lock()
+	modes["shop/a"] = manifest.MTLSPermissive
+	mu.Unlock()
+	a.Apply(st)
+	a.reconcile(time.Now())
+	if got, want := dp.enrolled(), []string{"101:198.19.1.1", "102:198.19.1.2:strict"}; !slices.Equal(got, want) {
+		t.Fatalf("enrolled = %v, want %v", got, want)
+	}
+}
+
 func TestReadinessProbe(t *testing.T) {
 	dp := newFakeDatapath()
 	dp.ready = false
