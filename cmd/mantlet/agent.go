@@ -29,6 +29,7 @@ import (
 	"github.com/mantlet/mantlet/identity"
 	"github.com/mantlet/mantlet/identity/ca"
 	"github.com/mantlet/mantlet/internal/workload"
+	"github.com/mantlet/mantlet/policy/enforce"
 	"github.com/mantlet/mantlet/ztunnel"
 )
 
@@ -66,6 +67,7 @@ type agentFlags struct {
 	resync       time.Duration
 	pollInterval time.Duration
 	observe      observeFlags // metrics, access log, admin API (agent_observe.go)
+	policy       policyFlags  // policy enforcement, security events (agent_policy.go)
 }
 
 // listFlag is a flag that may be repeated or hold a comma-separated list.
@@ -91,7 +93,7 @@ func parseAgentFlags(e *env, args []string) (*agentFlags, error) {
 	fs.StringVar(&f.trustDomain, "trust-domain", "", "trust domain of the identities (default: the CA's)")
 	fs.StringVar(&f.pinDir, "pin-dir", "", "bpffs directory of this node's pinned programs and maps (default "+bpf.DefaultPinRoot+"/<node-name>)")
 	fs.BoolVar(&f.cleanup, "cleanup", false, "detach every program, remove the routing rule and the pins of this node, then exit")
-	fs.StringVar(&f.mtlsMode, "mtls-mode", "PERMISSIVE", "mTLS mode of namespaces without a mantlet.io/mtls annotation: PERMISSIVE or STRICT")
+	fs.StringVar(&f.mtlsMode, "mtls-mode", "PERMISSIVE", "mTLS mode of workloads for which no MeshPolicy and no mantlet.io/mtls namespace annotation sets one: PERMISSIVE or STRICT")
 	fs.Var(&f.excludeCIDRs, "exclude-cidr", "destination `CIDR` never captured (repeat or comma-separate)")
 	fs.Var(&f.excludePorts, "exclude-port", "destination `port` never captured (repeat or comma-separate)")
 	fs.Var(&f.uplinks, "uplink", "`interface` leading to other nodes, for HBONE capture (repeat or comma-separate; default: the interfaces holding the node's addresses)")
@@ -112,6 +114,7 @@ func parseAgentFlags(e *env, args []string) (*agentFlags, error) {
 	fs.DurationVar(&f.resync, "resync", agent.DefaultResync, "how often every local pod is re-checked even without changes")
 	fs.DurationVar(&f.pollInterval, "config-poll", manifest.DefaultPoll, "how often the config file is re-checked besides change notifications")
 	addObserveFlags(fs, &f.observe)
+	addPolicyFlags(fs, &f.policy)
 	if err := parseFlags(fs, args); err != nil {
 		return nil, err
 	}
@@ -209,6 +212,7 @@ func runAgent(ctx context.Context, e *env, args []string) error {
 		return nil
 	}
 	f.observe.stdout = e.stdout
+	f.policy.stderr = e.stderr
 	return runAgentWith(ctx, f, log)
 }
 
@@ -236,11 +240,17 @@ func runAgentWith(ctx context.Context, f *agentFlags, log *slog.Logger) error {
 	if err != nil {
 		return fmt.Errorf("--config: %w", err)
 	}
-	watcher := manifest.NewWatcher(configPath, log, manifest.WatchOptions{Poll: f.pollInterval})
+	watcher := manifest.NewWatcher(configPath, log, manifest.WatchOptions{Poll: f.pollInterval,
+		Options: manifest.Options{Kinds: enforce.ManifestKinds()}})
 	first, err := watcher.Load()
 	if err != nil {
 		return err
 	}
+	en, err := newEnforcement(&f.policy, f.node, td, mode, log.With("component", "policy"))
+	if err != nil {
+		return err
+	}
+	en.apply(first, nil)
 	var nodeIPs []netip.Addr
 	for _, n := range first.Snapshot.Nodes() {
 		if n.Name == f.node {
@@ -327,12 +337,13 @@ func runAgentWith(ctx context.Context, f *agentFlags, log *slog.Logger) error {
 	store := workload.NewStore()
 	zcfg.Store, zcfg.SVIDs, zcfg.Bundles = store, ids, ids
 	obsv.ztunnelHooks(&zcfg)
+	zcfg.Authorizer = en.az
 	proxy, err := ztunnel.New(zcfg)
 	if err != nil {
 		return err
 	}
 	ag, err := agent.New(agent.Config{
-		Node: f.node, TrustDomain: td, DefaultMTLS: mode,
+		Node: f.node, TrustDomain: td, DefaultMTLS: mode, MTLSMode: en.mtlsMode,
 		Datapath: dp, Links: links, Identities: ids, Store: store,
 		Logger: log.With("component", "agent"), Resync: f.resync,
 	})
@@ -376,7 +387,7 @@ func runAgentWith(ctx context.Context, f *agentFlags, log *slog.Logger) error {
 	// 5. Run until a signal, then drain.
 	runCtx, stop := context.WithCancel(context.Background())
 	defer stop()
-	fatal := make(chan error, 4+observeGoroutines+len(servers)) // one slot per goroutine below: none blocks
+	fatal := make(chan error, 5+observeGoroutines+len(servers)) // one slot per goroutine below: none blocks
 	var wg sync.WaitGroup
 	goRun := func(name string, fn func() error) {
 		wg.Add(1)
@@ -390,9 +401,15 @@ func runAgentWith(ctx context.Context, f *agentFlags, log *slog.Logger) error {
 	goRun("identity", func() error { return ids.Run(runCtx) })
 	goRun("ztunnel", func() error { return proxy.Run(runCtx) })
 	goRun("agent", func() error { return ag.Run(runCtx) })
-	goRun("config watcher", func() error { return watcher.Run(runCtx, ag.ApplyManifest) })
+	goRun("config watcher", func() error {
+		return watcher.Run(runCtx, func(m *manifest.Manifest) {
+			en.apply(m, proxy)
+			ag.ApplyManifest(m)
+		})
+	})
+	goRun("security events", func() error { return en.run(runCtx) })
 	obsv.run(runCtx, goRun, proxy, admin.Config{Node: f.node, TrustDomain: td, Snapshot: store.Load, Ready: ag.Ready,
-		Pods: ag.Pods, Datapath: dp, Certificates: ids.Certificates, Logger: log.With("component", "admin")})
+		Pods: ag.Pods, Datapath: dp, Policy: en.eng, Policies: en.policies, Certificates: ids.Certificates, Logger: log.With("component", "admin")})
 	for i, s := range servers {
 		goRun("http "+s.Addr, func() error {
 			if err := s.Serve(serverLns[i]); !errors.Is(err, http.ErrServerClosed) {
