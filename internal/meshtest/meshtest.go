@@ -29,6 +29,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -72,6 +73,12 @@ type Options struct {
 	// Binary is the path of the mantlet executable that runs the agents:
 	// tests build it (see Build), the demo passes os.Executable().
 	Binary string
+	// BinaryArgs go before "agent" on every command line meshtest runs:
+	// with Env, they let a test binary stand in for mantlet (for example
+	// os.Args[0] with "-test.run=^TestHelperProcess$", "--").
+	BinaryArgs []string
+	// Env is added to the environment of the agents and of the clean-up.
+	Env []string
 	// MTLSMode is the agents' --mtls-mode, the mode of namespaces without
 	// the mantlet.io/mtls annotation: "STRICT" or "PERMISSIVE" (default:
 	// the agent's default, PERMISSIVE).
@@ -239,9 +246,9 @@ func (m *Mesh) ID(pod string) (spiffeid.ID, error) {
 
 // agentArgs returns the command line of node's agent.
 func (m *Mesh) agentArgs(node string) []string {
-	args := []string{"agent", "--node-name", node, "--config", m.ConfigPath, "--ca-dir", m.CADir,
+	args := append(slices.Clone(m.opts.BinaryArgs), "agent", "--node-name", node, "--config", m.ConfigPath, "--ca-dir", m.CADir,
 		"--pin-dir", m.PinDir(node), "--config-poll", "200ms", "--drain-timeout", "2s",
-		"--log-format", "json", "--log-level", "debug"}
+		"--log-format", "json", "--log-level", "debug")
 	if m.opts.MTLSMode != "" {
 		args = append(args, "--mtls-mode", m.opts.MTLSMode)
 	}
@@ -269,6 +276,9 @@ func (m *Mesh) startProc(n *testbed.Node) error {
 	}
 	cmd.Stdout, cmd.Stderr = out, out
 	cmd.SysProcAttr = sysProcAttr()
+	if len(m.opts.Env) > 0 {
+		cmd.Env = append(os.Environ(), m.opts.Env...)
+	}
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("meshtest: start agent of %s: %w", n.Name, err)
 	}
@@ -686,7 +696,12 @@ func (m *Mesh) Close() error {
 				continue // never pinned, or already removed
 			}
 			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-			out, err := n.Command(ctx, m.opts.Binary, "agent", "--cleanup", "--node-name", n.Name, "--pin-dir", m.PinDir(n.Name)).CombinedOutput()
+			args := append(slices.Clone(m.opts.BinaryArgs), "agent", "--cleanup", "--node-name", n.Name, "--pin-dir", m.PinDir(n.Name))
+			cmd := n.Command(ctx, m.opts.Binary, args...)
+			if len(m.opts.Env) > 0 {
+				cmd.Env = append(os.Environ(), m.opts.Env...)
+			}
+			out, err := cmd.CombinedOutput()
 			cancel()
 			if err != nil {
 				errs = append(errs, fmt.Errorf("meshtest: clean-up of %s: %w: %s", n.Name, err, bytes.TrimSpace(out)))

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -168,5 +169,41 @@ func TestStartRemovesEverythingWhenAnAgentFails(t *testing.T) {
 	}
 	if left, _ := filepath.Glob("/run/netns/" + prefix + "-*"); len(left) > 0 {
 		t.Errorf("namespaces left after Start failed: %v", left)
+	}
+}
+
+// TestAgentsRunThroughAWrapperWithExtraEnvironment runs the agents as
+// `env <mantlet> agent ...` with BinaryArgs and checks that they settle,
+// carry Env, and are cleaned up the same way.
+func TestAgentsRunThroughAWrapperWithExtraEnvironment(t *testing.T) {
+	privtest.Require(t)
+	wrapper, err := exec.LookPath("env")
+	if err != nil {
+		t.Skip("no env command")
+	}
+	m, err := Start(context.Background(), testbed.SimpleSpec(1, 1, "shop"), Options{
+		Binary: wrapper, BinaryArgs: []string{binary}, Env: []string{"MESHTEST_MARK=wrapped"},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { m.Close() })
+	p, err := m.proc("node1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	environ, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", p.cmd.Process.Pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(environ), "MESHTEST_MARK=wrapped") {
+		t.Error("the agent's environment lacks Options.Env")
+	}
+	pins := m.PinDir("node1")
+	if err := m.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(pins); err == nil {
+		t.Errorf("pins %s left after Close", pins)
 	}
 }
