@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"maps"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -293,5 +294,193 @@ func TestMetricsAccessLogAndFlowsShowTheTraffic(t *testing.T) {
 	}
 	if out := mantlet(t, m, "node1", "status"); !strings.Contains(out, "Ready:         yes") {
 		t.Errorf("mantlet status on node1:\n%s", out)
+	}
+}
+
+// matrixPolicies are the policies of the policy matrix: the server admits
+// only the client, on 8080, and only mutual TLS; the neighbour refuses
+// the client on 8081.
+const matrixPolicies = `
+---
+apiVersion: mantlet.io/v1alpha1
+kind: MeshPolicy
+metadata: {namespace: shop, name: server-allow-client}
+spec:
+  selector: {matchLabels: {app: server}}
+  action: ALLOW
+  rules:
+  - from:
+    - principals: ["spiffe://cluster.local/ns/shop/sa/client"]
+    to:
+      ports: [8080]
+---
+apiVersion: mantlet.io/v1alpha1
+kind: MeshPolicy
+metadata: {namespace: shop, name: server-strict}
+spec:
+  selector: {matchLabels: {app: server}}
+  mtls: STRICT
+---
+apiVersion: mantlet.io/v1alpha1
+kind: MeshPolicy
+metadata: {namespace: shop, name: neighbour-deny-client}
+spec:
+  selector: {matchLabels: {app: neighbour}}
+  action: DENY
+  rules:
+  - from:
+    - principals: ["spiffe://cluster.local/ns/shop/sa/client"]
+    to:
+      ports: [8081]
+`
+
+// adminOf returns a client of node's admin socket.
+func adminOf(t *testing.T, m *meshtest.Mesh, node string) *admin.Client {
+	t.Helper()
+	c, err := admin.NewClient(admin.SocketPath(filepath.Base(m.PinDir(node))))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(c.Close)
+	return c
+}
+
+// reaches reports whether pod can talk to addr: an echo comes back. A
+// connection that is dropped, or accepted and then closed by the ztunnel
+// (a denial), does not.
+func reaches(m *meshtest.Mesh, pod string, addr netip.AddrPort) bool {
+	ctx, cancel := context.WithTimeout(context.Background(), dropWait)
+	defer cancel()
+	c, err := m.Dial(ctx, pod, addr)
+	if err != nil {
+		return false
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(3 * time.Second))
+	if _, err := c.Write([]byte("x")); err != nil {
+		return false
+	}
+	b := make([]byte, 1)
+	n, _ := c.Read(b)
+	return n == 1 && b[0] == 'x'
+}
+
+// TestPolicyCheckAgreesWithTheDataPathAndDenialsAreVisible puts policies
+// in force and, for every cell of a small policy matrix (meshed sources
+// across nodes and on one node, an unmeshed plaintext source; allow by
+// policy, allow by default, deny by policy, no ALLOW matched, STRICT),
+// checks that 'mantlet policy check' on the destination's node gives the
+// verdict the data path enforced. A denied connection then shows in the
+// metrics, the access log, the security events and
+// 'mantlet flows --verdict denied', naming the policy and rule.
+func TestPolicyCheckAgreesWithTheDataPathAndDenialsAreVisible(t *testing.T) {
+	spec := observeSpec()
+	spec.Nodes[0].Pods[1].Labels = map[string]string{"app": "neighbour"}
+	spec.Nodes[0].Pods = append(spec.Nodes[0].Pods, testbed.PodSpec{Name: "legacy", Namespace: "legacy"})
+	m := startMesh(t, spec, meshtest.Options{})
+	for _, pod := range []string{"server", "neighbour"} {
+		echo(t, m, pod, appPort)
+		echo(t, m, pod, appPort+1)
+	}
+	f, err := os.OpenFile(m.ConfigPath, os.O_APPEND|os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteString(matrixPolicies); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	for _, node := range []string{"node1", "node2"} {
+		c := adminOf(t, m, node)
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			ps, err := c.Policies(context.Background())
+			if err == nil && len(ps.Policies) == 3 {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("%s did not put the 3 policies in force: %+v, %v", node, ps, err)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+	// STRICT reaches the data path when the agent re-enrolls the server.
+	waitSeries(t, m, "node2", "mantlet_agent_pods", map[string]string{"state": "enrolled"}, 1, 0)
+
+	addr := func(pod string, port uint16) netip.AddrPort { return netip.AddrPortFrom(m.Pod(pod).IP, port) }
+	for _, c := range []struct {
+		src, dst string
+		port     uint16
+		allowed  bool
+		reason   string
+		policy   string
+	}{
+		{"client", "server", appPort, true, "allowed-by-policy", "shop/server-allow-client"},
+		{"client", "server", appPort + 1, false, "no-allow-matched", ""},
+		{"neighbour", "server", appPort, false, "no-allow-matched", ""},
+		{"legacy", "server", appPort, false, "denied-plaintext-strict", "shop/server-strict"},
+		{"client", "neighbour", appPort, true, "allowed-by-default", ""},
+		{"client", "neighbour", appPort + 1, false, "denied-by-policy", "shop/neighbour-deny-client"},
+		{"server", "client", appPort + 1, true, "allowed-by-default", ""},
+	} {
+		name := fmt.Sprintf("%s -> %s:%d", c.src, c.dst, c.port)
+		if c.dst == "client" {
+			echo(t, m, "client", c.port)
+		}
+		got := reaches(m, c.src, addr(c.dst, c.port))
+		res, err := adminOf(t, m, m.Pod(c.dst).Node).Check(context.Background(), m.Pod(c.src).IP.String(), addr(c.dst, c.port).String(), 0)
+		if err != nil {
+			t.Errorf("%s: policy check: %v", name, err)
+			continue
+		}
+		if got != c.allowed || res.Allowed != got || res.Reason != c.reason || res.Policy != c.policy {
+			t.Errorf("%s: the data path %s it; policy check says %s (%s, policy %q); want %v, %s, %q",
+				name, map[bool]string{true: "allowed", false: "refused"}[got], res.Verdict, res.Reason, res.Policy, c.allowed, c.reason, c.policy)
+		}
+	}
+
+	// The denial client -> neighbour:8081 (same node), everywhere an
+	// operator looks.
+	id := func(pod string) string { i, _ := m.ID(pod); return i.String() }
+	denied := traffic("source", "client", "shop", id("client"), "neighbour", "shop", id("neighbour"), "unknown", "mutual_tls", "policy_denied")
+	waitSeries(t, m, "node1", "istio_tcp_connections_failed_total", denied, 1, 0)
+	waitSeries(t, m, "node1", "mantlet_policy_decisions_total",
+		map[string]string{"action": "deny", "reason": "denied-by-policy", "policy": "shop/neighbour-deny-client"}, 1, 0)
+	waitSeries(t, m, "node1", "mantlet_policy_decisions_total",
+		map[string]string{"action": "deny", "reason": "no-allow-matched", "policy": ""}, 2, 0)
+	waitSeries(t, m, "node2", "mantlet_policy_decisions_total",
+		map[string]string{"action": "allow", "reason": "allowed-by-policy", "policy": "shop/server-allow-client"}, 1, 0)
+	if n := counters(t, m, "node2").StrictDrops; n == 0 {
+		t.Error("node2 counted no STRICT drop for the plaintext connection")
+	}
+
+	isDenial := func(ev telemetry.FlowEvent) bool {
+		return ev.Event == telemetry.EventClose && ev.Verdict == telemetry.VerdictDenied && ev.Policy == "shop/neighbour-deny-client" &&
+			ev.Rule != nil && *ev.Rule == 0 && ev.Reason == "denied-by-policy" && ev.ResponseFlag == "policy_denied" &&
+			ev.Src.Identity == id("client") && ev.Dst.Workload == "neighbour"
+	}
+	if !slices.ContainsFunc(accessLog(m, "node1"), isDenial) {
+		t.Errorf("node1's access log has no line for the denial:\n%v", accessLog(m, "node1"))
+	}
+	var evs []telemetry.FlowEvent
+	if err := json.Unmarshal([]byte(mantlet(t, m, "node1", "flows", "--verdict", "denied", "-o", "json")), &evs); err != nil {
+		t.Fatal(err)
+	}
+	if len(evs) != 3 || !slices.ContainsFunc(evs, isDenial) {
+		t.Errorf("mantlet flows --verdict denied on node1 shows %d flows, want the 3 denials: %+v", len(evs), evs)
+	}
+	found := false
+	for _, r := range m.Records("node1") {
+		pol, _ := r["policy"].(map[string]any)
+		if r["kind"] == "security_event" && r["verdict"] == "deny" && r["reason"] == "denied-by-policy" &&
+			pol["name"] == "neighbour-deny-client" && pol["namespace"] == "shop" {
+			found = true
+		}
+	}
+	if !found {
+		t.Error("node1 wrote no security event for the denial")
+	}
+	if out := mantlet(t, m, "node1", "policy", "check", "--from", "shop/client", "--to", "shop/neighbour", "--port", "8081"); !strings.Contains(out, "denied by rule 0 of DENY policy shop/neighbour-deny-client") {
+		t.Errorf("mantlet policy check on node1:\n%s", out)
 	}
 }
