@@ -133,7 +133,10 @@ func TestObserverOnALiveProxy(t *testing.T) {
 	deadline := time.Now().Add(5 * time.Second)
 	for {
 		o.Flush(p)
-		if testutil.ToFloat64(o.Traffic.sent.WithLabelValues(sourceLabels("source")...)) == 1000 || time.Now().After(deadline) {
+		// Both directions: the echo can reach the client before the
+		// splice has added the request's bytes.
+		if testutil.ToFloat64(o.Traffic.sent.WithLabelValues(sourceLabels("source")...)) == 1000 &&
+			testutil.ToFloat64(o.Traffic.received.WithLabelValues(sourceLabels("source")...)) == 1000 || time.Now().After(deadline) {
 			break
 		}
 		time.Sleep(5 * time.Millisecond)
