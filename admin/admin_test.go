@@ -69,12 +69,12 @@ func TestWorkloadsServicesCertsDatapath(t *testing.T) {
 	}
 	var got []string
 	for _, w := range ws {
-		got = append(got, fmt.Sprintf("%s/%s %s local=%v state=%s veth=%d mtls=%s", w.Namespace, w.Name, w.Identity, w.Local, w.State, w.Veth, w.MTLSMode))
+		got = append(got, fmt.Sprintf("%s/%s %s local=%v state=%s veth=%d mtls=%s strict=%v", w.Namespace, w.Name, w.Identity, w.Local, w.State, w.Veth, w.MTLSMode, w.Strict))
 	}
 	want := []string{
-		"shop/checkout-0 spiffe://cluster.local/ns/shop/sa/checkout local=true state=enrolled veth=12 mtls=STRICT",
-		"shop/frontend-0 spiffe://cluster.local/ns/shop/sa/frontend local=true state=enrolled veth=11 mtls=PERMISSIVE",
-		"shop/payments-0 spiffe://cluster.local/ns/shop/sa/payments local=false state= veth=0 mtls=PERMISSIVE",
+		"shop/checkout-0 spiffe://cluster.local/ns/shop/sa/checkout local=true state=enrolled veth=12 mtls=STRICT strict=true",
+		"shop/frontend-0 spiffe://cluster.local/ns/shop/sa/frontend local=true state=enrolled veth=11 mtls=PERMISSIVE strict=false",
+		"shop/payments-0 spiffe://cluster.local/ns/shop/sa/payments local=false state= veth=0 mtls=PERMISSIVE strict=false",
 	}
 	if strings.Join(got, "\n") != strings.Join(want, "\n") {
 		t.Errorf("workloads:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(want, "\n"))

@@ -283,7 +283,7 @@ func (s *Server) workloads(w http.ResponseWriter, r *http.Request) {
 		}
 		if v.Local && wl.Enrolled {
 			if p, ok := pods[wl.String()]; ok {
-				v.Veth, v.Error = p.Ifindex, p.Err
+				v.Veth, v.Error, v.Strict = p.Ifindex, p.Err, p.Strict
 				v.State = "enrolled"
 				if p.Ifindex == 0 || p.Err != "" {
 					v.State = "pending"

@@ -119,8 +119,11 @@ type Workload struct {
 	State string `json:"state,omitempty"`
 	Veth  int    `json:"veth,omitempty"`
 	Error string `json:"error,omitempty"`
-	// MTLSMode is STRICT or PERMISSIVE, as policy sets it.
+	// MTLSMode is STRICT or PERMISSIVE, as policy sets it; Strict says
+	// the data path enforces STRICT for this local pod (it follows the
+	// mode once the agent re-enrolled the pod).
 	MTLSMode string `json:"mtls_mode,omitempty"`
+	Strict   bool   `json:"strict,omitempty"`
 }
 
 // Service is one service and its endpoints.

@@ -405,7 +405,17 @@ func TestPolicyCheckAgreesWithTheDataPathAndDenialsAreVisible(t *testing.T) {
 		}
 	}
 	// STRICT reaches the data path when the agent re-enrolls the server.
-	waitSeries(t, m, "node2", "mantlet_agent_pods", map[string]string{"state": "enrolled"}, 1, 0)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		ws, err := adminOf(t, m, "node2").Workloads(context.Background(), "shop")
+		if err == nil && slices.ContainsFunc(ws, func(w admin.Workload) bool { return w.Name == "server" && w.Strict && w.State == "enrolled" }) {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("node2 does not enforce STRICT for the server: %+v, %v", ws, err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 
 	addr := func(pod string, port uint16) netip.AddrPort { return netip.AddrPortFrom(m.Pod(pod).IP, port) }
 	for _, c := range []struct {
