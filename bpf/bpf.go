@@ -96,9 +96,16 @@ type Config struct {
 	ExcludePorts []uint16
 	// CaptureInboundPlain also captures plaintext connections from other
 	// nodes to local pods on ports other than 15008 and hands them to the
-	// InboundPlain slot. Off by default: the inbound plaintext listener
-	// belongs to the policy work.
+	// InboundPlain slot (the ztunnel then applies policy to them, and to
+	// STRICT pods refuses them with an event).
 	CaptureInboundPlain bool
+	// CaptureLocalPlain also hands plaintext connections from this node's
+	// unmeshed pods to PERMISSIVE enrolled pods to the InboundPlain slot:
+	// pod_egress turns them around into lo's ingress. It needs reverse
+	// path filtering on lo to be off or loose (net.ipv4.conf.{all,lo}.
+	// rp_filter 0 or 2); Open leaves it off, with a warning, when it is
+	// strict.
+	CaptureLocalPlain bool
 }
 
 // Limits of the maps, mirrored from bpf/mantlet.h.
@@ -218,6 +225,9 @@ type Counters struct {
 	// LookupFailed counts connections dropped because the kernel refused
 	// the listener.
 	LookupFailed uint64
+	// LocalPlainRedirected counts plaintext SYNs from unmeshed pods of
+	// this node to PERMISSIVE pods turned to the ztunnel.
+	LocalPlainRedirected uint64
 }
 
 // Status is what /healthz/ready needs to know about the data path.

@@ -131,6 +131,9 @@ func Open(ctx context.Context, cfg Config, log *slog.Logger) (*Datapath, error) 
 	if err := checkKernel(); err != nil {
 		return nil, err
 	}
+	if cfg.CaptureLocalPlain {
+		cfg.CaptureLocalPlain = localPlainPossible(log)
+	}
 	if err := ensureBPFFS(cfg.PinDir); err != nil {
 		return nil, err
 	}
@@ -355,11 +358,58 @@ func (d *Datapath) settings() mantletSettings {
 	if d.cfg.CaptureInboundPlain {
 		s.Flags |= settingsInboundPlain
 	}
+	if d.cfg.CaptureLocalPlain {
+		s.Flags |= settingsInboundPlainLocal
+	}
 	return s
 }
 
-// settingsInboundPlain is CFG_F_INBOUND_PLAIN of mantlet.h.
-const settingsInboundPlain = 1 << 0
+// settingsInboundPlain and settingsInboundPlainLocal are
+// CFG_F_INBOUND_PLAIN and CFG_F_INBOUND_PLAIN_LOCAL of mantlet.h.
+const (
+	settingsInboundPlain      = 1 << 0
+	settingsInboundPlainLocal = 1 << 1
+)
+
+// localPlainPossible prepares the namespace for CaptureLocalPlain and
+// reports whether it can work. Packets turned around into lo must pass
+// the reverse path filter there, and TCP early demux must be off: it
+// would attach the ztunnel's socket to the client's later packets as
+// they arrive from the client's veth, and forwarding drops a packet that
+// carries a socket before pod_egress can turn it around.
+func localPlainPossible(log *slog.Logger) bool {
+	if strictRPFilter() {
+		log.Warn("bpf: plaintext from unmeshed pods of this node is not captured: strict rp_filter on lo would drop it (set net.ipv4.conf.all.rp_filter and net.ipv4.conf.lo.rp_filter to 0 or 2)")
+		return false
+	}
+	const demux = "/proc/sys/net/ipv4/tcp_early_demux"
+	if b, err := os.ReadFile(demux); err == nil && strings.TrimSpace(string(b)) == "0" {
+		return true
+	}
+	if err := os.WriteFile(demux, []byte("0\n"), 0o644); err != nil {
+		log.Warn("bpf: plaintext from unmeshed pods of this node is not captured: cannot turn TCP early demux off", "error", err)
+		return false
+	}
+	log.Info("bpf: net.ipv4.tcp_early_demux set to 0 for the capture of plaintext from unmeshed pods of this node")
+	return true
+}
+
+// strictRPFilter reports whether strict reverse path filtering applies to
+// packets arriving on lo in the current network namespace: the kernel
+// uses the larger of the "all" and the device's rp_filter.
+func strictRPFilter() bool {
+	v := 0
+	for _, dev := range []string{"all", "lo"} {
+		b, err := os.ReadFile("/proc/sys/net/ipv4/conf/" + dev + "/rp_filter")
+		if err != nil {
+			continue
+		}
+		if n, err := strconv.Atoi(strings.TrimSpace(string(b))); err == nil {
+			v = max(v, n)
+		}
+	}
+	return v == 1
+}
 
 // iface_info.flags: IFACE_F_STRICT of mantlet.h.
 const ifaceStrict = 1 << 0
@@ -1200,6 +1250,7 @@ func readCounters(m *ebpf.Map) (Counters, error) {
 		c.LookupInboundPlain += p.LookupInboundPlain
 		c.LookupHBONE += p.LookupHbone
 		c.LookupFailed += p.LookupFailed
+		c.LocalPlainRedirected += p.LocalPlainRedirected
 	}
 	return c, nil
 }

@@ -304,5 +304,6 @@ func (c Counters) diff(before Counters) string {
 	add("lookup_inbound_plain", c.LookupInboundPlain, before.LookupInboundPlain)
 	add("lookup_hbone", c.LookupHBONE, before.LookupHBONE)
 	add("lookup_failed", c.LookupFailed, before.LookupFailed)
+	add("local_plain_redirected", c.LocalPlainRedirected, before.LocalPlainRedirected)
 	return strings.Join(out, " ")
 }

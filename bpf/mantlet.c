@@ -7,7 +7,8 @@
  *
  *   pod_ingress     tc ingress, host side of an enrolled pod's veth
  *   uplink_ingress  tc ingress, the node's uplink interface(s)
- *   pod_egress      tc egress, host side of an enrolled pod's veth (STRICT)
+ *   pod_egress      tc egress, host side of an enrolled pod's veth (STRICT;
+ *                   PERMISSIVE: same-node plaintext to the ztunnel)
  *   node_sk_lookup  sk_lookup, attached to the node's network namespace
  *
  * IPv4 only for now: IPv6 packets pass untouched (not captured).
@@ -120,6 +121,29 @@ static __always_inline void set_probing(__u32 on)
 		*v = on;
 }
 
+/* owned reports whether a local socket other than a listener owns the
+ * packet's flow. Every reference taken is released. */
+static __always_inline int owned(struct __sk_buff *skb, const struct pkt *p)
+{
+	struct bpf_sock_tuple t = {};
+	struct bpf_sock *sk;
+	int ret;
+
+	t.ipv4.saddr = p->saddr;
+	t.ipv4.daddr = p->daddr;
+	t.ipv4.sport = p->sport;
+	t.ipv4.dport = p->dport;
+
+	set_probing(1);
+	sk = bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+	set_probing(0);
+	if (!sk)
+		return 0;
+	ret = sk->state != BPF_TCP_LISTEN;
+	bpf_sk_release(sk);
+	return ret;
+}
+
 /* assign_owner looks for a local, non-listening socket that owns the
  * packet's flow (established, half-open or TIME_WAIT: for example the
  * ztunnel's accepted or transparent sockets). If there is one, the packet
@@ -227,19 +251,27 @@ int uplink_ingress(struct __sk_buff *skb)
 }
 
 /* pod_egress sees packets TO an enrolled pod. With STRICT it drops new
- * connection attempts that the ztunnel did not make. */
+ * connection attempts that the ztunnel did not make. With PERMISSIVE (and
+ * CFG_F_INBOUND_PLAIN_LOCAL) it turns plaintext from unmeshed pods of this
+ * node around to the ztunnel's inbound plaintext listener: such packets
+ * were forwarded here without passing any mantlet program, so the SYN (and
+ * every later packet of a flow the ztunnel accepted) is re-injected at the
+ * ingress of lo with the redirect mark; policy routing delivers it
+ * locally, sk_lookup assigns slot 1 to the SYN, and the established
+ * lookup finds the accepted socket for the rest. */
 SEC("tc")
 int pod_egress(struct __sk_buff *skb)
 {
+	static const __u8 lo_mac[ETH_ALEN] = {};
 	__u32 ifindex = skb->ifindex;
 	struct iface_info *info;
 	struct settings *cfg;
 	struct pkt p;
 
 	info = bpf_map_lookup_elem(&ifaces, &ifindex);
-	if (!info || !(info->flags & IFACE_F_STRICT))
+	if (!info)
 		return TC_ACT_UNSPEC;
-	if (parse(skb, &p) < 0 || !p.tcp || !p.syn)
+	if (parse(skb, &p) < 0 || !p.tcp)
 		return TC_ACT_UNSPEC;
 	cfg = get_config();
 	if (cfg && cfg->ztunnel_mark && (skb->mark & cfg->ztunnel_mark) == cfg->ztunnel_mark)
@@ -247,8 +279,27 @@ int pod_egress(struct __sk_buff *skb)
 	/* Kubelet probes come from the node's own addresses. */
 	if (bpf_map_lookup_elem(&node_ips, &p.saddr))
 		return TC_ACT_UNSPEC;
-	COUNT(strict_drops);
-	return TC_ACT_SHOT;
+	if (info->flags & IFACE_F_STRICT) {
+		if (!p.syn)
+			return TC_ACT_UNSPEC;
+		COUNT(strict_drops);
+		return TC_ACT_SHOT;
+	}
+	if (!cfg || !(cfg->flags & CFG_F_INBOUND_PLAIN_LOCAL))
+		return TC_ACT_UNSPEC;
+	/* Enrolled pods of this node: their own program already decided. */
+	if (bpf_map_lookup_elem(&local_pods, &p.saddr))
+		return TC_ACT_UNSPEC;
+	if (!p.syn && !owned(skb, &p))
+		return TC_ACT_UNSPEC;
+	/* lo's address is all zeroes: the frame must be addressed to it or
+	 * the stack drops it as another host's. */
+	if (bpf_skb_store_bytes(skb, 0, lo_mac, ETH_ALEN, 0) < 0)
+		return TC_ACT_UNSPEC;
+	set_mark(skb, cfg);
+	if (p.syn)
+		COUNT(local_plain_redirected);
+	return bpf_redirect(LOOPBACK_IFINDEX, BPF_F_INGRESS);
 }
 
 /* node_sk_lookup picks the ztunnel listener for connections that the tc
@@ -270,6 +321,18 @@ int node_sk_lookup(struct bpf_sk_lookup *ctx)
 		return SK_PASS;
 	if (ctx->family != AF_INET || ctx->protocol != IPPROTO_TCP)
 		return SK_PASS;
+	if (ifindex == LOOPBACK_IFINDEX) {
+		/* Turned around by pod_egress: plaintext from an unmeshed pod of
+		 * this node to a PERMISSIVE pod. A pod's address is no local
+		 * address, so only marked packets get this far. */
+		if (!bpf_map_lookup_elem(&local_pods, &laddr))
+			return SK_PASS;
+		cfg = get_config();
+		if (!cfg || !(cfg->flags & CFG_F_INBOUND_PLAIN_LOCAL))
+			return SK_PASS;
+		slot = SLOT_INBOUND_PLAIN;
+		goto assign;
+	}
 	info = bpf_map_lookup_elem(&ifaces, &ifindex);
 	if (!info)
 		return SK_PASS;
@@ -293,6 +356,7 @@ int node_sk_lookup(struct bpf_sk_lookup *ctx)
 		return SK_PASS;
 	}
 
+assign:
 	sk = bpf_map_lookup_elem(&listeners, &slot);
 	if (!sk) {
 		/* Fail closed: never let a captured connection through in

@@ -59,7 +59,12 @@ struct lpm_v4_key {
 };
 
 /* config.flags */
-#define CFG_F_INBOUND_PLAIN (1U << 0) /* capture plaintext to local pods on ports other than 15008 (slot 1) */
+#define CFG_F_INBOUND_PLAIN (1U << 0)       /* capture plaintext from other nodes to local pods on ports other than 15008 (slot 1) */
+#define CFG_F_INBOUND_PLAIN_LOCAL (1U << 1) /* capture plaintext from this node's unmeshed pods to PERMISSIVE pods (slot 1) */
+
+/* The loopback device: same-node plaintext is turned around into its
+ * ingress so that policy routing delivers it locally. */
+#define LOOPBACK_IFINDEX 1
 
 /* The single entry of the config map. The loader writes it on every Open;
  * route_table and rule_priority are not read by the programs, they are
@@ -87,6 +92,7 @@ struct counter_set {
 	__u64 lookup_inbound_plain; /* sk_lookup: given to the inbound plaintext listener (slot 1) */
 	__u64 lookup_hbone;         /* sk_lookup: given to the HBONE listener (slot 2) */
 	__u64 lookup_failed;        /* sk_lookup: bpf_sk_assign refused the listener (dropped) */
+	__u64 local_plain_redirected; /* pod_egress: plaintext SYNs from unmeshed pods of this node turned to the ztunnel */
 };
 
 #define MAX_IFACES 4096

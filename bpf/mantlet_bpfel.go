@@ -14,19 +14,20 @@ import (
 )
 
 type mantletCounterSet struct {
-	_                  structs.HostLayout
-	Redirected         uint64
-	UplinkRedirected   uint64
-	Assigned           uint64
-	AssignFailed       uint64
-	SpoofDrops         uint64
-	StrictDrops        uint64
-	NoListener         uint64
-	Excluded           uint64
-	LookupOutbound     uint64
-	LookupInboundPlain uint64
-	LookupHbone        uint64
-	LookupFailed       uint64
+	_                    structs.HostLayout
+	Redirected           uint64
+	UplinkRedirected     uint64
+	Assigned             uint64
+	AssignFailed         uint64
+	SpoofDrops           uint64
+	StrictDrops          uint64
+	NoListener           uint64
+	Excluded             uint64
+	LookupOutbound       uint64
+	LookupInboundPlain   uint64
+	LookupHbone          uint64
+	LookupFailed         uint64
+	LocalPlainRedirected uint64
 }
 
 type mantletIfaceInfo struct {
