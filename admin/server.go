@@ -392,6 +392,7 @@ func CounterMap(n bpf.Counters) map[string]uint64 {
 		"spoof_dropped": n.SpoofDrops, "strict_dropped": n.StrictDrops, "no_listener_dropped": n.NoListener,
 		"excluded": n.Excluded, "lookup_outbound": n.LookupOutbound, "lookup_inbound_plaintext": n.LookupInboundPlain,
 		"lookup_hbone": n.LookupHBONE, "lookup_failed": n.LookupFailed,
+		"local_plain_redirected": n.LocalPlainRedirected,
 	}
 }
 

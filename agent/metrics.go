@@ -99,6 +99,7 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 				{"lookup_inbound_plaintext", n.LookupInboundPlain},
 				{"lookup_hbone", n.LookupHBONE},
 				{"lookup_failed", n.LookupFailed},
+				{"local_plain_redirected", n.LocalPlainRedirected},
 			} {
 				ch <- prometheus.MustNewConstMetric(c.events, prometheus.CounterValue, float64(e.v), e.name)
 			}
