@@ -54,6 +54,7 @@ type agentFlags struct {
 	hboneAddr    string
 	inboundAddr  string
 	inboundPlain bool
+	localPlain   bool
 	readyAddr    string
 	metricsAddr  string
 	svidTTL      time.Duration
@@ -100,7 +101,8 @@ func parseAgentFlags(e *env, args []string) (*agentFlags, error) {
 	fs.StringVar(&f.outboundAddr, "outbound-addr", ":15001", "listen address of the outbound capture listener")
 	fs.StringVar(&f.hboneAddr, "hbone-addr", ":15008", "listen address of the HBONE listener")
 	fs.StringVar(&f.inboundAddr, "inbound-plaintext-addr", ":15006", "listen address of the inbound plaintext listener (with --inbound-plaintext)")
-	fs.BoolVar(&f.inboundPlain, "inbound-plaintext", false, "also capture plaintext connections from other nodes to local pods (port 15006)")
+	fs.BoolVar(&f.inboundPlain, "inbound-plaintext", true, "capture plaintext connections from other nodes to local pods (port 15006), so that policy (ipBlocks, AUDIT, rate limits, STRICT refusals with an event) and metrics apply to them")
+	fs.BoolVar(&f.localPlain, "inbound-plaintext-local", false, "also capture plaintext from unmeshed pods of this node to PERMISSIVE pods (needs rp_filter 0 or 2 on lo; turns net.ipv4.tcp_early_demux off)")
 	fs.StringVar(&f.readyAddr, "ready-addr", ":15021", "listen address of the readiness probe ("+agent.ReadyPath+"); empty disables it")
 	fs.StringVar(&f.metricsAddr, "metrics-addr", ":15020", "listen address of the Prometheus metrics (/metrics); empty disables them")
 	fs.DurationVar(&f.svidTTL, "svid-ttl", identity.DefaultSVIDTTL, "lifetime of workload certificates")
@@ -171,6 +173,7 @@ func (f *agentFlags) bpfConfig(nodeIPs []netip.Addr) (bpf.Config, error) {
 	cfg.RulePriority = f.rulePriority
 	cfg.NodeIPs = nodeIPs
 	cfg.CaptureInboundPlain = f.inboundPlain
+	cfg.CaptureLocalPlain = f.inboundPlain && f.localPlain
 	for _, s := range f.excludeCIDRs {
 		p, err := netip.ParsePrefix(s)
 		if err != nil {
