@@ -164,8 +164,10 @@ func dialFrom(pod *testbed.Pod, src netip.Addr, dst netip.AddrPort, timeout time
 
 // TestStrictDropsPlaintextFromUnmeshedPodsAndPermissiveLetsItPass runs
 // agents with --mtls-mode STRICT and a namespace annotated PERMISSIVE.
-// Plaintext from an unmeshed pod, of the same node or another, to a STRICT
-// pod is dropped (and counted); to a PERMISSIVE pod it passes. Meshed
+// Plaintext from an unmeshed pod of the same node to a STRICT pod is
+// dropped (and counted); from another node it is captured to the
+// destination's ztunnel, which refuses it (accept, then close, with a
+// strict_plaintext refusal in its log); to a PERMISSIVE pod it passes. Meshed
 // clients (through the ztunnel) and the node itself (kubelet probes) still
 // reach the STRICT pod.
 func TestStrictDropsPlaintextFromUnmeshedPodsAndPermissiveLetsItPass(t *testing.T) {
@@ -194,17 +196,20 @@ func TestStrictDropsPlaintextFromUnmeshedPodsAndPermissiveLetsItPass(t *testing.
 		dial   func(dst netip.AddrPort, timeout time.Duration) (net.Conn, error)
 		dst    *meshtest.Echo
 		passes bool
+		// refuser is "ztunnel" when node2's ztunnel accepts and closes the
+		// connection, "kernel" when pod_egress drops its SYN.
+		refuser string
 	}{
-		{"STRICT drops an unmeshed pod of another node", podDialer(m, "legacy"), strict, false},
-		{"STRICT drops an unmeshed pod of the same node", podDialer(m, "neighbour"), strict, false},
-		{"STRICT lets a meshed pod through its ztunnel", podDialer(m, "client"), strict, true},
+		{"STRICT refuses an unmeshed pod of another node", podDialer(m, "legacy"), strict, false, "ztunnel"},
+		{"STRICT drops an unmeshed pod of the same node", podDialer(m, "neighbour"), strict, false, "kernel"},
+		{"STRICT lets a meshed pod through its ztunnel", podDialer(m, "client"), strict, true, ""},
 		{"STRICT lets the node's own probes through", func(dst netip.AddrPort, timeout time.Duration) (net.Conn, error) {
 			ctx, cancel := context.WithTimeout(context.Background(), timeout)
 			defer cancel()
 			return node2.Dial(ctx, "tcp4", dst.String())
-		}, strict, true},
-		{"PERMISSIVE lets an unmeshed pod of another node pass", podDialer(m, "legacy"), permissive, true},
-		{"PERMISSIVE lets an unmeshed pod of the same node pass", podDialer(m, "neighbour"), permissive, true},
+		}, strict, true, ""},
+		{"PERMISSIVE lets an unmeshed pod of another node pass", podDialer(m, "legacy"), permissive, true, ""},
+		{"PERMISSIVE lets an unmeshed pod of the same node pass", podDialer(m, "neighbour"), permissive, true, ""},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			before := counters(t, m, "node2")
@@ -215,6 +220,27 @@ func TestStrictDropsPlaintextFromUnmeshedPodsAndPermissiveLetsItPass(t *testing.
 			c, err := tc.dial(tc.dst.Addr, timeout)
 			after := counters(t, m, "node2")
 			if !tc.passes {
+				if tc.refuser == "ztunnel" {
+					if err != nil {
+						t.Fatalf("connection to %s: %v; want it accepted by node2's ztunnel, then closed", tc.dst.Addr, err)
+					}
+					// Captured from the uplink: node2's ztunnel accepts, then
+					// closes without an answer.
+					defer c.Close()
+					_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+					_, _ = c.Write([]byte("hello"))
+					if n, _ := c.Read(make([]byte, 1)); n > 0 {
+						t.Fatalf("plaintext connection to %s got an answer", tc.dst.Addr)
+					}
+					ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+					defer cancel()
+					if _, err := m.WaitFlow(ctx, "node2", func(f meshtest.Flow) bool {
+						return f.Direction == "inbound_plaintext" && f.Dst == tc.dst.Addr && f.Reason == "strict_plaintext"
+					}); err != nil {
+						t.Error(err)
+					}
+					return
+				}
 				if err == nil {
 					c.Close()
 					t.Fatalf("plaintext connection to %s was made", tc.dst.Addr)

@@ -32,7 +32,11 @@ import (
 //     survive the crash and keep carrying bytes while no agent runs and
 //     after the restart, because the programs stay attached and the maps
 //     pinned: a meshed pod's connection to an excluded port, and an
-//     unmeshed pod's plaintext to a meshed PERMISSIVE pod.
+//     unmeshed pod's plaintext to a meshed PERMISSIVE pod. (The agents run
+//     with --inbound-plaintext=false for that: by default plaintext from
+//     other nodes is carried by the destination's ztunnel, so that policy
+//     applies to it, and it then ends with the ztunnel like any proxied
+//     connection.)
 //   - A connection carried by the ztunnel ends with the ztunnel's process
 //     (it is that process's sockets); it ends, it does not continue in
 //     plaintext. DESIGN's "established connections keep working while the
@@ -56,7 +60,7 @@ func TestAgentsFailClosedAndAdoptTheirPinsOnRestart(t *testing.T) {
 		},
 		Namespaces: map[string]map[string]string{"shop": meshedNS},
 	}
-	m := startMesh(t, spec, meshtest.Options{AgentArgs: []string{"--exclude-port", fmt.Sprint(excludedPort)}})
+	m := startMesh(t, spec, meshtest.Options{AgentArgs: []string{"--exclude-port", fmt.Sprint(excludedPort), "--inbound-plaintext=false"}})
 	srv := echo(t, m, "server", appPort)
 	outside := echo(t, m, "outside", excludedPort)
 	client := m.Pod("client")
