@@ -60,7 +60,7 @@ type Options struct {
 type Authorizer struct {
 	eng  *policy.Engine
 	opts Options
-	ev   events.Sink
+	ev   events.Sink // nil: no events
 	log  *slog.Logger
 	lim  *limiters
 	conn conns
@@ -93,9 +93,6 @@ func New(eng *policy.Engine, opts Options) *Authorizer {
 	a := &Authorizer{eng: eng, opts: opts, ev: opts.Events, log: opts.Logger,
 		lim: newLimiters(opts.MaxLimiters, opts.LimiterIdle), conn: conns{m: map[string]int32{}},
 		reasons: make([]atomic.Uint64, len(policy.Reasons()))}
-	if a.ev == nil {
-		a.ev = events.Discard
-	}
 	if a.log == nil {
 		a.log = slog.New(slog.DiscardHandler)
 	}
@@ -205,6 +202,9 @@ func (a *Authorizer) Release(f *ztunnel.Flow, v ztunnel.Verdict) {
 
 // emit sends one event about f.
 func (a *Authorizer) emit(f *ztunnel.Flow, verdict events.Verdict, stage events.Stage, reason, flag, pol string, rule int) {
+	if a.ev == nil {
+		return
+	}
 	e := events.Event{
 		Time: a.opts.Now(), Verdict: verdict, Stage: stage, Reason: reason, Flag: flag, Rule: rule,
 		Node: a.opts.Node, Direction: string(f.Direction), MTLS: f.MTLS, Src: f.SrcAddr, Dst: f.DstAddr,
