@@ -170,13 +170,16 @@ func demo(ctx context.Context, e *env, f demoFlags) (err error) {
 	if err != nil {
 		return demoInterrupted(ctx, err)
 	}
+	if res.metrics, err = demoMetrics(ctx, m); err != nil {
+		return demoInterrupted(ctx, err)
+	}
 	checks := report.NewChecks(w)
 	fmt.Fprintln(w, "\nCaptured connections (from the ztunnels' flow logs)")
 	printFlows(w, res.flows)
 	fmt.Fprintln(w, "\nChecks")
 	checkDemo(checks, m, res)
 	fmt.Fprintln(w, "\nMetrics (Prometheus, port 15020 in each node's network namespace)")
-	printDemoMetrics(ctx, w, m)
+	printDemoMetrics(w, m, res)
 
 	if err := checks.Err(); err != nil {
 		return err
@@ -230,6 +233,7 @@ type demoResult struct {
 	packets                                  []testbed.Packet
 	captureErr                               error
 	flowErr                                  error
+	metrics                                  map[string][]promSample // per node, after the traffic
 }
 
 func driveDemo(ctx context.Context, w io.Writer, m *meshtest.Mesh, meshEcho, plainEcho *meshtest.Echo) (*demoResult, error) {
@@ -406,6 +410,12 @@ func checkDemo(c *report.Checks, m *meshtest.Mesh, r *demoResult) {
 		r.client.Node, r.between[r.client.Node].LookupOutbound-r.before[r.client.Node].LookupOutbound,
 		r.server.Node, r.between[r.server.Node].LookupHBONE-r.before[r.server.Node].LookupHBONE)
 
+	src := istioOpened(r.metrics[r.client.Node], "source", clientID.String(), serverID.String())
+	dst := istioOpened(r.metrics[r.server.Node], "destination", clientID.String(), serverID.String())
+	c.Check(src != nil && dst != nil && src.labels["connection_security_policy"] == "mutual_tls" && dst.labels["connection_security_policy"] == "mutual_tls",
+		"Istio's metrics count it on both ends: istio_tcp_connections_opened_total, reporter source on %s and destination on %s, connection_security_policy mutual_tls",
+		r.client.Node, r.server.Node)
+
 	// 3. The wire between the nodes.
 	var meshPkts, plainPkts []testbed.Packet
 	var meshBytes, allBytes int64
@@ -460,8 +470,16 @@ func checkDemo(c *report.Checks, m *meshtest.Mesh, r *demoResult) {
 	for node := range r.after {
 		moved += captured(r.after[node]) - captured(r.between[node])
 	}
-	c.Check(plainFlows == 0 && moved == 0 && len(r.plainPeers) == 1 && r.plainPeers[0].Addr() == r.plainClient.IP,
-		"no ztunnel saw it: %d flows in the logs, capture counters moved by %d", plainFlows, moved)
+	plainSeries := 0
+	for _, samples := range r.metrics {
+		for _, s := range samples {
+			if strings.HasPrefix(s.name, "istio_") && (s.labels["source_workload"] == r.plainClient.Name || s.labels["destination_workload"] == r.plainServer.Name) {
+				plainSeries++
+			}
+		}
+	}
+	c.Check(plainFlows == 0 && moved == 0 && plainSeries == 0 && len(r.plainPeers) == 1 && r.plainPeers[0].Addr() == r.plainClient.IP,
+		"no ztunnel saw it: %d flows in the logs, %d Istio metric series, capture counters moved by %d", plainFlows, plainSeries, moved)
 }
 
 // tlsCheck checks the HBONE connection's handshake as seen on the wire and
@@ -521,20 +539,101 @@ func errSuffix(err error) string {
 	return " (" + err.Error() + ")"
 }
 
-var demoMetricLine = regexp.MustCompile(`^(mantlet_agent_ready|mantlet_agent_pods\{state="enrolled"\}|mantlet_datapath_packets_total\{event="(lookup_outbound|lookup_hbone|redirected|uplink_redirected)"\}) `)
+// promSample is one sample of the Prometheus text format.
+type promSample struct {
+	name   string
+	labels map[string]string
+	value  string
+}
 
-func printDemoMetrics(ctx context.Context, w io.Writer, m *meshtest.Mesh) {
-	for _, n := range m.TB.Nodes() {
-		fmt.Fprintf(w, "  %s:  nsenter --net=%s curl -s http://127.0.0.1:%d/metrics\n", n.Name, n.NS, meshtest.MetricsPort)
-		body, err := m.Metrics(ctx, n.Name)
-		if err != nil {
-			fmt.Fprintf(w, "    (could not read them: %v)\n", err)
+var (
+	promLine     = regexp.MustCompile(`^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$`)
+	promUnescape = strings.NewReplacer(`\\`, `\`, `\"`, `"`, `\n`, "\n")
+	promLabel    = regexp.MustCompile(`([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"`)
+)
+
+// parseProm reads the samples of a Prometheus text exposition; comments
+// and lines it does not understand are skipped.
+func parseProm(body string) []promSample {
+	var out []promSample
+	for _, line := range strings.Split(body, "\n") {
+		m := promLine.FindStringSubmatch(strings.TrimSpace(line))
+		if m == nil {
 			continue
 		}
-		for _, line := range strings.Split(body, "\n") {
-			if demoMetricLine.MatchString(line) {
-				fmt.Fprintf(w, "    %s\n", line)
+		s := promSample{name: m[1], labels: map[string]string{}, value: m[3]}
+		for _, l := range promLabel.FindAllStringSubmatch(m[2], -1) {
+			s.labels[l[1]] = promUnescape.Replace(l[2])
+		}
+		out = append(out, s)
+	}
+	return out
+}
+
+// format prints the sample with the labels named in keys, in that order.
+func (s promSample) format(keys ...string) string {
+	var ls []string
+	for _, k := range keys {
+		if v, ok := s.labels[k]; ok {
+			ls = append(ls, fmt.Sprintf("%s=%q", k, v))
+		}
+	}
+	if len(ls) == 0 {
+		return s.name + " " + s.value
+	}
+	return s.name + "{" + strings.Join(ls, ",") + "} " + s.value
+}
+
+// demoMetrics fetches every node's metrics.
+func demoMetrics(ctx context.Context, m *meshtest.Mesh) (map[string][]promSample, error) {
+	out := map[string][]promSample{}
+	for _, n := range m.TB.Nodes() {
+		body, err := m.Metrics(ctx, n.Name)
+		if err != nil {
+			return nil, err
+		}
+		out[n.Name] = parseProm(body)
+	}
+	return out, nil
+}
+
+// istioOpened returns the istio_tcp_connections_opened_total sample of
+// node for the meshed connection, as reporter saw it.
+func istioOpened(samples []promSample, reporter, src, dst string) *promSample {
+	for i, s := range samples {
+		l := s.labels
+		if s.name == "istio_tcp_connections_opened_total" && l["reporter"] == reporter &&
+			l["source_principal"] == src && l["destination_principal"] == dst && s.value != "0" {
+			return &samples[i]
+		}
+	}
+	return nil
+}
+
+var demoShown = map[string][]string{
+	"mantlet_datapath_packets_total":      {"event"},
+	"mantlet_hbone_pool_handshakes_total": nil,
+	"mantlet_agent_ready":                 nil,
+}
+
+func printDemoMetrics(w io.Writer, m *meshtest.Mesh, r *demoResult) {
+	clientID, _ := m.ID(r.client.Name)
+	serverID, _ := m.ID(r.server.Name)
+	for _, n := range m.TB.Nodes() {
+		fmt.Fprintf(w, "  %s:  nsenter --net=%s curl -s http://127.0.0.1:%d/metrics\n", n.Name, n.NS, meshtest.MetricsPort)
+		reporter := "source"
+		if n.Name == r.server.Node {
+			reporter = "destination"
+		}
+		if s := istioOpened(r.metrics[n.Name], reporter, clientID.String(), serverID.String()); s != nil {
+			fmt.Fprintf(w, "    %s  (other labels left out)\n", s.format("reporter", "source_principal", "destination_principal", "connection_security_policy"))
+		}
+		for _, s := range r.metrics[n.Name] {
+			keys, ok := demoShown[s.name]
+			if !ok || s.name == "mantlet_datapath_packets_total" && s.labels["event"] != "lookup_outbound" && s.labels["event"] != "lookup_hbone" {
+				continue
 			}
+			fmt.Fprintf(w, "    %s\n", s.format(keys...))
 		}
 	}
 }
