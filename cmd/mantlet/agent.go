@@ -370,6 +370,7 @@ func runAgentWith(ctx context.Context, f *agentFlags, log *slog.Logger) error {
 				return out
 			}))
 		reg.MustRegister(obsv.collectors(proxy)...)
+		reg.MustRegister(enforce.NewCollector(en.az, en.ev.Stats))
 		mux := http.NewServeMux()
 		mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
 		servers = append(servers, &http.Server{Addr: f.metricsAddr, Handler: mux, ReadHeaderTimeout: 5 * time.Second})
