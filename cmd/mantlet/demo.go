@@ -116,12 +116,12 @@ func demo(ctx context.Context, e *env, f demoFlags) (err error) {
 	w := e.stdout
 	dir, err := os.MkdirTemp("", "mantlet-demo-*")
 	if err != nil {
-		return fmt.Errorf("demo: %w", err)
+		return fmt.Errorf("temporary directory: %w", err)
 	}
 	defer os.RemoveAll(dir)
 	agentLog, err := os.Create(filepath.Join(dir, "agents.log"))
 	if err != nil {
-		return fmt.Errorf("demo: %w", err)
+		return fmt.Errorf("agent log: %w", err)
 	}
 	defer agentLog.Close()
 
