@@ -15,7 +15,6 @@ import (
 	"net/url"
 	"os"
 	"path/filepath"
-	"sort"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -29,47 +28,13 @@ func init() {
 }
 
 // caCommands are the subcommands of 'mantlet ca'.
-var caCommands = map[string]struct {
-	summary string
-	run     func(ctx context.Context, e *env, args []string) error
-}{
+var caCommands = map[string]subcommand{
 	"init":  {"create a CA (root key, optional intermediate) in a directory", runCAInit},
 	"issue": {"issue an X509-SVID (chain, key, bundle as PEM) from a CA directory", runCAIssue},
 }
 
-func caUsage(w io.Writer) {
-	fmt.Fprintln(w, "Usage: mantlet ca <subcommand> [flags]")
-	fmt.Fprintln(w)
-	fmt.Fprintln(w, "Subcommands:")
-	names := make([]string, 0, len(caCommands))
-	for n := range caCommands {
-		names = append(names, n)
-	}
-	sort.Strings(names)
-	for _, n := range names {
-		fmt.Fprintf(w, "  %-6s %s\n", n, caCommands[n].summary)
-	}
-	fmt.Fprintln(w)
-	fmt.Fprintln(w, "Run 'mantlet ca <subcommand> -h' for its flags.")
-}
-
 func runCA(ctx context.Context, e *env, args []string) error {
-	if len(args) == 0 {
-		caUsage(e.stderr)
-		return errUsage
-	}
-	switch args[0] {
-	case "-h", "-help", "--help", "help":
-		caUsage(e.stderr)
-		return flag.ErrHelp
-	}
-	c, ok := caCommands[args[0]]
-	if !ok {
-		fmt.Fprintf(e.stderr, "mantlet ca: unknown subcommand %q\n\n", args[0])
-		caUsage(e.stderr)
-		return errUsage
-	}
-	return c.run(ctx, e, args[1:])
+	return group{name: "ca", width: 6, commands: caCommands}.run(ctx, e, args)
 }
 
 // requireFlags prints an error and the usage when a required flag is

@@ -4,10 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
-	"flag"
 	"fmt"
-	"io"
-	"sort"
 	"strings"
 	"text/tabwriter"
 
@@ -20,46 +17,12 @@ func init() {
 
 // policyCommands are the subcommands of 'mantlet policy'; other files may
 // add theirs from init.
-var policyCommands = map[string]struct {
-	summary string
-	run     func(ctx context.Context, e *env, args []string) error
-}{
+var policyCommands = map[string]subcommand{
 	"check": {"evaluate a connection with the live policies: verdict, deciding policy and rule", runPolicyCheck},
 }
 
-func policyUsage(w io.Writer) {
-	fmt.Fprintln(w, "Usage: mantlet policy <subcommand> [flags]")
-	fmt.Fprintln(w)
-	fmt.Fprintln(w, "Subcommands:")
-	names := make([]string, 0, len(policyCommands))
-	for n := range policyCommands {
-		names = append(names, n)
-	}
-	sort.Strings(names)
-	for _, n := range names {
-		fmt.Fprintf(w, "  %-8s %s\n", n, policyCommands[n].summary)
-	}
-	fmt.Fprintln(w)
-	fmt.Fprintln(w, "Run 'mantlet policy <subcommand> -h' for its flags.")
-}
-
 func runPolicy(ctx context.Context, e *env, args []string) error {
-	if len(args) == 0 {
-		policyUsage(e.stderr)
-		return errUsage
-	}
-	switch args[0] {
-	case "-h", "-help", "--help", "help":
-		policyUsage(e.stderr)
-		return flag.ErrHelp
-	}
-	c, ok := policyCommands[args[0]]
-	if !ok {
-		fmt.Fprintf(e.stderr, "mantlet policy: unknown subcommand %q\n\n", args[0])
-		policyUsage(e.stderr)
-		return errUsage
-	}
-	return c.run(ctx, e, args[1:])
+	return group{name: "policy", width: 8, commands: policyCommands}.run(ctx, e, args)
 }
 
 func runPolicyCheck(ctx context.Context, e *env, args []string) error {
