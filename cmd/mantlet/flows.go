@@ -3,6 +3,7 @@ package main
 import (
 	"context"
 	"encoding/json"
+	"flag"
 	"fmt"
 	"io"
 	"strings"
@@ -22,20 +23,16 @@ func runFlows(ctx context.Context, e *env, args []string) error {
 	var f telemetry.FlowFilter
 	var follow bool
 	var last int
-	fs := newFlagSet(e, "flows", "[--follow] [--verdict allowed|denied] [--namespace NS] [--workload NAME] [--last N] [-o table|json|yaml]")
-	addClientFlags(fs, &cf)
-	fs.BoolVar(&follow, "follow", false, "keep printing new flows as they happen (Ctrl-C stops)")
-	fs.BoolVar(&follow, "f", false, "same as --follow")
-	fs.StringVar(&f.Verdict, "verdict", "", "only flows with this policy verdict: allowed or denied")
-	fs.StringVar(&f.Namespace, "namespace", "", "only flows from or to this namespace")
-	fs.StringVar(&f.Namespace, "n", "", "same as --namespace")
-	fs.StringVar(&f.Workload, "workload", "", "only flows from or to this pod (name or namespace/name)")
-	fs.StringVar(&f.Event, "event", "close", "open, close, or all")
-	fs.IntVar(&last, "last", 20, "how many recent flows to print first (0: all the node keeps)")
-	if err := parseFlags(fs, args); err != nil {
-		return err
-	}
-	if err := cf.validate(e, fs); err != nil {
+	if _, err := cf.parse(e, "flows", "[--follow] [--verdict allowed|denied] [--namespace NS] [--workload NAME] [--last N] [-o table|json|yaml]", args, func(fs *flag.FlagSet) {
+		fs.BoolVar(&follow, "follow", false, "keep printing new flows as they happen (Ctrl-C stops)")
+		fs.BoolVar(&follow, "f", false, "same as --follow")
+		fs.StringVar(&f.Verdict, "verdict", "", "only flows with this policy verdict: allowed or denied")
+		fs.StringVar(&f.Namespace, "namespace", "", "only flows from or to this namespace")
+		fs.StringVar(&f.Namespace, "n", "", "same as --namespace")
+		fs.StringVar(&f.Workload, "workload", "", "only flows from or to this pod (name or namespace/name)")
+		fs.StringVar(&f.Event, "event", "close", "open, close, or all")
+		fs.IntVar(&last, "last", 20, "how many recent flows to print first (0: all the node keeps)")
+	}); err != nil {
 		return err
 	}
 	switch f.Verdict {

@@ -55,6 +55,33 @@ func (f *clientFlags) validate(e *env, fs *flag.FlagSet) error {
 	return nil
 }
 
+// parse makes the flag set of the operator command name with the client
+// flags and those extra adds (extra may be nil), parses args and checks
+// the shared flags.
+func (f *clientFlags) parse(e *env, name, synopsis string, args []string, extra func(fs *flag.FlagSet)) (*flag.FlagSet, error) {
+	fs := newFlagSet(e, name, synopsis)
+	addClientFlags(fs, f)
+	if extra != nil {
+		extra(fs)
+	}
+	if err := parseFlags(fs, args); err != nil {
+		return nil, err
+	}
+	if err := f.validate(e, fs); err != nil {
+		return nil, err
+	}
+	return fs, nil
+}
+
+// connect is parse then client, for an operator command that needs no
+// checks of its own: the caller defers done.
+func (f *clientFlags) connect(ctx context.Context, e *env, name, synopsis string, args []string, extra func(fs *flag.FlagSet)) (c *admin.Client, cctx context.Context, done context.CancelFunc, err error) {
+	if _, err := f.parse(e, name, synopsis, args, extra); err != nil {
+		return nil, nil, nil, err
+	}
+	return f.client(ctx, e)
+}
+
 // addr is the admin address to use.
 func (f *clientFlags) addr(e *env) string {
 	switch {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"flag"
 	"fmt"
 	"strings"
 	"text/tabwriter"
@@ -29,15 +30,12 @@ func runPolicyCheck(ctx context.Context, e *env, args []string) error {
 	var cf clientFlags
 	var from, to string
 	var port uint
-	fs := newFlagSet(e, "policy check", "--from <ns/sa | SPIFFE ID | IP> --to <ns/workload | ns/service | ip:port> [--port N]")
-	addClientFlags(fs, &cf)
-	fs.StringVar(&from, "from", "", "the source: namespace/serviceaccount, a SPIFFE ID, or a pod IP (an unmeshed IP is a plaintext source)")
-	fs.StringVar(&to, "to", "", "the destination: namespace/workload, namespace/service, ip:port, or an IP with --port")
-	fs.UintVar(&port, "port", 0, "the destination port (when --to has none); a service port is mapped to its target port")
-	if err := parseFlags(fs, args); err != nil {
-		return err
-	}
-	if err := cf.validate(e, fs); err != nil {
+	fs, err := cf.parse(e, "policy check", "--from <ns/sa | SPIFFE ID | IP> --to <ns/workload | ns/service | ip:port> [--port N]", args, func(fs *flag.FlagSet) {
+		fs.StringVar(&from, "from", "", "the source: namespace/serviceaccount, a SPIFFE ID, or a pod IP (an unmeshed IP is a plaintext source)")
+		fs.StringVar(&to, "to", "", "the destination: namespace/workload, namespace/service, ip:port, or an IP with --port")
+		fs.UintVar(&port, "port", 0, "the destination port (when --to has none); a service port is mapped to its target port")
+	})
+	if err != nil {
 		return err
 	}
 	if from == "" || to == "" || port > 65535 {

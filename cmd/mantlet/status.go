@@ -15,15 +15,7 @@ func init() {
 
 func runStatus(ctx context.Context, e *env, args []string) error {
 	var cf clientFlags
-	fs := newFlagSet(e, "status", "[--admin ADDR | --node N] [-o table|json|yaml]")
-	addClientFlags(fs, &cf)
-	if err := parseFlags(fs, args); err != nil {
-		return err
-	}
-	if err := cf.validate(e, fs); err != nil {
-		return err
-	}
-	c, ctx, done, err := cf.client(ctx, e)
+	c, ctx, done, err := cf.connect(ctx, e, "status", "[--admin ADDR | --node N] [-o table|json|yaml]", args, nil)
 	if err != nil {
 		return err
 	}

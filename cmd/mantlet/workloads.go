@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"flag"
 	"strings"
 	"text/tabwriter"
 )
@@ -14,18 +15,11 @@ func runWorkloads(ctx context.Context, e *env, args []string) error {
 	var cf clientFlags
 	var ns string
 	var local bool
-	fs := newFlagSet(e, "workloads", "[-n NAMESPACE] [--local] [--admin ADDR | --node N] [-o table|json|yaml]")
-	addClientFlags(fs, &cf)
-	fs.StringVar(&ns, "n", "", "only workloads of this namespace")
-	fs.StringVar(&ns, "namespace", "", "same as -n")
-	fs.BoolVar(&local, "local", false, "only workloads of this node")
-	if err := parseFlags(fs, args); err != nil {
-		return err
-	}
-	if err := cf.validate(e, fs); err != nil {
-		return err
-	}
-	c, ctx, done, err := cf.client(ctx, e)
+	c, ctx, done, err := cf.connect(ctx, e, "workloads", "[-n NAMESPACE] [--local] [--admin ADDR | --node N] [-o table|json|yaml]", args, func(fs *flag.FlagSet) {
+		fs.StringVar(&ns, "n", "", "only workloads of this namespace")
+		fs.StringVar(&ns, "namespace", "", "same as -n")
+		fs.BoolVar(&local, "local", false, "only workloads of this node")
+	})
 	if err != nil {
 		return err
 	}
