@@ -103,16 +103,11 @@ func runBench(ctx context.Context, e *env, args []string) error {
 		fmt.Fprintln(e.stderr, "mantlet bench: durations, --round-trips and --max-conns must be positive")
 		return errUsage
 	}
-	if geteuid() != 0 {
-		return errNeedsRoot("bench")
+	bin, err := scenarioBinary("bench", f.binary)
+	if err != nil {
+		return err
 	}
-	if f.binary == "" {
-		exe, err := os.Executable()
-		if err != nil {
-			return fmt.Errorf("find the mantlet executable: %w", err)
-		}
-		f.binary = exe
-	}
+	f.binary = bin
 	return bench(ctx, e, f)
 }
 

@@ -45,6 +45,23 @@ func errNeedsRoot(name string) error {
 	return fmt.Errorf("needs root: it builds network namespaces and loads eBPF programs; run it as root (for example: sudo make %s)", name)
 }
 
+// scenarioBinary checks that the scenario command name (demo, bench) runs
+// as root and returns the mantlet executable that runs its agents: binary,
+// else this one.
+func scenarioBinary(name, binary string) (string, error) {
+	if geteuid() != 0 {
+		return "", errNeedsRoot(name)
+	}
+	if binary != "" {
+		return binary, nil
+	}
+	exe, err := os.Executable()
+	if err != nil {
+		return "", fmt.Errorf("find the mantlet executable: %w", err)
+	}
+	return exe, nil
+}
+
 // The demo's cluster: a meshed namespace and an unmeshed one, one client
 // and one server of each on two nodes.
 const (
@@ -91,16 +108,11 @@ func runDemo(ctx context.Context, e *env, args []string) error {
 		fmt.Fprintf(e.stderr, "mantlet demo: unexpected argument %q\n", fs.Arg(0))
 		return errUsage
 	}
-	if geteuid() != 0 {
-		return errNeedsRoot("demo")
+	bin, err := scenarioBinary("demo", f.binary)
+	if err != nil {
+		return err
 	}
-	if f.binary == "" {
-		exe, err := os.Executable()
-		if err != nil {
-			return fmt.Errorf("find the mantlet executable: %w", err)
-		}
-		f.binary = exe
-	}
+	f.binary = bin
 	return demo(ctx, e, f)
 }
 
