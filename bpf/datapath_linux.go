@@ -1103,14 +1103,10 @@ func (d *Datapath) SetLocalPod(ip netip.Addr, on bool) error {
 func (d *Datapath) AttachUplink(ifname string) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if err := d.checkOpen(); err != nil {
+	idx, err := d.uplinkIndex("attach uplink", ifname)
+	if err != nil {
 		return err
 	}
-	l, err := d.resolve(0, ifname)
-	if err != nil {
-		return fmt.Errorf("bpf: attach uplink: %w", err)
-	}
-	idx := l.Attrs().Index
 	var info mantletIfaceInfo
 	if err := d.objs.Ifaces.Lookup(uint32(idx), &info); err == nil && info.Kind == mantletIfaceKindIFACE_POD {
 		return fmt.Errorf("bpf: attach uplink: %s (ifindex %d) is an enrolled pod's veth", ifname, idx)
@@ -1129,16 +1125,25 @@ func (d *Datapath) AttachUplink(ifname string) error {
 func (d *Datapath) DetachUplink(ifname string) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if err := d.checkOpen(); err != nil {
+	idx, err := d.uplinkIndex("detach uplink", ifname)
+	if err != nil {
 		return err
+	}
+	d.detach(attachKey{idx, roleUplinkIngress})
+	return d.forgetIface(idx)
+}
+
+// uplinkIndex returns the ifindex of the uplink ifname for op ("attach
+// uplink", "detach uplink"), which prefixes the error. d.mu must be held.
+func (d *Datapath) uplinkIndex(op, ifname string) (int, error) {
+	if err := d.checkOpen(); err != nil {
+		return 0, err
 	}
 	l, err := d.resolve(0, ifname)
 	if err != nil {
-		return fmt.Errorf("bpf: detach uplink: %w", err)
+		return 0, fmt.Errorf("bpf: %s: %w", op, err)
 	}
-	idx := l.Attrs().Index
-	d.detach(attachKey{idx, roleUplinkIngress})
-	return d.forgetIface(idx)
+	return l.Attrs().Index, nil
 }
 
 // Enrolled returns the ifindexes of the pods' veths that have programs
