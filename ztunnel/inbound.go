@@ -140,15 +140,7 @@ func (p *Proxy) HandleInbound(ctx context.Context, conn net.Conn) {
 	rec.DstID, _ = dstW.ID(p.cfg.TrustDomain)
 	rec.SrcWorkload = snap.WorkloadByIP(rec.Src.Addr())
 	f := &Flow{Direction: InboundPlaintext, SrcAddr: rec.Src, Src: rec.SrcWorkload, Dst: dstW, DstAddr: rec.Dst}
-	if !p.authorize(ctx, rec, f) {
-		return
-	}
-	l, ctx, ok := p.track(ctx, rec, f)
-	if !ok {
-		return
-	}
-	defer p.untrack(l, rec)
-	p.direct(ctx, rec, l, conn, rec.Src.Addr(), rec.Dst)
+	p.admit(ctx, rec, f, func(ctx context.Context, l *LiveFlow) { p.direct(ctx, rec, l, conn, rec.Src.Addr(), rec.Dst) })
 }
 
 // sameIdentity reports whether w exists and has identity id.

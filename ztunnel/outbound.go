@@ -55,15 +55,7 @@ func (p *Proxy) HandleOutbound(ctx context.Context, conn net.Conn) {
 	if dstW == nil || !dstW.Enrolled {
 		rec.Path, rec.MTLS = PathPassthrough, false
 		f := &Flow{Direction: Outbound, SrcID: srcID, SrcAddr: src, Src: srcW, Dst: dstW, DstAddr: target}
-		if !p.authorize(ctx, rec, f) {
-			return
-		}
-		l, ctx, ok := p.track(ctx, rec, f)
-		if !ok {
-			return
-		}
-		defer p.untrack(l, rec)
-		p.direct(ctx, rec, l, conn, src.Addr(), target)
+		p.admit(ctx, rec, f, func(ctx context.Context, l *LiveFlow) { p.direct(ctx, rec, l, conn, src.Addr(), target) })
 		return
 	}
 	dstID, err := dstW.ID(p.cfg.TrustDomain)
@@ -75,30 +67,14 @@ func (p *Proxy) HandleOutbound(ctx context.Context, conn net.Conn) {
 	if dstW.Node == p.cfg.NodeName {
 		rec.Path = PathLocal
 		f := &Flow{Direction: Outbound, SrcID: srcID, SrcAddr: src, Src: srcW, Dst: dstW, DstAddr: target, MTLS: true}
-		if !p.authorize(ctx, rec, f) {
-			return
-		}
-		l, ctx, ok := p.track(ctx, rec, f)
-		if !ok {
-			return
-		}
-		defer p.untrack(l, rec)
-		p.direct(ctx, rec, l, conn, src.Addr(), target)
+		p.admit(ctx, rec, f, func(ctx context.Context, l *LiveFlow) { p.direct(ctx, rec, l, conn, src.Addr(), target) })
 		return
 	}
 	rec.Path = PathHBONE
 	// The destination's ztunnel decides; asking here too lets a denial
 	// fail fast without a tunnel.
 	f := &Flow{Direction: Outbound, SrcID: srcID, SrcAddr: src, Src: srcW, Dst: dstW, DstAddr: target, MTLS: true, PreCheck: true}
-	if !p.authorize(ctx, rec, f) {
-		return
-	}
-	l, ctx, ok := p.track(ctx, rec, f)
-	if !ok {
-		return
-	}
-	defer p.untrack(l, rec)
-	p.outboundHBONE(ctx, rec, l, conn)
+	p.admit(ctx, rec, f, func(ctx context.Context, l *LiveFlow) { p.outboundHBONE(ctx, rec, l, conn) })
 }
 
 // authorize asks the Authorizer; on denial it fills rec and returns false.
@@ -114,6 +90,21 @@ func (p *Proxy) authorize(ctx context.Context, rec *FlowRecord, f *Flow) bool {
 	}
 	rec.Err = fmt.Errorf("ztunnel: denied by policy %q", v.Policy)
 	return false
+}
+
+// admit authorizes f and tracks it as a live flow, then runs serve with
+// the flow and its context; on denial or when the flow cannot be tracked it
+// leaves the reason in rec and does not call serve.
+func (p *Proxy) admit(ctx context.Context, rec *FlowRecord, f *Flow, serve func(ctx context.Context, l *LiveFlow)) {
+	if !p.authorize(ctx, rec, f) {
+		return
+	}
+	l, ctx, ok := p.track(ctx, rec, f)
+	if !ok {
+		return
+	}
+	defer p.untrack(l, rec)
+	serve(ctx, l)
 }
 
 // direct connects to target without a tunnel and splices.
