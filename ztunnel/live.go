@@ -40,8 +40,9 @@ const DefaultMaxFlows = 1 << 16
 
 // Releaser is implemented by Authorizers that must know when a flow they
 // allowed ends. Release is called exactly once per allowed flow, after
-// its connections are closed, with the same Flow and the Verdict
-// Authorize returned.
+// its connections are closed and before it leaves the registry (once
+// NumOpenFlows no longer counts a flow, its Release has returned), with
+// the same Flow and the Verdict Authorize returned.
 type Releaser interface {
 	Release(f *Flow, v Verdict)
 }
@@ -227,12 +228,13 @@ func (p *Proxy) track(ctx context.Context, rec *FlowRecord, f *Flow) (*LiveFlow,
 	return l, ctx, true
 }
 
-// untrack removes l from the registry, releases it to the Authorizer and,
-// when l was closed by Close, records why in rec.
+// untrack releases l to the Authorizer, removes it from the registry and,
+// when l was closed by Close, records why in rec. Release comes first so
+// that a flow no longer counted by NumOpenFlows has been released.
 func (p *Proxy) untrack(l *LiveFlow, rec *FlowRecord) {
 	l.cancel()
-	p.live.remove(l)
 	p.release(&l.flow, l.verdict)
+	p.live.remove(l)
 	if flag, ok := l.ClosedBy(); ok {
 		rec.Flag, rec.Err = flag, fmt.Errorf("ztunnel: flow closed: %s", flag)
 	}
