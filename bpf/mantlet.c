@@ -121,57 +121,56 @@ static __always_inline void set_probing(__u32 on)
 		*v = on;
 }
 
+/* flow_owner returns a referenced local socket other than a listener that
+ * owns the packet's flow (established, half-open or TIME_WAIT), or NULL.
+ * The caller releases what it gets; a listener found is released here. */
+static __always_inline struct bpf_sock *flow_owner(struct __sk_buff *skb, const struct pkt *p)
+{
+	struct bpf_sock_tuple t = {};
+	struct bpf_sock *sk;
+
+	t.ipv4.saddr = p->saddr;
+	t.ipv4.daddr = p->daddr;
+	t.ipv4.sport = p->sport;
+	t.ipv4.dport = p->dport;
+
+	set_probing(1);
+	sk = bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
+	set_probing(0);
+	if (sk && sk->state == BPF_TCP_LISTEN) {
+		bpf_sk_release(sk);
+		return NULL;
+	}
+	return sk;
+}
+
 /* owned reports whether a local socket other than a listener owns the
  * packet's flow. Every reference taken is released. */
 static __always_inline int owned(struct __sk_buff *skb, const struct pkt *p)
 {
-	struct bpf_sock_tuple t = {};
-	struct bpf_sock *sk;
-	int ret;
+	struct bpf_sock *sk = flow_owner(skb, p);
 
-	t.ipv4.saddr = p->saddr;
-	t.ipv4.daddr = p->daddr;
-	t.ipv4.sport = p->sport;
-	t.ipv4.dport = p->dport;
-
-	set_probing(1);
-	sk = bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
-	set_probing(0);
 	if (!sk)
 		return 0;
-	ret = sk->state != BPF_TCP_LISTEN;
 	bpf_sk_release(sk);
-	return ret;
+	return 1;
 }
 
 /* assign_owner looks for a local, non-listening socket that owns the
- * packet's flow (established, half-open or TIME_WAIT: for example the
- * ztunnel's accepted or transparent sockets). If there is one, the packet
- * is assigned to it and marked for local delivery (forwarding would drop a
- * packet that carries a socket). A TIME_WAIT socket hands a new SYN over to
- * the listener lookup, so sk_lookup still chooses the listener. Returns 1
- * when a socket owned the flow. Every reference taken is released. */
+ * packet's flow (for example the ztunnel's accepted or transparent
+ * sockets). If there is one, the packet is assigned to it and marked for
+ * local delivery (forwarding would drop a packet that carries a socket). A
+ * TIME_WAIT socket hands a new SYN over to the listener lookup, so
+ * sk_lookup still chooses the listener. Returns 1 when a socket owned the
+ * flow. Every reference taken is released. */
 static __always_inline int assign_owner(struct __sk_buff *skb, const struct pkt *p,
 					const struct settings *cfg)
 {
-	struct bpf_sock_tuple t = {};
-	struct bpf_sock *sk;
+	struct bpf_sock *sk = flow_owner(skb, p);
 	long err;
 
-	t.ipv4.saddr = p->saddr;
-	t.ipv4.daddr = p->daddr;
-	t.ipv4.sport = p->sport;
-	t.ipv4.dport = p->dport;
-
-	set_probing(1);
-	sk = bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv4), BPF_F_CURRENT_NETNS, 0);
-	set_probing(0);
 	if (!sk)
 		return 0;
-	if (sk->state == BPF_TCP_LISTEN) {
-		bpf_sk_release(sk);
-		return 0;
-	}
 	err = bpf_sk_assign(skb, sk, 0);
 	bpf_sk_release(sk);
 	set_mark(skb, cfg);
