@@ -386,14 +386,11 @@ func (s *Server) datapath(w http.ResponseWriter, _ *http.Request) {
 // CounterMap names the data path's counters as the
 // mantlet_datapath_packets_total metric's event label does.
 func CounterMap(n bpf.Counters) map[string]uint64 {
-	return map[string]uint64{
-		"redirected": n.Redirected, "uplink_redirected": n.UplinkRedirected,
-		"assigned": n.Assigned, "assign_failed": n.AssignFailed,
-		"spoof_dropped": n.SpoofDrops, "strict_dropped": n.StrictDrops, "no_listener_dropped": n.NoListener,
-		"excluded": n.Excluded, "lookup_outbound": n.LookupOutbound, "lookup_inbound_plaintext": n.LookupInboundPlain,
-		"lookup_hbone": n.LookupHBONE, "lookup_failed": n.LookupFailed,
-		"local_plain_redirected": n.LocalPlainRedirected,
+	out := map[string]uint64{}
+	for _, e := range n.Events() {
+		out[e.Name] = e.Value
 	}
+	return out
 }
 
 // flowFilter reads the filters of /v1/flows.

@@ -83,25 +83,8 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	if c.datapath != nil {
 		if n, err := c.datapath.Counters(); err == nil {
-			for _, e := range []struct {
-				name string
-				v    uint64
-			}{
-				{"redirected", n.Redirected},
-				{"uplink_redirected", n.UplinkRedirected},
-				{"assigned", n.Assigned},
-				{"assign_failed", n.AssignFailed},
-				{"spoof_dropped", n.SpoofDrops},
-				{"strict_dropped", n.StrictDrops},
-				{"no_listener_dropped", n.NoListener},
-				{"excluded", n.Excluded},
-				{"lookup_outbound", n.LookupOutbound},
-				{"lookup_inbound_plaintext", n.LookupInboundPlain},
-				{"lookup_hbone", n.LookupHBONE},
-				{"lookup_failed", n.LookupFailed},
-				{"local_plain_redirected", n.LocalPlainRedirected},
-			} {
-				ch <- prometheus.MustNewConstMetric(c.events, prometheus.CounterValue, float64(e.v), e.name)
+			for _, e := range n.Events() {
+				ch <- prometheus.MustNewConstMetric(c.events, prometheus.CounterValue, float64(e.Value), e.Name)
 			}
 		} else {
 			ch <- prometheus.NewInvalidMetric(c.events, err)

@@ -22,11 +22,19 @@ const (
 	rolePodIngress    role = "pod-ingress"
 	rolePodEgress     role = "pod-egress"
 	roleUplinkIngress role = "uplink-ingress"
+	roleUplinkEgress  role = "uplink-egress"
 )
 
-var roles = []role{rolePodIngress, rolePodEgress, roleUplinkIngress}
+var roles = []role{rolePodIngress, rolePodEgress, roleUplinkIngress, roleUplinkEgress}
 
-func (r role) ingress() bool { return r != rolePodEgress }
+// podRoles and uplinkRoles are the programs of an enrolled pod's veth and
+// of an uplink.
+var (
+	podRoles    = []role{rolePodIngress, rolePodEgress}
+	uplinkRoles = []role{roleUplinkIngress, roleUplinkEgress}
+)
+
+func (r role) ingress() bool { return r == rolePodIngress || r == roleUplinkIngress }
 
 type attachKey struct {
 	ifindex int
@@ -70,14 +78,10 @@ var attachTCX = link.AttachTCX
 // binary's program) or attaches and pins a new one.
 func (d *Datapath) setupSkLookup(dir string) error {
 	pin := filepath.Join(dir, linksDir, skLookupPin)
-	var st unix.Stat_t
-	if err := unix.Fstat(int(d.ns), &st); err != nil {
-		return fmt.Errorf("bpf: stat the network namespace: %w", err)
-	}
 	if l, err := link.LoadPinnedLink(pin, nil); err == nil {
 		info, ierr := l.Info()
 		switch {
-		case ierr == nil && info.NetNs() != nil && uint64(info.NetNs().NetnsInode) == st.Ino:
+		case ierr == nil && info.NetNs() != nil && uint64(info.NetNs().NetnsInode) == d.nsInode:
 			if err := l.Update(d.objs.NodeSkLookup); err != nil {
 				l.Close()
 				return fmt.Errorf("bpf: update the pinned sk_lookup link: %w", err)
@@ -86,7 +90,7 @@ func (d *Datapath) setupSkLookup(dir string) error {
 			return nil
 		case ierr == nil && info.NetNs() != nil && info.NetNs().NetnsInode != 0:
 			l.Close()
-			return fmt.Errorf("bpf: %s belongs to another network namespace (inode %d, this one is %d): use one pin dir per node", dir, info.NetNs().NetnsInode, st.Ino)
+			return fmt.Errorf("bpf: %s belongs to another network namespace (inode %d, this one is %d): use one pin dir per node", dir, info.NetNs().NetnsInode, d.nsInode)
 		}
 		// The namespace it was attached to is gone.
 		_ = l.Unpin()
@@ -182,6 +186,8 @@ func (d *Datapath) program(r role) *ebpf.Program {
 		return d.objs.PodIngress
 	case rolePodEgress:
 		return d.objs.PodEgress
+	case roleUplinkEgress:
+		return d.objs.UplinkEgress
 	default:
 		return d.objs.UplinkIngress
 	}

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net/netip"
 	"path/filepath"
+	"reflect"
 	"strings"
 )
 
@@ -60,6 +61,7 @@ const (
 	DefaultRedirectMark = 0x1000
 	DefaultMarkMask     = 0x1000
 	DefaultZtunnelMark  = 0x2000
+	DefaultPassMark     = 0x0080
 	DefaultRouteTable   = 15001
 	DefaultRulePriority = 1500
 )
@@ -86,6 +88,13 @@ type Config struct {
 	// comes from a node IP). Must be non-zero and must not match the
 	// redirect rule.
 	ZtunnelMark uint32
+	// PassMark is the fwmark bit pod_ingress sets on the packets of an
+	// enrolled pod that it lets leave untouched (excluded destinations,
+	// replies of flows it does not capture). uplink_egress drops an
+	// enrolled pod's TCP packet that carries neither it nor ZtunnelMark:
+	// it escaped a detached pod_ingress. Must be non-zero and share no bit
+	// with MarkMask or ZtunnelMark.
+	PassMark uint32
 	// NodeIPs are the node's own addresses: never captured, and allowed
 	// through STRICT (kubelet probes). IPv6 addresses are ignored for now.
 	NodeIPs []netip.Addr
@@ -126,6 +135,7 @@ func DefaultConfig(node string) Config {
 		RouteTable:   DefaultRouteTable,
 		RulePriority: DefaultRulePriority,
 		ZtunnelMark:  DefaultZtunnelMark,
+		PassMark:     DefaultPassMark,
 	}
 }
 
@@ -146,6 +156,10 @@ func (c Config) Validate() error {
 		return errors.New("bpf: config: ZtunnelMark must be non-zero (STRICT needs it to recognise the ztunnel)")
 	case c.ZtunnelMark&c.MarkMask == c.RedirectMark:
 		return fmt.Errorf("bpf: config: ZtunnelMark %#x matches the redirect rule %#x/%#x: the ztunnel's own packets would loop back", c.ZtunnelMark, c.RedirectMark, c.MarkMask)
+	case c.PassMark == 0:
+		return errors.New("bpf: config: PassMark must be non-zero (the uplink guard needs it)")
+	case c.PassMark&(c.MarkMask|c.ZtunnelMark) != 0:
+		return fmt.Errorf("bpf: config: PassMark %#x shares bits with the redirect mask %#x or the ztunnel mark %#x", c.PassMark, c.MarkMask, c.ZtunnelMark)
 	case c.RouteTable <= 0 || c.RouteTable >= 253 && c.RouteTable <= 255 || int64(c.RouteTable) > 0xffffffff:
 		return fmt.Errorf("bpf: config: RouteTable %d must be a free table id (not 0, 253, 254, 255)", c.RouteTable)
 	case c.RulePriority < 1 || c.RulePriority > 32765:
@@ -194,40 +208,68 @@ type Pod struct {
 }
 
 // Counters are the data path's counters, summed over CPUs. They only grow
-// (until the pins are removed).
+// (until the pins are removed). The fields mirror struct counter_set of
+// mantlet.h in order (a test checks it); the event tag is the counter's
+// name in metrics and the admin API (Events).
 type Counters struct {
-	// Redirected counts SYNs from pods marked for capture.
-	Redirected uint64
-	// UplinkRedirected counts SYNs from other nodes to local pods marked
-	// for capture (HBONE).
-	UplinkRedirected uint64
+	// Redirected counts SYNs from pods captured for the ztunnel.
+	Redirected uint64 `event:"redirected"`
+	// UplinkRedirected counts SYNs from other nodes to local pods captured
+	// for the ztunnel (HBONE, and inbound plaintext).
+	UplinkRedirected uint64 `event:"uplink_redirected"`
 	// Assigned counts packets the tc programs handed to the local socket
 	// that owns their flow.
-	Assigned uint64
-	// AssignFailed counts packets for which that hand-over was refused.
-	AssignFailed uint64
+	Assigned uint64 `event:"assigned"`
+	// AssignFailed counts packets dropped because that hand-over was
+	// refused.
+	AssignFailed uint64 `event:"assign_failed"`
 	// SpoofDrops counts packets from pods with a source address that is
 	// not the pod's.
-	SpoofDrops uint64
+	SpoofDrops uint64 `event:"spoof_dropped"`
 	// StrictDrops counts SYNs towards STRICT pods the ztunnel did not send.
-	StrictDrops uint64
+	StrictDrops uint64 `event:"strict_dropped"`
 	// NoListener counts captured connections dropped because the
 	// listener's slot was empty (the ztunnel was away): fail closed.
-	NoListener uint64
+	NoListener uint64 `event:"no_listener_dropped"`
 	// Excluded counts SYNs from pods left alone because their destination
 	// is excluded.
-	Excluded uint64
+	Excluded uint64 `event:"excluded"`
 	// LookupOutbound, LookupInboundPlain and LookupHBONE count connections
 	// handed to each listener.
-	LookupOutbound     uint64
-	LookupInboundPlain uint64
-	LookupHBONE        uint64
+	LookupOutbound     uint64 `event:"lookup_outbound"`
+	LookupInboundPlain uint64 `event:"lookup_inbound_plaintext"`
+	LookupHBONE        uint64 `event:"lookup_hbone"`
 	// LookupFailed counts connections dropped because the kernel refused
 	// the listener.
-	LookupFailed uint64
+	LookupFailed uint64 `event:"lookup_failed"`
 	// LocalPlainRedirected counts plaintext SYNs from unmeshed pods of
 	// this node to PERMISSIVE pods turned to the ztunnel.
-	LocalPlainRedirected uint64
+	LocalPlainRedirected uint64 `event:"local_plain_redirected"`
+	// RouteDrops counts captured SYNs dropped because policy routing would
+	// not have delivered them to the ztunnel (the rule or the route of the
+	// capture table is missing, lo is down): fail closed.
+	RouteDrops uint64 `event:"route_dropped"`
+	// LeakDrops counts packets of enrolled pods dropped on an uplink
+	// because neither pod_ingress nor the ztunnel had handled them (a
+	// detached or bypassed program): fail closed.
+	LeakDrops uint64 `event:"leak_dropped"`
+}
+
+// Event is one counter of Counters by its metric name.
+type Event struct {
+	Name  string
+	Value uint64
+}
+
+// Events returns every counter with its name, in the order of Counters.
+func (c Counters) Events() []Event {
+	v := reflect.ValueOf(c)
+	t := v.Type()
+	out := make([]Event, t.NumField())
+	for i := range out {
+		out[i] = Event{t.Field(i).Tag.Get("event"), v.Field(i).Uint()}
+	}
+	return out
 }
 
 // Status is what /healthz/ready needs to know about the data path.
@@ -237,6 +279,9 @@ type Status struct {
 	SkLookupAttached bool
 	// Listeners are the slots that hold a listening socket.
 	Listeners []Slot
+	// Problems are the other pieces of kernel state that are missing
+	// (Datapath.Check), until Repair mends them.
+	Problems []Problem
 	// Pods are the ifindexes of enrolled pods' veths with programs
 	// attached; Uplinks those of uplinks.
 	Pods    []int
@@ -253,10 +298,10 @@ func (s Status) HasListener(slot Slot) bool {
 	return false
 }
 
-// Ready reports whether captured traffic can flow: sk_lookup attached and
-// listeners in the Outbound and HBONE slots.
+// Ready reports whether captured traffic can flow: sk_lookup attached,
+// listeners in the Outbound and HBONE slots, and no other problem.
 func (s Status) Ready() bool {
-	return s.SkLookupAttached && s.HasListener(Outbound) && s.HasListener(HBONE)
+	return s.SkLookupAttached && s.HasListener(Outbound) && s.HasListener(HBONE) && len(s.Problems) == 0
 }
 
 // String says why the data path is not ready, or that it is.
@@ -270,10 +315,45 @@ func (s Status) String() string {
 			missing = append(missing, fmt.Sprintf("no %s listener (:%d) in the SOCKMAP", slot, slot.Port()))
 		}
 	}
+	for _, p := range s.Problems {
+		missing = append(missing, p.Detail)
+	}
 	if len(missing) > 0 {
 		return "not ready: " + strings.Join(missing, "; ")
 	}
 	return fmt.Sprintf("ready: %d pods, %d uplinks", len(s.Pods), len(s.Uplinks))
+}
+
+// Fault names a kind of kernel state the data path depends on. The set is
+// closed: it labels the repairs metric.
+type Fault string
+
+// The faults Check reports.
+const (
+	// FaultRule: the fwmark rule that delivers captured packets locally.
+	FaultRule Fault = "routing-rule"
+	// FaultRoute: the capture table's `local 0.0.0.0/0 dev lo`.
+	FaultRoute Fault = "capture-route"
+	// FaultLoopback: lo is down (the capture route needs it).
+	FaultLoopback Fault = "loopback"
+	// FaultSkLookup: the sk_lookup program is not attached to the node's
+	// namespace.
+	FaultSkLookup Fault = "sk-lookup"
+	// FaultAttachment: a tc program is not attached to its interface.
+	FaultAttachment Fault = "attachment"
+	// FaultPin: a pin (map, link or directory) is missing from bpffs.
+	FaultPin Fault = "pin"
+)
+
+// Faults lists every Fault.
+func Faults() []Fault {
+	return []Fault{FaultRule, FaultRoute, FaultLoopback, FaultSkLookup, FaultAttachment, FaultPin}
+}
+
+// Problem is a piece of the data path's kernel state that is missing.
+type Problem struct {
+	Fault  Fault
+	Detail string // what exactly, for people
 }
 
 // ErrLocked is returned by Open and Cleanup when another process (another

@@ -26,7 +26,15 @@ type Datapath struct {
 	lock *os.File
 	objs mantletObjects
 
+	// routeCheck: the kernel lets the tc programs confirm local delivery
+	// (settingsRouteCheck).
+	routeCheck bool
+
+	// nsInode identifies the node's network namespace.
+	nsInode uint64
+
 	mu       sync.Mutex
+	repairs  map[Fault]uint64
 	closed   bool
 	skLookup link.Link
 	attached map[attachKey]*attachment
@@ -52,6 +60,13 @@ func Open(ctx context.Context, cfg Config, log *slog.Logger) (*Datapath, error) 
 	if err := checkKernel(); err != nil {
 		return nil, err
 	}
+	routeCheck, err := fibLookupTakesMark()
+	if err != nil {
+		return nil, err
+	}
+	if !routeCheck {
+		log.Warn("bpf: this kernel's bpf_fib_lookup takes no mark (Linux < 6.10): captured connections are not checked for local delivery before steering; a missing routing rule still fails closed (the kernel does not forward a packet that carries a socket) but the drops are not counted")
+	}
 	if cfg.CaptureLocalPlain {
 		cfg.CaptureLocalPlain = localPlainPossible(log)
 	}
@@ -62,7 +77,11 @@ func Open(ctx context.Context, cfg Config, log *slog.Logger) (*Datapath, error) 
 	if err != nil {
 		return nil, fmt.Errorf("bpf: open the current network namespace: %w", err)
 	}
-	d := &Datapath{cfg: cfg, log: log, ns: ns, attached: map[attachKey]*attachment{}}
+	d := &Datapath{cfg: cfg, log: log, ns: ns, routeCheck: routeCheck, attached: map[attachKey]*attachment{}, repairs: map[Fault]uint64{}}
+	if d.nsInode, err = nsInode(ns); err != nil {
+		ns.Close()
+		return nil, err
+	}
 	ok := false
 	defer func() {
 		if !ok {
@@ -236,9 +255,11 @@ func (d *Datapath) Status() Status {
 	if d.closed {
 		return s
 	}
-	if d.skLookup != nil {
-		info, err := d.skLookup.Info()
-		s.SkLookupAttached = err == nil && info.NetNs() != nil && info.NetNs().NetnsInode != 0
+	s.SkLookupAttached = d.skLookupAttached()
+	for _, p := range d.checkLocked() {
+		if p.Fault != FaultSkLookup { // reported by SkLookupAttached
+			s.Problems = append(s.Problems, p.Problem)
+		}
 	}
 	for _, slot := range Slots() {
 		var cookie uint64
@@ -251,9 +272,9 @@ func (d *Datapath) Status() Status {
 	return s
 }
 
-// Ready reports whether captured connections reach the ztunnel: the
-// sk_lookup program is attached and the Outbound and HBONE slots hold
-// listeners.
+// Ready reports whether captured connections reach the ztunnel: nothing
+// of the data path's kernel state is missing and the Outbound and HBONE
+// slots hold listeners.
 func (d *Datapath) Ready() bool { return d.Status().Ready() }
 
 // Close releases the data path's handles and its lock on the pin

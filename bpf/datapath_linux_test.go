@@ -84,7 +84,7 @@ func linkUp(t testing.TB, name string) netlink.Link {
 
 // newTopology builds the namespaces and links; the test goroutine stays
 // in the node's namespace.
-func newTopology(t *testing.T) *testbed {
+func newTopology(t testing.TB) *testbed {
 	t.Helper()
 	requireRoot(t)
 	tb := &testbed{node: newNS(t), pod: newNS(t), remote: newNS(t)}
@@ -116,7 +116,7 @@ func newTopology(t *testing.T) *testbed {
 
 // newTestbed is newTopology plus an opened data path with the pod
 // enrolled, the uplink attached and listeners in both slots.
-func newTestbed(t *testing.T, strict bool) *testbed {
+func newTestbed(t testing.TB, strict bool) *testbed {
 	t.Helper()
 	tb := newTopology(t)
 	tb.cfg = testConfig(t)
@@ -127,7 +127,7 @@ func newTestbed(t *testing.T, strict bool) *testbed {
 	return tb
 }
 
-func (tb *testbed) open(t *testing.T) {
+func (tb *testbed) open(t testing.TB) {
 	t.Helper()
 	d, err := Open(context.Background(), tb.cfg, slog.New(slog.NewTextHandler(t.Output(), nil)))
 	if err != nil {
@@ -137,7 +137,7 @@ func (tb *testbed) open(t *testing.T) {
 	tb.d = d
 }
 
-func (tb *testbed) enroll(t *testing.T, strict bool) {
+func (tb *testbed) enroll(t testing.TB, strict bool) {
 	t.Helper()
 	if err := tb.d.EnrollPod(Pod{HostIfName: "vpod", IPs: []netip.Addr{podIP}, Strict: strict}); err != nil {
 		t.Fatalf("EnrollPod: %v", err)
@@ -149,7 +149,7 @@ func (tb *testbed) enroll(t *testing.T, strict bool) {
 
 // listen opens the ztunnel-style listener for slot in the node's
 // namespace and puts it into the slot.
-func (tb *testbed) listen(t *testing.T, slot Slot) *net.TCPListener {
+func (tb *testbed) listen(t testing.TB, slot Slot) *net.TCPListener {
 	t.Helper()
 	l, err := Listen(context.Background(), fmt.Sprintf("127.0.0.1:%d", slot.Port()), tb.cfg.ZtunnelMark)
 	if err != nil {

@@ -52,7 +52,7 @@ func (d *Datapath) EnrollPod(p Pod) error {
 	if err := d.objs.Ifaces.Put(uint32(idx), info); err != nil {
 		return fmt.Errorf("bpf: enroll pod on ifindex %d: %w", idx, err)
 	}
-	for _, r := range []role{rolePodIngress, rolePodEgress} {
+	for _, r := range podRoles {
 		if err := d.attach(attachKey{idx, r}); err != nil {
 			if !wasEnrolled {
 				d.unenrollLocked(idx)
@@ -134,8 +134,9 @@ func (d *Datapath) unenrollLocked(ifindex int) error {
 	if err := d.objs.Ifaces.Lookup(uint32(ifindex), &info); err == nil && info.Kind == mantletIfaceKindIFACE_UPLINK {
 		return fmt.Errorf("bpf: unenroll pod: ifindex %d is an uplink", ifindex)
 	}
-	d.detach(attachKey{ifindex, rolePodIngress})
-	d.detach(attachKey{ifindex, rolePodEgress})
+	for _, r := range podRoles {
+		d.detach(attachKey{ifindex, r})
+	}
 	return d.forgetIface(ifindex)
 }
 
@@ -165,8 +166,10 @@ func (d *Datapath) SetLocalPod(ip netip.Addr, on bool) error {
 	return nil
 }
 
-// AttachUplink attaches the uplink program to ifname, an interface that
-// leads to other nodes. Attaching again is a no-op.
+// AttachUplink attaches the uplink programs to ifname, an interface that
+// leads to other nodes: capture of HBONE (ingress) and the guard that
+// drops enrolled pods' packets no mantlet program checked (egress).
+// Attaching again only attaches what is missing.
 func (d *Datapath) AttachUplink(ifname string) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -181,14 +184,19 @@ func (d *Datapath) AttachUplink(ifname string) error {
 	if err := d.objs.Ifaces.Put(uint32(idx), mantletIfaceInfo{Kind: mantletIfaceKindIFACE_UPLINK}); err != nil {
 		return fmt.Errorf("bpf: attach uplink %s: %w", ifname, err)
 	}
-	if err := d.attach(attachKey{idx, roleUplinkIngress}); err != nil {
-		_ = d.forgetIface(idx)
-		return fmt.Errorf("bpf: attach uplink %s: %w", ifname, err)
+	for _, r := range uplinkRoles {
+		if err := d.attach(attachKey{idx, r}); err != nil {
+			for _, r := range uplinkRoles {
+				d.detach(attachKey{idx, r})
+			}
+			_ = d.forgetIface(idx)
+			return fmt.Errorf("bpf: attach uplink %s: %w", ifname, err)
+		}
 	}
 	return nil
 }
 
-// DetachUplink detaches the uplink program from ifname.
+// DetachUplink detaches the uplink programs from ifname.
 func (d *Datapath) DetachUplink(ifname string) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -196,7 +204,9 @@ func (d *Datapath) DetachUplink(ifname string) error {
 	if err != nil {
 		return err
 	}
-	d.detach(attachKey{idx, roleUplinkIngress})
+	for _, r := range uplinkRoles {
+		d.detach(attachKey{idx, r})
+	}
 	return d.forgetIface(idx)
 }
 

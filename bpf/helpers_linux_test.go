@@ -284,26 +284,15 @@ func ap(a netip.Addr, port uint16) netip.AddrPort { return netip.AddrPortFrom(a,
 // requireRoot is privtest.Require, kept short for the tables.
 func requireRoot(t testing.TB) { t.Helper(); privtest.Require(t) }
 
-// diff returns the fields of b-a that are not zero, as "name+n" strings.
+// diff returns the counters that changed since before, as "event+n"
+// strings (the event names of Counters.Events).
 func (c Counters) diff(before Counters) string {
 	var out []string
-	add := func(name string, a, b uint64) {
-		if a != b {
-			out = append(out, fmt.Sprintf("%s%+d", name, int64(a-b)))
+	was := before.Events()
+	for i, e := range c.Events() {
+		if e.Value != was[i].Value {
+			out = append(out, fmt.Sprintf("%s%+d", e.Name, int64(e.Value-was[i].Value)))
 		}
 	}
-	add("redirected", c.Redirected, before.Redirected)
-	add("uplink_redirected", c.UplinkRedirected, before.UplinkRedirected)
-	add("assigned", c.Assigned, before.Assigned)
-	add("assign_failed", c.AssignFailed, before.AssignFailed)
-	add("spoof_drops", c.SpoofDrops, before.SpoofDrops)
-	add("strict_drops", c.StrictDrops, before.StrictDrops)
-	add("no_listener", c.NoListener, before.NoListener)
-	add("excluded", c.Excluded, before.Excluded)
-	add("lookup_outbound", c.LookupOutbound, before.LookupOutbound)
-	add("lookup_inbound_plain", c.LookupInboundPlain, before.LookupInboundPlain)
-	add("lookup_hbone", c.LookupHBONE, before.LookupHBONE)
-	add("lookup_failed", c.LookupFailed, before.LookupFailed)
-	add("local_plain_redirected", c.LocalPlainRedirected, before.LocalPlainRedirected)
 	return strings.Join(out, " ")
 }

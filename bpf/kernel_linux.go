@@ -11,6 +11,7 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
 	"github.com/cilium/ebpf/features"
+	"golang.org/x/sys/unix"
 )
 
 // checkKernel names the first kernel feature the data path needs and the
@@ -36,6 +37,42 @@ func checkKernel() error {
 		}
 	}
 	return nil
+}
+
+// fibLookupTakesMark reports whether bpf_fib_lookup honours
+// BPF_FIB_LOOKUP_MARK (Linux 6.10), which lets the tc programs confirm
+// that policy routing will deliver a captured SYN locally. The probe calls
+// the helper with that flag and an address family of 0: a kernel that
+// knows the flag answers EAFNOSUPPORT, one that does not answers EINVAL.
+func fibLookupTakesMark() (bool, error) {
+	const (
+		paramsSize       = 64 // sizeof(struct bpf_fib_lookup)
+		fibLookupMark    = 1 << 5
+		fibLookupNoNeigh = 1 << 2
+	)
+	insns := asm.Instructions{asm.Mov.Reg(asm.R6, asm.R1), asm.Mov.Imm(asm.R0, 0)}
+	for off := -paramsSize; off < 0; off += 8 {
+		insns = append(insns, asm.StoreMem(asm.RFP, int16(off), asm.R0, asm.DWord))
+	}
+	insns = append(insns,
+		asm.Mov.Reg(asm.R1, asm.R6),
+		asm.Mov.Reg(asm.R2, asm.RFP),
+		asm.Add.Imm(asm.R2, -paramsSize),
+		asm.Mov.Imm(asm.R3, paramsSize),
+		asm.Mov.Imm(asm.R4, fibLookupMark|fibLookupNoNeigh),
+		asm.FnFibLookup.Call(),
+		asm.Return(),
+	)
+	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{Type: ebpf.SchedCLS, Instructions: insns, License: "Dual BSD/GPL"})
+	if err != nil {
+		return false, fmt.Errorf("bpf: probe bpf_fib_lookup: %w", err)
+	}
+	defer prog.Close()
+	ret, err := prog.Run(&ebpf.RunOptions{Data: make([]byte, 64)})
+	if err != nil {
+		return false, fmt.Errorf("bpf: probe bpf_fib_lookup: %w", err)
+	}
+	return int32(ret) != -int32(unix.EINVAL), nil
 }
 
 // localPlainPossible prepares the namespace for CaptureLocalPlain and

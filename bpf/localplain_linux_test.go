@@ -41,7 +41,7 @@ func TestPodEgressLocalPlain(t *testing.T) {
 		{"an enrolled pod's SYN (excluded from its capture) goes to the pod", false, packet{src: ap(otherPodIP, 40000), dst: ap(podIP, 22), flags: tcpSYN}, 0, verdictNext, 0, ""},
 		{"an ACK no local socket owns goes to the pod", false, packet{src: ap(unmeshedIP, 40000), dst: ap(podIP, 80), flags: tcpACK}, 0, verdictNext, 0, ""},
 		{"UDP goes to the pod", false, packet{src: ap(unmeshedIP, 53), dst: ap(podIP, 53), proto: unix.IPPROTO_UDP}, 0, verdictNext, 0, ""},
-		{"STRICT still drops the plaintext SYN", true, packet{src: ap(unmeshedIP, 40000), dst: ap(podIP, 80), flags: tcpSYN}, 0, verdictDrop, 0, "strict_drops+1"},
+		{"STRICT still drops the plaintext SYN", true, packet{src: ap(unmeshedIP, 40000), dst: ap(podIP, 80), flags: tcpSYN}, 0, verdictDrop, 0, "strict_dropped+1"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -7,9 +7,19 @@
  *
  *   pod_ingress     tc ingress, host side of an enrolled pod's veth
  *   uplink_ingress  tc ingress, the node's uplink interface(s)
+ *   uplink_egress   tc egress, the node's uplink interface(s): the last
+ *                   guard, drops enrolled pods' packets that no mantlet
+ *                   program checked (a detached pod_ingress)
  *   pod_egress      tc egress, host side of an enrolled pod's veth (STRICT;
  *                   PERMISSIVE: same-node plaintext to the ztunnel)
  *   node_sk_lookup  sk_lookup, attached to the node's network namespace
+ *
+ * Fail closed: a new connection captured by tc is steered to a listener
+ * of the ztunnel by tc itself (bpf_sk_assign from the SOCKMAP), and only
+ * after bpf_fib_lookup has confirmed that policy routing will deliver it
+ * locally; anything that cannot be steered is dropped and counted. A
+ * packet that carries a socket is never forwarded by the kernel either,
+ * so no single piece of routing state turns capture into pass-through.
  *
  * IPv4 only for now: IPv6 packets pass untouched (not captured).
  * See docs/datapath.md for the whole recipe.
@@ -91,9 +101,73 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 	return 0;
 }
 
+static __always_inline __u32 redirect_mark(const struct __sk_buff *skb, const struct settings *cfg)
+{
+	return (skb->mark & ~cfg->mark_mask) | cfg->redirect_mark;
+}
+
 static __always_inline void set_mark(struct __sk_buff *skb, const struct settings *cfg)
 {
-	skb->mark = (skb->mark & ~cfg->mark_mask) | cfg->redirect_mark;
+	skb->mark = redirect_mark(skb, cfg);
+}
+
+/* pass lets a packet of an enrolled pod go its way, stamped so that
+ * uplink_egress knows pod_ingress saw it. */
+static __always_inline int pass(struct __sk_buff *skb, const struct settings *cfg)
+{
+	skb->mark |= cfg->pass_mark;
+	return TC_ACT_UNSPEC;
+}
+
+/* struct bpf_fib_lookup as Linux 6.10 defines it: the input field mark
+ * (policy routing, with BPF_FIB_LOOKUP_MARK) shares its bytes with the
+ * output smac. The headers this builds with are older. */
+struct fib_query {
+	__u8 family;
+	__u8 l4_protocol;
+	__be16 sport;
+	__be16 dport;
+	__u16 tot_len;
+	__u32 ifindex;
+	__u32 tos;
+	__be32 ipv4_src;
+	__u32 src_pad[3];
+	__be32 ipv4_dst;
+	__u32 dst_pad[3];
+	__u32 tbid;
+	__u32 mark;
+	__u8 mac_pad[8];
+};
+_Static_assert(sizeof(struct fib_query) == sizeof(struct bpf_fib_lookup), "fib_query must match struct bpf_fib_lookup");
+
+#define FIB_LOOKUP_MARK (1U << 5)
+
+/* delivered_locally reports whether policy routing would deliver the
+ * packet p, arriving on ifindex with the redirect mark, to this host
+ * rather than forward it: the fwmark rule and the local route of the
+ * capture table are both in place. A lookup that finds no route at all
+ * also counts as local: such a packet cannot leave either. Without
+ * CFG_F_ROUTE_CHECK (kernels before 6.10) it trusts the socket
+ * assignment, which the kernel never forwards. */
+static __always_inline int delivered_locally(const struct __sk_buff *skb, const struct pkt *p,
+					     const struct settings *cfg, __u32 ifindex)
+{
+	struct fib_query q = {};
+	long rc;
+
+	if (!(cfg->flags & CFG_F_ROUTE_CHECK))
+		return 1;
+	q.family = AF_INET;
+	q.l4_protocol = IPPROTO_TCP;
+	q.sport = p->sport;
+	q.dport = p->dport;
+	q.ifindex = ifindex;
+	q.ipv4_src = p->saddr;
+	q.ipv4_dst = p->daddr;
+	q.mark = redirect_mark(skb, cfg);
+	rc = bpf_fib_lookup((void *)skb, (struct bpf_fib_lookup *)&q, sizeof(q),
+			    FIB_LOOKUP_MARK | BPF_FIB_LOOKUP_SKIP_NEIGH);
+	return rc == BPF_FIB_LKUP_RET_NOT_FWDED;
 }
 
 /* excluded reports whether a new connection to daddr:dport (network byte
@@ -156,29 +230,80 @@ static __always_inline int owned(struct __sk_buff *skb, const struct pkt *p)
 	return 1;
 }
 
+/* Verdicts of assign_owner. */
+enum owner {
+	OWNER_NONE = 0,     /* no local socket owns the flow */
+	OWNER_ASSIGNED = 1, /* assigned and marked: let it go */
+	OWNER_DROP = 2,     /* a socket owns it but it cannot reach it: drop */
+};
+
 /* assign_owner looks for a local, non-listening socket that owns the
  * packet's flow (for example the ztunnel's accepted or transparent
  * sockets). If there is one, the packet is assigned to it and marked for
- * local delivery (forwarding would drop a packet that carries a socket). A
- * TIME_WAIT socket hands a new SYN over to the listener lookup, so
- * sk_lookup still chooses the listener. Returns 1 when a socket owned the
- * flow. Every reference taken is released. */
-static __always_inline int assign_owner(struct __sk_buff *skb, const struct pkt *p,
-					const struct settings *cfg)
+ * local delivery (the kernel never forwards a packet that carries a
+ * socket). A TIME_WAIT socket hands a new SYN over to the listener
+ * lookup, so sk_lookup still chooses the listener; such a SYN is checked
+ * for local delivery like any captured SYN. Every reference taken is
+ * released. */
+static __always_inline enum owner assign_owner(struct __sk_buff *skb, const struct pkt *p,
+					       const struct settings *cfg)
 {
 	struct bpf_sock *sk = flow_owner(skb, p);
 	long err;
 
 	if (!sk)
-		return 0;
+		return OWNER_NONE;
+	if (p->syn && !delivered_locally(skb, p, cfg, skb->ifindex)) {
+		bpf_sk_release(sk);
+		COUNT(route_drops);
+		return OWNER_DROP;
+	}
 	err = bpf_sk_assign(skb, sk, 0);
 	bpf_sk_release(sk);
-	set_mark(skb, cfg);
-	if (err)
+	if (err) {
 		COUNT(assign_failed);
+		return OWNER_DROP;
+	}
+	set_mark(skb, cfg);
+	COUNT(assigned);
+	return OWNER_ASSIGNED;
+}
+
+/* steer hands a new connection (a SYN nobody owns) to the ztunnel's
+ * listener in slot, from tc: the listener must be there and policy
+ * routing must deliver the packet locally, or it is dropped and counted.
+ * sk_lookup is not needed on this path (a packet that carries a socket
+ * skips the socket lookup). */
+static __always_inline int steer(struct __sk_buff *skb, const struct pkt *p,
+				 const struct settings *cfg, __u32 slot)
+{
+	struct bpf_sock *sk;
+	long err;
+
+	sk = bpf_map_lookup_elem(&listeners, &slot);
+	if (!sk) {
+		COUNT(no_listener);
+		return TC_ACT_SHOT;
+	}
+	if (!delivered_locally(skb, p, cfg, skb->ifindex)) {
+		bpf_sk_release(sk);
+		COUNT(route_drops);
+		return TC_ACT_SHOT;
+	}
+	err = bpf_sk_assign(skb, sk, 0);
+	bpf_sk_release(sk);
+	if (err) {
+		COUNT(lookup_failed);
+		return TC_ACT_SHOT;
+	}
+	set_mark(skb, cfg);
+	if (slot == SLOT_OUTBOUND)
+		COUNT(lookup_outbound);
+	else if (slot == SLOT_HBONE)
+		COUNT(lookup_hbone);
 	else
-		COUNT(assigned);
-	return 1;
+		COUNT(lookup_inbound_plain);
+	return TC_ACT_UNSPEC;
 }
 
 /* pod_ingress sees packets FROM an enrolled pod. */
@@ -204,21 +329,24 @@ int pod_ingress(struct __sk_buff *skb)
 		return TC_ACT_UNSPEC;
 	cfg = get_config();
 	if (!cfg)
-		return TC_ACT_UNSPEC;
+		return TC_ACT_SHOT;
 
-	if (assign_owner(skb, &p, cfg))
+	switch (assign_owner(skb, &p, cfg)) {
+	case OWNER_ASSIGNED:
 		return TC_ACT_UNSPEC;
+	case OWNER_DROP:
+		return TC_ACT_SHOT;
+	default:
+		break;
+	}
 	if (!p.syn)
-		return TC_ACT_UNSPEC;
+		return pass(skb, cfg);
 	if (excluded(p.daddr, bpf_ntohs(p.dport))) {
 		COUNT(excluded);
-		return TC_ACT_UNSPEC;
+		return pass(skb, cfg);
 	}
-	/* Policy routing delivers the SYN locally; sk_lookup then picks the
-	 * outbound listener. */
-	set_mark(skb, cfg);
 	COUNT(redirected);
-	return TC_ACT_UNSPEC;
+	return steer(skb, &p, cfg, SLOT_OUTBOUND);
 }
 
 /* uplink_ingress sees packets arriving from other nodes. */
@@ -227,6 +355,7 @@ int uplink_ingress(struct __sk_buff *skb)
 {
 	struct settings *cfg;
 	struct pkt p;
+	__u32 slot;
 
 	if (parse(skb, &p) < 0 || !p.tcp)
 		return TC_ACT_UNSPEC;
@@ -234,19 +363,54 @@ int uplink_ingress(struct __sk_buff *skb)
 		return TC_ACT_UNSPEC;
 	cfg = get_config();
 	if (!cfg)
-		return TC_ACT_UNSPEC;
+		return TC_ACT_SHOT;
 
 	/* Later packets of HBONE connections, and replies to the ztunnel's
 	 * transparent sockets bound to a local pod's address. */
-	if (assign_owner(skb, &p, cfg))
+	switch (assign_owner(skb, &p, cfg)) {
+	case OWNER_ASSIGNED:
 		return TC_ACT_UNSPEC;
+	case OWNER_DROP:
+		return TC_ACT_SHOT;
+	default:
+		break;
+	}
 	if (!p.syn)
 		return TC_ACT_UNSPEC;
-	if (p.dport == bpf_htons(PORT_HBONE) || (cfg->flags & CFG_F_INBOUND_PLAIN)) {
-		set_mark(skb, cfg);
-		COUNT(uplink_redirected);
-	}
-	return TC_ACT_UNSPEC;
+	if (p.dport == bpf_htons(PORT_HBONE))
+		slot = SLOT_HBONE;
+	else if (cfg->flags & CFG_F_INBOUND_PLAIN)
+		slot = SLOT_INBOUND_PLAIN;
+	else
+		return TC_ACT_UNSPEC;
+	COUNT(uplink_redirected);
+	return steer(skb, &p, cfg, slot);
+}
+
+/* uplink_egress sees packets leaving the node towards other nodes. An
+ * enrolled pod's TCP packets leave only as the ztunnel's (its SO_MARK) or
+ * after pod_ingress let them pass (the pass mark): one without either
+ * escaped a detached or bypassed pod_ingress, and would carry the pod's
+ * traffic in plaintext. */
+SEC("tc")
+int uplink_egress(struct __sk_buff *skb)
+{
+	struct settings *cfg;
+	struct pkt p;
+
+	if (parse(skb, &p) < 0 || !p.tcp)
+		return TC_ACT_UNSPEC;
+	if (!bpf_map_lookup_elem(&local_pods, &p.saddr))
+		return TC_ACT_UNSPEC;
+	cfg = get_config();
+	if (!cfg)
+		return TC_ACT_SHOT;
+	if (cfg->ztunnel_mark && (skb->mark & cfg->ztunnel_mark) == cfg->ztunnel_mark)
+		return TC_ACT_UNSPEC;
+	if (cfg->pass_mark && (skb->mark & cfg->pass_mark) == cfg->pass_mark)
+		return TC_ACT_UNSPEC;
+	COUNT(leak_drops);
+	return TC_ACT_SHOT;
 }
 
 /* pod_egress sees packets TO an enrolled pod. With STRICT it drops new
@@ -291,6 +455,12 @@ int pod_egress(struct __sk_buff *skb)
 		return TC_ACT_UNSPEC;
 	if (!p.syn && !owned(skb, &p))
 		return TC_ACT_UNSPEC;
+	/* Policy routing must deliver it from lo's ingress to the ztunnel;
+	 * otherwise it would come back here, forwarded. */
+	if (!delivered_locally(skb, &p, cfg, LOOPBACK_IFINDEX)) {
+		COUNT(route_drops);
+		return TC_ACT_SHOT;
+	}
 	/* lo's address is all zeroes: the frame must be addressed to it or
 	 * the stack drops it as another host's. */
 	if (bpf_skb_store_bytes(skb, 0, lo_mac, ETH_ALEN, 0) < 0)
@@ -302,7 +472,11 @@ int pod_egress(struct __sk_buff *skb)
 }
 
 /* node_sk_lookup picks the ztunnel listener for connections that the tc
- * programs steered into local delivery. */
+ * programs marked for local delivery without a socket: SYNs that reuse
+ * the tuple of a TIME_WAIT socket (the kernel looks the listener up after
+ * the TIME_WAIT socket let the SYN go), and plaintext that pod_egress
+ * turned around into lo. New connections from pods and uplinks carry
+ * their listener from tc already and never get here. */
 SEC("sk_lookup")
 int node_sk_lookup(struct bpf_sk_lookup *ctx)
 {

@@ -24,7 +24,7 @@
 #define PORT_HBONE 15008
 
 /* Slots of the listeners map. The agent puts the ztunnel's listening
- * sockets there; an empty slot makes sk_lookup drop (fail closed). */
+ * sockets there; an empty slot makes the programs drop (fail closed). */
 enum slot {
 	SLOT_OUTBOUND = 0,
 	SLOT_INBOUND_PLAIN = 1,
@@ -61,6 +61,7 @@ struct lpm_v4_key {
 /* config.flags */
 #define CFG_F_INBOUND_PLAIN (1U << 0)       /* capture plaintext from other nodes to local pods on ports other than 15008 (slot 1) */
 #define CFG_F_INBOUND_PLAIN_LOCAL (1U << 1) /* capture plaintext from this node's unmeshed pods to PERMISSIVE pods (slot 1) */
+#define CFG_F_ROUTE_CHECK (1U << 2)         /* the kernel's bpf_fib_lookup takes a mark (Linux 6.10): verify local delivery before steering */
 
 /* The loopback device: same-node plaintext is turned around into its
  * ingress so that policy routing delivers it locally. */
@@ -68,7 +69,8 @@ struct lpm_v4_key {
 
 /* The single entry of the config map. The loader writes it on every Open;
  * route_table and rule_priority are not read by the programs, they are
- * kept here so that cleanup knows what to remove. */
+ * kept here so that cleanup knows what to remove. New fields go at the
+ * end: cleanup reads the leading fields of older versions' pins. */
 struct settings {
 	__u32 redirect_mark; /* fwmark bits set on packets that must be delivered locally */
 	__u32 mark_mask;     /* bits of skb->mark owned by redirect_mark */
@@ -76,6 +78,7 @@ struct settings {
 	__u32 flags;         /* CFG_F_* */
 	__u32 route_table;   /* policy routing table with `local 0.0.0.0/0 dev lo` */
 	__u32 rule_priority; /* priority of the fwmark rule */
+	__u32 pass_mark;     /* set by pod_ingress on the packets it lets leave untouched; uplink_egress drops pod packets without it */
 };
 
 /* The per-CPU counters: the single entry of the counters map. */
@@ -83,16 +86,18 @@ struct counter_set {
 	__u64 redirected;           /* pod SYNs marked for capture */
 	__u64 uplink_redirected;    /* uplink SYNs to local pods marked for capture */
 	__u64 assigned;             /* tc: packets assigned to the local socket that owns their flow */
-	__u64 assign_failed;        /* tc: bpf_sk_assign refused (the packet is still marked) */
+	__u64 assign_failed;        /* tc: bpf_sk_assign refused (dropped) */
 	__u64 spoof_drops;          /* pod packets whose source address is not the pod's */
 	__u64 strict_drops;         /* SYNs towards a STRICT pod that the ztunnel did not send */
-	__u64 no_listener;          /* sk_lookup: captured, but the listener slot is empty (dropped) */
+	__u64 no_listener;          /* captured, but the listener slot is empty (dropped) */
 	__u64 excluded;             /* pod SYNs left alone because the destination is excluded */
-	__u64 lookup_outbound;      /* sk_lookup: given to the outbound listener (slot 0) */
-	__u64 lookup_inbound_plain; /* sk_lookup: given to the inbound plaintext listener (slot 1) */
-	__u64 lookup_hbone;         /* sk_lookup: given to the HBONE listener (slot 2) */
-	__u64 lookup_failed;        /* sk_lookup: bpf_sk_assign refused the listener (dropped) */
+	__u64 lookup_outbound;      /* given to the outbound listener (slot 0) */
+	__u64 lookup_inbound_plain; /* given to the inbound plaintext listener (slot 1) */
+	__u64 lookup_hbone;         /* given to the HBONE listener (slot 2) */
+	__u64 lookup_failed;        /* bpf_sk_assign refused the listener (dropped) */
 	__u64 local_plain_redirected; /* pod_egress: plaintext SYNs from unmeshed pods of this node turned to the ztunnel */
+	__u64 route_drops;          /* tc: captured SYNs dropped because policy routing would not deliver them locally */
+	__u64 leak_drops;           /* uplink_egress: packets of enrolled pods leaving the node unchecked by pod_ingress or the ztunnel */
 };
 
 #define MAX_IFACES 4096

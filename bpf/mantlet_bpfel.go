@@ -28,6 +28,8 @@ type mantletCounterSet struct {
 	LookupHbone          uint64
 	LookupFailed         uint64
 	LocalPlainRedirected uint64
+	RouteDrops           uint64
+	LeakDrops            uint64
 }
 
 type mantletIfaceInfo struct {
@@ -63,6 +65,7 @@ type mantletSettings struct {
 	Flags        uint32
 	RouteTable   uint32
 	RulePriority uint32
+	PassMark     uint32
 }
 
 // Names of all BPF objects in the ELF.
@@ -82,6 +85,7 @@ const (
 	mantletProgNodeSkLookup  = "node_sk_lookup"
 	mantletProgPodEgress     = "pod_egress"
 	mantletProgPodIngress    = "pod_ingress"
+	mantletProgUplinkEgress  = "uplink_egress"
 	mantletProgUplinkIngress = "uplink_ingress"
 )
 
@@ -130,6 +134,7 @@ type mantletProgramSpecs struct {
 	NodeSkLookup  *ebpf.ProgramSpec `ebpf:"node_sk_lookup"`
 	PodEgress     *ebpf.ProgramSpec `ebpf:"pod_egress"`
 	PodIngress    *ebpf.ProgramSpec `ebpf:"pod_ingress"`
+	UplinkEgress  *ebpf.ProgramSpec `ebpf:"uplink_egress"`
 	UplinkIngress *ebpf.ProgramSpec `ebpf:"uplink_ingress"`
 }
 
@@ -215,6 +220,7 @@ type mantletPrograms struct {
 	NodeSkLookup  *ebpf.Program `ebpf:"node_sk_lookup"`
 	PodEgress     *ebpf.Program `ebpf:"pod_egress"`
 	PodIngress    *ebpf.Program `ebpf:"pod_ingress"`
+	UplinkEgress  *ebpf.Program `ebpf:"uplink_egress"`
 	UplinkIngress *ebpf.Program `ebpf:"uplink_ingress"`
 }
 
@@ -223,6 +229,7 @@ func (p *mantletPrograms) Close() error {
 		p.NodeSkLookup,
 		p.PodEgress,
 		p.PodIngress,
+		p.UplinkEgress,
 		p.UplinkIngress,
 	)
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"reflect"
 	"syscall"
 
 	"github.com/cilium/ebpf"
@@ -18,6 +19,10 @@ func (d *Datapath) settings() mantletSettings {
 		ZtunnelMark:  d.cfg.ZtunnelMark,
 		RouteTable:   uint32(d.cfg.RouteTable),
 		RulePriority: uint32(d.cfg.RulePriority),
+		PassMark:     d.cfg.PassMark,
+	}
+	if d.routeCheck {
+		s.Flags |= settingsRouteCheck
 	}
 	if d.cfg.CaptureInboundPlain {
 		s.Flags |= settingsInboundPlain
@@ -28,11 +33,11 @@ func (d *Datapath) settings() mantletSettings {
 	return s
 }
 
-// settingsInboundPlain and settingsInboundPlainLocal are
-// CFG_F_INBOUND_PLAIN and CFG_F_INBOUND_PLAIN_LOCAL of mantlet.h.
+// The CFG_F_* flags of mantlet.h.
 const (
 	settingsInboundPlain      = 1 << 0
 	settingsInboundPlainLocal = 1 << 1
+	settingsRouteCheck        = 1 << 2
 )
 
 // iface_info.flags: IFACE_F_STRICT of mantlet.h.
@@ -183,20 +188,14 @@ func readCounters(m *ebpf.Map) (Counters, error) {
 		return Counters{}, fmt.Errorf("bpf: read counters: %w", err)
 	}
 	var c Counters
+	sum := reflect.ValueOf(&c).Elem()
 	for _, p := range per {
-		c.Redirected += p.Redirected
-		c.UplinkRedirected += p.UplinkRedirected
-		c.Assigned += p.Assigned
-		c.AssignFailed += p.AssignFailed
-		c.SpoofDrops += p.SpoofDrops
-		c.StrictDrops += p.StrictDrops
-		c.NoListener += p.NoListener
-		c.Excluded += p.Excluded
-		c.LookupOutbound += p.LookupOutbound
-		c.LookupInboundPlain += p.LookupInboundPlain
-		c.LookupHBONE += p.LookupHbone
-		c.LookupFailed += p.LookupFailed
-		c.LocalPlainRedirected += p.LocalPlainRedirected
+		cpu := reflect.ValueOf(p)
+		for i := range sum.NumField() {
+			// Field 0 of the generated struct is its layout marker.
+			f := sum.Field(i)
+			f.SetUint(f.Uint() + cpu.Field(i+1).Uint())
+		}
 	}
 	return c, nil
 }

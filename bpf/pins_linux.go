@@ -14,6 +14,7 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 )
 
@@ -214,4 +215,14 @@ func Cleanup(ctx context.Context, pinDir string) error {
 		errs = append(errs, fmt.Errorf("bpf: cleanup: remove pins: %w", err))
 	}
 	return errors.Join(errs...)
+}
+
+// nsInode returns the inode that identifies the network namespace ns
+// (links report it as their namespace).
+func nsInode(ns netns.NsHandle) (uint64, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(int(ns), &st); err != nil {
+		return 0, fmt.Errorf("bpf: stat the network namespace: %w", err)
+	}
+	return st.Ino, nil
 }
