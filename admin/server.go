@@ -32,6 +32,7 @@ import (
 type Datapath interface {
 	Status() bpf.Status
 	Counters() (bpf.Counters, error)
+	Repairs() map[bpf.Fault]uint64
 }
 
 // PolicyEngine is what the API asks about policy; *policy.Engine
@@ -194,6 +195,17 @@ func (s *Server) Status() Status {
 	}
 	if s.cfg.Datapath != nil {
 		st.Datapath = datapathStatus(s.cfg.Datapath.Status())
+		for f, n := range s.cfg.Datapath.Repairs() {
+			if n > 0 {
+				if st.Datapath.Repairs == nil {
+					st.Datapath.Repairs = map[string]uint64{}
+				}
+				st.Datapath.Repairs[string(f)] = n
+			}
+		}
+		for _, p := range st.Datapath.Problems {
+			st.Problems = append(st.Problems, "data path: "+p)
+		}
 	}
 	snap := s.cfg.Snapshot()
 	st.Snapshot = SnapshotStatus{Generation: snap.Generation, Workloads: len(snap.Workloads()),
@@ -252,6 +264,9 @@ func datapathStatus(b bpf.Status) DatapathStatus {
 		Listeners: []string{}}
 	for _, sl := range b.Listeners {
 		d.Listeners = append(d.Listeners, sl.String())
+	}
+	for _, p := range b.Problems {
+		d.Problems = append(d.Problems, p.Detail)
 	}
 	return d
 }

@@ -58,6 +58,13 @@ type DatapathStatus struct {
 	// Pods and Uplinks count the interfaces with programs attached.
 	Pods    int `json:"pods"`
 	Uplinks int `json:"uplinks"`
+	// Problems are the pieces of kernel state found missing (a deleted
+	// routing rule, a detached program, ...) and not repaired yet; the
+	// node is not ready while there are any.
+	Problems []string `json:"problems,omitempty"`
+	// Repairs counts, by fault, the pieces of kernel state the agent
+	// found missing and put back since it started.
+	Repairs map[string]uint64 `json:"repairs,omitempty"`
 }
 
 // SnapshotStatus describes the workload snapshot in force.

@@ -10,6 +10,9 @@ import (
 // implements it.
 type DatapathCounters interface {
 	Counters() (bpf.Counters, error)
+	// Repairs counts the repairs of the data path's kernel state by
+	// fault.
+	Repairs() map[bpf.Fault]uint64
 }
 
 // ConfigReloads counts reloads of the workload source; *manifest.Watcher
@@ -26,7 +29,7 @@ type Collector struct {
 	datapath   DatapathCounters
 	rejections func() map[string]uint64
 
-	ready, pods, reloadsDesc, events, refused *prometheus.Desc
+	ready, pods, reloadsDesc, events, repairs, refused *prometheus.Desc
 }
 
 // NewCollector returns a collector over a; reloads, datapath and
@@ -42,6 +45,8 @@ func NewCollector(a *Agent, reloads ConfigReloads, datapath DatapathCounters, re
 			"Changed versions of the cluster file, applied or rejected (the last good one stays in force).", []string{"result"}, nil),
 		events: prometheus.NewDesc("mantlet_datapath_packets_total",
 			"Packets and connections the eBPF programs handled, by event.", []string{"event"}, nil),
+		repairs: prometheus.NewDesc("mantlet_datapath_repairs_total",
+			"Pieces of the data path's kernel state found missing (a routing rule or route deleted, lo down, a program detached, a pin removed) and put back, by fault.", []string{"fault"}, nil),
 		refused: prometheus.NewDesc("mantlet_ztunnel_refused_connections_total",
 			"Connections the ztunnel refused or ended badly, by reason.", []string{"response_flags"}, nil),
 	}
@@ -56,6 +61,7 @@ func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 	}
 	if c.datapath != nil {
 		ch <- c.events
+		ch <- c.repairs
 	}
 	if c.rejections != nil {
 		ch <- c.refused
@@ -88,6 +94,10 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 			}
 		} else {
 			ch <- prometheus.NewInvalidMetric(c.events, err)
+		}
+		repairs := c.datapath.Repairs()
+		for _, f := range bpf.Faults() {
+			ch <- prometheus.MustNewConstMetric(c.repairs, prometheus.CounterValue, float64(repairs[f]), string(f))
 		}
 	}
 	if c.rejections != nil {

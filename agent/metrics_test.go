@@ -19,11 +19,13 @@ type fakeReloads struct{ applied, rejected uint64 }
 func (f fakeReloads) Reloads() (uint64, uint64) { return f.applied, f.rejected }
 
 type fakeCounters struct {
-	c   bpf.Counters
-	err error
+	c       bpf.Counters
+	err     error
+	repairs map[bpf.Fault]uint64
 }
 
 func (f fakeCounters) Counters() (bpf.Counters, error) { return f.c, f.err }
+func (f fakeCounters) Repairs() map[bpf.Fault]uint64   { return f.repairs }
 
 func TestCollectorExportsTheNodeState(t *testing.T) {
 	dp := newFakeDatapath()
@@ -36,7 +38,7 @@ func TestCollectorExportsTheNodeState(t *testing.T) {
 	a.reconcile(time.Now())
 
 	reg := prometheus.NewPedanticRegistry()
-	reg.MustRegister(NewCollector(a, fakeReloads{3, 1}, fakeCounters{c: bpf.Counters{Redirected: 7, SpoofDrops: 2}},
+	reg.MustRegister(NewCollector(a, fakeReloads{3, 1}, fakeCounters{c: bpf.Counters{Redirected: 7, SpoofDrops: 2}, repairs: map[bpf.Fault]uint64{bpf.FaultRule: 2}},
 		func() map[string]uint64 { return map[string]uint64{"NR": 4} }))
 	want := `
 # HELP mantlet_agent_pods Local meshed pods by state: enrolled, or pending (not enrolled yet, retried).
@@ -78,6 +80,19 @@ mantlet_datapath_packets_total{event="strict_dropped"} 0
 mantlet_datapath_packets_total{event="uplink_redirected"} 0
 `
 	if err := testutil.GatherAndCompare(reg, strings.NewReader(wantPackets), "mantlet_datapath_packets_total"); err != nil {
+		t.Fatal(err)
+	}
+	wantRepairs := `
+# HELP mantlet_datapath_repairs_total Pieces of the data path's kernel state found missing (a routing rule or route deleted, lo down, a program detached, a pin removed) and put back, by fault.
+# TYPE mantlet_datapath_repairs_total counter
+mantlet_datapath_repairs_total{fault="attachment"} 0
+mantlet_datapath_repairs_total{fault="capture-route"} 0
+mantlet_datapath_repairs_total{fault="loopback"} 0
+mantlet_datapath_repairs_total{fault="pin"} 0
+mantlet_datapath_repairs_total{fault="routing-rule"} 2
+mantlet_datapath_repairs_total{fault="sk-lookup"} 0
+`
+	if err := testutil.GatherAndCompare(reg, strings.NewReader(wantRepairs), "mantlet_datapath_repairs_total"); err != nil {
 		t.Fatal(err)
 	}
 }

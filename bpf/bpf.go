@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"reflect"
 	"strings"
+	"time"
 )
 
 // Slot names one of the ztunnel's listeners in the listeners SOCKMAP.
@@ -324,6 +325,11 @@ func (s Status) String() string {
 	return fmt.Sprintf("ready: %d pods, %d uplinks", len(s.Pods), len(s.Uplinks))
 }
 
+// DefaultWatchInterval is how often Watch checks the data path without a
+// netlink notification: the only way to notice a detached program or a
+// removed pin.
+const DefaultWatchInterval = 250 * time.Millisecond
+
 // Fault names a kind of kernel state the data path depends on. The set is
 // closed: it labels the repairs metric.
 type Fault string
@@ -355,6 +361,46 @@ type Problem struct {
 	Fault  Fault
 	Detail string // what exactly, for people
 }
+
+// CleanupReport says what Cleanup found and what it did.
+type CleanupReport struct {
+	// PinDir is the pin directory it was asked to clean.
+	PinDir string
+	// Found: a data path was pinned there. When false nothing was done,
+	// and Others lists the data paths pinned next to it for the same
+	// network namespace (the pin dir the caller probably meant).
+	Found  bool
+	Others []string
+	// Detached lists the programs it detached ("pod-ingress on ifindex
+	// 5", "sk_lookup").
+	Detached []string
+	// Rule and Route say what became of the routing rule and the capture
+	// route: "removed", "not found", "not removed" (see the error) or
+	// "kept: ..." when another data path of the namespace uses them.
+	Rule, Route string
+	// PinsRemoved: the pin directory is gone.
+	PinsRemoved bool
+}
+
+// String says in one line what Cleanup did.
+func (r CleanupReport) String() string {
+	if !r.Found {
+		s := "nothing pinned at " + r.PinDir + ": nothing removed"
+		if len(r.Others) > 0 {
+			s += "; data paths pinned for this network namespace: " + strings.Join(r.Others, ", ") + " (name one with --pin-dir)"
+		}
+		return s
+	}
+	pins := "pins removed"
+	if !r.PinsRemoved {
+		pins = "pins NOT removed"
+	}
+	return fmt.Sprintf("%s: %d programs detached, routing rule %s, capture route %s, %s", r.PinDir, len(r.Detached), r.Rule, r.Route, pins)
+}
+
+// ErrNamespaceInUse is returned by Open when a running agent's data path,
+// pinned in another directory, is attached to the same network namespace.
+var ErrNamespaceInUse = errors.New("bpf: another agent runs in this network namespace")
 
 // ErrLocked is returned by Open and Cleanup when another process (another
 // agent) holds the pin directory.

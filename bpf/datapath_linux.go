@@ -32,6 +32,8 @@ type Datapath struct {
 
 	// nsInode identifies the node's network namespace.
 	nsInode uint64
+	// created: Open made the pins (it did not adopt them).
+	created bool
 
 	mu       sync.Mutex
 	repairs  map[Fault]uint64
@@ -97,6 +99,15 @@ func Open(ctx context.Context, cfg Config, log *slog.Logger) (*Datapath, error) 
 		return nil, err
 	}
 	defer unlock()
+	for _, o := range siblings(cfg.PinDir, true) {
+		if o.nsInode != d.nsInode {
+			continue
+		}
+		if o.live {
+			return nil, fmt.Errorf("%w: its pin dir is %s (this one's would be %s)", ErrNamespaceInUse, o.dir, cfg.PinDir)
+		}
+		log.Warn("a stale data path of another pin dir is attached to this network namespace; remove it with 'mantlet agent --cleanup --pin-dir "+o.dir+"' run in this namespace", "pin_dir", o.dir)
+	}
 
 	if _, err := os.Stat(cfg.PinDir); err == nil {
 		if d.lock, err = lockDir(cfg.PinDir); err != nil {
@@ -146,6 +157,7 @@ func Open(ctx context.Context, cfg Config, log *slog.Logger) (*Datapath, error) 
 		return nil, fmt.Errorf("bpf: move staged pins into %s: %w", cfg.PinDir, err)
 	}
 	staged = false
+	d.created = true
 	log.Info("loaded eBPF data path", "pin_dir", cfg.PinDir)
 	ok = true
 	return d, nil
@@ -289,6 +301,40 @@ func (d *Datapath) Close() error {
 	d.closed = true
 	d.release()
 	return nil
+}
+
+// Created reports whether Open made the data path rather than adopting
+// one pinned by an earlier agent.
+func (d *Datapath) Created() bool { return d.created }
+
+// Remove undoes the data path and closes it: it detaches every program,
+// removes the routing rule and route (unless another data path of the
+// namespace uses them) and the pins, as Cleanup does. An agent whose
+// start fails after Open calls it when Open created the data path
+// (Created), so that a failed start leaves nothing behind.
+func (d *Datapath) Remove(ctx context.Context) (CleanupReport, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return CleanupReport{PinDir: d.cfg.PinDir}, errors.New("bpf: remove: data path is closed")
+	}
+	d.closed = true
+	unlock, err := lockParent(ctx, d.cfg.PinDir)
+	if err != nil {
+		d.release()
+		return CleanupReport{PinDir: d.cfg.PinDir}, err
+	}
+	defer unlock()
+	lock, nl := d.lock, d.nl
+	d.lock, d.nl = nil, nil // kept until the pins are gone
+	d.release()
+	defer func() {
+		nl.Close()
+		if lock != nil {
+			lock.Close()
+		}
+	}()
+	return cleanupLocked(nl, d.nsInode, d.cfg.PinDir)
 }
 
 func (d *Datapath) release() {

@@ -601,12 +601,17 @@ func TestUnenrollAndCleanup(t *testing.T) {
 	}
 
 	tb.enroll(t, true)
-	if err := Cleanup(context.Background(), tb.cfg.PinDir); !errors.Is(err, ErrLocked) {
+	if _, err := Cleanup(context.Background(), tb.cfg.PinDir); !errors.Is(err, ErrLocked) {
 		t.Errorf("Cleanup while the agent runs: %v, want ErrLocked", err)
 	}
 	tb.d.Close()
-	if err := Cleanup(context.Background(), tb.cfg.PinDir); err != nil {
+	rep, err := Cleanup(context.Background(), tb.cfg.PinDir)
+	if err != nil {
 		t.Fatalf("Cleanup: %v", err)
+	}
+	// sk_lookup, the pod's two programs, the uplink's two.
+	if !rep.Found || len(rep.Detached) != 5 || rep.Rule != "removed" || rep.Route != "removed" || !rep.PinsRemoved {
+		t.Errorf("Cleanup reported %+v, want 5 programs detached, rule and route removed, pins removed", rep)
 	}
 	tb.checkAttached(t, 0)
 	if _, err := os.Stat(tb.cfg.PinDir); !errors.Is(err, os.ErrNotExist) {
@@ -633,8 +638,12 @@ func TestUnenrollAndCleanup(t *testing.T) {
 		t.Fatalf("dial after Cleanup: %v", err)
 	}
 	exchange(t, client, accept(t, real))
-	if err := Cleanup(context.Background(), tb.cfg.PinDir); err != nil {
+	rep, err = Cleanup(context.Background(), tb.cfg.PinDir)
+	if err != nil {
 		t.Errorf("Cleanup of a removed pin dir: %v", err)
+	}
+	if want := "nothing pinned at " + tb.cfg.PinDir + ": nothing removed"; rep.Found || rep.String() != want {
+		t.Errorf("Cleanup of a removed pin dir reported %q, want %q", rep, want)
 	}
 }
 
@@ -668,7 +677,7 @@ func TestClsactFallback(t *testing.T) {
 	}
 	exchange(t, client, server)
 	tb.d.Close()
-	if err := Cleanup(context.Background(), tb.cfg.PinDir); err != nil {
+	if _, err := Cleanup(context.Background(), tb.cfg.PinDir); err != nil {
 		t.Fatalf("Cleanup: %v", err)
 	}
 	tb.checkAttached(t, 0)

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"syscall"
+	"time"
 )
 
 // errNotLinux is what every operation returns off Linux.
@@ -24,7 +25,9 @@ func Open(ctx context.Context, cfg Config, log *slog.Logger) (*Datapath, error) 
 }
 
 // Cleanup fails off Linux.
-func Cleanup(ctx context.Context, pinDir string) error { return errNotLinux }
+func Cleanup(ctx context.Context, pinDir string) (CleanupReport, error) {
+	return CleanupReport{PinDir: pinDir}, errNotLinux
+}
 
 // EnrollPod fails off Linux.
 func (d *Datapath) EnrollPod(p Pod) error { return errNotLinux }
@@ -58,6 +61,26 @@ func (d *Datapath) Status() Status { return Status{} }
 
 // Ready is false off Linux.
 func (d *Datapath) Ready() bool { return false }
+
+// Created is false off Linux.
+func (d *Datapath) Created() bool { return false }
+
+// Remove fails off Linux.
+func (d *Datapath) Remove(ctx context.Context) (CleanupReport, error) {
+	return CleanupReport{}, errNotLinux
+}
+
+// Check reports nothing off Linux.
+func (d *Datapath) Check() []Problem { return nil }
+
+// Repair fails off Linux.
+func (d *Datapath) Repair() ([]Problem, error) { return nil, errNotLinux }
+
+// Repairs reports nothing off Linux.
+func (d *Datapath) Repairs() map[Fault]uint64 { return nil }
+
+// Watch fails off Linux.
+func (d *Datapath) Watch(ctx context.Context, interval time.Duration) error { return errNotLinux }
 
 // Close does nothing off Linux.
 func (d *Datapath) Close() error { return nil }

@@ -129,7 +129,7 @@ func testPinDir(t testing.TB) string {
 	name = name[:min(len(name), 100)]
 	dir := filepath.Join(testPinRoot, name+"-"+hex.EncodeToString(b[:]))
 	t.Cleanup(func() {
-		if err := Cleanup(context.Background(), dir); err != nil {
+		if _, err := Cleanup(context.Background(), dir); err != nil {
 			t.Errorf("Cleanup(%s): %v", dir, err)
 		}
 		_ = os.RemoveAll(dir)

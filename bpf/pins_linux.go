@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -12,8 +11,6 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/link"
-	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 )
@@ -144,77 +141,6 @@ func (d *Datapath) load(dir string) error {
 		return fmt.Errorf("bpf: load the eBPF objects: %w", err)
 	}
 	return nil
-}
-
-// Cleanup removes the data path pinned in pinDir: it detaches every
-// program (pods, uplinks, sk_lookup), removes the policy routing rule and
-// route from the calling thread's network namespace (which must be the
-// node's), and removes the pins. A missing pinDir is not an error. It
-// fails with ErrLocked while an agent holds the pin directory.
-// net.ipv4.ip_forward is left on.
-func Cleanup(ctx context.Context, pinDir string) error {
-	if pinDir == "" || !filepath.IsAbs(pinDir) {
-		return fmt.Errorf("bpf: cleanup: pin dir %q must be an absolute path", pinDir)
-	}
-	if _, err := os.Stat(pinDir); errors.Is(err, fs.ErrNotExist) {
-		return nil
-	} else if err != nil {
-		return fmt.Errorf("bpf: cleanup: %w", err)
-	}
-	unlock, err := lockParent(ctx, pinDir)
-	if err != nil {
-		return err
-	}
-	defer unlock()
-	lock, err := lockDir(pinDir)
-	if err != nil {
-		return err
-	}
-	defer lock.Close()
-	nl, err := netlink.NewHandle()
-	if err != nil {
-		return fmt.Errorf("bpf: cleanup: netlink: %w", err)
-	}
-	defer nl.Close()
-
-	var errs []error
-	entries, err := os.ReadDir(filepath.Join(pinDir, linksDir))
-	if err != nil && !errors.Is(err, fs.ErrNotExist) {
-		errs = append(errs, fmt.Errorf("bpf: cleanup: %w", err))
-	}
-	for _, e := range entries {
-		pin := filepath.Join(pinDir, linksDir, e.Name())
-		if key, clsact, ok := parsePinName(e.Name()); ok && clsact {
-			if err := nl.FilterDel(clsactFilter(key, 0)); err != nil && !errors.Is(err, unix.ENOENT) && !errors.Is(err, unix.ENODEV) && !errors.Is(err, unix.EINVAL) {
-				errs = append(errs, fmt.Errorf("bpf: cleanup: delete the clsact filter %s on ifindex %d: %w", key.role, key.ifindex, err))
-			}
-			continue
-		}
-		l, err := link.LoadPinnedLink(pin, nil)
-		if err != nil {
-			errs = append(errs, fmt.Errorf("bpf: cleanup: load %s: %w", pin, err))
-			continue
-		}
-		if err := l.Detach(); err != nil && !errors.Is(err, unix.ENOLINK) {
-			errs = append(errs, fmt.Errorf("bpf: cleanup: detach %s: %w", pin, err))
-		}
-		l.Close()
-	}
-	if m, err := ebpf.LoadPinnedMap(filepath.Join(pinDir, configMapPin), nil); err == nil {
-		var s mantletSettings
-		if err := m.Lookup(uint32(0), &s); err == nil {
-			if err := removeRouting(nl, s); err != nil {
-				errs = append(errs, err)
-			}
-		}
-		m.Close()
-	} else if !errors.Is(err, fs.ErrNotExist) {
-		errs = append(errs, fmt.Errorf("bpf: cleanup: read the routing settings: %w", err))
-	}
-	if err := os.RemoveAll(pinDir); err != nil {
-		errs = append(errs, fmt.Errorf("bpf: cleanup: remove pins: %w", err))
-	}
-	return errors.Join(errs...)
 }
 
 // nsInode returns the inode that identifies the network namespace ns

@@ -9,7 +9,11 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-func (d *Datapath) rule(s mantletSettings) *netlink.Rule {
+func (d *Datapath) rule(s mantletSettings) *netlink.Rule { return ruleOf(s) }
+
+// ruleOf is the capture rule of s: fwmark RedirectMark/MarkMask lookup
+// RouteTable, at RulePriority.
+func ruleOf(s mantletSettings) *netlink.Rule {
 	r := netlink.NewRule()
 	r.Family = netlink.FAMILY_V4
 	r.Mark = s.RedirectMark
@@ -54,32 +58,43 @@ func (d *Datapath) installRouting() error {
 	return nil
 }
 
-// removeRouting removes what installRouting made for s; best effort.
+// removeRouting removes what installRouting made for s, unless another
+// data path pinned next to this one uses the same rule in this namespace;
+// best effort.
 func (d *Datapath) removeRouting(s mantletSettings) {
-	if err := removeRouting(d.nl, s); err != nil {
+	for _, o := range siblings(d.cfg.PinDir, true) {
+		if o.nsInode == d.nsInode && o.settings.sameRouting(s) {
+			d.log.Info("keeping the routing rule: another data path in this namespace uses it", "pin_dir", o.dir)
+			return
+		}
+	}
+	if _, _, err := removeRouting(d.nl, s); err != nil {
 		d.log.Warn("remove policy routing", "err", err)
 	}
 }
 
-func removeRouting(nl *netlink.Handle, s mantletSettings) error {
+// removeRouting deletes the rule and the route of s and says for each
+// whether it was "removed" or "not found".
+func removeRouting(nl *netlink.Handle, s mantletSettings) (rule, route string, err error) {
 	if s.RouteTable == 0 {
-		return nil
+		return "not found", "not found", nil
 	}
 	var errs []error
-	r := netlink.NewRule()
-	r.Family = netlink.FAMILY_V4
-	r.Mark = s.RedirectMark
-	mask := s.MarkMask
-	r.Mask = &mask
-	r.Table = int(s.RouteTable)
-	r.Priority = int(s.RulePriority)
-	if err := nl.RuleDel(r); err != nil && !errors.Is(err, unix.ENOENT) {
+	rule, route = "removed", "not found"
+	if err := nl.RuleDel(ruleOf(s)); errors.Is(err, unix.ENOENT) {
+		rule = "not found"
+	} else if err != nil {
+		rule = "not removed"
 		errs = append(errs, fmt.Errorf("bpf: delete rule fwmark %#x/%#x lookup %d: %w", s.RedirectMark, s.MarkMask, s.RouteTable, err))
 	}
 	if lo, err := nl.LinkByName("lo"); err == nil {
-		if err := nl.RouteDel(localRoute(lo.Attrs().Index, s.RouteTable)); err != nil && !errors.Is(err, unix.ESRCH) {
+		switch err := nl.RouteDel(localRoute(lo.Attrs().Index, s.RouteTable)); {
+		case err == nil:
+			route = "removed"
+		case !errors.Is(err, unix.ESRCH):
+			route = "not removed"
 			errs = append(errs, fmt.Errorf("bpf: delete route local 0.0.0.0/0 table %d: %w", s.RouteTable, err))
 		}
 	}
-	return errors.Join(errs...)
+	return rule, route, errors.Join(errs...)
 }

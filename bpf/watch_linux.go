@@ -11,11 +11,6 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// DefaultWatchInterval is how often Watch checks the data path without a
-// netlink notification: the only way to notice a detached program or a
-// removed pin.
-const DefaultWatchInterval = 250 * time.Millisecond
-
 // Watch keeps the data path's kernel state in place until ctx ends. It
 // checks at once whenever a routing rule, a route or a link of the node's
 // namespace changes (netlink notifications), and every interval (0:

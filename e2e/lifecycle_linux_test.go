@@ -165,8 +165,8 @@ func TestAgentsFailClosedAndAdoptTheirPinsOnRestart(t *testing.T) {
 		}
 	}
 	for _, n := range m.TB.Nodes() {
-		if got, err := m.AttachedPrograms(n.Name, n.Uplink); err != nil || got != (meshtest.Attached{Ingress: 1}) {
-			t.Errorf("%s's uplink holds %+v programs (%v), want one on ingress", n.Name, got, err)
+		if got, err := m.AttachedPrograms(n.Name, n.Uplink); err != nil || got != (meshtest.Attached{Ingress: 1, Egress: 1}) {
+			t.Errorf("%s's uplink holds %+v programs (%v), want one per hook (capture, guard)", n.Name, got, err)
 		}
 		if got, err := m.SkLookupPrograms(n.Name); err != nil || got != 1 {
 			t.Errorf("%s's namespace holds %d sk_lookup programs (%v), want one", n.Name, got, err)

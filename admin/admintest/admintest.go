@@ -93,9 +93,10 @@ type Fixture struct {
 
 // Datapath is a fake data path.
 type Datapath struct {
-	St  bpf.Status
-	N   bpf.Counters
-	Err error
+	St    bpf.Status
+	N     bpf.Counters
+	Err   error
+	Fixed map[bpf.Fault]uint64
 }
 
 // Status implements admin.Datapath.
@@ -103,6 +104,9 @@ func (d *Datapath) Status() bpf.Status { return d.St }
 
 // Counters implements admin.Datapath.
 func (d *Datapath) Counters() (bpf.Counters, error) { return d.N, d.Err }
+
+// Repairs implements admin.Datapath.
+func (d *Datapath) Repairs() map[bpf.Fault]uint64 { return d.Fixed }
 
 // New starts the fixture's server as node-a; it stops when the test ends.
 func New(t testing.TB) *Fixture {

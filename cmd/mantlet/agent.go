@@ -40,35 +40,37 @@ func init() {
 // agentFlags are the flags of 'mantlet agent'. The names are a contract
 // with users and their scripts: add, never rename.
 type agentFlags struct {
-	node         string
-	config       string
-	caDir        string
-	trustDomain  string
-	pinDir       string
-	cleanup      bool
-	mtlsMode     string
-	excludeCIDRs listFlag
-	excludePorts listFlag
-	uplinks      listFlag
-	outboundAddr string
-	hboneAddr    string
-	inboundAddr  string
-	inboundPlain bool
-	localPlain   bool
-	readyAddr    string
-	metricsAddr  string
-	svidTTL      time.Duration
-	drainTimeout time.Duration
-	logFormat    string
-	logLevel     string
-	ztunnelMark  uint
-	redirectMark uint
-	routeTable   int
-	rulePriority int
-	resync       time.Duration
-	pollInterval time.Duration
-	observe      observeFlags // metrics, access log, admin API (agent_observe.go)
-	policy       policyFlags  // policy enforcement, security events (agent_policy.go)
+	node          string
+	config        string
+	caDir         string
+	trustDomain   string
+	pinDir        string
+	cleanup       bool
+	mtlsMode      string
+	excludeCIDRs  listFlag
+	excludePorts  listFlag
+	uplinks       listFlag
+	outboundAddr  string
+	hboneAddr     string
+	inboundAddr   string
+	inboundPlain  bool
+	localPlain    bool
+	readyAddr     string
+	metricsAddr   string
+	svidTTL       time.Duration
+	drainTimeout  time.Duration
+	logFormat     string
+	logLevel      string
+	ztunnelMark   uint
+	redirectMark  uint
+	routeTable    int
+	rulePriority  int
+	resync        time.Duration
+	pollInterval  time.Duration
+	watchInterval time.Duration
+	passMark      uint
+	observe       observeFlags // metrics, access log, admin API (agent_observe.go)
+	policy        policyFlags  // policy enforcement, security events (agent_policy.go)
 }
 
 // listFlag is a flag that may be repeated or hold a comma-separated list.
@@ -115,6 +117,8 @@ func parseAgentFlags(e *env, args []string) (*agentFlags, error) {
 	fs.IntVar(&f.rulePriority, "rule-priority", bpf.DefaultRulePriority, "priority of the policy routing rule")
 	fs.DurationVar(&f.resync, "resync", agent.DefaultResync, "how often every local pod is re-checked even without changes")
 	fs.DurationVar(&f.pollInterval, "config-poll", manifest.DefaultPoll, "how often the config file is re-checked besides change notifications")
+	fs.DurationVar(&f.watchInterval, "datapath-check", bpf.DefaultWatchInterval, "how often the data path's kernel state (programs, pins) is checked and repaired besides routing change notifications")
+	fs.UintVar(&f.passMark, "pass-mark", bpf.DefaultPassMark, "fwmark bit set on enrolled pods' packets that leave uncaptured (the uplink guard drops those without it)")
 	addObserveFlags(fs, &f.observe)
 	addPolicyFlags(fs, &f.policy)
 	if err := parseFlags(fs, args); err != nil {
@@ -167,6 +171,7 @@ func (f *agentFlags) bpfConfig(nodeIPs []netip.Addr) (bpf.Config, error) {
 		cfg.PinDir = filepath.Clean(f.pinDir)
 	}
 	cfg.ZtunnelMark = uint32(f.ztunnelMark)
+	cfg.PassMark = uint32(f.passMark)
 	cfg.RedirectMark = uint32(f.redirectMark)
 	cfg.MarkMask = uint32(f.redirectMark)
 	cfg.RouteTable = f.routeTable
@@ -203,20 +208,43 @@ func runAgent(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
+	if err := requireRootAgent(); err != nil {
+		return err
+	}
 	if f.cleanup {
-		dir := f.pinDir
-		if dir == "" {
-			dir = bpf.DefaultConfig(f.node).PinDir
-		}
-		if err := bpf.Cleanup(ctx, filepath.Clean(dir)); err != nil {
-			return err
-		}
-		log.Info("cleaned up: programs detached, routing rule and pins removed", "node", f.node, "pin_dir", dir)
-		return nil
+		return cleanupAgent(ctx, f, log)
 	}
 	f.observe.stdout = e.stdout
 	f.policy.stderr = e.stderr
 	return runAgentWith(ctx, f, log)
+}
+
+// cleanupAgent removes the data path pinned for f's node and says what it
+// found and did.
+func cleanupAgent(ctx context.Context, f *agentFlags, log *slog.Logger) error {
+	dir := f.pinDir
+	if dir == "" {
+		dir = bpf.DefaultConfig(f.node).PinDir
+	}
+	rep, err := bpf.Cleanup(ctx, filepath.Clean(dir))
+	switch {
+	case err != nil && rep.Found:
+		log.Error("clean-up incomplete: "+rep.String(), "node", f.node, "detached", rep.Detached)
+		return err
+	case err != nil:
+		return err
+	case !rep.Found:
+		log.Warn(rep.String(), "node", f.node)
+	default:
+		log.Info("cleaned up "+rep.String(), "node", f.node, "detached", rep.Detached)
+	}
+	return nil
+}
+
+// cleanupHint is the command that removes what an agent with f leaves
+// pinned.
+func (f *agentFlags) cleanupHint(pinDir string) string {
+	return "mantlet agent --cleanup --node-name " + f.node + " --pin-dir " + pinDir
 }
 
 // runAgentWith runs the agent until ctx is done. It must run in the node's
@@ -254,14 +282,12 @@ func runAgentWith(ctx context.Context, f *agentFlags, log *slog.Logger) error {
 		return err
 	}
 	en.apply(first, nil)
-	var nodeIPs []netip.Addr
-	for _, n := range first.Snapshot.Nodes() {
-		if n.Name == f.node {
-			nodeIPs = append(nodeIPs, n.IP)
-		}
+	nodeIPs, err := nodeAddrs(first.Snapshot, f.node, configPath)
+	if err != nil {
+		return err
 	}
 	if len(nodeIPs) == 0 {
-		log.Warn("the config file has no Node of this name; its own addresses are taken from its interfaces only", "node", f.node, "file", configPath)
+		log.Warn("the config file has no Node of this name, only pods on it; its own addresses are taken from its interfaces only", "node", f.node, "file", configPath)
 	}
 	ifaceIPs, err := interfaceAddrs()
 	if err != nil {
@@ -283,6 +309,21 @@ func runAgentWith(ctx context.Context, f *agentFlags, log *slog.Logger) error {
 		return err
 	}
 	defer dp.Close() // programs and maps stay pinned: traffic keeps its protection
+	running := false
+	defer func() {
+		// A start that fails after Open leaves nothing it made behind; a
+		// data path adopted from an earlier agent stays, as it protects
+		// the pods that agent enrolled.
+		if running || !dp.Created() {
+			return
+		}
+		rep, err := dp.Remove(context.Background())
+		if err != nil {
+			log.Error("start failed; rolling back the data path failed too", "error", err, "remove_with", f.cleanupHint(bpfCfg.PinDir))
+			return
+		}
+		log.Info("start failed; rolled the data path back: "+rep.String(), "node", f.node)
+	}()
 	uplinks := []string(f.uplinks)
 	if len(uplinks) == 0 {
 		if uplinks, err = agent.FindUplinks(nodeIPs); err != nil {
@@ -391,7 +432,7 @@ func runAgentWith(ctx context.Context, f *agentFlags, log *slog.Logger) error {
 	// 5. Run until a signal, then drain.
 	runCtx, stop := context.WithCancel(context.Background())
 	defer stop()
-	fatal := make(chan error, 5+observeGoroutines+len(servers)) // one slot per goroutine below: none blocks
+	fatal := make(chan error, 6+observeGoroutines+len(servers)) // one slot per goroutine below: none blocks
 	var wg sync.WaitGroup
 	goRun := func(name string, fn func() error) {
 		wg.Add(1)
@@ -402,7 +443,9 @@ func runAgentWith(ctx context.Context, f *agentFlags, log *slog.Logger) error {
 			}
 		}()
 	}
+	running = true
 	goRun("identity", func() error { return ids.Run(runCtx) })
+	goRun("data path watch", func() error { return dp.Watch(runCtx, f.watchInterval) })
 	goRun("ztunnel", func() error { return proxy.Run(runCtx) })
 	goRun("agent", func() error { return ag.Run(runCtx) })
 	goRun("config watcher", func() error {
@@ -445,8 +488,45 @@ func runAgentWith(ctx context.Context, f *agentFlags, log *slog.Logger) error {
 	stop()
 	wg.Wait()
 	log.Info("agent stopped; programs and maps stay pinned so enrolled pods stay protected",
-		"pin_dir", bpfCfg.PinDir, "remove_with", "mantlet agent --cleanup --node-name "+f.node)
+		"pin_dir", bpfCfg.PinDir, "remove_with", f.cleanupHint(bpfCfg.PinDir))
 	return runErr
+}
+
+// nodeAddrs returns the addresses the cluster file gives the node named
+// node. A name the file does not know at all (no Node object, no pod
+// scheduled there) is an error naming the nodes it has: a typo must fail
+// before anything is loaded into the kernel.
+func nodeAddrs(snap *workload.Snapshot, node, file string) ([]netip.Addr, error) {
+	var (
+		ips   []netip.Addr
+		known bool
+		names []string
+	)
+	seen := map[string]bool{}
+	name := func(n string) {
+		if n != "" && !seen[n] {
+			seen[n] = true
+			names = append(names, n)
+		}
+		known = known || n == node
+	}
+	for _, n := range snap.Nodes() {
+		name(n.Name)
+		if n.Name == node {
+			ips = append(ips, n.IP)
+		}
+	}
+	for _, w := range snap.Workloads() {
+		name(w.Node)
+	}
+	if known {
+		return ips, nil
+	}
+	if len(names) == 0 {
+		return nil, fmt.Errorf("--node-name %s: %s names no nodes (no Node objects, no pods with spec.nodeName); add a Node named %s", node, file, node)
+	}
+	slices.Sort(names)
+	return nil, fmt.Errorf("--node-name %s: %s has no node of this name; its nodes are %s", node, file, strings.Join(names, ", "))
 }
 
 // interfaceAddrs returns the addresses of the network namespace's

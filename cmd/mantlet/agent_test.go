@@ -71,13 +71,38 @@ func TestAgentCommandRefusesBadInvocations(t *testing.T) {
 	}
 }
 
-func TestAgentCleanupOfANodeWithoutPinsSucceeds(t *testing.T) {
+// asRoot makes the commands' root checks pass for the test (the code
+// under test then needs no privilege of its own).
+func asRoot(t *testing.T) {
+	orig := geteuid
+	geteuid = func() int { return 0 }
+	t.Cleanup(func() { geteuid = orig })
+}
+
+func TestAgentCleanupOfANodeWithoutPinsSaysSo(t *testing.T) {
+	asRoot(t)
 	e, _, errb := testEnv()
 	pins := filepath.Join(t.TempDir(), "node-1")
 	if code := run(context.Background(), e, []string{"agent", "--cleanup", "--node-name", "node-1", "--pin-dir", pins}); code != 0 {
 		t.Fatalf("exit %d, stderr:\n%s", code, errb)
 	}
-	if !strings.Contains(errb.String(), "cleaned up") {
-		t.Fatalf("stderr does not say it cleaned up:\n%s", errb)
+	if want := "nothing pinned at " + pins + ": nothing removed"; !strings.Contains(errb.String(), want) || strings.Contains(errb.String(), "cleaned up") {
+		t.Fatalf("stderr:\n%s\nwant it to say %q, and not that it cleaned up", errb, want)
+	}
+}
+
+func TestAgentSaysItNeedsRoot(t *testing.T) {
+	orig := geteuid
+	geteuid = func() int { return 1000 }
+	t.Cleanup(func() { geteuid = orig })
+	for _, args := range [][]string{
+		{"agent", "--node-name", "node-1", "--config", "cluster.yaml", "--ca-dir", "ca"},
+		{"agent", "--cleanup", "--node-name", "node-1"},
+	} {
+		e, _, errb := testEnv()
+		want := "mantlet agent: needs root: it loads eBPF programs, changes the node's routing and binds transparent sockets; run it as root (in Kubernetes the DaemonSet runs it privileged)\n"
+		if code := run(context.Background(), e, args); code != 1 || errb.String() != want {
+			t.Errorf("%q: exit %d, stderr %q, want 1 and %q", args, code, errb, want)
+		}
 	}
 }

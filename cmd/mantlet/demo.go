@@ -36,15 +36,6 @@ unmeshed pods, captures the wire between the nodes, and prints what it saw.
 Everything is removed at the end, on failure and on Ctrl-C. It exits non-zero
 if a check fails. Needs root (namespaces, eBPF).`
 
-// geteuid is swapped by tests.
-var geteuid = os.Geteuid
-
-// errNeedsRoot says why the scenario command name (demo, bench) cannot run
-// unprivileged.
-func errNeedsRoot(name string) error {
-	return fmt.Errorf("needs root: it builds network namespaces and loads eBPF programs; run it as root (for example: sudo make %s)", name)
-}
-
 // scenarioBinary checks that the scenario command name (demo, bench) runs
 // as root and returns the mantlet executable that runs its agents: binary,
 // else this one.

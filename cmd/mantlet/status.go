@@ -3,6 +3,8 @@ package main
 import (
 	"context"
 	"fmt"
+	"maps"
+	"slices"
 	"strings"
 	"text/tabwriter"
 
@@ -54,8 +56,16 @@ func statusTable(tw *tabwriter.Writer, st *admin.Status) {
 		if listeners == "" {
 			listeners = "none"
 		}
-		fmt.Fprintf(tw, "Data path:\tsk_lookup %s; listeners in the SOCKMAP: %s; programs on %d pod veths and %d uplinks\n",
-			attached, listeners, d.Pods, d.Uplinks)
+		repairs := ""
+		if len(d.Repairs) > 0 {
+			var parts []string
+			for _, f := range slices.Sorted(maps.Keys(d.Repairs)) {
+				parts = append(parts, fmt.Sprintf("%s %d", f, d.Repairs[f]))
+			}
+			repairs = "; repaired since start: " + strings.Join(parts, ", ")
+		}
+		fmt.Fprintf(tw, "Data path:\tsk_lookup %s; listeners in the SOCKMAP: %s; programs on %d pod veths and %d uplinks%s\n",
+			attached, listeners, d.Pods, d.Uplinks, repairs)
 	} else {
 		fmt.Fprintf(tw, "Data path:\tnone\n")
 	}
