@@ -275,3 +275,45 @@ func TestTestbedsInARowLeaveNothing(t *testing.T) {
 		t.Errorf("state directory not empty: %v", entries)
 	}
 }
+
+// TestANameThatCannotBeRemovedIsReportedAndKeepsTheStateFile checks that
+// Close says what remains instead of claiming success, and keeps the state
+// file so that Remove can try again.
+func TestANameThatCannotBeRemovedIsReportedAndKeepsTheStateFile(t *testing.T) {
+	if !privtest.InMountNamespace(t) {
+		return
+	}
+	tb, err := New(context.Background(), SimpleSpec(1, 1, ""), WithStateDir(t.TempDir()), WithLogger(testLogger(t)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	recordPrefix(tb.Prefix())
+	t.Cleanup(func() { _ = Remove(tb.Prefix(), WithStateDir(tb.stateDir)) })
+	// A directory with something in it can be neither unmounted nor
+	// unlinked.
+	stuck := nsPath(tb.Prefix(), "pod", "stuck")
+	if err := os.MkdirAll(stuck+"/in", 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(stuck) })
+	err = tb.Close()
+	want := fmt.Sprintf("testbed %s: 1 of 4 namespaces remain: %s (the state file stays, to remove them later)", tb.Prefix(), stuck)
+	if err == nil || !strings.HasPrefix(err.Error(), want+"\n") {
+		t.Fatalf("Close = %v, want an error that starts %q", err, want)
+	}
+	if left, _ := existingNamespaces(tb.Prefix()); !slices.Equal(left, []string{stuck}) {
+		t.Errorf("names left: %v, want only %s", left, stuck)
+	}
+	if _, err := os.Stat(tb.StateFile()); err != nil {
+		t.Errorf("state file: %v, want it kept", err)
+	}
+	if err := os.RemoveAll(stuck); err != nil {
+		t.Fatal(err)
+	}
+	if err := Remove(tb.Prefix(), WithStateDir(tb.stateDir)); err != nil {
+		t.Fatalf("Remove once the name can go: %v", err)
+	}
+	if _, err := os.Stat(tb.StateFile()); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("state file after Remove: %v", err)
+	}
+}

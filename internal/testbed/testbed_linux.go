@@ -74,7 +74,8 @@ func Open(prefix string, opts ...Option) (*Testbed, error) {
 }
 
 // Remove removes the testbed with prefix: every namespace whose name it
-// owns (whether or not its state file survived) and the state file.
+// owns (whether or not its state file survived) and the state file. If a
+// namespace remains, the error names it and the state file stays.
 func Remove(prefix string, opts ...Option) error {
 	o, err := resolveOptions(append(opts, WithPrefix(prefix)))
 	if err != nil {
@@ -104,7 +105,8 @@ func RemoveAll(opts ...Option) ([]string, error) {
 
 // Close removes every namespace of the testbed (and with them every link,
 // address and route) and its state file. It is idempotent and returns all
-// errors met on the way.
+// errors met on the way; if a namespace remains, its error names it and the
+// state file stays, so that Remove can try again.
 func (tb *Testbed) Close() error {
 	tb.closeOnce.Do(func() { tb.closeErr = removeTestbed(tb.prefix, tb.stateDir, tb.log) })
 	return tb.closeErr
@@ -116,22 +118,23 @@ func removeTestbed(prefix, stateDir string, log *slog.Logger) error {
 		return err
 	}
 	var errs []error
+	var remain []string
 	inodes := map[uint64]string{}
 	for _, p := range paths {
 		r, err := removeNamespace(p)
 		if err != nil {
 			errs = append(errs, err)
 		}
+		// What counts is what is left, whatever the errors said.
+		if _, err := os.Lstat(p); !errors.Is(err, fs.ErrNotExist) {
+			remain = append(remain, p)
+			continue
+		}
 		if r.ino != 0 {
 			inodes[r.ino] = p
 		}
 		if r.covered {
 			log.Warn("namespace was hidden under a later mount of "+netnsDir+" (an 'ip netns add' that found it a plain directory?); removed it through a private mount namespace", "ns", p)
-		}
-	}
-	for _, f := range []string{manifestFile(stateDir, prefix), stateFile(stateDir, prefix)} {
-		if err := os.Remove(f); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			errs = append(errs, fmt.Errorf("testbed: remove %s: %w", f, err))
 		}
 	}
 	if holders := namespaceHolders(inodes); len(holders) > 0 {
@@ -141,8 +144,23 @@ func removeTestbed(prefix, stateDir string, log *slog.Logger) error {
 			log.Warn("namespace removed but still used by processes", "ns", ns, "pids", pids)
 		}
 	}
+	if len(remain) > 0 {
+		// Keep the state file, so that the testbed is still listed and
+		// 'testbed down' can try again.
+		summary := fmt.Errorf("testbed %s: %d of %d namespaces remain: %s (the state file stays, to remove them later)",
+			prefix, len(remain), len(paths), strings.Join(remain, ", "))
+		return errors.Join(append([]error{summary}, errs...)...)
+	}
+	for _, f := range []string{manifestFile(stateDir, prefix), stateFile(stateDir, prefix)} {
+		if err := os.Remove(f); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("testbed: remove %s: %w", f, err))
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return err
+	}
 	log.Info("testbed removed", "namespaces", len(paths))
-	return errors.Join(errs...)
+	return nil
 }
 
 // namespaceHolders finds the processes whose network namespace is one of
