@@ -158,7 +158,7 @@ func printTestbed(w io.Writer, tb *testbed.Testbed, manifest string, foreground 
 }
 
 func testbedDown(e *env, args []string) error {
-	fs := newFlagSet(e, "testbed down", "--prefix P | --all\n\nRemoves a testbed (its namespaces, links and files), also one whose builder died.")
+	fs := newFlagSet(e, "testbed down", "--prefix P | --all\n\nRemoves a testbed (its namespaces, links and files), also one whose builder died.\nIf a namespace cannot be removed, it names what remains, exits 1 and keeps the\ntestbed listed, so that 'down' can try again.")
 	prefix := fs.String("prefix", "", "prefix of the testbed to remove")
 	all := fs.Bool("all", false, "remove every testbed recorded in the state directory")
 	stateDir := stateDirFlag(fs)

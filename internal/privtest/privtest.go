@@ -1,6 +1,8 @@
 // Package privtest gates tests that need root (network namespaces, eBPF,
 // bpffs). Outside CI such tests skip with a message; under CI=true a skip
-// would hide a broken suite, so the test fails instead.
+// would hide a broken suite, so the test fails instead. Tests that mount
+// things under /run run in a mount namespace of their own
+// (InMountNamespace), so that the machine's mounts stay as they were.
 package privtest
 
 import (

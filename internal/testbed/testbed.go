@@ -132,6 +132,10 @@ type options struct {
 	stateDir string
 	// failAfter makes New fail at its nth step (tests of the clean-up).
 	failAfter int
+	// plainNetnsDir makes New bind its namespaces in /run/netns as it
+	// finds it, without making it a shared mount first, as mantlet did
+	// before (tests of covered namespaces).
+	plainNetnsDir bool
 }
 
 // WithPrefix names the testbed; every namespace name starts with

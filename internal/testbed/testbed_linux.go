@@ -40,7 +40,7 @@ func New(ctx context.Context, spec Spec, opts ...Option) (*Testbed, error) {
 	if err := claimState(tb.stateDir, state{Prefix: tb.prefix, Created: time.Now().UTC(), PID: os.Getpid(), Spec: spec}); err != nil {
 		return nil, err
 	}
-	b := &builder{tb: tb, ctx: ctx, failAfter: o.failAfter, handles: map[string]*nsHandles{}}
+	b := &builder{tb: tb, ctx: ctx, failAfter: o.failAfter, plainNetnsDir: o.plainNetnsDir, handles: map[string]*nsHandles{}}
 	start := time.Now()
 	err = b.build()
 	b.release()
@@ -74,7 +74,8 @@ func Open(prefix string, opts ...Option) (*Testbed, error) {
 }
 
 // Remove removes the testbed with prefix: every namespace whose name it
-// owns (whether or not its state file survived) and the state file.
+// owns (whether or not its state file survived) and the state file. If a
+// namespace remains, the error names it and the state file stays.
 func Remove(prefix string, opts ...Option) error {
 	o, err := resolveOptions(append(opts, WithPrefix(prefix)))
 	if err != nil {
@@ -104,7 +105,8 @@ func RemoveAll(opts ...Option) ([]string, error) {
 
 // Close removes every namespace of the testbed (and with them every link,
 // address and route) and its state file. It is idempotent and returns all
-// errors met on the way.
+// errors met on the way; if a namespace remains, its error names it and the
+// state file stays, so that Remove can try again.
 func (tb *Testbed) Close() error {
 	tb.closeOnce.Do(func() { tb.closeErr = removeTestbed(tb.prefix, tb.stateDir, tb.log) })
 	return tb.closeErr
@@ -116,19 +118,23 @@ func removeTestbed(prefix, stateDir string, log *slog.Logger) error {
 		return err
 	}
 	var errs []error
+	var remain []string
 	inodes := map[uint64]string{}
 	for _, p := range paths {
-		var st unix.Stat_t
-		if unix.Stat(p, &st) == nil {
-			inodes[st.Ino] = p
-		}
-		if err := removeNamespace(p); err != nil {
+		r, err := removeNamespace(p)
+		if err != nil {
 			errs = append(errs, err)
 		}
-	}
-	for _, f := range []string{manifestFile(stateDir, prefix), stateFile(stateDir, prefix)} {
-		if err := os.Remove(f); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			errs = append(errs, fmt.Errorf("testbed: remove %s: %w", f, err))
+		// What counts is what is left, whatever the errors said.
+		if _, err := os.Lstat(p); !errors.Is(err, fs.ErrNotExist) {
+			remain = append(remain, p)
+			continue
+		}
+		if r.ino != 0 {
+			inodes[r.ino] = p
+		}
+		if r.covered {
+			log.Warn("namespace was hidden under a later mount of "+netnsDir+" (an 'ip netns add' that found it a plain directory?); removed it through a private mount namespace", "ns", p)
 		}
 	}
 	if holders := namespaceHolders(inodes); len(holders) > 0 {
@@ -138,49 +144,23 @@ func removeTestbed(prefix, stateDir string, log *slog.Logger) error {
 			log.Warn("namespace removed but still used by processes", "ns", ns, "pids", pids)
 		}
 	}
+	if len(remain) > 0 {
+		// Keep the state file, so that the testbed is still listed and
+		// 'testbed down' can try again.
+		summary := fmt.Errorf("testbed %s: %d of %d namespaces remain: %s (the state file stays, to remove them later)",
+			prefix, len(remain), len(paths), strings.Join(remain, ", "))
+		return errors.Join(append([]error{summary}, errs...)...)
+	}
+	for _, f := range []string{manifestFile(stateDir, prefix), stateFile(stateDir, prefix)} {
+		if err := os.Remove(f); err != nil && !errors.Is(err, fs.ErrNotExist) {
+			errs = append(errs, fmt.Errorf("testbed: remove %s: %w", f, err))
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return err
+	}
 	log.Info("testbed removed", "namespaces", len(paths))
-	return errors.Join(errs...)
-}
-
-// removeNamespace deletes every link in the namespace (so that nothing is
-// left even if a process keeps the namespace alive), then unmounts and
-// removes its name.
-func removeNamespace(path string) error {
-	var errs []error
-	if h, err := netns.GetFromPath(path); err == nil {
-		errs = append(errs, deleteLinks(h))
-		h.Close()
-	}
-	if err := unix.Unmount(path, unix.MNT_DETACH); err != nil && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENOENT) {
-		errs = append(errs, fmt.Errorf("testbed: unmount namespace %s: %w", path, err))
-	}
-	if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		errs = append(errs, fmt.Errorf("testbed: remove namespace %s: %w", path, err))
-	}
-	return errors.Join(errs...)
-}
-
-func deleteLinks(h netns.NsHandle) error {
-	nl, err := netlink.NewHandleAt(h)
-	if err != nil {
-		return fmt.Errorf("testbed: netlink handle: %w", err)
-	}
-	defer nl.Close()
-	links, err := nl.LinkList()
-	if err != nil && !errors.Is(err, netlink.ErrDumpInterrupted) {
-		return fmt.Errorf("testbed: list links: %w", err)
-	}
-	var errs []error
-	for _, l := range links {
-		if l.Attrs().Flags&net.FlagLoopback != 0 {
-			continue
-		}
-		// A veth's peer in another testbed namespace may be gone already.
-		if err := nl.LinkDel(l); err != nil && !errors.Is(err, unix.ENODEV) {
-			errs = append(errs, fmt.Errorf("testbed: delete link %s: %w", l.Attrs().Name, err))
-		}
-	}
-	return errors.Join(errs...)
+	return nil
 }
 
 // namespaceHolders finds the processes whose network namespace is one of
@@ -222,6 +202,8 @@ type builder struct {
 	failAfter int
 	steps     int
 	handles   map[string]*nsHandles
+	// plainNetnsDir: see options.
+	plainNetnsDir bool
 }
 
 // errInjected is the failure of a test's WithFailAfter step.
@@ -249,6 +231,13 @@ func (b *builder) release() {
 
 func (b *builder) build() error {
 	tb := b.tb
+	if b.plainNetnsDir {
+		if err := os.MkdirAll(netnsDir, 0o755); err != nil {
+			return fmt.Errorf("testbed: create %s: %w", netnsDir, err)
+		}
+	} else if err := shareNetnsDir(); err != nil {
+		return err
+	}
 	if err := b.namespace(tb.underlay, false); err != nil {
 		return err
 	}
@@ -431,24 +420,6 @@ func (b *builder) pod(n *Node, p *Pod) error {
 
 func ipNet(p netip.Prefix) *net.IPNet {
 	return &net.IPNet{IP: p.Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), p.Addr().BitLen())}
-}
-
-// createNamed creates a network namespace bound at path (under /run/netns)
-// without moving the calling thread.
-func createNamed(path string) (netns.NsHandle, error) {
-	name := filepath.Base(path)
-	var h netns.NsHandle
-	err := onThread(func() error {
-		var err error
-		h, err = netns.NewNamed(name)
-		if err != nil {
-			// NewNamed may have created the file before failing to mount.
-			_ = os.Remove(path)
-			return fmt.Errorf("testbed: create namespace %s: %w", path, err)
-		}
-		return nil
-	})
-	return h, err
 }
 
 func setSysctls(h netns.NsHandle, kv map[string]string) error {
