@@ -7,6 +7,8 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"io/fs"
+	"path/filepath"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -110,7 +112,18 @@ func (f *clientFlags) client(ctx context.Context, e *env) (*admin.Client, contex
 func explain(err error) error {
 	var ue *admin.UnreachableError
 	if errors.As(err, &ue) {
-		return fmt.Errorf("%w\nIs 'mantlet agent' running on this node? Point at it with --admin host:port, --admin /path/to/admin.sock or --node <name>", err)
+		if errors.Is(err, fs.ErrPermission) {
+			return fmt.Errorf("%w\nThe agent's admin socket is root's: run this command as root", err)
+		}
+		hint := "Is 'mantlet agent' running on this node? Point at it with --admin host:port, --admin /path/to/admin.sock or --node <name>"
+		// Named by --node: say which nodes have agents here (--node takes
+		// the pin dir's name, which may differ from the node's).
+		if ok, _ := filepath.Match(admin.SocketPath("*"), ue.Addr); ok {
+			if socks, _ := filepath.Glob(admin.SocketPath("*")); len(socks) > 0 {
+				hint += "; agents' sockets here: " + strings.Join(socks, ", ")
+			}
+		}
+		return fmt.Errorf("%w\n%s", err, hint)
 	}
 	if errors.Is(err, context.DeadlineExceeded) {
 		return fmt.Errorf("the admin API did not answer in time (--timeout): %w", err)

@@ -79,6 +79,9 @@ func testbedUp(ctx context.Context, e *env, args []string) error {
 		fmt.Fprintf(e.stderr, "mantlet testbed up: unexpected argument %q\n", fs.Arg(0))
 		return errUsage
 	}
+	if err := requireRootTestbed(); err != nil {
+		return err
+	}
 	var spec testbed.Spec
 	if *file != "" {
 		explicit := false
@@ -168,6 +171,9 @@ func testbedDown(e *env, args []string) error {
 	if (*prefix == "") == !*all || fs.NArg() > 0 {
 		fmt.Fprintln(e.stderr, "mantlet testbed down: give either --prefix P or --all")
 		return errUsage
+	}
+	if err := requireRootTestbed(); err != nil {
+		return err
 	}
 	opts := []testbed.Option{testbed.WithStateDir(*stateDir), testbed.WithLogger(testbedLogger(e))}
 	if *all {
