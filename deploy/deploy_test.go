@@ -28,6 +28,7 @@ func (pool) PoolStats() hbone.Stats { return hbone.Stats{} }
 type counters struct{}
 
 func (counters) Counters() (bpf.Counters, error) { return bpf.Counters{}, nil }
+func (counters) Repairs() map[bpf.Fault]uint64   { return nil }
 
 type reloads struct{}
 

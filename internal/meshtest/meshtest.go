@@ -342,6 +342,7 @@ func (m *Mesh) stop(ctx context.Context, p *agentProc) error {
 		return p.err
 	}
 	_ = p.cmd.Process.Signal(sigterm)
+	thaw(p) // a frozen agent acts on SIGTERM once continued
 	t := time.NewTimer(m.opts.StopTimeout)
 	defer t.Stop()
 	select {

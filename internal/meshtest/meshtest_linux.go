@@ -89,3 +89,29 @@ func (m *Mesh) SkLookupPrograms(node string) (int, error) {
 	}
 	return len(res.Programs), nil
 }
+
+// FreezeAgent stops node's agent with SIGSTOP: the process keeps its
+// sockets (its listeners stay in the SOCKMAP) but does nothing, so a test
+// sees what the kernel alone does with the data path. thaw sends SIGCONT;
+// Close and StopAgent thaw a frozen agent too.
+func (m *Mesh) FreezeAgent(node string) (thaw func() error, err error) {
+	p, err := m.proc(node)
+	if err != nil {
+		return nil, err
+	}
+	if err := p.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		return nil, fmt.Errorf("meshtest: freeze the agent of %s: %w", node, err)
+	}
+	m.log.Info("agent frozen", "node", node)
+	return func() error {
+		if err := p.cmd.Process.Signal(syscall.SIGCONT); err != nil && !p.exited() {
+			return fmt.Errorf("meshtest: thaw the agent of %s: %w", node, err)
+		}
+		m.log.Info("agent thawed", "node", node)
+		return nil
+	}, nil
+}
+
+// thaw continues a process that FreezeAgent stopped, so that it can act
+// on SIGTERM.
+func thaw(p *agentProc) { _ = p.cmd.Process.Signal(syscall.SIGCONT) }

@@ -26,3 +26,10 @@ func (m *Mesh) AttachedPrograms(node, ifname string) (Attached, error) {
 func (m *Mesh) SkLookupPrograms(node string) (int, error) {
 	return 0, errors.New("meshtest: needs Linux")
 }
+
+// FreezeAgent fails off Linux.
+func (m *Mesh) FreezeAgent(node string) (func() error, error) {
+	return nil, errors.New("meshtest: needs Linux")
+}
+
+func thaw(p *agentProc) {}
