@@ -319,15 +319,18 @@ func BenchmarkPrograms(b *testing.B) {
 		prog *ebpf.Program
 		ifx  int
 		pkt  packet
+		mark uint32
 	}{
-		{"pod_ingress/SYN captured", f.d.objs.PodIngress, f.pod, packet{src: ap(podIP, 40000), dst: ap(remotePod, 8080), flags: tcpSYN}},
-		{"pod_ingress/ACK of a forwarded flow", f.d.objs.PodIngress, f.pod, packet{src: ap(podIP, 40000), dst: ap(remotePod, 8080), flags: tcpACK}},
-		{"pod_ingress/UDP", f.d.objs.PodIngress, f.pod, packet{src: ap(podIP, 5353), dst: ap(remotePod, 53), proto: unix.IPPROTO_UDP}},
-		{"pod_ingress/spoofed", f.d.objs.PodIngress, f.pod, packet{src: ap(otherPodIP, 40000), dst: ap(remotePod, 8080), flags: tcpSYN}},
-		{"pod_egress/STRICT drop", f.d.objs.PodEgress, f.pod, packet{src: ap(remotePod, 40000), dst: ap(podIP, 80), flags: tcpSYN}},
-		{"pod_egress/ACK", f.d.objs.PodEgress, f.pod, packet{src: ap(remotePod, 40000), dst: ap(podIP, 80), flags: tcpACK}},
-		{"uplink_ingress/HBONE SYN", f.d.objs.UplinkIngress, f.uplink, packet{src: ap(remotePod, 40000), dst: ap(podIP, 15008), flags: tcpSYN}},
-		{"uplink_ingress/not a local pod", f.d.objs.UplinkIngress, f.uplink, packet{src: ap(remotePod, 40000), dst: ap(otherPodIP, 80), flags: tcpACK}},
+		{"pod_ingress/SYN captured", f.d.objs.PodIngress, f.pod, packet{src: ap(podIP, 40000), dst: ap(remotePod, 8080), flags: tcpSYN}, 0},
+		{"pod_ingress/ACK of a forwarded flow", f.d.objs.PodIngress, f.pod, packet{src: ap(podIP, 40000), dst: ap(remotePod, 8080), flags: tcpACK}, 0},
+		{"pod_ingress/UDP", f.d.objs.PodIngress, f.pod, packet{src: ap(podIP, 5353), dst: ap(remotePod, 53), proto: unix.IPPROTO_UDP}, 0},
+		{"pod_ingress/spoofed", f.d.objs.PodIngress, f.pod, packet{src: ap(otherPodIP, 40000), dst: ap(remotePod, 8080), flags: tcpSYN}, 0},
+		{"pod_egress/STRICT drop", f.d.objs.PodEgress, f.pod, packet{src: ap(remotePod, 40000), dst: ap(podIP, 80), flags: tcpSYN}, 0},
+		{"pod_egress/ACK", f.d.objs.PodEgress, f.pod, packet{src: ap(remotePod, 40000), dst: ap(podIP, 80), flags: tcpACK}, 0},
+		{"uplink_ingress/HBONE SYN", f.d.objs.UplinkIngress, f.uplink, packet{src: ap(remotePod, 40000), dst: ap(podIP, 15008), flags: tcpSYN}, 0},
+		{"uplink_ingress/not a local pod", f.d.objs.UplinkIngress, f.uplink, packet{src: ap(remotePod, 40000), dst: ap(otherPodIP, 80), flags: tcpACK}, 0},
+		{"uplink_egress/the ztunnel's HBONE from a pod's address", f.d.objs.UplinkEgress, f.uplink, packet{src: ap(podIP, 40000), dst: ap(remotePod, 15008), flags: tcpACK}, DefaultZtunnelMark},
+		{"uplink_egress/not a local pod", f.d.objs.UplinkEgress, f.uplink, packet{src: ap(nodeIP, 40000), dst: ap(remotePod, 15008), flags: tcpACK}, 0},
 	}
 	for _, bb := range benches {
 		b.Run(bb.name, func(b *testing.B) {
@@ -335,7 +338,7 @@ func BenchmarkPrograms(b *testing.B) {
 			data := bb.pkt.bytes()
 			var out skbCtx
 			b.ResetTimer()
-			if _, err := bb.prog.Run(&ebpf.RunOptions{Data: data, Context: skbCtx{Ifindex: uint32(bb.ifx)}, ContextOut: &out, Repeat: uint32(b.N)}); err != nil {
+			if _, err := bb.prog.Run(&ebpf.RunOptions{Data: data, Context: skbCtx{Ifindex: uint32(bb.ifx), Mark: bb.mark}, ContextOut: &out, Repeat: uint32(b.N)}); err != nil {
 				b.Fatal(err)
 			}
 		})
