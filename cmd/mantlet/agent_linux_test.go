@@ -270,3 +270,59 @@ func TestAgentRunsNodesOfTheTestbed(t *testing.T) {
 	a1.stop(t)
 	a2.stop(t)
 }
+
+// TestAgentRollsBackAFailedStart: an agent that fails after it loaded its
+// data path (here: the outbound port is taken) removes what it made, so
+// nothing of a failed start stays attached, routed or pinned.
+func TestAgentRollsBackAFailedStart(t *testing.T) {
+	privtest.Require(t)
+	ctx := context.Background()
+	tb, err := testbed.New(ctx, testbed.Spec{
+		Nodes:      []testbed.NodeSpec{{Name: "node1", Pods: []testbed.PodSpec{{Name: "client", Namespace: "shop"}}}},
+		Namespaces: map[string]map[string]string{"shop": {"mantlet.io/mesh": "enabled"}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := tb.Close(); err != nil {
+			t.Errorf("testbed close: %v", err)
+		}
+	})
+	dir := t.TempDir()
+	caDir := filepath.Join(dir, "ca")
+	if _, err := ca.Init(caDir, spiffeid.RequireTrustDomainFromString("cluster.local"), ca.Options{}); err != nil {
+		t.Fatal(err)
+	}
+	config := filepath.Join(dir, "cluster.yaml")
+	writeFileAtomically(t, config, tb.Manifest())
+	node := tb.Node("node1")
+	busy, err := node.Listen(ctx, "tcp", ":15001")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer busy.Close()
+	pins := filepath.Join(bpf.DefaultPinRoot, tb.Prefix()+"-node1")
+	t.Cleanup(func() { _, _ = bpf.Cleanup(ctx, pins) }) // only if the test fails
+
+	a := startAgent(t, node, "--config", config, "--ca-dir", caDir, "--pin-dir", pins)
+	select {
+	case <-a.done:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the agent did not exit with its port taken")
+	}
+	logs := a.logs.String()
+	if a.err == nil || !strings.Contains(logs, "listen :15001 (outbound)") || !strings.Contains(logs, "rolled the data path back: "+pins+": ") {
+		t.Fatalf("agent exit %v; want a failure on :15001 and a roll-back; logs:\n%s", a.err, logs)
+	}
+	if _, err := os.Stat(pins); !os.IsNotExist(err) {
+		t.Errorf("pins after the failed start: %v", err)
+	}
+	out, err := node.Command(ctx, "ip", "-4", "rule", "show", "priority", fmt.Sprint(bpf.DefaultRulePriority)).Output()
+	if err != nil || strings.TrimSpace(string(out)) != "" {
+		t.Errorf("routing rule after the failed start: %q (%v)", out, err)
+	}
+	if out, err := node.Command(ctx, "ip", "-4", "route", "show", "table", fmt.Sprint(bpf.DefaultRouteTable)).Output(); err != nil || strings.TrimSpace(string(out)) != "" {
+		t.Errorf("capture table after the failed start: %q (%v)", out, err)
+	}
+}
