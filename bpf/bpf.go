@@ -92,7 +92,7 @@ type Config struct {
 	// PassMark is the fwmark bit pod_ingress sets on the packets of an
 	// enrolled pod that it lets leave untouched (excluded destinations,
 	// replies of flows it does not capture). uplink_egress drops an
-	// enrolled pod's TCP packet that carries neither it nor ZtunnelMark:
+	// enrolled pod's IPv4 packet that carries neither it nor ZtunnelMark:
 	// it escaped a detached pod_ingress. Must be non-zero and share no bit
 	// with MarkMask or ZtunnelMark.
 	PassMark uint32

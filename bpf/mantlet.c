@@ -111,8 +111,8 @@ static __always_inline void set_mark(struct __sk_buff *skb, const struct setting
 	skb->mark = redirect_mark(skb, cfg);
 }
 
-/* pass lets a packet of an enrolled pod go its way, stamped so that
- * uplink_egress knows pod_ingress saw it. */
+/* pass lets a packet of an enrolled pod go its way uncaptured, stamped so
+ * that uplink_egress knows pod_ingress saw it. */
 static __always_inline int pass(struct __sk_buff *skb, const struct settings *cfg)
 {
 	skb->mark |= cfg->pass_mark;
@@ -325,11 +325,12 @@ int pod_ingress(struct __sk_buff *skb)
 		COUNT(spoof_drops);
 		return TC_ACT_SHOT;
 	}
-	if (!p.tcp)
-		return TC_ACT_UNSPEC;
 	cfg = get_config();
 	if (!cfg)
 		return TC_ACT_SHOT;
+	/* UDP, ICMP, and TCP fragments without a header: not captured. */
+	if (!p.tcp)
+		return pass(skb, cfg);
 
 	switch (assign_owner(skb, &p, cfg)) {
 	case OWNER_ASSIGNED:
@@ -388,9 +389,9 @@ int uplink_ingress(struct __sk_buff *skb)
 }
 
 /* uplink_egress sees packets leaving the node towards other nodes. An
- * enrolled pod's TCP packets leave only as the ztunnel's (its SO_MARK) or
+ * enrolled pod's IPv4 packets leave only as the ztunnel's (its SO_MARK) or
  * after pod_ingress let them pass (the pass mark): one without either
- * escaped a detached or bypassed pod_ingress, and would carry the pod's
+ * escaped a detached or bypassed pod_ingress, and could carry the pod's
  * traffic in plaintext. */
 SEC("tc")
 int uplink_egress(struct __sk_buff *skb)
@@ -398,7 +399,7 @@ int uplink_egress(struct __sk_buff *skb)
 	struct settings *cfg;
 	struct pkt p;
 
-	if (parse(skb, &p) < 0 || !p.tcp)
+	if (parse(skb, &p) < 0)
 		return TC_ACT_UNSPEC;
 	if (!bpf_map_lookup_elem(&local_pods, &p.saddr))
 		return TC_ACT_UNSPEC;

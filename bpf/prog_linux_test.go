@@ -139,14 +139,14 @@ func TestPodIngress(t *testing.T) {
 		{"a SYN to a pod of the same node is steered to the outbound listener", packet{src: ap(podIP, 40000), dst: ap(otherPodIP, 80), flags: tcpSYN}, 0, verdictSteered, 0, "redirected+1 " + countsSteered},
 		{"a forged source address is dropped and counted", packet{src: ap(otherPodIP, 40000), dst: ap(remotePod, 8080), flags: tcpSYN}, 0, verdictDrop, 0, "spoof_dropped+1"},
 		{"forged UDP is dropped too", packet{src: ap(remotePod, 53), dst: ap(remotePod, 53), proto: unix.IPPROTO_UDP}, 0, verdictDrop, 0, "spoof_dropped+1"},
-		{"UDP from the pod passes unmarked", packet{src: ap(podIP, 5353), dst: ap(remotePod, 53), proto: unix.IPPROTO_UDP}, 0, verdictNext, 0, ""},
+		{"UDP from the pod passes stamped", packet{src: ap(podIP, 5353), dst: ap(remotePod, 53), proto: unix.IPPROTO_UDP}, 0, verdictNext, pass, ""},
 		{"a SYN to the node's own address is not captured and passes stamped", packet{src: ap(podIP, 40000), dst: ap(nodeIP, 10250), flags: tcpSYN}, 0, verdictNext, pass, "excluded+1"},
 		{"a SYN into an excluded CIDR is not captured and passes stamped", packet{src: ap(podIP, 40000), dst: ap(excludedIP, 443), flags: tcpSYN}, 0, verdictNext, pass, "excluded+1"},
 		{"a SYN to an excluded port is not captured and passes stamped", packet{src: ap(podIP, 40000), dst: ap(remotePod, 22), flags: tcpSYN}, 0, verdictNext, pass, "excluded+1"},
 		{"stamping keeps the other mark bits", packet{src: ap(podIP, 40000), dst: ap(remotePod, 22), flags: tcpSYN}, 0x4005, verdictNext, 0x4005 | pass, "excluded+1"},
 		{"an ACK of a flow no local socket owns passes stamped", packet{src: ap(podIP, 40000), dst: ap(remotePod, 8080), flags: tcpACK}, 0, verdictNext, pass, ""},
 		{"a SYN-ACK (the pod answering) is not a new connection", packet{src: ap(podIP, 80), dst: ap(remotePod, 40000), flags: tcpSYN | tcpACK}, 0, verdictNext, pass, ""},
-		{"a non-first fragment passes unmarked", packet{src: ap(podIP, 40000), dst: ap(remotePod, 8080), fragOffset: 10}, 0, verdictNext, 0, ""},
+		{"a non-first fragment passes stamped", packet{src: ap(podIP, 40000), dst: ap(remotePod, 8080), fragOffset: 10}, 0, verdictNext, pass, ""},
 		{"an ARP frame passes", packet{etherType: unix.ETH_P_ARP}, 0, verdictNext, 0, ""},
 		{"IPv6 passes (not captured yet)", packet{etherType: unix.ETH_P_IPV6}, 0, verdictNext, 0, ""},
 	}
@@ -400,8 +400,8 @@ func TestProgramsFailClosed(t *testing.T) {
 	}
 }
 
-// TestUplinkEgress: an enrolled pod's TCP leaves the node only as the
-// ztunnel's or stamped by pod_ingress.
+// TestUplinkEgress: an enrolled pod's IPv4 packets leave the node only as
+// the ztunnel's or stamped by pod_ingress.
 func TestUplinkEgress(t *testing.T) {
 	f := newProgFixture(t, nil)
 	fromPod := packet{src: ap(podIP, 40000), dst: ap(remotePod, 8080), flags: tcpSYN}
@@ -418,7 +418,9 @@ func TestUplinkEgress(t *testing.T) {
 		{"a pod's packet stamped by pod_ingress passes", fromPod, DefaultPassMark, verdictNext, ""},
 		{"the ztunnel's packet from a pod's address passes", packet{src: ap(podIP, 40000), dst: ap(remotePod, 15008), flags: tcpSYN}, DefaultZtunnelMark, verdictNext, ""},
 		{"a packet of an address that is no local pod's passes", packet{src: ap(otherPodIP, 40000), dst: ap(remotePod, 8080), flags: tcpSYN}, 0, verdictNext, ""},
-		{"UDP of a pod passes (not captured)", packet{src: ap(podIP, 5353), dst: ap(remotePod, 53), proto: unix.IPPROTO_UDP}, 0, verdictNext, ""},
+		{"a pod's UDP stamped by pod_ingress passes", packet{src: ap(podIP, 5353), dst: ap(remotePod, 53), proto: unix.IPPROTO_UDP}, DefaultPassMark, verdictNext, ""},
+		{"a pod's UDP that pod_ingress never saw is dropped", packet{src: ap(podIP, 5353), dst: ap(remotePod, 53), proto: unix.IPPROTO_UDP}, 0, verdictDrop, "leak_dropped+1"},
+		{"a pod's TCP fragment that pod_ingress never saw is dropped", packet{src: ap(podIP, 40000), dst: ap(remotePod, 8080), fragOffset: 10}, 0, verdictDrop, "leak_dropped+1"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
