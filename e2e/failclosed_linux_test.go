@@ -37,16 +37,7 @@ import (
 //  3. With the agent running, the same fault is repaired on its own; the
 //     time it took is logged, and a new marker crosses only inside mTLS.
 func TestFailClosedWhateverBreaksOnTheNode(t *testing.T) {
-	spec := testbed.Spec{
-		Nodes: []testbed.NodeSpec{
-			{Name: "node1", Pods: []testbed.PodSpec{{Name: "client", Namespace: "shop", ServiceAccount: "client"}}},
-			{Name: "node2", Pods: []testbed.PodSpec{{Name: "server", Namespace: "shop", ServiceAccount: "server"}}},
-		},
-		Namespaces: map[string]map[string]string{"shop": meshedNS},
-	}
-	m := startMesh(t, spec, meshtest.Options{})
-	srv := echo(t, m, "server", appPort)
-	node := m.Node("node1")
+	m, srv, node := clientServerMesh(t)
 	ping(t, dial(t, m, "client", srv.Addr), "before")
 
 	ip := func(args ...string) func(t *testing.T) {
@@ -169,16 +160,7 @@ func TestFailClosedWhateverBreaksOnTheNode(t *testing.T) {
 // anything, and a clean-up of a pin directory that holds nothing says so,
 // names the node's real one, and leaves the running agent's routing alone.
 func TestFailClosedWhenTheAgentStopsAndAgainstStrayCommands(t *testing.T) {
-	spec := testbed.Spec{
-		Nodes: []testbed.NodeSpec{
-			{Name: "node1", Pods: []testbed.PodSpec{{Name: "client", Namespace: "shop", ServiceAccount: "client"}}},
-			{Name: "node2", Pods: []testbed.PodSpec{{Name: "server", Namespace: "shop", ServiceAccount: "server"}}},
-		},
-		Namespaces: map[string]map[string]string{"shop": meshedNS},
-	}
-	m := startMesh(t, spec, meshtest.Options{})
-	srv := echo(t, m, "server", appPort)
-	node := m.Node("node1")
+	m, srv, node := clientServerMesh(t)
 	mantlet := func(args ...string) (string, error) {
 		out, err := node.Command(context.Background(), binary, args...).CombinedOutput()
 		return string(out), err
@@ -245,6 +227,20 @@ func TestFailClosedWhenTheAgentStopsAndAgainstStrayCommands(t *testing.T) {
 		t.Fatal(err)
 	}
 	ping(t, dial(t, m, "client", srv.Addr), "after the restart")
+}
+
+// clientServerMesh starts a mesh of two nodes with a meshed client pod on
+// node1 and a meshed echo server on node2 (port appPort).
+func clientServerMesh(t *testing.T) (*meshtest.Mesh, *meshtest.Echo, *testbed.Node) {
+	t.Helper()
+	m := startMesh(t, testbed.Spec{
+		Nodes: []testbed.NodeSpec{
+			{Name: "node1", Pods: []testbed.PodSpec{{Name: "client", Namespace: "shop", ServiceAccount: "client"}}},
+			{Name: "node2", Pods: []testbed.PodSpec{{Name: "server", Namespace: "shop", ServiceAccount: "server"}}},
+		},
+		Namespaces: map[string]map[string]string{"shop": meshedNS},
+	}, meshtest.Options{})
+	return m, echo(t, m, "server", appPort), m.Node("node1")
 }
 
 // event returns the counter of c named like the

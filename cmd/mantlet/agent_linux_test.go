@@ -157,21 +157,12 @@ func writeFileAtomically(t *testing.T, path string, data []byte) {
 	}
 }
 
-// TestAgentRunsNodesOfTheTestbed runs the real command on two nodes of a
-// testbed: the agents get ready, a meshed pod's connection to a pod of the
-// other node is captured and arrives from the client's own IP, a restarted
-// agent adopts its pins, an edit of the file un-enrolls a pod, and
-// --cleanup removes the pins.
-func TestAgentRunsNodesOfTheTestbed(t *testing.T) {
+// newAgentTestbed builds spec (root only) with a CA and the cluster file
+// of the testbed, and removes it when the test ends.
+func newAgentTestbed(t *testing.T, spec testbed.Spec) (tb *testbed.Testbed, caDir, config string) {
+	t.Helper()
 	privtest.Require(t)
-	ctx := context.Background()
-	tb, err := testbed.New(ctx, testbed.Spec{
-		Nodes: []testbed.NodeSpec{
-			{Name: "node1", Pods: []testbed.PodSpec{{Name: "client", Namespace: "shop", ServiceAccount: "client"}}},
-			{Name: "node2", Pods: []testbed.PodSpec{{Name: "server", Namespace: "shop", ServiceAccount: "server"}, {Name: "legacy", Namespace: "plain"}}},
-		},
-		Namespaces: map[string]map[string]string{"shop": {"mantlet.io/mesh": "enabled"}},
-	})
+	tb, err := testbed.New(context.Background(), spec)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -181,12 +172,29 @@ func TestAgentRunsNodesOfTheTestbed(t *testing.T) {
 		}
 	})
 	dir := t.TempDir()
-	caDir := filepath.Join(dir, "ca")
+	caDir = filepath.Join(dir, "ca")
 	if _, err := ca.Init(caDir, spiffeid.RequireTrustDomainFromString("cluster.local"), ca.Options{}); err != nil {
 		t.Fatal(err)
 	}
-	config := filepath.Join(dir, "cluster.yaml")
+	config = filepath.Join(dir, "cluster.yaml")
 	writeFileAtomically(t, config, tb.Manifest())
+	return tb, caDir, config
+}
+
+// TestAgentRunsNodesOfTheTestbed runs the real command on two nodes of a
+// testbed: the agents get ready, a meshed pod's connection to a pod of the
+// other node is captured and arrives from the client's own IP, a restarted
+// agent adopts its pins, an edit of the file un-enrolls a pod, and
+// --cleanup removes the pins.
+func TestAgentRunsNodesOfTheTestbed(t *testing.T) {
+	ctx := context.Background()
+	tb, caDir, config := newAgentTestbed(t, testbed.Spec{
+		Nodes: []testbed.NodeSpec{
+			{Name: "node1", Pods: []testbed.PodSpec{{Name: "client", Namespace: "shop", ServiceAccount: "client"}}},
+			{Name: "node2", Pods: []testbed.PodSpec{{Name: "server", Namespace: "shop", ServiceAccount: "server"}, {Name: "legacy", Namespace: "plain"}}},
+		},
+		Namespaces: map[string]map[string]string{"shop": {"mantlet.io/mesh": "enabled"}},
+	})
 	pinDir := func(n *testbed.Node) string { return filepath.Join(bpf.DefaultPinRoot, tb.Prefix()+"-"+n.Name) }
 	for _, n := range tb.Nodes() {
 		t.Cleanup(func() {
@@ -275,27 +283,11 @@ func TestAgentRunsNodesOfTheTestbed(t *testing.T) {
 // data path (here: the outbound port is taken) removes what it made, so
 // nothing of a failed start stays attached, routed or pinned.
 func TestAgentRollsBackAFailedStart(t *testing.T) {
-	privtest.Require(t)
 	ctx := context.Background()
-	tb, err := testbed.New(ctx, testbed.Spec{
+	tb, caDir, config := newAgentTestbed(t, testbed.Spec{
 		Nodes:      []testbed.NodeSpec{{Name: "node1", Pods: []testbed.PodSpec{{Name: "client", Namespace: "shop"}}}},
 		Namespaces: map[string]map[string]string{"shop": {"mantlet.io/mesh": "enabled"}},
 	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := tb.Close(); err != nil {
-			t.Errorf("testbed close: %v", err)
-		}
-	})
-	dir := t.TempDir()
-	caDir := filepath.Join(dir, "ca")
-	if _, err := ca.Init(caDir, spiffeid.RequireTrustDomainFromString("cluster.local"), ca.Options{}); err != nil {
-		t.Fatal(err)
-	}
-	config := filepath.Join(dir, "cluster.yaml")
-	writeFileAtomically(t, config, tb.Manifest())
 	node := tb.Node("node1")
 	busy, err := node.Listen(ctx, "tcp", ":15001")
 	if err != nil {
