@@ -99,6 +99,10 @@ type Config struct {
 	Links LinkFinder
 	// Identities, if set, is told which identities the node's pods have.
 	Identities Identities
+	// Plaintext, if set, ends the plaintext connections that bypassed the
+	// ztunnel of each pod that turns STRICT (see PlaintextCloser); nil
+	// leaves them open.
+	Plaintext PlaintextCloser
 	// Store receives every snapshot; the ztunnel reads it.
 	Store *workload.Store
 	// Logger receives enrollments (Info) and failures (Warn); nil discards.
@@ -126,6 +130,8 @@ type Agent struct {
 	applied  atomic.Bool // a state has been reconciled once
 	draining atomic.Bool
 	status   atomic.Pointer[[]PodStatus]
+	// plainClosed counts connections ended by Config.Plaintext.
+	plainClosed atomic.Uint64
 
 	mu       sync.Mutex           // serialises reconcile passes
 	pods     map[string]*podState // by workload UID: pods enrolled or to enroll
@@ -141,6 +147,7 @@ type podState struct {
 	strict    bool
 	ifindex   int          // the veth enrolled, 0 when not (yet)
 	local     []netip.Addr // addresses marked as local pods for the uplink
+	cut       plainCut     // plaintext connections to end once STRICT
 
 	failures int
 	retryAt  time.Time
@@ -220,7 +227,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	timer := time.NewTimer(a.cfg.Resync)
 	defer timer.Stop()
 	for {
-		next := a.reconcile(time.Now())
+		next := a.reconcile(ctx, time.Now())
 		if !timer.Stop() {
 			select {
 			case <-timer.C:
@@ -247,7 +254,7 @@ type desiredPod struct {
 }
 
 // reconcile does one pass and returns when the next is due.
-func (a *Agent) reconcile(now time.Time) (next time.Time) {
+func (a *Agent) reconcile(ctx context.Context, now time.Time) (next time.Time) {
 	next = now.Add(a.cfg.Resync)
 	a.inMu.Lock()
 	desired, pending := a.desired, a.pending
@@ -395,6 +402,9 @@ func (a *Agent) reconcile(now time.Time) (next time.Time) {
 				}
 			}
 		}
+		// Turned STRICT, or enrolled STRICT by this agent: end the
+		// plaintext connections the kernel would now refuse to open.
+		st.cut.due = d.strict && (st.cut.due || !st.strict || st.ifindex != ifindex)
 		st.ifindex, st.ips, st.strict, st.id = ifindex, d.ips, d.strict, d.id
 		enrolled[ifindex] = true
 		if err := a.markLocal(st, d.ips); err != nil {
@@ -424,6 +434,9 @@ func (a *Agent) reconcile(now time.Time) (next time.Time) {
 		}
 	}
 
+	if t := a.closePlaintext(ctx, now); !t.IsZero() {
+		due(t)
+	}
 	a.syncIdentities(want)
 	a.applied.Store(true)
 	return next
@@ -504,10 +517,7 @@ func (a *Agent) markLocal(st *podState, want []netip.Addr) error {
 // fail records a failed attempt and schedules the next one.
 func (a *Agent) fail(st *podState, now time.Time, err error) {
 	st.failures++
-	wait := a.cfg.RetryMin << min(st.failures-1, 16)
-	if wait > a.cfg.RetryMax || wait <= 0 {
-		wait = a.cfg.RetryMax
-	}
+	wait := a.backoff(st.failures)
 	st.retryAt = now.Add(wait)
 	msg := err.Error()
 	// The first failure, and any new kind of failure, at Warn; repeats at
@@ -518,6 +528,15 @@ func (a *Agent) fail(st *podState, now time.Time, err error) {
 	}
 	st.lastErr = msg
 	a.log.Log(context.Background(), level, "agent: pod not enrolled; will retry", "pod", st.name, "error", msg, "attempts", st.failures, "retry_in", wait)
+}
+
+// backoff is the wait before the next attempt after failures failed ones.
+func (a *Agent) backoff(failures int) time.Duration {
+	wait := a.cfg.RetryMin << min(failures-1, 16)
+	if wait > a.cfg.RetryMax || wait <= 0 {
+		wait = a.cfg.RetryMax
+	}
+	return wait
 }
 
 // syncIdentities prefetches the SVIDs of local identities and forgets the

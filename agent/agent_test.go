@@ -470,7 +470,7 @@ func TestAgentDefaultMTLSMode(t *testing.T) {
 	a.Apply(state(t, map[string]manifest.MTLSMode{"open": manifest.MTLSPermissive},
 		pod{"shop/a", "node-1", "198.19.1.1", "", true},
 		pod{"open/b", "node-1", "198.19.1.2", "", true}))
-	a.reconcile(time.Now())
+	a.reconcile(t.Context(), time.Now())
 	if got, want := dp.enrolled(), []string{"101:198.19.1.1:strict", "102:198.19.1.2"}; !slices.Equal(got, want) {
 		t.Fatalf("enrolled = %v, want %v (default STRICT, namespace open PERMISSIVE)", got, want)
 	}
@@ -494,7 +494,7 @@ func TestAgentMTLSModePerWorkload(t *testing.T) {
 		pod{"shop/a", "node-1", "198.19.1.1", "", true},
 		pod{"shop/b", "node-1", "198.19.1.2", "", true})
 	a.Apply(st)
-	a.reconcile(time.Now())
+	a.reconcile(t.Context(), time.Now())
 	if got, want := dp.enrolled(), []string{"101:198.19.1.1:strict", "102:198.19.1.2:strict"}; !slices.Equal(got, want) {
 		t.Fatalf("enrolled = %v, want %v (a from the hook, b from the namespace)", got, want)
 	}
@@ -503,7 +503,7 @@ func TestAgentMTLSModePerWorkload(t *testing.T) {
 	modes["shop/a"] = manifest.MTLSPermissive
 	mu.Unlock()
 	a.Apply(st)
-	a.reconcile(time.Now())
+	a.reconcile(t.Context(), time.Now())
 	if got, want := dp.enrolled(), []string{"101:198.19.1.1", "102:198.19.1.2:strict"}; !slices.Equal(got, want) {
 		t.Fatalf("enrolled = %v, want %v", got, want)
 	}
@@ -537,7 +537,7 @@ func TestReadinessProbe(t *testing.T) {
 		{"before any state", func() {}, 503, "waiting for the first workload snapshot"},
 		{"state applied, programs not attached", func() {
 			a.Apply(state(t, nil, pod{"shop/a", "node-1", "198.19.1.1", "", true}))
-			a.reconcile(time.Now())
+			a.reconcile(t.Context(), time.Now())
 		}, 503, "not ready: sk_lookup program not attached; no outbound listener (:15001) in the SOCKMAP; no hbone listener (:15008) in the SOCKMAP"},
 		{"attached with listeners", func() {
 			dp.mu.Lock()

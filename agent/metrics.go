@@ -29,7 +29,7 @@ type Collector struct {
 	datapath   DatapathCounters
 	rejections func() map[string]uint64
 
-	ready, pods, reloadsDesc, events, repairs, refused *prometheus.Desc
+	ready, pods, reloadsDesc, events, repairs, refused, plainClosed *prometheus.Desc
 }
 
 // NewCollector returns a collector over a; reloads, datapath and
@@ -49,6 +49,8 @@ func NewCollector(a *Agent, reloads ConfigReloads, datapath DatapathCounters, re
 			"Pieces of the data path's kernel state found missing (a routing rule or route deleted, lo down, a program detached, a pin removed) and put back, by fault.", []string{"fault"}, nil),
 		refused: prometheus.NewDesc("mantlet_ztunnel_refused_connections_total",
 			"Connections the ztunnel refused or ended badly, by reason.", []string{"response_flags"}, nil),
+		plainClosed: prometheus.NewDesc("mantlet_strict_plaintext_connections_closed_total",
+			"Plaintext connections that bypassed the ztunnel, closed because their destination pod turned STRICT.", nil, nil),
 	}
 }
 
@@ -56,6 +58,7 @@ func NewCollector(a *Agent, reloads ConfigReloads, datapath DatapathCounters, re
 func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.ready
 	ch <- c.pods
+	ch <- c.plainClosed
 	if c.reloads != nil {
 		ch <- c.reloadsDesc
 	}
@@ -82,6 +85,7 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	ch <- prometheus.MustNewConstMetric(c.pods, prometheus.GaugeValue, enrolled, "enrolled")
 	ch <- prometheus.MustNewConstMetric(c.pods, prometheus.GaugeValue, pending, "pending")
+	ch <- prometheus.MustNewConstMetric(c.plainClosed, prometheus.CounterValue, float64(c.agent.PlaintextClosed()))
 	if c.reloads != nil {
 		applied, rejected := c.reloads.Reloads()
 		ch <- prometheus.MustNewConstMetric(c.reloadsDesc, prometheus.CounterValue, float64(applied), "applied")

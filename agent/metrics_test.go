@@ -35,7 +35,7 @@ func TestCollectorExportsTheNodeState(t *testing.T) {
 		t.Fatal(err)
 	}
 	a.Apply(state(t, nil, pod{"shop/a", "node-1", "198.19.1.1", "", true}, pod{"shop/b", "node-1", "198.19.1.2", "", true}))
-	a.reconcile(time.Now())
+	a.reconcile(t.Context(), time.Now())
 
 	reg := prometheus.NewPedanticRegistry()
 	reg.MustRegister(NewCollector(a, fakeReloads{3, 1}, fakeCounters{c: bpf.Counters{Redirected: 7, SpoofDrops: 2}, repairs: map[bpf.Fault]uint64{bpf.FaultRule: 2}},
@@ -52,12 +52,16 @@ mantlet_agent_ready 1
 # TYPE mantlet_config_reloads_total counter
 mantlet_config_reloads_total{result="applied"} 3
 mantlet_config_reloads_total{result="rejected"} 1
+# HELP mantlet_strict_plaintext_connections_closed_total Plaintext connections that bypassed the ztunnel, closed because their destination pod turned STRICT.
+# TYPE mantlet_strict_plaintext_connections_closed_total counter
+mantlet_strict_plaintext_connections_closed_total 0
 # HELP mantlet_ztunnel_refused_connections_total Connections the ztunnel refused or ended badly, by reason.
 # TYPE mantlet_ztunnel_refused_connections_total counter
 mantlet_ztunnel_refused_connections_total{response_flags="NR"} 4
 `
 	if err := testutil.GatherAndCompare(reg, strings.NewReader(want),
-		"mantlet_agent_pods", "mantlet_agent_ready", "mantlet_config_reloads_total", "mantlet_ztunnel_refused_connections_total"); err != nil {
+		"mantlet_agent_pods", "mantlet_agent_ready", "mantlet_config_reloads_total",
+		"mantlet_strict_plaintext_connections_closed_total", "mantlet_ztunnel_refused_connections_total"); err != nil {
 		t.Fatal(err)
 	}
 	wantPackets := `

@@ -11,6 +11,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
 	"sigs.k8s.io/yaml"
 
 	"github.com/mantlet/mantlet/agent"
@@ -264,6 +265,13 @@ func TestDaemonSetRunsTheAgent(t *testing.T) {
 	}
 	if c.ReadinessProbe == nil || c.ReadinessProbe.HTTPGet.Path != agent.ReadyPath || c.ReadinessProbe.HTTPGet.Port.IntValue() != 15021 {
 		t.Errorf("readiness probe = %+v, want %s on 15021", c.ReadinessProbe, agent.ReadyPath)
+	}
+	netnsMounted := false
+	for _, m := range c.VolumeMounts {
+		netnsMounted = netnsMounted || m.MountPath == "/run/netns" && m.MountPropagation != nil && *m.MountPropagation == corev1.MountPropagationHostToContainer
+	}
+	if !netnsMounted && !spec.HostPID {
+		t.Error("the agent cannot see the pods' network namespaces (mount the host's /run/netns with HostToContainer propagation, or hostPID)")
 	}
 	if ds.Spec.Template.Annotations["prometheus.io/port"] != "15020" {
 		t.Error("metrics on 15020 are not announced for scraping")

@@ -66,7 +66,10 @@ type FlowEvent struct {
 	// Verdict is allowed, denied, or empty when no policy was asked (the
 	// flow was refused before); Reason says why (the policy engine's
 	// reason when the authorizer gave one). Policy and Rule name the
-	// deciding policy and the index of its rule.
+	// deciding policy and the index of its rule. A flow cut by a policy
+	// change closes denied, with the policy that cut it (its open event
+	// was allowed); an outbound HBONE flow the destination refused with
+	// 401 is denied, reason ztunnel.ReasonDeniedByDestination, no policy.
 	Verdict string `json:"verdict,omitempty"`
 	Reason  string `json:"reason,omitempty"`
 	Policy  string `json:"policy,omitempty"`

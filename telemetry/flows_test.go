@@ -35,6 +35,22 @@ func TestFlowEventDescribesTheFlow(t *testing.T) {
 	}
 }
 
+func TestFlowEventOfACutFlowNamesThePolicyThatCutIt(t *testing.T) {
+	r := hboneOut(7)
+	r.Direction = ztunnel.Inbound
+	r.Admitted = ztunnel.Verdict{Allow: true, Reason: "allowed-by-default"}
+	r.Verdict = ztunnel.Verdict{Flag: ztunnel.FlagPolicyDenied, Policy: "shop/deny-8080", Rule: 0, Reason: "denied-by-policy"}
+	r.Flag, r.Sent, r.Received = ztunnel.FlagPolicyDenied, 5, 5
+	ev := NewFlowEvent(r, EventClose, time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC))
+	if ev.Verdict != VerdictDenied || ev.Reason != "denied-by-policy" || ev.Policy != "shop/deny-8080" || ev.Rule == nil || *ev.Rule != 0 ||
+		ev.ResponseFlag != "policy_denied" || ev.BytesSent != 5 {
+		t.Errorf("event %+v; want denied by rule 0 of shop/deny-8080 with its 5 bytes", ev)
+	}
+	if !(FlowFilter{Verdict: VerdictDenied}).Match(&ev) {
+		t.Error("--verdict denied does not match the cut flow")
+	}
+}
+
 func TestVerdictOfTellsDenialsFromFlowsNeverAsked(t *testing.T) {
 	for _, c := range []struct {
 		name    string
@@ -47,6 +63,9 @@ func TestVerdictOfTellsDenialsFromFlowsNeverAsked(t *testing.T) {
 		{"denied by policy", ztunnel.Verdict{}, ztunnel.FlagPolicyDenied, VerdictDenied},
 		{"denied with a flag of its own", ztunnel.Verdict{Flag: ztunnel.FlagStrictPlaintext}, ztunnel.FlagStrictPlaintext, VerdictDenied},
 		{"refused before policy was asked", ztunnel.Verdict{}, ztunnel.FlagUnknownSource, ""},
+		{"admitted, then cut by a policy change", ztunnel.Verdict{Flag: ztunnel.FlagPolicyDenied, Reason: "denied-by-policy"}, ztunnel.FlagPolicyDenied, VerdictDenied},
+		{"pre-checked, then refused by the destination (401)", ztunnel.Verdict{Flag: ztunnel.FlagHBONERefused, Reason: ztunnel.ReasonDeniedByDestination}, ztunnel.FlagHBONERefused, VerdictDenied},
+		{"pre-checked, then the destination could not connect (503)", ztunnel.Verdict{Allow: true}, ztunnel.FlagHBONERefused, VerdictAllowed},
 	} {
 		r := hboneOut(0)
 		r.Verdict, r.Flag = c.verdict, c.flag

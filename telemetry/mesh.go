@@ -28,7 +28,7 @@ func NewVerdicts() *Verdicts {
 	return &Verdicts{
 		decisions: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "mantlet_policy_decisions_total",
-			Help: "Policy decisions on connections, each counted once mesh-wide (allowed HBONE connections by the destination's node, denials where they happened), by action (allow, deny), reason and deciding policy (namespace/name; empty for defaults).",
+			Help: "Policy decisions on connections, each counted once mesh-wide (allowed HBONE connections by the destination's node, denials where they happened; a connection cut by a policy change counts its allow and the deny), by action (allow, deny), reason and deciding policy (namespace/name; empty for defaults).",
 		}, []string{"action", "reason", "policy"}),
 		rateDrops: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "mantlet_ratelimit_dropped_connections_total",

@@ -11,6 +11,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/mantlet/mantlet/internal/workload"
 	"github.com/mantlet/mantlet/ztunnel"
 )
 
@@ -75,17 +76,7 @@ func (o *Observer) FlowOpened(l *ztunnel.LiveFlow) {
 // FlowEnded is called once per finished flow (ztunnel.Config.OnFlowEnd).
 func (o *Observer) FlowEnded(r *ztunnel.FlowRecord) {
 	o.Traffic.Closed(r)
-	if v, ok := verdictOf(r); ok && !(v == VerdictAllowed && r.Direction == ztunnel.Outbound && r.Path == ztunnel.PathHBONE) {
-		// An HBONE connection the source's pre-check allowed is decided
-		// (and counted) again by the destination's ztunnel; counting it
-		// here too would count it twice mesh-wide. A pre-check denial is
-		// counted here: the destination never sees that connection.
-		action := "allow"
-		if v == VerdictDenied {
-			action = "deny"
-		}
-		o.Verdicts.Decision(action, reasonOf(r), r.Verdict.Policy)
-	}
+	o.countDecisions(r)
 	if r.Flag == ztunnel.FlagRateLimited || r.Flag == ztunnel.FlagMaxConnections {
 		o.Verdicts.RateLimited(r.Flag.String(), r.Verdict.Policy)
 	}
@@ -100,24 +91,51 @@ func (o *Observer) FlowEnded(r *ztunnel.FlowRecord) {
 	}
 }
 
+// countDecisions counts the policy decisions r carries in
+// mantlet_policy_decisions_total, each once mesh-wide. An HBONE
+// connection is decided (and counted) by the destination's ztunnel, so
+// the source counts only its pre-check's denials, which the destination
+// never sees: neither what its pre-check allowed nor what the destination
+// then refused with 401. A flow admitted here and later cut by a
+// re-evaluation (r.Admitted) counts both decisions, the allow and the
+// deny.
+func (o *Observer) countDecisions(r *ztunnel.FlowRecord) {
+	hboneSource := r.Direction == ztunnel.Outbound && r.Path == ztunnel.PathHBONE
+	if r.Admitted.Allow && !hboneSource {
+		o.Verdicts.Decision("allow", reasonOfVerdict(r.Admitted, r.DstWorkload), r.Admitted.Policy)
+	}
+	v, ok := verdictOf(r)
+	switch {
+	case !ok:
+	case hboneSource && (v == VerdictAllowed || r.Verdict.Flag == ztunnel.FlagHBONERefused):
+	case v == VerdictDenied:
+		o.Verdicts.Decision("deny", reasonOf(r), r.Verdict.Policy)
+	default:
+		o.Verdicts.Decision("allow", reasonOf(r), r.Verdict.Policy)
+	}
+}
+
 // reasonOf names why r was allowed or denied, in the policy engine's words
 // where the verdict allows telling.
-func reasonOf(r *ztunnel.FlowRecord) string {
+func reasonOf(r *ztunnel.FlowRecord) string { return reasonOfVerdict(r.Verdict, r.DstWorkload) }
+
+// reasonOfVerdict names why v allowed or denied a flow to dst.
+func reasonOfVerdict(v ztunnel.Verdict, dst *workload.Workload) string {
 	switch {
-	case r.Verdict.Reason != "":
-		return r.Verdict.Reason
-	case r.Verdict.Flag == ztunnel.FlagDeniedDefault:
+	case v.Reason != "":
+		return v.Reason
+	case v.Flag == ztunnel.FlagDeniedDefault:
 		return "denied-by-default-deny"
-	case r.Verdict.Flag == ztunnel.FlagStrictPlaintext:
+	case v.Flag == ztunnel.FlagStrictPlaintext:
 		return "denied-plaintext-strict"
-	case r.Verdict.Allow && r.Verdict.Policy != "":
+	case v.Allow && v.Policy != "":
 		return "allowed-by-policy"
-	case r.Verdict.Allow && r.DstWorkload == nil:
+	case v.Allow && dst == nil:
 		return "allowed-not-meshed"
-	case r.Verdict.Allow:
+	case v.Allow:
 		return "allowed-by-default"
-	case r.Verdict.Flag != ztunnel.FlagNone && r.Verdict.Flag != ztunnel.FlagPolicyDenied:
-		return r.Verdict.Flag.String()
+	case v.Flag != ztunnel.FlagNone && v.Flag != ztunnel.FlagPolicyDenied:
+		return v.Flag.String()
 	default:
 		return "denied"
 	}

@@ -182,15 +182,23 @@ func TestObserverCountsPolicyDecisions(t *testing.T) {
 	strict.Flag = ztunnel.FlagStrictPlaintext
 	notAsked := hboneOut(0) // refused before the policy was asked
 	notAsked.Verdict, notAsked.Flag = ztunnel.Verdict{}, ztunnel.FlagNoSVID
-	for _, r := range []*ztunnel.FlowRecord{allowed, byDefault, byDefault, preChecked, denied, limited, noAllow, strict, notAsked} {
+	cut := inbound(4) // admitted, then cut by a policy change: both count
+	cut.Admitted = ztunnel.Verdict{Allow: true, Policy: "shop/payments-allow", Reason: "allowed-by-policy"}
+	cut.Verdict = ztunnel.Verdict{Flag: ztunnel.FlagPolicyDenied, Rule: -1, Reason: "no-allow-matched"}
+	cut.Flag = ztunnel.FlagPolicyDenied
+	refusedThere := hboneOut(5) // the destination's 401: counted there
+	refusedThere.Admitted = refusedThere.Verdict
+	refusedThere.Verdict = ztunnel.Verdict{Flag: ztunnel.FlagHBONERefused, Rule: -1, Reason: ztunnel.ReasonDeniedByDestination}
+	refusedThere.Flag = ztunnel.FlagHBONERefused
+	for _, r := range []*ztunnel.FlowRecord{allowed, byDefault, byDefault, preChecked, denied, limited, noAllow, strict, notAsked, cut, refusedThere} {
 		o.FlowEnded(r)
 	}
 	want := `
-# HELP mantlet_policy_decisions_total Policy decisions on connections, each counted once mesh-wide (allowed HBONE connections by the destination's node, denials where they happened), by action (allow, deny), reason and deciding policy (namespace/name; empty for defaults).
+# HELP mantlet_policy_decisions_total Policy decisions on connections, each counted once mesh-wide (allowed HBONE connections by the destination's node, denials where they happened; a connection cut by a policy change counts its allow and the deny), by action (allow, deny), reason and deciding policy (namespace/name; empty for defaults).
 # TYPE mantlet_policy_decisions_total counter
 mantlet_policy_decisions_total{action="allow",policy="",reason="allowed-by-default"} 2
-mantlet_policy_decisions_total{action="allow",policy="shop/payments-allow",reason="allowed-by-policy"} 1
-mantlet_policy_decisions_total{action="deny",policy="",reason="no-allow-matched"} 1
+mantlet_policy_decisions_total{action="allow",policy="shop/payments-allow",reason="allowed-by-policy"} 2
+mantlet_policy_decisions_total{action="deny",policy="",reason="no-allow-matched"} 2
 mantlet_policy_decisions_total{action="deny",policy="mantlet-system/mesh-defaults",reason="denied-plaintext-strict"} 1
 mantlet_policy_decisions_total{action="deny",policy="shop/deny-frontend",reason="denied"} 1
 mantlet_policy_decisions_total{action="deny",policy="shop/payments-rate",reason="rate_limited"} 1

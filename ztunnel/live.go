@@ -29,10 +29,12 @@ const DefaultMaxFlows = 1 << 16
 // its byte counters are atomic and move as the splice copies each buffer
 // (at most hbone.BufSize bytes behind the sockets), so a reader that polls
 // Bytes sees a flow's progress while it is open. OnFlowEnd's FlowRecord
-// carries the final counts. Close tears a flow down from any goroutine
-// (policy re-evaluation, an operator): both of its connections are closed
-// within the time it takes the flow's goroutine to notice, and its
-// FlowRecord ends with the flag given to Close.
+// carries the final counts. Close tears a flow down from any goroutine (an
+// operator, shutdown): both of its connections are closed within the time
+// it takes the flow's goroutine to notice, and its FlowRecord ends with
+// the flag given to Close. Deny does the same for a flow the Authorizer
+// now refuses (policy re-evaluation), and its FlowRecord says so: the
+// refusal is its Verdict, the admission its Admitted.
 //
 // Authorizers that keep per-flow state (concurrent-connection limits) can
 // implement Releaser: Release is called once for every flow they allowed,
@@ -64,9 +66,15 @@ type LiveFlow struct {
 	// stream counts Sent for outbound HBONE flows (the pool copies the
 	// client's bytes).
 	stream atomic.Pointer[hbone.ClientStream]
-	// closed holds the flag given to Close, plus one; 0 while open.
-	closed atomic.Uint32
+	// ending is set by the first Close or Deny; nil while open.
+	ending atomic.Pointer[ending]
 	cancel context.CancelFunc
+}
+
+// ending is why a flow was torn down.
+type ending struct {
+	flag   ResponseFlag
+	denied *Verdict // Deny's refusal, nil for Close
 }
 
 // ID identifies the flow; ids are not reused by a Proxy.
@@ -116,19 +124,35 @@ func (l *LiveFlow) Close(reason ResponseFlag) {
 	if reason == FlagNone {
 		reason = FlagClosed
 	}
-	if l.closed.CompareAndSwap(0, uint32(reason)+1) {
+	if l.ending.CompareAndSwap(nil, &ending{flag: reason}) {
 		l.cancel()
 	}
 }
 
-// ClosedBy returns the flag given to Close, and false while Close was not
-// called.
+// Deny tears the flow down because the Authorizer, asked again, now
+// refuses it (v is its answer; v.Flag FlagNone stands for
+// FlagPolicyDenied): as Close(v.Flag) does, and the flow's FlowRecord
+// reports v as its Verdict and the verdict that admitted the flow as
+// Admitted, so that it reads as denied, by v's policy and rule. Only the
+// first Close or Deny counts.
+func (l *LiveFlow) Deny(v Verdict) {
+	v.Allow = false
+	if v.Flag == FlagNone {
+		v.Flag = FlagPolicyDenied
+	}
+	if l.ending.CompareAndSwap(nil, &ending{flag: v.Flag, denied: &v}) {
+		l.cancel()
+	}
+}
+
+// ClosedBy returns the flag given to Close (or Deny's), and false while
+// neither was called.
 func (l *LiveFlow) ClosedBy() (ResponseFlag, bool) {
-	v := l.closed.Load()
-	if v == 0 {
+	e := l.ending.Load()
+	if e == nil {
 		return FlagNone, false
 	}
-	return ResponseFlag(v - 1), true
+	return e.flag, true
 }
 
 const flowShards = 32
@@ -229,14 +253,21 @@ func (p *Proxy) track(ctx context.Context, rec *FlowRecord, f *Flow) (*LiveFlow,
 }
 
 // untrack releases l to the Authorizer, removes it from the registry and,
-// when l was closed by Close, records why in rec. Release comes first so
-// that a flow no longer counted by NumOpenFlows has been released.
+// when l was closed by Close or Deny, records why in rec. Release comes
+// first so that a flow no longer counted by NumOpenFlows has been
+// released.
 func (p *Proxy) untrack(l *LiveFlow, rec *FlowRecord) {
 	l.cancel()
 	p.release(&l.flow, l.verdict)
 	p.live.remove(l)
-	if flag, ok := l.ClosedBy(); ok {
-		rec.Flag, rec.Err = flag, fmt.Errorf("ztunnel: flow closed: %s", flag)
+	e := l.ending.Load()
+	switch {
+	case e == nil:
+	case e.denied != nil:
+		rec.Admitted, rec.Verdict = rec.Verdict, *e.denied
+		rec.Flag, rec.Err = e.flag, fmt.Errorf("ztunnel: flow closed: now refused (%s) by policy %q", e.flag, e.denied.Policy)
+	default:
+		rec.Flag, rec.Err = e.flag, fmt.Errorf("ztunnel: flow closed: %s", e.flag)
 	}
 }
 

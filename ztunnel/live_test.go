@@ -11,6 +11,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"os"
 	"sync"
 	"testing"
 	"time"
@@ -122,6 +123,40 @@ func TestOpenFlowsCountBytesAndClose(t *testing.T) {
 			}
 			waitOpen(t, n, 0)
 		})
+	}
+}
+
+func TestDenyEndsAFlowAsDeniedByItsPolicy(t *testing.T) {
+	m := newMesh(t, meshOpts{})
+	n := m.nodes["node-a"]
+	c := m.mustDial(ipA1, m.appAddr(ipA2))
+	if _, err := c.Write([]byte("ping")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.ReadFull(c, make([]byte, 4)); err != nil {
+		t.Fatal(err)
+	}
+	l := n.liveFlow(t, ztunnel.Outbound, c.LocalAddr().(*net.TCPAddr).AddrPort(), m.appAddr(ipA2))
+	refusal := ztunnel.Verdict{Allow: true, Policy: "shop/deny-frontend", Rule: 2, Reason: "denied-by-policy"}
+	l.Deny(refusal)
+	l.Close(ztunnel.FlagShutdown) // too late: the first counts
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadAll(c); errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatal("the flow stayed open after Deny")
+	}
+	r := n.flow(t)
+	for r.Src != c.LocalAddr().(*net.TCPAddr).AddrPort() {
+		r = n.flow(t)
+	}
+	refusal.Allow, refusal.Flag = false, ztunnel.FlagPolicyDenied
+	if r.Flag != ztunnel.FlagPolicyDenied || r.Verdict != refusal || !r.Admitted.Allow {
+		t.Fatalf("record: flag %s verdict %+v admitted %+v; want %s, %+v, the admission", r.Flag, r.Verdict, r.Admitted, ztunnel.FlagPolicyDenied, refusal)
+	}
+	if want := `ztunnel: flow closed: now refused (policy_denied) by policy "shop/deny-frontend"`; r.Err == nil || r.Err.Error() != want {
+		t.Fatalf("record error %v, want %s", r.Err, want)
+	}
+	if flag, ok := l.ClosedBy(); !ok || flag != ztunnel.FlagPolicyDenied {
+		t.Fatalf("ClosedBy = %s, %v", flag, ok)
 	}
 }
 

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/http"
 	"net/netip"
 	"time"
 
@@ -136,6 +137,11 @@ func (p *Proxy) outboundHBONE(ctx context.Context, rec *FlowRecord, l *LiveFlow,
 		switch {
 		case errors.As(err, &re):
 			rec.Flag = FlagHBONERefused
+			if re.Status == http.StatusUnauthorized {
+				// The destination's Authorizer refused the flow.
+				rec.Admitted = rec.Verdict
+				rec.Verdict = Verdict{Flag: FlagHBONERefused, Rule: -1, Reason: ReasonDeniedByDestination}
+			}
 		case errors.Is(err, hbone.ErrStreamLimit):
 			rec.Flag = FlagStreamLimit
 		case tlsFlag(err) != FlagTLSHandshake:

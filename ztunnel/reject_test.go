@@ -391,12 +391,15 @@ func TestOutboundRefusals(t *testing.T) {
 		wantA, wantB   ztunnel.ResponseFlag
 		wantBRecorded  bool
 		wantErrContain string
+		// node-a's record says the destination denied the flow (after the
+		// pre-check admitted it).
+		wantADenied bool
 	}{
-		{"policy at the destination denies", ipA1, m.appAddr(ipB2), ztunnel.FlagHBONERefused, ztunnel.FlagPolicyDenied, true, "401"},
-		{"the destination port is closed", ipA1, netip.AddrPortFrom(ipB1, closedPort), ztunnel.FlagHBONERefused, ztunnel.FlagConnectFailed, true, "503"},
-		{"the destination is the ztunnel's own port", ipA1, netip.AddrPortFrom(ipB1, m.nodes["node-a"].out), ztunnel.FlagLoop, 0, false, "own port"},
-		{"the source is no local workload", netip.MustParseAddr("127.0.1.99"), m.appAddr(ipB1), ztunnel.FlagUnknownSource, 0, false, "no enrolled workload"},
-		{"the source is a workload of another node", ipB2, m.appAddr(ipB1), ztunnel.FlagUnknownSource, 0, false, "no enrolled workload"},
+		{"policy at the destination denies", ipA1, m.appAddr(ipB2), ztunnel.FlagHBONERefused, ztunnel.FlagPolicyDenied, true, "401", true},
+		{"the destination port is closed", ipA1, netip.AddrPortFrom(ipB1, closedPort), ztunnel.FlagHBONERefused, ztunnel.FlagConnectFailed, true, "503", false},
+		{"the destination is the ztunnel's own port", ipA1, netip.AddrPortFrom(ipB1, m.nodes["node-a"].out), ztunnel.FlagLoop, 0, false, "own port", false},
+		{"the source is no local workload", netip.MustParseAddr("127.0.1.99"), m.appAddr(ipB1), ztunnel.FlagUnknownSource, 0, false, "no enrolled workload", false},
+		{"the source is a workload of another node", ipB2, m.appAddr(ipB1), ztunnel.FlagUnknownSource, 0, false, "no enrolled workload", false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			// Dial through node-a whatever the source, as a capture bug would.
@@ -413,6 +416,10 @@ func TestOutboundRefusals(t *testing.T) {
 			r := a.flow(t)
 			if r.Flag != tc.wantA || r.Err == nil || !strings.Contains(r.Err.Error(), tc.wantErrContain) {
 				t.Fatalf("node-a flow: flag %s err %v; want %s and %q", r.Flag, r.Err, tc.wantA, tc.wantErrContain)
+			}
+			denied := ztunnel.Verdict{Flag: ztunnel.FlagHBONERefused, Rule: -1, Reason: ztunnel.ReasonDeniedByDestination}
+			if got := r.Verdict == denied && r.Admitted.Allow; got != tc.wantADenied {
+				t.Fatalf("node-a flow: verdict %+v admitted %+v; want denied by the destination: %v", r.Verdict, r.Admitted, tc.wantADenied)
 			}
 			if tc.wantBRecorded {
 				if rb := b.flow(t); rb.Flag != tc.wantB {

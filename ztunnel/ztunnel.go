@@ -81,6 +81,12 @@ type Verdict struct {
 	Reason string
 }
 
+// ReasonDeniedByDestination is the Verdict.Reason of an outbound HBONE
+// flow that the destination's ztunnel refused with 401: its Authorizer
+// denied the flow, for a reason and by a policy only the destination's
+// node records.
+const ReasonDeniedByDestination = "denied-by-destination"
+
 // Authorizer decides whether a flow may proceed. It is called once per
 // connection, on the hot path: keep it fast.
 type Authorizer interface {
@@ -146,8 +152,16 @@ type FlowRecord struct {
 	Flag ResponseFlag
 	// Err is the underlying error, if any.
 	Err error
-	// Verdict is the Authorizer's answer (zero if not asked).
+	// Verdict is the Authorizer's answer (zero if not asked), or the
+	// refusal that ended the flow later: the Authorizer's when it was
+	// asked again (LiveFlow.Deny), or the destination's (outbound HBONE
+	// refused with 401: Flag FlagHBONERefused, Reason
+	// ReasonDeniedByDestination).
 	Verdict Verdict
+	// Admitted is, when Verdict is such a later refusal, the verdict that
+	// had admitted the flow here (for outbound HBONE the source's
+	// pre-check); zero otherwise.
+	Admitted Verdict
 	// Start is when the connection arrived; Duration how long it lasted.
 	Start    time.Time
 	Duration time.Duration

@@ -340,6 +340,13 @@ func runAgentWith(ctx context.Context, f *agentFlags, log *slog.Logger) error {
 		return err
 	}
 	defer links.Close()
+	// Pods that turn STRICT lose their plaintext connections that
+	// bypassed the ztunnel; the node's addresses (probes) keep theirs.
+	plain, err := agent.NewPlainFlows(bpfCfg.NodeIPs)
+	if err != nil {
+		return err
+	}
+	defer plain.Close()
 
 	// 3. The ztunnel's listeners, in the SOCKMAP.
 	listen := func(addr string, slot bpf.Slot) (net.Listener, error) {
@@ -388,7 +395,7 @@ func runAgentWith(ctx context.Context, f *agentFlags, log *slog.Logger) error {
 	}
 	ag, err := agent.New(agent.Config{
 		Node: f.node, TrustDomain: td, DefaultMTLS: mode, MTLSMode: en.mtlsMode,
-		Datapath: dp, Links: links, Identities: ids, Store: store,
+		Datapath: dp, Links: links, Identities: ids, Store: store, Plaintext: plain,
 		Logger: log.With("component", "agent"), Resync: f.resync,
 	})
 	if err != nil {

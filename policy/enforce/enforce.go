@@ -235,8 +235,9 @@ type FlowSource interface {
 // outside the mesh) against the engine's current policies, with the
 // destination workload as snap now describes it (nil: as it was). Flows
 // now refused are closed with the refusal's flag, logged and evented. Rate
-// and connection limits are not re-applied to open flows. It returns how
-// many flows it closed.
+// and connection limits are not re-applied to open flows. Flows are
+// closed with LiveFlow.Deny, so that their records end denied, naming the
+// policy and rule that refused them. It returns how many flows it closed.
 func (a *Authorizer) Reevaluate(flows FlowSource, snap *workload.Snapshot) int {
 	closed := 0
 	flows.OpenFlows(func(l *ztunnel.LiveFlow) bool {
@@ -259,7 +260,7 @@ func (a *Authorizer) Reevaluate(flows FlowSource, snap *workload.Snapshot) int {
 			return true
 		}
 		flag := Flag(d.Reason)
-		l.Close(flag)
+		l.Deny(ztunnel.Verdict{Flag: flag, Policy: d.Policy, Rule: d.Rule, Reason: d.Reason.String()})
 		closed++
 		a.closed.Add(1)
 		cur := *f

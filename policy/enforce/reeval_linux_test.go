@@ -168,8 +168,15 @@ func TestPolicyChangeClosesOpenFlowsItNowDenies(t *testing.T) {
 	if d := time.Since(start); d > time.Second {
 		t.Fatalf("the denied flow closed after %v", d)
 	}
-	if r := <-records; r.Flag != ztunnel.FlagPolicyDenied || r.Src.Addr() != netip.MustParseAddr("127.0.9.200") {
+	r := <-records
+	if r.Flag != ztunnel.FlagPolicyDenied || r.Src.Addr() != netip.MustParseAddr("127.0.9.200") {
 		t.Fatalf("closed flow: flag %s src %s", r.Flag, r.Src)
+	}
+	// The record reads as denied by the re-evaluation, and keeps the
+	// verdict that had admitted it.
+	wantVerdict := ztunnel.Verdict{Flag: ztunnel.FlagPolicyDenied, Rule: -1, Reason: "no-allow-matched"}
+	if r.Verdict != wantVerdict || !r.Admitted.Allow || r.Admitted.Reason != "allowed-by-policy" {
+		t.Fatalf("closed flow: verdict %+v admitted %+v; want %+v after an allowed-by-policy admission", r.Verdict, r.Admitted, wantVerdict)
 	}
 	if !ping(stays) {
 		t.Fatal("the flow the new policy still allows was cut")
