@@ -3,9 +3,9 @@
 // Node, Service, and v1 List of them) decoded with the Kubernetes API
 // types, and turns it into a workload.Snapshot. Errors name the file, the
 // document, the object and the field, and say what would be valid. Kinds
-// mantlet does not use are skipped with a warning; other packages (the
-// policy engine's MeshPolicy) can claim kinds of their own with
-// Options.Kinds.
+// mantlet does not use are skipped with a warning, misspelt ones are
+// errors; other packages (the policy engine's MeshPolicy) can claim kinds
+// of their own with Options.Kinds.
 package manifest
 
 import (
@@ -81,7 +81,9 @@ type Options struct {
 	// Kinds adds object kinds beyond the core ones, keyed by API group and
 	// kind; their decoded values land in Manifest.Extra in file order.
 	// Objects of kinds neither core nor listed here are skipped with a
-	// warning.
+	// warning, except in the groups listed here and core v1, whose every
+	// kind is known: an unknown kind there (MeshPolicies) is an error that
+	// suggests the kind meant.
 	Kinds map[schema.GroupKind]KindDecoder
 }
 
