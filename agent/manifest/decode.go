@@ -58,8 +58,19 @@ func (p *parser) warnf(loc Location, field, value, format string, args ...any) {
 	p.warnings = append(p.warnings, &Error{Loc: loc, Field: field, Value: value, Msg: fmt.Sprintf(format, args...)})
 }
 
+// NoObjects is the message of the problem Parse reports for a file
+// without a single object: empty, or only blanks, comments and
+// separators. Such a file is never valid: it is what a file being
+// rewritten in place looks like (a shell's `>` truncates it before the
+// writer starts), and applying it would take every pod out of the mesh. A
+// cluster without objects is written as an empty List.
+const NoObjects = "no objects: the file is empty or holds only comments; it is never applied, since a file being rewritten looks like that " +
+	"(to run without any object on purpose, write an empty List: {apiVersion: v1, kind: List, items: []})"
+
 // Parse parses data, the contents of the file named file (used in
-// messages). On any problem it returns an ErrorList naming each.
+// messages). On any problem it returns an ErrorList naming each. A file
+// must hold at least one object (a document that is not blank or only
+// comments; an empty List counts): see NoObjects.
 func Parse(file string, data []byte, opts Options) (*Manifest, error) {
 	p := &parser{file: file, opts: opts}
 	doc := 0
@@ -75,6 +86,9 @@ func Parse(file string, data []byte, opts Options) (*Manifest, error) {
 		}
 		doc++
 		p.object(Location{File: file, Doc: doc}, js)
+	}
+	if doc == 0 {
+		p.errorf(Location{File: file}, "", "", "%s", NoObjects)
 	}
 	var m *Manifest
 	if len(p.errs) == 0 {

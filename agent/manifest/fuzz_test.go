@@ -21,6 +21,8 @@ func FuzzParse(f *testing.F) {
 	}
 	f.Add(seed)
 	f.Add([]byte(base + `{apiVersion: v1, kind: List, items: [{apiVersion: v1, kind: Pod, metadata: {name: a, namespace: shop}, spec: {nodeName: node-1}, status: {podIP: 198.19.1.1}}]}`))
+	f.Add([]byte(""))
+	f.Add([]byte("# nothing yet\n---\n\n---\n"))
 	f.Fuzz(func(t *testing.T, data []byte) {
 		m, err := Parse("f.yaml", data, Options{})
 		if err != nil {

@@ -394,6 +394,29 @@ func TestParseNeverSkipsAMisspeltObject(t *testing.T) {
 	}
 }
 
+func TestParseRefusesAFileWithoutObjects(t *testing.T) {
+	for _, tc := range []struct{ name, yaml string }{
+		{"an empty file", ""},
+		{"blank lines", "\n  \n\n"},
+		{"comments and separators", "# cluster\n---\n# nothing yet\n---\n"},
+		{"a null document", "null\n---\n~\n"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			m, err := Parse("f.yaml", []byte(tc.yaml), Options{})
+			if want := "f.yaml: " + NoObjects; err == nil || err.Error() != want {
+				t.Fatalf("Parse = %v, %v; want error %s", m, err, want)
+			}
+		})
+	}
+	m, err := Parse("f.yaml", []byte("# on purpose\n{apiVersion: v1, kind: List, items: []}\n"), Options{})
+	if err != nil {
+		t.Fatalf("an explicit empty List: %v", err)
+	}
+	if n := len(m.Snapshot.Workloads()); n != 0 {
+		t.Fatalf("an explicit empty List made %d workloads", n)
+	}
+}
+
 func TestReadFileNamesTheFile(t *testing.T) {
 	dir := t.TempDir()
 	path := filepath.Join(dir, "cluster.yaml")
