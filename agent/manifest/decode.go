@@ -4,7 +4,9 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"regexp"
 	"sort"
+	"strconv"
 	"strings"
 
 	corev1 "k8s.io/api/core/v1"
@@ -37,6 +39,10 @@ type parser struct {
 	opts     Options
 	errs     ErrorList
 	warnings []*Error
+	// unknown holds the unknown fields: when the file has errors they
+	// are noted on the errors of their object, since a misspelt field is
+	// often why another one is reported missing.
+	unknown []*Error
 
 	namespaces []located[corev1.Namespace]
 	pods       []located[corev1.Pod]
@@ -75,10 +81,10 @@ func Parse(file string, data []byte, opts Options) (*Manifest, error) {
 	p := &parser{file: file, opts: opts}
 	doc := 0
 	for _, raw := range splitDocuments(data) {
-		js, err := yaml.YAMLToJSON(raw)
+		js, err := yaml.YAMLToJSON(raw.data)
 		if err != nil {
 			doc++
-			p.errorf(Location{File: file, Doc: doc}, "", "", "not valid YAML: %v", trimYAMLError(err))
+			p.errorf(Location{File: file, Doc: doc}, "", "", "not valid YAML: %s", fileLines(trimYAMLError(err), raw.line-1))
 			continue
 		}
 		if t := bytes.TrimSpace(js); len(t) == 0 || string(t) == "null" {
@@ -102,29 +108,49 @@ func Parse(file string, data []byte, opts Options) (*Manifest, error) {
 			}
 			return a.Item < b.Item
 		})
+		p.foldUnknownFields()
 		return nil, p.errs
 	}
 	return m, nil
 }
 
+// foldUnknownFields notes each unknown field on the first error of its
+// object: the warnings are not shown otherwise when the file is rejected.
+func (p *parser) foldUnknownFields() {
+	for _, u := range p.unknown {
+		for _, e := range p.errs {
+			if e.Loc.Doc == u.Loc.Doc && e.Loc.Item == u.Loc.Item {
+				e.Notes = append(e.Notes, u.Msg)
+				break
+			}
+		}
+	}
+}
+
+// document is one YAML document of the file and the file's line it
+// starts on (1-based).
+type document struct {
+	data []byte
+	line int
+}
+
 // splitDocuments cuts a YAML stream at its "---" lines.
-func splitDocuments(data []byte) [][]byte {
-	var docs [][]byte
-	start := 0
-	for off := 0; off < len(data); {
+func splitDocuments(data []byte) []document {
+	var docs []document
+	start, startLine, line := 0, 1, 1
+	for off := 0; off < len(data); line++ {
 		end := bytes.IndexByte(data[off:], '\n')
 		next := len(data)
 		if end >= 0 {
 			next = off + end + 1
 		}
-		line := data[off:next]
-		if isSeparator(line) {
-			docs = append(docs, data[start:off])
-			start = next
+		if isSeparator(data[off:next]) {
+			docs = append(docs, document{data[start:off], startLine})
+			start, startLine = next, line+1
 		}
 		off = next
 	}
-	return append(docs, data[start:])
+	return append(docs, document{data[start:], startLine})
 }
 
 func isSeparator(line []byte) bool {
@@ -140,6 +166,23 @@ func trimYAMLError(err error) string {
 	s := err.Error()
 	s = strings.TrimPrefix(s, "error converting YAML to JSON: ")
 	return strings.TrimPrefix(s, "yaml: ")
+}
+
+var yamlLine = regexp.MustCompile(`\bline ([0-9]+)\b`)
+
+// fileLines turns the line numbers of a YAML error, which count from the
+// start of its document, into lines of the file.
+func fileLines(msg string, offset int) string {
+	if offset == 0 {
+		return msg
+	}
+	return yamlLine.ReplaceAllStringFunc(msg, func(s string) string {
+		n, err := strconv.Atoi(strings.TrimPrefix(s, "line "))
+		if err != nil {
+			return s
+		}
+		return "line " + strconv.Itoa(n+offset)
+	})
 }
 
 // header is what every object is read for before its kind is known.
@@ -222,6 +265,7 @@ func (p *parser) object(loc Location, js []byte) {
 	if strict, ok := runtime.AsStrictDecodingError(err); ok {
 		for _, e := range strict.Errors() {
 			p.warnf(loc, "", "", "%v (ignored)", e)
+			p.unknown = append(p.unknown, &Error{Loc: loc, Msg: fmt.Sprintf("%v was ignored", e)})
 		}
 		err = nil
 	}

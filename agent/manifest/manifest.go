@@ -176,6 +176,9 @@ type Error struct {
 	Value string
 	// Msg says what is wrong and, where it helps, what would be valid.
 	Msg string
+	// Notes are other facts about the object that may explain the problem:
+	// the unknown fields it has, which are otherwise only warnings.
+	Notes []string
 }
 
 // Error renders the problem as one line, e.g.
@@ -193,6 +196,10 @@ func (e *Error) Error() string {
 		b.WriteString(": ")
 	}
 	b.WriteString(e.Msg)
+	for _, n := range e.Notes {
+		b.WriteString("; note: ")
+		b.WriteString(n)
+	}
 	return b.String()
 }
 

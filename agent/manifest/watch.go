@@ -269,5 +269,8 @@ func (e *Error) LogValue() slog.Value {
 		attrs = append(attrs, slog.String("value", e.Value))
 	}
 	attrs = append(attrs, slog.String("msg", e.Msg))
+	if len(e.Notes) > 0 {
+		attrs = append(attrs, slog.Any("notes", e.Notes))
+	}
 	return slog.GroupValue(attrs...)
 }
