@@ -110,13 +110,6 @@ func (w *Watcher) ReloadStatus() ReloadStatus {
 	return st
 }
 
-// Reloads counts the versions of the file that Run applied and those it
-// rejected.
-func (w *Watcher) Reloads() (applied, rejected uint64) {
-	st := w.ReloadStatus()
-	return st.Applied, st.Rejected
-}
-
 // NewWatcher returns a watcher of the file at path. It does nothing until
 // Load or Run.
 func NewWatcher(path string, log *slog.Logger, opts WatchOptions) *Watcher {
@@ -413,10 +406,17 @@ func (w *Watcher) reject(now time.Time, v fileVersion, sum *[sha256.Size]byte, e
 	}
 }
 
-// problemLines renders err one problem a line (an ErrorList shows at most
-// maxErrors, then how many more there are).
+// problemLines renders err one problem a line.
 func problemLines(err error) []string {
-	return strings.Split(err.Error(), "\n")
+	var list ErrorList
+	if !errors.As(err, &list) {
+		return strings.Split(err.Error(), "\n")
+	}
+	out := make([]string, len(list))
+	for i, e := range list {
+		out[i] = e.Error()
+	}
+	return out
 }
 
 // sweeping says what m takes away entirely compared with old: every

@@ -413,7 +413,7 @@ func runAgentWith(ctx context.Context, f *agentFlags, log *slog.Logger) error {
 	})
 	goRun("security events", func() error { return en.run(runCtx) })
 	obsv.run(runCtx, goRun, proxy, admin.Config{Node: f.node, TrustDomain: td, Snapshot: store.Load, Ready: ag.Ready,
-		Pods: ag.Pods, Datapath: dp, Policy: en.eng, Policies: en.policies, Certificates: ids.Certificates, Logger: log.With("component", "admin")})
+		Pods: ag.Pods, Datapath: dp, ConfigFile: watcher.ReloadStatus, Policy: en.eng, Policies: en.policies, Certificates: ids.Certificates, Logger: log.With("component", "admin")})
 	for i, s := range servers {
 		goRun("http "+s.Addr, func() error {
 			if err := s.Serve(serverLns[i]); !errors.Is(err, http.ErrServerClosed) {
