@@ -14,8 +14,6 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
-
-	"github.com/fsnotify/fsnotify"
 )
 
 // Defaults of WatchOptions.
@@ -50,7 +48,7 @@ type WatchOptions struct {
 // Kubernetes ConfigMap mounts. It applies a version only once the file has
 // stayed unchanged for WatchOptions.Debounce and was read whole, and
 // re-checks the file every WatchOptions.Poll in case a notification is
-// lost.
+// lost. Notifications come from Linux's inotify; elsewhere it only polls.
 //
 // A version that does not parse, or holds no object at all (see
 // NoObjects), is rejected: it is logged problem by problem, counted and
@@ -229,16 +227,16 @@ func (w *Watcher) stat() fileVersion {
 // goroutine) with every new version that parses. It returns nil when ctx
 // is done.
 func (w *Watcher) Run(ctx context.Context, apply func(*Manifest)) error {
-	var fw *fileWatch
-	var events <-chan fsnotify.Event
+	var n *notifier
+	var changed <-chan struct{}
 	var errs <-chan error
 	if w.notify {
 		var err error
-		if fw, err = newFileWatch(w.path); err != nil {
+		if n, err = newNotifier(w.path); err != nil {
 			w.log.Warn("config file: change notifications unavailable; polling only", "file", w.path, "poll", w.opts.Poll, "error", err)
 		} else {
-			defer fw.close()
-			events, errs = fw.fw.Events, fw.fw.Errors
+			defer n.close()
+			changed, errs = n.C, n.Err
 		}
 	}
 	poll := time.NewTicker(w.opts.Poll)
@@ -258,39 +256,27 @@ func (w *Watcher) Run(ctx context.Context, apply func(*Manifest)) error {
 		select {
 		case <-ctx.Done():
 			return nil
-		case ev, ok := <-events:
-			if !ok {
-				events = nil
-				continue
-			}
-			if !fw.relevant(ev.Name) {
-				continue // another file of the directory
-			}
-			w.rewatch(fw)
+		case <-changed:
+			w.rewatch(n)
 			check()
-		case err, ok := <-errs:
-			if !ok {
-				errs = nil
-				continue
-			}
-			w.log.Warn("config file: notification error; checking the file now, and polling continues", "file", w.path, "error", err)
-			w.rewatch(fw)
-			check()
+		case err := <-errs:
+			w.log.Warn("config file: change notifications stopped; polling only", "file", w.path, "poll", w.opts.Poll, "error", err)
+			changed, errs = nil, nil
 		case <-settle.C:
 			check()
 		case <-poll.C:
-			w.rewatch(fw)
+			w.rewatch(n)
 			check()
 		}
 	}
 }
 
-func (w *Watcher) rewatch(fw *fileWatch) {
-	if fw == nil {
+func (w *Watcher) rewatch(n *notifier) {
+	if n == nil {
 		return
 	}
-	if err := fw.update(); err != nil {
-		w.log.Warn("config file: cannot watch a directory of the file; polling continues", "file", w.path, "error", err)
+	if err := n.update(); err != nil {
+		w.log.Warn("config file: cannot watch a folder of the file; polling continues", "file", w.path, "error", err)
 	}
 }
 
@@ -491,61 +477,6 @@ func (e *Error) LogValue() slog.Value {
 
 // maxLinks bounds the symbolic links followed while resolving the path.
 const maxLinks = 40
-
-// fileWatch watches the directories that hold the file and the symbolic
-// links leading to it, and tells the events about them from those about
-// other files of the same directories.
-type fileWatch struct {
-	fw    *fsnotify.Watcher
-	path  string
-	dirs  []string
-	names []string
-}
-
-func newFileWatch(path string) (*fileWatch, error) {
-	fw, err := fsnotify.NewWatcher()
-	if err != nil {
-		return nil, fmt.Errorf("manifest: watch: %w", err)
-	}
-	f := &fileWatch{fw: fw, path: path}
-	if err := f.update(); err != nil {
-		fw.Close()
-		return nil, err
-	}
-	return f, nil
-}
-
-func (f *fileWatch) close() { f.fw.Close() }
-
-// relevant says whether an event about name concerns the file: the file
-// itself, a symbolic link on the way to it, or the file it resolves to.
-func (f *fileWatch) relevant(name string) bool {
-	return slices.Contains(f.names, filepath.Clean(name))
-}
-
-// update resolves the path again (a symbolic link may point elsewhere
-// now) and watches the directories that now matter.
-func (f *fileWatch) update() error {
-	names, dirs := resolve(f.path)
-	var watched []string
-	var errs []error
-	for _, d := range dirs {
-		if !slices.Contains(f.dirs, d) {
-			if err := f.fw.Add(d); err != nil {
-				errs = append(errs, fmt.Errorf("manifest: watch %s: %w", d, err))
-				continue
-			}
-		}
-		watched = append(watched, d)
-	}
-	for _, d := range f.dirs {
-		if !slices.Contains(watched, d) {
-			_ = f.fw.Remove(d) // fails when d is gone, and its watch with it
-		}
-	}
-	f.names, f.dirs = names, watched
-	return errors.Join(errs...)
-}
 
 // resolve follows the symbolic links of path. It returns the paths whose
 // changes change the file: each symbolic link met on the way, named

@@ -148,16 +148,19 @@ func TestWatcherAppliesEditsAndKeepsTheLastGoodOnBadOnes(t *testing.T) {
 	if !strings.Contains(r.logs.String(), "problem.field=status.podIP") {
 		t.Errorf("the rejected edit was not logged with its field as an attribute:\n%s", r.logs)
 	}
+	// os.WriteFile empties the file before it writes it: on a loaded
+	// machine the watcher may see the empty file settle, and reject it
+	// too. So at least one rejection.
 	st := r.w.ReloadStatus()
-	if !st.LastEditRejected || st.Applied != 2 || st.Rejected != 1 || st.RejectedAt.IsZero() ||
+	if !st.LastEditRejected || st.Applied != 2 || st.Rejected < 1 || st.RejectedAt.IsZero() ||
 		!slices.Equal(st.Problems, []string{`cluster.yaml: document 3 (Pod shop/a): status.podIP "198.19.1.300": not an IP address`}) {
 		t.Errorf("after a bad edit, ReloadStatus() = %+v", st)
 	}
 
 	r.renameInto(t, clusterWith(4))
 	r.wantApplied(t, "198.19.1.4")
-	if st := r.w.ReloadStatus(); st.Applied != 3 || st.Rejected != 1 || st.LastEditRejected || st.Problems != nil {
-		t.Errorf("after a good edit, ReloadStatus() = %+v; want 3 applied, 1 rejected, none pending", st)
+	if st2 := r.w.ReloadStatus(); st2.Applied != 3 || st2.Rejected != st.Rejected || st2.LastEditRejected || st2.Problems != nil {
+		t.Errorf("after a good edit, ReloadStatus() = %+v; want 3 applied, %d rejected, none pending", st2, st.Rejected)
 	}
 	select {
 	case m := <-r.applied:
@@ -271,10 +274,11 @@ func TestWatcherIgnoresOtherFilesOfItsDirectory(t *testing.T) {
 	if got := r.w.reads.Load() - reads; got != 1 {
 		t.Errorf("%d reads of the file; want 1, for the edit", got)
 	}
-	// The rename's notification, then the timer when the new version has
-	// settled; a third when the rename arrives as two notifications.
-	if got := r.w.checks.Load() - checks; got > 3 {
-		t.Errorf("%d checks of the file; want at most 3: the log next to it made the watcher look", got)
+	// The rename's notifications (the new name, the old file's unlink),
+	// then the timer when the new version has settled: a handful, where
+	// notifications of the log's 2,000 writes would make hundreds.
+	if got := r.w.checks.Load() - checks; got >= 10 {
+		t.Errorf("%d checks of the file; want a handful: the log next to it made the watcher look", got)
 	}
 }
 
