@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -56,6 +57,37 @@ func TestStatusSaysWhatNeedsAttention(t *testing.T) {
 	st, err = c.Status(context.Background())
 	if err != nil || st.Ready || st.Reason != f.Reason {
 		t.Errorf("unready status = %+v, %v", st, err)
+	}
+}
+
+func TestStatusShowsARejectedEdit(t *testing.T) {
+	f := admintest.New(t)
+	c := client(t, f.Addr)
+	st, err := c.Status(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := admin.ConfigStatus{Available: true, File: "/etc/mantlet/cluster.yaml", Applied: 3, Rejected: 1,
+		AppliedAt: admintest.Now.Add(-time.Hour), RejectedAt: admintest.Now.Add(-2 * time.Hour)}
+	if fmt.Sprint(st.Config) != fmt.Sprint(want) || slices.ContainsFunc(st.Problems, func(p string) bool { return strings.HasPrefix(p, "config:") }) {
+		t.Errorf("config = %+v, problems %q\nwant %+v and no config problem", st.Config, st.Problems, want)
+	}
+
+	problems := []string{
+		`cluster.yaml: document 3 (Pod shop/a): status.podIP "198.19.1.300": not an IP address`,
+		`cluster.yaml: document 4 (MeshPolicies shop/p): kind "MeshPolicies": group mantlet.io has no such kind; did you mean MeshPolicy?`,
+	}
+	f.Config.Rejected, f.Config.RejectedAt, f.Config.LastEditRejected, f.Config.Problems = 2, admintest.Now.Add(-time.Minute), true, problems
+	st, err = c.Status(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !st.Ready || !st.Config.LastEditRejected || !slices.Equal(st.Config.LastEditProblems, problems) || st.Config.Rejected != 2 {
+		t.Errorf("status = %+v; want ready, and the rejected edit with its problems", st)
+	}
+	wantProblem := `config: last edit rejected at 2026-11-25T11:59:00Z: cluster.yaml: document 3 (Pod shop/a): status.podIP "198.19.1.300": not an IP address (and 1 more problem)`
+	if !slices.Contains(st.Problems, wantProblem) {
+		t.Errorf("problems:\n%s\nwant among them:\n%s", strings.Join(st.Problems, "\n"), wantProblem)
 	}
 }
 

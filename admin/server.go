@@ -19,6 +19,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/mantlet/mantlet/agent"
+	"github.com/mantlet/mantlet/agent/manifest"
 	"github.com/mantlet/mantlet/bpf"
 	"github.com/mantlet/mantlet/identity"
 	"github.com/mantlet/mantlet/internal/workload"
@@ -61,6 +62,9 @@ type Config struct {
 	Pods func() []agent.PodStatus
 	// Datapath is the eBPF data path.
 	Datapath Datapath
+	// ConfigFile reports the cluster file's reloads
+	// (manifest.Watcher.ReloadStatus).
+	ConfigFile func() manifest.ReloadStatus
 	// Certificates lists the node's SVIDs (identity.Manager.Certificates).
 	Certificates func() []identity.CertInfo
 	// Policy is the live policy engine; Policies the set in force, as
@@ -224,6 +228,14 @@ func (s *Server) Status() Status {
 			st.Problems = append(st.Problems, fmt.Sprintf("pod %s pending: %s", p.Pod, why))
 		}
 	}
+	if s.cfg.ConfigFile != nil {
+		c := s.cfg.ConfigFile()
+		st.Config = ConfigStatus{Available: true, File: c.File, Applied: c.Applied, Rejected: c.Rejected,
+			AppliedAt: c.AppliedAt, RejectedAt: c.RejectedAt, LastEditRejected: c.LastEditRejected, LastEditProblems: c.Problems}
+		if c.LastEditRejected {
+			st.Problems = append(st.Problems, configProblem(c))
+		}
+	}
 	if s.cfg.Policy != nil {
 		st.Policy = PolicyStatus{Available: true, Generation: s.cfg.Policy.Generation()}
 		if s.cfg.Policies != nil {
@@ -257,6 +269,24 @@ func (s *Server) Status() Status {
 		st.Flows.Logged = s.cfg.Flows.Total()
 	}
 	return st
+}
+
+// configProblem says that the newest version of the cluster file was
+// rejected, and its first problem.
+func configProblem(c manifest.ReloadStatus) string {
+	var b strings.Builder
+	fmt.Fprintf(&b, "config: last edit rejected at %s", c.RejectedAt.UTC().Format(time.RFC3339))
+	if len(c.Problems) > 0 {
+		b.WriteString(": ")
+		b.WriteString(c.Problems[0])
+	}
+	switch n := len(c.Problems) - 1; {
+	case n == 1:
+		b.WriteString(" (and 1 more problem)")
+	case n > 1:
+		fmt.Fprintf(&b, " (and %d more problems)", n)
+	}
+	return b.String()
 }
 
 func datapathStatus(b bpf.Status) DatapathStatus {

@@ -42,9 +42,31 @@ type Status struct {
 	Problems []string       `json:"problems,omitempty"`
 	Datapath DatapathStatus `json:"datapath"`
 	Snapshot SnapshotStatus `json:"snapshot"`
+	Config   ConfigStatus   `json:"config"`
 	Policy   PolicyStatus   `json:"policy"`
 	Certs    CertsStatus    `json:"certs"`
 	Flows    FlowsStatus    `json:"flows"`
+}
+
+// ConfigStatus says which version of the cluster file is in force and
+// whether the newest one was rejected.
+type ConfigStatus struct {
+	// Available is false when the agent reads no cluster file.
+	Available bool   `json:"available"`
+	File      string `json:"file,omitempty"`
+	// Applied and Rejected count the changed versions of the file since
+	// the agent started.
+	Applied  uint64 `json:"applied"`
+	Rejected uint64 `json:"rejected"`
+	// AppliedAt is when the version in force was read; RejectedAt when a
+	// version was last rejected (absent if none was).
+	AppliedAt  time.Time `json:"applied_at,omitzero"`
+	RejectedAt time.Time `json:"rejected_at,omitzero"`
+	// LastEditRejected is true while the newest version of the file is
+	// rejected: the version of AppliedAt stays in force, and
+	// LastEditProblems says why, one problem each.
+	LastEditRejected bool     `json:"last_edit_rejected"`
+	LastEditProblems []string `json:"last_edit_problems,omitempty"`
 }
 
 // DatapathStatus is the eBPF data path's attachment state.

@@ -3,6 +3,7 @@ package agent
 import (
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/mantlet/mantlet/agent/manifest"
 	"github.com/mantlet/mantlet/bpf"
 )
 
@@ -15,10 +16,10 @@ type DatapathCounters interface {
 	Repairs() map[bpf.Fault]uint64
 }
 
-// ConfigReloads counts reloads of the workload source; *manifest.Watcher
-// implements it.
+// ConfigReloads reports the reloads of the workload source;
+// *manifest.Watcher implements it.
 type ConfigReloads interface {
-	Reloads() (applied, rejected uint64)
+	ReloadStatus() manifest.ReloadStatus
 }
 
 // Collector exports the agent's state, the data path's counters and the
@@ -29,7 +30,7 @@ type Collector struct {
 	datapath   DatapathCounters
 	rejections func() map[string]uint64
 
-	ready, pods, reloadsDesc, events, repairs, refused, plainClosed *prometheus.Desc
+	ready, pods, reloadsDesc, lastReload, lastRejection, events, repairs, refused, plainClosed *prometheus.Desc
 }
 
 // NewCollector returns a collector over a; reloads, datapath and
@@ -43,6 +44,10 @@ func NewCollector(a *Agent, reloads ConfigReloads, datapath DatapathCounters, re
 			"Local meshed pods by state: enrolled, or pending (not enrolled yet, retried).", []string{"state"}, nil),
 		reloadsDesc: prometheus.NewDesc("mantlet_config_reloads_total",
 			"Changed versions of the cluster file, applied or rejected (the last good one stays in force).", []string{"result"}, nil),
+		lastReload: prometheus.NewDesc("mantlet_config_last_reload_success",
+			"1 when the newest version of the cluster file is in force, 0 while it is rejected and the last good one stays in force ('mantlet status' says why).", nil, nil),
+		lastRejection: prometheus.NewDesc("mantlet_config_last_rejection_timestamp_seconds",
+			"When a version of the cluster file was last rejected, in seconds since the Unix epoch; 0 if none was.", nil, nil),
 		events: prometheus.NewDesc("mantlet_datapath_packets_total",
 			"Packets and connections the eBPF programs handled, by event.", []string{"event"}, nil),
 		repairs: prometheus.NewDesc("mantlet_datapath_repairs_total",
@@ -61,6 +66,8 @@ func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.plainClosed
 	if c.reloads != nil {
 		ch <- c.reloadsDesc
+		ch <- c.lastReload
+		ch <- c.lastRejection
 	}
 	if c.datapath != nil {
 		ch <- c.events
@@ -87,9 +94,15 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(c.pods, prometheus.GaugeValue, pending, "pending")
 	ch <- prometheus.MustNewConstMetric(c.plainClosed, prometheus.CounterValue, float64(c.agent.PlaintextClosed()))
 	if c.reloads != nil {
-		applied, rejected := c.reloads.Reloads()
-		ch <- prometheus.MustNewConstMetric(c.reloadsDesc, prometheus.CounterValue, float64(applied), "applied")
-		ch <- prometheus.MustNewConstMetric(c.reloadsDesc, prometheus.CounterValue, float64(rejected), "rejected")
+		st := c.reloads.ReloadStatus()
+		ch <- prometheus.MustNewConstMetric(c.reloadsDesc, prometheus.CounterValue, float64(st.Applied), "applied")
+		ch <- prometheus.MustNewConstMetric(c.reloadsDesc, prometheus.CounterValue, float64(st.Rejected), "rejected")
+		ch <- prometheus.MustNewConstMetric(c.lastReload, prometheus.GaugeValue, boolValue(!st.LastEditRejected))
+		var at float64
+		if !st.RejectedAt.IsZero() {
+			at = float64(st.RejectedAt.UnixNano()) / 1e9
+		}
+		ch <- prometheus.MustNewConstMetric(c.lastRejection, prometheus.GaugeValue, at)
 	}
 	if c.datapath != nil {
 		if n, err := c.datapath.Counters(); err == nil {

@@ -10,13 +10,14 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
+	"github.com/mantlet/mantlet/agent/manifest"
 	"github.com/mantlet/mantlet/bpf"
 	"github.com/mantlet/mantlet/internal/workload"
 )
 
-type fakeReloads struct{ applied, rejected uint64 }
+type fakeReloads manifest.ReloadStatus
 
-func (f fakeReloads) Reloads() (uint64, uint64) { return f.applied, f.rejected }
+func (f fakeReloads) ReloadStatus() manifest.ReloadStatus { return manifest.ReloadStatus(f) }
 
 type fakeCounters struct {
 	c       bpf.Counters
@@ -38,7 +39,8 @@ func TestCollectorExportsTheNodeState(t *testing.T) {
 	a.reconcile(t.Context(), time.Now())
 
 	reg := prometheus.NewPedanticRegistry()
-	reg.MustRegister(NewCollector(a, fakeReloads{3, 1}, fakeCounters{c: bpf.Counters{Redirected: 7, SpoofDrops: 2}, repairs: map[bpf.Fault]uint64{bpf.FaultRule: 2}},
+	reg.MustRegister(NewCollector(a, fakeReloads{Applied: 3, Rejected: 1, RejectedAt: time.Unix(1764069000, 500e6)},
+		fakeCounters{c: bpf.Counters{Redirected: 7, SpoofDrops: 2}, repairs: map[bpf.Fault]uint64{bpf.FaultRule: 2}},
 		func() map[string]uint64 { return map[string]uint64{"NR": 4} }))
 	want := `
 # HELP mantlet_agent_pods Local meshed pods by state: enrolled, or pending (not enrolled yet, retried).
@@ -48,6 +50,12 @@ mantlet_agent_pods{state="pending"} 1
 # HELP mantlet_agent_ready 1 when the node can carry captured traffic (the readiness probe answers 200).
 # TYPE mantlet_agent_ready gauge
 mantlet_agent_ready 1
+# HELP mantlet_config_last_reload_success 1 when the newest version of the cluster file is in force, 0 while it is rejected and the last good one stays in force ('mantlet status' says why).
+# TYPE mantlet_config_last_reload_success gauge
+mantlet_config_last_reload_success 1
+# HELP mantlet_config_last_rejection_timestamp_seconds When a version of the cluster file was last rejected, in seconds since the Unix epoch; 0 if none was.
+# TYPE mantlet_config_last_rejection_timestamp_seconds gauge
+mantlet_config_last_rejection_timestamp_seconds 1.7640690005e+09
 # HELP mantlet_config_reloads_total Changed versions of the cluster file, applied or rejected (the last good one stays in force).
 # TYPE mantlet_config_reloads_total counter
 mantlet_config_reloads_total{result="applied"} 3
@@ -60,8 +68,9 @@ mantlet_strict_plaintext_connections_closed_total 0
 mantlet_ztunnel_refused_connections_total{response_flags="NR"} 4
 `
 	if err := testutil.GatherAndCompare(reg, strings.NewReader(want),
-		"mantlet_agent_pods", "mantlet_agent_ready", "mantlet_config_reloads_total",
-		"mantlet_strict_plaintext_connections_closed_total", "mantlet_ztunnel_refused_connections_total"); err != nil {
+		"mantlet_agent_pods", "mantlet_agent_ready", "mantlet_config_reloads_total", "mantlet_config_last_reload_success",
+		"mantlet_config_last_rejection_timestamp_seconds", "mantlet_strict_plaintext_connections_closed_total",
+		"mantlet_ztunnel_refused_connections_total"); err != nil {
 		t.Fatal(err)
 	}
 	wantPackets := `
@@ -98,6 +107,43 @@ mantlet_datapath_repairs_total{fault="sk-lookup"} 0
 `
 	if err := testutil.GatherAndCompare(reg, strings.NewReader(wantRepairs), "mantlet_datapath_repairs_total"); err != nil {
 		t.Fatal(err)
+	}
+}
+
+func TestCollectorShowsARejectedEdit(t *testing.T) {
+	a, err := New(Config{Node: "node-1", Datapath: newFakeDatapath(), Links: &fakeLinks{}, Store: workload.NewStore()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		name                                   string
+		st                                     manifest.ReloadStatus
+		success, rejectedAt, applied, rejected string
+	}{
+		{"nothing rejected yet", manifest.ReloadStatus{Applied: 2}, "1", "0", "2", "0"},
+		{"the newest version rejected", manifest.ReloadStatus{Applied: 2, Rejected: 1, RejectedAt: time.Unix(1764069000, 0),
+			LastEditRejected: true, Problems: []string{"cluster.yaml: no objects"}}, "0", "1.764069e+09", "2", "1"},
+		{"a later version applied", manifest.ReloadStatus{Applied: 3, Rejected: 1, RejectedAt: time.Unix(1764069000, 0)}, "1", "1.764069e+09", "3", "1"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			reg := prometheus.NewPedanticRegistry()
+			reg.MustRegister(NewCollector(a, fakeReloads(tc.st), nil, nil))
+			want := `
+# HELP mantlet_config_last_reload_success 1 when the newest version of the cluster file is in force, 0 while it is rejected and the last good one stays in force ('mantlet status' says why).
+# TYPE mantlet_config_last_reload_success gauge
+mantlet_config_last_reload_success ` + tc.success + `
+# HELP mantlet_config_last_rejection_timestamp_seconds When a version of the cluster file was last rejected, in seconds since the Unix epoch; 0 if none was.
+# TYPE mantlet_config_last_rejection_timestamp_seconds gauge
+mantlet_config_last_rejection_timestamp_seconds ` + tc.rejectedAt + `
+# HELP mantlet_config_reloads_total Changed versions of the cluster file, applied or rejected (the last good one stays in force).
+# TYPE mantlet_config_reloads_total counter
+mantlet_config_reloads_total{result="applied"} ` + tc.applied + `
+mantlet_config_reloads_total{result="rejected"} ` + tc.rejected + "\n"
+			if err := testutil.GatherAndCompare(reg, strings.NewReader(want), "mantlet_config_last_reload_success",
+				"mantlet_config_last_rejection_timestamp_seconds", "mantlet_config_reloads_total"); err != nil {
+				t.Fatal(err)
+			}
+		})
 	}
 }
 

@@ -15,6 +15,7 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/mantlet/mantlet/agent"
+	"github.com/mantlet/mantlet/agent/manifest"
 	"github.com/mantlet/mantlet/bpf"
 	"github.com/mantlet/mantlet/identity"
 	"github.com/mantlet/mantlet/telemetry"
@@ -33,7 +34,7 @@ func (counters) Repairs() map[bpf.Fault]uint64   { return nil }
 
 type reloads struct{}
 
-func (reloads) Reloads() (uint64, uint64) { return 0, 0 }
+func (reloads) ReloadStatus() manifest.ReloadStatus { return manifest.ReloadStatus{} }
 
 // agentMetrics names every metric family the agent registers on :15020
 // (the collectors of cmd/mantlet/agent.go and agent_observe.go), read from

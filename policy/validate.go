@@ -3,7 +3,9 @@ package policy
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -81,6 +83,7 @@ const (
 	wantMTLS      = "want STRICT or PERMISSIVE"
 	wantPrincipal = "want a SPIFFE ID such as spiffe://cluster.local/ns/shop/sa/checkout, \"*\", a prefix ending in \"*\" or a suffix starting with \"*\""
 	wantPort      = "want a port 1-65535 or a range \"low-high\" such as \"9000-9100\""
+	wantOperator  = "want In, NotIn, Exists or DoesNotExist"
 )
 
 func (c *checker) name(path, kind, s string, label bool) {
@@ -108,8 +111,38 @@ func (c *checker) metadata(p *v1alpha1.MeshPolicy) {
 	}
 }
 
+// selector checks spec.selector field by field, reporting every problem,
+// and returns it compiled (nil when it is empty or invalid).
 func (c *checker) selector(sel *metav1.LabelSelector) labels.Selector {
 	if sel == nil || (len(sel.MatchLabels) == 0 && len(sel.MatchExpressions) == 0) {
+		return nil
+	}
+	before := len(c.errs)
+	for _, k := range slices.Sorted(maps.Keys(sel.MatchLabels)) {
+		path := fmt.Sprintf("spec.selector.matchLabels[%q]", k)
+		c.labelKey(path, k)
+		c.labelValue(path, sel.MatchLabels[k])
+	}
+	for i, e := range sel.MatchExpressions {
+		path := fmt.Sprintf("spec.selector.matchExpressions[%d]", i)
+		c.labelKey(path+".key", e.Key)
+		switch e.Operator {
+		case metav1.LabelSelectorOpIn, metav1.LabelSelectorOpNotIn:
+			if len(e.Values) == 0 {
+				c.add(path+".values", "empty; operator %s needs at least one value", e.Operator)
+			}
+			for j, v := range e.Values {
+				c.labelValue(fmt.Sprintf("%s.values[%d]", path, j), v)
+			}
+		case metav1.LabelSelectorOpExists, metav1.LabelSelectorOpDoesNotExist:
+			if len(e.Values) > 0 {
+				c.add(path+".values", "must be empty for operator %s", e.Operator)
+			}
+		default:
+			c.add(path+".operator", "%q is not an operator; %s", e.Operator, wantOperator)
+		}
+	}
+	if len(c.errs) > before {
 		return nil
 	}
 	s, err := metav1.LabelSelectorAsSelector(sel)
@@ -118,6 +151,18 @@ func (c *checker) selector(sel *metav1.LabelSelector) labels.Selector {
 		return nil
 	}
 	return s
+}
+
+func (c *checker) labelKey(path, k string) {
+	if problems := validation.IsQualifiedName(k); len(problems) > 0 {
+		c.add(path, "%q is not a valid label key: %s", k, problems[0])
+	}
+}
+
+func (c *checker) labelValue(path, v string) {
+	if problems := validation.IsValidLabelValue(v); len(problems) > 0 {
+		c.add(path, "%q is not a valid label value: %s", v, problems[0])
+	}
 }
 
 func (c *checker) principal(path, s string) principalMatcher {

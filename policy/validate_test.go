@@ -25,8 +25,16 @@ func TestValidateErrors(t *testing.T) {
 			`spec.rules: a DENY policy without rules matches nothing; add a rule (rules: [{}] matches every connection)`},
 		{"unknown mtls mode", `{mtls: strict}`,
 			`spec.mtls: "strict" is not an mTLS mode; want STRICT or PERMISSIVE`},
-		{"bad selector", `{selector: {matchExpressions: [{key: app, operator: Near}]}, mtls: STRICT}`,
-			`spec.selector: "Near" is not a valid label selector operator`},
+		{"bad selector operator", `{selector: {matchExpressions: [{key: app, operator: Near}]}, mtls: STRICT}`,
+			`spec.selector.matchExpressions[0].operator: "Near" is not an operator; want In, NotIn, Exists or DoesNotExist`},
+		{"every problem of a selector", `{selector: {matchLabels: {app: "bad value!", "-x": ok}, matchExpressions: [{key: tier, operator: Equals, values: [web]}, {key: "a b", operator: In}, {key: env, operator: Exists, values: [prod]}, {key: zone, operator: NotIn, values: [ok, "no good"]}]}, mtls: STRICT}`,
+			`spec.selector.matchLabels["-x"]: "-x" is not a valid label key: name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (e.g. 'MyName',  or 'my.name',  or '123-abc', regex used for validation is '([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]')` +
+				`; spec.selector.matchLabels["app"]: "bad value!" is not a valid label value: a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (e.g. 'MyValue',  or 'my_value',  or '12345', regex used for validation is '(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?')` +
+				`; spec.selector.matchExpressions[0].operator: "Equals" is not an operator; want In, NotIn, Exists or DoesNotExist` +
+				`; spec.selector.matchExpressions[1].key: "a b" is not a valid label key: name part must consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (e.g. 'MyName',  or 'my.name',  or '123-abc', regex used for validation is '([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]')` +
+				`; spec.selector.matchExpressions[1].values: empty; operator In needs at least one value` +
+				`; spec.selector.matchExpressions[2].values: must be empty for operator Exists` +
+				`; spec.selector.matchExpressions[3].values[1]: "no good" is not a valid label value: a valid label must be an empty string or consist of alphanumeric characters, '-', '_' or '.', and must start and end with an alphanumeric character (e.g. 'MyValue',  or 'my_value',  or '12345', regex used for validation is '(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?')`},
 		{"bad CIDR", `{action: ALLOW, rules: [{}, {from: [{ipBlocks: [{cidr: 10.0.0.1/33}]}]}]}`,
 			`spec.rules[1].from[0].ipBlocks[0].cidr: "10.0.0.1/33" is not a CIDR; want an address and prefix length such as 10.0.0.0/8 or fd00::/8`},
 		{"CIDR with host bits", `{action: ALLOW, rules: [{from: [{notIpBlocks: [{cidr: 10.1.2.3/8}]}]}]}`,

@@ -21,8 +21,19 @@ func FuzzParse(f *testing.F) {
 	}
 	f.Add(seed)
 	f.Add([]byte(base + `{apiVersion: v1, kind: List, items: [{apiVersion: v1, kind: Pod, metadata: {name: a, namespace: shop}, spec: {nodeName: node-1}, status: {podIP: 198.19.1.1}}]}`))
+	// The paths of errors: no object, misspelt kinds, a core kind of
+	// another group, YAML errors after several documents, a field missing
+	// next to its misspelling.
+	f.Add([]byte(""))
+	f.Add([]byte("# nothing yet\n---\n\n---\n"))
+	f.Add([]byte(base + `{apiVersion: apps/v1, kind: Pod, metadata: {name: a, namespace: shop}, spec: {nodeName: node-1}, status: {podIP: 198.19.1.1}}`))
+	f.Add([]byte(base + `{apiVersion: v1, kind: List, items: [{apiVersion: v1, kind: pods, metadata: {name: a}}, {apiVersion: v1, kind: ConfigMap}]}`))
+	f.Add([]byte(base + "apiVersion: mantlet.io/v1alpha1\nkind: MeshPolicies\nmetadata: {name: p, namespace: shop}\nspec: {action: DENY}\n"))
+	f.Add([]byte(base + "apiVersion: v1\nkind: MeshPolicy\n---\napiVersion: mantlet.io/v1\nkind: Service\n"))
+	f.Add([]byte(base + "# a comment\n---\nkind: Pod\n  name: [a\n"))
+	f.Add([]byte(base + `{apiVersion: v1, kind: Pod, metadata: {name: a, namespace: shop}, spec: {nodeName: node-1}, status: {podIp: 198.19.1.1}}`))
 	f.Fuzz(func(t *testing.T, data []byte) {
-		m, err := Parse("f.yaml", data, Options{})
+		m, err := Parse("f.yaml", data, policyKinds)
 		if err != nil {
 			var list ErrorList
 			if !errors.As(err, &list) || len(list) == 0 {

@@ -3,9 +3,9 @@
 // Node, Service, and v1 List of them) decoded with the Kubernetes API
 // types, and turns it into a workload.Snapshot. Errors name the file, the
 // document, the object and the field, and say what would be valid. Kinds
-// mantlet does not use are skipped with a warning; other packages (the
-// policy engine's MeshPolicy) can claim kinds of their own with
-// Options.Kinds.
+// mantlet does not use are skipped with a warning, misspelt ones are
+// errors; other packages (the policy engine's MeshPolicy) can claim kinds
+// of their own with Options.Kinds.
 package manifest
 
 import (
@@ -81,7 +81,9 @@ type Options struct {
 	// Kinds adds object kinds beyond the core ones, keyed by API group and
 	// kind; their decoded values land in Manifest.Extra in file order.
 	// Objects of kinds neither core nor listed here are skipped with a
-	// warning.
+	// warning, except in the groups listed here and core v1, whose every
+	// kind is known: an unknown kind there (MeshPolicies) is an error that
+	// suggests the kind meant.
 	Kinds map[schema.GroupKind]KindDecoder
 }
 
@@ -174,6 +176,9 @@ type Error struct {
 	Value string
 	// Msg says what is wrong and, where it helps, what would be valid.
 	Msg string
+	// Notes are other facts about the object that may explain the problem:
+	// the unknown fields it has, which are otherwise only warnings.
+	Notes []string
 }
 
 // Error renders the problem as one line, e.g.
@@ -191,6 +196,10 @@ func (e *Error) Error() string {
 		b.WriteString(": ")
 	}
 	b.WriteString(e.Msg)
+	for _, n := range e.Notes {
+		b.WriteString("; note: ")
+		b.WriteString(n)
+	}
 	return b.String()
 }
 

@@ -59,7 +59,7 @@ func TestReadFileBuildsTheSnapshot(t *testing.T) {
 	for _, w := range m.Warnings {
 		warnings = append(warnings, w.Error())
 	}
-	wantWarn := []string{"cluster.yaml: document 10 (Deployment shop/frontend): skipped: mantlet reads Namespace, Pod, Node, Service or List objects of apiVersion v1, not apps/v1 Deployment"}
+	wantWarn := []string{"cluster.yaml: document 10 (Deployment shop/frontend): skipped: mantlet does not read apps/v1 Deployment (it reads v1 Namespace, Pod, Node, Service and List)"}
 	if !slices.Equal(warnings, wantWarn) {
 		t.Errorf("warnings:\n got %q\nwant %q", warnings, wantWarn)
 	}
@@ -71,6 +71,19 @@ const base = `{apiVersion: v1, kind: Node, metadata: {name: node-1}, status: {ad
 {apiVersion: v1, kind: Namespace, metadata: {name: shop, annotations: {mantlet.io/mesh: enabled}}}
 ---
 `
+
+// policyKinds registers a stand-in for MeshPolicy: spec.action must be
+// ALLOW or DENY.
+var policyKinds = Options{Kinds: map[schema.GroupKind]KindDecoder{{Group: "mantlet.io", Kind: "MeshPolicy"}: func(o *Object) (any, error) {
+	var v struct{ Spec struct{ Action string } }
+	if err := json.Unmarshal(o.JSON, &v); err != nil {
+		return nil, err
+	}
+	if v.Spec.Action != "ALLOW" && v.Spec.Action != "DENY" {
+		return nil, errors.New("spec.action: want ALLOW or DENY")
+	}
+	return v.Spec.Action, nil
+}}}
 
 func TestParseRejectsBadInput(t *testing.T) {
 	for _, tc := range []struct {
@@ -161,7 +174,7 @@ func TestParseRejectsBadInput(t *testing.T) {
 			`f.yaml: document 4 (Service shop/api): spec.clusterIP "198.18.128.1": address already used by document 3 (Service shop/web)`},
 		{"a document without a kind",
 			`{apiVersion: v1, metadata: {name: a}}`,
-			`f.yaml: document 3: kind: missing (want one of Namespace, Pod, Node, Service or List, or another kind to be skipped)`},
+			`f.yaml: document 3: kind: missing (mantlet reads v1 Namespace, Pod, Node, Service and List; objects of other kinds are skipped)`},
 		{"a core kind of another version",
 			`{apiVersion: v2, kind: Pod, metadata: {name: a, namespace: shop}}`,
 			`f.yaml: document 3 (Pod shop/a): apiVersion "v2": want "v1" for Pod`},
@@ -174,9 +187,36 @@ func TestParseRejectsBadInput(t *testing.T) {
 		{"a name that YAML reads as a boolean",
 			`{apiVersion: v1, kind: Pod, metadata: {name: a, namespace: shop}, spec: {nodeName: no}}`,
 			`f.yaml: document 3 (Pod shop/a): cannot decode: cannot unmarshal bool into Go struct field PodSpec.spec.nodeName of type string (YAML reads y, n, yes, no, on, off, true and false as booleans: quote the value, e.g. "no")`},
-		{"broken YAML",
+		{"broken YAML, reported at its line in the file",
 			"kind: Pod\n  name: [a",
-			`f.yaml: document 3: not valid YAML: line 2: mapping values are not allowed in this context`},
+			`f.yaml: document 3: not valid YAML: line 6: mapping values are not allowed in this context`},
+		{"broken YAML after comments and an empty document",
+			"# the pods\n---\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: a\n",
+			`f.yaml: document 3: not valid YAML: line 10: did not find expected ',' or '}'`},
+		{"a field missing because it is misspelt",
+			`{apiVersion: v1, kind: Pod, metadata: {name: a, namespace: shop}, spec: {nodeName: node-1}, status: {podIp: 198.19.1.1}}`,
+			`f.yaml: document 3 (Pod shop/a): status.podIP: missing (want the pod's address, e.g. "198.19.1.10"; pods without one must have status.phase Pending); note: unknown field "status.podIp" was ignored`},
+		{"a pod under apps/v1",
+			`{apiVersion: apps/v1, kind: Pod, metadata: {name: a, namespace: shop}, spec: {nodeName: node-1}, status: {podIP: 198.19.1.1}}`,
+			`f.yaml: document 3 (Pod shop/a): apiVersion "apps/v1": want "v1" for Pod`},
+		{"a service under networking.k8s.io",
+			`{apiVersion: networking.k8s.io/v1, kind: Service, metadata: {name: web, namespace: shop}}`,
+			`f.yaml: document 3 (Service shop/web): apiVersion "networking.k8s.io/v1": want "v1" for Service`},
+		{"a plural kind",
+			`{apiVersion: v1, kind: Pods, metadata: {name: a, namespace: shop}}`,
+			`f.yaml: document 3 (Pods shop/a): kind "Pods": core v1 has no such kind; did you mean Pod?`},
+		{"a kind in lower case",
+			`{apiVersion: v1, kind: namespace, metadata: {name: web}}`,
+			`f.yaml: document 3 (namespace web): kind "namespace": core v1 has no such kind; did you mean Namespace?`},
+		{"a misspelt kind mantlet does not read",
+			`{apiVersion: v1, kind: Configmap, metadata: {name: c, namespace: shop}}`,
+			`f.yaml: document 3 (Configmap shop/c): kind "Configmap": core v1 has no such kind; did you mean ConfigMap?`},
+		{"a kind core v1 does not have",
+			`{apiVersion: v1, kind: Deployment, metadata: {name: d, namespace: shop}}`,
+			`f.yaml: document 3 (Deployment shop/d): kind "Deployment": core v1 has no such kind (mantlet reads v1 Namespace, Pod, Node, Service and List)`},
+		{"a misspelt kind inside a List",
+			`{apiVersion: v1, kind: List, items: [{apiVersion: v1, kind: Nodes, metadata: {name: node-2}}]}`,
+			`f.yaml: document 3 item 1 (Nodes node-2): kind "Nodes": core v1 has no such kind; did you mean Node?`},
 		{"a bad item of a List",
 			`{apiVersion: v1, kind: List, items: [{apiVersion: v1, kind: Pod, metadata: {name: a, namespace: shop}, spec: {nodeName: node-1}, status: {podIP: nope}}]}`,
 			`f.yaml: document 3 item 1 (Pod shop/a): status.podIP "nope": not an IP address`},
@@ -215,9 +255,15 @@ func TestParseWarnsWithoutFailing(t *testing.T) {
 		{"a misspelt field",
 			`{apiVersion: v1, kind: Pod, metadata: {name: a, namespace: shop}, spec: {nodeName: node-1}, status: {podIP: 198.19.1.1, podIp: 198.19.1.1}}`,
 			`f.yaml: document 3 (Pod shop/a): unknown field "status.podIp" (ignored)`},
-		{"a kind mantlet does not read",
+		{"a core kind mantlet does not read",
+			`{apiVersion: v1, kind: ConfigMap, metadata: {name: c, namespace: shop}}`,
+			`f.yaml: document 3 (ConfigMap shop/c): skipped: mantlet does not read v1 ConfigMap (it reads v1 Namespace, Pod, Node, Service and List)`},
+		{"a kind of a group no decoder is registered for",
 			`{apiVersion: mantlet.io/v1alpha1, kind: MeshPolicy, metadata: {name: p, namespace: shop}}`,
-			`f.yaml: document 3 (MeshPolicy shop/p): skipped: mantlet reads Namespace, Pod, Node, Service or List objects of apiVersion v1, not mantlet.io/v1alpha1 MeshPolicy`},
+			`f.yaml: document 3 (MeshPolicy shop/p): skipped: mantlet does not read mantlet.io/v1alpha1 MeshPolicy (it reads v1 Namespace, Pod, Node, Service and List)`},
+		{"a Service of another project's API group",
+			`{apiVersion: serving.knative.dev/v1, kind: Service, metadata: {name: web, namespace: shop}}`,
+			`f.yaml: document 3 (Service shop/web): skipped: mantlet does not read serving.knative.dev/v1 Service (it reads v1 Namespace, Pod, Node, Service and List)`},
 		{"a pod annotated enabled in an unmeshed namespace",
 			`{apiVersion: v1, kind: Pod, metadata: {name: a, annotations: {mantlet.io/mesh: enabled}}, spec: {nodeName: node-1}, status: {podIP: 198.19.1.1}}`,
 			`f.yaml: document 3 (Pod default/a): metadata.annotations["mantlet.io/mesh"] "enabled": has no effect on a pod; annotate Namespace default to mesh its pods`},
@@ -302,6 +348,78 @@ func TestParseHandsRegisteredKindsToTheirDecoder(t *testing.T) {
 	_, err = Parse("f.yaml", []byte(base+`{apiVersion: mantlet.io/v1alpha1, kind: MeshPolicy, metadata: {name: p, namespace: shop}, spec: {action: MAYBE}}`), opts)
 	if want := `f.yaml: document 3 (MeshPolicy shop/p): spec.action: want ALLOW or DENY`; err == nil || err.Error() != want {
 		t.Fatalf("error = %v, want %s", err, want)
+	}
+}
+
+// TestParseNeverSkipsAMisspeltObject: an object that is probably one
+// mantlet reads, misspelt, rejects the file (skipping it would drop a
+// policy or leave a pod unmeshed); objects of kinds nobody here reads are
+// skipped with a warning that says what mantlet reads.
+func TestParseNeverSkipsAMisspeltObject(t *testing.T) {
+	const reads = "v1 Namespace, Pod, Node, Service and List, and mantlet.io MeshPolicy"
+	for _, tc := range []struct {
+		name, yaml, wantErr, wantWarn string
+	}{
+		{"a plural of a registered kind",
+			`{apiVersion: mantlet.io/v1alpha1, kind: MeshPolicies, metadata: {name: p, namespace: shop}, spec: {action: DENY}}`,
+			`f.yaml: document 3 (MeshPolicies shop/p): kind "MeshPolicies": group mantlet.io has no such kind; did you mean MeshPolicy?`, ""},
+		{"a registered kind in lower case",
+			`{apiVersion: mantlet.io/v1alpha1, kind: meshpolicy, metadata: {name: p, namespace: shop}}`,
+			`f.yaml: document 3 (meshpolicy shop/p): kind "meshpolicy": group mantlet.io has no such kind; did you mean MeshPolicy?`, ""},
+		{"an unknown kind of a registered group",
+			`{apiVersion: mantlet.io/v1alpha1, kind: Frobnicator, metadata: {name: p, namespace: shop}}`,
+			`f.yaml: document 3 (Frobnicator shop/p): kind "Frobnicator": group mantlet.io has no such kind (mantlet reads ` + reads + `)`, ""},
+		{"a registered kind under core v1",
+			`{apiVersion: v1, kind: MeshPolicy, metadata: {name: p, namespace: shop}}`,
+			`f.yaml: document 3 (MeshPolicy shop/p): kind "MeshPolicy": core v1 has no such kind; MeshPolicy is a kind of group mantlet.io (apiVersion mantlet.io/<version>)`, ""},
+		{"a core kind under a registered group",
+			`{apiVersion: mantlet.io/v1alpha1, kind: Pod, metadata: {name: a, namespace: shop}}`,
+			`f.yaml: document 3 (Pod shop/a): apiVersion "mantlet.io/v1alpha1": want "v1" for Pod`, ""},
+		{"a Deployment",
+			`{apiVersion: apps/v1, kind: Deployment, metadata: {name: d, namespace: shop}}`,
+			"", `f.yaml: document 3 (Deployment shop/d): skipped: mantlet does not read apps/v1 Deployment (it reads ` + reads + `)`},
+		{"a Secret",
+			`{apiVersion: v1, kind: Secret, metadata: {name: s, namespace: shop}}`,
+			"", `f.yaml: document 3 (Secret shop/s): skipped: mantlet does not read v1 Secret (it reads ` + reads + `)`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			m, err := Parse("f.yaml", []byte(base+tc.yaml), policyKinds)
+			if tc.wantErr != "" {
+				if err == nil || err.Error() != tc.wantErr {
+					t.Fatalf("error:\n got %v\nwant %s", err, tc.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(m.Warnings) != 1 || m.Warnings[0].Error() != tc.wantWarn {
+				t.Fatalf("warnings = %v\nwant [%s]", m.Warnings, tc.wantWarn)
+			}
+		})
+	}
+}
+
+func TestParseRefusesAFileWithoutObjects(t *testing.T) {
+	for _, tc := range []struct{ name, yaml string }{
+		{"an empty file", ""},
+		{"blank lines", "\n  \n\n"},
+		{"comments and separators", "# cluster\n---\n# nothing yet\n---\n"},
+		{"a null document", "null\n---\n~\n"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			m, err := Parse("f.yaml", []byte(tc.yaml), Options{})
+			if want := "f.yaml: " + NoObjects; err == nil || err.Error() != want {
+				t.Fatalf("Parse = %v, %v; want error %s", m, err, want)
+			}
+		})
+	}
+	m, err := Parse("f.yaml", []byte("# on purpose\n{apiVersion: v1, kind: List, items: []}\n"), Options{})
+	if err != nil {
+		t.Fatalf("an explicit empty List: %v", err)
+	}
+	if n := len(m.Snapshot.Workloads()); n != 0 {
+		t.Fatalf("an explicit empty List made %d workloads", n)
 	}
 }
 

@@ -91,7 +91,7 @@ func parseAgentFlags(e *env, args []string) (*agentFlags, error) {
 	f := &agentFlags{}
 	fs := newFlagSet(e, "agent", "--node-name N --config cluster.yaml --ca-dir D [flags]\n       mantlet agent --cleanup --node-name N")
 	fs.StringVar(&f.node, "node-name", "", "name of this node, as pods' spec.nodeName say (required)")
-	fs.StringVar(&f.config, "config", "", "cluster file: multi-document YAML of Kubernetes Namespace, Pod, Node and Service objects, watched for changes (required)")
+	fs.StringVar(&f.config, "config", "", "cluster file: multi-document YAML of Kubernetes Namespace, Pod, Node, Service and MeshPolicy objects, watched for changes (required)")
 	fs.StringVar(&f.caDir, "ca-dir", "", "directory of the CA made by 'mantlet ca init' (required)")
 	fs.StringVar(&f.trustDomain, "trust-domain", "", "trust domain of the identities (default: the CA's)")
 	fs.StringVar(&f.pinDir, "pin-dir", "", "bpffs directory of this node's pinned programs and maps (default "+bpf.DefaultPinRoot+"/<node-name>)")
@@ -463,7 +463,7 @@ func runAgentWith(ctx context.Context, f *agentFlags, log *slog.Logger) error {
 	})
 	goRun("security events", func() error { return en.run(runCtx) })
 	obsv.run(runCtx, goRun, proxy, admin.Config{Node: f.node, TrustDomain: td, Snapshot: store.Load, Ready: ag.Ready,
-		Pods: ag.Pods, Datapath: dp, Policy: en.eng, Policies: en.policies, Certificates: ids.Certificates, Logger: log.With("component", "admin")})
+		Pods: ag.Pods, Datapath: dp, ConfigFile: watcher.ReloadStatus, Policy: en.eng, Policies: en.policies, Certificates: ids.Certificates, Logger: log.With("component", "admin")})
 	for i, s := range servers {
 		goRun("http "+s.Addr, func() error {
 			if err := s.Serve(serverLns[i]); !errors.Is(err, http.ErrServerClosed) {

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"io"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -14,6 +15,7 @@ import (
 
 	"github.com/mantlet/mantlet/admin"
 	"github.com/mantlet/mantlet/admin/admintest"
+	"github.com/mantlet/mantlet/agent/manifest"
 	"github.com/mantlet/mantlet/telemetry"
 )
 
@@ -47,6 +49,7 @@ func TestOperatorCommandsPrintTables(t *testing.T) {
 			"Ready:         yes: ready: 2 local pods enrolled, 0 pending, 2 veths attached",
 			"Data path:     sk_lookup attached; listeners in the SOCKMAP: outbound, hbone; programs on 2 pod veths and 1 uplinks",
 			"Workloads:     4 in the cluster, 3 on this node (2 enrolled, 0 pending); 1 services; snapshot generation 1",
+			"Config:        /etc/mantlet/cluster.yaml: in force since 2026-11-25T11:00:00Z (3 edits applied, 1 rejected)",
 			"Policies:      3 in force (generation 1)",
 			"Certificates:  2 identities; 1 expiring within 2h, 0 expired, 1 failing to renew",
 			"Flows:         3 open, 2 logged since start",
@@ -96,6 +99,39 @@ func TestOperatorCommandsPrintTables(t *testing.T) {
 		code, out, errb := runCLI(t, f, c.args...)
 		if code != 0 || out != c.want {
 			t.Errorf("mantlet %s exited %d\nstdout:\n%s\nwant:\n%s\nstderr:\n%s", strings.Join(c.args, " "), code, out, c.want, errb)
+		}
+	}
+}
+
+// TestStatusShowsARejectedEdit: a rejected edit of the cluster file shows
+// in every form of mantlet status, and does not make the node unready
+// (the last good version is in force).
+func TestStatusShowsARejectedEdit(t *testing.T) {
+	f := admintest.New(t)
+	f.Config.Rejected, f.Config.RejectedAt, f.Config.LastEditRejected = 2, admintest.Now.Add(-time.Minute), true
+	f.Config.Problems = []string{"cluster.yaml: " + manifest.NoObjects}
+	code, out, errb := runCLI(t, f, "status")
+	for _, want := range []string{
+		"\nConfig:        /etc/mantlet/cluster.yaml: last edit REJECTED at 2026-11-25T11:59:00Z; the version of 2026-11-25T11:00:00Z stays in force (3 edits applied, 2 rejected)\n",
+		"\n  - config: last edit rejected at 2026-11-25T11:59:00Z: cluster.yaml: " + manifest.NoObjects + "\n",
+	} {
+		if code != 0 || !strings.Contains(out, want) {
+			t.Errorf("mantlet status exited %d, stdout:\n%s\nwant in it:\n%s\nstderr:\n%s", code, out, want, errb)
+		}
+	}
+	for _, format := range []string{"json", "yaml"} {
+		code, out, errb := runCLI(t, f, "status", "-o", format)
+		var st admin.Status
+		var err error
+		if format == "yaml" {
+			err = yaml.Unmarshal([]byte(out), &st)
+		} else {
+			err = json.Unmarshal([]byte(out), &st)
+		}
+		if code != 0 || err != nil || !st.Config.LastEditRejected || !st.Config.RejectedAt.Equal(admintest.Now.Add(-time.Minute)) ||
+			!slices.Equal(st.Config.LastEditProblems, f.Config.Problems) ||
+			!slices.Contains(st.Problems, "config: last edit rejected at 2026-11-25T11:59:00Z: cluster.yaml: "+manifest.NoObjects) {
+			t.Errorf("mantlet status -o %s exited %d (%v): %+v\nstderr:\n%s", format, code, err, st, errb)
 		}
 	}
 }

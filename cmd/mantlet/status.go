@@ -7,6 +7,7 @@ import (
 	"slices"
 	"strings"
 	"text/tabwriter"
+	"time"
 
 	"github.com/mantlet/mantlet/admin"
 )
@@ -72,6 +73,14 @@ func statusTable(tw *tabwriter.Writer, st *admin.Status) {
 	s := st.Snapshot
 	fmt.Fprintf(tw, "Workloads:\t%d in the cluster, %d on this node (%d enrolled, %d pending); %d services; snapshot generation %d\n",
 		s.Workloads, s.LocalWorkloads, s.Enrolled, s.Pending, s.Services, s.Generation)
+	if c := st.Config; c.Available {
+		state := "in force since " + c.AppliedAt.UTC().Format(time.RFC3339)
+		if c.LastEditRejected {
+			state = "last edit REJECTED at " + c.RejectedAt.UTC().Format(time.RFC3339) + "; the version of " +
+				c.AppliedAt.UTC().Format(time.RFC3339) + " stays in force"
+		}
+		fmt.Fprintf(tw, "Config:\t%s: %s (%d edits applied, %d rejected)\n", c.File, state, c.Applied, c.Rejected)
+	}
 	if st.Policy.Available {
 		fmt.Fprintf(tw, "Policies:\t%d in force (generation %d)\n", st.Policy.Policies, st.Policy.Generation)
 	} else {
