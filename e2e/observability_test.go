@@ -186,6 +186,10 @@ func TestMetricsAccessLogAndFlowsShowTheTraffic(t *testing.T) {
 	// open (flushed every 200 ms), on both nodes.
 	const mib = 1 << 20
 	long := dial(t, m, "client", vip)
+	// Connections end in their own time (the long one's end can reach
+	// node1's ztunnel after a later connection's), so log lines and flows
+	// are found by the client's address, never by position.
+	dsts := map[string]string{long.LocalAddr().String(): "server"} // client address -> destination pod
 	ping(t, long, string(randomBytes(t, mib)))
 	waitSeries(t, m, "node1", "istio_tcp_connections_opened_total", viaService, 1, 0)
 	waitSeries(t, m, "node1", "istio_tcp_received_bytes_total", viaService, mib, 0)
@@ -200,10 +204,14 @@ func TestMetricsAccessLogAndFlowsShowTheTraffic(t *testing.T) {
 	// Three short connections straight to the server's pod, two to the
 	// neighbour on the same node.
 	for range 3 {
-		roundTrip(t, dial(t, m, "client", server.Addr), randomBytes(t, 1000))
+		c := dial(t, m, "client", server.Addr)
+		dsts[c.LocalAddr().String()] = "server"
+		roundTrip(t, c, randomBytes(t, 1000))
 	}
 	for range 2 {
-		roundTrip(t, dial(t, m, "client", neighbour.Addr), randomBytes(t, 500))
+		c := dial(t, m, "client", neighbour.Addr)
+		dsts[c.LocalAddr().String()] = "neighbour"
+		roundTrip(t, c, randomBytes(t, 500))
 	}
 
 	for _, c := range []struct {
@@ -251,20 +259,24 @@ func TestMetricsAccessLogAndFlowsShowTheTraffic(t *testing.T) {
 	waitSeries(t, m, "node2", "mantlet_policy_decisions_total", map[string]string{"action": "allow", "reason": "allowed-by-default", "policy": ""}, 4, 0)
 
 	// One access log line per connection, when it closes.
-	var closes []telemetry.FlowEvent
+	closes := map[string]telemetry.FlowEvent{} // by client address
 	for _, ev := range accessLog(m, "node1") {
-		if ev.Event == telemetry.EventClose && ev.Direction == "outbound" {
-			closes = append(closes, ev)
+		if ev.Event != telemetry.EventClose || ev.Direction != "outbound" {
+			continue
 		}
+		if _, dup := closes[ev.Src.Addr]; dup || ev.Dst.Workload != dsts[ev.Src.Addr] {
+			t.Errorf("node1's access log: close line %+v; want one per connection, to %q", ev, dsts[ev.Src.Addr])
+		}
+		closes[ev.Src.Addr] = ev
 	}
-	if len(closes) != 6 {
-		t.Fatalf("node1's access log has %d outbound close lines, want 6: %+v", len(closes), closes)
+	if len(closes) != len(dsts) {
+		t.Fatalf("node1's access log has close lines from %d connections, want %d: %+v", len(closes), len(dsts), closes)
 	}
-	first := closes[0]
-	if first.Src.Identity != id("client") || first.Dst.Identity != id("server") || first.Dst.Service != svc || first.Path != "hbone" ||
-		first.HBONEAddr != server.Addr.String() || first.BytesSent != mib+3 || first.BytesReceived != mib+3 ||
-		first.ResponseFlag != "-" || first.Verdict != telemetry.VerdictAllowed || first.DurationMS <= 0 {
-		t.Errorf("access log line of the service connection: %+v", first)
+	viaSvc := closes[long.LocalAddr().String()]
+	if viaSvc.Src.Identity != id("client") || viaSvc.Dst.Identity != id("server") || viaSvc.Dst.Service != svc || viaSvc.Path != "hbone" ||
+		viaSvc.HBONEAddr != server.Addr.String() || viaSvc.BytesSent != mib+3 || viaSvc.BytesReceived != mib+3 ||
+		viaSvc.ResponseFlag != "-" || viaSvc.Verdict != telemetry.VerdictAllowed || viaSvc.DurationMS <= 0 {
+		t.Errorf("access log line of the service connection: %+v", viaSvc)
 	}
 	if n := len(accessLog(m, "node2")); n != 4 {
 		t.Errorf("node2's access log has %d lines, want 4 (its inbound connections)", n)
@@ -276,8 +288,17 @@ func TestMetricsAccessLogAndFlowsShowTheTraffic(t *testing.T) {
 	if err := json.Unmarshal([]byte(mantlet(t, m, "node1", "flows", "-o", "json", "--last", "0")), &evs); err != nil {
 		t.Fatal(err)
 	}
-	if len(evs) != 6 || evs[0].ID != first.ID || evs[5].Dst.Workload != "neighbour" {
-		t.Errorf("mantlet flows on node1: %d flows %+v", len(evs), evs)
+	flows := map[uint64]telemetry.FlowEvent{}
+	for _, ev := range evs {
+		flows[ev.ID] = ev
+	}
+	for _, cl := range closes {
+		if ev, ok := flows[cl.ID]; !ok || ev.Src.Addr != cl.Src.Addr || ev.Dst.Workload != cl.Dst.Workload || ev.BytesSent != cl.BytesSent {
+			t.Errorf("mantlet flows on node1 shows flow %d (from %s) as %+v, want it as in the access log", cl.ID, cl.Src.Addr, ev)
+		}
+	}
+	if len(evs) != len(closes) {
+		t.Errorf("mantlet flows on node1: %d flows, want %d: %+v", len(evs), len(closes), evs)
 	}
 	sock := admin.SocketPath(filepath.Base(m.PinDir("node1")))
 	c, err := admin.NewClient(sock)

@@ -179,8 +179,14 @@ func port(ln net.Listener) uint16 { return uint16(ln.Addr().(*net.TCPAddr).Port)
 // dial opens an outbound connection from the pod at src to dst through
 // the ztunnel of src's node.
 func (m *mesh) dial(src netip.Addr, dst netip.AddrPort) (*net.TCPConn, error) {
+	return m.dialWith(bindDialer(src), dst)
+}
+
+// dialWith is dial with the pod's own dialer (bound to the pod's IP).
+func (m *mesh) dialWith(d *net.Dialer, dst netip.AddrPort) (*net.TCPConn, error) {
+	src, _ := netip.AddrFromSlice(d.LocalAddr.(*net.TCPAddr).IP.To4())
 	n := m.nodeOf(src)
-	c, err := bindDialer(src).Dial("tcp4", netip.AddrPortFrom(dst.Addr(), n.out).String())
+	c, err := d.Dial("tcp4", netip.AddrPortFrom(dst.Addr(), n.out).String())
 	if err != nil {
 		return nil, err
 	}
@@ -307,7 +313,9 @@ func (c *origDstConn) LocalAddr() net.Addr {
 }
 
 // app is a pod's server: it echoes, half-closing after the client did,
-// and records its clients' addresses.
+// and records its clients' addresses. An echo reads again only once its
+// last write went out, which ties a connection's two directions together;
+// bulk tests use bulkApp instead.
 type app struct {
 	port  uint16
 	mu    sync.Mutex
@@ -377,5 +385,28 @@ func bindDialer(src netip.Addr) *net.Dialer {
 				syscall.SetsockoptInt(int(fd), syscall.IPPROTO_IP, 24 /* IP_BIND_ADDRESS_NO_PORT */, 1)
 			})
 		},
+	}
+}
+
+// smallBuffers returns a socket Control function that fixes the send and
+// receive buffers at size bytes (the kernel doubles the value and turns
+// autotuning off), after next.
+func smallBuffers(size int, next func(string, string, syscall.RawConn) error) func(string, string, syscall.RawConn) error {
+	return func(network, address string, c syscall.RawConn) error {
+		if next != nil {
+			if err := next(network, address, c); err != nil {
+				return err
+			}
+		}
+		var serr error
+		err := c.Control(func(fd uintptr) {
+			if serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, size); serr == nil {
+				serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_SNDBUF, size)
+			}
+		})
+		if err == nil {
+			err = serr
+		}
+		return err
 	}
 }

@@ -30,9 +30,11 @@ const ALPN = "h2"
 type Tuning struct {
 	// StreamWindow is the receive flow-control window of one stream, in
 	// bytes: how much one tunnel may have in flight before the receiver
-	// reads it.
+	// reads it. It is at least HTTP/2's initial 65,535: a client may send
+	// that much on a new stream before it has read our SETTINGS.
 	StreamWindow int32
-	// ConnWindow is the receive window of a whole connection.
+	// ConnWindow is the receive window of a whole connection, also at
+	// least 65,535 (HTTP/2 has no setting to lower it).
 	ConnWindow int32
 	// MaxFrameSize is the largest frame payload we accept (SETTINGS
 	// MAX_FRAME_SIZE); our own DATA frames are at most the peer's limit and
@@ -89,6 +91,7 @@ func (t Tuning) WithDefaults() Tuning {
 	if t.StreamWindow <= 0 {
 		t.StreamWindow = d.StreamWindow
 	}
+	t.StreamWindow = max(t.StreamWindow, 65535)
 	if t.ConnWindow <= 0 {
 		t.ConnWindow = d.ConnWindow
 	}

@@ -140,6 +140,27 @@ func TestEchoThroughTunnel(t *testing.T) {
 	}
 }
 
+func TestSmallStreamWindowTakesHTTP2sInitialWindow(t *testing.T) {
+	// A client may send 65,535 bytes on a new stream before it has read
+	// the server's SETTINGS; a smaller window would reset the stream with
+	// FLOW_CONTROL_ERROR. So windows below that are raised to it.
+	if got := (hbone.Tuning{StreamWindow: 16 << 10}).WithDefaults().StreamWindow; got != 65535 {
+		t.Fatalf("StreamWindow 16 KiB became %d, want 65535", got)
+	}
+	e := newEnv(t, hbone.Tuning{StreamWindow: 16 << 10, ConnWindow: 64 << 10, MaxFrameSize: 16 << 10}, nil)
+	data := make([]byte, 1<<20)
+	rand.Read(data)
+	cs, err := e.pool.Connect(t.Context(), e.req(bytes.NewReader(data)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cs.Close()
+	got, err := io.ReadAll(cs)
+	if err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("got %d bytes (err %v), want 1 MiB echoed", len(got), err)
+	}
+}
+
 func TestServerHalfCloseKeepsClientSending(t *testing.T) {
 	// The server half-closes first; the client then still sends, and the
 	// server receives it: half-close is independent in both directions.
