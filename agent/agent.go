@@ -26,6 +26,7 @@ import (
 	"github.com/mantlet/mantlet/agent/manifest"
 	"github.com/mantlet/mantlet/bpf"
 	"github.com/mantlet/mantlet/internal/workload"
+	"github.com/mantlet/mantlet/policy/v1alpha1"
 )
 
 // Datapath is the node's eBPF data path as the agent drives it; *bpf.Datapath
@@ -68,7 +69,7 @@ type State struct {
 	Snapshot *workload.Snapshot
 	// MTLS holds the mode of namespaces that chose one; the others get
 	// Config.DefaultMTLS.
-	MTLS map[string]manifest.MTLSMode
+	MTLS map[string]v1alpha1.MTLSMode
 }
 
 // Defaults of Config.
@@ -87,12 +88,12 @@ type Config struct {
 	TrustDomain spiffeid.TrustDomain
 	// DefaultMTLS applies to namespaces without a mode of their own
 	// (default PERMISSIVE).
-	DefaultMTLS manifest.MTLSMode
+	DefaultMTLS v1alpha1.MTLSMode
 	// MTLSMode, if set, gives each local pod's mode (the policy engine,
 	// which folds in policies, namespace annotations and the default);
 	// MTLSUnset falls back to the namespace's mode in State, then
 	// DefaultMTLS. A pod whose mode changes is enrolled again.
-	MTLSMode func(w *workload.Workload) manifest.MTLSMode
+	MTLSMode func(w *workload.Workload) v1alpha1.MTLSMode
 	// Datapath is the eBPF data path.
 	Datapath Datapath
 	// Links finds pods' veths.
@@ -169,8 +170,8 @@ func New(cfg Config) (*Agent, error) {
 	if cfg.TrustDomain.IsZero() {
 		cfg.TrustDomain = spiffeid.RequireTrustDomainFromString("cluster.local")
 	}
-	if cfg.DefaultMTLS == manifest.MTLSUnset {
-		cfg.DefaultMTLS = manifest.MTLSPermissive
+	if cfg.DefaultMTLS == v1alpha1.MTLSUnset {
+		cfg.DefaultMTLS = v1alpha1.MTLSPermissive
 	}
 	if cfg.RetryMin <= 0 {
 		cfg.RetryMin = DefaultRetryMin
@@ -469,17 +470,17 @@ func (a *Agent) wanted(desired *State, logSkips bool) map[string]desiredPod {
 			}
 			continue
 		}
-		mode := manifest.MTLSUnset
+		mode := v1alpha1.MTLSUnset
 		if a.cfg.MTLSMode != nil {
 			mode = a.cfg.MTLSMode(w)
 		}
-		if mode == manifest.MTLSUnset {
+		if mode == v1alpha1.MTLSUnset {
 			mode = desired.MTLS[w.Namespace]
 		}
-		if mode == manifest.MTLSUnset {
+		if mode == v1alpha1.MTLSUnset {
 			mode = a.cfg.DefaultMTLS
 		}
-		want[w.UID] = desiredPod{w: w, id: id, ips: ips, strict: mode == manifest.MTLSStrict}
+		want[w.UID] = desiredPod{w: w, id: id, ips: ips, strict: mode == v1alpha1.MTLSStrict}
 	}
 	return want
 }

@@ -17,9 +17,9 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
-	"github.com/mantlet/mantlet/agent/manifest"
 	"github.com/mantlet/mantlet/bpf"
 	"github.com/mantlet/mantlet/internal/workload"
+	"github.com/mantlet/mantlet/policy/v1alpha1"
 )
 
 // fakeDatapath is an in-memory data path. failEnroll[ifindex] makes that
@@ -252,7 +252,7 @@ type pod struct {
 	enrolled     bool
 }
 
-func state(t *testing.T, mtls map[string]manifest.MTLSMode, pods ...pod) State {
+func state(t *testing.T, mtls map[string]v1alpha1.MTLSMode, pods ...pod) State {
 	t.Helper()
 	var ws []workload.Workload
 	for _, p := range pods {
@@ -341,7 +341,7 @@ func TestAgentFollowsEditsOfTheDesiredState(t *testing.T) {
 	wantEnrolled(t, r.dp, "101:198.19.1.1", "102:198.19.1.2", "103:198.19.1.3")
 
 	// a stays, b opts out, c is deleted, d appears; shop goes STRICT.
-	r.agent.Apply(state(t, map[string]manifest.MTLSMode{"shop": manifest.MTLSStrict},
+	r.agent.Apply(state(t, map[string]v1alpha1.MTLSMode{"shop": v1alpha1.MTLSStrict},
 		pod{"shop/a", "node-1", "198.19.1.1", "a", true},
 		pod{"shop/b", "node-1", "198.19.1.2", "b", false},
 		pod{"shop/d", "node-1", "198.19.1.4", "a", true},
@@ -463,11 +463,11 @@ func TestAgentSurvivesAPanickingDatapath(t *testing.T) {
 func TestAgentDefaultMTLSMode(t *testing.T) {
 	dp := newFakeDatapath()
 	a, err := New(Config{Node: "node-1", Datapath: dp, Links: &fakeLinks{veths: map[netip.Addr]int{netip.MustParseAddr("198.19.1.1"): 101, netip.MustParseAddr("198.19.1.2"): 102}},
-		Store: workload.NewStore(), DefaultMTLS: manifest.MTLSStrict})
+		Store: workload.NewStore(), DefaultMTLS: v1alpha1.MTLSStrict})
 	if err != nil {
 		t.Fatal(err)
 	}
-	a.Apply(state(t, map[string]manifest.MTLSMode{"open": manifest.MTLSPermissive},
+	a.Apply(state(t, map[string]v1alpha1.MTLSMode{"open": v1alpha1.MTLSPermissive},
 		pod{"shop/a", "node-1", "198.19.1.1", "", true},
 		pod{"open/b", "node-1", "198.19.1.2", "", true}))
 	a.reconcile(t.Context(), time.Now())
@@ -479,10 +479,10 @@ func TestAgentDefaultMTLSMode(t *testing.T) {
 func TestAgentMTLSModePerWorkload(t *testing.T) {
 	dp := newFakeDatapath()
 	var mu sync.Mutex
-	modes := map[string]manifest.MTLSMode{"shop/a": manifest.MTLSStrict, "shop/b": manifest.MTLSUnset}
+	modes := map[string]v1alpha1.MTLSMode{"shop/a": v1alpha1.MTLSStrict, "shop/b": v1alpha1.MTLSUnset}
 	a, err := New(Config{Node: "node-1", Datapath: dp, Links: &fakeLinks{veths: map[netip.Addr]int{netip.MustParseAddr("198.19.1.1"): 101, netip.MustParseAddr("198.19.1.2"): 102}},
-		Store: workload.NewStore(), DefaultMTLS: manifest.MTLSPermissive,
-		MTLSMode: func(w *workload.Workload) manifest.MTLSMode {
+		Store: workload.NewStore(), DefaultMTLS: v1alpha1.MTLSPermissive,
+		MTLSMode: func(w *workload.Workload) v1alpha1.MTLSMode {
 			mu.Lock()
 			defer mu.Unlock()
 			return modes[w.UID]
@@ -490,7 +490,7 @@ func TestAgentMTLSModePerWorkload(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	st := state(t, map[string]manifest.MTLSMode{"shop": manifest.MTLSStrict},
+	st := state(t, map[string]v1alpha1.MTLSMode{"shop": v1alpha1.MTLSStrict},
 		pod{"shop/a", "node-1", "198.19.1.1", "", true},
 		pod{"shop/b", "node-1", "198.19.1.2", "", true})
 	a.Apply(st)
@@ -500,7 +500,7 @@ func TestAgentMTLSModePerWorkload(t *testing.T) {
 	}
 	// The policy engine turns a PERMISSIVE: the next pass re-enrolls it.
 	mu.Lock()
-	modes["shop/a"] = manifest.MTLSPermissive
+	modes["shop/a"] = v1alpha1.MTLSPermissive
 	mu.Unlock()
 	a.Apply(st)
 	a.reconcile(t.Context(), time.Now())

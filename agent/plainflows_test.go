@@ -10,8 +10,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/mantlet/mantlet/agent/manifest"
 	"github.com/mantlet/mantlet/internal/workload"
+	"github.com/mantlet/mantlet/policy/v1alpha1"
 )
 
 // fakePlaintext records ClosePlaintext calls; each ends one connection,
@@ -44,8 +44,8 @@ func (f *fakePlaintext) took() []string {
 
 func TestAgentClosesPlaintextWhenAPodTurnsStrict(t *testing.T) {
 	var mu sync.Mutex
-	modes := map[string]manifest.MTLSMode{"shop/a": manifest.MTLSPermissive}
-	setMode := func(uid string, m manifest.MTLSMode) {
+	modes := map[string]v1alpha1.MTLSMode{"shop/a": v1alpha1.MTLSPermissive}
+	setMode := func(uid string, m v1alpha1.MTLSMode) {
 		mu.Lock()
 		defer mu.Unlock()
 		modes[uid] = m
@@ -53,7 +53,7 @@ func TestAgentClosesPlaintextWhenAPodTurnsStrict(t *testing.T) {
 	closer := &fakePlaintext{}
 	a, err := New(Config{Node: "node-1", Datapath: newFakeDatapath(), Plaintext: closer, Store: workload.NewStore(),
 		Links: &fakeLinks{veths: map[netip.Addr]int{netip.MustParseAddr("198.19.1.1"): 101, netip.MustParseAddr("198.19.1.2"): 102}},
-		MTLSMode: func(w *workload.Workload) manifest.MTLSMode {
+		MTLSMode: func(w *workload.Workload) v1alpha1.MTLSMode {
 			mu.Lock()
 			defer mu.Unlock()
 			return modes[w.UID]
@@ -71,17 +71,17 @@ func TestAgentClosesPlaintextWhenAPodTurnsStrict(t *testing.T) {
 		want   []string
 		closed uint64
 	}{
-		{"a PERMISSIVE pod keeps its connections", func() { setMode("shop/b", manifest.MTLSPermissive) }, 0, nil, 0},
-		{"a pod that turns STRICT loses its plaintext", func() { setMode("shop/a", manifest.MTLSStrict) }, 0, []string{"101:[198.19.1.1]"}, 1},
+		{"a PERMISSIVE pod keeps its connections", func() { setMode("shop/b", v1alpha1.MTLSPermissive) }, 0, nil, 0},
+		{"a pod that turns STRICT loses its plaintext", func() { setMode("shop/a", v1alpha1.MTLSStrict) }, 0, []string{"101:[198.19.1.1]"}, 1},
 		{"once", func() {}, 0, nil, 1},
 		{"a failure is counted and retried with backoff", func() {
 			closer.fail = 1
-			setMode("shop/b", manifest.MTLSStrict)
+			setMode("shop/b", v1alpha1.MTLSStrict)
 		}, 0, []string{"102:[198.19.1.2]"}, 2},
 		{"not before the backoff", func() {}, 500 * time.Millisecond, nil, 2},
 		{"then again", func() {}, 600 * time.Millisecond, []string{"102:[198.19.1.2]"}, 3},
-		{"back to PERMISSIVE and STRICT again", func() { setMode("shop/a", manifest.MTLSPermissive) }, 0, nil, 3},
-		{"STRICT again", func() { setMode("shop/a", manifest.MTLSStrict) }, 0, []string{"101:[198.19.1.1]"}, 4},
+		{"back to PERMISSIVE and STRICT again", func() { setMode("shop/a", v1alpha1.MTLSPermissive) }, 0, nil, 3},
+		{"STRICT again", func() { setMode("shop/a", v1alpha1.MTLSStrict) }, 0, []string{"101:[198.19.1.1]"}, 4},
 	} {
 		step.do()
 		now = now.Add(step.after)

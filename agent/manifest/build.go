@@ -11,6 +11,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/validation"
 
 	"github.com/mantlet/mantlet/internal/workload"
+	"github.com/mantlet/mantlet/policy/v1alpha1"
 )
 
 // builtinNamespaces exist in every cluster, so pods may use them without a
@@ -33,7 +34,7 @@ func (o owner) String() string {
 // build validates the decoded objects against each other and makes the
 // snapshot. Problems go to p.errs.
 func (p *parser) build() *Manifest {
-	m := &Manifest{File: p.file, MTLS: map[string]MTLSMode{}, Extra: p.extra}
+	m := &Manifest{File: p.file, MTLS: map[string]v1alpha1.MTLSMode{}, Extra: p.extra}
 	names := map[string]owner{} // kind/namespace/name
 	dup := func(loc Location) bool {
 		key := loc.Kind + "/" + loc.Namespace + "/" + loc.Name
@@ -72,7 +73,7 @@ func (p *parser) build() *Manifest {
 			p.errorf(loc, annotationField(AnnotationMesh), v, "want %q or %q", meshEnabled, meshDisabled)
 		}
 		if v, ok := ns.Annotations[AnnotationMTLS]; ok {
-			if mode, err := ParseMTLSMode(v); err != nil {
+			if mode, err := v1alpha1.ParseMTLSMode(v); err != nil {
 				p.errorf(loc, annotationField(AnnotationMTLS), v, "want STRICT or PERMISSIVE")
 			} else {
 				m.MTLS[ns.Name] = mode

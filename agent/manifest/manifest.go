@@ -19,6 +19,7 @@ import (
 	"k8s.io/apimachinery/pkg/runtime/schema"
 
 	"github.com/mantlet/mantlet/internal/workload"
+	"github.com/mantlet/mantlet/policy/v1alpha1"
 )
 
 // Annotations users write in the file.
@@ -36,40 +37,6 @@ const (
 
 // MaxFileSize is the largest file ReadFile accepts.
 const MaxFileSize = 64 << 20
-
-// MTLSMode says whether a meshed pod accepts plaintext from outside the mesh.
-type MTLSMode uint8
-
-const (
-	// MTLSUnset means the namespace did not choose; the agent's default applies.
-	MTLSUnset MTLSMode = iota
-	// MTLSPermissive lets plaintext from unmeshed clients reach the pod.
-	MTLSPermissive
-	// MTLSStrict drops connections to the pod that the ztunnel did not make.
-	MTLSStrict
-)
-
-// String returns "STRICT", "PERMISSIVE" or "" for MTLSUnset.
-func (m MTLSMode) String() string {
-	switch m {
-	case MTLSPermissive:
-		return "PERMISSIVE"
-	case MTLSStrict:
-		return "STRICT"
-	}
-	return ""
-}
-
-// ParseMTLSMode parses "STRICT" or "PERMISSIVE" (in any case).
-func ParseMTLSMode(s string) (MTLSMode, error) {
-	switch {
-	case strings.EqualFold(s, "STRICT"):
-		return MTLSStrict, nil
-	case strings.EqualFold(s, "PERMISSIVE"):
-		return MTLSPermissive, nil
-	}
-	return MTLSUnset, fmt.Errorf("mTLS mode %q: want STRICT or PERMISSIVE", s)
-}
 
 // KindDecoder decodes one object of a kind that another package owns (for
 // example mantlet.io MeshPolicy). Its error is reported with the object's
@@ -113,7 +80,7 @@ type Manifest struct {
 	Snapshot *workload.Snapshot
 	// MTLS holds the mode of every namespace annotated with
 	// mantlet.io/mtls.
-	MTLS map[string]MTLSMode
+	MTLS map[string]v1alpha1.MTLSMode
 	// Extra holds the objects of kinds registered in Options.Kinds.
 	Extra []Extra
 	// Warnings are problems that did not stop the parse: skipped kinds,

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/mantlet/mantlet/policy/v1alpha1"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 )
 
@@ -52,7 +53,7 @@ func TestReadFileBuildsTheSnapshot(t *testing.T) {
 	if _, _, _, ok := s.ResolveService(netip.MustParseAddrPort("198.18.128.10:53"), 0); ok {
 		t.Error("the UDP port of the service resolved; the mesh carries TCP only")
 	}
-	if m.MTLS["shop"] != MTLSStrict || len(m.MTLS) != 1 {
+	if m.MTLS["shop"] != v1alpha1.MTLSStrict || len(m.MTLS) != 1 {
 		t.Errorf("MTLS = %v, want shop: STRICT only", m.MTLS)
 	}
 	var warnings []string
@@ -439,12 +440,12 @@ func TestReadFileNamesTheFile(t *testing.T) {
 }
 
 func TestParseMTLSMode(t *testing.T) {
-	for in, want := range map[string]MTLSMode{"STRICT": MTLSStrict, "permissive": MTLSPermissive} {
-		if got, err := ParseMTLSMode(in); err != nil || got != want {
-			t.Errorf("ParseMTLSMode(%q) = %v, %v", in, got, err)
+	for in, want := range map[string]v1alpha1.MTLSMode{"STRICT": v1alpha1.MTLSStrict, "permissive": v1alpha1.MTLSPermissive} {
+		if got, err := v1alpha1.ParseMTLSMode(in); err != nil || got != want {
+			t.Errorf("v1alpha1.ParseMTLSMode(%q) = %v, %v", in, got, err)
 		}
 	}
-	if _, err := ParseMTLSMode("DISABLE"); err == nil || err.Error() != `mTLS mode "DISABLE": want STRICT or PERMISSIVE` {
-		t.Errorf("ParseMTLSMode(DISABLE) error = %v", err)
+	if _, err := v1alpha1.ParseMTLSMode("DISABLE"); err == nil || err.Error() != `mTLS mode "DISABLE": want STRICT or PERMISSIVE` {
+		t.Errorf("v1alpha1.ParseMTLSMode(DISABLE) error = %v", err)
 	}
 }

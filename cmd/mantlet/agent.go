@@ -30,6 +30,7 @@ import (
 	"github.com/mantlet/mantlet/identity/ca"
 	"github.com/mantlet/mantlet/internal/workload"
 	"github.com/mantlet/mantlet/policy/enforce"
+	"github.com/mantlet/mantlet/policy/v1alpha1"
 	"github.com/mantlet/mantlet/ztunnel"
 )
 
@@ -146,7 +147,7 @@ func parseAgentFlags(e *env, args []string) (*agentFlags, error) {
 	case f.logFormat != "text" && f.logFormat != "json":
 		return nil, usageErr("--log-format %q: want text or json", f.logFormat)
 	}
-	if _, err := manifest.ParseMTLSMode(f.mtlsMode); err != nil {
+	if _, err := v1alpha1.ParseMTLSMode(f.mtlsMode); err != nil {
 		return nil, usageErr("--mtls-mode: %v", err)
 	}
 	return f, nil
@@ -266,7 +267,7 @@ func runAgentWith(ctx context.Context, f *agentFlags, log *slog.Logger) error {
 			return fmt.Errorf("--trust-domain %s: the CA in %s is for trust domain %s", want, f.caDir, td)
 		}
 	}
-	mode, _ := manifest.ParseMTLSMode(f.mtlsMode)
+	mode, _ := v1alpha1.ParseMTLSMode(f.mtlsMode)
 	configPath, err := filepath.Abs(f.config)
 	if err != nil {
 		return fmt.Errorf("--config: %w", err)
@@ -474,7 +475,7 @@ func runAgentWith(ctx context.Context, f *agentFlags, log *slog.Logger) error {
 	}
 	log.Info("agent running", "node", f.node, "trust_domain", td.Name(), "config", configPath,
 		"pin_dir", bpfCfg.PinDir, "uplinks", uplinks, "outbound", zcfg.Outbound.Addr().String(), "hbone", zcfg.HBONE.Addr().String(),
-		"ready", f.readyAddr, "metrics", f.metricsAddr, "admin", obsv.addrs(), "default_mtls", mode.String())
+		"ready", f.readyAddr, "metrics", f.metricsAddr, "admin", obsv.addrs(), "default_mtls", string(mode))
 
 	var runErr error
 	select {

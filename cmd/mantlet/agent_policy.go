@@ -51,7 +51,7 @@ type enforcement struct {
 
 // newEnforcement opens the security event output and makes the engine;
 // defaultMTLS is --mtls-mode.
-func newEnforcement(pf *policyFlags, node string, td spiffeid.TrustDomain, defaultMTLS manifest.MTLSMode, log *slog.Logger) (*enforcement, error) {
+func newEnforcement(pf *policyFlags, node string, td spiffeid.TrustDomain, defaultMTLS v1alpha1.MTLSMode, log *slog.Logger) (*enforcement, error) {
 	var out io.WriteCloser
 	if pf.securityEvents == "-" {
 		out = nopWriteCloser{pf.stderr}
@@ -65,9 +65,9 @@ func newEnforcement(pf *policyFlags, node string, td spiffeid.TrustDomain, defau
 		out.Close()
 		return nil, fmt.Errorf("--security-events-rate %v: want a positive number", pf.eventsRate)
 	}
-	mode := v1alpha1.MTLSPermissive
-	if defaultMTLS == manifest.MTLSStrict {
-		mode = v1alpha1.MTLSStrict
+	mode := defaultMTLS
+	if mode == v1alpha1.MTLSUnset {
+		mode = v1alpha1.MTLSPermissive
 	}
 	en := &enforcement{log: log, evOut: out}
 	en.eng = policy.NewEngine(policy.Options{RootNamespace: pf.rootNamespace, TrustDomain: td, DefaultDeny: pf.defaultDeny,
@@ -111,12 +111,7 @@ func (en *enforcement) policies() []*v1alpha1.MeshPolicy {
 
 // mtlsMode is the agent's per-pod mode: the engine's, which includes
 // the annotations and --mtls-mode.
-func (en *enforcement) mtlsMode(w *workload.Workload) manifest.MTLSMode {
-	if en.eng.MTLSMode(w) == v1alpha1.MTLSStrict {
-		return manifest.MTLSStrict
-	}
-	return manifest.MTLSPermissive
-}
+func (en *enforcement) mtlsMode(w *workload.Workload) v1alpha1.MTLSMode { return en.eng.MTLSMode(w) }
 
 // run writes security events until ctx ends.
 func (en *enforcement) run(ctx context.Context) error {

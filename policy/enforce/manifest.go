@@ -63,17 +63,8 @@ func Policies(m *manifest.Manifest) []*v1alpha1.MeshPolicy {
 			have[p.Namespace+"/"+p.Name] = true
 		}
 	}
-	for ns, mode := range m.MTLS {
-		var mm v1alpha1.MTLSMode
-		switch mode {
-		case manifest.MTLSStrict:
-			mm = v1alpha1.MTLSStrict
-		case manifest.MTLSPermissive:
-			mm = v1alpha1.MTLSPermissive
-		default:
-			continue
-		}
-		if have[ns+"/"+AnnotationPolicyName] {
+	for ns, mm := range m.MTLS {
+		if mm == v1alpha1.MTLSUnset || have[ns+"/"+AnnotationPolicyName] {
 			continue
 		}
 		out = append(out, &v1alpha1.MeshPolicy{

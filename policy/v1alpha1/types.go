@@ -1,6 +1,9 @@
 package v1alpha1
 
 import (
+	"fmt"
+	"strings"
+
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 )
@@ -53,7 +56,21 @@ const (
 	MTLSStrict MTLSMode = "STRICT"
 	// MTLSPermissive: mutual TLS and plaintext are both accepted.
 	MTLSPermissive MTLSMode = "PERMISSIVE"
+	// MTLSUnset: nothing chose a mode; the next source down the order of
+	// precedence (or the agent's default) applies.
+	MTLSUnset MTLSMode = ""
 )
+
+// ParseMTLSMode parses "STRICT" or "PERMISSIVE", in any case.
+func ParseMTLSMode(s string) (MTLSMode, error) {
+	switch {
+	case strings.EqualFold(s, string(MTLSStrict)):
+		return MTLSStrict, nil
+	case strings.EqualFold(s, string(MTLSPermissive)):
+		return MTLSPermissive, nil
+	}
+	return MTLSUnset, fmt.Errorf("mTLS mode %q: want STRICT or PERMISSIVE", s)
+}
 
 // MeshPolicySpec is the desired behaviour of a MeshPolicy.
 type MeshPolicySpec struct {
