@@ -67,7 +67,7 @@ func TestStatusShowsARejectedEdit(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := admin.ConfigStatus{Available: true, File: "/etc/mantlet/cluster.yaml", Applied: 3, Rejected: 1,
+	want := admin.ConfigStatus{Available: true, Source: "file", File: "/etc/mantlet/cluster.yaml", Applied: 3, Rejected: 1,
 		AppliedAt: admintest.Now.Add(-time.Hour), RejectedAt: admintest.Now.Add(-2 * time.Hour)}
 	if fmt.Sprint(st.Config) != fmt.Sprint(want) || slices.ContainsFunc(st.Problems, func(p string) bool { return strings.HasPrefix(p, "config:") }) {
 		t.Errorf("config = %+v, problems %q\nwant %+v and no config problem", st.Config, st.Problems, want)

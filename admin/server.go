@@ -19,12 +19,12 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/mantlet/mantlet/agent"
-	"github.com/mantlet/mantlet/agent/manifest"
 	"github.com/mantlet/mantlet/bpf"
 	"github.com/mantlet/mantlet/identity"
 	"github.com/mantlet/mantlet/internal/workload"
 	"github.com/mantlet/mantlet/policy"
 	"github.com/mantlet/mantlet/policy/v1alpha1"
+	"github.com/mantlet/mantlet/source"
 	"github.com/mantlet/mantlet/telemetry"
 )
 
@@ -62,9 +62,9 @@ type Config struct {
 	Pods func() []agent.PodStatus
 	// Datapath is the eBPF data path.
 	Datapath Datapath
-	// ConfigFile reports the cluster file's reloads
-	// (manifest.Watcher.ReloadStatus).
-	ConfigFile func() manifest.ReloadStatus
+	// Source reports how the source of the desired state fares
+	// (file.Watcher.ReloadStatus).
+	Source func() source.Status
 	// Certificates lists the node's SVIDs (identity.Manager.Certificates).
 	Certificates func() []identity.CertInfo
 	// Policy is the live policy engine; Policies the set in force, as
@@ -228,9 +228,9 @@ func (s *Server) Status() Status {
 			st.Problems = append(st.Problems, fmt.Sprintf("pod %s pending: %s", p.Pod, why))
 		}
 	}
-	if s.cfg.ConfigFile != nil {
-		c := s.cfg.ConfigFile()
-		st.Config = ConfigStatus{Available: true, File: c.File, Applied: c.Applied, Rejected: c.Rejected,
+	if s.cfg.Source != nil {
+		c := s.cfg.Source()
+		st.Config = ConfigStatus{Available: true, Source: c.Kind, File: c.Where, Applied: c.Applied, Rejected: c.Rejected,
 			AppliedAt: c.AppliedAt, RejectedAt: c.RejectedAt, LastEditRejected: c.LastEditRejected, LastEditProblems: c.Problems}
 		if c.LastEditRejected {
 			st.Problems = append(st.Problems, configProblem(c))
@@ -273,7 +273,7 @@ func (s *Server) Status() Status {
 
 // configProblem says that the newest version of the cluster file was
 // rejected, and its first problem.
-func configProblem(c manifest.ReloadStatus) string {
+func configProblem(c source.Status) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "config: last edit rejected at %s", c.RejectedAt.UTC().Format(time.RFC3339))
 	if len(c.Problems) > 0 {

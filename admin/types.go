@@ -52,8 +52,11 @@ type Status struct {
 // whether the newest one was rejected.
 type ConfigStatus struct {
 	// Available is false when the agent reads no cluster file.
-	Available bool   `json:"available"`
-	File      string `json:"file,omitempty"`
+	Available bool `json:"available"`
+	// Source is where the desired state comes from: "file" (File names
+	// it) or "kubernetes".
+	Source string `json:"source,omitempty"`
+	File   string `json:"file,omitempty"`
 	// Applied and Rejected count the changed versions of the file since
 	// the agent started.
 	Applied  uint64 `json:"applied"`

@@ -2,10 +2,9 @@
 // match the desired state of the cluster. For every enrolled pod of its
 // node it finds the pod's veth (by the route to the pod's IP), enrolls it
 // in the eBPF data path and asks for its identity's SVID ahead of time; it
-// un-enrolls pods that left or opted out, hands the whole workload snapshot
-// to the ztunnel, retries what failed with backoff, and answers the
-// readiness probe. The desired state comes from a watched file in
-// standalone mode (package agent/manifest) or, later, from Kubernetes.
+// un-enrolls pods that left or opted out, retries what failed with
+// backoff, and answers the readiness probe. Package node gives it each
+// desired state a source emits (see package source).
 package agent
 
 import (
@@ -23,7 +22,6 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
-	"github.com/mantlet/mantlet/agent/manifest"
 	"github.com/mantlet/mantlet/bpf"
 	"github.com/mantlet/mantlet/internal/workload"
 	"github.com/mantlet/mantlet/policy/v1alpha1"
@@ -79,8 +77,7 @@ const (
 	DefaultResync   = 10 * time.Second
 )
 
-// Config configures an Agent. Node, Datapath, Links and Store are
-// required.
+// Config configures an Agent. Node, Datapath and Links are required.
 type Config struct {
 	// Node is the name of this node, as pods' spec.nodeName say.
 	Node string
@@ -104,7 +101,9 @@ type Config struct {
 	// ztunnel of each pod that turns STRICT (see PlaintextCloser); nil
 	// leaves them open.
 	Plaintext PlaintextCloser
-	// Store receives every snapshot; the ztunnel reads it.
+	// Store, if set, receives every snapshot as the agent takes it up (for
+	// a ztunnel that reads it). A node that publishes snapshots to its
+	// ztunnel itself, together with the policy engine, leaves it nil.
 	Store *workload.Store
 	// Logger receives enrollments (Info) and failures (Warn); nil discards.
 	Logger *slog.Logger
@@ -164,8 +163,6 @@ func New(cfg Config) (*Agent, error) {
 		return nil, errors.New("agent: config: Datapath is required")
 	case cfg.Links == nil:
 		return nil, errors.New("agent: config: Links is required")
-	case cfg.Store == nil:
-		return nil, errors.New("agent: config: Store is required")
 	}
 	if cfg.TrustDomain.IsZero() {
 		cfg.TrustDomain = spiffeid.RequireTrustDomainFromString("cluster.local")
@@ -206,11 +203,6 @@ func (a *Agent) Apply(s State) {
 	a.pending = true
 	a.inMu.Unlock()
 	a.kick()
-}
-
-// ApplyManifest makes a parsed cluster file the desired state.
-func (a *Agent) ApplyManifest(m *manifest.Manifest) {
-	a.Apply(State{Snapshot: m.Snapshot, MTLS: m.MTLS})
 }
 
 func (a *Agent) kick() {
@@ -275,7 +267,7 @@ func (a *Agent) reconcile(ctx context.Context, now time.Time) (next time.Time) {
 			next = now.Add(a.cfg.RetryMax)
 		}
 	}()
-	if pending {
+	if pending && a.cfg.Store != nil {
 		a.cfg.Store.Replace(desired.Snapshot)
 	}
 	want := a.wanted(desired, pending)

@@ -3,8 +3,8 @@ package agent
 import (
 	"github.com/prometheus/client_golang/prometheus"
 
-	"github.com/mantlet/mantlet/agent/manifest"
 	"github.com/mantlet/mantlet/bpf"
+	"github.com/mantlet/mantlet/source"
 )
 
 // DatapathCounters reads the data path's counters; *bpf.Datapath
@@ -17,9 +17,9 @@ type DatapathCounters interface {
 }
 
 // ConfigReloads reports the reloads of the workload source;
-// *manifest.Watcher implements it.
+// every source.Source implements it.
 type ConfigReloads interface {
-	ReloadStatus() manifest.ReloadStatus
+	Status() source.Status
 }
 
 // Collector exports the agent's state, the data path's counters and the
@@ -94,7 +94,7 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(c.pods, prometheus.GaugeValue, pending, "pending")
 	ch <- prometheus.MustNewConstMetric(c.plainClosed, prometheus.CounterValue, float64(c.agent.PlaintextClosed()))
 	if c.reloads != nil {
-		st := c.reloads.ReloadStatus()
+		st := c.reloads.Status()
 		ch <- prometheus.MustNewConstMetric(c.reloadsDesc, prometheus.CounterValue, float64(st.Applied), "applied")
 		ch <- prometheus.MustNewConstMetric(c.reloadsDesc, prometheus.CounterValue, float64(st.Rejected), "rejected")
 		ch <- prometheus.MustNewConstMetric(c.lastReload, prometheus.GaugeValue, boolValue(!st.LastEditRejected))

@@ -10,14 +10,14 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
-	"github.com/mantlet/mantlet/agent/manifest"
 	"github.com/mantlet/mantlet/bpf"
 	"github.com/mantlet/mantlet/internal/workload"
+	"github.com/mantlet/mantlet/source"
 )
 
-type fakeReloads manifest.ReloadStatus
+type fakeReloads source.Status
 
-func (f fakeReloads) ReloadStatus() manifest.ReloadStatus { return manifest.ReloadStatus(f) }
+func (f fakeReloads) Status() source.Status { return source.Status(f) }
 
 type fakeCounters struct {
 	c       bpf.Counters
@@ -117,13 +117,13 @@ func TestCollectorShowsARejectedEdit(t *testing.T) {
 	}
 	for _, tc := range []struct {
 		name                                   string
-		st                                     manifest.ReloadStatus
+		st                                     source.Status
 		success, rejectedAt, applied, rejected string
 	}{
-		{"nothing rejected yet", manifest.ReloadStatus{Applied: 2}, "1", "0", "2", "0"},
-		{"the newest version rejected", manifest.ReloadStatus{Applied: 2, Rejected: 1, RejectedAt: time.Unix(1764069000, 0),
+		{"nothing rejected yet", source.Status{Applied: 2}, "1", "0", "2", "0"},
+		{"the newest version rejected", source.Status{Applied: 2, Rejected: 1, RejectedAt: time.Unix(1764069000, 0),
 			LastEditRejected: true, Problems: []string{"cluster.yaml: no objects"}}, "0", "1.764069e+09", "2", "1"},
-		{"a later version applied", manifest.ReloadStatus{Applied: 3, Rejected: 1, RejectedAt: time.Unix(1764069000, 0)}, "1", "1.764069e+09", "3", "1"},
+		{"a later version applied", source.Status{Applied: 3, Rejected: 1, RejectedAt: time.Unix(1764069000, 0)}, "1", "1.764069e+09", "3", "1"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			reg := prometheus.NewPedanticRegistry()

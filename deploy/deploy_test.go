@@ -15,9 +15,9 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"github.com/mantlet/mantlet/agent"
-	"github.com/mantlet/mantlet/agent/manifest"
 	"github.com/mantlet/mantlet/bpf"
 	"github.com/mantlet/mantlet/identity"
+	"github.com/mantlet/mantlet/source"
 	"github.com/mantlet/mantlet/telemetry"
 	"github.com/mantlet/mantlet/ztunnel/hbone"
 )
@@ -34,10 +34,10 @@ func (counters) Repairs() map[bpf.Fault]uint64   { return nil }
 
 type reloads struct{}
 
-func (reloads) ReloadStatus() manifest.ReloadStatus { return manifest.ReloadStatus{} }
+func (reloads) Status() source.Status { return source.Status{} }
 
 // agentMetrics names every metric family the agent registers on :15020
-// (the collectors of cmd/mantlet/agent.go and agent_observe.go), read from
+// (the collectors node.Run registers), read from
 // the collectors' descriptions, so series that do not exist yet count.
 func agentMetrics(t *testing.T) map[string]bool {
 	t.Helper()

@@ -84,13 +84,29 @@ func NewEngine(opts Options) *Engine {
 func (e *Engine) Update(policies []*v1alpha1.MeshPolicy) error {
 	e.mu.Lock()
 	defer e.mu.Unlock()
+	return e.applyLocked(e.snap, policies)
+}
+
+// Apply puts a new state in force in one step: the workloads and the
+// policy set together, so that no decision sees one without the other. On
+// error (a set that does not compile) nothing changes.
+func (e *Engine) Apply(s *workload.Snapshot, policies []*v1alpha1.MeshPolicy) error {
+	if s == nil {
+		s = workload.Empty()
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.applyLocked(s, policies)
+}
+
+func (e *Engine) applyLocked(s *workload.Snapshot, policies []*v1alpha1.MeshPolicy) error {
 	set, err := compileSet(policies, e.opts.RootNamespace, e.set.gen+1)
 	if err != nil {
 		e.opts.Logger.Warn("policy set rejected; previous set stays in force",
 			"policies", len(policies), "generation", e.set.gen, "error", err)
 		return fmt.Errorf("policy: set of %d rejected, generation %d stays in force: %w", len(policies), e.set.gen, err)
 	}
-	e.set = set
+	e.set, e.snap = set, s
 	e.cur.Store(buildView(e.set, e.snap, &e.opts))
 	e.opts.Logger.Info("policy set in force", "policies", len(set.policies), "generation", set.gen)
 	return nil

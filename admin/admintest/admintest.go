@@ -17,12 +17,12 @@ import (
 
 	"github.com/mantlet/mantlet/admin"
 	"github.com/mantlet/mantlet/agent"
-	"github.com/mantlet/mantlet/agent/manifest"
 	"github.com/mantlet/mantlet/bpf"
 	"github.com/mantlet/mantlet/identity"
 	"github.com/mantlet/mantlet/internal/workload"
 	"github.com/mantlet/mantlet/policy"
 	"github.com/mantlet/mantlet/policy/v1alpha1"
+	"github.com/mantlet/mantlet/source"
 	"github.com/mantlet/mantlet/telemetry"
 )
 
@@ -91,7 +91,7 @@ type Fixture struct {
 	// DP is the data path's state.
 	DP *Datapath
 	// Config is the cluster file's reload state.
-	Config manifest.ReloadStatus
+	Config source.Status
 }
 
 // Datapath is a fake data path.
@@ -160,7 +160,7 @@ func New(t testing.TB) *Fixture {
 		Ready: true, Reason: "ready: 2 local pods enrolled, 0 pending, 2 veths attached",
 		DP: &Datapath{St: bpf.Status{SkLookupAttached: true, Listeners: []bpf.Slot{bpf.Outbound, bpf.HBONE}, Pods: []int{11, 12}, Uplinks: []int{2}},
 			N: bpf.Counters{Redirected: 40, SpoofDrops: 2, StrictDrops: 1}},
-		Config: manifest.ReloadStatus{File: "/etc/mantlet/cluster.yaml", Applied: 3, Rejected: 1,
+		Config: source.Status{Kind: "file", Where: "/etc/mantlet/cluster.yaml", Applied: 3, Rejected: 1,
 			AppliedAt: Now.Add(-time.Hour), RejectedAt: Now.Add(-2 * time.Hour)},
 	}
 	f.Server, err = admin.NewServer(admin.Config{
@@ -169,7 +169,7 @@ func New(t testing.TB) *Fixture {
 		Ready:        func() (bool, string) { return f.Ready, f.Reason },
 		Pods:         func() []agent.PodStatus { return f.Pods },
 		Datapath:     f.DP,
-		ConfigFile:   func() manifest.ReloadStatus { return f.Config },
+		Source:       func() source.Status { return f.Config },
 		Certificates: func() []identity.CertInfo { return f.Certs },
 		Policy:       eng,
 		Policies:     func() []*v1alpha1.MeshPolicy { return ps },

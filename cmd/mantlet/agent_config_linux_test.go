@@ -12,11 +12,11 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/mantlet/mantlet/admin"
-	"github.com/mantlet/mantlet/agent/manifest"
 	"github.com/mantlet/mantlet/bpf"
 	"github.com/mantlet/mantlet/identity/ca"
 	"github.com/mantlet/mantlet/internal/privtest"
 	"github.com/mantlet/mantlet/internal/testbed"
+	"github.com/mantlet/mantlet/source/file"
 )
 
 // TestAgentKeepsTheMeshWhenAnEditIsRejected runs the real command on a
@@ -102,13 +102,13 @@ func TestAgentKeepsTheMeshWhenAnEditIsRejected(t *testing.T) {
 		t.Fatal(err)
 	}
 	st := waitConfig(true)
-	if want := []string{"cluster.yaml: " + manifest.NoObjects}; strings.Join(st.Config.LastEditProblems, "\n") != strings.Join(want, "\n") || !st.Ready {
+	if want := []string{"cluster.yaml: " + file.NoObjects}; strings.Join(st.Config.LastEditProblems, "\n") != strings.Join(want, "\n") || !st.Ready {
 		t.Fatalf("status after emptying the file = %+v; want ready and the problem %q", st, want)
 	}
 	stillMeshed("0")
 	e, out, errb := testEnv()
 	if code := run(ctx, e, []string{"status", "--admin", sock}); code != 0 ||
-		!strings.Contains(out.String(), "\n  - config: last edit rejected at ") || !strings.Contains(out.String(), manifest.NoObjects) {
+		!strings.Contains(out.String(), "\n  - config: last edit rejected at ") || !strings.Contains(out.String(), file.NoObjects) {
 		t.Fatalf("mantlet status exited %d; stdout:\n%s\nstderr:\n%s", code, out, errb)
 	}
 

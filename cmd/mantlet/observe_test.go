@@ -15,7 +15,7 @@ import (
 
 	"github.com/mantlet/mantlet/admin"
 	"github.com/mantlet/mantlet/admin/admintest"
-	"github.com/mantlet/mantlet/agent/manifest"
+	"github.com/mantlet/mantlet/source/file"
 	"github.com/mantlet/mantlet/telemetry"
 )
 
@@ -109,11 +109,11 @@ func TestOperatorCommandsPrintTables(t *testing.T) {
 func TestStatusShowsARejectedEdit(t *testing.T) {
 	f := admintest.New(t)
 	f.Config.Rejected, f.Config.RejectedAt, f.Config.LastEditRejected = 2, admintest.Now.Add(-time.Minute), true
-	f.Config.Problems = []string{"cluster.yaml: " + manifest.NoObjects}
+	f.Config.Problems = []string{"cluster.yaml: " + file.NoObjects}
 	code, out, errb := runCLI(t, f, "status")
 	for _, want := range []string{
 		"\nConfig:        /etc/mantlet/cluster.yaml: last edit REJECTED at 2026-11-25T11:59:00Z; the version of 2026-11-25T11:00:00Z stays in force (3 edits applied, 2 rejected)\n",
-		"\n  - config: last edit rejected at 2026-11-25T11:59:00Z: cluster.yaml: " + manifest.NoObjects + "\n",
+		"\n  - config: last edit rejected at 2026-11-25T11:59:00Z: cluster.yaml: " + file.NoObjects + "\n",
 	} {
 		if code != 0 || !strings.Contains(out, want) {
 			t.Errorf("mantlet status exited %d, stdout:\n%s\nwant in it:\n%s\nstderr:\n%s", code, out, want, errb)
@@ -130,7 +130,7 @@ func TestStatusShowsARejectedEdit(t *testing.T) {
 		}
 		if code != 0 || err != nil || !st.Config.LastEditRejected || !st.Config.RejectedAt.Equal(admintest.Now.Add(-time.Minute)) ||
 			!slices.Equal(st.Config.LastEditProblems, f.Config.Problems) ||
-			!slices.Contains(st.Problems, "config: last edit rejected at 2026-11-25T11:59:00Z: cluster.yaml: "+manifest.NoObjects) {
+			!slices.Contains(st.Problems, "config: last edit rejected at 2026-11-25T11:59:00Z: cluster.yaml: "+file.NoObjects) {
 			t.Errorf("mantlet status -o %s exited %d (%v): %+v\nstderr:\n%s", format, code, err, st, errb)
 		}
 	}

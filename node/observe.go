@@ -1,8 +1,7 @@
-package main
+package node
 
 import (
 	"context"
-	"flag"
 	"fmt"
 	"io"
 	"log/slog"
@@ -21,38 +20,41 @@ import (
 	"github.com/mantlet/mantlet/ztunnel"
 )
 
-// observeFlags are the agent's flags for metrics, logs and the admin API.
-type observeFlags struct {
-	adminAddr      string
-	adminSocket    string
-	accessLog      string
-	accessLogOpens bool
-	accessLogRate  float64
-	flowLogSize    int
-	flushEvery     time.Duration
-
-	stdout io.Writer // where --access-log - writes
+// ObserveConfig configures metrics' helpers, the access log, the flow log
+// and the admin API.
+type ObserveConfig struct {
+	// AdminAddr is the admin API's TCP address (keep it on localhost);
+	// empty disables it.
+	AdminAddr string
+	// AdminSocket is the admin API's unix socket; NodePlaceholder in it
+	// stands for the node's instance name (Config.Instance). Empty
+	// disables it.
+	AdminSocket string
+	// AccessLog is where the access log goes: "-" for Stdout, a file
+	// (appended), or empty for none.
+	AccessLog string
+	// AccessLogOpens also writes a line when a connection opens.
+	AccessLogOpens bool
+	// AccessLogRate is the most lines per second (bursts of twice as
+	// many); the rest are dropped and counted.
+	AccessLogRate float64
+	// FlowLogSize is how many recent flows 'mantlet flows' sees.
+	FlowLogSize int
+	// FlushEvery is how often open connections' bytes reach the metrics.
+	FlushEvery time.Duration
+	// Stdout receives the access log with AccessLog "-".
+	Stdout io.Writer
 }
 
-// nodePlaceholder in --admin-socket stands for the node's instance name:
-// the last element of --pin-dir, which is the node name unless --pin-dir
-// says otherwise (so two agents for nodes of the same name, in two
-// testbeds, get two sockets).
-const nodePlaceholder = "<node>"
-
-func addObserveFlags(fs *flag.FlagSet, o *observeFlags) {
-	fs.StringVar(&o.adminAddr, "admin-addr", admin.DefaultAddr, "listen address of the admin API (keep it on localhost); empty disables it")
-	fs.StringVar(&o.adminSocket, "admin-socket", admin.SocketPath(nodePlaceholder), "unix socket of the admin API ("+nodePlaceholder+": the last element of --pin-dir, by default the node name); empty disables it")
-	fs.StringVar(&o.accessLog, "access-log", "-", "where to write the access log, one JSON line per connection: - for stdout, or a file (appended); empty disables it")
-	fs.BoolVar(&o.accessLogOpens, "access-log-open", false, "also write an access log line when a connection opens")
-	fs.Float64Var(&o.accessLogRate, "access-log-rate", 1000, "access log lines per second at most (bursts of twice as many); the rest are dropped and counted")
-	fs.IntVar(&o.flowLogSize, "flow-log-size", telemetry.DefaultFlowLogSize, "recent flows kept for 'mantlet flows'")
-	fs.DurationVar(&o.flushEvery, "metrics-flush", telemetry.DefaultFlushInterval, "how often the bytes of open connections are added to the byte metrics")
-}
+// NodePlaceholder in ObserveConfig.AdminSocket stands for the node's
+// instance name: the last element of the pin directory, which is the node
+// name unless the pin directory says otherwise (so two agents for nodes of
+// the same name, in two testbeds, get two sockets).
+const NodePlaceholder = "<node>"
 
 // observability is the agent's telemetry and admin API.
 type observability struct {
-	flags    *observeFlags
+	cfg      *ObserveConfig
 	log      *slog.Logger
 	observer *telemetry.Observer
 	flows    *telemetry.FlowLog
@@ -68,47 +70,47 @@ type observability struct {
 // newObservability opens the access log and the admin API's listeners, so
 // mistakes (a busy port, an unwritable file) fail the start. node replaces
 // the placeholder of --admin-socket.
-func newObservability(of *observeFlags, node string, log *slog.Logger) (*observability, error) {
-	if of.flowLogSize <= 0 {
-		return nil, fmt.Errorf("--flow-log-size %d: want a positive number", of.flowLogSize)
+func newObservability(of *ObserveConfig, node string, log *slog.Logger) (*observability, error) {
+	if of.FlowLogSize <= 0 {
+		return nil, fmt.Errorf("flow log size %d: want a positive number", of.FlowLogSize)
 	}
-	o := &observability{flags: of, log: log, flows: telemetry.NewFlowLog(of.flowLogSize)}
-	switch of.accessLog {
+	o := &observability{cfg: of, log: log, flows: telemetry.NewFlowLog(of.FlowLogSize)}
+	switch of.AccessLog {
 	case "":
 	case "-":
-		o.access = telemetry.NewAccessLog(of.stdout, telemetry.AccessLogOptions{Rate: of.accessLogRate})
+		o.access = telemetry.NewAccessLog(of.Stdout, telemetry.AccessLogOptions{Rate: of.AccessLogRate})
 	default:
-		f, err := os.OpenFile(of.accessLog, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o640)
+		f, err := os.OpenFile(of.AccessLog, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o640)
 		if err != nil {
-			return nil, fmt.Errorf("--access-log: %w", err)
+			return nil, fmt.Errorf("access log: %w", err)
 		}
 		o.closeLog = f
-		o.access = telemetry.NewAccessLog(f, telemetry.AccessLogOptions{Rate: of.accessLogRate})
+		o.access = telemetry.NewAccessLog(f, telemetry.AccessLogOptions{Rate: of.AccessLogRate})
 	}
-	o.observer = telemetry.NewObserver(telemetry.ObserverOptions{AccessLog: o.access, LogOpens: of.accessLogOpens, Flows: o.flows})
+	o.observer = telemetry.NewObserver(telemetry.ObserverOptions{AccessLog: o.access, LogOpens: of.AccessLogOpens, Flows: o.flows})
 	o.certs = telemetry.NewCertificates(func() []identity.CertInfo {
 		if o.ids == nil {
 			return nil
 		}
 		return o.ids.Certificates()
 	}, nil)
-	if of.adminAddr != "" {
+	if of.AdminAddr != "" {
 		lc := net.ListenConfig{}
 		lc.SetMultipathTCP(false)
-		ln, err := lc.Listen(context.Background(), "tcp", of.adminAddr)
+		ln, err := lc.Listen(context.Background(), "tcp", of.AdminAddr)
 		if err != nil {
 			o.close()
-			return nil, fmt.Errorf("--admin-addr: %w", err)
+			return nil, fmt.Errorf("admin API on %s: %w", of.AdminAddr, err)
 		}
 		o.adminLns = append(o.adminLns, ln)
 		o.listenOn = append(o.listenOn, ln.Addr().String())
 	}
-	if of.adminSocket != "" {
-		path := strings.ReplaceAll(of.adminSocket, nodePlaceholder, node)
+	if of.AdminSocket != "" {
+		path := strings.ReplaceAll(of.AdminSocket, NodePlaceholder, node)
 		ln, err := admin.ListenUnix(path)
 		if err != nil {
 			o.close()
-			return nil, fmt.Errorf("--admin-socket: %w", err)
+			return nil, fmt.Errorf("admin API on %s: %w", path, err)
 		}
 		o.adminLns = append(o.adminLns, ln)
 		o.listenOn = append(o.listenOn, path)
@@ -137,10 +139,11 @@ func (o *observability) collectors(p *ztunnel.Proxy) []prometheus.Collector {
 // addrs names where the admin API listens, for the start-up log line.
 func (o *observability) addrs() []string { return o.listenOn }
 
-// run starts the byte flusher, the access log writer and the admin API;
-// each ends with ctx.
-func (o *observability) run(ctx context.Context, goRun func(string, func() error), p *ztunnel.Proxy, cfg admin.Config) {
-	goRun("metrics flush", func() error { return o.observer.RunFlush(ctx, o.flags.flushEvery, p) })
+// run starts the byte flusher, the access log writer and the admin API in
+// g; each ends with ctx.
+func (o *observability) run(ctx context.Context, g *group, p *ztunnel.Proxy, cfg admin.Config) {
+	goRun := g.run
+	goRun("metrics flush", func() error { return o.observer.RunFlush(ctx, o.cfg.FlushEvery, p) })
 	if o.access != nil {
 		goRun("access log", func() error { return o.access.Run(ctx) })
 	}
@@ -165,9 +168,6 @@ func (o *observability) run(ctx context.Context, goRun func(string, func() error
 		return srv.Serve(ctx, lns...)
 	})
 }
-
-// goroutines is how many goroutines run may start.
-const observeGoroutines = 3
 
 // close releases what newObservability opened and run did not take.
 func (o *observability) close() {

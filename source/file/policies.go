@@ -1,4 +1,4 @@
-package enforce
+package file
 
 import (
 	"errors"
@@ -8,7 +8,6 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 
-	"github.com/mantlet/mantlet/agent/manifest"
 	"github.com/mantlet/mantlet/policy"
 	"github.com/mantlet/mantlet/policy/v1alpha1"
 )
@@ -18,18 +17,18 @@ import (
 // in the file takes its place.
 const AnnotationPolicyName = "mtls-annotation.mantlet.io"
 
-// ManifestKinds registers MeshPolicy (mantlet.io) with the cluster file's
-// parser (manifest.Options.Kinds): each MeshPolicy document is decoded
+// PolicyKinds registers MeshPolicy (mantlet.io) with the cluster file's
+// parser (Options.Kinds): each MeshPolicy document is decoded
 // strictly and validated, and any problem makes the whole file invalid,
 // so the watcher keeps the last good file — policies and workloads — in
 // force and logs the problem with the file, document, object and field.
-func ManifestKinds() map[schema.GroupKind]manifest.KindDecoder {
-	return map[schema.GroupKind]manifest.KindDecoder{
+func PolicyKinds() map[schema.GroupKind]KindDecoder {
+	return map[schema.GroupKind]KindDecoder{
 		{Group: v1alpha1.GroupName, Kind: v1alpha1.Kind}: decodePolicy,
 	}
 }
 
-func decodePolicy(obj *manifest.Object) (any, error) {
+func decodePolicy(obj *Object) (any, error) {
 	p, err := policy.ParseDocument(obj.JSON)
 	if err != nil {
 		// The location already names the object: keep only the fields.
@@ -47,14 +46,14 @@ func decodePolicy(obj *manifest.Object) (any, error) {
 }
 
 // Policies returns the policy set a parsed cluster file asks for: its
-// MeshPolicy objects (registered with ManifestKinds), in file order, and,
+// MeshPolicy objects (registered with PolicyKinds), in file order, and,
 // for every namespace annotated mantlet.io/mtls, a policy named
 // AnnotationPolicyName that sets that namespace's mode (namespace-wide,
 // no selector, no action). The annotation therefore ranks with
 // namespace-wide policies: above the mesh-wide default of the root
 // namespace and the agent's --mtls-mode, below policies with a selector;
 // STRICT wins a tie with another namespace-wide policy.
-func Policies(m *manifest.Manifest) []*v1alpha1.MeshPolicy {
+func Policies(m *Manifest) []*v1alpha1.MeshPolicy {
 	var out []*v1alpha1.MeshPolicy
 	have := map[string]bool{}
 	for _, x := range m.Extra {

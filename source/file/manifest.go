@@ -1,12 +1,12 @@
-// Package manifest reads the standalone cluster description: a
-// multi-document YAML file of ordinary Kubernetes objects (Namespace, Pod,
-// Node, Service, and v1 List of them) decoded with the Kubernetes API
-// types, and turns it into a workload.Snapshot. Errors name the file, the
-// document, the object and the field, and say what would be valid. Kinds
-// mantlet does not use are skipped with a warning, misspelt ones are
-// errors; other packages (the policy engine's MeshPolicy) can claim kinds
-// of their own with Options.Kinds.
-package manifest
+// Package file is the standalone source of the cluster's desired state
+// (see package source): a multi-document YAML file of ordinary Kubernetes
+// objects (Namespace, Pod, Node, Service, MeshPolicy, and v1 List of them)
+// decoded with the Kubernetes API types, watched for changes. Parse turns
+// it into a workload.Snapshot; errors name the file, the document, the
+// object and the field, and say what would be valid. Kinds mantlet does not
+// use are skipped with a warning, misspelt ones are errors; Options.Kinds
+// claims kinds beyond the core ones (Source registers MeshPolicy).
+package file
 
 import (
 	"fmt"

@@ -1,10 +1,9 @@
-package enforce
+package file
 
 import (
 	"strings"
 	"testing"
 
-	"github.com/mantlet/mantlet/agent/manifest"
 	"github.com/mantlet/mantlet/internal/workload"
 	"github.com/mantlet/mantlet/policy"
 	"github.com/mantlet/mantlet/policy/v1alpha1"
@@ -38,7 +37,7 @@ spec:
 `
 
 func TestClusterFilePoliciesAndMTLSPrecedence(t *testing.T) {
-	m, err := manifest.Parse("cluster.yaml", []byte(clusterFile), manifest.Options{Kinds: ManifestKinds()})
+	m, err := Parse("cluster.yaml", []byte(clusterFile), Options{Kinds: PolicyKinds()})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -74,13 +73,13 @@ spec:
   rules:
   - to: {ports: ["9100-9000"]}
 `
-	_, err := manifest.Parse("cluster.yaml", []byte(bad), manifest.Options{Kinds: ManifestKinds()})
+	_, err := Parse("cluster.yaml", []byte(bad), Options{Kinds: PolicyKinds()})
 	want := `cluster.yaml: document 6 (MeshPolicy shop/broken): spec.rules[0].to.ports[0]: "9100-9000" is an empty range (low > high); want a port 1-65535 or a range "low-high" such as "9000-9100"`
 	if err == nil || err.Error() != want {
 		t.Fatalf("error\n%v\nwant\n%s", err, want)
 	}
 	unknown := strings.Replace(clusterFile, "mtls: PERMISSIVE", "mTLS: PERMISSIVE", 1)
-	_, err = manifest.Parse("cluster.yaml", []byte(unknown), manifest.Options{Kinds: ManifestKinds()})
+	_, err = Parse("cluster.yaml", []byte(unknown), Options{Kinds: PolicyKinds()})
 	if err == nil || !strings.Contains(err.Error(), `document 4 (MeshPolicy web/web-permissive): unknown field "spec.mTLS"`) {
 		t.Fatalf("error %v", err)
 	}

@@ -1,4 +1,4 @@
-package main
+package node
 
 import (
 	"context"
@@ -8,7 +8,6 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
@@ -30,10 +29,10 @@ func (noBundles) GetX509BundleForTrustDomain(spiffeid.TrustDomain) (*x509bundle.
 // TestAgentObservabilityServesTheAdminAPI starts what the agent starts for
 // observability (access log file, admin API on TCP and a socket named
 // after the node) and asks both listeners for the status.
-func TestAgentObservabilityServesTheAdminAPI(t *testing.T) {
+func TestObservabilityServesTheAdminAPI(t *testing.T) {
 	dir := t.TempDir()
-	of := &observeFlags{adminAddr: "127.0.0.1:0", adminSocket: filepath.Join(dir, nodePlaceholder, "admin.sock"),
-		accessLog: filepath.Join(dir, "access.log"), accessLogRate: 10, flowLogSize: 16}
+	of := &ObserveConfig{AdminAddr: "127.0.0.1:0", AdminSocket: filepath.Join(dir, NodePlaceholder, "admin.sock"),
+		AccessLog: filepath.Join(dir, "access.log"), AccessLogRate: 10, FlowLogSize: 16}
 	o, err := newObservability(of, "node-7", slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
@@ -51,17 +50,8 @@ func TestAgentObservabilityServesTheAdminAPI(t *testing.T) {
 	defer p.Close()
 
 	ctx, cancel := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	errs := make(chan error, observeGoroutines)
-	o.run(ctx, func(name string, fn func() error) {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if err := fn(); err != nil {
-				errs <- errors.New(name + ": " + err.Error())
-			}
-		}()
-	}, p, admin.Config{Node: "node-7", Snapshot: store.Load, Ready: func() (bool, string) { return true, "ready: test" }})
+	g := newGroup(ctx)
+	o.run(ctx, g, p, admin.Config{Node: "node-7", Snapshot: store.Load, Ready: func() (bool, string) { return true, "ready: test" }})
 	for _, addr := range addrs {
 		c, err := admin.NewClient(addr)
 		if err != nil {
@@ -74,29 +64,27 @@ func TestAgentObservabilityServesTheAdminAPI(t *testing.T) {
 		}
 	}
 	cancel()
-	wg.Wait()
-	close(errs)
-	for err := range errs {
+	if err := g.wait(); err != nil {
 		t.Error(err)
 	}
 	o.close()
 	if _, err := os.Stat(filepath.Join(dir, "node-7")); !os.IsNotExist(err) {
 		t.Errorf("the socket's directory outlives the agent: %v", err)
 	}
-	if _, err := os.Stat(of.accessLog); err != nil {
+	if _, err := os.Stat(of.AccessLog); err != nil {
 		t.Errorf("access log file: %v", err)
 	}
 }
 
-func TestAgentObservabilityRefusesABusyAdminPort(t *testing.T) {
+func TestObservabilityRefusesABusyAdminPort(t *testing.T) {
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	of := &observeFlags{adminAddr: ln.Addr().String(), flowLogSize: 16}
+	of := &ObserveConfig{AdminAddr: ln.Addr().String(), FlowLogSize: 16}
 	_, err = newObservability(of, "n", slog.New(slog.DiscardHandler))
-	if err == nil || !strings.HasPrefix(err.Error(), "--admin-addr: listen tcp "+ln.Addr().String()) {
-		t.Errorf("err = %v, want --admin-addr: the listen error", err)
+	if want := "admin API on " + ln.Addr().String() + ": listen tcp " + ln.Addr().String(); err == nil || !strings.HasPrefix(err.Error(), want) {
+		t.Errorf("err = %v, want %q and the listen error", err, want)
 	}
 }

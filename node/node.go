@@ -1,0 +1,423 @@
+// Package node assembles one mesh node: the eBPF data path, the SVID
+// manager, policy enforcement, the ztunnel, the agent's reconcile loop, the
+// admin API, metrics and readiness, fed by one source of desired state.
+// Run is what 'mantlet agent' runs; the command only turns flags into a
+// Config. Every desired state a source emits is put in force in one step
+// (the policy engine and the ztunnel's workloads switch together, then the
+// agent enrolls and open flows are decided again), and nothing below the
+// node knows which source it came from.
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"path/filepath"
+	"slices"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"golang.org/x/sync/errgroup"
+
+	"github.com/mantlet/mantlet/admin"
+	"github.com/mantlet/mantlet/agent"
+	"github.com/mantlet/mantlet/bpf"
+	"github.com/mantlet/mantlet/identity"
+	"github.com/mantlet/mantlet/internal/workload"
+	"github.com/mantlet/mantlet/policy/enforce"
+	"github.com/mantlet/mantlet/policy/v1alpha1"
+	"github.com/mantlet/mantlet/source"
+	"github.com/mantlet/mantlet/ztunnel"
+)
+
+// Config is everything a node needs. Node, Issuer, TrustDomain, Source and
+// Datapath.PinDir are required.
+type Config struct {
+	// Node is this node's name, as pods' spec.nodeName say.
+	Node string
+	// Issuer signs the SVIDs of the node's pods; TrustDomain names them.
+	Issuer      identity.Issuer
+	TrustDomain spiffeid.TrustDomain
+	// Source gives the desired state of the cluster.
+	Source source.Source
+	// DefaultMTLS is the mode of pods for which nothing else chooses one
+	// (default PERMISSIVE).
+	DefaultMTLS v1alpha1.MTLSMode
+	// Datapath configures the eBPF data path; Run adds the node's own
+	// addresses (its Node object's and its interfaces') to NodeIPs.
+	Datapath bpf.Config
+	// Uplinks are the interfaces leading to other nodes (default: the
+	// interfaces that hold the node's addresses).
+	Uplinks []string
+	// OutboundAddr and HBONEAddr are the ztunnel's capture listeners;
+	// InboundPlainAddr the inbound plaintext one, empty when
+	// Datapath.CaptureInboundPlain is off.
+	OutboundAddr, HBONEAddr, InboundPlainAddr string
+	// ReadyAddr serves the readiness probe, MetricsAddr the metrics; empty
+	// disables either.
+	ReadyAddr, MetricsAddr string
+	// SVIDTTL is the lifetime of the pods' certificates (default
+	// identity's).
+	SVIDTTL time.Duration
+	// DrainTimeout bounds how long open connections may take to finish
+	// once ctx ends.
+	DrainTimeout time.Duration
+	// Resync is how often the agent re-checks every pod (default agent's);
+	// WatchInterval how often the data path is checked for missing state
+	// (default bpf's).
+	Resync, WatchInterval time.Duration
+	// Observe and Policy configure telemetry, the admin API and policy
+	// enforcement.
+	Observe ObserveConfig
+	Policy  PolicyConfig
+	// CleanupHint is the command that removes what the node leaves pinned,
+	// for the last log line.
+	CleanupHint string
+	// Logger receives the node's logs; nil discards them.
+	Logger *slog.Logger
+	// Kernel is the machine; nil is HostKernel{}.
+	Kernel Kernel
+}
+
+// Run runs the node until ctx ends, then drains open connections for up to
+// DrainTimeout and returns nil; or until one of its parts fails, and
+// returns that failure. Everything that can be checked without changing
+// the kernel comes first (the source's first state, the node's name, the
+// addresses, the output files and ports of observability), so that a typo
+// fails before the data path is loaded. A start that fails after the data
+// path was loaded removes it if Run made it; a data path adopted from an
+// earlier agent stays, as it protects that agent's pods. After a clean
+// stop the programs and maps stay pinned, so enrolled pods keep their
+// protection.
+func Run(ctx context.Context, cfg Config) error {
+	log := cfg.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	k := cfg.Kernel
+	if k == nil {
+		k = HostKernel{}
+	}
+	switch {
+	case cfg.Node == "":
+		return errors.New("node: config: Node is required")
+	case cfg.Issuer == nil || cfg.Source == nil:
+		return errors.New("node: config: Issuer and Source are required")
+	}
+	var undo cleanups
+	defer undo.run()
+
+	// 1. Checks that change nothing.
+	first, err := cfg.Source.Initial(ctx)
+	if err != nil {
+		return err
+	}
+	where := cfg.Source.Status().Where
+	nodeIPs, err := nodeAddrs(first.Snapshot, cfg.Node, where)
+	if err != nil {
+		return err
+	}
+	if len(nodeIPs) == 0 {
+		log.Warn("the desired state has no Node of this name, only pods on it; its own addresses are taken from its interfaces only", "node", cfg.Node, "source", where)
+	}
+	en, err := newEnforcement(&cfg.Policy, cfg.Node, cfg.TrustDomain, cfg.DefaultMTLS, log.With("component", "policy"))
+	if err != nil {
+		return err
+	}
+	undo.add(en.close)
+	if err := en.apply(first); err != nil {
+		return err
+	}
+	ifaceIPs, err := k.InterfaceAddrs()
+	if err != nil {
+		return err
+	}
+	bcfg := cfg.Datapath
+	bcfg.NodeIPs = mergeAddrs(bcfg.NodeIPs, nodeIPs, ifaceIPs)
+	if err := bcfg.Validate(); err != nil {
+		return err
+	}
+	obsv, err := newObservability(&cfg.Observe, filepath.Base(bcfg.PinDir), log.With("component", "admin"))
+	if err != nil {
+		return err
+	}
+	undo.add(obsv.close)
+
+	// 2. The data path: programs, maps, routing; adopted if pinned.
+	dp, err := k.OpenDatapath(ctx, bcfg, log.With("component", "bpf"))
+	if err != nil {
+		return err
+	}
+	undo.add(func() { dp.Close() }) // programs and maps stay pinned
+	running := false
+	undo.add(func() {
+		if running || !dp.Created() {
+			return
+		}
+		rep, err := dp.Remove(context.WithoutCancel(ctx))
+		if err != nil {
+			log.Error("start failed; rolling back the data path failed too", "error", err, "remove_with", cfg.CleanupHint)
+			return
+		}
+		log.Info("start failed; rolled the data path back: "+rep.String(), "node", cfg.Node)
+	})
+	uplinks := cfg.Uplinks
+	if len(uplinks) == 0 {
+		if uplinks, err = k.FindUplinks(nodeIPs); err != nil {
+			return err
+		}
+	}
+	for _, name := range uplinks {
+		if err := dp.AttachUplink(name); err != nil {
+			return err
+		}
+	}
+	links, closeLinks, err := k.Links()
+	if err != nil {
+		return err
+	}
+	undo.add(closeLinks)
+	// Pods that turn STRICT lose their plaintext connections that bypassed
+	// the ztunnel; the node's addresses (probes) keep theirs.
+	plain, closePlain, err := k.Plaintext(bcfg.NodeIPs)
+	if err != nil {
+		return err
+	}
+	undo.add(closePlain)
+
+	// 3. The ztunnel's listeners, in the SOCKMAP.
+	listen := func(addr string, slot bpf.Slot) (net.Listener, error) {
+		ln, err := k.Listen(ctx, addr, bcfg.ZtunnelMark)
+		if err != nil {
+			return nil, fmt.Errorf("listen %s (%s): %w", addr, slot, err)
+		}
+		undo.add(func() { ln.Close() })
+		sc, ok := ln.(syscall.Conn)
+		if !ok {
+			return nil, fmt.Errorf("listen %s (%s): %T has no file descriptor", addr, slot, ln)
+		}
+		if err := dp.SetListener(slot, sc); err != nil {
+			return nil, err
+		}
+		return ln, nil
+	}
+	zcfg := ztunnel.Config{NodeName: cfg.Node, TrustDomain: cfg.TrustDomain, Mark: int(bcfg.ZtunnelMark), Transparent: true,
+		Logger: log.With("component", "ztunnel")}
+	if zcfg.Outbound, err = listen(cfg.OutboundAddr, bpf.Outbound); err != nil {
+		return err
+	}
+	if zcfg.HBONE, err = listen(cfg.HBONEAddr, bpf.HBONE); err != nil {
+		return err
+	}
+	if cfg.InboundPlainAddr != "" {
+		if zcfg.InboundPlaintext, err = listen(cfg.InboundPlainAddr, bpf.InboundPlain); err != nil {
+			return err
+		}
+	}
+
+	// 4. Identities, the ztunnel and the agent, and the first state.
+	ids := identity.NewManager(cfg.Issuer, cfg.TrustDomain, log.With("component", "identity"), obsv.identityOptions(identity.ManagerOptions{TTL: cfg.SVIDTTL}))
+	obsv.ids = ids
+	store := workload.NewStore()
+	zcfg.Store, zcfg.SVIDs, zcfg.Bundles = store, ids, ids
+	obsv.ztunnelHooks(&zcfg)
+	zcfg.Authorizer = en.az
+	proxy, err := ztunnel.New(zcfg)
+	if err != nil {
+		return err
+	}
+	undo.add(proxy.Close)
+	ag, err := agent.New(agent.Config{
+		Node: cfg.Node, TrustDomain: cfg.TrustDomain, DefaultMTLS: cfg.DefaultMTLS, MTLSMode: en.mtlsMode,
+		Datapath: dp, Links: links, Identities: ids, Plaintext: plain,
+		Logger: log.With("component", "agent"), Resync: cfg.Resync,
+	})
+	if err != nil {
+		return err
+	}
+	store.Replace(first.Snapshot)
+	ag.Apply(agent.State{Snapshot: first.Snapshot})
+	// publish puts a later state in force: the engine and the ztunnel's
+	// workloads together, then the agent's enrolments, then every open
+	// flow is decided again. A state the engine refuses changes nothing.
+	publish := func(st *source.State) {
+		if err := en.apply(st); err != nil {
+			log.Error("desired state refused; the previous one stays in force", "generation", st.Generation, "error", err)
+			return
+		}
+		store.Replace(st.Snapshot)
+		ag.Apply(agent.State{Snapshot: st.Snapshot})
+		en.reevaluate(proxy, st.Snapshot)
+	}
+
+	var servers []*http.Server
+	if cfg.ReadyAddr != "" {
+		servers = append(servers, &http.Server{Addr: cfg.ReadyAddr, Handler: ag.Handler(), ReadHeaderTimeout: 5 * time.Second})
+	}
+	if cfg.MetricsAddr != "" {
+		reg := prometheus.NewRegistry()
+		reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+			agent.NewCollector(ag, cfg.Source, dp, func() map[string]uint64 {
+				out := map[string]uint64{}
+				for flag, n := range proxy.Counters() {
+					out[flag.String()] = n
+				}
+				return out
+			}))
+		reg.MustRegister(obsv.collectors(proxy)...)
+		reg.MustRegister(enforce.NewCollector(en.az, en.ev.Stats))
+		mux := http.NewServeMux()
+		mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+		servers = append(servers, &http.Server{Addr: cfg.MetricsAddr, Handler: mux, ReadHeaderTimeout: 5 * time.Second})
+	}
+	serverLns := make([]net.Listener, len(servers))
+	for i, s := range servers {
+		lc := net.ListenConfig{}
+		lc.SetMultipathTCP(false)
+		if serverLns[i], err = lc.Listen(ctx, "tcp", s.Addr); err != nil {
+			return fmt.Errorf("listen %s: %w", s.Addr, err)
+		}
+		undo.add(func() { serverLns[i].Close() })
+	}
+
+	// 5. Run until ctx ends or a part fails, then drain.
+	runCtx, stop := context.WithCancel(context.WithoutCancel(ctx))
+	defer stop()
+	g := newGroup(runCtx)
+	running = true
+	g.run("identity", func() error { return ids.Run(runCtx) })
+	g.run("data path watch", func() error { return dp.Watch(runCtx, cfg.WatchInterval) })
+	g.run("ztunnel", func() error { return proxy.Run(runCtx) })
+	g.run("agent", func() error { return ag.Run(runCtx) })
+	g.run("source", func() error { return cfg.Source.Run(runCtx, publish) })
+	g.run("security events", func() error { return en.run(runCtx) })
+	obsv.run(runCtx, g, proxy, admin.Config{Node: cfg.Node, TrustDomain: cfg.TrustDomain, Snapshot: store.Load, Ready: ag.Ready,
+		Pods: ag.Pods, Datapath: dp, Source: cfg.Source.Status, Policy: en.eng, Policies: en.policies,
+		Certificates: ids.Certificates, Logger: log.With("component", "admin")})
+	for i, s := range servers {
+		g.run("http "+s.Addr, func() error {
+			if err := s.Serve(serverLns[i]); !errors.Is(err, http.ErrServerClosed) {
+				return err
+			}
+			return nil
+		})
+	}
+	log.Info("agent running", "node", cfg.Node, "trust_domain", cfg.TrustDomain.Name(), "source", where,
+		"pin_dir", bcfg.PinDir, "uplinks", uplinks, "outbound", zcfg.Outbound.Addr().String(), "hbone", zcfg.HBONE.Addr().String(),
+		"ready", cfg.ReadyAddr, "metrics", cfg.MetricsAddr, "admin", obsv.addrs(), "default_mtls", string(cfg.DefaultMTLS))
+
+	select {
+	case <-ctx.Done():
+		log.Info("shutting down: draining connections", "timeout", cfg.DrainTimeout)
+	case <-g.ctx.Done():
+		log.Error("shutting down after a failure", "error", context.Cause(g.ctx))
+	}
+	ag.Drain()
+	drainCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), cfg.DrainTimeout)
+	if err := proxy.Shutdown(drainCtx); err != nil {
+		log.Warn("drain timed out; closing the remaining connections", "error", err)
+	}
+	cancel()
+	for _, s := range servers {
+		s.Close()
+	}
+	stop()
+	err = g.wait()
+	log.Info("agent stopped; programs and maps stay pinned so enrolled pods stay protected",
+		"pin_dir", bcfg.PinDir, "remove_with", cfg.CleanupHint)
+	return err
+}
+
+// cleanups undoes the steps of a start in reverse order.
+type cleanups []func()
+
+func (c *cleanups) add(f func()) { *c = append(*c, f) }
+
+func (c *cleanups) run() {
+	for i := len(*c) - 1; i >= 0; i-- {
+		(*c)[i]()
+	}
+	*c = nil
+}
+
+// group runs the node's long-running parts; the first to fail cancels
+// ctx, and its error, named after the part, is what wait returns.
+type group struct {
+	g   *errgroup.Group
+	ctx context.Context
+}
+
+func newGroup(ctx context.Context) *group {
+	g, ctx := errgroup.WithContext(ctx)
+	return &group{g: g, ctx: ctx}
+}
+
+func (g *group) run(name string, fn func() error) {
+	g.g.Go(func() error {
+		if err := fn(); err != nil {
+			return fmt.Errorf("%s: %w", name, err)
+		}
+		return nil
+	})
+}
+
+func (g *group) wait() error { return g.g.Wait() }
+
+// nodeAddrs returns the addresses the desired state gives the node named
+// node. A name the state does not know at all (no Node object, no pod
+// scheduled there) is an error naming the nodes it has: a typo must fail
+// before anything is loaded into the kernel.
+func nodeAddrs(snap *workload.Snapshot, node, where string) ([]netip.Addr, error) {
+	var (
+		ips   []netip.Addr
+		known bool
+		names []string
+	)
+	seen := map[string]bool{}
+	name := func(n string) {
+		if n != "" && !seen[n] {
+			seen[n] = true
+			names = append(names, n)
+		}
+		known = known || n == node
+	}
+	for _, n := range snap.Nodes() {
+		name(n.Name)
+		if n.Name == node {
+			ips = append(ips, n.IP)
+		}
+	}
+	for _, w := range snap.Workloads() {
+		name(w.Node)
+	}
+	if known {
+		return ips, nil
+	}
+	if len(names) == 0 {
+		return nil, fmt.Errorf("--node-name %s: %s names no nodes (no Node objects, no pods with spec.nodeName); add a Node named %s", node, where, node)
+	}
+	slices.Sort(names)
+	return nil, fmt.Errorf("--node-name %s: %s has no node of this name; its nodes are %s", node, where, strings.Join(names, ", "))
+}
+
+// mergeAddrs returns the IPv4 addresses of lists, without duplicates or
+// loopback addresses.
+func mergeAddrs(lists ...[]netip.Addr) []netip.Addr {
+	var out []netip.Addr
+	for _, ip := range slices.Concat(lists...) {
+		ip = ip.Unmap()
+		if ip.Is4() && !ip.IsLoopback() && !slices.Contains(out, ip) {
+			out = append(out, ip)
+		}
+	}
+	return out
+}

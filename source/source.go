@@ -1,0 +1,60 @@
+// Package source defines where a node learns the cluster's desired state
+// from: a Source (a local file in standalone mode, the Kubernetes API in a
+// cluster) emits the whole state as one immutable State with a
+// generation, and the node puts it in force at once (the ztunnel's
+// workloads, the policy engine and the agent's enrolments switch
+// together). Nothing below the node knows which source a state came from.
+package source
+
+import (
+	"context"
+	"time"
+
+	"github.com/mantlet/mantlet/internal/workload"
+	"github.com/mantlet/mantlet/policy/v1alpha1"
+)
+
+// State is the desired state of the cluster at one generation. A State is
+// never changed once emitted.
+type State struct {
+	// Generation grows with every state a source emits.
+	Generation uint64
+	// Snapshot holds the nodes, every pod with an address (meshed or not:
+	// the ztunnel routes to both) and the services.
+	Snapshot *workload.Snapshot
+	// Policies are the MeshPolicies in force, each already validated, and
+	// those a source derives from other settings (a namespace's
+	// mantlet.io/mtls annotation becomes a namespace-wide policy that sets
+	// its mode). The policy engine gives each pod its mTLS mode from them.
+	Policies []*v1alpha1.MeshPolicy
+}
+
+// Status says how a source fares, for 'mantlet status' and the metrics.
+type Status struct {
+	// Kind is "file" or "kubernetes"; Where names the file or the API
+	// server.
+	Kind, Where string
+	// Applied and Rejected count the versions emitted and refused.
+	Applied, Rejected uint64
+	// AppliedAt is when the state in force was read; RejectedAt when a
+	// version was last refused (zero if none was).
+	AppliedAt, RejectedAt time.Time
+	// LastEditRejected is true while the newest version is refused, so an
+	// older one stays in force; Problems then say why.
+	LastEditRejected bool
+	Problems         []string
+}
+
+// Source is where the desired state comes from.
+type Source interface {
+	// Initial returns the first complete state. Its error stops the node
+	// before anything is loaded (a bad file at start-up, an API server
+	// that never answered).
+	Initial(ctx context.Context) (*State, error)
+	// Run emits every later state until ctx ends; it returns nil then. A
+	// version the source refuses is never emitted: the last good state
+	// stays in force.
+	Run(ctx context.Context, publish func(*State)) error
+	// Status reports how the source fares.
+	Status() Status
+}
