@@ -117,6 +117,9 @@ func Run(ctx context.Context, cfg Config) error {
 	defer undo.run()
 
 	// 1. Checks that change nothing.
+	if c, ok := cfg.Source.(interface{ Close() }); ok {
+		undo.add(c.Close) // a source that holds informers
+	}
 	first, err := cfg.Source.Initial(ctx)
 	if err != nil {
 		return err

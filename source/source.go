@@ -43,6 +43,11 @@ type Status struct {
 	// older one stays in force; Problems then say why.
 	LastEditRejected bool
 	Problems         []string
+	// Unreachable is true while the source cannot be read (the API server
+	// does not answer) since UnreachableSince; the last state stays in
+	// force meanwhile.
+	Unreachable      bool
+	UnreachableSince time.Time
 }
 
 // Source is where the desired state comes from.

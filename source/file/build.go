@@ -181,6 +181,10 @@ func (p *parser) build() *Manifest {
 			services = append(services, *s)
 		}
 	}
+	if p.lenient {
+		p.warnings = append(p.warnings, p.errs...)
+		p.errs = nil
+	}
 	if len(p.errs) > 0 {
 		return nil
 	}
@@ -409,7 +413,14 @@ func (p *parser) service(loc Location, svc *corev1.Service, pods []*corev1.Pod) 
 	}
 
 	var endpoints []*corev1.Pod
-	if len(svc.Spec.Selector) > 0 {
+	if p.endpoints != nil {
+		ready := p.endpoints[loc.Namespace+"/"+svc.Name]
+		for _, pod := range pods {
+			if slices.Contains(ready, string(pod.UID)) {
+				endpoints = append(endpoints, pod)
+			}
+		}
+	} else if len(svc.Spec.Selector) > 0 {
 		for _, pod := range pods {
 			if matches(svc.Spec.Selector, pod.Labels) {
 				endpoints = append(endpoints, pod)

@@ -49,6 +49,12 @@ type parser struct {
 	nodes      []located[corev1.Node]
 	services   []located[corev1.Service]
 	extra      []Extra
+
+	// lenient turns problems into warnings that drop the object they are
+	// about (BuildObjects); endpoints replaces services' selectors with
+	// ready endpoints (pod UIDs by "namespace/name").
+	lenient   bool
+	endpoints map[string][]string
 }
 
 type located[T any] struct {

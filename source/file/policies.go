@@ -23,10 +23,10 @@ const AnnotationPolicyName = "mtls-annotation.mantlet.io"
 // so the watcher keeps the last good file — policies and workloads — in
 // force and logs the problem with the file, document, object and field.
 func PolicyKinds() map[schema.GroupKind]KindDecoder {
-	return map[schema.GroupKind]KindDecoder{
-		{Group: v1alpha1.GroupName, Kind: v1alpha1.Kind}: decodePolicy,
-	}
+	return map[schema.GroupKind]KindDecoder{policyKind: decodePolicy}
 }
+
+var policyKind = schema.GroupKind{Group: v1alpha1.GroupName, Kind: v1alpha1.Kind}
 
 func decodePolicy(obj *Object) (any, error) {
 	p, err := policy.ParseDocument(obj.JSON)

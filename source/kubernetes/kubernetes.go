@@ -1,0 +1,515 @@
+// Package kubernetes is the cluster's desired state read from the
+// Kubernetes API server (see package source): shared informers for
+// Namespaces, Pods, Nodes, Services, EndpointSlices and MeshPolicies feed
+// the same builder as the standalone file (package source/file), so a
+// cluster and a file mean the same thing. A pod enters the mesh when its
+// Namespace is annotated mantlet.io/mesh: enabled, unless the pod says
+// mantlet.io/mesh: disabled. Pods are stripped to what mantlet reads as
+// they arrive, so that 10,000 pods stay small. A change is put in force
+// after a short debounce; a resync or an update that changes nothing
+// mantlet reads emits nothing. When the API server cannot be reached the
+// last state stays in force and Status says so.
+package kubernetes
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash/fnv"
+	"log/slog"
+	"slices"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/client-go/discovery"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/dynamic/dynamicinformer"
+	"k8s.io/client-go/informers"
+	k8s "k8s.io/client-go/kubernetes"
+	corelisters "k8s.io/client-go/listers/core/v1"
+	discoverylisters "k8s.io/client-go/listers/discovery/v1"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/cache"
+
+	"github.com/mantlet/mantlet/policy"
+	"github.com/mantlet/mantlet/policy/v1alpha1"
+	"github.com/mantlet/mantlet/source"
+	"github.com/mantlet/mantlet/source/file"
+)
+
+// MeshPolicies is the resource of the MeshPolicy CRD.
+var MeshPolicies = schema.GroupVersionResource{Group: v1alpha1.GroupName, Version: "v1alpha1", Resource: "meshpolicies"}
+
+// Defaults of Options.
+const (
+	DefaultDebounce    = 100 * time.Millisecond
+	DefaultSyncTimeout = 2 * time.Minute
+	DefaultProbe       = 5 * time.Second
+)
+
+// Options tune a Source; the zero value is ready to use.
+type Options struct {
+	// Logger receives the source's logs; nil discards them.
+	Logger *slog.Logger
+	// Debounce is how long a change waits for more before a state is
+	// built (default DefaultDebounce).
+	Debounce time.Duration
+	// SyncTimeout bounds Initial's wait for the first complete lists
+	// (default DefaultSyncTimeout).
+	SyncTimeout time.Duration
+	// Probe is how often Run checks that the API server answers (default
+	// DefaultProbe).
+	Probe time.Duration
+}
+
+func (o Options) withDefaults() Options {
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	if o.Debounce <= 0 {
+		o.Debounce = DefaultDebounce
+	}
+	if o.SyncTimeout <= 0 {
+		o.SyncTimeout = DefaultSyncTimeout
+	}
+	if o.Probe <= 0 {
+		o.Probe = DefaultProbe
+	}
+	return o
+}
+
+// Source reads the desired state from the API server.
+type Source struct {
+	client      k8s.Interface
+	probeClient discovery.ServerVersionInterface // with a timeout of Options.Probe
+	opts        Options
+	log         *slog.Logger
+	where       string
+
+	factory  informers.SharedInformerFactory
+	dfactory dynamicinformer.DynamicSharedInformerFactory
+	synced   []cache.InformerSynced
+
+	namespaces corelisters.NamespaceLister
+	pods       corelisters.PodLister
+	nodes      corelisters.NodeLister
+	services   corelisters.ServiceLister
+	slices     discoverylisters.EndpointSliceLister
+	policies   cache.GenericLister
+
+	changed  chan struct{}
+	gen      atomic.Uint64
+	stop     chan struct{}
+	stopOnce sync.Once
+
+	mu       sync.Mutex
+	status   source.Status
+	lastSum  uint64
+	invalid  map[string]string // namespace/name → why the MeshPolicy is not in force
+	watchErr string
+}
+
+var _ source.Source = (*Source)(nil)
+
+// New returns the source for the API server of cfg (in-cluster
+// configuration or a kubeconfig, see rest and clientcmd).
+func New(cfg *rest.Config, opts Options) (*Source, error) {
+	client, err := k8s.NewForConfig(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("kubernetes: client: %w", err)
+	}
+	dyn, err := dynamic.NewForConfig(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("kubernetes: dynamic client: %w", err)
+	}
+	s := NewForClients(client, dyn, cfg.Host, opts)
+	pcfg := rest.CopyConfig(cfg)
+	pcfg.Timeout = s.opts.Probe
+	if s.probeClient, err = discovery.NewDiscoveryClientForConfig(pcfg); err != nil {
+		return nil, fmt.Errorf("kubernetes: discovery client: %w", err)
+	}
+	return s, nil
+}
+
+// NewForClients returns the source over given clients (fakes in tests);
+// where names the API server in messages.
+func NewForClients(client k8s.Interface, dyn dynamic.Interface, where string, opts Options) *Source {
+	opts = opts.withDefaults()
+	s := &Source{client: client, probeClient: client.Discovery(), opts: opts, log: opts.Logger, where: where,
+		changed: make(chan struct{}, 1), invalid: map[string]string{}, stop: make(chan struct{})}
+	s.status = source.Status{Kind: "kubernetes", Where: where}
+	s.factory = informers.NewSharedInformerFactory(client, 0) // no resync: nothing to repair from a re-list
+	s.dfactory = dynamicinformer.NewDynamicSharedInformerFactory(dyn, 0)
+
+	core := s.factory.Core().V1()
+	podInf := core.Pods()
+	_ = podInf.Informer().SetTransform(stripPod)
+	infs := []cache.SharedIndexInformer{
+		core.Namespaces().Informer(), podInf.Informer(), core.Nodes().Informer(), core.Services().Informer(),
+		s.factory.Discovery().V1().EndpointSlices().Informer(),
+	}
+	polInf := s.dfactory.ForResource(MeshPolicies)
+	infs = append(infs, polInf.Informer())
+	s.namespaces, s.pods, s.nodes, s.services = core.Namespaces().Lister(), podInf.Lister(), core.Nodes().Lister(), core.Services().Lister()
+	s.slices = s.factory.Discovery().V1().EndpointSlices().Lister()
+	s.policies = polInf.Lister()
+	for _, inf := range infs {
+		_, _ = inf.AddEventHandler(cache.ResourceEventHandlerFuncs{
+			AddFunc:    func(any) { s.notify() },
+			UpdateFunc: s.onUpdate,
+			DeleteFunc: func(any) { s.notify() },
+		})
+		_ = inf.SetWatchErrorHandler(func(_ *cache.Reflector, err error) { s.watchError(err) })
+		s.synced = append(s.synced, inf.HasSynced)
+	}
+	return s
+}
+
+func (s *Source) notify() {
+	select {
+	case s.changed <- struct{}{}:
+	default:
+	}
+}
+
+// onUpdate ignores updates that leave an object as it was (a re-list).
+func (s *Source) onUpdate(oldObj, newObj any) {
+	o, ok1 := oldObj.(metav1.Object)
+	n, ok2 := newObj.(metav1.Object)
+	if ok1 && ok2 && o.GetResourceVersion() == n.GetResourceVersion() {
+		return
+	}
+	s.notify()
+}
+
+func (s *Source) watchError(err error) {
+	s.mu.Lock()
+	s.watchErr = err.Error()
+	s.mu.Unlock()
+}
+
+// Initial starts the informers and returns the first state, once every
+// list has arrived.
+func (s *Source) Initial(ctx context.Context) (*source.State, error) {
+	// The informers outlive Initial: Run stops them when it ends.
+	s.factory.Start(s.stop)
+	s.dfactory.Start(s.stop)
+	sctx, cancel := context.WithTimeout(ctx, s.opts.SyncTimeout)
+	defer cancel()
+	if !cache.WaitForCacheSync(sctx.Done(), s.synced...) {
+		s.mu.Lock()
+		why := s.watchErr
+		s.mu.Unlock()
+		if why == "" {
+			why = sctx.Err().Error()
+		}
+		return nil, fmt.Errorf("kubernetes: %s: no complete lists of namespaces, pods, nodes, services, endpoint slices and MeshPolicies within %v: %s", s.where, s.opts.SyncTimeout, why)
+	}
+	st, sum, err := s.build()
+	if err != nil {
+		return nil, err
+	}
+	s.published(sum)
+	return st, nil
+}
+
+// Run emits every changed state until ctx ends.
+func (s *Source) Run(ctx context.Context, publish func(*source.State)) error {
+	probe := time.NewTicker(s.opts.Probe)
+	defer probe.Stop()
+	var debounce <-chan time.Time
+	for {
+		select {
+		case <-ctx.Done():
+			s.Close()
+			return nil
+		case <-probe.C:
+			s.probe()
+		case <-s.changed:
+			if debounce == nil {
+				debounce = time.After(s.opts.Debounce)
+			}
+		case <-debounce:
+			debounce = nil
+			st, sum, err := s.build()
+			if err != nil {
+				s.rejected(err)
+				continue
+			}
+			s.mu.Lock()
+			same := sum == s.lastSum
+			s.mu.Unlock()
+			if same {
+				continue
+			}
+			s.published(sum)
+			publish(st)
+		}
+	}
+}
+
+// probe asks the API server for its version: the informers retry on
+// their own, this only tells Status whether the state may be stale.
+func (s *Source) probe() {
+	_, err := s.probeClient.ServerVersion()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	switch {
+	case err == nil && s.status.Unreachable:
+		s.log.Info("kubernetes: the API server answers again", "where", s.where, "unreachable_for", time.Since(s.status.UnreachableSince).Round(time.Second))
+		s.status.Unreachable, s.status.UnreachableSince, s.status.Problems = false, time.Time{}, nil
+	case err != nil && !s.status.Unreachable:
+		s.log.Warn("kubernetes: the API server does not answer; the last state stays in force", "where", s.where, "error", err)
+		s.status.Unreachable, s.status.UnreachableSince = true, time.Now()
+		s.status.Problems = []string{"API server " + s.where + " unreachable: " + err.Error()}
+	}
+}
+
+func (s *Source) published(sum uint64) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.lastSum = sum
+	s.status.Applied++
+	s.status.AppliedAt = time.Now()
+	if !s.status.Unreachable {
+		s.status.Problems = nil
+	}
+	s.status.LastEditRejected = false
+}
+
+func (s *Source) rejected(err error) {
+	s.log.Error("kubernetes: the cluster's state cannot be built; the last one stays in force", "error", err)
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.status.Rejected++
+	s.status.RejectedAt = time.Now()
+	s.status.LastEditRejected = true
+	s.status.Problems = []string{err.Error()}
+}
+
+// Close stops the informers; Run does it when it ends.
+func (s *Source) Close() {
+	s.stopOnce.Do(func() { close(s.stop) })
+	s.factory.Shutdown()
+	s.dfactory.Shutdown()
+}
+
+// Status reports the source's health.
+func (s *Source) Status() source.Status {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := s.status
+	st.Problems = slices.Clone(st.Problems)
+	return st
+}
+
+// InvalidPolicies returns the MeshPolicies left out of the state and why,
+// by "namespace/name".
+func (s *Source) InvalidPolicies() map[string]string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make(map[string]string, len(s.invalid))
+	for k, v := range s.invalid {
+		out[k] = v
+	}
+	return out
+}
+
+// build reads the informers' caches into a state, and its fingerprint.
+func (s *Source) build() (*source.State, uint64, error) {
+	var objs file.Objects
+	nss, err := s.namespaces.List(labels.Everything())
+	if err != nil {
+		return nil, 0, fmt.Errorf("kubernetes: list namespaces: %w", err)
+	}
+	objs.Namespaces = nss
+	if objs.Nodes, err = s.nodes.List(labels.Everything()); err != nil {
+		return nil, 0, fmt.Errorf("kubernetes: list nodes: %w", err)
+	}
+	if objs.Pods, err = s.pods.List(labels.Everything()); err != nil {
+		return nil, 0, fmt.Errorf("kubernetes: list pods: %w", err)
+	}
+	if objs.Services, err = s.services.List(labels.Everything()); err != nil {
+		return nil, 0, fmt.Errorf("kubernetes: list services: %w", err)
+	}
+	eps, err := s.slices.List(labels.Everything())
+	if err != nil {
+		return nil, 0, fmt.Errorf("kubernetes: list endpoint slices: %w", err)
+	}
+	objs.Endpoints = readyEndpoints(eps)
+	pols, err := s.policies.List(labels.Everything())
+	if err != nil {
+		return nil, 0, fmt.Errorf("kubernetes: list MeshPolicies: %w", err)
+	}
+	invalid := map[string]string{}
+	for _, o := range pols {
+		p, err := decodePolicy(o)
+		if err != nil {
+			key := metaKey(o)
+			invalid[key] = err.Error()
+			continue
+		}
+		objs.Policies = append(objs.Policies, p)
+	}
+	sortByName(objs)
+	m := file.BuildObjects("kubernetes", objs)
+	if m == nil {
+		return nil, 0, errors.New("kubernetes: the objects contradict each other")
+	}
+	for _, w := range m.Warnings {
+		s.log.Debug("kubernetes: object left out", "problem", w.Error())
+	}
+	s.mu.Lock()
+	for k, why := range invalid {
+		if s.invalid[k] != why {
+			s.log.Warn("kubernetes: MeshPolicy not in force", "policy", k, "reason", why)
+		}
+	}
+	s.invalid = invalid
+	s.mu.Unlock()
+	st := &source.State{Snapshot: m.Snapshot, Policies: file.Policies(m)}
+	sum := fingerprint(st)
+	st.Generation = s.gen.Add(1)
+	return st, sum, nil
+}
+
+// decodePolicy validates a MeshPolicy as the file does, without what the
+// API server adds (status, managed fields).
+func decodePolicy(o any) (*v1alpha1.MeshPolicy, error) {
+	u, ok := o.(*unstructured.Unstructured)
+	if !ok {
+		return nil, fmt.Errorf("unexpected %T", o)
+	}
+	c := u.DeepCopy()
+	unstructured.RemoveNestedField(c.Object, "status")
+	unstructured.RemoveNestedField(c.Object, "metadata", "managedFields")
+	js, err := c.MarshalJSON()
+	if err != nil {
+		return nil, err
+	}
+	p, err := policy.ParseDocument(js)
+	if err != nil {
+		return nil, err
+	}
+	p.UID, p.Generation = u.GetUID(), u.GetGeneration()
+	return p, nil
+}
+
+func metaKey(o any) string {
+	if m, ok := o.(metav1.Object); ok {
+		return m.GetNamespace() + "/" + m.GetName()
+	}
+	return fmt.Sprintf("%T", o)
+}
+
+// readyEndpoints maps each service ("namespace/name") to the UIDs of the
+// pods its EndpointSlices list as ready (a missing condition means ready).
+func readyEndpoints(list []*discoveryv1.EndpointSlice) map[string][]string {
+	out := map[string][]string{}
+	for _, sl := range list {
+		svc := sl.Labels[discoveryv1.LabelServiceName]
+		if svc == "" {
+			continue
+		}
+		key := sl.Namespace + "/" + svc
+		if _, ok := out[key]; !ok {
+			out[key] = []string{}
+		}
+		for _, ep := range sl.Endpoints {
+			if ep.Conditions.Ready != nil && !*ep.Conditions.Ready {
+				continue
+			}
+			if ep.TargetRef == nil || ep.TargetRef.Kind != "Pod" || ep.TargetRef.UID == "" {
+				continue
+			}
+			out[key] = append(out[key], string(ep.TargetRef.UID))
+		}
+	}
+	return out
+}
+
+// sortByName puts objects in a stable order: the snapshot must not depend
+// on the caches' map order.
+func sortByName(o file.Objects) {
+	sort.Slice(o.Namespaces, func(i, j int) bool { return o.Namespaces[i].Name < o.Namespaces[j].Name })
+	sort.Slice(o.Nodes, func(i, j int) bool { return o.Nodes[i].Name < o.Nodes[j].Name })
+	sort.Slice(o.Pods, func(i, j int) bool {
+		a, b := o.Pods[i], o.Pods[j]
+		return a.Namespace < b.Namespace || a.Namespace == b.Namespace && a.Name < b.Name
+	})
+	sort.Slice(o.Services, func(i, j int) bool {
+		a, b := o.Services[i], o.Services[j]
+		return a.Namespace < b.Namespace || a.Namespace == b.Namespace && a.Name < b.Name
+	})
+	sort.Slice(o.Policies, func(i, j int) bool {
+		a, b := o.Policies[i], o.Policies[j]
+		return a.Namespace < b.Namespace || a.Namespace == b.Namespace && a.Name < b.Name
+	})
+}
+
+// fingerprint hashes what a state means, so that a change mantlet does
+// not read (a pod's container restarted, a re-list) emits nothing.
+func fingerprint(st *source.State) uint64 {
+	h := fnv.New64a()
+	enc := json.NewEncoder(h)
+	_ = enc.Encode(st.Snapshot.Nodes())
+	for _, w := range st.Snapshot.Workloads() {
+		_ = enc.Encode(w)
+	}
+	for _, sv := range st.Snapshot.Services() {
+		_ = enc.Encode(sv)
+	}
+	for _, p := range st.Policies {
+		_ = enc.Encode(struct {
+			NS, Name string
+			Spec     v1alpha1.MeshPolicySpec
+		}{p.Namespace, p.Name, p.Spec})
+	}
+	return h.Sum64()
+}
+
+// stripPod keeps of a pod only what mantlet reads (the informer keeps
+// this instead of the whole object).
+func stripPod(obj any) (any, error) {
+	p, ok := obj.(*corev1.Pod)
+	if !ok {
+		return obj, nil
+	}
+	out := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: p.Name, Namespace: p.Namespace, UID: p.UID,
+			ResourceVersion: p.ResourceVersion, Labels: p.Labels, Annotations: meshAnnotations(p.Annotations)},
+		Spec: corev1.PodSpec{NodeName: p.Spec.NodeName, ServiceAccountName: p.Spec.ServiceAccountName,
+			DeprecatedServiceAccount: p.Spec.DeprecatedServiceAccount, HostNetwork: p.Spec.HostNetwork},
+		Status: corev1.PodStatus{Phase: p.Status.Phase, PodIP: p.Status.PodIP, PodIPs: p.Status.PodIPs, HostIP: p.Status.HostIP},
+	}
+	for _, c := range p.Spec.Containers {
+		if len(c.Ports) > 0 {
+			out.Spec.Containers = append(out.Spec.Containers, corev1.Container{Name: c.Name, Ports: c.Ports})
+		}
+	}
+	return out, nil
+}
+
+// meshAnnotations keeps the mantlet.io annotations.
+func meshAnnotations(in map[string]string) map[string]string {
+	var out map[string]string
+	for k, v := range in {
+		if strings.HasPrefix(k, "mantlet.io/") {
+			if out == nil {
+				out = map[string]string{}
+			}
+			out[k] = v
+		}
+	}
+	return out
+}

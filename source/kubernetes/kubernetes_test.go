@@ -1,0 +1,227 @@
+package kubernetes
+
+import (
+	"context"
+	"log/slog"
+	"net/netip"
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	dynfake "k8s.io/client-go/dynamic/fake"
+	"k8s.io/client-go/kubernetes/fake"
+
+	"github.com/mantlet/mantlet/source"
+)
+
+func ns(name string, ann map[string]string) *corev1.Namespace {
+	return &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: name, Annotations: ann}}
+}
+
+func node(name, ip string) *corev1.Node {
+	return &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name},
+		Status: corev1.NodeStatus{Addresses: []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: ip}}}}
+}
+
+func pod(namespace, name, uid, nodeName, ip string, labels map[string]string) *corev1.Pod {
+	return &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Namespace: namespace, Name: name, UID: types.UID("uid-" + uid), Labels: labels,
+			Annotations: map[string]string{"unrelated.example/big": strings.Repeat("x", 1000)}, ResourceVersion: "1"},
+		Spec: corev1.PodSpec{NodeName: nodeName, ServiceAccountName: name,
+			Containers: []corev1.Container{{Name: "app", Image: "example/app", Env: []corev1.EnvVar{{Name: "A", Value: "B"}},
+				Ports: []corev1.ContainerPort{{Name: "http", ContainerPort: 8080}}}}},
+		Status: corev1.PodStatus{Phase: corev1.PodRunning, PodIP: ip, HostIP: "198.18.0.1"},
+	}
+}
+
+func meshPolicy(namespace, name string, spec map[string]any) *unstructured.Unstructured {
+	return &unstructured.Unstructured{Object: map[string]any{
+		"apiVersion": "mantlet.io/v1alpha1", "kind": "MeshPolicy",
+		"metadata": map[string]any{"namespace": namespace, "name": name},
+		"spec":     spec,
+	}}
+}
+
+// fixture is a source over fake clients, started.
+type fixture struct {
+	client *fake.Clientset
+	src    *Source
+	states chan *source.State
+}
+
+func newFixture(t *testing.T, core []runtime.Object, policies ...runtime.Object) (*fixture, *source.State) {
+	t.Helper()
+	client := fake.NewClientset(core...)
+	scheme := runtime.NewScheme()
+	dyn := dynfake.NewSimpleDynamicClientWithCustomListKinds(scheme, map[schema.GroupVersionResource]string{MeshPolicies: "MeshPolicyList"}, policies...)
+	src := NewForClients(client, dyn, "https://api.test", Options{Logger: slog.New(slog.NewTextHandler(t.Output(), nil)), Debounce: 10 * time.Millisecond})
+	ctx, cancel := context.WithCancel(context.Background())
+	first, err := src.Initial(ctx)
+	if err != nil {
+		cancel()
+		src.Close()
+		t.Fatal(err)
+	}
+	f := &fixture{client: client, src: src, states: make(chan *source.State, 16)}
+	done := make(chan error, 1)
+	go func() { done <- src.Run(ctx, func(st *source.State) { f.states <- st }) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("Run: %v", err)
+		}
+	})
+	return f, first
+}
+
+// next waits for the next state the source emits.
+func (f *fixture) next(t *testing.T) *source.State {
+	t.Helper()
+	select {
+	case st := <-f.states:
+		return st
+	case <-time.After(10 * time.Second):
+		t.Fatal("no state emitted within 10 s")
+		return nil
+	}
+}
+
+// nothing checks that the source emits nothing for a while after a change
+// it should ignore.
+func (f *fixture) nothing(t *testing.T) {
+	t.Helper()
+	select {
+	case st := <-f.states:
+		t.Fatalf("a state was emitted (generation %d) for a change that means nothing", st.Generation)
+	case <-time.After(300 * time.Millisecond): // many debounce periods
+	}
+}
+
+var ready = true
+
+// TestSourceReadsTheClusterAsTheFileDoes: the same objects give the same
+// meaning as in a cluster file; a service resolves to its ready endpoints
+// from EndpointSlices; a MeshPolicy that fails validation is left out and
+// named.
+func TestSourceReadsTheClusterAsTheFileDoes(t *testing.T) {
+	unready := false
+	slice := &discoveryv1.EndpointSlice{
+		ObjectMeta:  metav1.ObjectMeta{Namespace: "shop", Name: "web-abc", Labels: map[string]string{discoveryv1.LabelServiceName: "web"}},
+		AddressType: discoveryv1.AddressTypeIPv4,
+		Endpoints: []discoveryv1.Endpoint{
+			{Addresses: []string{"198.19.1.10"}, Conditions: discoveryv1.EndpointConditions{Ready: &ready}, TargetRef: &corev1.ObjectReference{Kind: "Pod", UID: "uid-a"}},
+			{Addresses: []string{"198.19.1.11"}, Conditions: discoveryv1.EndpointConditions{Ready: &unready}, TargetRef: &corev1.ObjectReference{Kind: "Pod", UID: "uid-b"}},
+		},
+	}
+	svc := &corev1.Service{ObjectMeta: metav1.ObjectMeta{Namespace: "shop", Name: "web"},
+		Spec: corev1.ServiceSpec{ClusterIP: "198.18.128.10", Selector: map[string]string{"app": "web"},
+			Ports: []corev1.ServicePort{{Port: 80, TargetPort: intstr.FromString("http")}}}}
+	f, st := newFixture(t, []runtime.Object{
+		ns("shop", map[string]string{"mantlet.io/mesh": "enabled", "mantlet.io/mtls": "STRICT"}),
+		ns("plain", nil),
+		node("node1", "198.18.0.1"),
+		pod("shop", "a", "a", "node1", "198.19.1.10", map[string]string{"app": "web"}),
+		pod("shop", "b", "b", "node1", "198.19.1.11", map[string]string{"app": "web"}),
+		pod("plain", "c", "c", "node1", "198.19.1.12", nil),
+		svc, slice,
+	},
+		meshPolicy("shop", "deny-22", map[string]any{"action": "DENY", "rules": []any{map[string]any{"to": map[string]any{"ports": []any{"22"}}}}}),
+		meshPolicy("shop", "bad", map[string]any{"action": "MAYBE"}),
+	)
+	snap := st.Snapshot
+	a := snap.WorkloadByIP(netip.MustParseAddr("198.19.1.10"))
+	c := snap.WorkloadByIP(netip.MustParseAddr("198.19.1.12"))
+	if a == nil || !a.Enrolled || a.ServiceAccount != "a" || a.Node != "node1" || c == nil || c.Enrolled {
+		t.Fatalf("workloads: a=%+v c=%+v; want a meshed with its service account, c unmeshed", a, c)
+	}
+	_, ep, w, ok := snap.ResolveService(netip.MustParseAddrPort("198.18.128.10:80"), 0)
+	if !ok || w.UID != "uid-a" || ep.Port() != 8080 {
+		t.Errorf("the service resolves to %v %v (%v), want pod a (the only ready endpoint) on its named port 8080", w, ep, ok)
+	}
+	var names []string
+	for _, p := range st.Policies {
+		names = append(names, p.Namespace+"/"+p.Name)
+	}
+	if strings.Join(names, " ") != "shop/deny-22 shop/mtls-annotation.mantlet.io" {
+		t.Errorf("policies in force %v, want the valid one and the namespace's STRICT annotation", names)
+	}
+	if why := f.src.InvalidPolicies()["shop/bad"]; !strings.Contains(why, "spec.action") {
+		t.Errorf("the invalid policy is reported as %q, want its field named", why)
+	}
+	if got := f.src.Status(); got.Kind != "kubernetes" || got.Where != "https://api.test" || got.Applied != 1 {
+		t.Errorf("Status() = %+v", got)
+	}
+}
+
+// TestSourceFollowsChangesAndIgnoresNoise: a pod update mantlet does not
+// read emits nothing; opting a namespace out, deleting a pod and adding a
+// policy each emit a new generation.
+func TestSourceFollowsChangesAndIgnoresNoise(t *testing.T) {
+	f, first := newFixture(t, []runtime.Object{
+		ns("shop", map[string]string{"mantlet.io/mesh": "enabled"}),
+		node("node1", "198.18.0.1"),
+		pod("shop", "a", "a", "node1", "198.19.1.10", nil),
+		pod("shop", "b", "b", "node1", "198.19.1.11", nil),
+	})
+	ctx := context.Background()
+	pods := f.client.CoreV1().Pods("shop")
+
+	p, err := pods.Get(ctx, "a", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.ResourceVersion = "2"
+	p.Status.ContainerStatuses = []corev1.ContainerStatus{{Name: "app", RestartCount: 3}}
+	if _, err := pods.UpdateStatus(ctx, p, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	f.nothing(t)
+
+	n, err := f.client.CoreV1().Namespaces().Get(ctx, "shop", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	n.Annotations = map[string]string{"mantlet.io/mesh": "disabled"}
+	n.ResourceVersion = "2"
+	if _, err := f.client.CoreV1().Namespaces().Update(ctx, n, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	st := f.next(t)
+	if st.Generation <= first.Generation || st.Snapshot.WorkloadByIP(netip.MustParseAddr("198.19.1.10")).Enrolled {
+		t.Fatalf("after opting the namespace out: generation %d (first %d), pod a still enrolled", st.Generation, first.Generation)
+	}
+
+	if err := pods.Delete(ctx, "b", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	st = f.next(t)
+	if st.Snapshot.WorkloadByIP(netip.MustParseAddr("198.19.1.11")) != nil {
+		t.Fatal("a deleted pod is still in the state")
+	}
+}
+
+// TestStripPodKeepsWhatMantletReads: the informer holds pods small.
+func TestStripPodKeepsWhatMantletReads(t *testing.T) {
+	in := pod("shop", "a", "a", "node1", "198.19.1.10", map[string]string{"app": "web"})
+	in.Annotations["mantlet.io/mesh"] = "disabled"
+	out, err := stripPod(in)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := out.(*corev1.Pod)
+	if p.Annotations["unrelated.example/big"] != "" || p.Annotations["mantlet.io/mesh"] != "disabled" {
+		t.Errorf("annotations kept: %v", p.Annotations)
+	}
+	if len(p.Spec.Containers) != 1 || p.Spec.Containers[0].Image != "" || len(p.Spec.Containers[0].Env) != 0 ||
+		p.Spec.Containers[0].Ports[0].Name != "http" || p.Labels["app"] != "web" || p.Status.PodIP != "198.19.1.10" {
+		t.Errorf("stripped pod %+v", p)
+	}
+}
