@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/mantlet/mantlet/admin"
 	"github.com/mantlet/mantlet/agent"
@@ -21,7 +23,9 @@ import (
 	"github.com/mantlet/mantlet/node"
 	"github.com/mantlet/mantlet/policy"
 	"github.com/mantlet/mantlet/policy/v1alpha1"
+	"github.com/mantlet/mantlet/source"
 	"github.com/mantlet/mantlet/source/file"
+	"github.com/mantlet/mantlet/source/kubernetes"
 	"github.com/mantlet/mantlet/telemetry"
 )
 
@@ -34,6 +38,8 @@ func init() {
 type agentFlags struct {
 	node          string
 	config        string
+	kubeconfig    string
+	inCluster     bool
 	caDir         string
 	trustDomain   string
 	pinDir        string
@@ -81,10 +87,12 @@ func (l *listFlag) Set(s string) error {
 
 func parseAgentFlags(e *env, args []string) (*agentFlags, error) {
 	f := &agentFlags{}
-	fs := newFlagSet(e, "agent", "--node-name N --config cluster.yaml --ca-dir D [flags]\n       mantlet agent --cleanup --node-name N")
+	fs := newFlagSet(e, "agent", "--node-name N (--config cluster.yaml | --kubeconfig F | --kubernetes) --ca-dir D [flags]\n       mantlet agent --cleanup --node-name N [--pin-dir D]")
 	fs.StringVar(&f.node, "node-name", "", "name of this node, as pods' spec.nodeName say (required)")
 	fs.StringVar(&f.config, "config", "", "cluster file: multi-document YAML of Kubernetes Namespace, Pod, Node, Service and MeshPolicy objects, watched for changes (required)")
 	fs.StringVar(&f.caDir, "ca-dir", "", "directory of the CA made by 'mantlet ca init' (required)")
+	fs.StringVar(&f.kubeconfig, "kubeconfig", "", "Kubernetes mode: read the cluster from the API server of this kubeconfig (instead of --config)")
+	fs.BoolVar(&f.inCluster, "kubernetes", false, "Kubernetes mode: read the cluster from the API server, with the pod's service account (in a DaemonSet; instead of --config)")
 	fs.StringVar(&f.trustDomain, "trust-domain", "", "trust domain of the identities (default: the CA's)")
 	fs.StringVar(&f.pinDir, "pin-dir", "", "bpffs directory of this node's pinned programs and maps (default "+bpf.DefaultPinRoot+"/<node-name>)")
 	fs.BoolVar(&f.cleanup, "cleanup", false, "detach every program, remove the routing rule and the pins of this node, then exit")
@@ -130,9 +138,17 @@ func parseAgentFlags(e *env, args []string) (*agentFlags, error) {
 	if f.cleanup {
 		return f, nil
 	}
+	sources := 0
+	for _, on := range []bool{f.config != "", f.kubeconfig != "", f.inCluster} {
+		if on {
+			sources++
+		}
+	}
 	switch {
-	case f.config == "":
-		return nil, usageErr("--config is required")
+	case sources == 0:
+		return nil, usageErr("--config (standalone), --kubeconfig or --kubernetes is required")
+	case sources > 1:
+		return nil, usageErr("give one of --config, --kubeconfig and --kubernetes")
 	case f.caDir == "":
 		return nil, usageErr("--ca-dir is required")
 	case f.logFormat != "text" && f.logFormat != "json":
@@ -267,9 +283,9 @@ func (f *agentFlags) nodeConfig(log *slog.Logger) (node.Config, error) {
 		}
 	}
 	mode, _ := v1alpha1.ParseMTLSMode(f.mtlsMode)
-	configPath, err := filepath.Abs(f.config)
+	src, err := f.source(log)
 	if err != nil {
-		return node.Config{}, fmt.Errorf("--config: %w", err)
+		return node.Config{}, err
 	}
 	bcfg, err := f.bpfConfig()
 	if err != nil {
@@ -277,7 +293,7 @@ func (f *agentFlags) nodeConfig(log *slog.Logger) (node.Config, error) {
 	}
 	cfg := node.Config{
 		Node: f.node, Issuer: authority, TrustDomain: td, DefaultMTLS: mode,
-		Source:   file.New(configPath, log, file.WatchOptions{Poll: f.pollInterval}),
+		Source:   src,
 		Datapath: bcfg, Uplinks: f.uplinks,
 		OutboundAddr: f.outboundAddr, HBONEAddr: f.hboneAddr,
 		ReadyAddr: f.readyAddr, MetricsAddr: f.metricsAddr,
@@ -290,6 +306,38 @@ func (f *agentFlags) nodeConfig(log *slog.Logger) (node.Config, error) {
 		cfg.InboundPlainAddr = f.inboundAddr
 	}
 	return cfg, nil
+}
+
+// source is where the node reads the cluster: the file of --config, or
+// the API server of --kubeconfig or of the pod (--kubernetes).
+func (f *agentFlags) source(log *slog.Logger) (source.Source, error) {
+	if f.config != "" {
+		path, err := filepath.Abs(f.config)
+		if err != nil {
+			return nil, fmt.Errorf("--config: %w", err)
+		}
+		return file.New(path, log, file.WatchOptions{Poll: f.pollInterval}), nil
+	}
+	var (
+		rc   *rest.Config
+		err  error
+		flag = "--kubernetes"
+	)
+	if f.kubeconfig != "" {
+		flag = "--kubeconfig " + f.kubeconfig
+		rc, err = clientcmd.BuildConfigFromFlags("", f.kubeconfig)
+	} else {
+		rc, err = rest.InClusterConfig()
+	}
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", flag, err)
+	}
+	rc.UserAgent = "mantlet-agent/" + f.node
+	src, err := kubernetes.New(rc, kubernetes.Options{Logger: log.With("component", "kubernetes")})
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", flag, err)
+	}
+	return src, nil
 }
 
 func addObserveFlags(fs *flag.FlagSet, o *node.ObserveConfig) {

@@ -40,7 +40,8 @@ func TestAgentCommandRefusesBadInvocations(t *testing.T) {
 		want string
 	}{
 		{"no node name", []string{"--config", config, "--ca-dir", caDir}, 2, "mantlet agent: --node-name is required"},
-		{"no config", []string{"--node-name", "node-1", "--ca-dir", caDir}, 2, "mantlet agent: --config is required"},
+		{"no config", []string{"--node-name", "node-1", "--ca-dir", caDir}, 2, "mantlet agent: --config (standalone), --kubeconfig or --kubernetes is required"},
+		{"two sources", []string{"--node-name", "node-1", "--ca-dir", caDir, "--config", config, "--kubernetes"}, 2, "mantlet agent: give one of --config, --kubeconfig and --kubernetes"},
 		{"no CA", []string{"--node-name", "node-1", "--config", config}, 2, "mantlet agent: --ca-dir is required"},
 		{"an unknown mTLS mode", []string{"--node-name", "node-1", "--config", config, "--ca-dir", caDir, "--mtls-mode", "STRICTEST"}, 2,
 			`mantlet agent: --mtls-mode: mTLS mode "STRICTEST": want STRICT or PERMISSIVE`},
