@@ -158,17 +158,20 @@ func Start(ctx context.Context, t testing.TB, opts Options) *Server {
 func RequireBinaries(t testing.TB) kubebin.Binaries {
 	t.Helper()
 	b, err := kubebin.Find()
-	if errors.Is(err, kubebin.ErrMissing) && !privtest.InCI() {
-		t.Skipf("%s needs a Kubernetes API server: %v", t.Name(), err)
-	}
-	if err != nil {
+	switch {
+	case errors.Is(err, kubebin.ErrMissing) && privtest.InCI():
 		t.Fatalf("%s needs a Kubernetes API server, and CI builds one before the tests (.ci/run): %v", t.Name(), err)
+	case errors.Is(err, kubebin.ErrMissing):
+		t.Skipf("%s needs a Kubernetes API server: %v", t.Name(), err)
+	case err != nil:
+		t.Fatalf("%s needs a Kubernetes API server: %v", t.Name(), err)
 	}
 	return b
 }
 
 // Launch starts etcd and kube-apiserver and waits until the API server is
-// ready. The caller must Stop the server. If anything fails, everything
+// ready; ctx bounds that wait, not the server, which runs until Stop. The
+// caller must Stop the server. If anything fails, everything
 // started is removed and the error says what failed, with the end of the
 // failing process's log.
 func Launch(ctx context.Context, opts Options) (*Server, error) {
@@ -247,7 +250,8 @@ func (s *Server) launch(ctx context.Context, opts Options) error {
 			QPS: 200, Burst: 400,
 		}
 		err = s.startAPIServer(ctx, opts, netns, sock, attempt)
-		if err == nil || port != 0 || attempt == 3 || !strings.Contains(s.apiserver.logTail(20), "address already in use") {
+		if err == nil || port != 0 || attempt == 3 || s.apiserver == nil || s.apiserver.running() ||
+			!strings.Contains(s.apiserver.logTail(20), "address already in use") {
 			break
 		}
 		s.log.Info("the API server's port was taken; trying another", "port", ap)

@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -22,6 +23,20 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 )
+
+// runDirs lists the run folders in $TMPDIR.
+func runDirs(t *testing.T) map[string]bool {
+	t.Helper()
+	dirs, err := filepath.Glob(filepath.Join(os.TempDir(), runDirPattern))
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := map[string]bool{}
+	for _, d := range dirs {
+		m[d] = true
+	}
+	return m
+}
 
 var (
 	startedMu sync.Mutex
@@ -238,6 +253,32 @@ func TestStopRemovesEveryProcessAndFile(t *testing.T) {
 	for _, pid := range pids {
 		if b, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline"); err == nil {
 			t.Errorf("pid %d is still there: %q", pid, b)
+		}
+	}
+}
+
+func TestAFailedStartSaysWhyAndLeavesNothing(t *testing.T) {
+	bin := RequireBinaries(t)
+	taken, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer taken.Close()
+	before := runDirs(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	port := uint16(taken.Addr().(*net.TCPAddr).Port)
+	s, err := Launch(ctx, Options{Binaries: &bin, Port: port})
+	if err == nil {
+		s.Stop()
+		t.Fatalf("Launch on a port in use (%d) succeeded", port)
+	}
+	if !strings.Contains(err.Error(), "kube-apiserver exited") || !strings.Contains(err.Error(), "address already in use") {
+		t.Errorf("the error does not say that kube-apiserver exited because the port is in use: %v", err)
+	}
+	for d := range runDirs(t) {
+		if !before[d] {
+			t.Errorf("the failed start left %s", d)
 		}
 	}
 }

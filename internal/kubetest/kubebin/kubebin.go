@@ -169,11 +169,11 @@ func Find() (Binaries, error) {
 
 // BuildInfo is what a build records next to the binaries, in build.json.
 type BuildInfo struct {
-	Kubernetes string        `json:"kubernetes"`
-	Etcd       string        `json:"etcd"`
-	Go         string        `json:"go"`
-	Built      time.Time     `json:"built"`
-	Took       time.Duration `json:"took"`
+	Kubernetes string    `json:"kubernetes"`
+	Etcd       string    `json:"etcd"`
+	Go         string    `json:"go"`
+	Built      time.Time `json:"built"`
+	Took       string    `json:"took"`
 }
 
 // Build builds kube-apiserver and etcd from the tools module of the
@@ -218,7 +218,8 @@ func Build(ctx context.Context, root string, log *slog.Logger) (b Binaries, buil
 	if err := os.Rename(filepath.Join(tmp, "server"), filepath.Join(tmp, "etcd")); err != nil {
 		return b, false, fmt.Errorf("kubebin: name the etcd binary: %w", err)
 	}
-	info.Built, info.Took = time.Now().UTC(), time.Since(start).Round(time.Second)
+	took := time.Since(start).Round(time.Second)
+	info.Built, info.Took = time.Now().UTC(), took.String()
 	j, err := json.MarshalIndent(info, "", "  ")
 	if err != nil {
 		return b, false, fmt.Errorf("kubebin: encode build.json: %w", err)
@@ -236,7 +237,7 @@ func Build(ctx context.Context, root string, log *slog.Logger) (b Binaries, buil
 		}
 		return b, false, fmt.Errorf("kubebin: move the build into place: %w", err)
 	}
-	log.Info("built kube-apiserver and etcd", "dir", b.Dir, "took", info.Took)
+	log.Info("built kube-apiserver and etcd", "dir", b.Dir, "took", took)
 	return b, true, nil
 }
 
@@ -257,12 +258,13 @@ func moduleVersion(ctx context.Context, tools, module string) (string, error) {
 }
 
 // goBuild builds both programs into dir, statically (no cgo, as Kubernetes
-// releases them), with the version stamped the way Kubernetes's own build
+// releases them), stripped, with the version stamped the way Kubernetes's own build
 // does, so that the API server reports it at /version.
 func goBuild(ctx context.Context, tools, dir, version string) error {
 	major, minor, _ := strings.Cut(strings.TrimPrefix(version, "v"), ".")
 	minor, _, _ = strings.Cut(minor, ".")
-	var ldflags []string
+	// -s -w: no symbol table or DWARF, as Kubernetes releases them.
+	ldflags := []string{"-s", "-w"}
 	for _, pkg := range []string{"k8s.io/component-base/version", "k8s.io/client-go/pkg/version"} {
 		ldflags = append(ldflags,
 			"-X", pkg+".gitVersion="+version,
