@@ -162,7 +162,7 @@ func Find() (Binaries, error) {
 		return Binaries{}, err
 	}
 	if !b.present() {
-		return Binaries{}, fmt.Errorf("kubebin: %w in %s: run 'make kube-binaries' (about 15 minutes on 2 cores the first time, then cached; %s moves the cache)", ErrMissing, b.Dir, CacheEnv)
+		return Binaries{}, fmt.Errorf("kubebin: %w in %s: run 'make kube-binaries' (7 to 15 minutes on 2 cores the first time, then cached; %s moves the cache)", ErrMissing, b.Dir, CacheEnv)
 	}
 	return b, nil
 }
@@ -208,7 +208,7 @@ func Build(ctx context.Context, root string, log *slog.Logger) (b Binaries, buil
 	if info.Etcd, err = moduleVersion(ctx, tools, "go.etcd.io/etcd/server/v3"); err != nil {
 		return b, false, err
 	}
-	log.Info("building kube-apiserver and etcd (about 15 minutes on 2 cores with empty Go caches)",
+	log.Info("building kube-apiserver and etcd (7 to 15 minutes on 2 cores with empty Go caches)",
 		"kubernetes", info.Kubernetes, "etcd", info.Etcd, "into", b.Dir)
 	if err := goBuild(ctx, tools, tmp, info.Kubernetes); err != nil {
 		return b, false, err
