@@ -27,6 +27,14 @@ lint: ## gofmt, go vet and staticcheck
 	$(GO) tool staticcheck ./...
 	cd test/interop && $(GO) vet ./... && $(GO) tool staticcheck ./...
 
+# The Kubernetes API server for the tests (internal/kubetest, docs/kubetest.md).
+.PHONY: kube-binaries test-kube
+kube-binaries: ## build kube-apiserver and etcd for the API server tests (once 7-15 min on 2 cores, then cached)
+	$(GO) run ./internal/kubetest/cmd/kube-binaries
+
+test-kube: kube-binaries ## build the API server if needed, then run the harness's tests
+	$(GO) test $(TESTFLAGS) ./internal/kubetest/...
+
 generate: ## rebuild the eBPF objects with bpf2go (needs clang-19, llvm-19, libbpf-dev)
 	$(GO) generate ./bpf/...
 

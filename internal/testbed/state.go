@@ -128,7 +128,7 @@ func ownsNamespace(prefix, name string) bool {
 	if !ok {
 		return false
 	}
-	return rest == "underlay" || strings.HasPrefix(rest, "node-") || strings.HasPrefix(rest, "pod-")
+	return rest == "underlay" || rest == controlPlaneKind || strings.HasPrefix(rest, "node-") || strings.HasPrefix(rest, "pod-")
 }
 
 // List describes the testbeds recorded in the state directory (default

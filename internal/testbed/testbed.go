@@ -44,6 +44,9 @@ type Spec struct {
 	// does not route them (there is no kube-proxy); they appear in the
 	// manifest for the mesh to resolve.
 	Services []ServiceSpec `json:"services,omitempty"`
+	// ControlPlane adds a control plane: one more namespace on the
+	// underlay, at ControlPlaneIP (see ControlPlane).
+	ControlPlane bool `json:"controlPlane,omitempty"`
 }
 
 // NodeSpec describes one node.
@@ -164,6 +167,9 @@ type Testbed struct {
 
 	mu   sync.Mutex
 	spec Spec // annotations change with SetNamespaceAnnotations
+
+	// controlPlane is nil unless the spec asks for one.
+	controlPlane *ControlPlane
 }
 
 // Node is one node: a network namespace with an uplink on the underlay.
@@ -279,7 +285,7 @@ func (tb *Testbed) SetPodAnnotations(pod string, annotations map[string]string) 
 }
 
 func cloneSpec(s Spec) Spec {
-	c := Spec{Nodes: make([]NodeSpec, len(s.Nodes)), Services: make([]ServiceSpec, len(s.Services))}
+	c := Spec{Nodes: make([]NodeSpec, len(s.Nodes)), Services: make([]ServiceSpec, len(s.Services)), ControlPlane: s.ControlPlane}
 	for i, n := range s.Nodes {
 		c.Nodes[i] = NodeSpec{Name: n.Name, Pods: make([]PodSpec, len(n.Pods))}
 		for j, p := range n.Pods {
@@ -331,6 +337,9 @@ func layout(spec Spec, prefix string) (*Testbed, error) {
 		prefix:   prefix,
 		spec:     cloneSpec(spec),
 		underlay: nsPath(prefix, "underlay", ""),
+	}
+	if spec.ControlPlane {
+		tb.controlPlane = layoutControlPlane(prefix)
 	}
 	nodeNames := map[string]bool{}
 	podNames := map[string]bool{}

@@ -251,6 +251,11 @@ func (b *builder) build() error {
 			return err
 		}
 	}
+	if cp := tb.controlPlane; cp != nil {
+		if err := b.namespace(cp.NS, false); err != nil {
+			return err
+		}
+	}
 	if err := b.step("underlay bridge"); err != nil {
 		return err
 	}
@@ -264,6 +269,11 @@ func (b *builder) build() error {
 	}
 	for i, n := range tb.nodes {
 		if err := b.uplink(i, n, br); err != nil {
+			return err
+		}
+	}
+	if cp := tb.controlPlane; cp != nil {
+		if err := b.controlPlane(cp, br); err != nil {
 			return err
 		}
 	}
