@@ -91,6 +91,7 @@ func (o Options) withDefaults() Options {
 // Source reads the desired state from the API server.
 type Source struct {
 	client      k8s.Interface
+	dyn         dynamic.Interface
 	probeClient discovery.ServerVersionInterface // with a timeout of Options.Probe
 	opts        Options
 	log         *slog.Logger
@@ -145,7 +146,7 @@ func New(cfg *rest.Config, opts Options) (*Source, error) {
 // where names the API server in messages.
 func NewForClients(client k8s.Interface, dyn dynamic.Interface, where string, opts Options) *Source {
 	opts = opts.withDefaults()
-	s := &Source{client: client, probeClient: client.Discovery(), opts: opts, log: opts.Logger, where: where,
+	s := &Source{client: client, dyn: dyn, probeClient: client.Discovery(), opts: opts, log: opts.Logger, where: where,
 		changed: make(chan struct{}, 1), invalid: map[string]string{}, stop: make(chan struct{})}
 	s.status = source.Status{Kind: "kubernetes", Where: where}
 	s.factory = informers.NewSharedInformerFactory(client, 0) // no resync: nothing to repair from a re-list
@@ -491,6 +492,11 @@ func stripPod(obj any) (any, error) {
 		Spec: corev1.PodSpec{NodeName: p.Spec.NodeName, ServiceAccountName: p.Spec.ServiceAccountName,
 			DeprecatedServiceAccount: p.Spec.DeprecatedServiceAccount, HostNetwork: p.Spec.HostNetwork},
 		Status: corev1.PodStatus{Phase: p.Status.Phase, PodIP: p.Status.PodIP, PodIPs: p.Status.PodIPs, HostIP: p.Status.HostIP},
+	}
+	for _, c := range p.Status.Conditions {
+		if c.Type == ConditionMeshed {
+			out.Status.Conditions = append(out.Status.Conditions, c)
+		}
 	}
 	for _, c := range p.Spec.Containers {
 		if len(c.Ports) > 0 {
