@@ -71,6 +71,7 @@ type agentFlags struct {
 	passMark      uint
 	observe       observeFlags // metrics, access log, admin API (agent_observe.go)
 	policy        policyFlags  // policy enforcement, security events (agent_policy.go)
+	limits        limitFlags   // the ztunnel's accept path (agent_limits.go)
 }
 
 // listFlag is a flag that may be repeated or hold a comma-separated list.
@@ -121,6 +122,7 @@ func parseAgentFlags(e *env, args []string) (*agentFlags, error) {
 	fs.UintVar(&f.passMark, "pass-mark", bpf.DefaultPassMark, "fwmark bit set on enrolled pods' packets that leave uncaptured (the uplink guard drops those without it)")
 	addObserveFlags(fs, &f.observe)
 	addPolicyFlags(fs, &f.policy)
+	addLimitFlags(fs, &f.limits)
 	if err := parseFlags(fs, args); err != nil {
 		return nil, err
 	}
@@ -148,6 +150,9 @@ func parseAgentFlags(e *env, args []string) (*agentFlags, error) {
 	}
 	if _, err := manifest.ParseMTLSMode(f.mtlsMode); err != nil {
 		return nil, usageErr("--mtls-mode: %v", err)
+	}
+	if err := f.limits.check(); err != nil {
+		return nil, usageErr("%v", err)
 	}
 	return f, nil
 }
@@ -348,6 +353,13 @@ func runAgentWith(ctx context.Context, f *agentFlags, log *slog.Logger) error {
 	}
 	defer plain.Close()
 
+	// The ztunnel's share of the open-file limit: what is open now (the
+	// data path above) is the agent's.
+	limits, err := f.limits.ztunnelLimits(log.With("component", "ztunnel"))
+	if err != nil {
+		return err
+	}
+
 	// 3. The ztunnel's listeners, in the SOCKMAP.
 	listen := func(addr string, slot bpf.Slot) (net.Listener, error) {
 		ln, err := bpf.Listen(ctx, addr, bpfCfg.ZtunnelMark)
@@ -366,7 +378,8 @@ func runAgentWith(ctx context.Context, f *agentFlags, log *slog.Logger) error {
 		return ln, nil
 	}
 	zcfg := ztunnel.Config{NodeName: f.node, TrustDomain: td, Mark: int(bpfCfg.ZtunnelMark), Transparent: true,
-		Logger: log.With("component", "ztunnel")}
+		Logger: log.With("component", "ztunnel"), Limits: limits}
+	zcfg.Tuning.HandshakeTimeout = f.limits.handshakeTimeout
 	if zcfg.Outbound, err = listen(f.outboundAddr, bpf.Outbound); err != nil {
 		return err
 	}
@@ -418,6 +431,7 @@ func runAgentWith(ctx context.Context, f *agentFlags, log *slog.Logger) error {
 				return out
 			}))
 		reg.MustRegister(obsv.collectors(proxy)...)
+		reg.MustRegister(newAdmissionCollector(proxy.Admission))
 		reg.MustRegister(enforce.NewCollector(en.az, en.ev.Stats))
 		mux := http.NewServeMux()
 		mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
