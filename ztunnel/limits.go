@@ -29,7 +29,7 @@ const (
 // using up the ztunnel's goroutines and file descriptors. The HBONE
 // handshake deadline is Tuning.HandshakeTimeout, counted from the
 // connection's arrival. Zero fields take their defaults;
-// docs/hbone.md#limits explains the choices.
+// docs/hbone.md#accept-limits explains the choices.
 type Limits struct {
 	// MaxPendingHandshakes bounds the HBONE connections (:15008) accepted
 	// whose TLS handshake has not ended yet, from all sources together

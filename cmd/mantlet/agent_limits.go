@@ -15,7 +15,7 @@ import (
 
 // limitFlags are the agent's flags for the ztunnel's accept path: what
 // connections without a certificate, and any one source, may hold
-// (docs/hbone.md#limits).
+// (docs/hbone.md#accept-limits).
 type limitFlags struct {
 	handshakeTimeout  time.Duration
 	maxPending        int
