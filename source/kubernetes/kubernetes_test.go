@@ -58,7 +58,7 @@ type fixture struct {
 	states chan *source.State
 }
 
-func newFixture(t *testing.T, core []runtime.Object, policies ...runtime.Object) (*fixture, *source.State) {
+func newFixture(t testing.TB, core []runtime.Object, policies ...runtime.Object) (*fixture, *source.State) {
 	t.Helper()
 	client := fake.NewClientset(core...)
 	scheme := runtime.NewScheme()
@@ -250,7 +250,7 @@ func BenchmarkBuild(b *testing.B) {
 				"rules":    []any{map[string]any{"to": map[string]any{"ports": []any{"80"}}}}}))
 		}
 	}
-	f, _ := newFixture(&testing.T{}, core, pols...)
+	f, _ := newFixture(b, core, pols...)
 	b.ResetTimer()
 	for b.Loop() {
 		if _, _, err := f.src.build(); err != nil {
