@@ -147,14 +147,18 @@ func (p *Proxy) serveStream(ctx context.Context, s *hbone.Stream) {
 		rec.Err = err
 		return
 	}
-	rec.Sent, rec.Received, rec.Err = splice(ctx, s, asHalf(up), &l.sent, &l.received)
+	var end error
+	rec.Sent, rec.Received, end = splice(ctx, s, asHalf(up), &l.sent, &l.received)
+	p.ended(rec, end)
 }
 
 // HandleInbound serves one plaintext connection to a local pod (:15006):
 // the source is unauthenticated (Flow.MTLS false), the destination must be
 // a local enrolled workload, and the Authorizer decides. It closes conn
-// before it returns.
+// before it returns: with a FIN only after an orderly end of both
+// directions, with a reset otherwise (a refusal included).
 func (p *Proxy) HandleInbound(ctx context.Context, conn net.Conn) {
+	armReset(conn)
 	defer conn.Close()
 	rec := &FlowRecord{Direction: InboundPlaintext, Path: PathLocal, Start: time.Now()}
 	defer p.endFlow(rec)

@@ -13,6 +13,7 @@ import (
 	"net/netip"
 	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -60,6 +61,9 @@ type mesh struct {
 	nodes map[string]*node
 	apps  map[netip.Addr]*app
 	td    spiffeid.TrustDomain
+	// via, if set, is where the ztunnels dial HBONE instead of the
+	// destination's node: a relay the test can cut.
+	via atomic.Pointer[netip.AddrPort]
 }
 
 type meshOpts struct {
@@ -148,6 +152,9 @@ func (m *mesh) startNode(name string, o meshOpts) *node {
 		Outbound:    &origDstListener{Listener: outLn, orig: n.orig},
 		HBONE:       hbLn,
 		HBONEAddr: func(ip netip.Addr, w *workload.Workload) netip.AddrPort {
+			if via := m.via.Load(); via != nil {
+				return *via
+			}
 			return netip.AddrPortFrom(ip, m.nodes[w.Node].hbone)
 		},
 		ConnectTimeout: o.tuning.ConnectTimeout,

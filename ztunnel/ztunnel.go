@@ -523,8 +523,9 @@ func (c *countedConn) Close() error {
 	return c.Conn.Close()
 }
 
-// endFlow is the one place where a flow ends: it counts the flag, logs,
-// and calls OnFlowEnd.
+// endFlow is the one place where a flow ends: it counts the flag, logs
+// (a refusal as "ztunnel: refused", a flow that broke at Info, one that
+// ended in order at Debug), and calls OnFlowEnd.
 func (p *Proxy) endFlow(r *FlowRecord) {
 	r.Duration = time.Since(r.Start)
 	attrs := []any{
@@ -532,13 +533,17 @@ func (p *Proxy) endFlow(r *FlowRecord) {
 		"src_id", r.SrcID, "dst_id", r.DstID, "sent", r.Sent, "received", r.Received,
 		"duration", r.Duration, "reason", r.Flag.String(),
 	}
-	if r.Flag != FlagNone {
+	switch {
+	case r.Flag.broke():
+		p.counters[r.Flag].Add(1)
+		p.log.Info("ztunnel: flow", append(attrs, "error", r.Err)...)
+	case r.Flag != FlagNone:
 		p.counters[r.Flag].Add(1)
 		if r.Verdict.Policy != "" {
 			attrs = append(attrs, "policy", r.Verdict.Policy, "rule", r.Verdict.Rule)
 		}
 		p.log.Info("ztunnel: refused", append(attrs, "error", r.Err)...)
-	} else {
+	default:
 		p.counters[FlagNone].Add(1)
 		p.log.Debug("ztunnel: flow", attrs...)
 	}
@@ -574,7 +579,8 @@ func (p *Proxy) serverSVID(ctx context.Context, local netip.Addr) (*x509svid.SVI
 	return s, nil
 }
 
-// dialDest connects to a destination, from src when transparent.
+// dialDest connects to a destination, from src when transparent. The
+// connection is armed to reset when closed (armReset).
 func (p *Proxy) dialDest(ctx context.Context, src netip.Addr, dst netip.AddrPort) (net.Conn, ResponseFlag, error) {
 	if !p.cfg.Transparent {
 		src = netip.Addr{}
@@ -588,6 +594,7 @@ func (p *Proxy) dialDest(ctx context.Context, src netip.Addr, dst netip.AddrPort
 		}
 		return nil, FlagConnectFailed, fmt.Errorf("ztunnel: connect to %s: %w", dst, err)
 	}
+	armReset(c)
 	return c, FlagNone, nil
 }
 
