@@ -72,6 +72,28 @@ func ParseMTLSMode(s string) (MTLSMode, error) {
 	return MTLSUnset, fmt.Errorf("mTLS mode %q: want STRICT or PERMISSIVE", s)
 }
 
+// Limits of a MeshPolicy. The API server can afford to check CIDRs and
+// port ranges with CEL only in lists of bounded length, so the CRD declares
+// these bounds (maxItems, maxLength), and package policy enforces the same,
+// so that the API server and the agent accept the same policies. The
+// +kubebuilder markers below repeat the numbers; a test checks the CRD.
+const (
+	// MaxRules is the most rules a policy has.
+	MaxRules = 32
+	// MaxSources is the most from entries a rule has.
+	MaxSources = 8
+	// MaxIPBlocks is the most ipBlocks, and the most notIpBlocks, a source
+	// has.
+	MaxIPBlocks = 32
+	// MaxExcepts is the most except entries an IPBlock has.
+	MaxExcepts = 8
+	// MaxPorts is the most ports, and the most notPorts, a rule's to has.
+	MaxPorts = 64
+	// MaxPortLength is the length of the longest port string,
+	// "65535-65535" (leading zeros count).
+	MaxPortLength = 11
+)
+
 // MeshPolicySpec is the desired behaviour of a MeshPolicy.
 type MeshPolicySpec struct {
 	// Selector picks the workloads (pods) the policy applies to, by label,
