@@ -83,6 +83,8 @@ type Config struct {
 	// enforcement.
 	Observe ObserveConfig
 	Policy  PolicyConfig
+	// Limits bound the ztunnel's accept path.
+	Limits LimitsConfig
 	// CleanupHint is the command that removes what the node leaves pinned,
 	// for the last log line.
 	CleanupHint string
@@ -231,6 +233,15 @@ func Run(ctx context.Context, cfg Config) error {
 		}
 	}
 
+	// The ztunnel's share of the open-file limit: what is open now (the
+	// data path, the listeners) is the agent's.
+	if zcfg.Limits, err = cfg.Limits.ztunnelLimits(log.With("component", "ztunnel")); err != nil {
+		return err
+	}
+	if cfg.Limits.HandshakeTimeout > 0 {
+		zcfg.Tuning.HandshakeTimeout = cfg.Limits.HandshakeTimeout
+	}
+
 	// 4. Identities, the ztunnel and the agent, and the first state.
 	ids := identity.NewManager(cfg.Issuer, cfg.TrustDomain, log.With("component", "identity"), obsv.identityOptions(identity.ManagerOptions{TTL: cfg.SVIDTTL}))
 	obsv.ids = ids
@@ -282,6 +293,7 @@ func Run(ctx context.Context, cfg Config) error {
 				return out
 			}))
 		reg.MustRegister(obsv.collectors(proxy)...)
+		reg.MustRegister(newAdmissionCollector(proxy.Admission))
 		reg.MustRegister(enforce.NewCollector(en.az, en.ev.Stats))
 		mux := http.NewServeMux()
 		mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))

@@ -93,6 +93,27 @@ const (
 	// FlagClosed: an open flow was closed by LiveFlow.Close without a
 	// more specific reason.
 	FlagClosed
+	// FlagHandshakeTimeout: an HBONE client did not finish its TLS
+	// handshake within the handshake timeout of its connection's arrival.
+	FlagHandshakeTimeout
+	// FlagPendingLimit: Limits.MaxPendingHandshakes HBONE connections were
+	// waiting for their TLS handshake; the connection was refused, or shed
+	// to make room for one from a source that held fewer (see Limits).
+	FlagPendingLimit
+	// FlagSourceLimit: the connection's source IP already held as many
+	// connections of its kind as Limits allows it (pending HBONE
+	// handshakes, inbound plaintext, outbound per pod).
+	FlagSourceLimit
+	// FlagDescriptorReserve: an unauthenticated connection (HBONE before
+	// its handshake, inbound plaintext) refused, or shed, because the
+	// ztunnel's connections use all the file descriptors but
+	// Limits.DescriptorReserve, which outbound capture and established
+	// tunnels keep.
+	FlagDescriptorReserve
+	// FlagAcceptFailed: a listener's accept failed (out of file
+	// descriptors, typically); the ztunnel backs off and retries. Not a
+	// connection of its own: the kernel keeps it queued.
+	FlagAcceptFailed
 
 	numFlags
 )
@@ -129,6 +150,11 @@ var flagNames = [numFlags]string{
 	FlagMaxConnections:     "max_connections",
 	FlagFlowLimit:          "flow_limit",
 	FlagClosed:             "closed",
+	FlagHandshakeTimeout:   "tls_handshake_timeout",
+	FlagPendingLimit:       "pending_limit",
+	FlagSourceLimit:        "source_limit",
+	FlagDescriptorReserve:  "fd_reserve",
+	FlagAcceptFailed:       "accept_failed",
 }
 
 // String returns the flag's name, e.g. "policy_denied"; "-" for FlagNone.

@@ -48,6 +48,7 @@ type node struct {
 	p     *ztunnel.Proxy
 	out   uint16 // outbound port
 	hbone uint16 // HBONE port
+	plain uint16 // inbound plaintext port (meshOpts.plaintext)
 	flows chan *ztunnel.FlowRecord
 	orig  *origMap // client AddrPort -> original destination
 }
@@ -62,9 +63,11 @@ type mesh struct {
 }
 
 type meshOpts struct {
-	tuning ztunnel.Config // only Tuning, ConnectTimeout, MaxFlows, OnFlowOpen are used
-	authz  map[string]ztunnel.Authorizer
-	svids  map[string]ztunnel.SVIDSource
+	tuning    ztunnel.Config // only Tuning, ConnectTimeout, MaxFlows, OnFlowOpen, Limits are used
+	authz     map[string]ztunnel.Authorizer
+	svids     map[string]ztunnel.SVIDSource
+	plaintext bool         // give each node an inbound plaintext listener
+	logger    *slog.Logger // instead of testLogger
 }
 
 func newMesh(t testing.TB, o meshOpts) *mesh {
@@ -124,6 +127,16 @@ func (m *mesh) startNode(name string, o meshOpts) *node {
 	if s := o.svids[name]; s != nil {
 		svids = s
 	}
+	logger := testLogger(t)
+	if o.logger != nil {
+		logger = o.logger
+	}
+	var plain net.Listener
+	if o.plaintext {
+		ln := listen(t)
+		n.plain = port(ln)
+		plain = &origDstListener{Listener: ln, orig: n.orig}
+	}
 	p, err := ztunnel.New(ztunnel.Config{
 		NodeName:    name,
 		TrustDomain: m.td,
@@ -131,7 +144,7 @@ func (m *mesh) startNode(name string, o meshOpts) *node {
 		SVIDs:       svids,
 		Bundles:     m.ca.Bundles(),
 		Authorizer:  o.authz[name],
-		Logger:      testLogger(t).With("node", name),
+		Logger:      logger.With("node", name),
 		Outbound:    &origDstListener{Listener: outLn, orig: n.orig},
 		HBONE:       hbLn,
 		HBONEAddr: func(ip netip.Addr, w *workload.Workload) netip.AddrPort {
@@ -141,6 +154,9 @@ func (m *mesh) startNode(name string, o meshOpts) *node {
 		MaxFlows:       o.tuning.MaxFlows,
 		OnFlowOpen:     o.tuning.OnFlowOpen,
 		Tuning:         o.tuning.Tuning,
+		Limits:         o.tuning.Limits,
+
+		InboundPlaintext: plain, // with meshOpts.plaintext
 		OnFlowEnd: func(r *ztunnel.FlowRecord) {
 			select {
 			case n.flows <- r:
