@@ -269,7 +269,7 @@ func fillCluster(b *testing.B, c kubernetes.Interface, dyn dynamic.Interface) {
 			pol := &unstructured.Unstructured{Object: map[string]any{"apiVersion": "mantlet.io/v1alpha1", "kind": "MeshPolicy",
 				"metadata": map[string]any{"namespace": ns, "name": "pol-" + strconv.Itoa(k)},
 				"spec": map[string]any{"action": string(v1alpha1.ActionAllow), "selector": map[string]any{"matchLabels": map[string]any{"app": "svc-" + strconv.Itoa(k)}},
-					"rules": []any{map[string]any{"from": map[string]any{"namespaces": []any{ns}}, "to": map[string]any{"ports": []any{"80"}}}}}}}
+					"rules": []any{map[string]any{"from": []any{map[string]any{"namespaces": []any{ns}}}, "to": map[string]any{"ports": []any{"80"}}}}}}}
 			work <- func() error {
 				_, err := dyn.Resource(MeshPolicies).Namespace(ns).Create(ctx, pol, metav1.CreateOptions{})
 				return err
