@@ -8,6 +8,7 @@ import (
 	"strings"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
@@ -256,5 +257,19 @@ func BenchmarkBuild(b *testing.B) {
 		if _, _, err := f.src.build(); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+// TestConditionMessagesFitTheAPI: a long validation message is cut to
+// what a condition holds, at a character boundary.
+func TestConditionMessagesFitTheAPI(t *testing.T) {
+	short := "spec.action: want ALLOW, DENY or AUDIT"
+	if got := truncate(short); got != short {
+		t.Errorf("truncate(%q) = %q", short, got)
+	}
+	long := strings.Repeat("é", maxMessage)
+	got := truncate(long)
+	if len(got) > maxMessage || !strings.HasSuffix(got, " (cut short)") || !utf8.ValidString(got) {
+		t.Errorf("truncate of %d bytes gave %d bytes, valid UTF-8 %v", len(long), len(got), utf8.ValidString(got))
 	}
 }

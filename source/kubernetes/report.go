@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"hash/fnv"
 	"time"
+	"unicode/utf8"
 
 	"golang.org/x/time/rate"
 	corev1 "k8s.io/api/core/v1"
@@ -93,7 +94,7 @@ func (r *reporter) policies(ctx context.Context) {
 		want := metav1.Condition{Type: ConditionAccepted, Status: metav1.ConditionTrue, Reason: "Accepted",
 			Message: "in force on the mesh", ObservedGeneration: u.GetGeneration()}
 		if why, bad := invalid[u.GetNamespace()+"/"+u.GetName()]; bad {
-			want.Status, want.Reason, want.Message = metav1.ConditionFalse, "Invalid", why
+			want.Status, want.Reason, want.Message = metav1.ConditionFalse, "Invalid", truncate(why)
 		}
 		conds := policyConditions(u)
 		have := meta.FindStatusCondition(conds, ConditionAccepted)
@@ -125,6 +126,23 @@ func (r *reporter) policies(ctx context.Context) {
 			delete(r.behind, uid)
 		}
 	}
+}
+
+// maxMessage is the longest message a condition may hold (metav1.Condition
+// allows 32768 bytes).
+const maxMessage = 32768
+
+// truncate cuts a message to what a condition holds.
+func truncate(msg string) string {
+	const more = " (cut short)"
+	if len(msg) <= maxMessage {
+		return msg
+	}
+	cut := maxMessage - len(more)
+	for cut > 0 && !utf8.RuneStart(msg[cut]) {
+		cut--
+	}
+	return msg[:cut] + more
 }
 
 // policyConditions reads status.conditions of a MeshPolicy.
