@@ -19,12 +19,10 @@ import (
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
-	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/utils/ptr"
-	"sigs.k8s.io/yaml"
 
 	"github.com/mantlet/mantlet/internal/kubetest"
 	"github.com/mantlet/mantlet/policy"
@@ -280,34 +278,6 @@ func fillCluster(b *testing.B, c kubernetes.Interface, dyn dynamic.Interface) {
 	wg.Wait()
 	if b.Failed() {
 		b.FailNow()
-	}
-}
-
-// installCRDFile creates the MeshPolicy CRD from the chart and waits for
-// it to be served.
-func installCRDFile(b *testing.B, dyn dynamic.Interface) {
-	raw, err := os.ReadFile("../../deploy/charts/mantlet/crds/mantlet.io_meshpolicies.yaml")
-	if err != nil {
-		b.Fatal(err)
-	}
-	var obj map[string]any
-	if err := yaml.Unmarshal(raw, &obj); err != nil {
-		b.Fatal(err)
-	}
-	gvr := schema.GroupVersionResource{Group: "apiextensions.k8s.io", Version: "v1", Resource: "customresourcedefinitions"}
-	if _, err := dyn.Resource(gvr).Create(context.Background(), &unstructured.Unstructured{Object: obj}, metav1.CreateOptions{}); err != nil {
-		b.Fatal(err)
-	}
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		_, err := dyn.Resource(MeshPolicies).Namespace("default").List(context.Background(), metav1.ListOptions{})
-		if err == nil {
-			return
-		}
-		if time.Now().After(deadline) {
-			b.Fatalf("the MeshPolicy CRD is not served: %v", err)
-		}
-		time.Sleep(50 * time.Millisecond)
 	}
 }
 
