@@ -93,6 +93,15 @@ const (
 	// FlagClosed: an open flow was closed by LiveFlow.Close without a
 	// more specific reason.
 	FlagClosed
+	// FlagRapidReset: an HBONE client reset streams the ztunnel was still
+	// working on faster than hbone.Tuning's ResetRate (the HTTP/2 rapid
+	// reset attack); its connection was closed with GOAWAY.
+	FlagRapidReset
+	// FlagFrameFlood: an HBONE client sent frames that carry no work
+	// (PING, SETTINGS, empty DATA, refused requests...) faster than
+	// hbone.Tuning's FloodRate, or did not read the answers; its
+	// connection was closed with GOAWAY.
+	FlagFrameFlood
 
 	numFlags
 )
@@ -129,6 +138,8 @@ var flagNames = [numFlags]string{
 	FlagMaxConnections:     "max_connections",
 	FlagFlowLimit:          "flow_limit",
 	FlagClosed:             "closed",
+	FlagRapidReset:         "rapid_reset",
+	FlagFrameFlood:         "frame_flood",
 }
 
 // String returns the flag's name, e.g. "policy_denied"; "-" for FlagNone.
@@ -179,6 +190,10 @@ func serverRefusalFlag(err error) ResponseFlag {
 		return FlagHeadersTooLarge
 	case errors.Is(err, hbone.ErrStreamLimit):
 		return FlagStreamLimit
+	case errors.Is(err, hbone.ErrRapidReset):
+		return FlagRapidReset
+	case errors.Is(err, hbone.ErrFrameFlood):
+		return FlagFrameFlood
 	}
 	return FlagMalformed
 }

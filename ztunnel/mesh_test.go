@@ -62,7 +62,7 @@ type mesh struct {
 }
 
 type meshOpts struct {
-	tuning ztunnel.Config // only Tuning, ConnectTimeout, MaxFlows, OnFlowOpen are used
+	tuning ztunnel.Config // only Tuning, ConnectTimeout, MaxFlows, OnFlowOpen, OnReject are used
 	authz  map[string]ztunnel.Authorizer
 	svids  map[string]ztunnel.SVIDSource
 }
@@ -140,6 +140,7 @@ func (m *mesh) startNode(name string, o meshOpts) *node {
 		ConnectTimeout: o.tuning.ConnectTimeout,
 		MaxFlows:       o.tuning.MaxFlows,
 		OnFlowOpen:     o.tuning.OnFlowOpen,
+		OnReject:       o.tuning.OnReject,
 		Tuning:         o.tuning.Tuning,
 		OnFlowEnd: func(r *ztunnel.FlowRecord) {
 			select {

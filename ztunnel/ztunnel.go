@@ -226,6 +226,10 @@ type Config struct {
 	// connection beyond it is refused with FlagFlowLimit. Default
 	// DefaultMaxFlows.
 	MaxFlows int
+	// OnReject, if set, is called for every refusal of the HBONE server
+	// that is no flow (malformed requests, the stream limit, rapid reset,
+	// frame floods), from the connection's read loop; keep it quick.
+	OnReject func(*Rejection)
 }
 
 // Proxy is a running ztunnel.
@@ -238,6 +242,7 @@ type Proxy struct {
 	serverTLS *tls.Config
 	ports     map[uint16]bool
 	counters  [numFlags]atomic.Uint64
+	logLimit  logLimiter // the refusal log lines of reject
 	pick      atomic.Uint32
 	live      *flowTable
 
@@ -304,10 +309,8 @@ func New(cfg Config) (*Proxy, error) {
 	p.srv = &hbone.Server{
 		Tuning:  cfg.Tuning,
 		Handler: p.serveStream,
-		Refused: func(c *hbone.Conn, err error) {
-			p.reject(serverRefusalFlag(err), err, "src", c.Remote, "dst", c.Local, "src_id", c.PeerID)
-		},
-		Logger: p.log,
+		Refused: p.serverRefused,
+		Logger:  p.log,
 	}
 	p.serverTLS = hbone.ServerConfig(p.serverSVID, cfg.Bundles)
 	return p, nil
@@ -459,7 +462,12 @@ func (p *Proxy) PoolStats() hbone.Stats { return p.pool.Stats() }
 // that are not flows (handshakes, malformed requests).
 func (p *Proxy) reject(flag ResponseFlag, err error, attrs ...any) {
 	p.counters[flag].Add(1)
-	p.log.Info("ztunnel: refused", append([]any{"reason", flag.String(), "error", err}, attrs...)...)
+	if ok, dropped := p.logLimit.allow(time.Now()); ok {
+		if dropped > 0 {
+			attrs = append(attrs, "suppressed_before", dropped)
+		}
+		p.log.Info("ztunnel: refused", append([]any{"reason", flag.String(), "error", err}, attrs...)...)
+	}
 }
 
 // endFlow is the one place where a flow ends: it counts the flag, logs,

@@ -388,6 +388,7 @@ func runAgentWith(ctx context.Context, f *agentFlags, log *slog.Logger) error {
 	store := workload.NewStore()
 	zcfg.Store, zcfg.SVIDs, zcfg.Bundles = store, ids, ids
 	obsv.ztunnelHooks(&zcfg)
+	en.ztunnelHooks(&zcfg, f.node)
 	zcfg.Authorizer = en.az
 	proxy, err := ztunnel.New(zcfg)
 	if err != nil {

@@ -63,6 +63,22 @@ type Tuning struct {
 	KeepaliveTimeout  time.Duration
 	// HandshakeTimeout bounds TCP connect plus TLS handshake.
 	HandshakeTimeout time.Duration
+
+	// ResetRate and ResetBurst bound how fast a client may reset streams
+	// the server was still working on (RST_STREAM before the server
+	// answered the CONNECT): a token bucket of ResetBurst refilled at
+	// ResetRate per second. Beyond it the client is taken for a "rapid
+	// reset" attacker: GOAWAY(ENHANCE_YOUR_CALM), the connection is
+	// closed, and Server.Refused gets ErrRapidReset. Well-behaved pools
+	// keep at most MaxStreamsPerConn streams per connection, far below.
+	ResetRate  float64
+	ResetBurst int
+	// FloodRate and FloodBurst do the same for frames that make no tunnel
+	// work: PING, SETTINGS, empty DATA, PRIORITY and unknown frames,
+	// streams refused for the concurrency limit or as malformed
+	// (ErrFrameFlood).
+	FloodRate  float64
+	FloodBurst int
 }
 
 // DefaultTuning returns the defaults. Windows and frame size were chosen by
@@ -81,6 +97,10 @@ func DefaultTuning() Tuning {
 		KeepaliveInterval:    30 * time.Second,
 		KeepaliveTimeout:     10 * time.Second,
 		HandshakeTimeout:     10 * time.Second,
+		ResetRate:            100,
+		ResetBurst:           200,
+		FloodRate:            1000,
+		FloodBurst:           1000,
 	}
 }
 
@@ -123,6 +143,18 @@ func (t Tuning) WithDefaults() Tuning {
 	}
 	if t.HandshakeTimeout <= 0 {
 		t.HandshakeTimeout = d.HandshakeTimeout
+	}
+	if t.ResetRate <= 0 {
+		t.ResetRate = d.ResetRate
+	}
+	if t.ResetBurst <= 0 {
+		t.ResetBurst = d.ResetBurst
+	}
+	if t.FloodRate <= 0 {
+		t.FloodRate = d.FloodRate
+	}
+	if t.FloodBurst <= 0 {
+		t.FloodBurst = d.FloodBurst
 	}
 	return t
 }

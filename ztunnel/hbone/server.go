@@ -37,6 +37,18 @@ var (
 	// ErrStreamLimit: the client opened more streams than the connection
 	// allows (the stream is reset with REFUSED_STREAM).
 	ErrStreamLimit = errors.New("too many concurrent streams")
+	// ErrRapidReset: the client reset streams that the server was still
+	// working on (before it answered them) faster than Tuning.ResetRate
+	// and ResetBurst allow, the HTTP/2 "rapid reset" attack
+	// (CVE-2023-44487). The connection gets GOAWAY(ENHANCE_YOUR_CALM) and
+	// is closed; the error names the client's identity.
+	ErrRapidReset = errors.New("client resets streams too fast (rapid reset)")
+	// ErrFrameFlood: the client sent frames that make no tunnel work
+	// (PING, SETTINGS, empty DATA, PRIORITY, unknown types, streams
+	// refused for the concurrency limit or as malformed) faster than
+	// Tuning.FloodRate and FloodBurst allow, or stopped reading while
+	// such frames asked for answers. GOAWAY(ENHANCE_YOUR_CALM), then close.
+	ErrFrameFlood = errors.New("client floods the connection with frames that carry no work")
 )
 
 // ErrStreamClosed is returned by a Stream's Read and Write once the stream
@@ -58,19 +70,21 @@ type Conn struct {
 // Server serves HBONE CONNECT streams on TLS connections whose handshake is
 // complete (see ServerConfig). Set the fields before the first ServeConn.
 type Server struct {
-	// Tuning sets windows, frame and header limits; zero fields take
-	// defaults.
+	// Tuning sets windows, frame and header limits and abuse limits;
+	// zero fields take defaults.
 	Tuning Tuning
 	// Handler runs in its own goroutine for every CONNECT stream that
 	// passed the protocol checks. It must call Respond, then may Read and
-	// Write; the stream is closed when Handler returns. The stream counts
-	// against Tuning.MaxConcurrentStreams until Handler returns, whatever
-	// the client does.
+	// Write; the stream is closed when Handler returns. Its context ends
+	// when the client resets the stream or the connection closes. The
+	// stream counts against Tuning.MaxConcurrentStreams until Handler
+	// returns, whatever the client does.
 	Handler func(ctx context.Context, s *Stream)
 	// Refused, if set, is called after the server refused a request or a
 	// connection by itself; err wraps ErrNotConnect, ErrHTTP1,
-	// ErrHeadersTooLarge, ErrMalformed or ErrStreamLimit. It is called
-	// from the connection's read loop: keep it quick.
+	// ErrHeadersTooLarge, ErrMalformed, ErrStreamLimit, ErrRapidReset or
+	// ErrFrameFlood. It is called from the connection's read loop: keep it
+	// quick.
 	Refused func(c *Conn, err error)
 	// Logger receives connection-level debug events; nil discards them.
 	Logger *slog.Logger
@@ -88,7 +102,7 @@ const flushTimeout = time.Second
 
 // maxPeerCtl bounds the frames queued in answer to the client (acks,
 // refusals) while it does not read them; beyond it the connection is
-// closed (GOAWAY ENHANCE_YOUR_CALM).
+// closed as a flood.
 const maxPeerCtl = 1024
 
 // ServeConn serves HBONE on tc, which must have completed its handshake
@@ -248,6 +262,10 @@ type serverConn struct {
 	idle       *time.Timer
 	writerDone chan struct{}
 
+	// Read loop only.
+	resets bucket // premature resets (ErrRapidReset)
+	flood  bucket // frames without work (ErrFrameFlood)
+
 	// Writer only.
 	fw   frameWriter
 	henc *hpack.Encoder
@@ -288,9 +306,11 @@ type Stream struct {
 	// Header holds the request's regular header fields (canonical keys).
 	Header http.Header
 
-	sc   *serverConn
-	id   uint32
-	cond sync.Cond // on sc.mu: data, window, or state changed
+	sc     *serverConn
+	id     uint32
+	cond   sync.Cond // on sc.mu: data, window, or state changed
+	ctx    context.Context
+	cancel context.CancelFunc
 
 	// guarded by sc.mu
 	q          recvQueue
@@ -394,16 +414,36 @@ func (sc *serverConn) connError(code http2.ErrCode) bool {
 	return sc.readError(http2.ConnectionError(code))
 }
 
+// calm ends the connection of an abusive client: GOAWAY with
+// ENHANCE_YOUR_CALM, Refused, and false for the read loop, which then
+// closes the connection once the GOAWAY is written (at most flushTimeout).
+func (sc *serverConn) calm(sentinel error, detail string) bool {
+	err := fmt.Errorf("hbone: %w: %s from %s (%s)", sentinel, sc.info.PeerID, sc.info.Remote, detail)
+	sc.log.Debug("hbone: closing abusive connection", "remote", sc.info.Remote, "peer", sc.info.PeerID, "error", err)
+	sc.goAway(http2.ErrCodeEnhanceYourCalm)
+	if sc.srv.Refused != nil {
+		sc.srv.Refused(sc.info, err)
+	}
+	return false
+}
+
+// noWork charges one frame that makes no tunnel work against the flood
+// budget; false ends the connection.
+func (sc *serverConn) noWork(what string) bool {
+	if sc.flood.take(time.Now(), sc.t.FloodRate, sc.t.FloodBurst) {
+		return true
+	}
+	return sc.calm(ErrFrameFlood, fmt.Sprintf("%s beyond %d at %g/s", what, sc.t.FloodBurst, sc.t.FloodRate))
+}
+
 // queuePeer queues an answer to the client; false (and the connection
-// closed) when too many answers wait for a client that does not read
-// them.
+// closed as a flood) when too many answers wait for a client that does
+// not read them.
 func (sc *serverConn) queuePeer(f ctlFrame) bool {
 	sc.mu.Lock()
 	if sc.peerCtl >= maxPeerCtl {
 		sc.mu.Unlock()
-		sc.log.Debug("hbone: client does not read our answers, closing", "remote", sc.info.Remote, "unread", maxPeerCtl)
-		sc.goAway(http2.ErrCodeEnhanceYourCalm)
-		return false
+		return sc.calm(ErrFrameFlood, fmt.Sprintf("%d answers unread", maxPeerCtl))
 	}
 	f.peer = true
 	sc.peerCtl++
@@ -418,6 +458,9 @@ func (sc *serverConn) processFrame(f http2.Frame) bool {
 	case *http2.SettingsFrame:
 		if f.IsAck() {
 			return true
+		}
+		if !sc.noWork("SETTINGS") {
+			return false
 		}
 		sc.mu.Lock()
 		err := f.ForeachSetting(func(s http2.Setting) error {
@@ -476,20 +519,29 @@ func (sc *serverConn) processFrame(f http2.Frame) bool {
 	case *http2.RSTStreamFrame:
 		sc.mu.Lock()
 		st := sc.streams[f.StreamID]
+		premature := st != nil && !st.responded
 		sc.mu.Unlock()
 		if st == nil {
 			return true
 		}
 		st.abort(0, fmt.Errorf("%w: reset by peer (%v)", ErrStreamClosed, f.ErrCode))
+		if premature && !sc.resets.take(time.Now(), sc.t.ResetRate, sc.t.ResetBurst) {
+			return sc.calm(ErrRapidReset, fmt.Sprintf("more than %d streams reset before their answer, at %g/s", sc.t.ResetBurst, sc.t.ResetRate))
+		}
 	case *http2.PingFrame:
 		if f.IsAck() {
 			return true
+		}
+		if !sc.noWork("PING") {
+			return false
 		}
 		return sc.queuePeer(ctlFrame{kind: ctlPingAck, data: f.Data})
 	case *http2.GoAwayFrame:
 		sc.log.Debug("hbone: peer sent GOAWAY", "remote", sc.info.Remote, "code", f.ErrCode)
 	case *http2.PushPromiseFrame:
 		return sc.connError(http2.ErrCodeProtocol)
+	default: // PRIORITY, unknown extension frames
+		return sc.noWork("frame " + f.Header().Type.String())
 	}
 	return true
 }
@@ -522,7 +574,8 @@ func (sc *serverConn) processHeaders(f *http2.MetaHeadersFrame) bool {
 	}
 	if sc.running >= int(sc.t.MaxConcurrentStreams) {
 		sc.mu.Unlock()
-		if !sc.queuePeer(ctlFrame{kind: ctlRST, id: id, code: http2.ErrCodeRefusedStream}) {
+		if !sc.noWork("streams beyond the concurrency limit") ||
+			!sc.queuePeer(ctlFrame{kind: ctlRST, id: id, code: http2.ErrCodeRefusedStream}) {
 			return false
 		}
 		if sc.srv.Refused != nil {
@@ -555,6 +608,7 @@ func (sc *serverConn) processHeaders(f *http2.MetaHeadersFrame) bool {
 		st.Header[k] = append(st.Header[k], hf.Value)
 	}
 	st.cond.L = &sc.mu
+	st.ctx, st.cancel = context.WithCancel(sc.ctx)
 	sc.mu.Lock()
 	st.recvWindow = int64(sc.t.StreamWindow)
 	st.sendWindow = sc.peerInitWindow
@@ -576,7 +630,7 @@ func (sc *serverConn) runHandler(st *Stream) {
 		_ = st.Respond(http.StatusServiceUnavailable)
 		return
 	}
-	sc.srv.Handler(sc.ctx, st)
+	sc.srv.Handler(st.ctx, st)
 	sc.mu.Lock()
 	responded := st.responded
 	sc.mu.Unlock()
@@ -586,7 +640,8 @@ func (sc *serverConn) runHandler(st *Stream) {
 }
 
 // handlerDone releases the stream's charge once its handler returned.
-func (sc *serverConn) handlerDone(*Stream) {
+func (sc *serverConn) handlerDone(st *Stream) {
+	st.cancel()
 	sc.mu.Lock()
 	sc.running--
 	if sc.running == 0 {
@@ -601,9 +656,9 @@ func (sc *serverConn) handlerDone(*Stream) {
 
 // refuse answers a stream the server will not register: status with
 // END_STREAM, then RST_STREAM(NO_ERROR) if the client is still sending.
-// false ends the connection.
+// false ends the connection (a flood of refused requests).
 func (sc *serverConn) refuse(id uint32, clientDone bool, status int, err error) bool {
-	if !sc.queuePeer(ctlFrame{kind: ctlHeaders, id: id, val: uint32(status), end: true}) {
+	if !sc.noWork("refused requests") || !sc.queuePeer(ctlFrame{kind: ctlHeaders, id: id, val: uint32(status), end: true}) {
 		return false
 	}
 	if !clientDone && !sc.queuePeer(ctlFrame{kind: ctlRST, id: id, code: http2.ErrCodeNo}) {
@@ -653,6 +708,9 @@ func (sc *serverConn) processData(f *http2.DataFrame) bool {
 	}
 	st.cond.Broadcast()
 	sc.mu.Unlock()
+	if n == 0 && !f.StreamEnded() {
+		return sc.noWork("empty DATA")
+	}
 	return true
 }
 
@@ -978,6 +1036,7 @@ func (sc *serverConn) teardown() {
 		}
 		st.q.reset()
 		st.cond.Broadcast()
+		st.cancel()
 	}
 	sc.closeWhenFlushedLocked()
 	sc.mu.Unlock()
@@ -1112,7 +1171,8 @@ func (st *Stream) Close() error {
 }
 
 // abort resets the stream: code != 0 sends RST_STREAM with it; queued data
-// is dropped and its connection window given back.
+// is dropped and its connection window given back; the handler's context
+// ends.
 func (st *Stream) abort(code http2.ErrCode, err error) {
 	sc := st.sc
 	sc.mu.Lock()
@@ -1130,6 +1190,28 @@ func (st *Stream) abort(code http2.ErrCode, err error) {
 		sc.queueCtlLocked(ctlFrame{kind: ctlRST, id: st.id, code: code})
 	}
 	sc.mu.Unlock()
+	st.cancel()
+}
+
+// bucket is a token bucket: burst tokens, refilled at rate per second.
+type bucket struct {
+	tokens float64
+	last   time.Time
+}
+
+// take removes a token; false when none is left.
+func (b *bucket) take(now time.Time, rate float64, burst int) bool {
+	if b.last.IsZero() {
+		b.tokens = float64(burst)
+	} else {
+		b.tokens = min(float64(burst), b.tokens+now.Sub(b.last).Seconds()*rate)
+	}
+	b.last = now
+	if b.tokens < 1 {
+		return false
+	}
+	b.tokens--
+	return true
 }
 
 // ring is a FIFO that grows as needed and keeps its storage.
