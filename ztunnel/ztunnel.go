@@ -307,10 +307,11 @@ func New(cfg Config) (*Proxy, error) {
 		Logger: p.log,
 	})
 	p.srv = &hbone.Server{
-		Tuning:  cfg.Tuning,
-		Handler: p.serveStream,
-		Refused: p.serverRefused,
-		Logger:  p.log,
+		Tuning:    cfg.Tuning,
+		Handler:   p.serveStream,
+		Refused:   p.serverRefused,
+		LocalSVID: p.serverSVID,
+		Logger:    p.log,
 	}
 	p.serverTLS = hbone.ServerConfig(p.serverSVID, cfg.Bundles)
 	return p, nil

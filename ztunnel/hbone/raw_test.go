@@ -69,6 +69,7 @@ func newRawEnv(t *testing.T, tune hbone.Tuning, handler func(ctx context.Context
 			e.refused = append(e.refused, err)
 			e.mu.Unlock()
 		},
+		LocalSVID: func(ctx context.Context, _ netip.Addr) (*x509svid.SVID, error) { return e.ca.SVID(ctx, e.server) },
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	e.ctx = ctx

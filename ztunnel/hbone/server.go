@@ -65,13 +65,18 @@ type Conn struct {
 	PeerID spiffeid.ID
 	// TLS is the connection's TLS state.
 	TLS tls.ConnectionState
+	// Expires is when the connection stops accepting streams: the
+	// earliest of the client's certificate expiry, the server's (when
+	// Server.LocalSVID is set) and the connection's start plus
+	// Tuning.MaxConnectionAge.
+	Expires time.Time
 }
 
 // Server serves HBONE CONNECT streams on TLS connections whose handshake is
 // complete (see ServerConfig). Set the fields before the first ServeConn.
 type Server struct {
-	// Tuning sets windows, frame and header limits and abuse limits;
-	// zero fields take defaults.
+	// Tuning sets windows, frame and header limits, abuse limits and
+	// connection lifetimes; zero fields take defaults.
 	Tuning Tuning
 	// Handler runs in its own goroutine for every CONNECT stream that
 	// passed the protocol checks. It must call Respond, then may Read and
@@ -86,6 +91,10 @@ type Server struct {
 	// ErrFrameFlood. It is called from the connection's read loop: keep it
 	// quick.
 	Refused func(c *Conn, err error)
+	// LocalSVID, if set, returns the SVID presented on a connection to
+	// local (the function given to ServerConfig). Its leaf's expiry bounds
+	// the connection's life, as the client's certificate does.
+	LocalSVID ServerSVIDFunc
 	// Logger receives connection-level debug events; nil discards them.
 	Logger *slog.Logger
 
@@ -110,6 +119,7 @@ const maxPeerCtl = 1024
 // is closed, after every handler on it returned. Cancelling ctx closes the
 // connection.
 func (s *Server) ServeConn(ctx context.Context, tc *tls.Conn) {
+	start := time.Now()
 	t := s.Tuning.WithDefaults()
 	log := s.Logger
 	if log == nil {
@@ -120,6 +130,16 @@ func (s *Server) ServeConn(ctx context.Context, tc *tls.Conn) {
 	info.Local, _ = addrOf(tc.LocalAddr())
 	info.Remote, _ = addrOf(tc.RemoteAddr())
 	info.PeerID, _ = PeerID(cs)
+	info.Expires = start.Add(t.MaxConnectionAge)
+	if len(cs.PeerCertificates) > 0 && cs.PeerCertificates[0].NotAfter.Before(info.Expires) {
+		info.Expires = cs.PeerCertificates[0].NotAfter
+	}
+	if s.LocalSVID != nil {
+		if svid, err := s.LocalSVID(ctx, info.Local.Addr()); err == nil && len(svid.Certificates) > 0 &&
+			svid.Certificates[0].NotAfter.Before(info.Expires) {
+			info.Expires = svid.Certificates[0].NotAfter
+		}
+	}
 
 	defer tc.Close()
 	if cs.NegotiatedProtocol != ALPN {
@@ -181,6 +201,7 @@ func (s *Server) ServeConn(ctx context.Context, tc *tls.Conn) {
 	}()
 
 	sc.idle = time.AfterFunc(t.IdleTimeout, sc.onIdle)
+	sc.life = time.AfterFunc(time.Until(info.Expires), sc.onExpired)
 	stop := context.AfterFunc(ctx, func() { tc.Close() })
 	defer stop()
 	sc.serve()
@@ -260,6 +281,7 @@ type serverConn struct {
 	cancel     context.CancelFunc
 	wg         sync.WaitGroup // handlers
 	idle       *time.Timer
+	life       *time.Timer
 	writerDone chan struct{}
 
 	// Read loop only.
@@ -293,6 +315,7 @@ type serverConn struct {
 	connUnacked    int64 // consumed, not yet granted back
 	closed         bool
 	goingAway      bool
+	drain          *time.Timer
 }
 
 // Stream is one CONNECT stream on the server side: a bidirectional byte
@@ -359,6 +382,9 @@ func (sc *serverConn) serve() {
 	defer sc.teardown()
 	sc.mu.Lock()
 	sc.queueCtlLocked(ctlFrame{kind: ctlSettings})
+	if !time.Now().Before(sc.info.Expires) {
+		sc.goAwayLocked(http2.ErrCodeNo)
+	}
 	sc.mu.Unlock()
 	go sc.writeLoop()
 	for {
@@ -999,8 +1025,16 @@ func (sc *serverConn) onIdle() {
 	}
 }
 
+// onExpired ends the connection's life (Conn.Expires): no new stream, and
+// the open ones get Tuning.DrainTimeout before the connection is closed.
+func (sc *serverConn) onExpired() {
+	sc.log.Debug("hbone: connection reached its end of life", "remote", sc.info.Remote, "peer", sc.info.PeerID,
+		"expires", sc.info.Expires)
+	sc.goAway(http2.ErrCodeNo)
+}
+
 // goAway sends GOAWAY with code and closes the connection once no handler
-// is left.
+// is left; for NO_ERROR the open streams get Tuning.DrainTimeout.
 func (sc *serverConn) goAway(code http2.ErrCode) {
 	sc.mu.Lock()
 	sc.goAwayLocked(code)
@@ -1012,10 +1046,18 @@ func (sc *serverConn) goAwayLocked(code http2.ErrCode) {
 	if sc.closed || sc.goingAway && code == http2.ErrCodeNo {
 		return
 	}
+	again := sc.goingAway
 	sc.goingAway = true
 	sc.queueCtlLocked(ctlFrame{kind: ctlGoAway, id: sc.lastStreamID, code: code})
 	if sc.running == 0 {
 		sc.closeWhenFlushedLocked()
+		return
+	}
+	if code == http2.ErrCodeNo && !again {
+		sc.drain = time.AfterFunc(sc.t.DrainTimeout, func() {
+			sc.log.Debug("hbone: drain timeout, closing the connection", "remote", sc.info.Remote)
+			sc.nc.Close()
+		})
 	}
 }
 
@@ -1028,7 +1070,11 @@ func (sc *serverConn) closeWhenFlushedLocked() {
 
 func (sc *serverConn) teardown() {
 	sc.idle.Stop()
+	sc.life.Stop()
 	sc.mu.Lock()
+	if sc.drain != nil {
+		sc.drain.Stop()
+	}
 	sc.closed = true
 	for _, st := range sc.streams {
 		if st.err == nil {
