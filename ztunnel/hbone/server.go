@@ -305,6 +305,7 @@ type serverConn struct {
 	hencLimitSet   bool
 	werr           error // the writer failed: the connection is dead
 	wclosing       bool  // the writer closes the connection once idle
+	wbusy          bool  // the writer or a handler (directLocked) writes
 	streams        map[uint32]*Stream
 	running        int // handlers not returned: what MaxConcurrentStreams counts
 	lastStreamID   uint32
@@ -804,6 +805,10 @@ func (sc *serverConn) writeLoop() {
 		if sc.werr != nil {
 			break
 		}
+		if sc.wbusy {
+			sc.wcond.Wait() // a handler writes directly
+			continue
+		}
 		if f, ok := sc.ctl.pop(); ok {
 			if f.peer {
 				sc.peerCtl--
@@ -811,9 +816,11 @@ func (sc *serverConn) writeLoop() {
 			if !sc.prepareCtlLocked(&f) {
 				continue
 			}
+			sc.wbusy = true
 			sc.mu.Unlock()
 			err := sc.writeCtl(&f)
 			sc.mu.Lock()
+			sc.wbusy = false
 			if err != nil {
 				sc.failWriteLocked(err)
 				break
@@ -821,9 +828,11 @@ func (sc *serverConn) writeLoop() {
 			continue
 		}
 		if st, p, end := sc.nextDataLocked(); st != nil {
+			sc.wbusy = true
 			sc.mu.Unlock()
 			err := sc.writeData(st.id, p, end)
 			sc.mu.Lock()
+			sc.wbusy = false
 			st.writing = false
 			st.cond.Broadcast()
 			if err != nil {
@@ -834,9 +843,11 @@ func (sc *serverConn) writeLoop() {
 			continue
 		}
 		if sc.fw.n > 0 {
+			sc.wbusy = true
 			sc.mu.Unlock()
 			err := sc.fw.flush()
 			sc.mu.Lock()
+			sc.wbusy = false
 			if err != nil {
 				sc.failWriteLocked(err)
 				break
@@ -849,11 +860,44 @@ func (sc *serverConn) writeLoop() {
 		}
 		sc.wcond.Wait()
 	}
-	closing := sc.wclosing
+	closing := sc.wclosing && sc.werr == nil
 	sc.mu.Unlock()
-	sc.fw.release()
 	if closing {
 		sc.nc.Close()
+	}
+}
+
+// directLocked lets a handler write its own frames when the writer has
+// nothing queued and nobody writes: no goroutine switch on the common
+// path of one busy stream. Only handlers do this, never the read loop,
+// which must not wait for the network. On true the caller holds the
+// write side until endDirectLocked.
+func (sc *serverConn) directLocked() bool {
+	if sc.wbusy || sc.werr != nil || sc.wclosing || sc.ctl.n > 0 || sc.ready.n > 0 {
+		return false
+	}
+	sc.wbusy = true
+	return true
+}
+
+// flushDirect ends a direct write: what is buffered goes out, and the
+// buffer back to its pool.
+func (sc *serverConn) flushDirect() error {
+	err := sc.fw.flush()
+	sc.fw.release()
+	return err
+}
+
+// endDirectLocked gives the write side back and wakes the writer if work
+// was queued meanwhile.
+func (sc *serverConn) endDirectLocked(err error) {
+	sc.wbusy = false
+	if err != nil {
+		sc.failWriteLocked(err)
+		return
+	}
+	if sc.ctl.n > 0 || sc.ready.n > 0 || sc.wclosing {
+		sc.wcond.Signal()
 	}
 }
 
@@ -1003,6 +1047,7 @@ func (sc *serverConn) failWriteLocked(err error) {
 	for _, st := range sc.streams {
 		st.cond.Broadcast()
 	}
+	sc.wcond.Signal()
 }
 
 // maybeRemoveLocked forgets st once both directions are done or it failed.
@@ -1115,14 +1160,35 @@ func (st *Stream) Respond(status int) error {
 	}
 	st.responded, st.status = true, status
 	end := status != http.StatusOK
-	sc.queueCtlLocked(ctlFrame{kind: ctlHeaders, id: st.id, val: uint32(status), end: end})
+	rst := end && !st.recvEOF
 	if end {
-		if !st.recvEOF {
-			sc.queueCtlLocked(ctlFrame{kind: ctlRST, id: st.id, code: http2.ErrCodeNo})
+		if rst {
 			st.err = ErrStreamClosed
 		}
 		st.sentEnd = true
 		sc.maybeRemoveLocked(st)
+	}
+	h := ctlFrame{kind: ctlHeaders, id: st.id, val: uint32(status), end: end}
+	if !sc.directLocked() {
+		sc.queueCtlLocked(h)
+		if rst {
+			sc.queueCtlLocked(ctlFrame{kind: ctlRST, id: st.id, code: http2.ErrCodeNo})
+		}
+		return nil
+	}
+	sc.prepareCtlLocked(&h)
+	sc.mu.Unlock()
+	err := sc.writeCtl(&h)
+	if err == nil && rst {
+		err = sc.fr.WriteRSTStream(st.id, http2.ErrCodeNo)
+	}
+	if err == nil {
+		err = sc.flushDirect()
+	}
+	sc.mu.Lock()
+	sc.endDirectLocked(err)
+	if err != nil {
+		return fmt.Errorf("hbone: respond: %w", err)
 	}
 	return nil
 }
@@ -1172,6 +1238,28 @@ func (st *Stream) Write(p []byte) (int, error) {
 	case len(p) == 0:
 		return 0, nil
 	}
+	written := 0
+	if n := min(len(p), int(min(st.sendWindow, sc.connSendWindow)), sc.peerMaxFrame); n > 0 && sc.directLocked() {
+		st.sendWindow -= int64(n)
+		sc.connSendWindow -= int64(n)
+		sc.mu.Unlock()
+		err := sc.writeData(st.id, p[:n], false)
+		if err == nil {
+			err = sc.flushDirect()
+		}
+		sc.mu.Lock()
+		sc.endDirectLocked(err)
+		if err != nil {
+			return 0, sc.werr
+		}
+		if n == len(p) {
+			return n, nil
+		}
+		written, p = n, p[n:]
+		if st.err != nil {
+			return written, st.err
+		}
+	}
 	st.wbuf = p
 	sc.readyLocked(st)
 	for (len(st.wbuf) > 0 && st.err == nil && sc.werr == nil) || st.writing {
@@ -1181,13 +1269,13 @@ func (st *Stream) Write(p []byte) (int, error) {
 	st.wbuf = nil
 	switch {
 	case n == len(p):
-		return n, nil
+		return written + n, nil
 	case st.err != nil:
-		return n, st.err
+		return written + n, st.err
 	case sc.werr != nil:
-		return n, sc.werr
+		return written + n, sc.werr
 	}
-	return n, ErrStreamClosed
+	return written + n, ErrStreamClosed
 }
 
 // CloseWrite half-closes the stream (END_STREAM): the client reads EOF and
@@ -1203,10 +1291,20 @@ func (st *Stream) CloseWrite() error {
 		return errors.New("hbone: CloseWrite before Respond")
 	}
 	st.sentEnd = true
-	st.wantEnd = true
-	sc.readyLocked(st)
 	sc.maybeRemoveLocked(st)
-	return nil
+	if !sc.directLocked() {
+		st.wantEnd = true
+		sc.readyLocked(st)
+		return nil
+	}
+	sc.mu.Unlock()
+	err := sc.writeData(st.id, nil, true)
+	if err == nil {
+		err = sc.flushDirect()
+	}
+	sc.mu.Lock()
+	sc.endDirectLocked(err)
+	return err
 }
 
 // Close ends the stream; if either direction is still open, the stream is
