@@ -1358,7 +1358,7 @@ func (b *bucket) take(now time.Time, rate float64, burst int) bool {
 	return true
 }
 
-// ring is a FIFO that grows as needed and keeps its storage.
+// ring is a FIFO that grows as needed; it keeps up to 64 slots when empty.
 type ring[T any] struct {
 	buf  []T
 	head int
@@ -1386,6 +1386,9 @@ func (r *ring[T]) pop() (T, bool) {
 	r.buf[r.head] = zero
 	r.head = (r.head + 1) % len(r.buf)
 	r.n--
+	if r.n == 0 && len(r.buf) > 64 {
+		r.buf, r.head = nil, 0 // a burst is over: do not keep its storage
+	}
 	return v, true
 }
 
