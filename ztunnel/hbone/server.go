@@ -1239,11 +1239,17 @@ func (st *Stream) Write(p []byte) (int, error) {
 		return 0, nil
 	}
 	written := 0
-	if n := min(len(p), int(min(st.sendWindow, sc.connSendWindow)), sc.peerMaxFrame); n > 0 && sc.directLocked() {
+	if n := min(len(p), int(min(st.sendWindow, sc.connSendWindow))); n > 0 && sc.directLocked() {
 		st.sendWindow -= int64(n)
 		sc.connSendWindow -= int64(n)
+		maxFrame := sc.peerMaxFrame
 		sc.mu.Unlock()
-		err := sc.writeData(st.id, p[:n], false)
+		var err error
+		for q := p[:n]; len(q) > 0 && err == nil; {
+			k := min(len(q), maxFrame)
+			err = sc.writeData(st.id, q[:k], false)
+			q = q[k:]
+		}
 		if err == nil {
 			err = sc.flushDirect()
 		}
