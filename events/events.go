@@ -1,7 +1,7 @@
 // Package events records security events: every connection the mesh
 // refuses on policy (deny, default deny, STRICT plaintext, rate and
-// connection limits), every open connection a policy change cut, and
-// every AUDIT hit. Events are JSON lines in a flat, stable shape that a
+// connection limits), every open connection a policy change cut, every
+// AUDIT hit, and every HBONE client closed for abusing the protocol. Events are JSON lines in a flat, stable shape that a
 // SIEM ingests (see Event), written by a Writer that never blocks the
 // data path: a bounded queue and a rate limit, with a summary line that
 // counts what was suppressed.
@@ -38,6 +38,10 @@ const (
 	// StageReevaluate: an open connection re-decided after a policy or
 	// workload change.
 	StageReevaluate Stage = "reevaluate"
+	// StageProtocol: an HBONE client with a valid certificate abused the
+	// protocol (reason "rapid-reset" or "frame-flood") and its connection
+	// was closed by the destination's ztunnel.
+	StageProtocol Stage = "protocol"
 )
 
 // Event is one security event. Its JSON form (Append) is one line with

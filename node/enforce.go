@@ -15,6 +15,7 @@ import (
 	"github.com/mantlet/mantlet/policy/enforce"
 	"github.com/mantlet/mantlet/policy/v1alpha1"
 	"github.com/mantlet/mantlet/source"
+	"github.com/mantlet/mantlet/ztunnel"
 )
 
 // PolicyConfig configures policy enforcement and security events.
@@ -113,6 +114,35 @@ func (en *enforcement) policies() []*v1alpha1.MeshPolicy {
 // mtlsMode is the agent's per-pod mode: the engine's, which includes
 // the annotations and --mtls-mode.
 func (en *enforcement) mtlsMode(w *workload.Workload) v1alpha1.MTLSMode { return en.eng.MTLSMode(w) }
+
+// Reasons of the protocol events (events.StageProtocol).
+const (
+	reasonRapidReset = "rapid-reset"
+	reasonFrameFlood = "frame-flood"
+)
+
+// ztunnelHooks makes the ztunnel's refusals of abusive HBONE clients
+// (rapid reset, frame floods: a peer with a valid certificate whose
+// connection was closed) security events.
+func (en *enforcement) ztunnelHooks(cfg *ztunnel.Config, node string) {
+	cfg.OnReject = func(r *ztunnel.Rejection) {
+		var reason string
+		switch r.Flag {
+		case ztunnel.FlagRapidReset:
+			reason = reasonRapidReset
+		case ztunnel.FlagFrameFlood:
+			reason = reasonFrameFlood
+		default:
+			return
+		}
+		e := events.Event{Time: r.Time, Verdict: events.Deny, Stage: events.StageProtocol, Reason: reason,
+			Flag: r.Flag.String(), Rule: -1, Node: node, Direction: string(ztunnel.Inbound), MTLS: true, Src: r.Src, Dst: r.Dst}
+		if !r.SrcID.IsZero() {
+			e.SrcID = r.SrcID.String()
+		}
+		en.ev.Emit(&e)
+	}
+}
 
 // close releases the event output when run never ran.
 func (en *enforcement) close() {

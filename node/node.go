@@ -248,6 +248,7 @@ func Run(ctx context.Context, cfg Config) error {
 	store := workload.NewStore()
 	zcfg.Store, zcfg.SVIDs, zcfg.Bundles = store, ids, ids
 	obsv.ztunnelHooks(&zcfg)
+	en.ztunnelHooks(&zcfg, cfg.Node)
 	zcfg.Authorizer = en.az
 	proxy, err := ztunnel.New(zcfg)
 	if err != nil {

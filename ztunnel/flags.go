@@ -137,6 +137,15 @@ const (
 	// ztunnel went away (closed it with the stream open, or its process
 	// died), a TLS or HTTP/2 error, a keepalive timeout.
 	FlagTunnelLost
+	// FlagRapidReset: an HBONE client reset streams the ztunnel was still
+	// working on faster than hbone.Tuning's ResetRate (the HTTP/2 rapid
+	// reset attack); its connection was closed with GOAWAY.
+	FlagRapidReset
+	// FlagFrameFlood: an HBONE client sent frames that carry no work
+	// (PING, SETTINGS, empty DATA, refused requests...) faster than
+	// hbone.Tuning's FloodRate, or did not read the answers; its
+	// connection was closed with GOAWAY.
+	FlagFrameFlood
 
 	numFlags
 )
@@ -182,6 +191,8 @@ var flagNames = [numFlags]string{
 	FlagUpstreamReset:      "upstream_reset",
 	FlagTunnelReset:        "tunnel_reset",
 	FlagTunnelLost:         "tunnel_lost",
+	FlagRapidReset:         "rapid_reset",
+	FlagFrameFlood:         "frame_flood",
 }
 
 // String returns the flag's name, e.g. "policy_denied"; "-" for FlagNone.
@@ -242,6 +253,10 @@ func serverRefusalFlag(err error) ResponseFlag {
 		return FlagHeadersTooLarge
 	case errors.Is(err, hbone.ErrStreamLimit):
 		return FlagStreamLimit
+	case errors.Is(err, hbone.ErrRapidReset):
+		return FlagRapidReset
+	case errors.Is(err, hbone.ErrFrameFlood):
+		return FlagFrameFlood
 	}
 	return FlagMalformed
 }

@@ -67,7 +67,7 @@ type mesh struct {
 }
 
 type meshOpts struct {
-	tuning    ztunnel.Config // only Tuning, ConnectTimeout, MaxFlows, OnFlowOpen, Limits are used
+	tuning    ztunnel.Config // only Tuning, ConnectTimeout, MaxFlows, OnFlowOpen, OnReject, Limits are used
 	authz     map[string]ztunnel.Authorizer
 	svids     map[string]ztunnel.SVIDSource
 	plaintext bool         // give each node an inbound plaintext listener
@@ -160,6 +160,7 @@ func (m *mesh) startNode(name string, o meshOpts) *node {
 		ConnectTimeout: o.tuning.ConnectTimeout,
 		MaxFlows:       o.tuning.MaxFlows,
 		OnFlowOpen:     o.tuning.OnFlowOpen,
+		OnReject:       o.tuning.OnReject,
 		Tuning:         o.tuning.Tuning,
 		Limits:         o.tuning.Limits,
 

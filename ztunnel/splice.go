@@ -87,7 +87,17 @@ func (sp *splicer) abort(err error) {
 	})
 }
 
-func (sp *splicer) abortCtx() { sp.abort(sp.ctx.Err()) }
+// abortCtx aborts because the flow's context ended. When that is because
+// the HBONE stream under it ended (the server cancels a stream's context
+// with why), the end is the tunnel's, as if a read of the stream had said
+// so.
+func (sp *splicer) abortCtx() {
+	cause := context.Cause(sp.ctx)
+	if errors.Is(cause, hbone.ErrStreamClosed) {
+		cause = tunnelBroke(cause, false)
+	}
+	sp.abort(cause)
+}
 
 // endBroke is the error of end c of a splice, upstream or not, failing
 // with err.

@@ -230,6 +230,10 @@ type Config struct {
 	// connections and the descriptors they may use; the log lines of
 	// refusals are rate limited by it too.
 	Limits Limits
+	// OnReject, if set, is called for every refusal of the HBONE server
+	// that is no flow (malformed requests, the stream limit, rapid reset,
+	// frame floods), from the connection's read loop; keep it quick.
+	OnReject func(*Rejection)
 }
 
 // Proxy is a running ztunnel.
@@ -331,12 +335,11 @@ func New(cfg Config) (*Proxy, error) {
 		Logger: p.log,
 	})
 	p.srv = &hbone.Server{
-		Tuning:  cfg.Tuning,
-		Handler: p.serveStream,
-		Refused: func(c *hbone.Conn, err error) {
-			p.reject(serverRefusalFlag(err), err, "src", c.Remote, "dst", c.Local, "src_id", c.PeerID)
-		},
-		Logger: p.log,
+		Tuning:    cfg.Tuning,
+		Handler:   p.serveStream,
+		Refused:   p.serverRefused,
+		LocalSVID: p.serverSVID,
+		Logger:    p.log,
 	}
 	p.serverTLS = hbone.ServerConfig(p.serverSVID, cfg.Bundles)
 	return p, nil

@@ -80,7 +80,25 @@ type poolConn struct {
 	cc       *http.ClientConn
 	inflight int // guarded by Pool.mu
 	idleAt   time.Time
+	// retireAt is when the pool stops putting streams on the connection:
+	// a margin before its end of life (see retireTime).
+	retireAt time.Time
 }
+
+// retireTime returns when a connection dialled at now, whose life ends at
+// end (the earlier certificate expiry of both ends, or the maximum age),
+// stops taking new streams: a quarter of its life, at most
+// maxRetireMargin, before the end. The server refuses new streams from
+// the end on; the margin covers the request in flight and clock skew.
+func retireTime(now, end time.Time) time.Time {
+	return end.Add(-min(end.Sub(now)/4, maxRetireMargin))
+}
+
+// maxRetireMargin bounds how long before its end a connection is retired.
+const maxRetireMargin = time.Minute
+
+// retired reports whether c takes no new streams at now.
+func (c *poolConn) retired(now time.Time) bool { return !now.Before(c.retireAt) }
 
 type dialKey struct{}
 
@@ -88,6 +106,9 @@ type dialParams struct {
 	key  Key
 	addr netip.AddrPort
 	src  netip.Addr
+	// notAfter is set by dialTLS: the earlier expiry of the two leaf
+	// certificates of the handshake.
+	notAfter time.Time
 }
 
 // NewPool returns a pool; Close it to stop its reaper and close its
@@ -182,7 +203,7 @@ func (p *Pool) reap() {
 			for k, kc := range p.keys {
 				live := kc.conns[:0]
 				for _, c := range kc.conns {
-					if c.cc.Err() != nil || c.inflight == 0 && now.Sub(c.idleAt) >= p.t.IdleTimeout {
+					if c.cc.Err() != nil || c.inflight == 0 && (now.Sub(c.idleAt) >= p.t.IdleTimeout || c.retired(now)) {
 						dead = append(dead, c)
 						continue
 					}
@@ -366,7 +387,13 @@ func (p *Pool) get(ctx context.Context, req *Request) (*poolConn, error) {
 			kc = &keyConns{}
 			p.keys[req.Key] = kc
 		}
+		now := time.Now()
+		usable := 0
 		for _, c := range kc.conns {
+			if c.retired(now) {
+				continue // draining: closed once its streams are done
+			}
+			usable++
 			if c.inflight < p.t.MaxStreamsPerConn && c.cc.Reserve() == nil {
 				c.inflight++
 				p.mu.Unlock()
@@ -385,51 +412,78 @@ func (p *Pool) get(ctx context.Context, req *Request) (*poolConn, error) {
 				return nil, fmt.Errorf("hbone: waiting for a connection to %s: %w", req.Addr, ctx.Err())
 			}
 		}
-		if len(kc.conns) >= p.t.MaxConnsPerKey {
+		if usable >= p.t.MaxConnsPerKey {
 			p.mu.Unlock()
 			return nil, fmt.Errorf("hbone: %w: %d connections of %d streams to %s are busy",
-				ErrStreamLimit, len(kc.conns), p.t.MaxStreamsPerConn, req.Key)
+				ErrStreamLimit, usable, p.t.MaxStreamsPerConn, req.Key)
 		}
 		a := &dialAttempt{done: make(chan struct{})}
 		kc.dialing = a
 		p.mu.Unlock()
 
-		cc, err := p.dial(ctx, req)
+		pc, err := p.dial(ctx, req)
 		p.mu.Lock()
 		kc.dialing = nil
 		if err != nil {
 			a.err = err
 		} else {
-			kc.conns = append(kc.conns, &poolConn{cc: cc, idleAt: time.Now()})
+			kc.conns = append(kc.conns, pc)
 		}
 		close(a.done)
-		p.mu.Unlock()
 		if err != nil {
+			p.mu.Unlock()
 			return nil, err
 		}
+		// The dialler gets a stream on its connection even if it is
+		// already retired (a certificate about to expire): the server
+		// decides then.
+		if pc.cc.Reserve() == nil {
+			pc.inflight++
+			p.mu.Unlock()
+			return pc, nil
+		}
+		p.mu.Unlock()
 	}
 }
 
 func (p *Pool) release(pc *poolConn) {
 	p.mu.Lock()
 	pc.inflight--
+	now := time.Now()
+	done := pc.inflight == 0 && pc.retired(now)
 	if pc.inflight == 0 {
-		pc.idleAt = time.Now()
+		pc.idleAt = now
 	}
 	p.mu.Unlock()
+	if done {
+		// Retired and drained: close it now rather than at the reaper's
+		// next round (which then forgets it).
+		p.log.Debug("hbone: closing a retired connection", "retired_at", pc.retireAt)
+		pc.cc.Close()
+	}
 }
 
 // dial opens a new connection. The dial is not bound to the caller's
-// context beyond the handshake timeout: the connection is shared.
-func (p *Pool) dial(ctx context.Context, req *Request) (*http.ClientConn, error) {
+// context beyond the handshake timeout: the connection is shared. The
+// connection retires ahead of the earlier expiry of the two certificates
+// and of Tuning.MaxConnectionAge; a later dial presents the SVID current
+// then, so certificate rotation needs no stream to fail.
+func (p *Pool) dial(ctx context.Context, req *Request) (*poolConn, error) {
+	start := time.Now()
 	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), p.t.HandshakeTimeout)
 	defer cancel()
-	dctx = context.WithValue(dctx, dialKey{}, &dialParams{key: req.Key, addr: req.Addr, src: req.BindSrc})
+	dp := &dialParams{key: req.Key, addr: req.Addr, src: req.BindSrc}
+	dctx = context.WithValue(dctx, dialKey{}, dp)
 	cc, err := p.tr.NewClientConn(dctx, "https", req.Addr.String())
 	if err != nil {
 		return nil, fmt.Errorf("hbone: connect to %s (%s): %w", req.Addr, req.Key.Dst, err)
 	}
-	return cc, nil
+	end := start.Add(p.t.MaxConnectionAge)
+	if !dp.notAfter.IsZero() && dp.notAfter.Before(end) {
+		end = dp.notAfter
+	}
+	now := time.Now()
+	return &poolConn{cc: cc, idleAt: now, retireAt: retireTime(now, end)}, nil
 }
 
 func (p *Pool) dialTLS(ctx context.Context, _, _ string) (net.Conn, error) {
@@ -451,5 +505,9 @@ func (p *Pool) dialTLS(ctx context.Context, _, _ string) (net.Conn, error) {
 		return nil, fmt.Errorf("hbone: TLS handshake: %w", err)
 	}
 	p.stats.handshakes.Add(1)
+	dp.notAfter = svid.Certificates[0].NotAfter
+	if peer := tc.ConnectionState().PeerCertificates; len(peer) > 0 && peer[0].NotAfter.Before(dp.notAfter) {
+		dp.notAfter = peer[0].NotAfter
+	}
 	return tc, nil
 }

@@ -63,6 +63,33 @@ type Tuning struct {
 	KeepaliveTimeout  time.Duration
 	// HandshakeTimeout bounds TCP connect plus TLS handshake.
 	HandshakeTimeout time.Duration
+
+	// MaxConnectionAge bounds how long a connection accepts new streams,
+	// with the expiry of the client's and the server's certificates: a
+	// connection stops at the earliest of the three (the server sends
+	// GOAWAY, the client pool stops using it a margin before and dials a
+	// new one with its current certificate). Open streams then get
+	// DrainTimeout to finish before the server closes the connection.
+	MaxConnectionAge time.Duration
+	// DrainTimeout is how long open streams may go on after the server
+	// sent GOAWAY for a connection's end of life, an idle close or a
+	// shutdown; then the connection is closed and they are reset.
+	DrainTimeout time.Duration
+	// ResetRate and ResetBurst bound how fast a client may reset streams
+	// the server was still working on (RST_STREAM before the server
+	// answered the CONNECT): a token bucket of ResetBurst refilled at
+	// ResetRate per second. Beyond it the client is taken for a "rapid
+	// reset" attacker: GOAWAY(ENHANCE_YOUR_CALM), the connection is
+	// closed, and Server.Refused gets ErrRapidReset. Well-behaved pools
+	// keep at most MaxStreamsPerConn streams per connection, far below.
+	ResetRate  float64
+	ResetBurst int
+	// FloodRate and FloodBurst do the same for frames that make no tunnel
+	// work: PING, SETTINGS, empty DATA, PRIORITY and unknown frames,
+	// streams refused for the concurrency limit or as malformed
+	// (ErrFrameFlood).
+	FloodRate  float64
+	FloodBurst int
 }
 
 // DefaultTuning returns the defaults. Windows and frame size were chosen by
@@ -81,6 +108,12 @@ func DefaultTuning() Tuning {
 		KeepaliveInterval:    30 * time.Second,
 		KeepaliveTimeout:     10 * time.Second,
 		HandshakeTimeout:     10 * time.Second,
+		MaxConnectionAge:     time.Hour,
+		DrainTimeout:         30 * time.Second,
+		ResetRate:            100,
+		ResetBurst:           200,
+		FloodRate:            1000,
+		FloodBurst:           1000,
 	}
 }
 
@@ -123,6 +156,24 @@ func (t Tuning) WithDefaults() Tuning {
 	}
 	if t.HandshakeTimeout <= 0 {
 		t.HandshakeTimeout = d.HandshakeTimeout
+	}
+	if t.MaxConnectionAge <= 0 {
+		t.MaxConnectionAge = d.MaxConnectionAge
+	}
+	if t.DrainTimeout <= 0 {
+		t.DrainTimeout = d.DrainTimeout
+	}
+	if t.ResetRate <= 0 {
+		t.ResetRate = d.ResetRate
+	}
+	if t.ResetBurst <= 0 {
+		t.ResetBurst = d.ResetBurst
+	}
+	if t.FloodRate <= 0 {
+		t.FloodRate = d.FloodRate
+	}
+	if t.FloodBurst <= 0 {
+		t.FloodBurst = d.FloodBurst
 	}
 	return t
 }
