@@ -7,7 +7,7 @@ TESTFLAGS ?= -count=1 -timeout 60m
 
 .DEFAULT_GOAL := help
 
-.PHONY: help build test test-unit lint generate check-generate bench demo clean manifests
+.PHONY: help build test test-unit lint generate check-generate bench demo clean image manifests
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-15s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -48,6 +48,12 @@ bench: build ## run the Go benchmarks, then (as root) the testbed scenario: dire
 
 demo: build ## run the two-node demo (needs root)
 	./$(BIN) demo
+
+# The image's platforms; the first is also the one 'crane push FILE' pushes.
+IMAGE_PLATFORMS ?= linux/amd64,linux/arm64
+
+image: ## write bin/mantlet-image.tar, the agent's OCI image (static binary, no base; no Docker needed), named as the chart expects
+	cd deploy/tools && GO="$(GO)" $(GO) run ./image -root ../.. -out ../../bin/mantlet-image.tar -platforms $(IMAGE_PLATFORMS)
 
 manifests: ## copy the dashboard into the chart and render deploy/mantlet.yaml from the Helm chart (default values)
 	cp deploy/grafana-dashboard.json deploy/charts/mantlet/files/grafana-dashboard.json

@@ -15,4 +15,6 @@
 //   - grafana-dashboard.json (copied into the chart as
 //     charts/mantlet/files/grafana-dashboard.json) and alerts.yaml
 //     (Prometheus alerting rules).
+//
+// deploy/tools also builds the agent's container image ('make image').
 package deploy
