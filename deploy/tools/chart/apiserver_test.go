@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+	appsv1 "k8s.io/api/apps/v1"
 	authorizationv1 "k8s.io/api/authorization/v1"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -262,6 +263,10 @@ func TestChartInstallsIntoARealAPIServer(t *testing.T) {
 		t.Error("the stored dashboard is not JSON")
 	}
 
+	t.Run("the agent's pods pass admission", func(t *testing.T) {
+		checkAgentPods(ctx, t, admin)
+	})
+
 	t.Run("the agent's account may do what the agent does and nothing else", func(t *testing.T) {
 		token, err := s.ServiceAccountToken(ctx, Namespace, "mantlet-agent")
 		if err != nil {
@@ -434,5 +439,61 @@ func checkAgentCalls(ctx context.Context, t *testing.T, admin, agent kubernetes.
 		if errors.As(err, &status) && status.Status().Code != 403 {
 			t.Errorf("%s: code %d, want 403", what, status.Status().Code)
 		}
+	}
+}
+
+// agentPod is the pod the DaemonSet's controller would create on node-a.
+func agentPod(ds *appsv1.DaemonSet) *corev1.Pod {
+	pod := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Namespace: ds.Namespace, GenerateName: ds.Name + "-",
+			Labels: ds.Spec.Template.Labels, Annotations: ds.Spec.Template.Annotations},
+		Spec: *ds.Spec.Template.Spec.DeepCopy(),
+	}
+	pod.Spec.NodeName = "node-a"
+	return pod
+}
+
+// checkAgentPods creates the DaemonSets' pods as their controller would,
+// with dryRun (nothing here would run them): through admission (Pod
+// Security, priority classes) and pod validation, which the DaemonSet
+// itself does not meet. Two controls show those checks are on: a
+// Bidirectional mount without privileges, and a namespace that enforces
+// the baseline Pod Security level.
+func checkAgentPods(ctx context.Context, t *testing.T, admin kubernetes.Interface) {
+	dryRun := metav1.CreateOptions{DryRun: []string{metav1.DryRunAll}}
+	var plain *corev1.Pod
+	for _, ref := range []struct{ namespace, name string }{{Namespace, "mantlet-agent"}, {"edge-mesh", "edge-agent"}} {
+		ds, err := admin.AppsV1().DaemonSets(ref.namespace).Get(ctx, ref.name, metav1.GetOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		pod := agentPod(ds)
+		if ref.namespace == Namespace {
+			plain = pod
+		}
+		if _, err := admin.CoreV1().Pods(ref.namespace).Create(ctx, pod, dryRun); err != nil {
+			t.Errorf("the pod of %s/%s: %v", ref.namespace, ref.name, err)
+		}
+	}
+
+	bidi := plain.DeepCopy()
+	for i, m := range bidi.Spec.Containers[0].VolumeMounts {
+		if m.MountPath == "/sys/fs/bpf" {
+			p := corev1.MountPropagationBidirectional
+			bidi.Spec.Containers[0].VolumeMounts[i].MountPropagation = &p
+		}
+	}
+	if _, err := admin.CoreV1().Pods(Namespace).Create(ctx, bidi, dryRun); err == nil || !strings.Contains(err.Error(), "Bidirectional") {
+		t.Errorf("an unprivileged agent with bpffs Bidirectional: %v, want it refused", err)
+	}
+
+	if _, err := admin.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "baseline",
+		Labels: map[string]string{"pod-security.kubernetes.io/enforce": "baseline"}}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	strict := plain.DeepCopy()
+	strict.Namespace = "baseline"
+	if _, err := admin.CoreV1().Pods("baseline").Create(ctx, strict, dryRun); err == nil || !strings.Contains(err.Error(), "violates PodSecurity") {
+		t.Errorf("the agent in a namespace enforcing baseline: %v, want it refused by Pod Security", err)
 	}
 }
