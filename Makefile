@@ -36,11 +36,15 @@ kube-binaries: ## build kube-apiserver and etcd for the API server tests (once 7
 test-kube: kube-binaries ## build the API server if needed, then run the harness's tests
 	$(GO) test $(TESTFLAGS) ./internal/kubetest/...
 
-generate: ## rebuild the eBPF objects with bpf2go (needs clang-19, llvm-19, libbpf-dev)
-	$(GO) generate ./bpf/...
+# What controller-gen writes from the MeshPolicy types (policy/v1alpha1/gen.go).
+API_GENERATED := policy/v1alpha1/zz_generated.deepcopy.go deploy/charts/mantlet/crds/
 
-check-generate: generate ## fail if the committed eBPF objects differ from a fresh build
+generate: ## rebuild the eBPF objects with bpf2go (needs clang-19, llvm-19, libbpf-dev), and the MeshPolicy deep copies and CRD with controller-gen
+	$(GO) generate ./bpf/... ./policy/v1alpha1/...
+
+check-generate: generate ## fail if the committed eBPF objects, MeshPolicy deep copies or CRD differ from a fresh build
 	@git diff --exit-code --stat -- bpf/ || { echo "bpf2go output is stale: run 'make generate' and commit"; exit 1; }
+	@git diff --exit-code --stat -- $(API_GENERATED) && test -z "$$(git status --porcelain -- $(API_GENERATED))" || { git status --short -- $(API_GENERATED); echo "controller-gen output is stale or not committed: run 'make generate' and commit"; exit 1; }
 
 bench: build ## run the Go benchmarks, then (as root) the testbed scenario: direct vs through mantlet
 	$(GO) test -run '^$$' -bench . -benchmem -count=1 -timeout 30m ./...

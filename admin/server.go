@@ -235,6 +235,12 @@ func (s *Server) Status() Status {
 		if c.LastEditRejected {
 			st.Problems = append(st.Problems, configProblem(c))
 		}
+		st.Config.Unreachable = c.Unreachable
+		if c.Unreachable {
+			st.Config.UnreachableSince = c.UnreachableSince
+			st.Problems = append(st.Problems, fmt.Sprintf("source: %s unreachable since %s; the last state stays in force",
+				c.Where, c.UnreachableSince.UTC().Format(time.RFC3339)))
+		}
 	}
 	if s.cfg.Policy != nil {
 		st.Policy = PolicyStatus{Available: true, Generation: s.cfg.Policy.Generation()}

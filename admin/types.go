@@ -70,6 +70,10 @@ type ConfigStatus struct {
 	// LastEditProblems says why, one problem each.
 	LastEditRejected bool     `json:"last_edit_rejected"`
 	LastEditProblems []string `json:"last_edit_problems,omitempty"`
+	// Unreachable is true while the source cannot be read (the API
+	// server does not answer) since UnreachableSince.
+	Unreachable      bool      `json:"unreachable,omitempty"`
+	UnreachableSince time.Time `json:"unreachable_since,omitzero"`
 }
 
 // DatapathStatus is the eBPF data path's attachment state.

@@ -110,6 +110,10 @@ type Config struct {
 	// RetryMin and RetryMax bound the backoff between attempts to enroll
 	// or un-enroll a pod that failed (defaults 200ms and 5s).
 	RetryMin, RetryMax time.Duration
+	// Ready, if set, is asked too by the readiness probe: false with a
+	// reason makes the node not ready (the node uses it for a source that
+	// cannot be read for too long).
+	Ready func() (bool, string)
 	// Resync is how often the agent re-checks every pod even when nothing
 	// changed, to repair drift such as a recreated veth (default 10s).
 	Resync time.Duration
@@ -621,6 +625,11 @@ func (a *Agent) Ready() (bool, string) {
 	st := a.cfg.Datapath.Status()
 	if !st.Ready() {
 		return false, st.String()
+	}
+	if a.cfg.Ready != nil {
+		if ok, why := a.cfg.Ready(); !ok {
+			return false, why
+		}
 	}
 	return true, fmt.Sprintf("ready: %d local pods enrolled, %d pending, %d veths attached", len(pods)-failing, failing, len(st.Pods))
 }

@@ -30,7 +30,7 @@ type Collector struct {
 	datapath   DatapathCounters
 	rejections func() map[string]uint64
 
-	ready, pods, reloadsDesc, lastReload, lastRejection, events, repairs, refused, plainClosed *prometheus.Desc
+	ready, pods, reloadsDesc, lastReload, lastRejection, sourceUp, events, repairs, refused, plainClosed *prometheus.Desc
 }
 
 // NewCollector returns a collector over a; reloads, datapath and
@@ -48,6 +48,8 @@ func NewCollector(a *Agent, reloads ConfigReloads, datapath DatapathCounters, re
 			"1 when the newest version of the cluster file is in force, 0 while it is rejected and the last good one stays in force ('mantlet status' says why).", nil, nil),
 		lastRejection: prometheus.NewDesc("mantlet_config_last_rejection_timestamp_seconds",
 			"When a version of the cluster file was last rejected, in seconds since the Unix epoch; 0 if none was.", nil, nil),
+		sourceUp: prometheus.NewDesc("mantlet_source_up",
+			"1 while the source of the desired state can be read (a file always; the Kubernetes API server while it answers), 0 while the last state stays in force without it.", nil, nil),
 		events: prometheus.NewDesc("mantlet_datapath_packets_total",
 			"Packets and connections the eBPF programs handled, by event.", []string{"event"}, nil),
 		repairs: prometheus.NewDesc("mantlet_datapath_repairs_total",
@@ -68,6 +70,7 @@ func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 		ch <- c.reloadsDesc
 		ch <- c.lastReload
 		ch <- c.lastRejection
+		ch <- c.sourceUp
 	}
 	if c.datapath != nil {
 		ch <- c.events
@@ -103,6 +106,7 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 			at = float64(st.RejectedAt.UnixNano()) / 1e9
 		}
 		ch <- prometheus.MustNewConstMetric(c.lastRejection, prometheus.GaugeValue, at)
+		ch <- prometheus.MustNewConstMetric(c.sourceUp, prometheus.GaugeValue, boolValue(!st.Unreachable))
 	}
 	if c.datapath != nil {
 		if n, err := c.datapath.Counters(); err == nil {

@@ -60,6 +60,9 @@ mantlet_config_last_rejection_timestamp_seconds 1.7640690005e+09
 # TYPE mantlet_config_reloads_total counter
 mantlet_config_reloads_total{result="applied"} 3
 mantlet_config_reloads_total{result="rejected"} 1
+# HELP mantlet_source_up 1 while the source of the desired state can be read (a file always; the Kubernetes API server while it answers), 0 while the last state stays in force without it.
+# TYPE mantlet_source_up gauge
+mantlet_source_up 1
 # HELP mantlet_strict_plaintext_connections_closed_total Plaintext connections that bypassed the ztunnel, closed because their destination pod turned STRICT.
 # TYPE mantlet_strict_plaintext_connections_closed_total counter
 mantlet_strict_plaintext_connections_closed_total 0
@@ -69,7 +72,7 @@ mantlet_ztunnel_refused_connections_total{response_flags="NR"} 4
 `
 	if err := testutil.GatherAndCompare(reg, strings.NewReader(want),
 		"mantlet_agent_pods", "mantlet_agent_ready", "mantlet_config_reloads_total", "mantlet_config_last_reload_success",
-		"mantlet_config_last_rejection_timestamp_seconds", "mantlet_strict_plaintext_connections_closed_total",
+		"mantlet_config_last_rejection_timestamp_seconds", "mantlet_source_up", "mantlet_strict_plaintext_connections_closed_total",
 		"mantlet_ztunnel_refused_connections_total"); err != nil {
 		t.Fatal(err)
 	}

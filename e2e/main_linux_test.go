@@ -83,11 +83,14 @@ const (
 var meshedNS = map[string]string{meshed: "enabled"}
 
 // startMesh starts a mesh for the test and closes it when the test ends;
-// when the test failed, the agents' logs go to the test log.
+// when the test failed, the agents' logs go to the test log. The agents
+// run binary unless opts names a wrapper of it (prlimit, say).
 func startMesh(t *testing.T, spec testbed.Spec, opts meshtest.Options) *meshtest.Mesh {
 	t.Helper()
 	privtest.Require(t)
-	opts.Binary = binary
+	if opts.Binary == "" {
+		opts.Binary = binary
+	}
 	m, err := meshtest.Start(context.Background(), spec, opts)
 	if err != nil {
 		t.Fatal(err)

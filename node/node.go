@@ -75,10 +75,16 @@ type Config struct {
 	// WatchInterval how often the data path is checked for missing state
 	// (default bpf's).
 	Resync, WatchInterval time.Duration
+	// SourceGrace is how long the source may be unreachable (the API server
+	// does not answer) before the node says it is not ready; the last
+	// state stays in force meanwhile (default DefaultSourceGrace).
+	SourceGrace time.Duration
 	// Observe and Policy configure telemetry, the admin API and policy
 	// enforcement.
 	Observe ObserveConfig
 	Policy  PolicyConfig
+	// Limits bound the ztunnel's accept path.
+	Limits LimitsConfig
 	// CleanupHint is the command that removes what the node leaves pinned,
 	// for the last log line.
 	CleanupHint string
@@ -227,6 +233,15 @@ func Run(ctx context.Context, cfg Config) error {
 		}
 	}
 
+	// The ztunnel's share of the open-file limit: what is open now (the
+	// data path, the listeners) is the agent's.
+	if zcfg.Limits, err = cfg.Limits.ztunnelLimits(log.With("component", "ztunnel")); err != nil {
+		return err
+	}
+	if cfg.Limits.HandshakeTimeout > 0 {
+		zcfg.Tuning.HandshakeTimeout = cfg.Limits.HandshakeTimeout
+	}
+
 	// 4. Identities, the ztunnel and the agent, and the first state.
 	ids := identity.NewManager(cfg.Issuer, cfg.TrustDomain, log.With("component", "identity"), obsv.identityOptions(identity.ManagerOptions{TTL: cfg.SVIDTTL}))
 	obsv.ids = ids
@@ -242,6 +257,7 @@ func Run(ctx context.Context, cfg Config) error {
 	ag, err := agent.New(agent.Config{
 		Node: cfg.Node, TrustDomain: cfg.TrustDomain, DefaultMTLS: cfg.DefaultMTLS, MTLSMode: en.mtlsMode,
 		Datapath: dp, Links: links, Identities: ids, Plaintext: plain,
+		Ready:  sourceReady(cfg.Source, cfg.SourceGrace),
 		Logger: log.With("component", "agent"), Resync: cfg.Resync,
 	})
 	if err != nil {
@@ -277,6 +293,7 @@ func Run(ctx context.Context, cfg Config) error {
 				return out
 			}))
 		reg.MustRegister(obsv.collectors(proxy)...)
+		reg.MustRegister(newAdmissionCollector(proxy.Admission))
 		reg.MustRegister(enforce.NewCollector(en.az, en.ev.Stats))
 		mux := http.NewServeMux()
 		mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
@@ -302,6 +319,11 @@ func Run(ctx context.Context, cfg Config) error {
 	g.run("ztunnel", func() error { return proxy.Run(runCtx) })
 	g.run("agent", func() error { return ag.Run(runCtx) })
 	g.run("source", func() error { return cfg.Source.Run(runCtx, publish) })
+	if rep, ok := cfg.Source.(source.Reporter); ok {
+		g.run("report", func() error {
+			return rep.Report(runCtx, cfg.Node, func() []source.PodReport { return podReports(ag.Pods()) })
+		})
+	}
 	g.run("security events", func() error { return en.run(runCtx) })
 	obsv.run(runCtx, g, proxy, admin.Config{Node: cfg.Node, TrustDomain: cfg.TrustDomain, Snapshot: store.Load, Ready: ag.Ready,
 		Pods: ag.Pods, Datapath: dp, Source: cfg.Source.Status, Policy: en.eng, Policies: en.policies,
@@ -338,6 +360,36 @@ func Run(ctx context.Context, cfg Config) error {
 	log.Info("agent stopped; programs and maps stay pinned so enrolled pods stay protected",
 		"pin_dir", bcfg.PinDir, "remove_with", cfg.CleanupHint)
 	return err
+}
+
+// DefaultSourceGrace is Config.SourceGrace's default.
+const DefaultSourceGrace = 2 * time.Minute
+
+// sourceReady fails readiness once src has been unreachable longer than
+// grace.
+func sourceReady(src source.Source, grace time.Duration) func() (bool, string) {
+	if grace <= 0 {
+		grace = DefaultSourceGrace
+	}
+	return func() (bool, string) {
+		st := src.Status()
+		if st.Unreachable && time.Since(st.UnreachableSince) > grace {
+			return false, fmt.Sprintf("the %s source (%s) has been unreachable for %s; the last state stays in force",
+				st.Kind, st.Where, time.Since(st.UnreachableSince).Round(time.Second))
+		}
+		return true, ""
+	}
+}
+
+// podReports turns the agent's view of its pods into what a source
+// writes back.
+func podReports(pods []agent.PodStatus) []source.PodReport {
+	out := make([]source.PodReport, 0, len(pods))
+	for _, p := range pods {
+		ns, name, _ := strings.Cut(p.Pod, "/")
+		out = append(out, source.PodReport{Namespace: ns, Name: name, Enrolled: p.Ifindex != 0 && p.Err == "", Strict: p.Strict, Err: p.Err})
+	}
+	return out
 }
 
 // cleanups undoes the steps of a start in reverse order.

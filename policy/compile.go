@@ -231,6 +231,7 @@ func compilePolicy(p *v1alpha1.MeshPolicy) (*cpolicy, error) {
 			c.add("spec.rateLimit", "sets nothing; want connectionsPerSecond (and burst) or maxConnections")
 		}
 	}
+	c.atMost("spec.rules", len(spec.Rules), v1alpha1.MaxRules)
 	for i := range spec.Rules {
 		out.rules = append(out.rules, c.rule(fmt.Sprintf("spec.rules[%d]", i), p.Namespace, &spec.Rules[i]))
 	}
@@ -242,6 +243,7 @@ func compilePolicy(p *v1alpha1.MeshPolicy) (*cpolicy, error) {
 
 func (c *checker) rule(path, policyNS string, r *v1alpha1.Rule) rule {
 	var out rule
+	c.atMost(path+".from", len(r.From), v1alpha1.MaxSources)
 	for i := range r.From {
 		out.from = append(out.from, c.clause(fmt.Sprintf("%s.from[%d]", path, i), policyNS, &r.From[i]))
 	}
@@ -249,6 +251,8 @@ func (c *checker) rule(path, policyNS string, r *v1alpha1.Rule) rule {
 		if len(r.To.Ports) == 0 && len(r.To.NotPorts) == 0 {
 			c.add(path+".to", "empty; want ports or notPorts, or leave to out to match every port")
 		}
+		c.atMost(path+".to.ports", len(r.To.Ports), v1alpha1.MaxPorts)
+		c.atMost(path+".to.notPorts", len(r.To.NotPorts), v1alpha1.MaxPorts)
 		for i, v := range r.To.Ports {
 			out.ports = append(out.ports, c.port(fmt.Sprintf("%s.to.ports[%d]", path, i), v))
 		}
@@ -287,6 +291,7 @@ func (c *checker) clause(path, policyNS string, s *v1alpha1.Source) clause {
 	}
 	blocks := func(field string, in []v1alpha1.IPBlock) []ipBlock {
 		var bs []ipBlock
+		c.atMost(path+"."+field, len(in), v1alpha1.MaxIPBlocks)
 		for i := range in {
 			bs = append(bs, c.ipBlock(fmt.Sprintf("%s.%s[%d]", path, field, i), &in[i]))
 		}

@@ -78,6 +78,14 @@ func (c *checker) add(path, format string, args ...any) {
 	c.errs = append(c.errs, FieldError{Path: path, Msg: fmt.Sprintf(format, args...)})
 }
 
+// atMost checks the length of a list against one of the limits of
+// package v1alpha1 (the CRD's maxItems).
+func (c *checker) atMost(path string, n, limit int) {
+	if n > limit {
+		c.add(path, "%d entries; want at most %d", n, limit)
+	}
+}
+
 const (
 	wantAction    = "want ALLOW, DENY or AUDIT"
 	wantMTLS      = "want STRICT or PERMISSIVE"
@@ -236,6 +244,7 @@ func (c *checker) ipBlock(path string, b *v1alpha1.IPBlock) ipBlock {
 	out := ipBlock{}
 	cidr, ok := c.cidr(path+".cidr", b.CIDR)
 	out.cidr = cidr
+	c.atMost(path+".except", len(b.Except), v1alpha1.MaxExcepts)
 	for i, e := range b.Except {
 		ep := fmt.Sprintf("%s.except[%d]", path, i)
 		ex, eok := c.cidr(ep, e)
@@ -260,6 +269,10 @@ func (c *checker) port(path string, v intstr.IntOrString) portRange {
 		return portRange{lo: uint16(v.IntVal), hi: uint16(v.IntVal)}
 	}
 	s := v.StrVal
+	if len(s) > v1alpha1.MaxPortLength {
+		c.add(path, "%q is longer than %d characters; %s", s, v1alpha1.MaxPortLength, wantPort)
+		return portRange{}
+	}
 	lo, hi, isRange := strings.Cut(s, "-")
 	if !isRange {
 		hi = lo

@@ -60,6 +60,15 @@ func TestValidateErrors(t *testing.T) {
 				`; spec.rules[0].to.ports[3]: "http" is not a port or range; ` + wantPort +
 				`; spec.rules[0].to.ports[4]: "0-5" is out of range; ` + wantPort +
 				`; spec.rules[0].to.notPorts[0]: "1-" is not a port or range; ` + wantPort},
+		{"a port string longer than the CRD allows", `{action: ALLOW, rules: [{to: {ports: ["000000000080", "00080"]}}]}`,
+			`spec.rules[0].to.ports[0]: "000000000080" is longer than 11 characters; ` + wantPort},
+		{"too many rules", `{action: ALLOW, rules: [` + strings.Repeat(`{}, `, 32) + `{}]}`,
+			`spec.rules: 33 entries; want at most 32`},
+		{"lists longer than the CRD allows", `{action: ALLOW, rules: [{from: [` + strings.Repeat(`{namespaces: [a]}, `, 8) + `{ipBlocks: [` + strings.Repeat(`{cidr: 10.0.0.0/8}, `, 32) + `{cidr: 10.0.0.0/8, except: [` + strings.Repeat(`10.0.0.0/16, `, 8) + `10.0.0.0/16]}]}], to: {notPorts: [` + strings.Repeat(`1, `, 64) + `2]}}]}`,
+			`spec.rules[0].from: 9 entries; want at most 8` +
+				`; spec.rules[0].from[8].ipBlocks: 33 entries; want at most 32` +
+				`; spec.rules[0].from[8].ipBlocks[32].except: 9 entries; want at most 8` +
+				`; spec.rules[0].to.notPorts: 65 entries; want at most 64`},
 		{"bad rate limit", `{rateLimit: {connectionsPerSecond: -1, burst: 5}}`,
 			`spec.rateLimit.connectionsPerSecond: -1 is negative; want a positive number, or leave it out`},
 		{"burst alone", `{rateLimit: {burst: 5}}`,

@@ -50,6 +50,23 @@ type Status struct {
 	UnreachableSince time.Time
 }
 
+// PodReport is what a node made of one of its pods, for a source that
+// tells the cluster (Reporter).
+type PodReport struct {
+	Namespace, Name string
+	// Enrolled: the pod's traffic is captured; Strict: in STRICT mode.
+	Enrolled, Strict bool
+	// Err says why a pod that should be enrolled is not (yet).
+	Err string
+}
+
+// Reporter is a source that writes back to the cluster what the mesh made
+// of it: whether each policy is in force, whether each pod is meshed.
+type Reporter interface {
+	// Report writes back until ctx ends; pods lists the node's own pods.
+	Report(ctx context.Context, node string, pods func() []PodReport) error
+}
+
 // Source is where the desired state comes from.
 type Source interface {
 	// Initial returns the first complete state. Its error stops the node

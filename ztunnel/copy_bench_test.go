@@ -37,7 +37,10 @@ func BenchmarkCopyTCP(b *testing.B) {
 		name string
 		copy func(dst, src *net.TCPConn, n *atomic.Int64) (int64, error)
 	}{
-		{"counted-buffer", func(dst, src *net.TCPConn, n *atomic.Int64) (int64, error) { return copyCounted(dst, src, n) }},
+		{"counted-buffer", func(dst, src *net.TCPConn, n *atomic.Int64) (int64, error) {
+			w, _, err := copyCounted(dst, src, n)
+			return w, err
+		}},
 		{"kernel-splice", func(dst, src *net.TCPConn, _ *atomic.Int64) (int64, error) { return dst.ReadFrom(src) }},
 	} {
 		b.Run(bc.name, func(b *testing.B) {

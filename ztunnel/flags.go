@@ -74,7 +74,9 @@ const (
 	// FlagHBONERefused: the destination node's ztunnel answered the
 	// CONNECT with an error status.
 	FlagHBONERefused
-	// FlagShutdown: the ztunnel is shutting down.
+	// FlagShutdown: the ztunnel is shutting down: it closed the flow (both
+	// applications got a reset) when it stopped, or when Shutdown's drain
+	// ran out.
 	FlagShutdown
 	// FlagDeniedDefault: no ALLOW policy selects the destination and
 	// default-deny applies to it.
@@ -93,6 +95,48 @@ const (
 	// FlagClosed: an open flow was closed by LiveFlow.Close without a
 	// more specific reason.
 	FlagClosed
+	// FlagHandshakeTimeout: an HBONE client did not finish its TLS
+	// handshake within the handshake timeout of its connection's arrival.
+	FlagHandshakeTimeout
+	// FlagPendingLimit: Limits.MaxPendingHandshakes HBONE connections were
+	// waiting for their TLS handshake; the connection was refused, or shed
+	// to make room for one from a source that held fewer (see Limits).
+	FlagPendingLimit
+	// FlagSourceLimit: the connection's source IP already held as many
+	// connections of its kind as Limits allows it (pending HBONE
+	// handshakes, inbound plaintext, outbound per pod).
+	FlagSourceLimit
+	// FlagDescriptorReserve: an unauthenticated connection (HBONE before
+	// its handshake, inbound plaintext) refused, or shed, because the
+	// ztunnel's connections use all the file descriptors but
+	// Limits.DescriptorReserve, which outbound capture and established
+	// tunnels keep.
+	FlagDescriptorReserve
+	// FlagAcceptFailed: a listener's accept failed (out of file
+	// descriptors, typically); the ztunnel backs off and retries. Not a
+	// connection of its own: the kernel keeps it queued.
+	FlagAcceptFailed
+	// FlagDownstreamReset: the client's connection broke while the flow
+	// was open: the client reset it, or reading or writing it failed.
+	// Recorded by the ztunnel that accepted it; a destination's ztunnel
+	// records it for an HBONE stream that a source other than Go's (which
+	// sends CANCEL) reset with CONNECT_ERROR.
+	FlagDownstreamReset
+	// FlagUpstreamReset: the connection to the destination broke while
+	// the flow was open: the destination reset it, or reading or writing
+	// it failed. Recorded by the ztunnel that dialled it, and by the
+	// source ztunnel of an HBONE flow that the destination's ztunnel
+	// reset with CONNECT_ERROR (RFC 9113, section 8.5), which it does for
+	// exactly this.
+	FlagUpstreamReset
+	// FlagTunnelReset: the peer ztunnel reset the HBONE stream
+	// (RST_STREAM, CANCEL or another code than CONNECT_ERROR): its side of
+	// the flow ended abnormally, and its record says how.
+	FlagTunnelReset
+	// FlagTunnelLost: the HBONE connection under the flow broke: the peer
+	// ztunnel went away (closed it with the stream open, or its process
+	// died), a TLS or HTTP/2 error, a keepalive timeout.
+	FlagTunnelLost
 
 	numFlags
 )
@@ -129,6 +173,15 @@ var flagNames = [numFlags]string{
 	FlagMaxConnections:     "max_connections",
 	FlagFlowLimit:          "flow_limit",
 	FlagClosed:             "closed",
+	FlagHandshakeTimeout:   "tls_handshake_timeout",
+	FlagPendingLimit:       "pending_limit",
+	FlagSourceLimit:        "source_limit",
+	FlagDescriptorReserve:  "fd_reserve",
+	FlagAcceptFailed:       "accept_failed",
+	FlagDownstreamReset:    "downstream_reset",
+	FlagUpstreamReset:      "upstream_reset",
+	FlagTunnelReset:        "tunnel_reset",
+	FlagTunnelLost:         "tunnel_lost",
 }
 
 // String returns the flag's name, e.g. "policy_denied"; "-" for FlagNone.
@@ -147,6 +200,16 @@ func Flags() []ResponseFlag {
 		out[i] = ResponseFlag(i)
 	}
 	return out
+}
+
+// broke reports whether f says how an admitted flow broke, rather than
+// why one was refused.
+func (f ResponseFlag) broke() bool {
+	switch f {
+	case FlagDownstreamReset, FlagUpstreamReset, FlagTunnelReset, FlagTunnelLost, FlagShutdown:
+		return true
+	}
+	return false
 }
 
 // tlsFlag classifies a TLS handshake or verification error.

@@ -3,9 +3,11 @@ package ztunnel
 import (
 	"context"
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
+	"os"
 	"time"
 
 	"github.com/mantlet/mantlet/internal/workload"
@@ -15,10 +17,19 @@ import (
 
 // HandleHBONE serves one HBONE connection: LocalAddr must be a local
 // enrolled pod (its certificate is presented), the client must present an
-// X509-SVID of a trusted domain, and each CONNECT stream is authorized and
-// delivered to that pod. It closes conn before it returns.
-func (p *Proxy) HandleHBONE(ctx context.Context, conn net.Conn) {
+// X509-SVID of a trusted domain within Tuning.HandshakeTimeout, and each
+// CONNECT stream is authorized and delivered to that pod. It closes conn
+// before it returns.
+func (p *Proxy) HandleHBONE(ctx context.Context, conn net.Conn) { p.handleHBONE(ctx, conn, nil) }
+
+// handleHBONE is HandleHBONE for a connection that holds ticket t of the
+// pending-handshake table (nil: none). The handshake must end within
+// Tuning.HandshakeTimeout of the connection's arrival; then t is given
+// back, and a connection whose ticket was shed meanwhile ends (it was
+// closed, counted and logged when it was shed).
+func (p *Proxy) handleHBONE(ctx context.Context, conn net.Conn, t *ticket) {
 	defer conn.Close()
+	defer p.pending.release(t)
 	local, _ := hbone.AddrOf(conn.LocalAddr())
 	remote, _ := hbone.AddrOf(conn.RemoteAddr())
 	if p.localWorkload(p.cfg.Store.Load(), local.Addr()) == nil {
@@ -26,15 +37,39 @@ func (p *Proxy) HandleHBONE(ctx context.Context, conn net.Conn) {
 			"src", remote, "dst", local)
 		return
 	}
+	start := time.Now()
+	if t != nil {
+		start = t.start
+	}
+	// The deadline on the socket bounds every read and write of the
+	// handshake, the context the certificate lookup.
+	deadline := start.Add(p.cfg.Tuning.HandshakeTimeout)
+	_ = conn.SetDeadline(deadline)
 	tc := tls.Server(conn, p.serverTLS)
-	hctx, cancel := context.WithTimeout(ctx, p.cfg.Tuning.HandshakeTimeout)
+	hctx, cancel := context.WithDeadline(ctx, deadline)
 	err := tc.HandshakeContext(hctx)
 	cancel()
+	if t != nil && !p.pending.release(t) {
+		return // shed while it was pending
+	}
 	if err != nil {
-		p.reject(tlsFlag(err), fmt.Errorf("ztunnel: HBONE handshake: %w", err), "src", remote, "dst", local)
+		flag := tlsFlag(err)
+		if flag == FlagTLSHandshake && isTimeout(err) {
+			flag = FlagHandshakeTimeout
+			err = fmt.Errorf("%w (%v after the connection arrived)", err, p.cfg.Tuning.HandshakeTimeout)
+		}
+		p.reject(flag, fmt.Errorf("ztunnel: HBONE handshake: %w", err), "src", remote, "dst", local)
 		return
 	}
+	_ = conn.SetDeadline(time.Time{})
 	p.srv.ServeConn(ctx, tc)
+}
+
+// isTimeout reports whether err says a deadline passed.
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.Is(err, context.DeadlineExceeded) || errors.Is(err, os.ErrDeadlineExceeded) ||
+		(errors.As(err, &ne) && ne.Timeout())
 }
 
 // serveStream handles one CONNECT stream of an HBONE connection.
@@ -112,14 +147,18 @@ func (p *Proxy) serveStream(ctx context.Context, s *hbone.Stream) {
 		rec.Err = err
 		return
 	}
-	rec.Sent, rec.Received, rec.Err = splice(ctx, s, asHalf(up), &l.sent, &l.received)
+	var end error
+	rec.Sent, rec.Received, end = splice(ctx, s, asHalf(up), &l.sent, &l.received)
+	p.ended(rec, end)
 }
 
 // HandleInbound serves one plaintext connection to a local pod (:15006):
 // the source is unauthenticated (Flow.MTLS false), the destination must be
 // a local enrolled workload, and the Authorizer decides. It closes conn
-// before it returns.
+// before it returns: with a FIN only after an orderly end of both
+// directions, with a reset otherwise (a refusal included).
 func (p *Proxy) HandleInbound(ctx context.Context, conn net.Conn) {
+	armReset(conn)
 	defer conn.Close()
 	rec := &FlowRecord{Direction: InboundPlaintext, Path: PathLocal, Start: time.Now()}
 	defer p.endFlow(rec)

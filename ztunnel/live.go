@@ -30,11 +30,13 @@ const DefaultMaxFlows = 1 << 16
 // (at most hbone.BufSize bytes behind the sockets), so a reader that polls
 // Bytes sees a flow's progress while it is open. OnFlowEnd's FlowRecord
 // carries the final counts. Close tears a flow down from any goroutine (an
-// operator, shutdown): both of its connections are closed within the time
-// it takes the flow's goroutine to notice, and its FlowRecord ends with
-// the flag given to Close. Deny does the same for a flow the Authorizer
-// now refuses (policy re-evaluation), and its FlowRecord says so: the
-// refusal is its Verdict, the admission its Admitted.
+// operator, shutdown): both of its connections are reset (RST, and
+// RST_STREAM on a tunnel) within the time it takes the flow's goroutine
+// to notice, so neither application takes it for an end of data, and
+// its FlowRecord ends with the flag given to Close. Deny does the same for
+// a flow the Authorizer now refuses (policy re-evaluation), and its
+// FlowRecord says so: the refusal is its Verdict, the admission its
+// Admitted.
 //
 // Authorizers that keep per-flow state (concurrent-connection limits) can
 // implement Releaser: Release is called once for every flow they allowed,
@@ -116,7 +118,7 @@ func (l *LiveFlow) Bytes() (sent, received int64) {
 	return sent, l.received.Load()
 }
 
-// Close tears the flow down: both connections are closed and the flow's
+// Close tears the flow down: both connections are reset and the flow's
 // FlowRecord ends with reason as its Flag (FlagNone is recorded as
 // FlagClosed). Only the first Close counts; closing a flow that already
 // ended does nothing.

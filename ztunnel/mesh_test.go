@@ -13,6 +13,7 @@ import (
 	"net/netip"
 	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -48,6 +49,7 @@ type node struct {
 	p     *ztunnel.Proxy
 	out   uint16 // outbound port
 	hbone uint16 // HBONE port
+	plain uint16 // inbound plaintext port (meshOpts.plaintext)
 	flows chan *ztunnel.FlowRecord
 	orig  *origMap // client AddrPort -> original destination
 }
@@ -59,12 +61,17 @@ type mesh struct {
 	nodes map[string]*node
 	apps  map[netip.Addr]*app
 	td    spiffeid.TrustDomain
+	// via, if set, is where the ztunnels dial HBONE instead of the
+	// destination's node: a relay the test can cut.
+	via atomic.Pointer[netip.AddrPort]
 }
 
 type meshOpts struct {
-	tuning ztunnel.Config // only Tuning, ConnectTimeout, MaxFlows, OnFlowOpen are used
-	authz  map[string]ztunnel.Authorizer
-	svids  map[string]ztunnel.SVIDSource
+	tuning    ztunnel.Config // only Tuning, ConnectTimeout, MaxFlows, OnFlowOpen, Limits are used
+	authz     map[string]ztunnel.Authorizer
+	svids     map[string]ztunnel.SVIDSource
+	plaintext bool         // give each node an inbound plaintext listener
+	logger    *slog.Logger // instead of testLogger
 }
 
 func newMesh(t testing.TB, o meshOpts) *mesh {
@@ -124,6 +131,16 @@ func (m *mesh) startNode(name string, o meshOpts) *node {
 	if s := o.svids[name]; s != nil {
 		svids = s
 	}
+	logger := testLogger(t)
+	if o.logger != nil {
+		logger = o.logger
+	}
+	var plain net.Listener
+	if o.plaintext {
+		ln := listen(t)
+		n.plain = port(ln)
+		plain = &origDstListener{Listener: ln, orig: n.orig}
+	}
 	p, err := ztunnel.New(ztunnel.Config{
 		NodeName:    name,
 		TrustDomain: m.td,
@@ -131,16 +148,22 @@ func (m *mesh) startNode(name string, o meshOpts) *node {
 		SVIDs:       svids,
 		Bundles:     m.ca.Bundles(),
 		Authorizer:  o.authz[name],
-		Logger:      testLogger(t).With("node", name),
+		Logger:      logger.With("node", name),
 		Outbound:    &origDstListener{Listener: outLn, orig: n.orig},
 		HBONE:       hbLn,
 		HBONEAddr: func(ip netip.Addr, w *workload.Workload) netip.AddrPort {
+			if via := m.via.Load(); via != nil {
+				return *via
+			}
 			return netip.AddrPortFrom(ip, m.nodes[w.Node].hbone)
 		},
 		ConnectTimeout: o.tuning.ConnectTimeout,
 		MaxFlows:       o.tuning.MaxFlows,
 		OnFlowOpen:     o.tuning.OnFlowOpen,
 		Tuning:         o.tuning.Tuning,
+		Limits:         o.tuning.Limits,
+
+		InboundPlaintext: plain, // with meshOpts.plaintext
 		OnFlowEnd: func(r *ztunnel.FlowRecord) {
 			select {
 			case n.flows <- r:

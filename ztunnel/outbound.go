@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"net/http"
 	"net/netip"
@@ -18,8 +19,10 @@ import (
 // resolved to an endpoint; a meshed destination on another node is reached
 // over HBONE, one on this node directly (same authorization, no TLS), and a
 // destination outside the mesh in plaintext. It closes conn before it
-// returns.
+// returns: with a FIN only after an orderly end of both directions, with a
+// reset otherwise (a refusal included).
 func (p *Proxy) HandleOutbound(ctx context.Context, conn net.Conn) {
+	armReset(conn)
 	defer conn.Close()
 	rec := &FlowRecord{Direction: Outbound, Start: time.Now()}
 	defer p.endFlow(rec)
@@ -116,16 +119,22 @@ func (p *Proxy) direct(ctx context.Context, rec *FlowRecord, l *LiveFlow, conn n
 		return
 	}
 	defer up.Close()
-	rec.Sent, rec.Received, rec.Err = splice(ctx, asHalf(conn), asHalf(up), &l.sent, &l.received)
+	var end error
+	rec.Sent, rec.Received, end = splice(ctx, asHalf(conn), asHalf(up), &l.sent, &l.received)
+	p.ended(rec, end)
 }
 
+// outboundHBONE carries conn over an HBONE stream. Go's transport copies
+// the upload (conn is the request body); this goroutine copies the
+// download.
 func (p *Proxy) outboundHBONE(ctx context.Context, rec *FlowRecord, l *LiveFlow, conn net.Conn) {
+	t := &tunnelled{upload: upload{c: conn}, ctx: ctx}
 	req := &hbone.Request{
 		Key:       hbone.Key{Src: rec.SrcID, Dst: rec.DstID, DstIP: rec.Dst.Addr()},
 		Addr:      p.hboneAddr(rec.Dst.Addr(), rec.DstWorkload),
 		Target:    rec.Dst,
 		Forwarded: rec.Src,
-		Body:      conn,
+		Body:      &t.upload,
 	}
 	if p.cfg.Transparent {
 		req.BindSrc = rec.Src.Addr()
@@ -135,6 +144,10 @@ func (p *Proxy) outboundHBONE(ctx context.Context, rec *FlowRecord, l *LiveFlow,
 		rec.Err = err
 		var re *hbone.RefusedError
 		switch {
+		case t.broken() != nil:
+			// The client's connection failed while the CONNECT was under
+			// way; the transport gave up the stream for it.
+			rec.Flag, rec.Err = FlagDownstreamReset, downstreamBroke(t.broken())
 		case errors.As(err, &re):
 			rec.Flag = FlagHBONERefused
 			if re.Status == http.StatusUnauthorized {
@@ -149,34 +162,48 @@ func (p *Proxy) outboundHBONE(ctx context.Context, rec *FlowRecord, l *LiveFlow,
 		default:
 			rec.Flag = FlagHBONEConnectFailed
 		}
-		return
+		return // HandleOutbound resets conn
 	}
 	l.stream.Store(cs)
-	abort := func() {
-		conn.Close() // unblocks the stream's read of conn
-		cs.Close()
-	}
-	stop := context.AfterFunc(ctx, abort)
-	defer stop()
-	n, err := copyCounted(conn, cs, &l.received)
+	t.cs = cs
+	stop := context.AfterFunc(ctx, t.abortCtx)
+	n, srcBroke, err := copyCounted(conn, cs, &l.received)
 	rec.Received = n
-	if err == nil {
+	switch {
+	case err == nil:
 		if cw, ok := conn.(interface{ CloseWrite() error }); ok {
-			err = cw.CloseWrite()
+			if err := cw.CloseWrite(); err != nil {
+				t.abort(downstreamBroke(err))
+			}
+		}
+	case !srcBroke:
+		t.abort(downstreamBroke(err))
+	case t.broken() != nil:
+		// The transport reset the stream because reading the client's
+		// connection failed, and the download read its error.
+		t.abort(downstreamBroke(t.broken()))
+	default:
+		t.abort(tunnelBroke(err, true))
+	}
+	// The transport closes the body once it sent END_STREAM or gave the
+	// stream up; an abort gives it up.
+	<-cs.SendDone()
+	if t.end() != io.EOF {
+		if derr := t.broken(); derr != nil {
+			t.abort(downstreamBroke(derr))
+		} else {
+			t.abort(&endError{FlagTunnelReset, errUploadCut})
 		}
 	}
-	if err != nil {
-		rec.Err = err
-		abort()
+	if !stop() {
+		t.once.Do(func() {}) // wait for the abort ctx started
 	}
-	select {
-	case <-cs.SendDone():
-	case <-ctx.Done():
-		abort()
-		<-cs.SendDone()
+	if t.cause == nil {
+		closeOrderly(conn)
 	}
 	cs.Close()
 	rec.Sent = cs.Sent()
+	p.ended(rec, t.cause)
 }
 
 // asHalf gives conns without CloseWrite one that closes them entirely.

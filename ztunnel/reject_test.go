@@ -431,14 +431,16 @@ func TestOutboundRefusals(t *testing.T) {
 }
 
 // closedRoundTrip is roundTrip for connections the ztunnel refuses: they
-// are accepted, then closed (or reset, with the request unread).
+// are accepted, then reset, never closed in order (the kernel reports the
+// reset once, to the write or to the read, whichever comes first).
 func closedRoundTrip(t *testing.T, c *net.TCPConn, data []byte) []byte {
 	t.Helper()
-	c.Write(data)
+	_, werr := c.Write(data)
 	c.CloseWrite()
-	got, err := io.ReadAll(c)
-	if err != nil && !errors.Is(err, syscall.ECONNRESET) {
-		t.Fatalf("read: %v", err)
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	got, rerr := io.ReadAll(c)
+	if !errors.Is(werr, syscall.ECONNRESET) && !errors.Is(rerr, syscall.ECONNRESET) {
+		t.Fatalf("write: %v, read: %v; want the connection reset", werr, rerr)
 	}
 	return got
 }

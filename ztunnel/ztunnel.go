@@ -226,6 +226,10 @@ type Config struct {
 	// connection beyond it is refused with FlagFlowLimit. Default
 	// DefaultMaxFlows.
 	MaxFlows int
+	// Limits bound unauthenticated connections, each source's
+	// connections and the descriptors they may use; the log lines of
+	// refusals are rate limited by it too.
+	Limits Limits
 }
 
 // Proxy is a running ztunnel.
@@ -240,6 +244,15 @@ type Proxy struct {
 	counters  [numFlags]atomic.Uint64
 	pick      atomic.Uint32
 	live      *flowTable
+
+	// The accept path (limits.go, admission.go).
+	limits   Limits
+	pending  *admission   // HBONE connections until their handshake ended
+	plain    *admission   // inbound plaintext connections
+	outbound *admission   // outbound connections
+	accepted atomic.Int64 // accepted connections not yet closed
+	pooled   atomic.Int64 // the HBONE pool's TCP connections
+	refusals *refusalLog
 
 	ctx    context.Context // cancelled by Close: ends every flow
 	cancel context.CancelFunc
@@ -275,10 +288,21 @@ func New(cfg Config) (*Proxy, error) {
 		cfg.MaxFlows = DefaultMaxFlows
 	}
 	cfg.Tuning = cfg.Tuning.WithDefaults()
-	p := &Proxy{cfg: cfg, log: cfg.Logger, authz: cfg.Authorizer, ports: map[uint16]bool{}, live: newFlowTable(cfg.MaxFlows)}
+	cfg.Limits = cfg.Limits.withDefaults()
+	lim := cfg.Limits
+	p := &Proxy{cfg: cfg, log: cfg.Logger, authz: cfg.Authorizer, ports: map[uint16]bool{}, live: newFlowTable(cfg.MaxFlows),
+		limits:  lim,
+		pending: newAdmission(lim.MaxPendingHandshakes, lim.MaxPendingPerIP, true),
+		// Accepted connections beyond MaxFlows are refused by the flow
+		// registry as flows; the tables only keep twice as many from
+		// holding goroutines.
+		plain:    newAdmission(2*cfg.MaxFlows, lim.MaxInboundPlaintextPerIP, false),
+		outbound: newAdmission(2*cfg.MaxFlows, lim.MaxOutboundPerPod, false),
+	}
 	if p.log == nil {
 		p.log = slog.New(slog.DiscardHandler)
 	}
+	p.refusals = newRefusalLog(p.log, lim.RefusalLogRate)
 	if p.authz == nil {
 		p.authz = AllowAll()
 	}
@@ -297,7 +321,12 @@ func New(cfg Config) (*Proxy, error) {
 		SVID:    cfg.SVIDs.SVID,
 		Bundles: cfg.Bundles,
 		Dial: func(ctx context.Context, src netip.Addr, dst netip.AddrPort) (net.Conn, error) {
-			return newDialer(cfg.Mark, src).DialContext(ctx, "tcp", dst.String())
+			c, err := newDialer(cfg.Mark, src).DialContext(ctx, "tcp", dst.String())
+			if err != nil {
+				return nil, err
+			}
+			p.pooled.Add(1)
+			return &countedConn{Conn: c, n: &p.pooled}, nil
 		},
 		Logger: p.log,
 	})
@@ -321,24 +350,25 @@ func (p *Proxy) Run(ctx context.Context) error {
 	defer stop()
 	type acceptor struct {
 		ln     net.Listener
-		handle func(context.Context, net.Conn)
+		kind   listenerKind
+		handle func(context.Context, net.Conn, *ticket)
 	}
 	var as []acceptor
 	if p.cfg.Outbound != nil {
-		as = append(as, acceptor{p.cfg.Outbound, p.HandleOutbound})
+		as = append(as, acceptor{p.cfg.Outbound, listenOutbound, func(ctx context.Context, c net.Conn, _ *ticket) { p.HandleOutbound(ctx, c) }})
 	}
 	if p.cfg.HBONE != nil {
-		as = append(as, acceptor{p.cfg.HBONE, p.HandleHBONE})
+		as = append(as, acceptor{p.cfg.HBONE, listenHBONE, p.handleHBONE})
 	}
 	if p.cfg.InboundPlaintext != nil {
-		as = append(as, acceptor{p.cfg.InboundPlaintext, p.HandleInbound})
+		as = append(as, acceptor{p.cfg.InboundPlaintext, listenInboundPlain, func(ctx context.Context, c net.Conn, _ *ticket) { p.HandleInbound(ctx, c) }})
 	}
 	errc := make(chan error, len(as))
 	for _, a := range as {
 		p.wg.Add(1)
 		go func() {
 			defer p.wg.Done()
-			errc <- p.accept(a.ln, a.handle)
+			errc <- p.accept(a.ln, a.kind, a.handle)
 		}()
 	}
 	var first error
@@ -353,7 +383,11 @@ func (p *Proxy) Run(ctx context.Context) error {
 	return first
 }
 
-func (p *Proxy) accept(ln net.Listener, handle func(context.Context, net.Conn)) error {
+// accept serves one listener: every accepted connection is admitted by
+// its listener's table (admitConn) before it gets a goroutine, and gives
+// its ticket back when its handler returns (HBONE: earlier, when its
+// handshake ended).
+func (p *Proxy) accept(ln net.Listener, kind listenerKind, handle func(context.Context, net.Conn, *ticket)) error {
 	var delay time.Duration
 	for {
 		c, err := ln.Accept()
@@ -361,23 +395,36 @@ func (p *Proxy) accept(ln net.Listener, handle func(context.Context, net.Conn)) 
 			if p.isClosed() || errors.Is(err, net.ErrClosed) {
 				return nil
 			}
-			// Out of file descriptors and the like: back off, keep serving.
+			// Out of file descriptors and the like: the connection stays
+			// in the kernel's queue. Back off (5 ms doubling to 1 s), count,
+			// log at the refusals' rate, keep serving.
 			delay = min(max(2*delay, 5*time.Millisecond), time.Second)
-			p.log.Warn("ztunnel: accept failed", "listener", ln.Addr(), "error", err, "retry_in", delay)
+			p.counters[FlagAcceptFailed].Add(1)
+			p.refusals.logf(slog.LevelWarn, FlagAcceptFailed, "ztunnel: accept failed", "reason", FlagAcceptFailed.String(),
+				"listener", kind.String(), "addr", ln.Addr(), "error", err, "retry_in", delay)
+			t := time.NewTimer(delay)
 			select {
-			case <-time.After(delay):
+			case <-t.C:
 			case <-p.ctx.Done():
+				t.Stop()
 				return nil
 			}
 			continue
 		}
 		delay = 0
+		t, ok := p.admitConn(kind, c)
+		if !ok {
+			continue
+		}
+		p.accepted.Add(1)
 		p.flows.Add(1)
 		p.wg.Add(1)
 		go func() {
 			defer p.wg.Done()
 			defer p.flows.Done()
-			handle(p.ctx, c)
+			handle(p.ctx, c, t)
+			t.table.release(t)
+			p.accepted.Add(-1)
 		}()
 	}
 }
@@ -407,6 +454,7 @@ func (p *Proxy) Close() {
 	p.cancel()
 	p.srv.Close()
 	p.pool.Close()
+	p.refusals.summarize()
 }
 
 // Shutdown stops accepting, tells HBONE peers to go away (GOAWAY), and
@@ -455,15 +503,29 @@ func (p *Proxy) Counters() map[ResponseFlag]uint64 {
 // PoolStats returns the HBONE client pool's counters.
 func (p *Proxy) PoolStats() hbone.Stats { return p.pool.Stats() }
 
-// reject counts flag and logs the refusal with its reason; for refusals
-// that are not flows (handshakes, malformed requests).
+// reject counts flag and logs the refusal with its reason, at the
+// refusals' rate (Limits.RefusalLogRate); for refusals that are not flows
+// (handshakes, malformed requests).
 func (p *Proxy) reject(flag ResponseFlag, err error, attrs ...any) {
 	p.counters[flag].Add(1)
-	p.log.Info("ztunnel: refused", append([]any{"reason", flag.String(), "error", err}, attrs...)...)
+	p.refusals.logf(slog.LevelInfo, flag, "ztunnel: refused", append([]any{"reason", flag.String(), "error", err}, attrs...)...)
 }
 
-// endFlow is the one place where a flow ends: it counts the flag, logs,
-// and calls OnFlowEnd.
+// countedConn counts itself out of n when it is first closed.
+type countedConn struct {
+	net.Conn
+	n    *atomic.Int64
+	once sync.Once
+}
+
+func (c *countedConn) Close() error {
+	c.once.Do(func() { c.n.Add(-1) })
+	return c.Conn.Close()
+}
+
+// endFlow is the one place where a flow ends: it counts the flag, logs
+// (a refusal as "ztunnel: refused", a flow that broke at Info, one that
+// ended in order at Debug), and calls OnFlowEnd.
 func (p *Proxy) endFlow(r *FlowRecord) {
 	r.Duration = time.Since(r.Start)
 	attrs := []any{
@@ -471,13 +533,17 @@ func (p *Proxy) endFlow(r *FlowRecord) {
 		"src_id", r.SrcID, "dst_id", r.DstID, "sent", r.Sent, "received", r.Received,
 		"duration", r.Duration, "reason", r.Flag.String(),
 	}
-	if r.Flag != FlagNone {
+	switch {
+	case r.Flag.broke():
+		p.counters[r.Flag].Add(1)
+		p.log.Info("ztunnel: flow", append(attrs, "error", r.Err)...)
+	case r.Flag != FlagNone:
 		p.counters[r.Flag].Add(1)
 		if r.Verdict.Policy != "" {
 			attrs = append(attrs, "policy", r.Verdict.Policy, "rule", r.Verdict.Rule)
 		}
 		p.log.Info("ztunnel: refused", append(attrs, "error", r.Err)...)
-	} else {
+	default:
 		p.counters[FlagNone].Add(1)
 		p.log.Debug("ztunnel: flow", attrs...)
 	}
@@ -513,7 +579,8 @@ func (p *Proxy) serverSVID(ctx context.Context, local netip.Addr) (*x509svid.SVI
 	return s, nil
 }
 
-// dialDest connects to a destination, from src when transparent.
+// dialDest connects to a destination, from src when transparent. The
+// connection is armed to reset when closed (armReset).
 func (p *Proxy) dialDest(ctx context.Context, src netip.Addr, dst netip.AddrPort) (net.Conn, ResponseFlag, error) {
 	if !p.cfg.Transparent {
 		src = netip.Addr{}
@@ -527,6 +594,7 @@ func (p *Proxy) dialDest(ctx context.Context, src netip.Addr, dst netip.AddrPort
 		}
 		return nil, FlagConnectFailed, fmt.Errorf("ztunnel: connect to %s: %w", dst, err)
 	}
+	armReset(c)
 	return c, FlagNone, nil
 }
 

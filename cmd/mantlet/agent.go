@@ -69,6 +69,7 @@ type agentFlags struct {
 	passMark      uint
 	observe       node.ObserveConfig // metrics, access log, admin API
 	policy        node.PolicyConfig  // policy enforcement, security events
+	limits        node.LimitsConfig  // the ztunnel's accept path (agent_limits.go)
 }
 
 // listFlag is a flag that may be repeated or hold a comma-separated list.
@@ -121,6 +122,7 @@ func parseAgentFlags(e *env, args []string) (*agentFlags, error) {
 	fs.UintVar(&f.passMark, "pass-mark", bpf.DefaultPassMark, "fwmark bit set on enrolled pods' packets that leave uncaptured (the uplink guard drops those without it)")
 	addObserveFlags(fs, &f.observe)
 	addPolicyFlags(fs, &f.policy)
+	addLimitFlags(fs, &f.limits)
 	if err := parseFlags(fs, args); err != nil {
 		return nil, err
 	}
@@ -156,6 +158,9 @@ func parseAgentFlags(e *env, args []string) (*agentFlags, error) {
 	}
 	if _, err := v1alpha1.ParseMTLSMode(f.mtlsMode); err != nil {
 		return nil, usageErr("--mtls-mode: %v", err)
+	}
+	if err := checkLimits(&f.limits); err != nil {
+		return nil, usageErr("%v", err)
 	}
 	return f, nil
 }
@@ -298,7 +303,7 @@ func (f *agentFlags) nodeConfig(log *slog.Logger) (node.Config, error) {
 		OutboundAddr: f.outboundAddr, HBONEAddr: f.hboneAddr,
 		ReadyAddr: f.readyAddr, MetricsAddr: f.metricsAddr,
 		SVIDTTL: f.svidTTL, DrainTimeout: f.drainTimeout, Resync: f.resync, WatchInterval: f.watchInterval,
-		Observe: f.observe, Policy: f.policy,
+		Observe: f.observe, Policy: f.policy, Limits: f.limits,
 		CleanupHint: f.cleanupHint(bcfg.PinDir),
 		Logger:      log,
 	}

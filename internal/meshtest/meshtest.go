@@ -107,6 +107,13 @@ type Options struct {
 	// Stderr, when set, also receives every agent's output as it comes
 	// (for example os.Stderr in the demo's --keep mode).
 	Stderr io.Writer
+	// Cluster, when set, runs once the testbed and the CA exist and before
+	// any agent starts. It returns the flags that tell the agents where
+	// the cluster is (for example --kubeconfig FILE of a Kubernetes API
+	// server it filled), in place of --config and the testbed's cluster
+	// file; the annotation setters, which edit that file, then do nothing
+	// the agents see.
+	Cluster func(ctx context.Context, m *Mesh) (sourceArgs []string, err error)
 }
 
 // Mesh is a running mesh. Its methods are safe for concurrent use.
@@ -120,15 +127,16 @@ type Mesh struct {
 	// ConfigPath is the cluster file the agents watch (--config).
 	ConfigPath string
 
-	opts    Options
-	log     *slog.Logger
-	tmpDir  string // removed by Close; "" when Options.Dir was given
-	td      spiffeid.TrustDomain
-	fileMu  sync.Mutex // serialises writes of the cluster file
-	mu      sync.Mutex
-	agents  map[string]*agentProc
-	history map[string]*logBuffer // logs of earlier runs, per node
-	closed  bool
+	opts       Options
+	sourceArgs []string // --config ConfigPath, or Options.Cluster's
+	log        *slog.Logger
+	tmpDir     string // removed by Close; "" when Options.Dir was given
+	td         spiffeid.TrustDomain
+	fileMu     sync.Mutex // serialises writes of the cluster file
+	mu         sync.Mutex
+	agents     map[string]*agentProc
+	history    map[string]*logBuffer // logs of earlier runs, per node
+	closed     bool
 }
 
 // agentProc is one run of `mantlet agent`.
@@ -212,6 +220,12 @@ func Start(ctx context.Context, spec testbed.Spec, opts Options) (m *Mesh, err e
 	if m.ConfigPath, err = m.TB.WriteManifest(); err != nil {
 		return m, fmt.Errorf("meshtest: %w", err)
 	}
+	m.sourceArgs = []string{"--config", m.ConfigPath}
+	if opts.Cluster != nil {
+		if m.sourceArgs, err = opts.Cluster(ctx, m); err != nil {
+			return m, fmt.Errorf("meshtest: cluster: %w", err)
+		}
+	}
 	for _, n := range m.TB.Nodes() {
 		if err := m.startProc(n); err != nil {
 			return m, err
@@ -246,7 +260,9 @@ func (m *Mesh) ID(pod string) (spiffeid.ID, error) {
 
 // agentArgs returns the command line of node's agent.
 func (m *Mesh) agentArgs(node string) []string {
-	args := append(slices.Clone(m.opts.BinaryArgs), "agent", "--node-name", node, "--config", m.ConfigPath, "--ca-dir", m.CADir,
+	args := append(slices.Clone(m.opts.BinaryArgs), "agent", "--node-name", node)
+	args = append(args, m.sourceArgs...)
+	args = append(args, "--ca-dir", m.CADir,
 		"--pin-dir", m.PinDir(node), "--config-poll", "200ms", "--drain-timeout", "2s",
 		"--log-format", "json", "--log-level", "debug")
 	if m.opts.MTLSMode != "" {

@@ -202,8 +202,12 @@ func (p *parser) build() *Manifest {
 
 func annotationField(key string) string { return fmt.Sprintf("metadata.annotations[%q]", key) }
 
-// checkName validates a name with one of Kubernetes' validators.
+// checkName validates a name with one of Kubernetes' validators. Names
+// from an API server (BuildObjects) were validated there already.
 func (p *parser) checkName(loc Location, field, name string, valid func(string) []string) bool {
+	if p.lenient && name != "" {
+		return true
+	}
 	if name == "" {
 		p.errorf(loc, field, "", "missing")
 		return false

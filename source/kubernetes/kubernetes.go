@@ -18,6 +18,7 @@ import (
 	"fmt"
 	"hash/fnv"
 	"log/slog"
+	"maps"
 	"slices"
 	"sort"
 	"strings"
@@ -31,6 +32,7 @@ import (
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/discovery"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/dynamic/dynamicinformer"
@@ -91,6 +93,7 @@ func (o Options) withDefaults() Options {
 // Source reads the desired state from the API server.
 type Source struct {
 	client      k8s.Interface
+	dyn         dynamic.Interface
 	probeClient discovery.ServerVersionInterface // with a timeout of Options.Probe
 	opts        Options
 	log         *slog.Logger
@@ -117,6 +120,17 @@ type Source struct {
 	lastSum  uint64
 	invalid  map[string]string // namespace/name → why the MeshPolicy is not in force
 	watchErr string
+
+	// decoded caches validated MeshPolicies by UID and generation: a
+	// build decodes only the ones that changed. Owned by build's caller
+	// (Initial, then Run's goroutine).
+	decoded map[types.UID]decodedPolicy
+}
+
+type decodedPolicy struct {
+	generation int64
+	policy     *v1alpha1.MeshPolicy
+	err        error
 }
 
 var _ source.Source = (*Source)(nil)
@@ -145,7 +159,7 @@ func New(cfg *rest.Config, opts Options) (*Source, error) {
 // where names the API server in messages.
 func NewForClients(client k8s.Interface, dyn dynamic.Interface, where string, opts Options) *Source {
 	opts = opts.withDefaults()
-	s := &Source{client: client, probeClient: client.Discovery(), opts: opts, log: opts.Logger, where: where,
+	s := &Source{client: client, dyn: dyn, probeClient: client.Discovery(), opts: opts, log: opts.Logger, where: where,
 		changed: make(chan struct{}, 1), invalid: map[string]string{}, stop: make(chan struct{})}
 	s.status = source.Status{Kind: "kubernetes", Where: where}
 	s.factory = informers.NewSharedInformerFactory(client, 0) // no resync: nothing to repair from a re-list
@@ -182,14 +196,43 @@ func (s *Source) notify() {
 	}
 }
 
-// onUpdate ignores updates that leave an object as it was (a re-list).
+// onUpdate ignores updates that change nothing mantlet reads: a re-list
+// (same resourceVersion), a MeshPolicy whose status alone changed (same
+// generation: the agents write it), a pod whose only change is one
+// mantlet does not read (a container restart, its Meshed condition).
 func (s *Source) onUpdate(oldObj, newObj any) {
 	o, ok1 := oldObj.(metav1.Object)
 	n, ok2 := newObj.(metav1.Object)
-	if ok1 && ok2 && o.GetResourceVersion() == n.GetResourceVersion() {
-		return
+	if ok1 && ok2 {
+		switch {
+		case o.GetResourceVersion() == n.GetResourceVersion():
+			return
+		case isPolicy(newObj) && o.GetGeneration() == n.GetGeneration() && o.GetGeneration() != 0:
+			return
+		}
+		if op, ok := oldObj.(*corev1.Pod); ok {
+			if np, ok := newObj.(*corev1.Pod); ok && samePod(op, np) {
+				return
+			}
+		}
 	}
 	s.notify()
+}
+
+func isPolicy(o any) bool {
+	u, ok := o.(*unstructured.Unstructured)
+	return ok && u.GetKind() == v1alpha1.Kind
+}
+
+// samePod reports whether two versions of a stripped pod say the same to
+// mantlet.
+func samePod(a, b *corev1.Pod) bool {
+	return maps.Equal(a.Labels, b.Labels) && maps.Equal(a.Annotations, b.Annotations) &&
+		a.Spec.NodeName == b.Spec.NodeName && a.Spec.ServiceAccountName == b.Spec.ServiceAccountName &&
+		a.Spec.DeprecatedServiceAccount == b.Spec.DeprecatedServiceAccount && a.Spec.HostNetwork == b.Spec.HostNetwork &&
+		a.Status.Phase == b.Status.Phase && a.Status.PodIP == b.Status.PodIP && a.Status.HostIP == b.Status.HostIP &&
+		slices.Equal(a.Status.PodIPs, b.Status.PodIPs) &&
+		slices.EqualFunc(a.Spec.Containers, b.Spec.Containers, func(x, y corev1.Container) bool { return slices.Equal(x.Ports, y.Ports) })
 }
 
 func (s *Source) watchError(err error) {
@@ -227,7 +270,10 @@ func (s *Source) Initial(ctx context.Context) (*source.State, error) {
 func (s *Source) Run(ctx context.Context, publish func(*source.State)) error {
 	probe := time.NewTicker(s.opts.Probe)
 	defer probe.Stop()
-	var debounce <-chan time.Time
+	var (
+		debounce  <-chan time.Time
+		idleUntil time.Time // builds are spaced by their own cost
+	)
 	for {
 		select {
 		case <-ctx.Done():
@@ -237,25 +283,37 @@ func (s *Source) Run(ctx context.Context, publish func(*source.State)) error {
 			s.probe()
 		case <-s.changed:
 			if debounce == nil {
-				debounce = time.After(s.opts.Debounce)
+				debounce = time.After(max(s.opts.Debounce, time.Until(idleUntil)))
 			}
 		case <-debounce:
 			debounce = nil
-			st, sum, err := s.build()
-			if err != nil {
-				s.rejected(err)
-				continue
-			}
-			s.mu.Lock()
-			same := sum == s.lastSum
-			s.mu.Unlock()
-			if same {
-				continue
-			}
-			s.published(sum)
-			publish(st)
+			start := time.Now()
+			s.buildAndPublish(publish)
+			// A build (and putting it in force) costs time in the number of
+			// objects; leaving as much idle after it bounds the source to
+			// half a core however fast the cluster changes, and batches
+			// the changes that arrive meanwhile into the next build.
+			idleUntil = time.Now().Add(time.Since(start))
 		}
 	}
+}
+
+// buildAndPublish builds the state and publishes it if it means something
+// new.
+func (s *Source) buildAndPublish(publish func(*source.State)) {
+	st, sum, err := s.build()
+	if err != nil {
+		s.rejected(err)
+		return
+	}
+	s.mu.Lock()
+	same := sum == s.lastSum
+	s.mu.Unlock()
+	if same {
+		return
+	}
+	s.published(sum)
+	publish(st)
 }
 
 // probe asks the API server for its version: the informers retry on
@@ -352,15 +410,25 @@ func (s *Source) build() (*source.State, uint64, error) {
 		return nil, 0, fmt.Errorf("kubernetes: list MeshPolicies: %w", err)
 	}
 	invalid := map[string]string{}
+	decoded := make(map[types.UID]decodedPolicy, len(pols))
 	for _, o := range pols {
-		p, err := decodePolicy(o)
-		if err != nil {
-			key := metaKey(o)
-			invalid[key] = err.Error()
+		u, ok := o.(*unstructured.Unstructured)
+		if !ok {
 			continue
 		}
-		objs.Policies = append(objs.Policies, p)
+		d, ok := s.decoded[u.GetUID()]
+		if !ok || d.generation != u.GetGeneration() || u.GetGeneration() == 0 {
+			d.generation = u.GetGeneration()
+			d.policy, d.err = decodePolicy(u)
+		}
+		decoded[u.GetUID()] = d
+		if d.err != nil {
+			invalid[metaKey(o)] = d.err.Error()
+			continue
+		}
+		objs.Policies = append(objs.Policies, d.policy)
 	}
+	s.decoded = decoded
 	sortByName(objs)
 	m := file.BuildObjects("kubernetes", objs)
 	if m == nil {
@@ -385,11 +453,7 @@ func (s *Source) build() (*source.State, uint64, error) {
 
 // decodePolicy validates a MeshPolicy as the file does, without what the
 // API server adds (status, managed fields).
-func decodePolicy(o any) (*v1alpha1.MeshPolicy, error) {
-	u, ok := o.(*unstructured.Unstructured)
-	if !ok {
-		return nil, fmt.Errorf("unexpected %T", o)
-	}
+func decodePolicy(u *unstructured.Unstructured) (*v1alpha1.MeshPolicy, error) {
 	c := u.DeepCopy()
 	unstructured.RemoveNestedField(c.Object, "status")
 	unstructured.RemoveNestedField(c.Object, "metadata", "managedFields")
@@ -491,6 +555,11 @@ func stripPod(obj any) (any, error) {
 		Spec: corev1.PodSpec{NodeName: p.Spec.NodeName, ServiceAccountName: p.Spec.ServiceAccountName,
 			DeprecatedServiceAccount: p.Spec.DeprecatedServiceAccount, HostNetwork: p.Spec.HostNetwork},
 		Status: corev1.PodStatus{Phase: p.Status.Phase, PodIP: p.Status.PodIP, PodIPs: p.Status.PodIPs, HostIP: p.Status.HostIP},
+	}
+	for _, c := range p.Status.Conditions {
+		if c.Type == ConditionMeshed {
+			out.Status.Conditions = append(out.Status.Conditions, c)
+		}
 	}
 	for _, c := range p.Spec.Containers {
 		if len(c.Ports) > 0 {

@@ -43,6 +43,23 @@ var (
 // was reset or its connection closed.
 var ErrStreamClosed = errors.New("hbone: stream closed")
 
+// ResetError is what a Stream's Read and Write return once the client
+// reset the stream (RST_STREAM); it wraps ErrStreamClosed. A stream whose
+// connection closed under it fails with ErrStreamClosed alone, and one the
+// client ended in order reads io.EOF.
+type ResetError struct {
+	// Code is the RST_STREAM's error code. CONNECT_ERROR says the client's
+	// TCP connection broke (RFC 9113, section 8.5).
+	Code http2.ErrCode
+}
+
+func (e *ResetError) Error() string {
+	return "hbone: stream closed: reset by peer (" + e.Code.String() + ")"
+}
+
+// Unwrap makes errors.Is(err, ErrStreamClosed) true.
+func (e *ResetError) Unwrap() error { return ErrStreamClosed }
+
 // Conn describes the TLS connection a stream arrived on.
 type Conn struct {
 	// Local is the address the connection was made to (the destination
@@ -394,7 +411,7 @@ func (sc *serverConn) processFrame(f http2.Frame) bool {
 		st := sc.streams[f.StreamID]
 		sc.mu.Unlock()
 		if st != nil {
-			st.abort(0, fmt.Errorf("%w: reset by peer (%v)", ErrStreamClosed, f.ErrCode))
+			st.abort(0, &ResetError{Code: f.ErrCode})
 		}
 	case *http2.PingFrame:
 		if !f.IsAck() {
@@ -729,7 +746,10 @@ func (st *Stream) Respond(status int) error {
 	return nil
 }
 
-// Read reads what the client sent; io.EOF after the client half-closed.
+// Read reads what the client sent: io.EOF after the client half-closed
+// (END_STREAM), the only orderly end; a *ResetError after it reset the
+// stream; an error wrapping ErrStreamClosed when the stream or its
+// connection ended otherwise.
 func (st *Stream) Read(p []byte) (int, error) {
 	if len(p) == 0 {
 		return 0, nil
@@ -828,6 +848,19 @@ func (st *Stream) Close() error {
 	sc.mu.Unlock()
 	st.abort(http2.ErrCodeCancel, ErrStreamClosed)
 	return nil
+}
+
+// Reset ends the stream abnormally in both directions: RST_STREAM with
+// code (CANCEL for NO_ERROR), and what was received but not read is
+// dropped. It is the end to use instead of CloseWrite when what the stream
+// carries broke: CONNECT_ERROR when the TCP connection it is spliced to
+// failed (RFC 9113, section 8.5). It does nothing once the stream ended
+// (both directions done, reset, or its connection closed).
+func (st *Stream) Reset(code http2.ErrCode) {
+	if code == http2.ErrCodeNo {
+		code = http2.ErrCodeCancel
+	}
+	st.abort(code, ErrStreamClosed)
 }
 
 // abort resets the stream: code != 0 sends RST_STREAM with it; queued data
