@@ -277,7 +277,7 @@ func TestChartInstallsIntoARealAPIServer(t *testing.T) {
 			t.Fatal(err)
 		}
 		checkAccessMatrix(ctx, t, agent)
-		checkAgentCalls(ctx, t, admin, agent, crd, s.TokenConfig(token))
+		checkAgentCalls(ctx, t, admin, agent, a.dyn, crd, s.TokenConfig(token))
 	})
 }
 
@@ -344,7 +344,7 @@ func checkAccessMatrix(ctx context.Context, t *testing.T, agent kubernetes.Inter
 
 // checkAgentCalls makes the agent's calls, and some it must not make, for
 // real.
-func checkAgentCalls(ctx context.Context, t *testing.T, admin, agent kubernetes.Interface, crd bool, agentCfg *rest.Config) {
+func checkAgentCalls(ctx context.Context, t *testing.T, admin, agent kubernetes.Interface, adminDyn dynamic.Interface, crd bool, agentCfg *rest.Config) {
 	if _, err := admin.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "app",
 		Annotations: map[string]string{"mantlet.io/mesh": "enabled"}}}, metav1.CreateOptions{}); err != nil {
 		t.Fatal(err)
@@ -392,6 +392,7 @@ func checkAgentCalls(ctx context.Context, t *testing.T, admin, agent kubernetes.
 		if _, err := dyn.Resource(gvr).List(ctx, metav1.ListOptions{}); err != nil {
 			t.Errorf("list meshpolicies: %v", err)
 		}
+		checkPolicyStatus(ctx, t, adminDyn, dyn, gvr)
 	}
 
 	// Refused: writing anything else, reading Secrets (the CA's among them).
@@ -495,5 +496,34 @@ func checkAgentPods(ctx context.Context, t *testing.T, admin kubernetes.Interfac
 	strict.Namespace = "baseline"
 	if _, err := admin.CoreV1().Pods("baseline").Create(ctx, strict, dryRun); err == nil || !strings.Contains(err.Error(), "violates PodSecurity") {
 		t.Errorf("the agent in a namespace enforcing baseline: %v, want it refused by Pod Security", err)
+	}
+}
+
+// checkPolicyStatus has the agent (agentDyn, with its token) write a
+// MeshPolicy's Accepted condition as source/kubernetes does, and try to
+// change and to create a policy, which it must not.
+func checkPolicyStatus(ctx context.Context, t *testing.T, adminDyn, agentDyn dynamic.Interface, gvr schema.GroupVersionResource) {
+	t.Helper()
+	policy := &unstructured.Unstructured{Object: map[string]any{
+		"apiVersion": "mantlet.io/v1alpha1", "kind": "MeshPolicy",
+		"metadata": map[string]any{"namespace": "app", "name": "deny-8080"},
+		"spec":     map[string]any{"action": "DENY", "rules": []any{map[string]any{"to": map[string]any{"ports": []any{"8080"}}}}},
+	}}
+	if _, err := adminDyn.Resource(gvr).Namespace("app").Create(ctx, policy, metav1.CreateOptions{}); err != nil {
+		t.Fatalf("create a MeshPolicy: %v", err)
+	}
+	policies := agentDyn.Resource(gvr).Namespace("app")
+	status := []byte(`{"status":{"conditions":[{"type":"Accepted","status":"True","reason":"Accepted","message":"in force","lastTransitionTime":"2026-01-01T00:00:00Z"}]}}`)
+	if _, err := policies.Patch(ctx, "deny-8080", types.MergePatchType, status, metav1.PatchOptions{}, "status"); err != nil {
+		t.Errorf("patch a MeshPolicy's status: %v", err)
+	}
+	spec := []byte(`{"spec":{"action":"ALLOW"}}`)
+	if _, err := policies.Patch(ctx, "deny-8080", types.MergePatchType, spec, metav1.PatchOptions{}); !apierrors.IsForbidden(err) {
+		t.Errorf("patch a MeshPolicy's spec: %v, want 403 Forbidden", err)
+	}
+	other := policy.DeepCopy()
+	other.SetName("intruder")
+	if _, err := policies.Create(ctx, other, metav1.CreateOptions{}); !apierrors.IsForbidden(err) {
+		t.Errorf("create a MeshPolicy: %v, want 403 Forbidden", err)
 	}
 }
