@@ -45,7 +45,9 @@ var harness = []string{"internal/testbed", "internal/meshtest", "internal/kubete
 func TestImportBoundaries(t *testing.T) {
 	imports := productImports(t)
 	under := func(pkg, dir string) bool { return pkg == dir || strings.HasPrefix(pkg, dir+"/") }
-	isHarness := func(pkg string) bool { return slices.ContainsFunc(harness, func(h string) bool { return under(pkg, h) }) }
+	isHarness := func(pkg string) bool {
+		return slices.ContainsFunc(harness, func(h string) bool { return under(pkg, h) })
+	}
 	for pkg, deps := range imports {
 		if isHarness(pkg) {
 			continue
