@@ -7,7 +7,7 @@ TESTFLAGS ?= -count=1 -timeout 60m
 
 .DEFAULT_GOAL := help
 
-.PHONY: help build test test-unit lint generate check-generate bench demo clean
+.PHONY: help build test test-unit lint generate check-generate bench demo clean image manifests
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-15s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -15,7 +15,7 @@ help: ## list the targets
 build: ## build bin/mantlet
 	$(GO) build -o $(BIN) ./cmd/mantlet
 
-test: ## run every test of both modules, then list passed and failed packages (what CI runs; as root with the namespaced eBPF/testbed tests)
+test: ## run every test of every module (root, test/interop, deploy/tools), then list passed and failed packages (what CI runs; as root with the namespaced eBPF/testbed tests)
 	GO="$(GO)" .ci/gotest $(TESTFLAGS)
 
 test-unit: ## run the tests that need no root, quickly
@@ -26,6 +26,7 @@ lint: ## gofmt, go vet and staticcheck
 	$(GO) vet ./...
 	$(GO) tool staticcheck ./...
 	cd test/interop && $(GO) vet ./... && $(GO) tool staticcheck ./...
+	cd deploy/tools && $(GO) vet ./... && $(GO) tool staticcheck ./...
 
 # The Kubernetes API server for the tests (internal/kubetest, docs/kubetest.md).
 .PHONY: kube-binaries test-kube
@@ -51,6 +52,16 @@ bench: build ## run the Go benchmarks, then (as root) the testbed scenario: dire
 
 demo: build ## run the two-node demo (needs root)
 	./$(BIN) demo
+
+# The image's platforms; the first is also the one 'crane push FILE' pushes.
+IMAGE_PLATFORMS ?= linux/amd64,linux/arm64
+
+image: ## write bin/mantlet-image.tar, the agent's OCI image (static binary, no base; no Docker needed), named as the chart expects
+	cd deploy/tools && GO="$(GO)" $(GO) run ./image -root ../.. -out ../../bin/mantlet-image.tar -platforms $(IMAGE_PLATFORMS)
+
+manifests: ## copy the dashboard into the chart and render deploy/mantlet.yaml from the Helm chart (default values)
+	cp deploy/grafana-dashboard.json deploy/charts/mantlet/files/grafana-dashboard.json
+	cd deploy/tools && $(GO) run ./manifests -root ../..
 
 clean: ## remove build output
 	rm -rf bin

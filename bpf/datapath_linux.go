@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"strings"
 	"sync"
 
 	"github.com/cilium/ebpf/link"
@@ -179,7 +180,14 @@ func (d *Datapath) setup(dir string) error {
 		return err
 	}
 	if err := d.inNS(func() error {
-		return os.WriteFile("/proc/sys/net/ipv4/ip_forward", []byte("1\n"), 0o644)
+		// Written only when off: an unprivileged container (the chart's
+		// DaemonSet) sees /proc/sys read-only, and Kubernetes nodes
+		// forward already.
+		const forward = "/proc/sys/net/ipv4/ip_forward"
+		if b, err := os.ReadFile(forward); err == nil && strings.TrimSpace(string(b)) == "1" {
+			return nil
+		}
+		return os.WriteFile(forward, []byte("1\n"), 0o644)
 	}); err != nil {
 		return fmt.Errorf("bpf: enable net.ipv4.ip_forward: %w", err)
 	}

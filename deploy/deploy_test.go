@@ -1,6 +1,7 @@
 package deploy
 
 import (
+	"bytes"
 	"encoding/json"
 	"os"
 	"regexp"
@@ -276,5 +277,22 @@ func TestDaemonSetRunsTheAgent(t *testing.T) {
 	}
 	if ds.Spec.Template.Annotations["prometheus.io/port"] != "15020" {
 		t.Error("metrics on 15020 are not announced for scraping")
+	}
+}
+
+// TestChartShipsTheDashboard checks that the chart's copy of the dashboard
+// (deploy/charts/mantlet/files, which its ConfigMap holds: Helm reads no
+// file outside the chart) is this one.
+func TestChartShipsTheDashboard(t *testing.T) {
+	want, err := os.ReadFile("grafana-dashboard.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := os.ReadFile("charts/mantlet/files/grafana-dashboard.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Error("charts/mantlet/files/grafana-dashboard.json differs from grafana-dashboard.json: copy it over ('make manifests' does)")
 	}
 }

@@ -1,0 +1,28 @@
+{{/* The name of the agent's DaemonSet, ServiceAccount, ClusterRole and PodMonitor. */}}
+{{- define "mantlet.agent" -}}
+{{- printf "%s-agent" .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Labels that select the agent's pods; they never change on upgrade. */}}
+{{- define "mantlet.selectorLabels" -}}
+app.kubernetes.io/name: mantlet-agent
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/* Labels of every object of the chart. */}}
+{{- define "mantlet.labels" -}}
+{{ include "mantlet.selectorLabels" . }}
+app.kubernetes.io/part-of: mantlet
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{- end -}}
+
+{{/* The agent's image: repository with the digest, or the tag (the chart's appVersion by default). */}}
+{{- define "mantlet.image" -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) -}}
+{{- end -}}
+{{- end -}}
