@@ -65,10 +65,7 @@ type Authorizer struct {
 	lim  *limiters
 	conn conns
 
-	reasons               []atomic.Uint64 // by policy.Reason
-	rateLimited, maxConns atomic.Uint64
-	auditHits, precheck   atomic.Uint64
-	reevaluated, closed   atomic.Uint64
+	auditHits, reevaluated, closed atomic.Uint64 // see Stats
 }
 
 var (
@@ -91,8 +88,7 @@ func New(eng *policy.Engine, opts Options) *Authorizer {
 		opts.TrustDomain = spiffeid.RequireTrustDomainFromString("cluster.local")
 	}
 	a := &Authorizer{eng: eng, opts: opts, ev: opts.Events, log: opts.Logger,
-		lim: newLimiters(opts.MaxLimiters, opts.LimiterIdle), conn: conns{m: map[string]int32{}},
-		reasons: make([]atomic.Uint64, len(policy.Reasons()))}
+		lim: newLimiters(opts.MaxLimiters, opts.LimiterIdle), conn: conns{m: map[string]int32{}}}
 	if a.log == nil {
 		a.log = slog.New(slog.DiscardHandler)
 	}
@@ -145,10 +141,8 @@ func (a *Authorizer) Authorize(_ context.Context, f *ztunnel.Flow) ztunnel.Verdi
 	}
 	in := input(f, f.Dst)
 	d := a.eng.Decide(in)
-	a.reasons[d.Reason].Add(1)
 	stage := events.StageConnect
 	if f.PreCheck {
-		a.precheck.Add(1)
 		stage = events.StagePreCheck
 	} else if d.AuditCount > 0 {
 		a.auditHits.Add(uint64(d.AuditCount))
@@ -178,13 +172,11 @@ func (a *Authorizer) Authorize(_ context.Context, f *ztunnel.Flow) ztunnel.Verdi
 			k.ip = in.SrcIP.Unmap()
 		}
 		if !a.lim.allow(k, rl, a.opts.Now()) {
-			a.rateLimited.Add(1)
 			a.emit(f, events.Deny, stage, ReasonRateLimited, ztunnel.FlagRateLimited.String(), rl.Policy, -1)
 			return ztunnel.Verdict{Flag: ztunnel.FlagRateLimited, Policy: rl.Policy, Rule: -1, Reason: ReasonRateLimited}
 		}
 	}
 	if !a.conn.acquire(in.Dst.UID, rl.MaxConnections) {
-		a.maxConns.Add(1)
 		a.emit(f, events.Deny, stage, ReasonMaxConnections, ztunnel.FlagMaxConnections.String(), rl.Policy, -1)
 		return ztunnel.Verdict{Flag: ztunnel.FlagMaxConnections, Policy: rl.Policy, Rule: -1, Reason: ReasonMaxConnections}
 	}

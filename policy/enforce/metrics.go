@@ -7,7 +7,7 @@ import (
 )
 
 // Stats counts what an Authorizer did beyond the verdicts (which the
-// ztunnel's metrics count by response flag).
+// telemetry counts, by reason and response flag, when flows end).
 type Stats struct {
 	// AuditHits counts AUDIT policies that matched admitted or refused
 	// connections.
