@@ -18,6 +18,7 @@ import (
 	"github.com/mantlet/mantlet/admin"
 	"github.com/mantlet/mantlet/admin/admintest"
 	"github.com/mantlet/mantlet/agent"
+	"github.com/mantlet/mantlet/events"
 	"github.com/mantlet/mantlet/telemetry"
 )
 
@@ -195,7 +196,7 @@ func TestFlowsFilterAndFollow(t *testing.T) {
 	f.Flows.Add(admintest.Allowed(1))
 	f.Flows.Add(admintest.Denied(2))
 	ctx := context.Background()
-	evs, err := c.Flows(ctx, telemetry.FlowFilter{Verdict: telemetry.VerdictDenied}, 0)
+	evs, err := c.Flows(ctx, telemetry.FlowFilter{Verdict: events.Denied}, 0)
 	if err != nil || len(evs) != 1 || evs[0].ID != 2 || evs[0].ResponseFlag != "policy_denied" {
 		t.Fatalf("denied flows = %+v, %v", evs, err)
 	}
@@ -205,11 +206,11 @@ func TestFlowsFilterAndFollow(t *testing.T) {
 
 	fctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	got := make(chan telemetry.FlowEvent, 8)
+	got := make(chan events.Flow, 8)
 	done := make(chan error, 1)
 	go func() {
-		done <- c.Follow(fctx, telemetry.FlowFilter{Verdict: telemetry.VerdictDenied}, 5,
-			func(ev telemetry.FlowEvent) error { got <- ev; return nil }, nil)
+		done <- c.Follow(fctx, telemetry.FlowFilter{Verdict: events.Denied}, 5,
+			func(ev events.Flow) error { got <- ev; return nil }, nil)
 	}()
 	next := func() uint64 {
 		select {

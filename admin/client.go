@@ -13,6 +13,7 @@ import (
 	"strconv"
 	"strings"
 
+	"github.com/mantlet/mantlet/events"
 	"github.com/mantlet/mantlet/telemetry"
 )
 
@@ -171,8 +172,8 @@ func (c *Client) Check(ctx context.Context, from, to string, port uint16) (Check
 
 // Flows returns up to limit recent flow events passing f (0: all the
 // node keeps).
-func (c *Client) Flows(ctx context.Context, f telemetry.FlowFilter, limit int) ([]telemetry.FlowEvent, error) {
-	var v []telemetry.FlowEvent
+func (c *Client) Flows(ctx context.Context, f telemetry.FlowFilter, limit int) ([]events.Flow, error) {
+	var v []events.Flow
 	return v, c.get(ctx, "/v1/flows", flowQuery(f, limit), &v)
 }
 
@@ -180,7 +181,7 @@ func (c *Client) Flows(ctx context.Context, f telemetry.FlowFilter, limit int) (
 // ones, until ctx is done or fn returns an error. lost is called when the
 // node dropped events because the stream fell behind. It returns nil when
 // ctx ends.
-func (c *Client) Follow(ctx context.Context, f telemetry.FlowFilter, last int, fn func(telemetry.FlowEvent) error, lost func(uint64)) error {
+func (c *Client) Follow(ctx context.Context, f telemetry.FlowFilter, last int, fn func(events.Flow) error, lost func(uint64)) error {
 	q := flowQuery(f, last)
 	q.Set("follow", "1")
 	resp, err := c.do(ctx, "/v1/flows", q)
@@ -204,7 +205,7 @@ func (c *Client) Follow(ctx context.Context, f telemetry.FlowFilter, last int, f
 			}
 			continue
 		}
-		var ev telemetry.FlowEvent
+		var ev events.Flow
 		if err := json.Unmarshal(sc.Bytes(), &ev); err != nil {
 			return fmt.Errorf("admin API at %s: flow stream: %w", c.addr, err)
 		}

@@ -20,6 +20,7 @@ import (
 
 	"github.com/mantlet/mantlet/agent"
 	"github.com/mantlet/mantlet/bpf"
+	"github.com/mantlet/mantlet/events"
 	"github.com/mantlet/mantlet/identity"
 	"github.com/mantlet/mantlet/internal/workload"
 	"github.com/mantlet/mantlet/policy"
@@ -449,12 +450,12 @@ func flowFilter(r *http.Request) (telemetry.FlowFilter, int, error) {
 	q := r.URL.Query()
 	f := telemetry.FlowFilter{Verdict: q.Get("verdict"), Namespace: q.Get("namespace"), Workload: q.Get("workload"), Event: q.Get("event")}
 	switch f.Verdict {
-	case "", telemetry.VerdictAllowed, telemetry.VerdictDenied:
+	case "", events.Allowed, events.Denied:
 	default:
 		return f, 0, fmt.Errorf("verdict %q: want allowed or denied", f.Verdict)
 	}
 	switch f.Event {
-	case "", telemetry.EventOpen, telemetry.EventClose:
+	case "", events.Open, events.Close:
 	default:
 		return f, 0, fmt.Errorf("event %q: want open or close", f.Event)
 	}
@@ -482,7 +483,7 @@ func (s *Server) flows(w http.ResponseWriter, r *http.Request) {
 	if r.URL.Query().Get("follow") == "" {
 		out := s.cfg.Flows.Recent(f, limit)
 		if out == nil {
-			out = []telemetry.FlowEvent{}
+			out = []events.Flow{}
 		}
 		writeJSON(w, out)
 		return
@@ -660,9 +661,9 @@ func (s *Server) Check(from, to, port string) (Check, error) {
 
 	d := s.cfg.Policy.Decide(in)
 	res.Allowed, res.Reason, res.Action, res.Policy, res.Rule = d.Allowed, d.Reason.String(), string(d.Action), d.Policy, d.Rule
-	res.Verdict = telemetry.VerdictDenied
+	res.Verdict = events.Denied
 	if d.Allowed {
-		res.Verdict = telemetry.VerdictAllowed
+		res.Verdict = events.Allowed
 	}
 	for _, h := range d.AuditHits() {
 		res.Audit = append(res.Audit, AuditHit{Policy: h.Policy, Rule: h.Rule})

@@ -17,6 +17,7 @@ import (
 
 	"github.com/mantlet/mantlet/agent"
 	"github.com/mantlet/mantlet/bpf"
+	"github.com/mantlet/mantlet/events"
 	"github.com/mantlet/mantlet/identity"
 	"github.com/mantlet/mantlet/source"
 	"github.com/mantlet/mantlet/telemetry"
@@ -42,7 +43,7 @@ func (reloads) Status() source.Status { return source.Status{} }
 // the collectors' descriptions, so series that do not exist yet count.
 func agentMetrics(t *testing.T) map[string]bool {
 	t.Helper()
-	o := telemetry.NewObserver(telemetry.ObserverOptions{AccessLog: telemetry.NewAccessLog(nil, telemetry.AccessLogOptions{})})
+	o := telemetry.NewObserver(telemetry.ObserverOptions{AccessLog: events.NewWriter(nil, events.WriterOptions{})})
 	cs := append(o.Collectors(),
 		agent.NewCollector(nil, reloads{}, counters{}, func() map[string]uint64 { return nil }),
 		telemetry.NewCertificates(func() []identity.CertInfo { return nil }, nil),

@@ -10,9 +10,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mantlet/mantlet/events"
 	"github.com/mantlet/mantlet/internal/meshtest"
 	"github.com/mantlet/mantlet/internal/testbed"
-	"github.com/mantlet/mantlet/telemetry"
 )
 
 // denyServer8080 refuses every connection to the server's port 8080.
@@ -28,9 +28,9 @@ spec:
 `
 
 // deniedFlows returns what 'mantlet flows --verdict denied' shows on node.
-func deniedFlows(t *testing.T, m *meshtest.Mesh, node string) []telemetry.FlowEvent {
+func deniedFlows(t *testing.T, m *meshtest.Mesh, node string) []events.Flow {
 	t.Helper()
-	var evs []telemetry.FlowEvent
+	var evs []events.Flow
 	if err := json.Unmarshal([]byte(mantlet(t, m, node, "flows", "--verdict", "denied", "--last", "0", "-o", "json")), &evs); err != nil {
 		t.Fatal(err)
 	}
@@ -39,7 +39,7 @@ func deniedFlows(t *testing.T, m *meshtest.Mesh, node string) []telemetry.FlowEv
 
 // waitDenied waits until 'mantlet flows --verdict denied' on node shows
 // a flow that match accepts, and returns it.
-func waitDenied(t *testing.T, m *meshtest.Mesh, node string, match func(telemetry.FlowEvent) bool) telemetry.FlowEvent {
+func waitDenied(t *testing.T, m *meshtest.Mesh, node string, match func(events.Flow) bool) events.Flow {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
 	for {
@@ -84,37 +84,37 @@ func TestDenialsShowOnTheNodeThatDecidedThem(t *testing.T) {
 			dst := netip.AddrPortFrom(m.Pod("server").IP, appPort)
 			c := dial(t, m, "client", dst)
 			ping(t, c, "before the policy")
-			src := c.LocalAddr().String()
+			src := netip.MustParseAddrPort(c.LocalAddr().String())
 
 			writePolicies(t, m, denyServer8080)
 			_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
 			if _, err := io.ReadAll(c); errors.Is(err, os.ErrDeadlineExceeded) {
 				t.Fatal("the connection stayed open after the DENY")
 			}
-			byPolicy := func(ev telemetry.FlowEvent) bool {
-				return ev.Verdict == telemetry.VerdictDenied && ev.Policy == "shop/server-deny-8080" && ev.Rule != nil && *ev.Rule == 0 &&
-					ev.Reason == "denied-by-policy" && ev.ResponseFlag == "policy_denied" && ev.Dst.Addr == dst.String()
+			byPolicy := func(ev events.Flow) bool {
+				return ev.Verdict == events.Denied && ev.Policy == "shop/server-deny-8080" && ev.Rule == 0 &&
+					ev.Reason == "denied-by-policy" && ev.ResponseFlag == "policy_denied" && ev.Dst.Addr == dst
 			}
 			// The cut: on node2, denied by the policy, with the bytes it
 			// carried before.
-			cut := waitDenied(t, m, "node2", func(ev telemetry.FlowEvent) bool { return ev.Src.Addr == src })
+			cut := waitDenied(t, m, "node2", func(ev events.Flow) bool { return ev.Src.Addr == src })
 			if !byPolicy(cut) || cut.Direction != "inbound" || cut.BytesSent == 0 {
 				t.Errorf("node2 lists the cut connection as %+v; want inbound, denied by rule 0 of shop/server-deny-8080, with its bytes", cut)
 			}
-			if !slices.ContainsFunc(accessLog(m, "node2"), func(ev telemetry.FlowEvent) bool {
-				return ev.Event == telemetry.EventClose && ev.Src.Addr == src && byPolicy(ev)
+			if !slices.ContainsFunc(accessLog(m, "node2"), func(ev events.Flow) bool {
+				return ev.Event == events.Close && ev.Src.Addr == src && byPolicy(ev)
 			}) {
 				t.Errorf("node2's access log has no close line denying the cut connection: %+v", accessLog(m, "node2"))
 			}
 			// node1 only saw its tunnel end.
-			if slices.ContainsFunc(deniedFlows(t, m, "node1"), func(ev telemetry.FlowEvent) bool { return ev.Src.Addr == src }) {
+			if slices.ContainsFunc(deniedFlows(t, m, "node1"), func(ev events.Flow) bool { return ev.Src.Addr == src }) {
 				t.Errorf("node1 lists the connection node2 cut as denied: %+v", deniedFlows(t, m, "node1"))
 			}
 
 			if reaches(m, "client", dst) {
 				t.Fatal("a new connection got through the DENY")
 			}
-			toDst := func(ev telemetry.FlowEvent) bool { return ev.Src.Addr != src && ev.Dst.Addr == dst.String() }
+			toDst := func(ev events.Flow) bool { return ev.Src.Addr != src && ev.Dst.Addr == dst }
 			if tc.precheck {
 				ev := waitDenied(t, m, "node1", toDst)
 				if !byPolicy(ev) || ev.Direction != "outbound" {

@@ -165,32 +165,15 @@ func startCountingEcho(t *testing.T, m *meshtest.Mesh, pod string, port uint16) 
 	return e
 }
 
-// echoOnce opens a meshed connection from pod to addr, sends a few bytes
-// and reads them back.
-func echoOnce(m *meshtest.Mesh, pod string, addr netip.AddrPort) error {
+// probe echoes a few bytes over a new meshed connection from pod to addr
+// (echoOnce with its own five-second budget).
+func probe(m *meshtest.Mesh, pod string, addr netip.AddrPort) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	c, err := m.Dial(ctx, pod, addr)
-	if err != nil {
-		return err
-	}
-	defer c.Close()
-	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
-	msg := []byte("are you there?")
-	if _, err := c.Write(msg); err != nil {
-		return err
-	}
-	got := make([]byte, len(msg))
-	if _, err := io.ReadFull(c, got); err != nil {
-		return err
-	}
-	if !bytes.Equal(got, msg) {
-		return fmt.Errorf("echo %q, want %q", got, msg)
-	}
-	return nil
+	return echoOnce(ctx, m, pod, addr, "are you there?")
 }
 
-// load runs echoOnce from pod to addr in a loop until stop is closed (at
+// load runs probe from pod to addr in a loop until stop is closed (at
 // most max times) and counts successes and failures.
 type load struct {
 	ok, failed atomic.Int64
@@ -208,7 +191,7 @@ func startLoad(m *meshtest.Mesh, pod string, addr netip.AddrPort, stop <-chan st
 				return
 			default:
 			}
-			if err := echoOnce(m, pod, addr); err != nil {
+			if err := probe(m, pod, addr); err != nil {
 				l.failed.Add(1)
 				l.first.CompareAndSwap(nil, err)
 				continue
@@ -273,7 +256,7 @@ func TestRapidResetOnTheHBONEPortIsCutShort(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := echoOnce(m, "client", target.addr); err != nil {
+	if err := probe(m, "client", target.addr); err != nil {
 		t.Fatalf("before the attack: %v", err)
 	}
 	baseGoroutines := goroutines(t, m, "node2")
@@ -346,7 +329,7 @@ func TestRapidResetOnTheHBONEPortIsCutShort(t *testing.T) {
 	}
 	waitSeries(t, m, "node2", "mantlet_ztunnel_refused_connections_total", map[string]string{"response_flags": "rapid_reset"}, float64(attacks), 0)
 	waitEvent(t, m, "node2", func(e secEvent) bool {
-		return e.Stage == "protocol" && e.Reason == "rapid-reset" && e.Flag == "rapid_reset" && e.SrcID == clientID.String() && e.Verdict == "deny"
+		return e.Stage == "protocol" && e.Reason == "rapid-reset" && e.Flag == "rapid_reset" && e.SrcID == clientID.String() && e.Event == "deny"
 	})
 	deadline := time.Now().Add(20 * time.Second)
 	for g := goroutines(t, m, "node2"); g > baseGoroutines+100; g = goroutines(t, m, "node2") {

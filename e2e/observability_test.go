@@ -21,9 +21,9 @@ import (
 	"github.com/prometheus/common/model"
 
 	"github.com/mantlet/mantlet/admin"
+	"github.com/mantlet/mantlet/events"
 	"github.com/mantlet/mantlet/internal/meshtest"
 	"github.com/mantlet/mantlet/internal/testbed"
-	"github.com/mantlet/mantlet/telemetry"
 )
 
 // observeSpec is shopSpec with labels and a service in front of the
@@ -125,15 +125,12 @@ func waitSeries(t *testing.T, m *meshtest.Mesh, node, name string, labels map[st
 }
 
 // accessLog returns the access log lines of node's agent (its stdout,
-// JSON lines with an "event").
-func accessLog(m *meshtest.Mesh, node string) []telemetry.FlowEvent {
-	var out []telemetry.FlowEvent
+// JSON lines of kind "flow").
+func accessLog(m *meshtest.Mesh, node string) []events.Flow {
+	var out []events.Flow
 	for _, line := range strings.Split(m.Logs(node), "\n") {
-		if !strings.HasPrefix(line, `{"time"`) || !strings.Contains(line, `"event":"`) {
-			continue
-		}
-		var ev telemetry.FlowEvent
-		if json.Unmarshal([]byte(line), &ev) == nil && (ev.Event == telemetry.EventOpen || ev.Event == telemetry.EventClose) {
+		var ev events.Flow
+		if strings.HasPrefix(line, `{"v":1,`) && json.Unmarshal([]byte(line), &ev) == nil && ev.Kind == events.KindFlow {
 			out = append(out, ev)
 		}
 	}
@@ -259,23 +256,24 @@ func TestMetricsAccessLogAndFlowsShowTheTraffic(t *testing.T) {
 	waitSeries(t, m, "node2", "mantlet_policy_decisions_total", map[string]string{"action": "allow", "reason": "allowed-by-default", "policy": ""}, 4, 0)
 
 	// One access log line per connection, when it closes.
-	closes := map[string]telemetry.FlowEvent{} // by client address
+	closes := map[string]events.Flow{} // by client address
 	for _, ev := range accessLog(m, "node1") {
-		if ev.Event != telemetry.EventClose || ev.Direction != "outbound" {
+		if ev.Event != events.Close || ev.Direction != "outbound" {
 			continue
 		}
-		if _, dup := closes[ev.Src.Addr]; dup || ev.Dst.Workload != dsts[ev.Src.Addr] {
-			t.Errorf("node1's access log: close line %+v; want one per connection, to %q", ev, dsts[ev.Src.Addr])
+		src := ev.Src.Addr.String()
+		if _, dup := closes[src]; dup || ev.Dst.Workload != dsts[src] {
+			t.Errorf("node1's access log: close line %+v; want one per connection, to %q", ev, dsts[src])
 		}
-		closes[ev.Src.Addr] = ev
+		closes[src] = ev
 	}
 	if len(closes) != len(dsts) {
 		t.Fatalf("node1's access log has close lines from %d connections, want %d: %+v", len(closes), len(dsts), closes)
 	}
 	viaSvc := closes[long.LocalAddr().String()]
 	if viaSvc.Src.Identity != id("client") || viaSvc.Dst.Identity != id("server") || viaSvc.Dst.Service != svc || viaSvc.Path != "hbone" ||
-		viaSvc.HBONEAddr != server.Addr.String() || viaSvc.BytesSent != mib+3 || viaSvc.BytesReceived != mib+3 ||
-		viaSvc.ResponseFlag != "-" || viaSvc.Verdict != telemetry.VerdictAllowed || viaSvc.DurationMS <= 0 {
+		viaSvc.Dst.Addr != server.Addr || viaSvc.BytesSent != mib+3 || viaSvc.BytesReceived != mib+3 ||
+		viaSvc.ResponseFlag != "-" || viaSvc.Verdict != events.Allowed || viaSvc.DurationMS <= 0 {
 		t.Errorf("access log line of the service connection: %+v", viaSvc)
 	}
 	if n := len(accessLog(m, "node2")); n != 4 {
@@ -284,11 +282,11 @@ func TestMetricsAccessLogAndFlowsShowTheTraffic(t *testing.T) {
 
 	// The same flows through the CLI inside the node, and through the
 	// admin socket from outside.
-	var evs []telemetry.FlowEvent
+	var evs []events.Flow
 	if err := json.Unmarshal([]byte(mantlet(t, m, "node1", "flows", "-o", "json", "--last", "0")), &evs); err != nil {
 		t.Fatal(err)
 	}
-	flows := map[uint64]telemetry.FlowEvent{}
+	flows := map[uint64]events.Flow{}
 	for _, ev := range evs {
 		flows[ev.ID] = ev
 	}
@@ -491,15 +489,15 @@ func TestPolicyCheckAgreesWithTheDataPathAndDenialsAreVisible(t *testing.T) {
 		t.Error("node2 neither refused the plaintext connection in its ztunnel nor counted a STRICT drop")
 	}
 
-	isDenial := func(ev telemetry.FlowEvent) bool {
-		return ev.Event == telemetry.EventClose && ev.Verdict == telemetry.VerdictDenied && ev.Policy == "shop/neighbour-deny-client" &&
-			ev.Rule != nil && *ev.Rule == 0 && ev.Reason == "denied-by-policy" && ev.ResponseFlag == "policy_denied" &&
+	isDenial := func(ev events.Flow) bool {
+		return ev.Event == events.Close && ev.Verdict == events.Denied && ev.Policy == "shop/neighbour-deny-client" &&
+			ev.Rule == 0 && ev.Reason == "denied-by-policy" && ev.ResponseFlag == "policy_denied" &&
 			ev.Src.Identity == id("client") && ev.Dst.Workload == "neighbour"
 	}
 	if !slices.ContainsFunc(accessLog(m, "node1"), isDenial) {
 		t.Errorf("node1's access log has no line for the denial:\n%v", accessLog(m, "node1"))
 	}
-	var evs []telemetry.FlowEvent
+	var evs []events.Flow
 	if err := json.Unmarshal([]byte(mantlet(t, m, "node1", "flows", "--verdict", "denied", "-o", "json")), &evs); err != nil {
 		t.Fatal(err)
 	}
@@ -508,9 +506,8 @@ func TestPolicyCheckAgreesWithTheDataPathAndDenialsAreVisible(t *testing.T) {
 	}
 	found := false
 	for _, r := range m.Records("node1") {
-		pol, _ := r["policy"].(map[string]any)
-		if r["kind"] == "security_event" && r["verdict"] == "deny" && r["reason"] == "denied-by-policy" &&
-			pol["name"] == "neighbour-deny-client" && pol["namespace"] == "shop" {
+		if r["kind"] == "security_event" && r["event"] == "deny" && r["verdict"] == "denied" && r["reason"] == "denied-by-policy" &&
+			r["policy"] == "shop/neighbour-deny-client" && r["rule"] == 0.0 && r["node"] == "node1" {
 			found = true
 		}
 	}

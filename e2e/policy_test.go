@@ -4,6 +4,7 @@ package e2e
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -18,6 +19,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
+	"github.com/mantlet/mantlet/events"
 	"github.com/mantlet/mantlet/internal/meshtest"
 	"github.com/mantlet/mantlet/internal/testbed"
 	"github.com/mantlet/mantlet/ztunnel/hbone"
@@ -172,30 +174,25 @@ func writePolicies(t *testing.T, m *meshtest.Mesh, policies string) {
 
 // secEvent is a security event as the agent writes it.
 type secEvent struct {
-	Verdict, Stage, Reason, Flag string
-	Policy                       string // namespace/name
-	SrcID, SrcIP, DstWorkload    string
-	DstPort                      int
+	Event, Stage, Reason, Flag string
+	Policy                     string // the deciding policy; for an AUDIT hit, the AUDIT policy
+	SrcID, SrcIP, DstWorkload  string
+	DstPort                    int
 }
 
 // securityEvents returns node's security events so far.
 func securityEvents(m *meshtest.Mesh, node string) []secEvent {
 	var out []secEvent
-	for _, r := range m.Records(node) {
-		if r["kind"] != "security_event" {
+	for _, line := range strings.Split(m.Logs(node), "\n") {
+		var f events.Flow
+		if !strings.HasPrefix(line, `{"v":1,`) || json.Unmarshal([]byte(line), &f) != nil || f.Kind != events.KindSecurityEvent {
 			continue
 		}
-		str := func(m map[string]any, k string) string { s, _ := m[k].(string); return s }
-		src, _ := r["source"].(map[string]any)
-		dst, _ := r["destination"].(map[string]any)
-		pol, _ := r["policy"].(map[string]any)
-		e := secEvent{Verdict: str(r, "verdict"), Stage: str(r, "stage"), Reason: str(r, "reason"), Flag: str(r, "flag"),
-			SrcID: str(src, "identity"), SrcIP: str(src, "ip"), DstWorkload: str(dst, "workload")}
-		if pol != nil {
-			e.Policy = str(pol, "namespace") + "/" + str(pol, "name")
+		e := secEvent{Event: f.Event, Stage: f.Stage, Reason: f.Reason, Flag: f.ResponseFlag, Policy: f.Policy,
+			SrcID: f.Src.Identity, SrcIP: f.Src.Addr.Addr().String(), DstWorkload: f.Dst.Workload, DstPort: int(f.Dst.Addr.Port())}
+		if f.Event == events.Audit {
+			e.Policy = f.AuditPolicy
 		}
-		port, _ := dst["port"].(float64)
-		e.DstPort = int(port)
 		out = append(out, e)
 	}
 	return out
@@ -243,8 +240,8 @@ func TestSegmentationMatrix(t *testing.T) {
 		src, dst string
 		port     uint16
 		allowed  bool
-		// The security event expected on node (none when verdict is "").
-		node, verdict, stage, reason, policy string
+		// The security event expected on node (none when event is "").
+		node, event, stage, reason, policy string
 	}
 	for _, c := range []cell{
 		{"frontend", "checkout", 8080, true, "node1", "audit", "connect", "allowed-by-policy", "shop/checkout-audit-frontend"},
@@ -265,7 +262,7 @@ func TestSegmentationMatrix(t *testing.T) {
 			t.Errorf("%s: connected %v, want %v", name, got, c.allowed)
 			continue
 		}
-		if c.verdict == "" {
+		if c.event == "" {
 			continue
 		}
 		srcIP := m.Pod(c.src).IP.String()
@@ -274,7 +271,7 @@ func TestSegmentationMatrix(t *testing.T) {
 			srcID = ""
 		}
 		e := waitEvent(t, m, c.node, func(e secEvent) bool {
-			return e.Verdict == c.verdict && e.SrcIP == srcIP && e.DstWorkload == c.dst && e.DstPort == int(c.port)
+			return e.Event == c.event && e.SrcIP == srcIP && e.DstWorkload == c.dst && e.DstPort == int(c.port)
 		})
 		if e.Stage != c.stage || e.Reason != c.reason || e.Policy != c.policy || e.SrcID != srcID {
 			t.Errorf("%s: event %+v; want stage %s, reason %s, policy %q, source %q", name, e, c.stage, c.reason, c.policy, srcID)

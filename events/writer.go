@@ -1,77 +1,82 @@
 package events
 
 import (
-	"bufio"
 	"context"
-	"encoding/json"
-	"fmt"
 	"io"
 	"log/slog"
-	"net/netip"
-	"os"
-	"strconv"
-	"sync"
 	"sync/atomic"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/time/rate"
 )
 
-// WriterOptions configure a Writer. The zero value gives the defaults.
+// WriterOptions configure a Writer. Zero fields take the defaults.
 type WriterOptions struct {
-	// QueueSize bounds the events waiting to be written (default 4096).
-	// An event that finds the queue full is suppressed.
-	QueueSize int
-	// Rate and Burst bound the events accepted per second (default 1000
-	// and 2000). An event over the rate is suppressed.
+	// Name names the stream in summary lines ("stream") and in the log,
+	// e.g. "access_log".
+	Name string
+	// Node is written into every line as "node".
+	Node string
+	// Rate bounds the lines accepted per second on average (default
+	// 1000), Burst at once (default 2×Rate); a line over the rate is
+	// suppressed.
 	Rate  float64
 	Burst int
-	// SummaryInterval is how often, while events are being suppressed, a
-	// summary line counts them (default 10s). A last summary is written
-	// when Run ends.
+	// QueueSize bounds the lines waiting to be written (default 4096); a
+	// line that finds the queue full is suppressed.
+	QueueSize int
+	// SummaryInterval is how often the Writer reports what it lost
+	// (default 5s): a summary line counts the lines suppressed since the
+	// last report, and one log line the writes that failed. Nothing is
+	// reported for an interval that lost nothing; Run reports a last time
+	// when it ends.
 	SummaryInterval time.Duration
-	// Logger receives write errors (at most one per SummaryInterval);
-	// nil discards.
+	// Logger receives the reports of failed writes; nil discards them.
 	Logger *slog.Logger
 	// Now is the clock (default time.Now); tests set it.
 	Now func() time.Time
 }
 
-// Stats counts a Writer's events.
+// Stats counts the lines given to a Writer.
 type Stats struct {
-	// Written events, Suppressed ones (over the rate or queue full).
-	Written, Suppressed uint64
+	// Written lines; lines suppressed because they came over the rate
+	// (RateLimited) or found the queue full (QueueFull); lines lost
+	// because writing them failed (Failed).
+	Written, RateLimited, QueueFull, Failed uint64
 }
 
-// Writer writes events as JSON lines to an io.Writer. Emit never blocks:
-// an event beyond the rate limit or finding the queue full is counted and
-// dropped, and a summary line ({"kind":"events_suppressed",...}) says how
-// many were dropped. Run does the writing.
+// Writer writes flows as JSON lines to an io.Writer, each line with one
+// Write (so lines stay whole when the output is a pipe shared with other
+// writers). Emit never blocks: a line over the rate limit or finding the
+// queue full is counted and dropped, and a summary line
+// ({"kind":"suppressed",...}) says how many. A failed write loses its
+// line, is counted and logged, and writing goes on: the output never
+// stops the data path, nor the agent. Run does the writing.
 type Writer struct {
-	out  *bufio.Writer
+	out  io.Writer
 	opts WriterOptions
-	q    chan Event
+	q    chan Flow
 	lim  *rate.Limiter
 
-	written, suppressed atomic.Uint64
-	reported            uint64 // suppressed count in the last summary; Run's goroutine only
-	since               time.Time
-	runOnce             sync.Once
+	written, rateLimited, queueFull, failed atomic.Uint64
 }
 
-// NewWriter returns a Writer to w; call Run to write.
-func NewWriter(w io.Writer, opts WriterOptions) *Writer {
-	if opts.QueueSize <= 0 {
-		opts.QueueSize = 4096
-	}
+var _ Sink = (*Writer)(nil)
+
+// NewWriter returns a Writer to out; call Run (once) to write.
+func NewWriter(out io.Writer, opts WriterOptions) *Writer {
 	if opts.Rate <= 0 {
 		opts.Rate = 1000
 	}
 	if opts.Burst <= 0 {
-		opts.Burst = 2 * int(opts.Rate)
+		opts.Burst = int(2 * opts.Rate)
+	}
+	if opts.QueueSize <= 0 {
+		opts.QueueSize = 4096
 	}
 	if opts.SummaryInterval <= 0 {
-		opts.SummaryInterval = 10 * time.Second
+		opts.SummaryInterval = 5 * time.Second
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
@@ -79,230 +84,108 @@ func NewWriter(w io.Writer, opts WriterOptions) *Writer {
 	if opts.Now == nil {
 		opts.Now = time.Now
 	}
-	return &Writer{
-		out:   bufio.NewWriterSize(w, 64<<10),
-		opts:  opts,
-		q:     make(chan Event, opts.QueueSize),
-		lim:   rate.NewLimiter(rate.Limit(opts.Rate), opts.Burst),
-		since: opts.Now(),
-	}
+	return &Writer{out: out, opts: opts, q: make(chan Flow, opts.QueueSize),
+		lim: rate.NewLimiter(rate.Limit(opts.Rate), opts.Burst)}
 }
 
-// Emit queues e for writing, or counts it as suppressed. It never blocks
-// and does not allocate.
-func (w *Writer) Emit(e *Event) {
+// Emit queues a copy of f for writing, or counts it as suppressed. It
+// never blocks and does not allocate.
+func (w *Writer) Emit(f *Flow) {
 	if !w.lim.AllowN(w.opts.Now(), 1) {
-		w.suppressed.Add(1)
+		w.rateLimited.Add(1)
 		return
 	}
 	select {
-	case w.q <- *e:
+	case w.q <- *f:
 	default:
-		w.suppressed.Add(1)
+		w.queueFull.Add(1)
 	}
 }
 
 // Stats returns the counts so far.
 func (w *Writer) Stats() Stats {
-	return Stats{Written: w.written.Load(), Suppressed: w.suppressed.Load()}
+	return Stats{Written: w.written.Load(), RateLimited: w.rateLimited.Load(),
+		QueueFull: w.queueFull.Load(), Failed: w.failed.Load()}
 }
 
-// Run writes queued events until ctx ends, then writes what is still
-// queued and a last summary, flushes, and returns. It returns the first
-// write error, if any; writing goes on after errors (they are logged).
-func (w *Writer) Run(ctx context.Context) error {
-	var first error
-	w.runOnce.Do(func() { first = w.run(ctx) })
-	return first
-}
-
-func (w *Writer) run(ctx context.Context) error {
+// Run writes queued lines and the reports until ctx ends, then writes
+// what is still queued, reports a last time and returns.
+func (w *Writer) Run(ctx context.Context) {
 	tick := time.NewTicker(w.opts.SummaryInterval)
 	defer tick.Stop()
-	var first error
-	var lastLog time.Time
-	fail := func(err error) {
-		if err == nil {
-			return
+	var (
+		buf      []byte
+		reported Stats // the counts at the last report
+		since    = w.opts.Now()
+		lastErr  error
+	)
+	write := func(f *Flow) {
+		if f.Node == "" {
+			f.Node = w.opts.Node
 		}
-		if first == nil {
-			first = err
-		}
-		if now := w.opts.Now(); now.Sub(lastLog) >= w.opts.SummaryInterval {
-			lastLog = now
-			w.opts.Logger.Warn("events: write failed", "error", err)
-		}
-	}
-	var buf []byte
-	write := func(e *Event) {
-		buf = e.Append(buf[:0])
-		buf = append(buf, '\n')
+		buf = append(f.Append(buf[:0]), '\n')
 		if _, err := w.out.Write(buf); err != nil {
-			fail(err)
+			w.failed.Add(1)
+			lastErr = err
 			return
 		}
 		w.written.Add(1)
 	}
+	report := func() {
+		now, s := w.opts.Now(), w.Stats()
+		if rl, qf := s.RateLimited-reported.RateLimited, s.QueueFull-reported.QueueFull; rl+qf > 0 {
+			buf = append(appendSummary(buf[:0], now, since, w.opts.Node, w.opts.Name, rl, qf), '\n')
+			if _, err := w.out.Write(buf); err != nil {
+				lastErr = err
+			}
+		}
+		if n := s.Failed - reported.Failed; n > 0 || lastErr != nil {
+			w.opts.Logger.Warn("events: write failed; lines lost", "stream", w.opts.Name, "lines", n, "error", lastErr)
+		}
+		reported, since, lastErr = s, now, nil
+	}
 	for {
 		select {
-		case e := <-w.q:
-			write(&e)
-			// Flush when the queue is drained: lines appear promptly,
-			// bursts are written in large chunks.
-			if len(w.q) == 0 {
-				fail(w.out.Flush())
-			}
+		case f := <-w.q:
+			write(&f)
 		case <-tick.C:
-			fail(w.summary())
+			report()
 		case <-ctx.Done():
 			for {
 				select {
-				case e := <-w.q:
-					write(&e)
+				case f := <-w.q:
+					write(&f)
 					continue
 				default:
 				}
-				break
+				report()
+				return
 			}
-			fail(w.summary())
-			fail(w.out.Flush())
-			if first != nil {
-				return fmt.Errorf("events: write: %w", first)
-			}
-			return nil
 		}
 	}
 }
 
-// summary writes how many events were suppressed since the last summary,
-// if any were.
-func (w *Writer) summary() error {
-	now := w.opts.Now()
-	total := w.suppressed.Load()
-	n := total - w.reported
-	if n == 0 {
-		w.since = now
-		return nil
-	}
-	w.reported = total
-	line := fmt.Appendf(nil, `{"time":%q,"kind":"events_suppressed","suppressed":%d,"since":%q}`+"\n",
-		now.UTC().Format(time.RFC3339Nano), n, w.since.UTC().Format(time.RFC3339Nano))
-	w.since = now
-	if _, err := w.out.Write(line); err != nil {
-		return err
-	}
-	return w.out.Flush()
+// NewCollector exports w's Stats as the counter name, with the label
+// result: "written", "rate_limited", "queue_full" or "failed".
+func NewCollector(w *Writer, name, help string) prometheus.Collector {
+	return &collector{w: w, desc: prometheus.NewDesc(name, help, []string{"result"}, nil)}
 }
 
-// Append appends e's JSON form (one object, no newline) to b:
-//
-//	{"time":"2026-11-25T21:30:00.123Z","kind":"security_event","verdict":"deny",
-//	 "stage":"connect","reason":"denied-by-policy","flag":"policy_denied",
-//	 "policy":{"namespace":"shop","name":"payments-allow","rule":0},
-//	 "node":"node-b","direction":"inbound","mtls":true,
-//	 "source":{"identity":"spiffe://cluster.local/ns/shop/sa/frontend",
-//	   "ip":"198.19.1.2","port":40312,"workload":"frontend-0","namespace":"shop"},
-//	 "destination":{"identity":"spiffe://cluster.local/ns/shop/sa/payments",
-//	   "ip":"198.19.2.3","port":8443,"workload":"payments-0","namespace":"shop"}}
-func (e *Event) Append(b []byte) []byte {
-	b = append(b, `{"time":`...)
-	b = appendString(b, e.Time.UTC().Format(time.RFC3339Nano))
-	b = append(b, `,"kind":"security_event","verdict":`...)
-	b = appendString(b, string(e.Verdict))
-	b = appendField(b, "stage", string(e.Stage))
-	b = appendField(b, "reason", e.Reason)
-	b = appendField(b, "flag", e.Flag)
-	if e.PolicyName != "" {
-		b = append(b, `,"policy":{"namespace":`...)
-		b = appendString(b, e.PolicyNamespace)
-		b = append(b, `,"name":`...)
-		b = appendString(b, e.PolicyName)
-		b = append(b, `,"rule":`...)
-		b = strconv.AppendInt(b, int64(e.Rule), 10)
-		b = append(b, '}')
-	}
-	b = appendField(b, "node", e.Node)
-	b = appendField(b, "direction", e.Direction)
-	b = append(b, `,"mtls":`...)
-	b = strconv.AppendBool(b, e.MTLS)
-	b = append(b, `,"source":`...)
-	b = appendEnd(b, e.SrcID, e.Src, e.SrcWorkload, e.SrcNamespace)
-	b = append(b, `,"destination":`...)
-	b = appendEnd(b, e.DstID, e.Dst, e.DstWorkload, e.DstNamespace)
-	return append(b, '}')
+type collector struct {
+	w    *Writer
+	desc *prometheus.Desc
 }
 
-// MarshalJSON returns Append's form.
-func (e *Event) MarshalJSON() ([]byte, error) { return e.Append(nil), nil }
+// Describe implements prometheus.Collector.
+func (c *collector) Describe(ch chan<- *prometheus.Desc) { ch <- c.desc }
 
-func appendEnd(b []byte, id string, ap netip.AddrPort, name, ns string) []byte {
-	b = append(b, '{')
-	sep := func() {
-		if b[len(b)-1] != '{' {
-			b = append(b, ',')
-		}
+// Collect implements prometheus.Collector.
+func (c *collector) Collect(ch chan<- prometheus.Metric) {
+	s := c.w.Stats()
+	for _, r := range []struct {
+		n      uint64
+		result string
+	}{{s.Written, "written"}, {s.RateLimited, "rate_limited"}, {s.QueueFull, "queue_full"}, {s.Failed, "failed"}} {
+		ch <- prometheus.MustNewConstMetric(c.desc, prometheus.CounterValue, float64(r.n), r.result)
 	}
-	field := func(k, v string) {
-		if v == "" {
-			return
-		}
-		sep()
-		b = append(b, '"')
-		b = append(b, k...)
-		b = append(b, `":`...)
-		b = appendString(b, v)
-	}
-	field("identity", id)
-	if ap.IsValid() {
-		sep()
-		b = append(b, `"ip":"`...)
-		b = ap.Addr().AppendTo(b)
-		b = append(b, `","port":`...)
-		b = strconv.AppendUint(b, uint64(ap.Port()), 10)
-	}
-	field("workload", name)
-	field("namespace", ns)
-	return append(b, '}')
 }
-
-func appendField(b []byte, k, v string) []byte {
-	if v == "" {
-		return b
-	}
-	b = append(b, ',')
-	b = appendString(b, k)
-	b = append(b, ':')
-	return appendString(b, v)
-}
-
-// appendString appends s as a JSON string.
-func appendString(b []byte, s string) []byte {
-	// json.Marshal of a string never fails; the common case (no special
-	// characters) is appended directly.
-	for i := 0; i < len(s); i++ {
-		if c := s[i]; c < 0x20 || c == '"' || c == '\\' || c >= 0x7f {
-			q, _ := json.Marshal(s)
-			return append(b, q...)
-		}
-	}
-	b = append(b, '"')
-	b = append(b, s...)
-	return append(b, '"')
-}
-
-// OpenFile opens path for appending events (created 0600 if absent); "-"
-// is standard error.
-func OpenFile(path string) (io.WriteCloser, error) {
-	if path == "-" {
-		return nopCloser{os.Stderr}, nil
-	}
-	f, err := os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o600)
-	if err != nil {
-		return nil, fmt.Errorf("events: open %s: %w", path, err)
-	}
-	return f, nil
-}
-
-type nopCloser struct{ io.Writer }
-
-func (nopCloser) Close() error { return nil }

@@ -1,7 +1,6 @@
 package node
 
 import (
-	"context"
 	"fmt"
 	"io"
 	"log/slog"
@@ -43,29 +42,21 @@ type enforcement struct {
 	eng   *policy.Engine
 	az    *enforce.Authorizer
 	ev    *events.Writer
-	evOut io.WriteCloser
+	evOut io.Closer
 	log   *slog.Logger
 	mu    sync.Mutex
 	inSet []*v1alpha1.MeshPolicy // the set in force
-
-	closeOnce sync.Once
 }
 
 // newEnforcement opens the security event output and makes the engine;
 // defaultMTLS is --mtls-mode.
 func newEnforcement(pf *PolicyConfig, node string, td spiffeid.TrustDomain, defaultMTLS v1alpha1.MTLSMode, log *slog.Logger) (*enforcement, error) {
-	var out io.WriteCloser
-	if pf.SecurityEvents == "-" {
-		out = nopWriteCloser{pf.Stderr}
-	} else {
-		var err error
-		if out, err = events.OpenFile(pf.SecurityEvents); err != nil {
-			return nil, fmt.Errorf("security events: %w", err)
-		}
-	}
 	if pf.EventsRate <= 0 {
-		out.Close()
 		return nil, fmt.Errorf("security events rate %v: want a positive number", pf.EventsRate)
+	}
+	out, err := openOutput(pf.SecurityEvents, pf.Stderr, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("security events: %w", err)
 	}
 	mode := defaultMTLS
 	if mode == v1alpha1.MTLSUnset {
@@ -74,14 +65,10 @@ func newEnforcement(pf *PolicyConfig, node string, td spiffeid.TrustDomain, defa
 	en := &enforcement{log: log, evOut: out}
 	en.eng = policy.NewEngine(policy.Options{RootNamespace: pf.RootNamespace, TrustDomain: td, DefaultDeny: pf.DefaultDeny,
 		DefaultMTLS: mode, Logger: log})
-	en.ev = events.NewWriter(out, events.WriterOptions{Rate: pf.EventsRate, Logger: log})
-	en.az = enforce.New(en.eng, enforce.Options{Node: node, TrustDomain: td, Events: en.ev, Logger: log, NoPreCheck: pf.NoPreCheck})
+	en.ev = events.NewWriter(out, events.WriterOptions{Name: "security_events", Node: node, Rate: pf.EventsRate, Logger: log})
+	en.az = enforce.New(en.eng, enforce.Options{TrustDomain: td, Events: en.ev, Logger: log, NoPreCheck: pf.NoPreCheck})
 	return en, nil
 }
-
-type nopWriteCloser struct{ io.Writer }
-
-func (nopWriteCloser) Close() error { return nil }
 
 // apply puts the engine's part of a new state in force: the workloads and
 // the policy set together (all-or-nothing: on error the previous state
@@ -124,7 +111,7 @@ const (
 // ztunnelHooks makes the ztunnel's refusals of abusive HBONE clients
 // (rapid reset, frame floods: a peer with a valid certificate whose
 // connection was closed) security events.
-func (en *enforcement) ztunnelHooks(cfg *ztunnel.Config, node string) {
+func (en *enforcement) ztunnelHooks(cfg *ztunnel.Config) {
 	cfg.OnReject = func(r *ztunnel.Rejection) {
 		var reason string
 		switch r.Flag {
@@ -135,27 +122,18 @@ func (en *enforcement) ztunnelHooks(cfg *ztunnel.Config, node string) {
 		default:
 			return
 		}
-		e := events.Event{Time: r.Time, Verdict: events.Deny, Stage: events.StageProtocol, Reason: reason,
-			Flag: r.Flag.String(), Rule: -1, Node: node, Direction: string(ztunnel.Inbound), MTLS: true, Src: r.Src, Dst: r.Dst}
+		f := events.Flow{Time: r.Time, Kind: events.KindSecurityEvent, Event: events.Deny, Stage: events.StageProtocol,
+			Direction: string(ztunnel.Inbound), Path: "hbone", MTLS: true, Src: events.Endpoint{Addr: r.Src}, Dst: events.Endpoint{Addr: r.Dst},
+			ResponseFlag: r.Flag.String(), Verdict: events.Denied, Reason: reason, Rule: -1}
 		if !r.SrcID.IsZero() {
-			e.SrcID = r.SrcID.String()
+			f.Src.Identity = r.SrcID.String()
 		}
-		en.ev.Emit(&e)
+		if r.Err != nil {
+			f.Error = r.Err.Error()
+		}
+		en.ev.Emit(&f)
 	}
 }
 
-// close releases the event output when run never ran.
-func (en *enforcement) close() {
-	en.closeOnce.Do(func() { en.evOut.Close() })
-}
-
-// run writes security events until ctx ends.
-func (en *enforcement) run(ctx context.Context) error {
-	err := en.ev.Run(ctx)
-	var cerr error
-	en.closeOnce.Do(func() { cerr = en.evOut.Close() })
-	if err == nil && cerr != nil {
-		err = fmt.Errorf("security events: close: %w", cerr)
-	}
-	return err
-}
+// close releases the event output.
+func (en *enforcement) close() { en.evOut.Close() }

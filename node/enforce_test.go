@@ -43,14 +43,18 @@ func TestAbusiveHBONEClientsBecomeSecurityEvents(t *testing.T) {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(t.Context())
-	done := make(chan error, 1)
-	go func() { done <- en.run(ctx) }()
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		en.ev.Run(ctx)
+	}()
 	defer func() {
 		cancel()
 		<-done
+		en.close()
 	}()
 	var cfg ztunnel.Config
-	en.ztunnelHooks(&cfg, "node2")
+	en.ztunnelHooks(&cfg)
 	attacker := spiffeid.RequireFromString("spiffe://cluster.local/ns/shop/sa/attacker")
 	src, dst := netip.MustParseAddrPort("198.19.1.13:40000"), netip.MustParseAddrPort("198.19.2.11:15008")
 	cfg.OnReject(&ztunnel.Rejection{Time: time.Now(), Flag: ztunnel.FlagStreamLimit, Err: errors.New("limit"), Src: src, Dst: dst, SrcID: attacker})
@@ -66,8 +70,9 @@ func TestAbusiveHBONEClientsBecomeSecurityEvents(t *testing.T) {
 	if len(lines) != 1 {
 		t.Fatalf("events:\n%s\nwant one (the rapid reset; a stream limit is no event)", out)
 	}
-	for _, want := range []string{`"verdict":"deny"`, `"stage":"protocol"`, `"reason":"rapid-reset"`, `"flag":"rapid_reset"`,
-		`"node":"node2"`, `"identity":"spiffe://cluster.local/ns/shop/sa/attacker"`, `"ip":"198.19.1.13"`} {
+	for _, want := range []string{`"kind":"security_event"`, `"event":"deny"`, `"stage":"protocol"`, `"verdict":"denied"`,
+		`"reason":"rapid-reset"`, `"response_flag":"rapid_reset"`, `"node":"node2"`,
+		`"identity":"spiffe://cluster.local/ns/shop/sa/attacker"`, `"addr":"198.19.1.13:40000"`} {
 		if !strings.Contains(lines[0], want) {
 			t.Errorf("event %s lacks %s", lines[0], want)
 		}

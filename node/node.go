@@ -31,6 +31,7 @@ import (
 	"github.com/mantlet/mantlet/admin"
 	"github.com/mantlet/mantlet/agent"
 	"github.com/mantlet/mantlet/bpf"
+	"github.com/mantlet/mantlet/events"
 	"github.com/mantlet/mantlet/identity"
 	"github.com/mantlet/mantlet/internal/workload"
 	"github.com/mantlet/mantlet/policy/enforce"
@@ -155,7 +156,7 @@ func Run(ctx context.Context, cfg Config) error {
 	if err := bcfg.Validate(); err != nil {
 		return err
 	}
-	obsv, err := newObservability(&cfg.Observe, filepath.Base(bcfg.PinDir), log.With("component", "admin"))
+	obsv, err := newObservability(&cfg.Observe, cfg.Node, filepath.Base(bcfg.PinDir), log.With("component", "admin"))
 	if err != nil {
 		return err
 	}
@@ -248,7 +249,7 @@ func Run(ctx context.Context, cfg Config) error {
 	store := workload.NewStore()
 	zcfg.Store, zcfg.SVIDs, zcfg.Bundles = store, ids, ids
 	obsv.ztunnelHooks(&zcfg)
-	en.ztunnelHooks(&zcfg, cfg.Node)
+	en.ztunnelHooks(&zcfg)
 	zcfg.Authorizer = en.az
 	proxy, err := ztunnel.New(zcfg)
 	if err != nil {
@@ -295,7 +296,8 @@ func Run(ctx context.Context, cfg Config) error {
 			}))
 		reg.MustRegister(obsv.collectors(proxy)...)
 		reg.MustRegister(newAdmissionCollector(proxy.Admission))
-		reg.MustRegister(enforce.NewCollector(en.az, en.ev.Stats))
+		reg.MustRegister(enforce.NewCollector(en.az), events.NewCollector(en.ev, "mantlet_security_events_total",
+			"Security events, by result: written, suppressed (rate_limited, queue_full) or lost to a failed write (failed)."))
 		mux := http.NewServeMux()
 		mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
 		servers = append(servers, &http.Server{Addr: cfg.MetricsAddr, Handler: mux, ReadHeaderTimeout: 5 * time.Second})
@@ -325,7 +327,10 @@ func Run(ctx context.Context, cfg Config) error {
 			return rep.Report(runCtx, cfg.Node, func() []source.PodReport { return podReports(ag.Pods()) })
 		})
 	}
-	g.run("security events", func() error { return en.run(runCtx) })
+	g.run("security events", func() error {
+		en.ev.Run(runCtx)
+		return nil
+	})
 	obsv.run(runCtx, g, proxy, admin.Config{Node: cfg.Node, TrustDomain: cfg.TrustDomain, Snapshot: store.Load, Ready: ag.Ready,
 		Pods: ag.Pods, Datapath: dp, Source: cfg.Source.Status, Policy: en.eng, Policies: en.policies,
 		Certificates: ids.Certificates, Logger: log.With("component", "admin")})

@@ -15,6 +15,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/mantlet/mantlet/admin"
+	"github.com/mantlet/mantlet/events"
 	"github.com/mantlet/mantlet/identity"
 	"github.com/mantlet/mantlet/telemetry"
 	"github.com/mantlet/mantlet/ztunnel"
@@ -58,7 +59,7 @@ type observability struct {
 	log      *slog.Logger
 	observer *telemetry.Observer
 	flows    *telemetry.FlowLog
-	access   *telemetry.AccessLog
+	access   *events.Writer
 	certs    *telemetry.Certificates
 	closeLog io.Closer
 	adminLns []net.Listener
@@ -68,24 +69,21 @@ type observability struct {
 }
 
 // newObservability opens the access log and the admin API's listeners, so
-// mistakes (a busy port, an unwritable file) fail the start. node replaces
-// the placeholder of --admin-socket.
-func newObservability(of *ObserveConfig, node string, log *slog.Logger) (*observability, error) {
+// mistakes (a busy port, an unwritable file) fail the start. node names
+// the node in the access log; instance replaces the placeholder of
+// --admin-socket.
+func newObservability(of *ObserveConfig, node, instance string, log *slog.Logger) (*observability, error) {
 	if of.FlowLogSize <= 0 {
 		return nil, fmt.Errorf("flow log size %d: want a positive number", of.FlowLogSize)
 	}
 	o := &observability{cfg: of, log: log, flows: telemetry.NewFlowLog(of.FlowLogSize)}
-	switch of.AccessLog {
-	case "":
-	case "-":
-		o.access = telemetry.NewAccessLog(of.Stdout, telemetry.AccessLogOptions{Rate: of.AccessLogRate})
-	default:
-		f, err := os.OpenFile(of.AccessLog, os.O_WRONLY|os.O_APPEND|os.O_CREATE, 0o640)
+	if of.AccessLog != "" {
+		out, err := openOutput(of.AccessLog, of.Stdout, 0o640)
 		if err != nil {
 			return nil, fmt.Errorf("access log: %w", err)
 		}
-		o.closeLog = f
-		o.access = telemetry.NewAccessLog(f, telemetry.AccessLogOptions{Rate: of.AccessLogRate})
+		o.closeLog = out
+		o.access = events.NewWriter(out, events.WriterOptions{Name: "access_log", Node: node, Rate: of.AccessLogRate, Logger: log})
 	}
 	o.observer = telemetry.NewObserver(telemetry.ObserverOptions{AccessLog: o.access, LogOpens: of.AccessLogOpens, Flows: o.flows})
 	o.certs = telemetry.NewCertificates(func() []identity.CertInfo {
@@ -106,7 +104,7 @@ func newObservability(of *ObserveConfig, node string, log *slog.Logger) (*observ
 		o.listenOn = append(o.listenOn, ln.Addr().String())
 	}
 	if of.AdminSocket != "" {
-		path := strings.ReplaceAll(of.AdminSocket, NodePlaceholder, node)
+		path := strings.ReplaceAll(of.AdminSocket, NodePlaceholder, instance)
 		ln, err := admin.ListenUnix(path)
 		if err != nil {
 			o.close()
@@ -145,7 +143,10 @@ func (o *observability) run(ctx context.Context, g *group, p *ztunnel.Proxy, cfg
 	goRun := g.run
 	goRun("metrics flush", func() error { return o.observer.RunFlush(ctx, o.cfg.FlushEvery, p) })
 	if o.access != nil {
-		goRun("access log", func() error { return o.access.Run(ctx) })
+		goRun("access log", func() error {
+			o.access.Run(ctx)
+			return nil
+		})
 	}
 	if len(o.adminLns) == 0 {
 		return
@@ -168,6 +169,19 @@ func (o *observability) run(ctx context.Context, g *group, p *ztunnel.Proxy, cfg
 		return srv.Serve(ctx, lns...)
 	})
 }
+
+// openOutput opens where a stream of JSON lines goes: "-" is dash (which
+// Close leaves open), anything else a file, appended to (made with perm).
+func openOutput(path string, dash io.Writer, perm os.FileMode) (io.WriteCloser, error) {
+	if path == "-" {
+		return nopCloser{dash}, nil
+	}
+	return os.OpenFile(path, os.O_WRONLY|os.O_APPEND|os.O_CREATE, perm)
+}
+
+type nopCloser struct{ io.Writer }
+
+func (nopCloser) Close() error { return nil }
 
 // close releases what newObservability opened and run did not take.
 func (o *observability) close() {

@@ -33,7 +33,7 @@ func TestObservabilityServesTheAdminAPI(t *testing.T) {
 	dir := t.TempDir()
 	of := &ObserveConfig{AdminAddr: "127.0.0.1:0", AdminSocket: filepath.Join(dir, NodePlaceholder, "admin.sock"),
 		AccessLog: filepath.Join(dir, "access.log"), AccessLogRate: 10, FlowLogSize: 16}
-	o, err := newObservability(of, "node-7", slog.New(slog.DiscardHandler))
+	o, err := newObservability(of, "node-7", "node-7", slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -83,7 +83,7 @@ func TestObservabilityRefusesABusyAdminPort(t *testing.T) {
 	}
 	defer ln.Close()
 	of := &ObserveConfig{AdminAddr: ln.Addr().String(), FlowLogSize: 16}
-	_, err = newObservability(of, "n", slog.New(slog.DiscardHandler))
+	_, err = newObservability(of, "n", "n", slog.New(slog.DiscardHandler))
 	if want := "admin API on " + ln.Addr().String() + ": listen tcp " + ln.Addr().String(); err == nil || !strings.HasPrefix(err.Error(), want) {
 		t.Errorf("err = %v, want %q and the listen error", err, want)
 	}

@@ -5,16 +5,21 @@ import (
 	"io"
 	"testing"
 	"time"
+
+	"github.com/mantlet/mantlet/events"
 )
 
 // BenchmarkObserverFlow is what one connection costs the ztunnel's
 // goroutines in telemetry: the open and end hooks with metrics, the flow
 // ring and the access log queue (written by its own goroutine).
 func BenchmarkObserverFlow(b *testing.B) {
-	a := NewAccessLog(io.Discard, AccessLogOptions{Rate: 1e9, Burst: 1 << 30})
+	a := events.NewWriter(io.Discard, events.WriterOptions{Rate: 1e9, Burst: 1 << 30})
 	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- a.Run(ctx) }()
+	done := make(chan struct{})
+	go func() {
+		a.Run(ctx)
+		close(done)
+	}()
 	o := NewObserver(ObserverOptions{AccessLog: a, Flows: NewFlowLog(0)})
 	r := hboneOut(0)
 	r.Direction = "inbound"

@@ -1,126 +1,45 @@
 package telemetry
 
 import (
-	"net/netip"
 	"strings"
 	"sync"
 	"time"
 
+	"github.com/mantlet/mantlet/events"
 	"github.com/mantlet/mantlet/ztunnel"
 )
 
-// Flow event kinds.
-const (
-	EventOpen  = "open"
-	EventClose = "close"
-)
-
-// Verdicts of a flow, as access logs and the flow API show them.
-const (
-	VerdictAllowed = "allowed"
-	VerdictDenied  = "denied"
-)
-
-// Endpoint is one end of a flow.
-type Endpoint struct {
-	// Addr is ip:port.
-	Addr string `json:"addr"`
-	// Workload (pod name) and Namespace are empty when the address is no
-	// known workload.
-	Workload  string `json:"workload,omitempty"`
-	Namespace string `json:"namespace,omitempty"`
-	// Identity is the SPIFFE ID: authenticated for the source (empty for
-	// plaintext), the workload's for the destination.
-	Identity string `json:"identity,omitempty"`
-	// Service is the service the client dialled (destination only), as
-	// <name>.<namespace>.svc.cluster.local.
-	Service string `json:"service,omitempty"`
-}
-
-// FlowEvent is one line of the access log and one entry of the recent
-// flows that the admin API serves.
-type FlowEvent struct {
-	Time  time.Time `json:"time"`
-	Event string    `json:"event"` // open or close
-	// ID is the ztunnel's flow id (0 for flows refused before they were
-	// registered); the open and close events of a flow share it.
-	ID uint64 `json:"id,omitempty"`
-	// Direction: outbound, inbound (HBONE) or inbound_plaintext; Path:
-	// hbone, local or passthrough.
-	Direction string   `json:"direction"`
-	Path      string   `json:"path,omitempty"`
-	Src       Endpoint `json:"src"`
-	Dst       Endpoint `json:"dst"`
-	// HBONEAddr is the CONNECT target (:authority) when the flow went
-	// over HBONE.
-	HBONEAddr string `json:"hbone_addr,omitempty"`
-	MTLS      bool   `json:"mtls"`
-	// BytesSent went from the client to the destination, BytesReceived
-	// back (at close; 0 at open).
-	BytesSent     int64 `json:"bytes_sent"`
-	BytesReceived int64 `json:"bytes_received"`
-	// DurationMS is how long the flow lasted, in milliseconds (close).
-	DurationMS float64 `json:"duration_ms"`
-	// ResponseFlag is "-" or why the flow was refused or failed.
-	ResponseFlag string `json:"response_flag"`
-	// Verdict is allowed, denied, or empty when no policy was asked (the
-	// flow was refused before); Reason says why (the policy engine's
-	// reason when the authorizer gave one). Policy and Rule name the
-	// deciding policy and the index of its rule. A flow cut by a policy
-	// change closes denied, with the policy that cut it (its open event
-	// was allowed); an outbound HBONE flow the destination refused with
-	// 401 is denied, reason ztunnel.ReasonDeniedByDestination, no policy.
-	Verdict string `json:"verdict,omitempty"`
-	Reason  string `json:"reason,omitempty"`
-	Policy  string `json:"policy,omitempty"`
-	Rule    *int   `json:"rule,omitempty"`
-	Error   string `json:"error,omitempty"`
-}
-
-// NewFlowEvent describes r; event is EventOpen or EventClose.
-func NewFlowEvent(r *ztunnel.FlowRecord, event string, now time.Time) FlowEvent {
-	ev := FlowEvent{
-		Time: now, Event: event, ID: r.ID,
-		Direction: string(r.Direction), Path: string(r.Path),
-		Src:  Endpoint{Addr: addrString(r.Src)},
-		Dst:  Endpoint{Addr: addrString(r.Dst)},
-		MTLS: r.MTLS, ResponseFlag: ztunnel.FlagNone.String(),
+// NewFlow describes r in an access log line; event is events.Open or
+// events.Close.
+func NewFlow(r *ztunnel.FlowRecord, event string, now time.Time) events.Flow {
+	f := events.Flow{
+		Time: now, Kind: events.KindFlow, Event: event, ID: r.ID,
+		Direction: string(r.Direction), Path: string(r.Path), MTLS: r.MTLS,
+		Src:          events.Endpoint{Addr: r.Src, Identity: r.SrcID.String()},
+		Dst:          events.Endpoint{Addr: r.Dst, Identity: r.DstID.String()},
+		ResponseFlag: ztunnel.FlagNone.String(),
 	}
 	if w := r.SrcWorkload; w != nil {
-		ev.Src.Workload, ev.Src.Namespace = w.Name, w.Namespace
-	}
-	if !r.SrcID.IsZero() {
-		ev.Src.Identity = r.SrcID.String()
+		f.Src.Workload, f.Src.Namespace = w.Name, w.Namespace
 	}
 	if w := r.DstWorkload; w != nil {
-		ev.Dst.Workload, ev.Dst.Namespace = w.Name, w.Namespace
-	}
-	if !r.DstID.IsZero() {
-		ev.Dst.Identity = r.DstID.String()
+		f.Dst.Workload, f.Dst.Namespace = w.Name, w.Namespace
 	}
 	if r.Service != nil {
-		ev.Dst.Service = ServiceHost(r.Service)
-	}
-	if r.Path == ztunnel.PathHBONE && r.Dst.IsValid() {
-		ev.HBONEAddr = r.Dst.String()
+		f.Dst.Service = ServiceHost(r.Service)
 	}
 	if v, ok := verdictOf(r); ok {
-		ev.Verdict, ev.Reason = v, reasonOf(r)
-		if r.Verdict.Policy != "" {
-			ev.Policy = r.Verdict.Policy
-			rule := r.Verdict.Rule
-			ev.Rule = &rule
-		}
+		f.Verdict, f.Reason, f.Policy, f.Rule = v, reasonOf(r), r.Verdict.Policy, r.Verdict.Rule
 	}
-	if event == EventClose {
-		ev.BytesSent, ev.BytesReceived = r.Sent, r.Received
-		ev.DurationMS = float64(r.Duration.Microseconds()) / 1000
-		ev.ResponseFlag = r.Flag.String()
+	if event == events.Close {
+		f.BytesSent, f.BytesReceived = r.Sent, r.Received
+		f.DurationMS = float64(r.Duration.Microseconds()) / 1000
+		f.ResponseFlag = r.Flag.String()
 		if r.Err != nil {
-			ev.Error = r.Err.Error()
+			f.Error = r.Err.Error()
 		}
 	}
-	return ev
+	return f
 }
 
 // OpenRecord describes the open flow l as a FlowRecord without outcome.
@@ -133,45 +52,38 @@ func OpenRecord(l *ztunnel.LiveFlow) ztunnel.FlowRecord {
 	}
 }
 
-// verdictOf says whether r was judged by the Authorizer and how. A zero
+// verdictOf says whether r was judged by the Authorizer and how (events.Allowed or events.Denied). A zero
 // Verdict is also what a flow that was never asked carries, so a denial is
 // recognised by the flow ending with the verdict's flag.
 func verdictOf(r *ztunnel.FlowRecord) (string, bool) {
 	if r.Verdict.Allow {
-		return VerdictAllowed, true
+		return events.Allowed, true
 	}
 	want := r.Verdict.Flag
 	if want == ztunnel.FlagNone {
 		want = ztunnel.FlagPolicyDenied
 	}
 	if r.Flag == want {
-		return VerdictDenied, true
+		return events.Denied, true
 	}
 	return "", false
 }
 
-func addrString(a netip.AddrPort) string {
-	if !a.IsValid() {
-		return ""
-	}
-	return a.String()
-}
-
-// FlowFilter selects flow events; zero fields match everything.
+// FlowFilter selects flows; zero fields match everything.
 type FlowFilter struct {
-	// Verdict is allowed or denied.
+	// Verdict is events.Allowed or events.Denied.
 	Verdict string
 	// Namespace matches the source's or the destination's namespace.
 	Namespace string
 	// Workload matches the source's or the destination's pod name, or
 	// namespace/name.
 	Workload string
-	// Event is open or close.
+	// Event is events.Open or events.Close.
 	Event string
 }
 
 // Match reports whether ev passes f.
-func (f FlowFilter) Match(ev *FlowEvent) bool {
+func (f FlowFilter) Match(ev *events.Flow) bool {
 	if f.Verdict != "" && ev.Verdict != f.Verdict {
 		return false
 	}
@@ -187,7 +99,7 @@ func (f FlowFilter) Match(ev *FlowEvent) bool {
 	return true
 }
 
-func endpointIs(e Endpoint, name string) bool {
+func endpointIs(e events.Endpoint, name string) bool {
 	if ns, n, ok := strings.Cut(name, "/"); ok {
 		return e.Namespace == ns && e.Workload == n
 	}
@@ -206,7 +118,7 @@ const MaxFollowers = 32
 // ring size and MaxFollowers × the followers' buffers.
 type FlowLog struct {
 	mu        sync.Mutex
-	ring      []FlowEvent
+	ring      []events.Flow
 	next      int  // where the next event goes
 	full      bool // the ring has wrapped
 	total     uint64
@@ -218,11 +130,11 @@ func NewFlowLog(size int) *FlowLog {
 	if size <= 0 {
 		size = DefaultFlowLogSize
 	}
-	return &FlowLog{ring: make([]FlowEvent, size), followers: map[*Follower]struct{}{}}
+	return &FlowLog{ring: make([]events.Flow, size), followers: map[*Follower]struct{}{}}
 }
 
 // Add records ev and hands it to the followers whose filter it passes.
-func (l *FlowLog) Add(ev FlowEvent) {
+func (l *FlowLog) Add(ev events.Flow) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	l.ring[l.next] = ev
@@ -245,14 +157,14 @@ func (l *FlowLog) Add(ev FlowEvent) {
 
 // Recent returns up to limit of the newest events that pass f, oldest
 // first (limit ≤ 0: all that the ring holds).
-func (l *FlowLog) Recent(f FlowFilter, limit int) []FlowEvent {
+func (l *FlowLog) Recent(f FlowFilter, limit int) []events.Flow {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	n := l.next
 	if l.full {
 		n = len(l.ring)
 	}
-	var out []FlowEvent
+	var out []events.Flow
 	for i := 1; i <= n; i++ { // newest first
 		ev := &l.ring[(l.next-i+len(l.ring))%len(l.ring)]
 		if !f.Match(ev) {
@@ -280,7 +192,7 @@ func (l *FlowLog) Total() uint64 {
 type Follower struct {
 	log    *FlowLog
 	filter FlowFilter
-	c      chan FlowEvent
+	c      chan events.Flow
 	lost   uint64
 }
 
@@ -303,13 +215,13 @@ func (l *FlowLog) Follow(f FlowFilter, buf int) (*Follower, error) {
 	if len(l.followers) >= MaxFollowers {
 		return nil, ErrTooManyFollowers
 	}
-	fo := &Follower{log: l, filter: f, c: make(chan FlowEvent, buf)}
+	fo := &Follower{log: l, filter: f, c: make(chan events.Flow, buf)}
 	l.followers[fo] = struct{}{}
 	return fo, nil
 }
 
 // C delivers the events.
-func (f *Follower) C() <-chan FlowEvent { return f.c }
+func (f *Follower) C() <-chan events.Flow { return f.c }
 
 // Lost returns and resets how many events were dropped because the
 // follower's buffer was full.

@@ -6,47 +6,45 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
-	"strings"
-	"sync"
 	"testing"
 	"time"
 
+	"github.com/mantlet/mantlet/events"
 	"github.com/mantlet/mantlet/ztunnel"
 )
 
-func TestFlowEventDescribesTheFlow(t *testing.T) {
+func TestNewFlowDescribesTheFlow(t *testing.T) {
 	r := hboneOut(9)
 	r.Verdict = ztunnel.Verdict{Policy: "shop/deny-frontend", Rule: 2, Reason: "denied-by-policy"}
 	r.Flag, r.Err = ztunnel.FlagPolicyDenied, errors.New(`ztunnel: denied by policy "shop/deny-frontend"`)
 	r.Duration = 1500 * time.Microsecond
-	ev := NewFlowEvent(r, EventClose, time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC))
-	got, err := json.Marshal(ev)
+	f := NewFlow(r, events.Close, time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC))
+	got, err := json.Marshal(f)
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := `{"time":"2026-11-25T12:00:00Z","event":"close","id":9,"direction":"outbound","path":"hbone",` +
+	want := `{"v":1,"time":"2026-11-25T12:00:00Z","kind":"flow","event":"close","id":9,"direction":"outbound","path":"hbone","mtls":true,` +
 		`"src":{"addr":"198.19.1.10:40000","workload":"frontend-7d9f-abcde","namespace":"shop","identity":"spiffe://cluster.local/ns/shop/sa/frontend"},` +
 		`"dst":{"addr":"198.19.2.10:8443","workload":"payments-0","namespace":"shop","identity":"spiffe://cluster.local/ns/shop/sa/payments","service":"payments.shop.svc.cluster.local"},` +
-		`"hbone_addr":"198.19.2.10:8443","mtls":true,"bytes_sent":0,"bytes_received":0,"duration_ms":1.5,"response_flag":"policy_denied",` +
+		`"bytes_sent":0,"bytes_received":0,"duration_ms":1.5,"response_flag":"policy_denied",` +
 		`"verdict":"denied","reason":"denied-by-policy","policy":"shop/deny-frontend","rule":2,"error":"ztunnel: denied by policy \"shop/deny-frontend\""}`
 	if string(got) != want {
-		t.Errorf("event =\n%s\nwant\n%s", got, want)
+		t.Errorf("flow =\n%s\nwant\n%s", got, want)
 	}
 }
 
-func TestFlowEventOfACutFlowNamesThePolicyThatCutIt(t *testing.T) {
+func TestNewFlowOfACutFlowNamesThePolicyThatCutIt(t *testing.T) {
 	r := hboneOut(7)
 	r.Direction = ztunnel.Inbound
 	r.Admitted = ztunnel.Verdict{Allow: true, Reason: "allowed-by-default"}
 	r.Verdict = ztunnel.Verdict{Flag: ztunnel.FlagPolicyDenied, Policy: "shop/deny-8080", Rule: 0, Reason: "denied-by-policy"}
 	r.Flag, r.Sent, r.Received = ztunnel.FlagPolicyDenied, 5, 5
-	ev := NewFlowEvent(r, EventClose, time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC))
-	if ev.Verdict != VerdictDenied || ev.Reason != "denied-by-policy" || ev.Policy != "shop/deny-8080" || ev.Rule == nil || *ev.Rule != 0 ||
-		ev.ResponseFlag != "policy_denied" || ev.BytesSent != 5 {
-		t.Errorf("event %+v; want denied by rule 0 of shop/deny-8080 with its 5 bytes", ev)
+	f := NewFlow(r, events.Close, time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC))
+	if f.Verdict != events.Denied || f.Reason != "denied-by-policy" || f.Policy != "shop/deny-8080" || f.Rule != 0 ||
+		f.ResponseFlag != "policy_denied" || f.BytesSent != 5 {
+		t.Errorf("flow %+v; want denied by rule 0 of shop/deny-8080 with its 5 bytes", f)
 	}
-	if !(FlowFilter{Verdict: VerdictDenied}).Match(&ev) {
+	if !(FlowFilter{Verdict: events.Denied}).Match(&f) {
 		t.Error("--verdict denied does not match the cut flow")
 	}
 }
@@ -58,14 +56,14 @@ func TestVerdictOfTellsDenialsFromFlowsNeverAsked(t *testing.T) {
 		flag    ztunnel.ResponseFlag
 		want    string
 	}{
-		{"allowed and ran", ztunnel.Verdict{Allow: true}, ztunnel.FlagNone, VerdictAllowed},
-		{"allowed, then the destination refused", ztunnel.Verdict{Allow: true}, ztunnel.FlagConnectFailed, VerdictAllowed},
-		{"denied by policy", ztunnel.Verdict{}, ztunnel.FlagPolicyDenied, VerdictDenied},
-		{"denied with a flag of its own", ztunnel.Verdict{Flag: ztunnel.FlagStrictPlaintext}, ztunnel.FlagStrictPlaintext, VerdictDenied},
+		{"allowed and ran", ztunnel.Verdict{Allow: true}, ztunnel.FlagNone, events.Allowed},
+		{"allowed, then the destination refused", ztunnel.Verdict{Allow: true}, ztunnel.FlagConnectFailed, events.Allowed},
+		{"denied by policy", ztunnel.Verdict{}, ztunnel.FlagPolicyDenied, events.Denied},
+		{"denied with a flag of its own", ztunnel.Verdict{Flag: ztunnel.FlagStrictPlaintext}, ztunnel.FlagStrictPlaintext, events.Denied},
 		{"refused before policy was asked", ztunnel.Verdict{}, ztunnel.FlagUnknownSource, ""},
-		{"admitted, then cut by a policy change", ztunnel.Verdict{Flag: ztunnel.FlagPolicyDenied, Reason: "denied-by-policy"}, ztunnel.FlagPolicyDenied, VerdictDenied},
-		{"pre-checked, then refused by the destination (401)", ztunnel.Verdict{Flag: ztunnel.FlagHBONERefused, Reason: ztunnel.ReasonDeniedByDestination}, ztunnel.FlagHBONERefused, VerdictDenied},
-		{"pre-checked, then the destination could not connect (503)", ztunnel.Verdict{Allow: true}, ztunnel.FlagHBONERefused, VerdictAllowed},
+		{"admitted, then cut by a policy change", ztunnel.Verdict{Flag: ztunnel.FlagPolicyDenied, Reason: "denied-by-policy"}, ztunnel.FlagPolicyDenied, events.Denied},
+		{"pre-checked, then refused by the destination (401)", ztunnel.Verdict{Flag: ztunnel.FlagHBONERefused, Reason: ztunnel.ReasonDeniedByDestination}, ztunnel.FlagHBONERefused, events.Denied},
+		{"pre-checked, then the destination could not connect (503)", ztunnel.Verdict{Allow: true}, ztunnel.FlagHBONERefused, events.Allowed},
 	} {
 		r := hboneOut(0)
 		r.Verdict, r.Flag = c.verdict, c.flag
@@ -75,11 +73,11 @@ func TestVerdictOfTellsDenialsFromFlowsNeverAsked(t *testing.T) {
 	}
 }
 
-func event(i int, ns, verdict string) FlowEvent {
-	return FlowEvent{Event: EventClose, ID: uint64(i), Src: Endpoint{Namespace: ns, Workload: fmt.Sprintf("w%d", i)}, Verdict: verdict}
+func event(i int, ns, verdict string) events.Flow {
+	return events.Flow{Kind: events.KindFlow, Event: events.Close, ID: uint64(i), Src: events.Endpoint{Namespace: ns, Workload: fmt.Sprintf("w%d", i)}, Verdict: verdict}
 }
 
-func ids(evs []FlowEvent) []uint64 {
+func ids(evs []events.Flow) []uint64 {
 	var out []uint64
 	for _, e := range evs {
 		out = append(out, e.ID)
@@ -90,13 +88,13 @@ func ids(evs []FlowEvent) []uint64 {
 func TestFlowLogKeepsTheNewestAndFilters(t *testing.T) {
 	l := NewFlowLog(4)
 	for i := 1; i <= 6; i++ {
-		v := VerdictAllowed
+		v := events.Allowed
 		if i%2 == 0 {
-			v = VerdictDenied
+			v = events.Denied
 		}
 		l.Add(event(i, "shop", v))
 	}
-	l.Add(event(7, "web", VerdictDenied))
+	l.Add(event(7, "web", events.Denied))
 	for _, c := range []struct {
 		name  string
 		f     FlowFilter
@@ -105,7 +103,7 @@ func TestFlowLogKeepsTheNewestAndFilters(t *testing.T) {
 	}{
 		{"all, oldest first", FlowFilter{}, 0, "[4 5 6 7]"},
 		{"limit keeps the newest", FlowFilter{}, 2, "[6 7]"},
-		{"denied", FlowFilter{Verdict: VerdictDenied}, 0, "[4 6 7]"},
+		{"denied", FlowFilter{Verdict: events.Denied}, 0, "[4 6 7]"},
 		{"namespace", FlowFilter{Namespace: "web"}, 0, "[7]"},
 		{"workload by name", FlowFilter{Workload: "w5"}, 0, "[5]"},
 		{"workload by namespace/name", FlowFilter{Workload: "shop/w7"}, 0, "[]"},
@@ -121,15 +119,15 @@ func TestFlowLogKeepsTheNewestAndFilters(t *testing.T) {
 
 func TestFlowLogFollowersNeverBlockTheWriter(t *testing.T) {
 	l := NewFlowLog(8)
-	slow, err := l.Follow(FlowFilter{Verdict: VerdictDenied}, 2)
+	slow, err := l.Follow(FlowFilter{Verdict: events.Denied}, 2)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer slow.Close()
 	for i := 1; i <= 10; i++ {
-		l.Add(event(i, "shop", VerdictDenied)) // nobody reads: must not block
+		l.Add(event(i, "shop", events.Denied)) // nobody reads: must not block
 	}
-	l.Add(event(11, "shop", VerdictAllowed)) // filtered out, not lost
+	l.Add(event(11, "shop", events.Allowed)) // filtered out, not lost
 	if got := []uint64{(<-slow.C()).ID, (<-slow.C()).ID}; fmt.Sprint(got) != "[1 2]" {
 		t.Errorf("follower got %v, want the first two", got)
 	}
@@ -153,86 +151,23 @@ func TestFlowLogFollowersNeverBlockTheWriter(t *testing.T) {
 	}
 }
 
-// blockingWriter blocks every write until released.
-type blockingWriter struct {
-	release chan struct{}
-	mu      sync.Mutex
-	buf     bytes.Buffer
-}
-
-func (w *blockingWriter) Write(p []byte) (int, error) {
-	<-w.release
-	w.mu.Lock()
-	defer w.mu.Unlock()
-	return w.buf.Write(p)
-}
-
-func TestAccessLogDropsUnderAFloodWithoutBlocking(t *testing.T) {
-	w := &blockingWriter{release: make(chan struct{})}
-	a := NewAccessLog(w, AccessLogOptions{Rate: 10, Burst: 5, QueueSize: 3, SummaryEvery: time.Hour})
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- a.Run(ctx) }()
-
-	start := time.Now()
-	for i := range 1000 {
-		a.Log(event(i, "shop", VerdictAllowed))
-	}
-	if d := time.Since(start); d > 100*time.Millisecond {
-		t.Errorf("1000 Log calls took %v with a stuck writer: Log blocks", d)
-	}
-	// At most the burst passes the limiter, and at most the queue (plus the
-	// one line the writer holds) is kept of it.
-	if got := a.Dropped(); got < 1000-5 {
-		t.Errorf("Dropped = %d, want at least %d", got, 1000-5)
-	}
-	close(w.release)
-	cancel()
-	if err := <-done; err != nil {
-		t.Fatal(err)
-	}
-	lines := strings.Split(strings.TrimSpace(w.buf.String()), "\n")
-	last := lines[len(lines)-1]
-	var sum struct {
-		Event   string
-		Dropped uint64
-		Msg     string
-	}
-	if err := json.Unmarshal([]byte(last), &sum); err != nil || sum.Event != "dropped" || sum.Dropped != a.Dropped() {
-		t.Fatalf("last line %q: want a summary of %d dropped lines (%v)", last, a.Dropped(), err)
-	}
-	if want := fmt.Sprintf("access log: dropped %d lines", a.Dropped()); !strings.HasPrefix(sum.Msg, want) {
-		t.Errorf("summary msg %q, want prefix %q", sum.Msg, want)
-	}
-	if kept := uint64(len(lines) - 1); kept+a.Dropped() != 1000 {
-		t.Errorf("%d lines written + %d dropped != 1000", kept, a.Dropped())
-	}
-}
-
 func TestAccessLogWritesOneJSONLinePerFlow(t *testing.T) {
 	var buf bytes.Buffer
-	a := NewAccessLog(&buf, AccessLogOptions{})
-	o := NewObserver(ObserverOptions{AccessLog: a, Flows: NewFlowLog(16),
-		Now: func() time.Time { return time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC) }})
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- a.Run(ctx) }()
+	a := events.NewWriter(&buf, events.WriterOptions{Node: "node-a"})
+	now := time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC)
+	o := NewObserver(ObserverOptions{AccessLog: a, Flows: NewFlowLog(16), Now: func() time.Time { return now }})
 	r := hboneOut(3)
 	r.Sent, r.Received = 11, 22
 	o.FlowEnded(r)
+	ctx, cancel := context.WithCancel(context.Background())
 	cancel()
-	if err := <-done; err != nil {
-		t.Fatal(err)
+	a.Run(ctx)
+	want := NewFlow(r, events.Close, now)
+	want.Node = "node-a"
+	if got := buf.String(); got != string(want.Append(nil))+"\n" {
+		t.Errorf("access log:\n%s\nwant the flow's line:\n%s", got, want.Append(nil))
 	}
-	dec := json.NewDecoder(&buf)
-	var ev FlowEvent
-	if err := dec.Decode(&ev); err != nil {
-		t.Fatal(err)
-	}
-	if ev.ID != 3 || ev.BytesSent != 11 || ev.BytesReceived != 22 || ev.Verdict != VerdictAllowed || ev.Src.Identity != id(frontend).String() {
-		t.Errorf("line = %+v", ev)
-	}
-	if err := dec.Decode(&ev); err != io.EOF {
-		t.Errorf("more than one line: %v %+v", err, ev)
+	if want.BytesSent != 11 || want.Verdict != events.Allowed || want.Src.Identity != id(frontend).String() {
+		t.Errorf("line = %+v", want)
 	}
 }

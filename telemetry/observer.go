@@ -1,8 +1,9 @@
 // Package telemetry turns what the ztunnel does into what operators read:
 // Istio-compatible TCP metrics (istio_tcp_*), mantlet's own metrics
 // (mantlet_*: policy decisions, certificates, the HBONE pool, build info),
-// the JSON access log, and the ring buffer of recent flows that the admin
-// API serves. It hangs off the ztunnel's flow hooks and never blocks them.
+// the access log (lines of package events), and the ring buffer of recent
+// flows that the admin API serves. It hangs off the ztunnel's flow hooks
+// and never blocks them.
 package telemetry
 
 import (
@@ -11,6 +12,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/mantlet/mantlet/events"
 	"github.com/mantlet/mantlet/internal/workload"
 	"github.com/mantlet/mantlet/ztunnel"
 )
@@ -23,7 +25,7 @@ const DefaultFlushInterval = 5 * time.Second
 type ObserverOptions struct {
 	// AccessLog receives a line per closed flow (and per opened flow with
 	// LogOpens).
-	AccessLog *AccessLog
+	AccessLog *events.Writer
 	LogOpens  bool
 	// Flows keeps recent flow events for the admin API.
 	Flows *FlowLog
@@ -52,7 +54,8 @@ func NewObserver(opts ObserverOptions) *Observer {
 func (o *Observer) Collectors() []prometheus.Collector {
 	cs := []prometheus.Collector{o.Traffic, o.Verdicts}
 	if o.opts.AccessLog != nil {
-		cs = append(cs, o.opts.AccessLog)
+		cs = append(cs, events.NewCollector(o.opts.AccessLog, "mantlet_accesslog_lines_total",
+			"Access log lines, by result: written, suppressed (rate_limited, queue_full) or lost to a failed write (failed)."))
 	}
 	return cs
 }
@@ -63,12 +66,12 @@ func (o *Observer) FlowOpened(l *ztunnel.LiveFlow) {
 	r := OpenRecord(l)
 	o.Traffic.Opened(&r)
 	if o.opts.LogOpens && o.opts.AccessLog != nil || o.opts.Flows != nil {
-		ev := NewFlowEvent(&r, EventOpen, o.opts.Now().UTC())
+		f := NewFlow(&r, events.Open, o.opts.Now().UTC())
 		if o.opts.LogOpens && o.opts.AccessLog != nil {
-			o.opts.AccessLog.Log(ev)
+			o.opts.AccessLog.Emit(&f)
 		}
 		if o.opts.Flows != nil {
-			o.opts.Flows.Add(ev)
+			o.opts.Flows.Add(f)
 		}
 	}
 }
@@ -81,12 +84,12 @@ func (o *Observer) FlowEnded(r *ztunnel.FlowRecord) {
 		o.Verdicts.RateLimited(r.Flag.String(), r.Verdict.Policy)
 	}
 	if o.opts.AccessLog != nil || o.opts.Flows != nil {
-		ev := NewFlowEvent(r, EventClose, o.opts.Now().UTC())
+		f := NewFlow(r, events.Close, o.opts.Now().UTC())
 		if o.opts.AccessLog != nil {
-			o.opts.AccessLog.Log(ev)
+			o.opts.AccessLog.Emit(&f)
 		}
 		if o.opts.Flows != nil {
-			o.opts.Flows.Add(ev)
+			o.opts.Flows.Add(f)
 		}
 	}
 }
@@ -107,8 +110,8 @@ func (o *Observer) countDecisions(r *ztunnel.FlowRecord) {
 	v, ok := verdictOf(r)
 	switch {
 	case !ok:
-	case hboneSource && (v == VerdictAllowed || r.Verdict.Flag == ztunnel.FlagHBONERefused):
-	case v == VerdictDenied:
+	case hboneSource && (v == events.Allowed || r.Verdict.Flag == ztunnel.FlagHBONERefused):
+	case v == events.Denied:
 		o.Verdicts.Decision("deny", reasonOf(r), r.Verdict.Policy)
 	default:
 		o.Verdicts.Decision("allow", reasonOf(r), r.Verdict.Policy)

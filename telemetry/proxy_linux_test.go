@@ -21,6 +21,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
+	"github.com/mantlet/mantlet/events"
 	"github.com/mantlet/mantlet/internal/workload"
 	"github.com/mantlet/mantlet/ztunnel"
 )
@@ -156,7 +157,7 @@ func TestObserverOnALiveProxy(t *testing.T) {
 		series("istio_tcp_received_bytes_total", 1500)+series("istio_tcp_sent_bytes_total", 1500), trafficNames...)
 
 	evs := o.opts.Flows.Recent(FlowFilter{}, 0)
-	if len(evs) != 2 || evs[0].Event != EventOpen || evs[1].Event != EventClose || evs[0].ID != evs[1].ID || evs[1].BytesSent != 1500 {
+	if len(evs) != 2 || evs[0].Event != events.Open || evs[1].Event != events.Close || evs[0].ID != evs[1].ID || evs[1].BytesSent != 1500 {
 		t.Errorf("flow log = %+v, want open then close of one flow", evs)
 	}
 }

@@ -18,6 +18,7 @@ import (
 	"github.com/mantlet/mantlet/admin"
 	"github.com/mantlet/mantlet/agent"
 	"github.com/mantlet/mantlet/bpf"
+	"github.com/mantlet/mantlet/events"
 	"github.com/mantlet/mantlet/identity"
 	"github.com/mantlet/mantlet/internal/workload"
 	"github.com/mantlet/mantlet/policy"
@@ -196,24 +197,25 @@ func New(t testing.TB) *Fixture {
 	return f
 }
 
-// Denied is a flow event of a denied connection frontend-0 → payments-0
+// Denied is the flow of a denied connection frontend-0 → payments-0
 // (an ALLOW policy selects payments, none of its rules admits frontend).
-func Denied(id uint64) telemetry.FlowEvent {
-	return telemetry.FlowEvent{
-		Time: Now, Event: telemetry.EventClose, ID: id, Direction: "inbound", Path: "hbone",
-		Src:  telemetry.Endpoint{Addr: "198.19.1.10:40000", Workload: "frontend-0", Namespace: "shop", Identity: "spiffe://cluster.local/ns/shop/sa/frontend"},
-		Dst:  telemetry.Endpoint{Addr: "198.19.2.10:8443", Workload: "payments-0", Namespace: "shop", Identity: "spiffe://cluster.local/ns/shop/sa/payments"},
-		MTLS: true, ResponseFlag: "policy_denied", Verdict: telemetry.VerdictDenied,
+func Denied(id uint64) events.Flow {
+	return events.Flow{
+		Time: Now, Kind: events.KindFlow, Event: events.Close, ID: id, Direction: "inbound", Path: "hbone",
+		Src:  events.Endpoint{Addr: netip.MustParseAddrPort("198.19.1.10:40000"), Workload: "frontend-0", Namespace: "shop", Identity: "spiffe://cluster.local/ns/shop/sa/frontend"},
+		Dst:  events.Endpoint{Addr: netip.MustParseAddrPort("198.19.2.10:8443"), Workload: "payments-0", Namespace: "shop", Identity: "spiffe://cluster.local/ns/shop/sa/payments"},
+		MTLS: true, ResponseFlag: "policy_denied", Verdict: events.Denied,
 	}
 }
 
-// Allowed is a flow event of an allowed connection checkout-0 →
-// payments-0 that carried bytes.
-func Allowed(id uint64) telemetry.FlowEvent {
-	return telemetry.FlowEvent{
-		Time: Now, Event: telemetry.EventClose, ID: id, Direction: "outbound", Path: "hbone",
-		Src:       telemetry.Endpoint{Addr: "198.19.1.20:41000", Workload: "checkout-0", Namespace: "shop", Identity: "spiffe://cluster.local/ns/shop/sa/checkout"},
-		Dst:       telemetry.Endpoint{Addr: "198.19.2.10:8443", Workload: "payments-0", Namespace: "shop", Identity: "spiffe://cluster.local/ns/shop/sa/payments", Service: "payments.shop.svc.cluster.local"},
-		HBONEAddr: "198.19.2.10:8443", MTLS: true, BytesSent: 512, BytesReceived: 2048, DurationMS: 12.5, ResponseFlag: "-", Verdict: telemetry.VerdictAllowed,
+// Allowed is the flow of an allowed connection checkout-0 → payments-0
+// that carried bytes.
+func Allowed(id uint64) events.Flow {
+	return events.Flow{
+		Time: Now, Kind: events.KindFlow, Event: events.Close, ID: id, Direction: "outbound", Path: "hbone",
+		Src: events.Endpoint{Addr: netip.MustParseAddrPort("198.19.1.20:41000"), Workload: "checkout-0", Namespace: "shop", Identity: "spiffe://cluster.local/ns/shop/sa/checkout"},
+		Dst: events.Endpoint{Addr: netip.MustParseAddrPort("198.19.2.10:8443"), Workload: "payments-0", Namespace: "shop", Identity: "spiffe://cluster.local/ns/shop/sa/payments",
+			Service: "payments.shop.svc.cluster.local"},
+		MTLS: true, BytesSent: 512, BytesReceived: 2048, DurationMS: 12.5, ResponseFlag: "-", Verdict: events.Allowed,
 	}
 }

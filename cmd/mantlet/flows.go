@@ -11,6 +11,7 @@ import (
 
 	"sigs.k8s.io/yaml"
 
+	"github.com/mantlet/mantlet/events"
 	"github.com/mantlet/mantlet/telemetry"
 )
 
@@ -36,7 +37,7 @@ func runFlows(ctx context.Context, e *env, args []string) error {
 		return err
 	}
 	switch f.Verdict {
-	case "", telemetry.VerdictAllowed, telemetry.VerdictDenied:
+	case "", events.Allowed, events.Denied:
 	default:
 		fmt.Fprintf(e.stderr, "mantlet flows: --verdict %q: want allowed or denied\n", f.Verdict)
 		return errUsage
@@ -44,7 +45,7 @@ func runFlows(ctx context.Context, e *env, args []string) error {
 	switch f.Event {
 	case "all":
 		f.Event = ""
-	case telemetry.EventOpen, telemetry.EventClose:
+	case events.Open, events.Close:
 	default:
 		fmt.Fprintf(e.stderr, "mantlet flows: --event %q: want open, close or all\n", f.Event)
 		return errUsage
@@ -73,13 +74,13 @@ func runFlows(ctx context.Context, e *env, args []string) error {
 		return err
 	}
 	defer done()
-	var print func(ev *telemetry.FlowEvent) error
+	var print func(ev *events.Flow) error
 	switch cf.output {
 	case "json":
 		enc := json.NewEncoder(e.stdout)
-		print = func(ev *telemetry.FlowEvent) error { return enc.Encode(ev) }
+		print = func(ev *events.Flow) error { return enc.Encode(ev) }
 	case "yaml":
-		print = func(ev *telemetry.FlowEvent) error {
+		print = func(ev *events.Flow) error {
 			b, err := yaml.Marshal(ev)
 			if err != nil {
 				return err
@@ -90,12 +91,12 @@ func runFlows(ctx context.Context, e *env, args []string) error {
 	default:
 		// Columns of fixed width: rows arrive one at a time.
 		fmt.Fprintf(e.stdout, flowFormat, "TIME", "DIR", "SOURCE", "DESTINATION", "VERDICT", "FLAG", "BYTES →/←", "POLICY")
-		print = func(ev *telemetry.FlowEvent) error {
+		print = func(ev *events.Flow) error {
 			_, err := fmt.Fprintf(e.stdout, flowFormat, flowCols(ev)...)
 			return err
 		}
 	}
-	err = c.Follow(ctx, f, last, func(ev telemetry.FlowEvent) error { return print(&ev) },
+	err = c.Follow(ctx, f, last, func(ev events.Flow) error { return print(&ev) },
 		func(n uint64) {
 			fmt.Fprintf(e.stderr, "mantlet flows: %d flows not shown: the stream fell behind\n", n)
 		})
@@ -111,11 +112,11 @@ func flowHeader(tw io.Writer) {
 	row(tw, "TIME", "DIR", "SOURCE", "DESTINATION", "VERDICT", "FLAG", "BYTES →/←", "POLICY")
 }
 
-func flowRow(tw io.Writer, ev *telemetry.FlowEvent) {
+func flowRow(tw io.Writer, ev *events.Flow) {
 	row(tw, flowCols(ev)...)
 }
 
-func flowCols(ev *telemetry.FlowEvent) []any {
+func flowCols(ev *events.Flow) []any {
 	dir := ev.Direction
 	switch dir {
 	case "outbound":
@@ -125,12 +126,12 @@ func flowCols(ev *telemetry.FlowEvent) []any {
 	case "inbound_plaintext":
 		dir = "in-plain"
 	}
-	if ev.Event == telemetry.EventOpen {
+	if ev.Event == events.Open {
 		dir += "+"
 	}
 	policy := ev.Policy
-	if policy != "" && ev.Rule != nil {
-		policy = fmt.Sprintf("%s[%d]", policy, *ev.Rule)
+	if policy != "" {
+		policy = fmt.Sprintf("%s[%d]", policy, ev.Rule)
 	}
 	verdict := ev.Verdict
 	if verdict == "" {
@@ -142,12 +143,14 @@ func flowCols(ev *telemetry.FlowEvent) []any {
 
 // endpoint names one end: namespace/pod (address), the service for a
 // destination reached through one.
-func endpoint(ep telemetry.Endpoint, dst bool) string {
+func endpoint(ep events.Endpoint, dst bool) string {
 	var b strings.Builder
 	if ep.Workload != "" {
 		b.WriteString(ep.Namespace + "/" + ep.Workload + " ")
 	}
-	b.WriteString(ep.Addr)
+	if ep.Addr.IsValid() {
+		b.WriteString(ep.Addr.String())
+	}
 	if dst && ep.Service != "" {
 		b.WriteString(" via " + strings.TrimSuffix(ep.Service, ".svc.cluster.local"))
 	}

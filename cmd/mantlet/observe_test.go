@@ -15,8 +15,8 @@ import (
 
 	"github.com/mantlet/mantlet/admin"
 	"github.com/mantlet/mantlet/admin/admintest"
+	"github.com/mantlet/mantlet/events"
 	"github.com/mantlet/mantlet/source/file"
-	"github.com/mantlet/mantlet/telemetry"
 )
 
 // runCLI runs mantlet with args against the fixture's admin socket (found
@@ -152,8 +152,8 @@ func TestOperatorCommandsPrintJSONAndYAML(t *testing.T) {
 				c := v.(*admin.Check)
 				return c.Verdict == "denied" && c.Policy == "shop/deny-legacy" && c.Rule == 0 && !c.Source.MTLS
 			}},
-		{[]string{"flows", "-o", "json"}, &[]telemetry.FlowEvent{}, func(v any) bool {
-			evs := *v.(*[]telemetry.FlowEvent)
+		{[]string{"flows", "-o", "json"}, &[]events.Flow{}, func(v any) bool {
+			evs := *v.(*[]events.Flow)
 			return len(evs) == 1 && evs[0].BytesReceived == 2048
 		}},
 	} {
@@ -228,11 +228,11 @@ func TestFlowsFollowStreamsNewDenials(t *testing.T) {
 		pw.Close()
 	}()
 	sc := bufio.NewScanner(pr)
-	next := func() telemetry.FlowEvent {
+	next := func() events.Flow {
 		t.Helper()
-		got := make(chan telemetry.FlowEvent, 1)
+		got := make(chan events.Flow, 1)
 		go func() {
-			var ev telemetry.FlowEvent
+			var ev events.Flow
 			if sc.Scan() {
 				json.Unmarshal(sc.Bytes(), &ev)
 			}
@@ -256,7 +256,7 @@ func TestFlowsFollowStreamsNewDenials(t *testing.T) {
 	if ev := next(); ev.ID != 1 {
 		t.Fatalf("first line: flow %d, want the recent denial 1", ev.ID)
 	}
-	if ev := next(); ev.ID != 2 || ev.Verdict != telemetry.VerdictDenied {
+	if ev := next(); ev.ID != 2 || ev.Verdict != events.Denied {
 		t.Fatalf("streamed flow %+v, want the new denial 2", ev)
 	}
 	cancel()

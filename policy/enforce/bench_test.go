@@ -149,7 +149,7 @@ func BenchmarkAuthorize(b *testing.B) {
 				b.Fatal(err)
 			}
 			eng.SetWorkloads(snap)
-			opts := Options{Node: "node-0"}
+			opts := Options{}
 			if bc.events {
 				w := events.NewWriter(io.Discard, events.WriterOptions{Rate: 1e9})
 				ctx, cancel := context.WithCancel(context.Background())

@@ -10,7 +10,6 @@ package enforce
 import (
 	"context"
 	"log/slog"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -31,8 +30,6 @@ const (
 
 // Options configure an Authorizer. The zero value is usable.
 type Options struct {
-	// Node is the node's name, recorded in events.
-	Node string
 	// TrustDomain names destination identities in events (default
 	// cluster.local).
 	TrustDomain spiffeid.TrustDomain
@@ -65,10 +62,7 @@ type Authorizer struct {
 	lim  *limiters
 	conn conns
 
-	reasons               []atomic.Uint64 // by policy.Reason
-	rateLimited, maxConns atomic.Uint64
-	auditHits, precheck   atomic.Uint64
-	reevaluated, closed   atomic.Uint64
+	auditHits, reevaluated, closed atomic.Uint64 // see Stats
 }
 
 var (
@@ -91,8 +85,7 @@ func New(eng *policy.Engine, opts Options) *Authorizer {
 		opts.TrustDomain = spiffeid.RequireTrustDomainFromString("cluster.local")
 	}
 	a := &Authorizer{eng: eng, opts: opts, ev: opts.Events, log: opts.Logger,
-		lim: newLimiters(opts.MaxLimiters, opts.LimiterIdle), conn: conns{m: map[string]int32{}},
-		reasons: make([]atomic.Uint64, len(policy.Reasons()))}
+		lim: newLimiters(opts.MaxLimiters, opts.LimiterIdle), conn: conns{m: map[string]int32{}}}
 	if a.log == nil {
 		a.log = slog.New(slog.DiscardHandler)
 	}
@@ -145,27 +138,23 @@ func (a *Authorizer) Authorize(_ context.Context, f *ztunnel.Flow) ztunnel.Verdi
 	}
 	in := input(f, f.Dst)
 	d := a.eng.Decide(in)
-	a.reasons[d.Reason].Add(1)
+	v := ztunnel.Verdict{Allow: d.Allowed, Policy: d.Policy, Rule: d.Rule, Reason: d.Reason.String()}
+	if !d.Allowed {
+		v.Flag = Flag(d.Reason)
+	}
 	stage := events.StageConnect
 	if f.PreCheck {
-		a.precheck.Add(1)
 		stage = events.StagePreCheck
 	} else if d.AuditCount > 0 {
 		a.auditHits.Add(uint64(d.AuditCount))
-		flag := "-"
-		if !d.Allowed {
-			flag = Flag(d.Reason).String()
-		}
 		for _, h := range d.AuditHits() {
-			a.emit(f, events.Audit, stage, d.Reason.String(), flag, h.Policy, h.Rule)
+			a.emit(f, nil, events.Audit, stage, v, h)
 		}
 	}
 	if !d.Allowed {
-		flag := Flag(d.Reason)
-		a.emit(f, events.Deny, stage, d.Reason.String(), flag.String(), d.Policy, d.Rule)
-		return ztunnel.Verdict{Flag: flag, Policy: d.Policy, Rule: d.Rule, Reason: d.Reason.String()}
+		a.emit(f, nil, events.Deny, stage, v, policy.AuditHit{})
+		return v
 	}
-	v := ztunnel.Verdict{Allow: true, Policy: d.Policy, Rule: d.Rule, Reason: d.Reason.String()}
 	if f.PreCheck || in.Dst == nil {
 		return v
 	}
@@ -178,15 +167,15 @@ func (a *Authorizer) Authorize(_ context.Context, f *ztunnel.Flow) ztunnel.Verdi
 			k.ip = in.SrcIP.Unmap()
 		}
 		if !a.lim.allow(k, rl, a.opts.Now()) {
-			a.rateLimited.Add(1)
-			a.emit(f, events.Deny, stage, ReasonRateLimited, ztunnel.FlagRateLimited.String(), rl.Policy, -1)
-			return ztunnel.Verdict{Flag: ztunnel.FlagRateLimited, Policy: rl.Policy, Rule: -1, Reason: ReasonRateLimited}
+			v = ztunnel.Verdict{Flag: ztunnel.FlagRateLimited, Policy: rl.Policy, Rule: -1, Reason: ReasonRateLimited}
+			a.emit(f, nil, events.Deny, stage, v, policy.AuditHit{})
+			return v
 		}
 	}
 	if !a.conn.acquire(in.Dst.UID, rl.MaxConnections) {
-		a.maxConns.Add(1)
-		a.emit(f, events.Deny, stage, ReasonMaxConnections, ztunnel.FlagMaxConnections.String(), rl.Policy, -1)
-		return ztunnel.Verdict{Flag: ztunnel.FlagMaxConnections, Policy: rl.Policy, Rule: -1, Reason: ReasonMaxConnections}
+		v = ztunnel.Verdict{Flag: ztunnel.FlagMaxConnections, Policy: rl.Policy, Rule: -1, Reason: ReasonMaxConnections}
+		a.emit(f, nil, events.Deny, stage, v, policy.AuditHit{})
+		return v
 	}
 	return v
 }
@@ -200,26 +189,40 @@ func (a *Authorizer) Release(f *ztunnel.Flow, v ztunnel.Verdict) {
 	a.conn.release(f.Dst.UID)
 }
 
-// emit sends one event about f.
-func (a *Authorizer) emit(f *ztunnel.Flow, verdict events.Verdict, stage events.Stage, reason, flag, pol string, rule int) {
+// emit sends one security event about f, which v decided: l is the open
+// flow a re-evaluation cut (nil before admission), audit the AUDIT
+// policy's rule that matched (for events.Audit).
+func (a *Authorizer) emit(f *ztunnel.Flow, l *ztunnel.LiveFlow, event, stage string, v ztunnel.Verdict, audit policy.AuditHit) {
 	if a.ev == nil {
 		return
 	}
-	e := events.Event{
-		Time: a.opts.Now(), Verdict: verdict, Stage: stage, Reason: reason, Flag: flag, Rule: rule,
-		Node: a.opts.Node, Direction: string(f.Direction), MTLS: f.MTLS, Src: f.SrcAddr, Dst: f.DstAddr,
+	now := a.opts.Now()
+	e := events.Flow{
+		Time: now, Kind: events.KindSecurityEvent, Event: event, Stage: stage,
+		Direction: string(f.Direction), MTLS: f.MTLS,
+		Src:          events.Endpoint{Addr: f.SrcAddr},
+		Dst:          events.Endpoint{Addr: f.DstAddr},
+		ResponseFlag: v.Flag.String(), Verdict: events.Allowed, Reason: v.Reason, Policy: v.Policy, Rule: v.Rule,
+		AuditPolicy: audit.Policy, AuditRule: audit.Rule,
 	}
-	e.PolicyNamespace, e.PolicyName, _ = strings.Cut(pol, "/")
+	if !v.Allow {
+		e.Verdict = events.Denied
+	}
+	if l != nil {
+		e.ID, e.Path = l.ID(), string(l.Path())
+		e.BytesSent, e.BytesReceived = l.Bytes()
+		e.DurationMS = float64(now.Sub(l.Start()).Microseconds()) / 1000
+	}
 	if f.MTLS {
-		e.SrcID = f.SrcID.String()
+		e.Src.Identity = f.SrcID.String()
 	}
 	if f.Src != nil {
-		e.SrcWorkload, e.SrcNamespace = f.Src.Name, f.Src.Namespace
+		e.Src.Workload, e.Src.Namespace = f.Src.Name, f.Src.Namespace
 	}
 	if f.Dst != nil {
-		e.DstWorkload, e.DstNamespace = f.Dst.Name, f.Dst.Namespace
+		e.Dst.Workload, e.Dst.Namespace = f.Dst.Name, f.Dst.Namespace
 		if id, err := f.Dst.ID(a.opts.TrustDomain); err == nil {
-			e.DstID = id.String()
+			e.Dst.Identity = id.String()
 		}
 	}
 	a.ev.Emit(&e)
@@ -259,13 +262,13 @@ func (a *Authorizer) Reevaluate(flows FlowSource, snap *workload.Snapshot) int {
 		if d.Allowed {
 			return true
 		}
-		flag := Flag(d.Reason)
-		l.Deny(ztunnel.Verdict{Flag: flag, Policy: d.Policy, Rule: d.Rule, Reason: d.Reason.String()})
+		v := ztunnel.Verdict{Flag: Flag(d.Reason), Policy: d.Policy, Rule: d.Rule, Reason: d.Reason.String()}
+		l.Deny(v)
 		closed++
 		a.closed.Add(1)
 		cur := *f
 		cur.Dst = dst
-		a.emit(&cur, events.Deny, events.StageReevaluate, d.Reason.String(), flag.String(), d.Policy, d.Rule)
+		a.emit(&cur, l, events.Deny, events.StageReevaluate, v, policy.AuditHit{})
 		sent, recv := l.Bytes()
 		a.log.Info("policy: open flow closed: now refused",
 			"reason", d.Reason.String(), "policy", d.Policy, "rule", d.Rule, "direction", f.Direction,

@@ -106,27 +106,30 @@ func testSnapshot(t testing.TB, payLabels map[string]string) *workload.Snapshot 
 // recorder is an events.Sink that keeps events.
 type recorder struct {
 	mu sync.Mutex
-	ev []events.Event
+	ev []events.Flow
 }
 
-func (r *recorder) Emit(e *events.Event) {
+func (r *recorder) Emit(e *events.Flow) {
 	r.mu.Lock()
 	r.ev = append(r.ev, *e)
 	r.mu.Unlock()
 }
 
-// take returns the events so far as "verdict stage reason flag policy
-// rule" strings and forgets them.
+// take returns the events so far as "event stage verdict reason flag
+// [policy[rule]] [audit:policy[rule]]" strings and forgets them.
 func (r *recorder) take() []string {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	var out []string
 	for _, e := range r.ev {
-		pol := ""
-		if e.PolicyName != "" {
-			pol = e.PolicyNamespace + "/" + e.PolicyName
+		s := strings.Join([]string{e.Event, e.Stage, e.Verdict, e.Reason, e.ResponseFlag}, " ")
+		if e.Policy != "" {
+			s += fmt.Sprintf(" %s[%d]", e.Policy, e.Rule)
 		}
-		out = append(out, fmt.Sprintf("%s %s %s %s %s %d", e.Verdict, e.Stage, e.Reason, e.Flag, pol, e.Rule))
+		if e.AuditPolicy != "" {
+			s += fmt.Sprintf(" audit:%s[%d]", e.AuditPolicy, e.AuditRule)
+		}
+		out = append(out, s)
 	}
 	r.ev = nil
 	return out
@@ -152,7 +155,7 @@ func newFixture(t testing.TB, opts Options) *fixture {
 	}
 	fx.snap = testSnapshot(t, map[string]string{"app": "payments"})
 	fx.eng.SetWorkloads(fx.snap)
-	opts.Node, opts.Events = "node-b", fx.rec
+	opts.Events = fx.rec
 	opts.Now = func() time.Time { return fx.now }
 	fx.az = New(fx.eng, opts)
 	return fx
@@ -182,29 +185,29 @@ func TestAuthorizeVerdictsAndEvents(t *testing.T) {
 	}{
 		{"checkout to payments on 8443 is allowed, and audited",
 			fx.flow(ipCheck, "shop", "checkout", ipPay, 8443), true, ztunnel.FlagNone, "shop/payments-allow-checkout",
-			[]string{"audit connect allowed-by-policy - shop/payments-audit-admin 1"}},
+			[]string{"audit connect allowed allowed-by-policy - shop/payments-allow-checkout[0] audit:shop/payments-audit-admin[1]"}},
 		{"checkout to payments on 22 is refused",
 			fx.flow(ipCheck, "shop", "checkout", ipPay, 22), false, ztunnel.FlagPolicyDenied, "",
-			[]string{"deny connect no-allow-matched policy_denied  -1"}},
+			[]string{"deny connect denied no-allow-matched policy_denied"}},
 		{"frontend to payments is refused",
 			fx.flow(ipFront, "shop", "frontend", ipPay, 8443), false, ztunnel.FlagPolicyDenied, "",
-			[]string{"deny connect no-allow-matched policy_denied  -1"}},
+			[]string{"deny connect denied no-allow-matched policy_denied"}},
 		{"a namespace DENY wins over nothing",
 			fx.flow(ipLegacy, "legacy", "old", ipPay, 8443), false, ztunnel.FlagPolicyDenied, "shop/payments-deny-legacy",
-			[]string{"deny connect denied-by-policy policy_denied shop/payments-deny-legacy 0"}},
+			[]string{"deny connect denied denied-by-policy policy_denied shop/payments-deny-legacy[0]"}},
 		{"an audited refusal reports both",
 			fx.flow(ipAdmin, "shop", "admin", ipPay, 8443), false, ztunnel.FlagPolicyDenied, "",
-			[]string{"audit connect no-allow-matched policy_denied shop/payments-audit-admin 0", "deny connect no-allow-matched policy_denied  -1"}},
+			[]string{"audit connect denied no-allow-matched policy_denied audit:shop/payments-audit-admin[0]", "deny connect denied no-allow-matched policy_denied"}},
 		{"a plaintext source in the allowed block gets in",
 			fx.flow(ipOffice, "", "", ipPay, 9000), true, ztunnel.FlagNone, "shop/payments-allow-checkout", nil},
 		{"a plaintext source elsewhere is refused",
-			fx.flow(ipOutside, "", "", ipPay, 9000), false, ztunnel.FlagPolicyDenied, "", []string{"deny connect no-allow-matched policy_denied  -1"}},
+			fx.flow(ipOutside, "", "", ipPay, 9000), false, ztunnel.FlagPolicyDenied, "", []string{"deny connect denied no-allow-matched policy_denied"}},
 		{"plaintext to a STRICT workload is refused as such",
 			fx.flow(ipOutside, "", "", ipVault, 80), false, ztunnel.FlagStrictPlaintext, "vault/vault-defaults",
-			[]string{"deny connect denied-plaintext-strict strict_plaintext vault/vault-defaults -1"}},
+			[]string{"deny connect denied denied-plaintext-strict strict_plaintext vault/vault-defaults[-1]"}},
 		{"mTLS to a default-deny namespace is refused as such",
 			fx.flow(ipFront, "shop", "frontend", ipVault, 80), false, ztunnel.FlagDeniedDefault, "",
-			[]string{"deny connect denied-by-default-deny denied_default  -1"}},
+			[]string{"deny connect denied denied-by-default-deny denied_default"}},
 		{"a workload without policies admits anyone",
 			fx.flow(ipLegacy, "legacy", "old", ipFront, 80), true, ztunnel.FlagNone, "", nil},
 		{"a destination outside the mesh is not judged",
@@ -236,10 +239,10 @@ func TestEventNamesBothEnds(t *testing.T) {
 	defer fx.rec.mu.Unlock()
 	e := fx.rec.ev[0]
 	e.Time = time.Time{}
-	want := events.Event{Verdict: events.Deny, Stage: events.StageConnect, Reason: "no-allow-matched", Flag: "policy_denied", Rule: -1,
-		Node: "node-b", Direction: "inbound", MTLS: true,
-		SrcID: "spiffe://cluster.local/ns/shop/sa/frontend", Src: netip.AddrPortFrom(ipFront, 40000), SrcWorkload: "frontend-0", SrcNamespace: "shop",
-		DstID: "spiffe://cluster.local/ns/shop/sa/payments", Dst: netip.AddrPortFrom(ipPay, 8443), DstWorkload: "payments-0", DstNamespace: "shop"}
+	want := events.Flow{Kind: events.KindSecurityEvent, Event: events.Deny, Stage: events.StageConnect, Direction: "inbound", MTLS: true,
+		Src:          events.Endpoint{Addr: netip.AddrPortFrom(ipFront, 40000), Workload: "frontend-0", Namespace: "shop", Identity: "spiffe://cluster.local/ns/shop/sa/frontend"},
+		Dst:          events.Endpoint{Addr: netip.AddrPortFrom(ipPay, 8443), Workload: "payments-0", Namespace: "shop", Identity: "spiffe://cluster.local/ns/shop/sa/payments"},
+		ResponseFlag: "policy_denied", Verdict: events.Denied, Reason: "no-allow-matched", Rule: -1}
 	if e != want {
 		t.Fatalf("event\n%+v\nwant\n%+v", e, want)
 	}
@@ -269,7 +272,7 @@ func TestRateLimitPerSourceTripsAndRecovers(t *testing.T) {
 		t.Fatalf("flags %v, want %v", got, want)
 	}
 	evs := fx.rec.take()
-	if !slices.Contains(evs, "deny connect rate-limited rate_limited shop/payments-limits -1") {
+	if !slices.Contains(evs, "deny connect denied rate-limited rate_limited shop/payments-limits[-1]") {
 		t.Fatalf("no rate-limit event in %q", evs)
 	}
 }
@@ -341,7 +344,7 @@ func TestPreCheckUsesNoLimits(t *testing.T) {
 	}{
 		{"a refused pre-check fails fast with an event", Options{},
 			func(fx *fixture) *ztunnel.Flow { return fx.flow(ipFront, "shop", "frontend", ipPay, 8443) },
-			false, []string{"deny precheck no-allow-matched policy_denied  -1"}},
+			false, []string{"deny precheck denied no-allow-matched policy_denied"}},
 		{"pre-checks can be turned off", Options{NoPreCheck: true},
 			func(fx *fixture) *ztunnel.Flow { return fx.flow(ipFront, "shop", "frontend", ipPay, 8443) },
 			true, nil},

@@ -2,12 +2,10 @@ package enforce
 
 import (
 	"github.com/prometheus/client_golang/prometheus"
-
-	"github.com/mantlet/mantlet/events"
 )
 
 // Stats counts what an Authorizer did beyond the verdicts (which the
-// ztunnel's metrics count by response flag).
+// telemetry counts, by reason and response flag, when flows end).
 type Stats struct {
 	// AuditHits counts AUDIT policies that matched admitted or refused
 	// connections.
@@ -32,28 +30,24 @@ func (a *Authorizer) Stats() Stats {
 	}
 }
 
-// Collector exports an Authorizer's Stats and, when events is not nil,
-// the security event writer's counts:
+// Collector exports an Authorizer's Stats:
 //
 //	mantlet_policy_audit_hits_total
 //	mantlet_policy_reevaluated_flows_total{result="kept"|"closed"}
 //	mantlet_policy_ratelimit_buckets
 //	mantlet_policy_ratelimit_buckets_evicted_total
-//	mantlet_security_events_total{result="written"|"suppressed"}
 type Collector struct {
 	a       *Authorizer
-	events  func() events.Stats
 	audit   *prometheus.Desc
 	reeval  *prometheus.Desc
 	buckets *prometheus.Desc
 	evicted *prometheus.Desc
-	evs     *prometheus.Desc
 }
 
-// NewCollector returns a Collector of a; events may be nil.
-func NewCollector(a *Authorizer, events func() events.Stats) *Collector {
+// NewCollector returns a Collector of a.
+func NewCollector(a *Authorizer) *Collector {
 	return &Collector{
-		a: a, events: events,
+		a: a,
 		audit: prometheus.NewDesc("mantlet_policy_audit_hits_total",
 			"AUDIT policies that matched a connection (what a DENY written like them would have refused).", nil, nil),
 		reeval: prometheus.NewDesc("mantlet_policy_reevaluated_flows_total",
@@ -62,8 +56,6 @@ func NewCollector(a *Authorizer, events func() events.Stats) *Collector {
 			"Rate-limit token buckets held (one per destination workload and source identity or plaintext source IP).", nil, nil),
 		evicted: prometheus.NewDesc("mantlet_policy_ratelimit_buckets_evicted_total",
 			"Rate-limit buckets dropped because they were idle or the least recently used beyond the cap.", nil, nil),
-		evs: prometheus.NewDesc("mantlet_security_events_total",
-			"Security events, by result (written, suppressed by the rate limit or a full queue).", []string{"result"}, nil),
 	}
 }
 
@@ -73,9 +65,6 @@ func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.reeval
 	ch <- c.buckets
 	ch <- c.evicted
-	if c.events != nil {
-		ch <- c.evs
-	}
 }
 
 // Collect implements prometheus.Collector.
@@ -86,9 +75,4 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(c.reeval, prometheus.CounterValue, float64(s.Closed), "closed")
 	ch <- prometheus.MustNewConstMetric(c.buckets, prometheus.GaugeValue, float64(s.Buckets))
 	ch <- prometheus.MustNewConstMetric(c.evicted, prometheus.CounterValue, float64(s.Evicted))
-	if c.events != nil {
-		e := c.events()
-		ch <- prometheus.MustNewConstMetric(c.evs, prometheus.CounterValue, float64(e.Written), "written")
-		ch <- prometheus.MustNewConstMetric(c.evs, prometheus.CounterValue, float64(e.Suppressed), "suppressed")
-	}
 }

@@ -181,9 +181,16 @@ func TestPolicyChangeClosesOpenFlowsItNowDenies(t *testing.T) {
 	if !ping(stays) {
 		t.Fatal("the flow the new policy still allows was cut")
 	}
-	want := []string{"deny reevaluate no-allow-matched policy_denied  -1"}
+	fx.rec.mu.Lock()
+	evs := slices.Clone(fx.rec.ev)
+	fx.rec.mu.Unlock()
+	want := []string{"deny reevaluate denied no-allow-matched policy_denied"}
 	if got := fx.rec.take(); !slices.Equal(got, want) {
 		t.Fatalf("events %q, want %q", got, want)
+	}
+	// The event names the flow it cut, with what it carried (the ping).
+	if e := evs[0]; e.ID != r.ID || e.Path != string(r.Path) || e.BytesSent != 4 || e.BytesReceived != 4 {
+		t.Fatalf("event of flow %d (%s) carried %d/%d bytes; want flow %d (%s), 4/4", e.ID, e.Path, e.BytesSent, e.BytesReceived, r.ID, r.Path)
 	}
 
 	// A workload change: payments loses the label the ALLOW policy
