@@ -50,7 +50,7 @@ type PolicyEngine interface {
 type Config struct {
 	// Node is this node's name.
 	Node string
-	// TrustDomain names identities (default cluster.local).
+	// TrustDomain names identities (identity.DefaultTrustDomain when zero).
 	TrustDomain spiffeid.TrustDomain
 	// Version is the build's version, shown in /v1/status.
 	Version string
@@ -92,7 +92,7 @@ func NewServer(cfg Config) (*Server, error) {
 		return nil, errors.New("admin: config: Node and Snapshot are required")
 	}
 	if cfg.TrustDomain.IsZero() {
-		cfg.TrustDomain = spiffeid.RequireTrustDomainFromString("cluster.local")
+		cfg.TrustDomain = identity.DefaultTrustDomain
 	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
@@ -592,8 +592,8 @@ func (s *Server) Check(from, to, port string) (Check, error) {
 		}
 	case strings.Count(from, "/") == 1:
 		ns, sa, _ := strings.Cut(from, "/")
-		id, err := spiffeid.FromSegments(s.cfg.TrustDomain, "ns", ns, "sa", sa)
-		if err != nil || ns == "" || sa == "" {
+		id, err := identity.WorkloadID(s.cfg.TrustDomain, ns, sa)
+		if err != nil {
 			return res, fmt.Errorf("from %q: want namespace/serviceaccount, a SPIFFE ID or an IP", from)
 		}
 		in.SrcID, in.MTLS = id, true

@@ -23,6 +23,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/mantlet/mantlet/bpf"
+	"github.com/mantlet/mantlet/identity"
 	"github.com/mantlet/mantlet/internal/workload"
 	"github.com/mantlet/mantlet/policy/v1alpha1"
 )
@@ -81,7 +82,8 @@ const (
 type Config struct {
 	// Node is the name of this node, as pods' spec.nodeName say.
 	Node string
-	// TrustDomain names the pods' identities (default cluster.local).
+	// TrustDomain names the pods' identities (identity.DefaultTrustDomain
+	// when zero).
 	TrustDomain spiffeid.TrustDomain
 	// DefaultMTLS applies to namespaces without a mode of their own
 	// (default PERMISSIVE).
@@ -169,7 +171,7 @@ func New(cfg Config) (*Agent, error) {
 		return nil, errors.New("agent: config: Links is required")
 	}
 	if cfg.TrustDomain.IsZero() {
-		cfg.TrustDomain = spiffeid.RequireTrustDomainFromString("cluster.local")
+		cfg.TrustDomain = identity.DefaultTrustDomain
 	}
 	if cfg.DefaultMTLS == v1alpha1.MTLSUnset {
 		cfg.DefaultMTLS = v1alpha1.MTLSPermissive

@@ -18,6 +18,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/mantlet/mantlet/events"
+	"github.com/mantlet/mantlet/identity"
 	"github.com/mantlet/mantlet/internal/workload"
 	"github.com/mantlet/mantlet/policy"
 	"github.com/mantlet/mantlet/ztunnel"
@@ -33,8 +34,8 @@ const (
 type Options struct {
 	// Node is the node's name, recorded in events.
 	Node string
-	// TrustDomain names destination identities in events (default
-	// cluster.local).
+	// TrustDomain names destination identities in events
+	// (identity.DefaultTrustDomain when zero).
 	TrustDomain spiffeid.TrustDomain
 	// Events receives security events; nil discards them.
 	Events events.Sink
@@ -88,7 +89,7 @@ func New(eng *policy.Engine, opts Options) *Authorizer {
 		opts.Now = time.Now
 	}
 	if opts.TrustDomain.IsZero() {
-		opts.TrustDomain = spiffeid.RequireTrustDomainFromString("cluster.local")
+		opts.TrustDomain = identity.DefaultTrustDomain
 	}
 	a := &Authorizer{eng: eng, opts: opts, ev: opts.Events, log: opts.Logger,
 		lim: newLimiters(opts.MaxLimiters, opts.LimiterIdle), conn: conns{m: map[string]int32{}},
