@@ -106,11 +106,14 @@ func (a *Authorizer) Engine() *policy.Engine { return a.eng }
 // meshed reports whether w is a mesh workload that policy judges.
 func meshed(w *workload.Workload) bool { return w != nil && w.Enrolled }
 
-// input turns a flow into the engine's question.
-func input(f *ztunnel.Flow, dst *workload.Workload) policy.Input {
+// Input turns a flow into the policy engine's question: the destination
+// only if it is a mesh workload (else policy does not judge it), the
+// source identity only if the source authenticated. Authorize and
+// Reevaluate ask the engine with it, and so does 'mantlet policy check'.
+func Input(f *ztunnel.Flow) policy.Input {
 	in := policy.Input{SrcIP: f.SrcAddr.Addr(), DstPort: f.DstAddr.Port(), MTLS: f.MTLS}
-	if meshed(dst) {
-		in.Dst = dst
+	if meshed(f.Dst) {
+		in.Dst = f.Dst
 	}
 	if f.MTLS {
 		in.SrcID = f.SrcID
@@ -144,7 +147,7 @@ func (a *Authorizer) Authorize(_ context.Context, f *ztunnel.Flow) ztunnel.Verdi
 	if f.PreCheck && a.opts.NoPreCheck {
 		return ztunnel.Verdict{Allow: true}
 	}
-	in := input(f, f.Dst)
+	in := Input(f)
 	d := a.eng.Decide(in)
 	a.reasons[d.Reason].Add(1)
 	stage := events.StageConnect
@@ -249,14 +252,14 @@ func (a *Authorizer) Reevaluate(flows FlowSource, snap *workload.Snapshot) int {
 		if _, done := l.ClosedBy(); done {
 			return true
 		}
-		dst := f.Dst
+		cur := *f // with the destination as snap now describes it
 		if snap != nil {
-			if w := snap.WorkloadByUID(dst.UID); w != nil {
-				dst = w
+			if w := snap.WorkloadByUID(f.Dst.UID); w != nil {
+				cur.Dst = w
 			}
 		}
 		a.reevaluated.Add(1)
-		d := a.eng.Decide(input(f, dst))
+		d := a.eng.Decide(Input(&cur))
 		if d.Allowed {
 			return true
 		}
@@ -264,13 +267,11 @@ func (a *Authorizer) Reevaluate(flows FlowSource, snap *workload.Snapshot) int {
 		l.Deny(ztunnel.Verdict{Flag: flag, Policy: d.Policy, Rule: d.Rule, Reason: d.Reason.String()})
 		closed++
 		a.closed.Add(1)
-		cur := *f
-		cur.Dst = dst
 		a.emit(&cur, events.Deny, events.StageReevaluate, d.Reason.String(), flag.String(), d.Policy, d.Rule)
 		sent, recv := l.Bytes()
 		a.log.Info("policy: open flow closed: now refused",
 			"reason", d.Reason.String(), "policy", d.Policy, "rule", d.Rule, "direction", f.Direction,
-			"src", f.SrcAddr, "src_id", f.SrcID, "dst", f.DstAddr, "dst_workload", dst.String(),
+			"src", f.SrcAddr, "src_id", f.SrcID, "dst", f.DstAddr, "dst_workload", cur.Dst.String(),
 			"age", time.Since(l.Start()).Round(time.Millisecond), "sent", sent, "received", recv)
 		return true
 	})
