@@ -34,7 +34,7 @@ var caCommands = map[string]subcommand{
 }
 
 func runCA(ctx context.Context, e *env, args []string) error {
-	return group{name: "ca", width: 6, commands: caCommands}.run(ctx, e, args)
+	return group{name: "ca", commands: caCommands}.run(ctx, e, args)
 }
 
 // requireFlags prints an error and the usage when a required flag is
