@@ -21,12 +21,17 @@ test: ## run every test of every module (root, test/interop, deploy/tools), then
 test-unit: ## run the tests that need no root, quickly
 	$(GO) test -count=1 -short ./...
 
-lint: ## gofmt, go vet and staticcheck
+# The modules whose go.mod and go.sum must be tidy (a direct import
+# marked // indirect, a missing or unused requirement fails lint).
+MODULES := . test/interop test/kube/tools deploy/tools
+
+lint: ## gofmt, go vet, staticcheck, and go mod tidy -diff of every module
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt wants to change:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 	$(GO) tool staticcheck ./...
 	cd test/interop && $(GO) vet ./... && $(GO) tool staticcheck ./...
 	cd deploy/tools && $(GO) vet ./... && $(GO) tool staticcheck ./...
+	@for m in $(MODULES); do (cd $$m && $(GO) mod tidy -diff) || { echo "$$m/go.mod is not tidy: run 'go mod tidy' in $$m and commit"; exit 1; }; done
 
 # The Kubernetes API server for the tests (internal/kubetest, docs/kubetest.md).
 .PHONY: kube-binaries test-kube

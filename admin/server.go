@@ -24,9 +24,11 @@ import (
 	"github.com/mantlet/mantlet/identity"
 	"github.com/mantlet/mantlet/internal/workload"
 	"github.com/mantlet/mantlet/policy"
+	"github.com/mantlet/mantlet/policy/enforce"
 	"github.com/mantlet/mantlet/policy/v1alpha1"
 	"github.com/mantlet/mantlet/source"
 	"github.com/mantlet/mantlet/telemetry"
+	"github.com/mantlet/mantlet/ztunnel"
 )
 
 // Datapath is what the API reads of the eBPF data path; *bpf.Datapath
@@ -51,7 +53,7 @@ type PolicyEngine interface {
 type Config struct {
 	// Node is this node's name.
 	Node string
-	// TrustDomain names identities (default cluster.local).
+	// TrustDomain names identities (identity.DefaultTrustDomain when zero).
 	TrustDomain spiffeid.TrustDomain
 	// Version is the build's version, shown in /v1/status.
 	Version string
@@ -93,7 +95,7 @@ func NewServer(cfg Config) (*Server, error) {
 		return nil, errors.New("admin: config: Node and Snapshot are required")
 	}
 	if cfg.TrustDomain.IsZero() {
-		cfg.TrustDomain = spiffeid.RequireTrustDomainFromString("cluster.local")
+		cfg.TrustDomain = identity.DefaultTrustDomain
 	}
 	if cfg.Now == nil {
 		cfg.Now = time.Now
@@ -562,13 +564,15 @@ func (s *Server) check(w http.ResponseWriter, r *http.Request) {
 // snapshot. from is a SPIFFE ID, namespace/serviceaccount, or an IP; to a
 // workload (namespace/name), a service (namespace/name when no workload
 // has that name), ip:port, or an IP; port is needed unless to has one.
+// The destination is resolved and the engine asked exactly as the data
+// path does: with ztunnel.Resolve and enforce.Input.
 func (s *Server) Check(from, to, port string) (Check, error) {
 	var res Check
 	if from == "" || to == "" {
 		return res, errors.New("from and to are required")
 	}
 	snap := s.cfg.Snapshot()
-	in := policy.Input{}
+	var f ztunnel.Flow
 
 	// The source.
 	switch ip, err := netip.ParseAddr(from); {
@@ -577,36 +581,33 @@ func (s *Server) Check(from, to, port string) (Check, error) {
 		if err != nil {
 			return res, fmt.Errorf("from %q: %w", from, err)
 		}
-		in.SrcID, in.MTLS = id, true
+		f.SrcID, f.MTLS = id, true
 	case err == nil:
-		in.SrcIP = ip
+		f.SrcAddr = netip.AddrPortFrom(ip, 0)
 		res.Source.IP = ip.String()
-		if wl := snap.WorkloadByIP(ip); wl != nil {
-			res.Source.Workload = wl.String()
-			if wl.Enrolled {
-				id, err := wl.ID(s.cfg.TrustDomain)
+		if f.Src = snap.WorkloadByIP(ip); f.Src != nil {
+			res.Source.Workload = f.Src.String()
+			if f.Src.Enrolled {
+				id, err := f.Src.ID(s.cfg.TrustDomain)
 				if err != nil {
 					return res, fmt.Errorf("from %s: %w", from, err)
 				}
-				in.SrcID, in.MTLS = id, true
+				f.SrcID, f.MTLS = id, true
 			}
 		}
 	case strings.Count(from, "/") == 1:
 		ns, sa, _ := strings.Cut(from, "/")
-		id, err := spiffeid.FromSegments(s.cfg.TrustDomain, "ns", ns, "sa", sa)
-		if err != nil || ns == "" || sa == "" {
+		id, err := identity.WorkloadID(s.cfg.TrustDomain, ns, sa)
+		if err != nil {
 			return res, fmt.Errorf("from %q: want namespace/serviceaccount, a SPIFFE ID or an IP", from)
 		}
-		in.SrcID, in.MTLS = id, true
+		f.SrcID, f.MTLS = id, true
 	default:
 		return res, fmt.Errorf("from %q: want namespace/serviceaccount, a SPIFFE ID or an IP", from)
 	}
-	if in.MTLS {
-		res.Source.Identity = in.SrcID.String()
-	}
-	res.Source.MTLS = in.MTLS
 
-	// The destination.
+	// The destination: an address, or a workload or service by name (its
+	// address), resolved as the ztunnel resolves where a pod connects.
 	var p uint16
 	if port != "" {
 		n, err := strconv.ParseUint(port, 10, 16)
@@ -615,51 +616,51 @@ func (s *Server) Check(from, to, port string) (Check, error) {
 		}
 		p = uint16(n)
 	}
-	var dst *workload.Workload
 	if ap, err := netip.ParseAddrPort(to); err == nil {
-		dst, p = s.resolveIP(snap, ap, &res.Destination)
+		f.DstAddr = ap
 	} else if ip, err := netip.ParseAddr(to); err == nil {
 		if p == 0 {
 			return res, fmt.Errorf("to %s: give a port (--port, or ip:port)", to)
 		}
-		dst, p = s.resolveIP(snap, netip.AddrPortFrom(ip, p), &res.Destination)
+		f.DstAddr = netip.AddrPortFrom(ip, p)
 	} else if ns, name, ok := strings.Cut(to, "/"); ok && ns != "" && name != "" {
-		dst = findWorkload(snap, ns, name)
-		var svc *workload.Service
-		if dst == nil {
-			if svc = findService(snap, ns, name); svc == nil {
-				return res, fmt.Errorf("to %s: no workload or service of that name (see mantlet workloads)", to)
-			}
+		var ip netip.Addr
+		if w := findWorkload(snap, ns, name); w != nil {
+			ip = w.IPs[0]
+		} else if svc := findService(snap, ns, name); svc == nil {
+			return res, fmt.Errorf("to %s: no workload or service of that name (see mantlet workloads)", to)
+		} else if len(svc.VIPs) == 0 {
+			return res, fmt.Errorf("to %s: the service has no address", to)
+		} else {
+			ip = svc.VIPs[0]
 		}
 		if p == 0 {
 			return res, fmt.Errorf("to %s: give a port (--port)", to)
 		}
-		if svc != nil {
-			if len(svc.VIPs) == 0 {
-				return res, fmt.Errorf("to %s: the service has no address", to)
-			}
-			dst, p = s.resolveIP(snap, netip.AddrPortFrom(svc.VIPs[0], p), &res.Destination)
-		}
+		f.DstAddr = netip.AddrPortFrom(ip, p)
 	} else {
 		return res, fmt.Errorf("to %q: want namespace/name, ip:port or an IP with --port", to)
 	}
-	if dst != nil && !dst.Enrolled {
-		dst = nil // not in the mesh: policy does not apply
+	svc, target, dst := ztunnel.Resolve(snap, f.DstAddr, 0)
+	f.DstAddr, f.Dst = target, dst
+	if svc != nil {
+		res.Destination.Service = svc.String()
 	}
-	res.Destination.Port = p
-	if dst != nil {
-		res.Destination.Workload, res.Destination.Meshed = dst.String(), true
-		if id, err := dst.ID(s.cfg.TrustDomain); err == nil {
+
+	in := enforce.Input(&f)
+	d := s.cfg.Policy.Decide(in)
+	res.Source.MTLS = in.MTLS
+	if in.MTLS {
+		res.Source.Identity = in.SrcID.String()
+	}
+	res.Destination.IP, res.Destination.Port = f.DstAddr.Addr().String(), in.DstPort
+	if in.Dst != nil {
+		res.Destination.Workload, res.Destination.Meshed = in.Dst.String(), true
+		if id, err := in.Dst.ID(s.cfg.TrustDomain); err == nil {
 			res.Destination.Identity = id.String()
 		}
-		if len(dst.IPs) > 0 && res.Destination.IP == "" {
-			res.Destination.IP = dst.IPs[0].String()
-		}
-		res.Destination.MTLSMode = string(s.cfg.Policy.MTLSMode(dst))
+		res.Destination.MTLSMode = string(s.cfg.Policy.MTLSMode(in.Dst))
 	}
-	in.Dst, in.DstPort = dst, p
-
-	d := s.cfg.Policy.Decide(in)
 	res.Allowed, res.Reason, res.Action, res.Policy, res.Rule = d.Allowed, d.Reason.String(), string(d.Action), d.Policy, d.Rule
 	res.Verdict = events.Denied
 	if d.Allowed {
@@ -672,21 +673,6 @@ func (s *Server) Check(from, to, port string) (Check, error) {
 	res.RuleSpec = s.ruleSpec(d.Policy, d.Rule)
 	res.Message = message(d)
 	return res, nil
-}
-
-// resolveIP finds the workload at ap and the port it would be reached
-// on: a service VIP:port is resolved to an endpoint and its target port,
-// as the ztunnel does before policy is asked.
-func (s *Server) resolveIP(snap *workload.Snapshot, ap netip.AddrPort, d *CheckDestination) (*workload.Workload, uint16) {
-	d.IP = ap.Addr().String()
-	if wl := snap.WorkloadByIP(ap.Addr()); wl != nil {
-		return wl, ap.Port()
-	}
-	if svc, ep, wl, ok := snap.ResolveService(ap, 0); ok {
-		d.Service, d.IP = svc.String(), ep.Addr().String()
-		return wl, ep.Port()
-	}
-	return nil, ap.Port()
 }
 
 func findWorkload(snap *workload.Snapshot, ns, name string) *workload.Workload {

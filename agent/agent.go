@@ -23,6 +23,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/mantlet/mantlet/bpf"
+	"github.com/mantlet/mantlet/identity"
 	"github.com/mantlet/mantlet/internal/workload"
 	"github.com/mantlet/mantlet/policy/v1alpha1"
 )
@@ -81,7 +82,8 @@ const (
 type Config struct {
 	// Node is the name of this node, as pods' spec.nodeName say.
 	Node string
-	// TrustDomain names the pods' identities (default cluster.local).
+	// TrustDomain names the pods' identities (identity.DefaultTrustDomain
+	// when zero).
 	TrustDomain spiffeid.TrustDomain
 	// DefaultMTLS applies to namespaces without a mode of their own
 	// (default PERMISSIVE).
@@ -169,7 +171,7 @@ func New(cfg Config) (*Agent, error) {
 		return nil, errors.New("agent: config: Links is required")
 	}
 	if cfg.TrustDomain.IsZero() {
-		cfg.TrustDomain = spiffeid.RequireTrustDomainFromString("cluster.local")
+		cfg.TrustDomain = identity.DefaultTrustDomain
 	}
 	if cfg.DefaultMTLS == v1alpha1.MTLSUnset {
 		cfg.DefaultMTLS = v1alpha1.MTLSPermissive
@@ -252,13 +254,12 @@ type desiredPod struct {
 
 // reconcile does one pass and returns when the next is due.
 func (a *Agent) reconcile(ctx context.Context, now time.Time) (next time.Time) {
-	next = now.Add(a.cfg.Resync)
 	a.inMu.Lock()
 	desired, pending := a.desired, a.pending
 	a.pending = false
 	a.inMu.Unlock()
 	if desired == nil {
-		return next
+		return now.Add(a.cfg.Resync)
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
@@ -275,17 +276,63 @@ func (a *Agent) reconcile(ctx context.Context, now time.Time) (next time.Time) {
 		a.cfg.Store.Replace(desired.Snapshot)
 	}
 	want := a.wanted(desired, pending)
-	enrolled := map[int]bool{}
+	p := &pass{now: now, next: now.Add(a.cfg.Resync), enrolled: map[int]bool{}, owned: map[int]bool{}}
 	for _, ifindex := range a.cfg.Datapath.Status().Pods {
-		enrolled[ifindex] = true
+		p.enrolled[ifindex] = true
 	}
-	due := func(t time.Time) {
-		if t.Before(next) {
-			next = t
-		}
+	a.unenrollDeparted(p, want)
+	for _, uid := range sortedKeys(want) {
+		a.enrollWanted(p, uid, want[uid])
 	}
+	// Only when every wanted pod was resolved, so that a transient lookup
+	// failure never un-enrolls (and so un-protects) a live pod.
+	if p.unresolved == 0 {
+		a.unenrollStale(p)
+	}
+	if t := a.closePlaintext(ctx, now); !t.IsZero() {
+		p.due(t)
+	}
+	a.syncIdentities(want)
+	a.applied.Store(true)
+	return p.next
+}
 
-	// Pods that left, opted out or moved away: un-enroll.
+// pass is the bookkeeping of one reconcile pass.
+type pass struct {
+	now, next  time.Time
+	enrolled   map[int]bool // veths the data path has enrolled
+	owned      map[int]bool // veths of the pods that should be enrolled
+	unresolved int          // wanted pods not (yet) in their desired state
+}
+
+// due makes the next pass come no later than t.
+func (p *pass) due(t time.Time) {
+	if t.Before(p.next) {
+		p.next = t
+	}
+}
+
+// attempt runs step for st when st's next attempt is due, and reports
+// whether it ran and succeeded. A failure is recorded in st with backoff
+// (see fail), a success clears st's failures. A pass never comes later
+// than the retry of a pod that is waiting for one.
+func (a *Agent) attempt(p *pass, st *podState, step func() error) bool {
+	if st.retryAt.After(p.now) {
+		p.due(st.retryAt)
+		return false
+	}
+	if err := step(); err != nil {
+		a.fail(st, p.now, err)
+		p.due(st.retryAt)
+		return false
+	}
+	st.failures, st.retryAt, st.lastErr = 0, time.Time{}, ""
+	return true
+}
+
+// unenrollDeparted un-enrolls the veths of pods that left, opted out or
+// moved away.
+func (a *Agent) unenrollDeparted(p *pass, want map[string]desiredPod) {
 	for uid, st := range a.pods {
 		if _, ok := want[uid]; ok {
 			continue
@@ -297,146 +344,117 @@ func (a *Agent) reconcile(ctx context.Context, now time.Time) (next time.Time) {
 		}
 	}
 	for ifindex, st := range a.removing {
-		if st.retryAt.After(now) {
-			due(st.retryAt)
-			continue
-		}
-		if !enrolled[ifindex] {
-			if err := a.markLocal(st, nil); err != nil {
-				a.fail(st, now, err)
-				due(st.retryAt)
-				continue
-			}
-			delete(a.removing, ifindex) // gone already (veth deleted)
-			a.log.Info("pod un-enrolled", "pod", st.name, "ifindex", ifindex, "reason", "veth gone")
-			continue
-		}
-		if err := a.markLocal(st, nil); err != nil {
-			a.fail(st, now, err)
-			due(st.retryAt)
-			continue
-		}
-		if err := a.cfg.Datapath.UnenrollPod(ifindex); err != nil {
-			a.fail(st, now, fmt.Errorf("un-enroll veth %d: %w", ifindex, err))
-			due(st.retryAt)
+		gone := !p.enrolled[ifindex] // the veth was deleted
+		if !a.attempt(p, st, func() error { return a.unenroll(p, st, ifindex) }) {
 			continue
 		}
 		delete(a.removing, ifindex)
-		delete(enrolled, ifindex)
-		a.log.Info("pod un-enrolled", "pod", st.name, "ifindex", ifindex)
+		if gone {
+			a.log.Info("pod un-enrolled", "pod", st.name, "ifindex", ifindex, "reason", "veth gone")
+		} else {
+			a.log.Info("pod un-enrolled", "pod", st.name, "ifindex", ifindex)
+		}
 	}
+}
 
-	// Pods to enroll, or whose veth, addresses or mode changed.
-	owned := map[int]bool{}
-	unresolved := 0
-	for _, uid := range sortedKeys(want) {
-		d := want[uid]
-		st := a.pods[uid]
-		if st == nil {
-			st = &podState{uid: uid, name: d.w.String()}
-			a.pods[uid] = st
-		}
-		if st.ifindex != 0 {
-			owned[st.ifindex] = true
-		}
-		if st.retryAt.After(now) {
-			unresolved++
-			due(st.retryAt)
-			continue
-		}
-		ifindex, err := a.cfg.Links.PodLink(d.ips[0])
-		if err != nil {
-			unresolved++
-			a.fail(st, now, fmt.Errorf("find veth: %w", err))
-			due(st.retryAt)
-			continue
-		}
-		owned[ifindex] = true
-		if rm := a.removing[ifindex]; rm != nil {
-			// The veth was to be un-enrolled for a pod that left, and now
-			// belongs to this one: keep it, drop only the leaver's marks.
-			delete(a.removing, ifindex)
-			for _, ip := range rm.local {
-				if !slices.Contains(d.ips, ip) {
-					if err := a.cfg.Datapath.SetLocalPod(ip, false); err != nil {
-						a.log.Warn("agent: unmark a departed pod's address failed", "pod", rm.name, "ip", ip, "error", err)
-					}
+// unenroll unmarks a departed pod's addresses, then detaches its veth if
+// the veth is still there.
+func (a *Agent) unenroll(p *pass, st *podState, ifindex int) error {
+	if err := a.markLocal(st, nil); err != nil {
+		return err
+	}
+	if !p.enrolled[ifindex] {
+		return nil
+	}
+	if err := a.cfg.Datapath.UnenrollPod(ifindex); err != nil {
+		return fmt.Errorf("un-enroll veth %d: %w", ifindex, err)
+	}
+	delete(p.enrolled, ifindex)
+	return nil
+}
+
+// enrollWanted brings the pod uid, which should be enrolled as d says, to
+// that state: enrolled on its veth, with its addresses and mode.
+func (a *Agent) enrollWanted(p *pass, uid string, d desiredPod) {
+	st := a.pods[uid]
+	if st == nil {
+		st = &podState{uid: uid, name: d.w.String()}
+		a.pods[uid] = st
+	}
+	if st.ifindex != 0 {
+		p.owned[st.ifindex] = true
+	}
+	if !a.attempt(p, st, func() error { return a.enroll(p, st, d) }) {
+		p.unresolved++
+	}
+}
+
+// enroll finds the pod's veth and enrolls it, unless it is enrolled as d
+// says already; then it marks the pod's addresses local.
+func (a *Agent) enroll(p *pass, st *podState, d desiredPod) error {
+	ifindex, err := a.cfg.Links.PodLink(d.ips[0])
+	if err != nil {
+		return fmt.Errorf("find veth: %w", err)
+	}
+	p.owned[ifindex] = true
+	if rm := a.removing[ifindex]; rm != nil {
+		// The veth was to be un-enrolled for a pod that left, and now
+		// belongs to this one: keep it, drop only the leaver's marks.
+		delete(a.removing, ifindex)
+		for _, ip := range rm.local {
+			if !slices.Contains(d.ips, ip) {
+				if err := a.cfg.Datapath.SetLocalPod(ip, false); err != nil {
+					a.log.Warn("agent: unmark a departed pod's address failed", "pod", rm.name, "ip", ip, "error", err)
 				}
 			}
 		}
-		if st.ifindex == ifindex && enrolled[ifindex] && st.strict == d.strict && slices.Equal(st.ips, d.ips) {
-			st.id = d.id
-			if !slices.Equal(st.local, d.ips) {
-				if err := a.markLocal(st, d.ips); err != nil {
-					unresolved++
-					a.fail(st, now, err)
-					due(st.retryAt)
-					continue
-				}
-				st.failures, st.retryAt, st.lastErr = 0, time.Time{}, ""
-			}
-			continue
-		}
-		p := bpf.Pod{HostIfindex: ifindex, IPs: d.ips, Strict: d.strict}
-		if err := a.cfg.Datapath.EnrollPod(p); err != nil {
-			unresolved++
-			a.fail(st, now, fmt.Errorf("enroll veth %d: %w", ifindex, err))
-			due(st.retryAt)
-			continue
-		}
-		adopted := st.ifindex == 0 && enrolled[ifindex]
-		if old := st.ifindex; old != 0 && old != ifindex {
-			// The pod's sandbox was recreated: its old veth is stale.
-			delete(owned, old)
-			if enrolled[old] {
-				if err := a.cfg.Datapath.UnenrollPod(old); err != nil {
-					a.removing[old] = &podState{name: st.name, ifindex: old}
-					a.fail(a.removing[old], now, fmt.Errorf("un-enroll old veth %d: %w", old, err))
-					due(a.removing[old].retryAt)
-				} else {
-					delete(enrolled, old)
-					a.log.Info("old veth un-enrolled", "pod", st.name, "ifindex", old, "reason", "the pod has a new veth")
-				}
-			}
-		}
-		// Turned STRICT, or enrolled STRICT by this agent: end the
-		// plaintext connections the kernel would now refuse to open.
-		st.cut.due = d.strict && (st.cut.due || !st.strict || st.ifindex != ifindex)
-		st.ifindex, st.ips, st.strict, st.id = ifindex, d.ips, d.strict, d.id
-		enrolled[ifindex] = true
-		if err := a.markLocal(st, d.ips); err != nil {
-			unresolved++
-			a.fail(st, now, err)
-			due(st.retryAt)
-			continue
-		}
-		st.failures, st.retryAt, st.lastErr = 0, time.Time{}, ""
-		a.log.Info("pod enrolled", "pod", st.name, "ip", d.ips[0], "ifindex", ifindex, "strict", d.strict, "spiffe_id", d.id.String(), "adopted", adopted)
 	}
+	if st.ifindex == ifindex && p.enrolled[ifindex] && st.strict == d.strict && slices.Equal(st.ips, d.ips) {
+		st.id = d.id
+		return a.markLocal(st, d.ips)
+	}
+	if err := a.cfg.Datapath.EnrollPod(bpf.Pod{HostIfindex: ifindex, IPs: d.ips, Strict: d.strict}); err != nil {
+		return fmt.Errorf("enroll veth %d: %w", ifindex, err)
+	}
+	adopted := st.ifindex == 0 && p.enrolled[ifindex]
+	if old := st.ifindex; old != 0 && old != ifindex {
+		// The pod's sandbox was recreated: its old veth is stale.
+		delete(p.owned, old)
+		if p.enrolled[old] {
+			rm := &podState{name: st.name, ifindex: old}
+			if a.attempt(p, rm, func() error { return a.unenroll(p, rm, old) }) {
+				a.log.Info("old veth un-enrolled", "pod", st.name, "ifindex", old, "reason", "the pod has a new veth")
+			} else {
+				a.removing[old] = rm // retried with the veths of departed pods
+			}
+		}
+	}
+	// Turned STRICT, or enrolled STRICT by this agent: end the plaintext
+	// connections the kernel would now refuse to open.
+	st.cut.due = d.strict && (st.cut.due || !st.strict || st.ifindex != ifindex)
+	st.ifindex, st.ips, st.strict, st.id = ifindex, d.ips, d.strict, d.id
+	p.enrolled[ifindex] = true
+	if err := a.markLocal(st, d.ips); err != nil {
+		return err
+	}
+	a.log.Info("pod enrolled", "pod", st.name, "ip", d.ips[0], "ifindex", ifindex, "strict", d.strict, "spiffe_id", d.id.String(), "adopted", adopted)
+	return nil
+}
 
-	// Veths enrolled by nobody we know: pods removed while no agent ran.
-	// Only when every wanted pod was resolved, so that a transient lookup
-	// failure never un-enrolls (and so un-protects) a live pod.
-	if unresolved == 0 {
-		for ifindex := range enrolled {
-			if owned[ifindex] || a.removing[ifindex] != nil {
-				continue
-			}
-			if err := a.cfg.Datapath.UnenrollPod(ifindex); err != nil {
-				a.log.Warn("agent: un-enroll stale veth failed; will retry", "ifindex", ifindex, "error", err)
-				due(now.Add(a.cfg.RetryMin))
-				continue
-			}
-			a.log.Info("stale veth un-enrolled", "ifindex", ifindex, "reason", "no pod of the desired state uses it")
+// unenrollStale un-enrolls veths that no pod we know owns: pods removed
+// while no agent ran.
+func (a *Agent) unenrollStale(p *pass) {
+	for ifindex := range p.enrolled {
+		if p.owned[ifindex] || a.removing[ifindex] != nil {
+			continue
 		}
+		if err := a.cfg.Datapath.UnenrollPod(ifindex); err != nil {
+			a.log.Warn("agent: un-enroll stale veth failed; will retry", "ifindex", ifindex, "error", err)
+			p.due(p.now.Add(a.cfg.RetryMin))
+			continue
+		}
+		a.log.Info("stale veth un-enrolled", "ifindex", ifindex, "reason", "no pod of the desired state uses it")
 	}
-
-	if t := a.closePlaintext(ctx, now); !t.IsZero() {
-		due(t)
-	}
-	a.syncIdentities(want)
-	a.applied.Store(true)
-	return next
 }
 
 // wanted lists the local pods of desired that should be enrolled, by UID.

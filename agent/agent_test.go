@@ -377,6 +377,30 @@ func TestAgentRetriesFailuresWithoutBlockingOtherPods(t *testing.T) {
 	}
 }
 
+func TestAgentForgetsAFailureOnceAPassSucceeds(t *testing.T) {
+	// Pod a is enrolled; a later resync cannot find its veth once. The
+	// next pass finds everything in place and does nothing: the pod must
+	// no longer report the failure, nor count as pending.
+	r := newRig(t, newFakeDatapath())
+	r.agent.Apply(state(t, nil, pod{"shop/a", "node-1", "198.19.1.1", "", true}))
+	wantEnrolled(t, r.dp, "101:198.19.1.1")
+	r.links.mu.Lock()
+	r.links.fail[netip.MustParseAddr("198.19.1.1")] = 1
+	r.links.mu.Unlock()
+	eventually(t, "the lookup failed once", func() bool {
+		r.links.mu.Lock()
+		defer r.links.mu.Unlock()
+		return r.links.fail[netip.MustParseAddr("198.19.1.1")] == 0
+	})
+	eventually(t, "the pod reports no failure", func() bool {
+		ps := r.agent.Pods()
+		return len(ps) == 1 && ps[0].Err == "" && ps[0].Ifindex == 101
+	})
+	if calls := r.dp.callLog(); !slices.Equal(calls, []string{"enroll 101"}) {
+		t.Fatalf("data path calls = %v; an unchanged pod must not be enrolled again", calls)
+	}
+}
+
 func TestAgentReportsPodsItCannotEnroll(t *testing.T) {
 	r := newRig(t, newFakeDatapath())
 	r.agent.Apply(state(t, nil, pod{"shop/a", "node-1", "198.19.9.9", "", true}))

@@ -10,23 +10,28 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
-// DefaultTrustDomain is the trust domain used when none is configured.
-const DefaultTrustDomain = "cluster.local"
+// DefaultTrustDomain is the trust domain of identities when none is
+// configured: cluster.local, as in Kubernetes and Istio.
+var DefaultTrustDomain = spiffeid.RequireTrustDomainFromString("cluster.local")
 
 // DefaultSVIDTTL is the lifetime of an SVID unless configured otherwise.
 const DefaultSVIDTTL = 24 * time.Hour
 
-// ErrNotWorkloadID is returned by ParseWorkloadID for a valid SPIFFE ID
-// whose path is not /ns/<namespace>/sa/<service account>.
-var ErrNotWorkloadID = errors.New("not a workload identity (want spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>)")
+// ErrNotWorkloadID is returned by ParseWorkloadID for a SPIFFE ID whose
+// path is not /ns/<namespace>/sa/<service account>.
+var ErrNotWorkloadID = errors.New("identity: not a workload identity (want spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>)")
 
-// WorkloadID returns spiffe://<td>/ns/<ns>/sa/<sa>.
+// WorkloadID returns spiffe://<td>/ns/<ns>/sa/<sa>: the identity of the
+// workloads that run as service account sa of namespace ns. It fails when
+// ns or sa is not a valid path segment (empty, ".", "..", or with a "/" or
+// a character SPIFFE forbids).
 func WorkloadID(td spiffeid.TrustDomain, ns, sa string) (spiffeid.ID, error) {
 	id, err := spiffeid.FromSegments(td, "ns", ns, "sa", sa)
 	if err != nil {
@@ -35,42 +40,22 @@ func WorkloadID(td spiffeid.TrustDomain, ns, sa string) (spiffeid.ID, error) {
 	return id, nil
 }
 
-// ParseWorkloadID parses s as a SPIFFE ID of the form
-// spiffe://<td>/ns/<ns>/sa/<sa> and returns its parts. It returns an error
-// wrapping ErrNotWorkloadID when s is a SPIFFE ID of another shape.
-func ParseWorkloadID(s string) (id spiffeid.ID, ns, sa string, err error) {
-	id, err = spiffeid.FromString(s)
-	if err != nil {
-		return spiffeid.ID{}, "", "", fmt.Errorf("identity: parse %q: %w", s, err)
-	}
-	ns, sa, err = WorkloadOf(id)
-	if err != nil {
-		return spiffeid.ID{}, "", "", err
-	}
-	return id, ns, sa, nil
-}
-
-// WorkloadOf returns the namespace and service account named by id, or an
-// error wrapping ErrNotWorkloadID.
-func WorkloadOf(id spiffeid.ID) (ns, sa string, err error) {
+// ParseWorkloadID returns the namespace and service account that a
+// workload identity spiffe://<td>/ns/<ns>/sa/<sa> names, in any trust
+// domain, or ErrNotWorkloadID for an ID of another shape. It does not
+// allocate, so the policy engine calls it on every decision. Parse a
+// string with spiffeid.FromString first.
+func ParseWorkloadID(id spiffeid.ID) (ns, sa string, err error) {
 	// spiffeid guarantees a clean path: no empty, "." or ".." segments.
-	var segs [4]string
-	p := id.Path()
-	n := 0
-	for p != "" && n < len(segs) {
-		p = p[1:] // leading '/'
-		i := 0
-		for i < len(p) && p[i] != '/' {
-			i++
-		}
-		segs[n] = p[:i]
-		p = p[i:]
-		n++
+	rest, ok := strings.CutPrefix(id.Path(), "/ns/")
+	if !ok {
+		return "", "", ErrNotWorkloadID
 	}
-	if n != 4 || p != "" || segs[0] != "ns" || segs[2] != "sa" {
-		return "", "", fmt.Errorf("identity: %s: %w", id, ErrNotWorkloadID)
+	ns, sa, ok = strings.Cut(rest, "/sa/")
+	if !ok || strings.Contains(ns, "/") || strings.Contains(sa, "/") {
+		return "", "", ErrNotWorkloadID
 	}
-	return segs[1], segs[3], nil
+	return ns, sa, nil
 }
 
 // Issuer signs certificate requests for workload identities. The in-process

@@ -350,6 +350,7 @@ func TestDecideDoesNotAllocate(t *testing.T) {
 		input(t, snap, "web/frontend@10.0.2.1", "payments:8443"),
 		input(t, snap, "@10.0.2.1", "payments:8443"),
 		input(t, snap, "id=spiffe://other.org/a/b@10.0.2.1", "checkout:80"),
+		input(t, snap, "id=spiffe://cluster.local/vm/db@10.0.2.1", "checkout:80"),
 	}
 	for _, in := range inputs {
 		if n := testing.AllocsPerRun(100, func() { e.Decide(in) }); n != 0 {

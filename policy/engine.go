@@ -14,6 +14,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"k8s.io/apimachinery/pkg/labels"
 
+	"github.com/mantlet/mantlet/identity"
 	"github.com/mantlet/mantlet/internal/workload"
 	"github.com/mantlet/mantlet/policy/v1alpha1"
 )
@@ -29,7 +30,7 @@ type Options struct {
 	RootNamespace string
 	// TrustDomain is the mesh's trust domain: source namespace and service
 	// account are read from source SPIFFE IDs of this trust domain only.
-	// cluster.local when zero.
+	// identity.DefaultTrustDomain when zero.
 	TrustDomain spiffeid.TrustDomain
 	// DefaultDeny turns on default-deny for every workload, as a
 	// spec.defaultDeny root-namespace policy without selector does.
@@ -62,7 +63,7 @@ func NewEngine(opts Options) *Engine {
 		opts.RootNamespace = DefaultRootNamespace
 	}
 	if opts.TrustDomain.IsZero() {
-		opts.TrustDomain = spiffeid.RequireTrustDomainFromString("cluster.local")
+		opts.TrustDomain = identity.DefaultTrustDomain
 	}
 	if opts.DefaultMTLS == "" {
 		opts.DefaultMTLS = v1alpha1.MTLSPermissive
@@ -197,24 +198,12 @@ func (e *Engine) RateLimit(dst *workload.Workload) (RateLimit, bool) {
 }
 
 // workloadParts returns the namespace and service account of a workload
-// ID spiffe://<td>/ns/<ns>/sa/<sa> in trust domain td, without allocating;
-// "", "" for any other ID.
+// ID in trust domain td, without allocating; "", "" for any other ID.
 func workloadParts(id spiffeid.ID, td spiffeid.TrustDomain) (ns, sa string) {
-	if id.IsZero() || !id.MemberOf(td) {
+	if !id.MemberOf(td) {
 		return "", ""
 	}
-	p, ok := strings.CutPrefix(id.Path(), "/ns/")
-	if !ok {
-		return "", ""
-	}
-	ns, rest, ok := strings.Cut(p, "/")
-	if !ok {
-		return "", ""
-	}
-	sa, ok = strings.CutPrefix(rest, "sa/")
-	if !ok || sa == "" || strings.Contains(sa, "/") || ns == "" {
-		return "", ""
-	}
+	ns, sa, _ = identity.ParseWorkloadID(id)
 	return ns, sa
 }
 

@@ -60,7 +60,7 @@ func referenceDecide(ps []*v1alpha1.MeshPolicy, opts Options, in Input) Decision
 	if in.MTLS {
 		id, ns, sa = in.SrcID.String(), in.SrcNamespace, in.SrcServiceAccount
 		if ns == "" && sa == "" && !in.SrcID.IsZero() && in.SrcID.MemberOf(td) {
-			ns, sa, _ = identity.WorkloadOf(in.SrcID)
+			ns, sa, _ = identity.ParseWorkloadID(in.SrcID)
 		}
 	}
 	ip := in.SrcIP.Unmap()

@@ -47,14 +47,8 @@ func (p *Proxy) HandleOutbound(ctx context.Context, conn net.Conn) {
 	}
 	rec.SrcID, rec.MTLS = srcID, true
 
-	var dstW *workload.Workload
-	if svc, ep, w, ok := snap.ResolveService(dst, p.pick.Add(1)); ok {
-		rec.Service, rec.Dst, dstW = svc, ep, w
-	} else {
-		dstW = snap.WorkloadByIP(dst.Addr())
-	}
-	target := rec.Dst
-	rec.DstWorkload = dstW
+	rec.Service, rec.Dst, rec.DstWorkload = Resolve(snap, dst, p.pick.Add(1))
+	target, dstW := rec.Dst, rec.DstWorkload
 
 	if dstW == nil || !dstW.Enrolled {
 		rec.Path, rec.MTLS = PathPassthrough, false
@@ -79,6 +73,19 @@ func (p *Proxy) HandleOutbound(ctx context.Context, conn net.Conn) {
 	// fail fast without a tunnel.
 	f := &Flow{Direction: Outbound, SrcID: srcID, SrcAddr: src, Src: srcW, Dst: dstW, DstAddr: target, MTLS: true, PreCheck: true}
 	p.admit(ctx, rec, f, func(ctx context.Context, l *LiveFlow) { p.outboundHBONE(ctx, rec, l, conn) })
+}
+
+// Resolve finds where a connection to dst goes, as the ztunnel does before
+// it asks policy: a service VIP:port becomes one of the service's endpoints
+// at its target port (pick chooses which; the ztunnel passes a counter to
+// spread connections), any other address stays as it is. w is the
+// workload at target, nil for an address outside the cluster's workloads;
+// only an enrolled w is in the mesh. 'mantlet policy check' calls it too.
+func Resolve(snap *workload.Snapshot, dst netip.AddrPort, pick uint32) (svc *workload.Service, target netip.AddrPort, w *workload.Workload) {
+	if svc, ep, w, ok := snap.ResolveService(dst, pick); ok {
+		return svc, ep, w
+	}
+	return nil, dst, snap.WorkloadByIP(dst.Addr())
 }
 
 // authorize asks the Authorizer; on denial it fills rec and returns false.

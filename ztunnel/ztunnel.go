@@ -20,6 +20,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/mantlet/mantlet/identity"
 	"github.com/mantlet/mantlet/internal/workload"
 	"github.com/mantlet/mantlet/ztunnel/hbone"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
@@ -172,7 +173,7 @@ type FlowRecord struct {
 type Config struct {
 	// NodeName is the node this ztunnel serves: its workloads are local.
 	NodeName string
-	// TrustDomain names identities (default cluster.local).
+	// TrustDomain names identities (identity.DefaultTrustDomain when zero).
 	TrustDomain spiffeid.TrustDomain
 	// Store holds the workload snapshot, read lock-free per connection.
 	Store *workload.Store
@@ -280,7 +281,7 @@ func New(cfg Config) (*Proxy, error) {
 		return nil, errors.New("ztunnel: config: NodeName is required")
 	}
 	if cfg.TrustDomain.IsZero() {
-		cfg.TrustDomain = spiffeid.RequireTrustDomainFromString("cluster.local")
+		cfg.TrustDomain = identity.DefaultTrustDomain
 	}
 	if cfg.HBONEPort == 0 {
 		cfg.HBONEPort = hbone.DefaultPort

@@ -115,7 +115,7 @@ func (d *Datapath) Repairs() map[bpf.Fault]uint64 { return d.Fixed }
 // New starts the fixture's server as node-a; it stops when the test ends.
 func New(t testing.TB) *Fixture {
 	t.Helper()
-	td := spiffeid.RequireTrustDomainFromString("cluster.local")
+	td := identity.DefaultTrustDomain
 	wl := func(uid, ns, name, sa, node string, ip netip.Addr, enrolled bool, labels map[string]string) workload.Workload {
 		return workload.Workload{UID: uid, Name: name, Namespace: ns, ServiceAccount: sa, Node: node,
 			IPs: []netip.Addr{ip}, Enrolled: enrolled, Labels: labels}
@@ -145,7 +145,13 @@ func New(t testing.TB) *Fixture {
 		t.Fatal(err)
 	}
 	eng.SetWorkloads(snap)
-	id := func(ns, sa string) spiffeid.ID { return spiffeid.RequireFromSegments(td, "ns", ns, "sa", sa) }
+	id := func(ns, sa string) spiffeid.ID {
+		id, err := identity.WorkloadID(td, ns, sa)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return id
+	}
 	f := &Fixture{
 		Addr: filepath.Join(t.TempDir(), "admin.sock"), Engine: eng, Flows: telemetry.NewFlowLog(64), Store: store,
 		Certs: []identity.CertInfo{

@@ -34,7 +34,7 @@ var caCommands = map[string]subcommand{
 }
 
 func runCA(ctx context.Context, e *env, args []string) error {
-	return group{name: "ca", width: 6, commands: caCommands}.run(ctx, e, args)
+	return group{name: "ca", commands: caCommands}.run(ctx, e, args)
 }
 
 // requireFlags prints an error and the usage when a required flag is
@@ -58,7 +58,7 @@ func requireFlags(flags *flag.FlagSet, names ...string) error {
 func runCAInit(_ context.Context, e *env, args []string) error {
 	flags := newFlagSet(e, "ca init", "--dir DIR [--trust-domain TD] [--intermediate]")
 	dir := flags.String("dir", "", "`DIR` to create the CA in: new or empty; it is made mode 0700, key files 0600")
-	tdName := flags.String("trust-domain", identity.DefaultTrustDomain, "`TD`, the trust domain of the CA's identities")
+	tdName := flags.String("trust-domain", identity.DefaultTrustDomain.Name(), "`TD`, the trust domain of the CA's identities")
 	inter := flags.Bool("intermediate", false, "sign SVIDs with an intermediate certificate under the root")
 	if err := parseFlags(flags, args); err != nil {
 		return err

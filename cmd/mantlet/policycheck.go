@@ -23,7 +23,7 @@ var policyCommands = map[string]subcommand{
 }
 
 func runPolicy(ctx context.Context, e *env, args []string) error {
-	return group{name: "policy", width: 8, commands: policyCommands}.run(ctx, e, args)
+	return group{name: "policy", commands: policyCommands}.run(ctx, e, args)
 }
 
 func runPolicyCheck(ctx context.Context, e *env, args []string) error {

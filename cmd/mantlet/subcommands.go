@@ -5,7 +5,8 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"sort"
+	"maps"
+	"slices"
 )
 
 // subcommand is one subcommand of a group such as 'mantlet ca'.
@@ -17,21 +18,25 @@ type subcommand struct {
 // group is a command made of subcommands: 'mantlet <name> <subcommand>'.
 type group struct {
 	name     string
-	width    int // of the name column in the usage
+	about    string // what the command is for, under the usage line; may be empty
 	commands map[string]subcommand
 }
 
 func (g group) usage(w io.Writer) {
 	fmt.Fprintf(w, "Usage: mantlet %s <subcommand> [flags]\n", g.name)
 	fmt.Fprintln(w)
-	fmt.Fprintln(w, "Subcommands:")
-	names := make([]string, 0, len(g.commands))
-	for n := range g.commands {
-		names = append(names, n)
+	if g.about != "" {
+		fmt.Fprintln(w, g.about)
+		fmt.Fprintln(w)
 	}
-	sort.Strings(names)
+	fmt.Fprintln(w, "Subcommands:")
+	names := slices.Sorted(maps.Keys(g.commands))
+	width := 0
 	for _, n := range names {
-		fmt.Fprintf(w, "  %-*s %s\n", g.width, n, g.commands[n].summary)
+		width = max(width, len(n)+1)
+	}
+	for _, n := range names {
+		fmt.Fprintf(w, "  %-*s %s\n", width, n, g.commands[n].summary)
 	}
 	fmt.Fprintln(w)
 	fmt.Fprintf(w, "Run 'mantlet %s <subcommand> -h' for its flags.\n", g.name)

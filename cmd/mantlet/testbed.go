@@ -19,39 +19,17 @@ func init() {
 	register(command{name: "testbed", summary: "build, list and remove clusters of network namespaces", run: runTestbed})
 }
 
-const testbedSynopsis = `up|down|list [flags]
-
-Builds a cluster on this machine out of network namespaces: nodes joined by
-an underlay bridge, pods joined to their node like a routed CNI. Nothing is
-added to the machine's own network namespace.
-
-  mantlet testbed up [--nodes 2 --pods-per-node 2 | --file spec.yaml] [--prefix P] [--foreground]
-  mantlet testbed down --prefix P | --all
-  mantlet testbed list
-
-Run 'mantlet testbed <up|down|list> -h' for each one's flags.`
+// testbedCommands are the subcommands of 'mantlet testbed'.
+var testbedCommands = map[string]subcommand{
+	"up":   {"build a testbed and leave it running (or keep it in the foreground)", testbedUp},
+	"down": {"remove a testbed, or all of them", testbedDown},
+	"list": {"list the testbeds recorded in the state directory", testbedList},
+}
 
 func runTestbed(ctx context.Context, e *env, args []string) error {
-	fs := newFlagSet(e, "testbed", testbedSynopsis)
-	if err := parseFlags(fs, args); err != nil {
-		return err
-	}
-	if fs.NArg() == 0 {
-		fs.Usage()
-		return errUsage
-	}
-	sub, rest := fs.Arg(0), fs.Args()[1:]
-	switch sub {
-	case "up":
-		return testbedUp(ctx, e, rest)
-	case "down":
-		return testbedDown(e, rest)
-	case "list":
-		return testbedList(e, rest)
-	default:
-		fmt.Fprintf(e.stderr, "mantlet testbed: unknown subcommand %q (want up, down or list)\n", sub)
-		return errUsage
-	}
+	return group{name: "testbed", commands: testbedCommands, about: `Builds a cluster on this machine out of network namespaces: nodes joined by
+an underlay bridge, pods joined to their node like a routed CNI. Nothing is
+added to the machine's own network namespace.`}.run(ctx, e, args)
 }
 
 func stateDirFlag(fs *flag.FlagSet) *string {
@@ -160,7 +138,7 @@ func printTestbed(w io.Writer, tb *testbed.Testbed, manifest string, foreground 
 	}
 }
 
-func testbedDown(e *env, args []string) error {
+func testbedDown(_ context.Context, e *env, args []string) error {
 	fs := newFlagSet(e, "testbed down", "--prefix P | --all\n\nRemoves a testbed (its namespaces, links and files), also one whose builder died.\nIf a namespace cannot be removed, it names what remains, exits 1 and keeps the\ntestbed listed, so that 'down' can try again.")
 	prefix := fs.String("prefix", "", "prefix of the testbed to remove")
 	all := fs.Bool("all", false, "remove every testbed recorded in the state directory")
@@ -196,7 +174,7 @@ func testbedDown(e *env, args []string) error {
 	return nil
 }
 
-func testbedList(e *env, args []string) error {
+func testbedList(_ context.Context, e *env, args []string) error {
 	fs := newFlagSet(e, "testbed list", "\n\nLists the testbeds recorded in the state directory.")
 	stateDir := stateDirFlag(fs)
 	if err := parseFlags(fs, args); err != nil {

@@ -14,6 +14,8 @@ import (
 	"sync/atomic"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/mantlet/mantlet/identity"
 )
 
 // Workload is one pod as the mesh sees it.
@@ -47,9 +49,9 @@ func (w *Workload) ID(td spiffeid.TrustDomain) (spiffeid.ID, error) {
 	if sa == "" {
 		sa = "default"
 	}
-	id, err := spiffeid.FromSegments(td, "ns", w.Namespace, "sa", sa)
+	id, err := identity.WorkloadID(td, w.Namespace, sa)
 	if err != nil {
-		return spiffeid.ID{}, fmt.Errorf("workload %s/%s: identity: %w", w.Namespace, w.Name, err)
+		return spiffeid.ID{}, fmt.Errorf("workload %s/%s: %w", w.Namespace, w.Name, err)
 	}
 	return id, nil
 }

@@ -17,6 +17,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/mantlet/mantlet/events"
+	"github.com/mantlet/mantlet/identity"
 	"github.com/mantlet/mantlet/internal/workload"
 	"github.com/mantlet/mantlet/policy"
 	"github.com/mantlet/mantlet/ztunnel"
@@ -30,8 +31,8 @@ const (
 
 // Options configure an Authorizer. The zero value is usable.
 type Options struct {
-	// TrustDomain names destination identities in events (default
-	// cluster.local).
+	// TrustDomain names destination identities in events
+	// (identity.DefaultTrustDomain when zero).
 	TrustDomain spiffeid.TrustDomain
 	// Events receives security events; nil discards them.
 	Events events.Sink
@@ -82,7 +83,7 @@ func New(eng *policy.Engine, opts Options) *Authorizer {
 		opts.Now = time.Now
 	}
 	if opts.TrustDomain.IsZero() {
-		opts.TrustDomain = spiffeid.RequireTrustDomainFromString("cluster.local")
+		opts.TrustDomain = identity.DefaultTrustDomain
 	}
 	a := &Authorizer{eng: eng, opts: opts, ev: opts.Events, log: opts.Logger,
 		lim: newLimiters(opts.MaxLimiters, opts.LimiterIdle), conn: conns{m: map[string]int32{}}}
@@ -98,11 +99,14 @@ func (a *Authorizer) Engine() *policy.Engine { return a.eng }
 // meshed reports whether w is a mesh workload that policy judges.
 func meshed(w *workload.Workload) bool { return w != nil && w.Enrolled }
 
-// input turns a flow into the engine's question.
-func input(f *ztunnel.Flow, dst *workload.Workload) policy.Input {
+// Input turns a flow into the policy engine's question: the destination
+// only if it is a mesh workload (else policy does not judge it), the
+// source identity only if the source authenticated. Authorize and
+// Reevaluate ask the engine with it, and so does 'mantlet policy check'.
+func Input(f *ztunnel.Flow) policy.Input {
 	in := policy.Input{SrcIP: f.SrcAddr.Addr(), DstPort: f.DstAddr.Port(), MTLS: f.MTLS}
-	if meshed(dst) {
-		in.Dst = dst
+	if meshed(f.Dst) {
+		in.Dst = f.Dst
 	}
 	if f.MTLS {
 		in.SrcID = f.SrcID
@@ -136,7 +140,7 @@ func (a *Authorizer) Authorize(_ context.Context, f *ztunnel.Flow) ztunnel.Verdi
 	if f.PreCheck && a.opts.NoPreCheck {
 		return ztunnel.Verdict{Allow: true}
 	}
-	in := input(f, f.Dst)
+	in := Input(f)
 	d := a.eng.Decide(in)
 	v := ztunnel.Verdict{Allow: d.Allowed, Policy: d.Policy, Rule: d.Rule, Reason: d.Reason.String()}
 	if !d.Allowed {
@@ -251,14 +255,14 @@ func (a *Authorizer) Reevaluate(flows FlowSource, snap *workload.Snapshot) int {
 		if _, done := l.ClosedBy(); done {
 			return true
 		}
-		dst := f.Dst
+		cur := *f // with the destination as snap now describes it
 		if snap != nil {
-			if w := snap.WorkloadByUID(dst.UID); w != nil {
-				dst = w
+			if w := snap.WorkloadByUID(f.Dst.UID); w != nil {
+				cur.Dst = w
 			}
 		}
 		a.reevaluated.Add(1)
-		d := a.eng.Decide(input(f, dst))
+		d := a.eng.Decide(Input(&cur))
 		if d.Allowed {
 			return true
 		}
@@ -266,13 +270,11 @@ func (a *Authorizer) Reevaluate(flows FlowSource, snap *workload.Snapshot) int {
 		l.Deny(v)
 		closed++
 		a.closed.Add(1)
-		cur := *f
-		cur.Dst = dst
 		a.emit(&cur, l, events.Deny, events.StageReevaluate, v, policy.AuditHit{})
 		sent, recv := l.Bytes()
 		a.log.Info("policy: open flow closed: now refused",
 			"reason", d.Reason.String(), "policy", d.Policy, "rule", d.Rule, "direction", f.Direction,
-			"src", f.SrcAddr, "src_id", f.SrcID, "dst", f.DstAddr, "dst_workload", dst.String(),
+			"src", f.SrcAddr, "src_id", f.SrcID, "dst", f.DstAddr, "dst_workload", cur.Dst.String(),
 			"age", time.Since(l.Start()).Round(time.Millisecond), "sent", sent, "received", recv)
 		return true
 	})

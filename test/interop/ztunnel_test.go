@@ -57,7 +57,7 @@ func (s *svids) SVID(_ context.Context, id spiffeid.ID) (*x509svid.SVID, error) 
 	if v := s.m[id]; v != nil {
 		return v, nil
 	}
-	ns, sa, err := identity.WorkloadOf(id)
+	ns, sa, err := identity.ParseWorkloadID(id)
 	if err != nil {
 		return nil, err
 	}

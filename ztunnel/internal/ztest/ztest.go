@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mantlet/mantlet/identity"
 	"github.com/mantlet/mantlet/identity/ca"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -101,7 +102,12 @@ func (c *CA) Bundles() x509bundle.Source {
 	return x509bundle.NewSet(b)
 }
 
-// ID returns spiffe://<td>/ns/<ns>/sa/<sa> in the CA's trust domain.
+// ID returns the workload identity of ns/sa in the CA's trust domain; it
+// panics when ns or sa is not a valid path segment.
 func (c *CA) ID(ns, sa string) spiffeid.ID {
-	return spiffeid.RequireFromSegments(c.TrustDomain(), "ns", ns, "sa", sa)
+	id, err := identity.WorkloadID(c.TrustDomain(), ns, sa)
+	if err != nil {
+		panic(err)
+	}
+	return id
 }
