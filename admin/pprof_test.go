@@ -46,7 +46,9 @@ func TestProfilesOnTheSocketAndLoopback(t *testing.T) {
 	var d net.Dialer
 	dials := map[string]func(ctx context.Context, _, _ string) (net.Conn, error){
 		"unix socket": func(ctx context.Context, _, _ string) (net.Conn, error) { return d.DialContext(ctx, "unix", f.Addr) },
-		"loopback":    func(ctx context.Context, _, _ string) (net.Conn, error) { return d.DialContext(ctx, "tcp", ln.Addr().String()) },
+		"loopback": func(ctx context.Context, _, _ string) (net.Conn, error) {
+			return d.DialContext(ctx, "tcp", ln.Addr().String())
+		},
 	}
 	for name, dial := range dials {
 		code, body := get(t, dial, "/debug/pprof/heap")
