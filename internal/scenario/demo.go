@@ -127,7 +127,7 @@ func Demo(ctx context.Context, binary string, opts DemoOptions) (err error) {
 		return interrupted(ctx, err)
 	}
 	checks := report.NewChecks(w)
-	fmt.Fprintln(w, "\nCaptured connections (from the ztunnels' flow logs)")
+	fmt.Fprintln(w, "\nCaptured connections (the flows each agent recorded, from its admin API)")
 	printFlows(w, res.flows)
 	fmt.Fprintln(w, "\nChecks")
 	checkDemo(checks, m, res)
@@ -173,7 +173,7 @@ type demoResult struct {
 	packets                                  []testbed.Packet
 	captureErr                               error
 	flowErr                                  error
-	metrics                                  map[string][]promSample // per node, after the traffic
+	metrics                                  map[string]meshtest.Metrics // per node, after the traffic
 }
 
 func driveDemo(ctx context.Context, w io.Writer, m *meshtest.Mesh, meshEcho, plainEcho *meshtest.Echo) (*demoResult, error) {
@@ -203,7 +203,7 @@ func driveDemo(ctx context.Context, w io.Writer, m *meshtest.Mesh, meshEcho, pla
 	}
 	fmt.Fprintf(w, "  %s/%s -> %s/%s %s: %d lines, %s each way, echoed intact (marker %q)\n",
 		r.client.Namespace, r.client.Name, r.server.Namespace, r.server.Name, meshEcho.Addr, demoMessages, report.Bytes(r.meshExchanged), r.meshMarker)
-	// Flows are logged when they end; wait for both ends before the
+	// Flows are recorded when they end; wait for both ends before the
 	// unmeshed phase so that the counters in between belong to one phase.
 	fctx, cancel := context.WithTimeout(ctx, demoFlowWait)
 	isMeshed := func(fl meshtest.Flow) bool { return fl.Dst == meshEcho.Addr && fl.Src.Addr() == r.client.IP }
@@ -231,7 +231,11 @@ func driveDemo(ctx context.Context, w io.Writer, m *meshtest.Mesh, meshEcho, pla
 	}
 	r.meshPeers, r.plainPeers = meshEcho.Peers(), plainEcho.Peers()
 	for _, n := range m.TB.Nodes() {
-		r.flows = append(r.flows, m.Flows(n.Name)...)
+		flows, err := m.Flows(ctx, n.Name)
+		if err != nil {
+			return nil, err
+		}
+		r.flows = append(r.flows, flows...)
 	}
 	return r, ctx.Err()
 }

@@ -103,7 +103,7 @@ func TestDemoReportsCaptureIdentitiesAndAnEncryptedWire(t *testing.T) {
 		`ok    the meshed marker "mantlet-demo-secret-`,
 		`ok    unmeshed traffic left alone: marker "legacy-demo-plaintext-`,
 		"198.19.1.12 -> 198.19.2.12:8080 directly",
-		"ok    no ztunnel saw it: 0 flows in the logs, 0 Istio metric series, capture counters moved by 0",
+		"ok    no ztunnel saw it: 0 flows recorded, 0 Istio metric series, capture counters moved by 0",
 		"curl -s http://127.0.0.1:15020/metrics",
 		`mantlet_datapath_packets_total{event="lookup_outbound"} 1`,
 		`mantlet_datapath_packets_total{event="lookup_hbone"} 1`,

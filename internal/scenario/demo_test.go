@@ -1,30 +1,41 @@
 package scenario
 
-import "testing"
+import (
+	"testing"
 
-func TestParsePromReadsSamplesAndLabels(t *testing.T) {
-	body := `# HELP istio_tcp_connections_opened_total Connections opened.
-# TYPE istio_tcp_connections_opened_total counter
-istio_tcp_connections_opened_total{reporter="source",source_principal="spiffe://cluster.local/ns/shop/sa/client",response_flags="-"} 1
-mantlet_agent_ready 1
-odd_label{msg="a \"quoted\" word, and a comma"} 2.5
-not a sample line
-`
-	got := parseProm(body)
-	want := []string{
-		`istio_tcp_connections_opened_total{reporter="source",source_principal="spiffe://cluster.local/ns/shop/sa/client",response_flags="-"} 1`,
-		`mantlet_agent_ready 1`,
-		`odd_label{msg="a \"quoted\" word, and a comma"} 2.5`,
+	"github.com/mantlet/mantlet/internal/meshtest"
+)
+
+func TestIstioOpenedFindsTheMeshedConnectionOfAReporter(t *testing.T) {
+	const (
+		client = "spiffe://cluster.local/ns/shop/sa/client"
+		server = "spiffe://cluster.local/ns/shop/sa/server"
+	)
+	ms, err := meshtest.ParseMetrics(`# TYPE istio_tcp_connections_opened_total counter
+istio_tcp_connections_opened_total{reporter="source",source_principal="` + client + `",response_flags="-"} 3
+istio_tcp_connections_opened_total{reporter="source",source_principal="` + client + `",destination_principal="` + server + `",connection_security_policy="mutual_tls"} 0
+istio_tcp_connections_opened_total{reporter="destination",source_principal="` + client + `",destination_principal="` + server + `",connection_security_policy="mutual_tls"} 1
+`)
+	if err != nil {
+		t.Fatal(err)
 	}
-	if len(got) != len(want) {
-		t.Fatalf("got %d samples %v, want %d", len(got), got, len(want))
+	tests := []struct {
+		name, reporter string
+		want           string // formatted as the report prints it; "" for none
+	}{
+		{"a series without the destination principal, or that counted nothing, is not it", "source", ""},
+		{"the series of the reporter, with both principals, that counted the connection", "destination",
+			`istio_tcp_connections_opened_total{reporter="destination",connection_security_policy="mutual_tls"} 1`},
 	}
-	for i, s := range got {
-		if f := s.format("reporter", "source_principal", "response_flags", "msg"); f != want[i] {
-			t.Errorf("sample %d = %s, want %s", i, f, want[i])
-		}
-	}
-	if s := istioOpened(got, "source", "spiffe://cluster.local/ns/shop/sa/client", "spiffe://cluster.local/ns/shop/sa/server"); s != nil {
-		t.Errorf("matched a sample without the destination principal: %v", s)
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got := ""
+			if s := istioOpened(ms, tt.reporter, client, server); s != nil {
+				got = s.Format("reporter", "connection_security_policy")
+			}
+			if got != tt.want {
+				t.Errorf("= %q, want %q", got, tt.want)
+			}
+		})
 	}
 }

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"net/netip"
-	"regexp"
 	"slices"
 	"strings"
 
@@ -23,8 +22,8 @@ func printFlows(w io.Writer, flows []meshtest.Flow) {
 	}
 	for _, f := range flows {
 		fmt.Fprintf(w, "  %s  %s %s  %s -> %s  sent %s, received %s", f.Node, f.Direction, f.Path, f.Src, f.Dst, report.Bytes(f.Sent), report.Bytes(f.Received))
-		if f.Reason != "" && f.Reason != "-" {
-			fmt.Fprintf(w, "  refused: %s", f.Reason)
+		if f.Flag != "" && f.Flag != "-" {
+			fmt.Fprintf(w, "  refused: %s", f.Flag)
 		}
 		fmt.Fprintln(w)
 		fmt.Fprintf(w, "         %s -> %s\n", orNone(f.SrcID), orNone(f.DstID))
@@ -56,7 +55,7 @@ func checkDemo(c *report.Checks, m *meshtest.Mesh, r *demoResult) {
 	// 2. The ztunnels carried the meshed connection, with both identities.
 	var out, in *meshtest.Flow
 	for i, f := range r.flows {
-		if f.Dst != meshAddr || f.Src.Addr() != r.client.IP || f.Reason != "-" {
+		if f.Dst != meshAddr || f.Src.Addr() != r.client.IP || f.Flag != "-" {
 			continue
 		}
 		switch {
@@ -81,7 +80,7 @@ func checkDemo(c *report.Checks, m *meshtest.Mesh, r *demoResult) {
 
 	src := istioOpened(r.metrics[r.client.Node], "source", clientID.String(), serverID.String())
 	dst := istioOpened(r.metrics[r.server.Node], "destination", clientID.String(), serverID.String())
-	c.Check(src != nil && dst != nil && src.labels["connection_security_policy"] == "mutual_tls" && dst.labels["connection_security_policy"] == "mutual_tls",
+	c.Check(src != nil && dst != nil && src.Labels["connection_security_policy"] == "mutual_tls" && dst.Labels["connection_security_policy"] == "mutual_tls",
 		"Istio's metrics count it on both ends: istio_tcp_connections_opened_total, reporter source on %s and destination on %s, connection_security_policy mutual_tls",
 		r.client.Node, r.server.Node)
 
@@ -140,15 +139,20 @@ func checkDemo(c *report.Checks, m *meshtest.Mesh, r *demoResult) {
 		moved += captured(r.after[node]) - captured(r.between[node])
 	}
 	plainSeries := 0
-	for _, samples := range r.metrics {
-		for _, s := range samples {
-			if strings.HasPrefix(s.name, "istio_") && (s.labels["source_workload"] == r.plainClient.Name || s.labels["destination_workload"] == r.plainServer.Name) {
-				plainSeries++
+	for _, ms := range r.metrics {
+		for name := range ms {
+			if !strings.HasPrefix(name, "istio_") {
+				continue
+			}
+			for _, s := range ms.Series(name, nil) {
+				if s.Labels["source_workload"] == r.plainClient.Name || s.Labels["destination_workload"] == r.plainServer.Name {
+					plainSeries++
+				}
 			}
 		}
 	}
 	c.Check(plainFlows == 0 && moved == 0 && plainSeries == 0 && len(r.plainPeers) == 1 && r.plainPeers[0].Addr() == r.plainClient.IP,
-		"no ztunnel saw it: %d flows in the logs, %d Istio metric series, capture counters moved by %d", plainFlows, plainSeries, moved)
+		"no ztunnel saw it: %d flows recorded, %d Istio metric series, capture counters moved by %d", plainFlows, plainSeries, moved)
 }
 
 // tlsCheck checks the HBONE connection's handshake as seen on the wire and
@@ -208,81 +212,43 @@ func errSuffix(err error) string {
 	return " (" + err.Error() + ")"
 }
 
-// promSample is one sample of the Prometheus text format.
-type promSample struct {
-	name   string
-	labels map[string]string
-	value  string
-}
-
-var (
-	promLine     = regexp.MustCompile(`^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$`)
-	promUnescape = strings.NewReplacer(`\\`, `\`, `\"`, `"`, `\n`, "\n")
-	promLabel    = regexp.MustCompile(`([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"`)
-)
-
-// parseProm reads the samples of a Prometheus text exposition; comments
-// and lines it does not understand are skipped.
-func parseProm(body string) []promSample {
-	var out []promSample
-	for _, line := range strings.Split(body, "\n") {
-		m := promLine.FindStringSubmatch(strings.TrimSpace(line))
-		if m == nil {
-			continue
-		}
-		s := promSample{name: m[1], labels: map[string]string{}, value: m[3]}
-		for _, l := range promLabel.FindAllStringSubmatch(m[2], -1) {
-			s.labels[l[1]] = promUnescape.Replace(l[2])
-		}
-		out = append(out, s)
-	}
-	return out
-}
-
-// format prints the sample with the labels named in keys, in that order.
-func (s promSample) format(keys ...string) string {
-	var ls []string
-	for _, k := range keys {
-		if v, ok := s.labels[k]; ok {
-			ls = append(ls, fmt.Sprintf("%s=%q", k, v))
-		}
-	}
-	if len(ls) == 0 {
-		return s.name + " " + s.value
-	}
-	return s.name + "{" + strings.Join(ls, ",") + "} " + s.value
-}
-
-// demoMetrics fetches every node's metrics.
-func demoMetrics(ctx context.Context, m *meshtest.Mesh) (map[string][]promSample, error) {
-	out := map[string][]promSample{}
+// demoMetrics scrapes every node's agent.
+func demoMetrics(ctx context.Context, m *meshtest.Mesh) (map[string]meshtest.Metrics, error) {
+	out := map[string]meshtest.Metrics{}
 	for _, n := range m.TB.Nodes() {
-		body, err := m.Metrics(ctx, n.Name)
+		ms, err := m.Metrics(ctx, n.Name)
 		if err != nil {
 			return nil, err
 		}
-		out[n.Name] = parseProm(body)
+		out[n.Name] = ms
 	}
 	return out, nil
 }
 
-// istioOpened returns the istio_tcp_connections_opened_total sample of
-// node for the meshed connection, as reporter saw it.
-func istioOpened(samples []promSample, reporter, src, dst string) *promSample {
-	for i, s := range samples {
-		l := s.labels
-		if s.name == "istio_tcp_connections_opened_total" && l["reporter"] == reporter &&
-			l["source_principal"] == src && l["destination_principal"] == dst && s.value != "0" {
-			return &samples[i]
+// istioOpened returns a node's istio_tcp_connections_opened_total series
+// of the meshed connection, as reporter saw it, if it counted one.
+func istioOpened(ms meshtest.Metrics, reporter, src, dst string) *meshtest.Series {
+	for _, s := range ms.Series("istio_tcp_connections_opened_total", map[string]string{
+		"reporter": reporter, "source_principal": src, "destination_principal": dst,
+	}) {
+		if s.Value > 0 {
+			return &s
 		}
 	}
 	return nil
 }
 
-var demoShown = map[string][]string{
-	"mantlet_datapath_packets_total":      {"event"},
-	"mantlet_hbone_pool_handshakes_total": nil,
-	"mantlet_agent_ready":                 nil,
+// demoShown are the series the report shows of each node's other
+// metrics, and which of their labels.
+var demoShown = []struct {
+	name  string
+	match map[string]string
+	keys  []string
+}{
+	{"mantlet_agent_ready", nil, nil},
+	{"mantlet_datapath_packets_total", map[string]string{"event": "lookup_hbone"}, []string{"event"}},
+	{"mantlet_datapath_packets_total", map[string]string{"event": "lookup_outbound"}, []string{"event"}},
+	{"mantlet_hbone_pool_handshakes_total", nil, nil},
 }
 
 func printDemoMetrics(w io.Writer, m *meshtest.Mesh, r *demoResult) {
@@ -295,14 +261,12 @@ func printDemoMetrics(w io.Writer, m *meshtest.Mesh, r *demoResult) {
 			reporter = "destination"
 		}
 		if s := istioOpened(r.metrics[n.Name], reporter, clientID.String(), serverID.String()); s != nil {
-			fmt.Fprintf(w, "    %s  (other labels left out)\n", s.format("reporter", "source_principal", "destination_principal", "connection_security_policy"))
+			fmt.Fprintf(w, "    %s  (other labels left out)\n", s.Format("reporter", "source_principal", "destination_principal", "connection_security_policy"))
 		}
-		for _, s := range r.metrics[n.Name] {
-			keys, ok := demoShown[s.name]
-			if !ok || s.name == "mantlet_datapath_packets_total" && s.labels["event"] != "lookup_outbound" && s.labels["event"] != "lookup_hbone" {
-				continue
+		for _, shown := range demoShown {
+			for _, s := range r.metrics[n.Name].Series(shown.name, shown.match) {
+				fmt.Fprintf(w, "    %s\n", s.Format(shown.keys...))
 			}
-			fmt.Fprintf(w, "    %s\n", s.format(keys...))
 		}
 	}
 }
