@@ -304,6 +304,7 @@ The mesh keeps running (--keep). In another terminal, as root:
     nsenter --net=%[1]s bash -c 'exec 3<>/dev/tcp/%[4]s/%[3]d; echo hello >&3; head -1 <&3'
   Enter a pod or a node:       nsenter --net=%[1]s bash     nsenter --net=%[5]s bash
   Agent logs (JSON, debug):    tail -f %[6]s
+  Ask an agent (admin API):    mantlet flows --node %[11]s --follow   (and status, workloads, certs)
   Metrics and readiness:       nsenter --net=%[5]s curl -s http://127.0.0.1:15020/metrics   (and :15021/healthz/ready)
   Watch the wire:              nsenter --net=/run/netns/%[7]s-underlay tcpdump -ni any   (if tcpdump is installed)
   The cluster file:            %[8]s
@@ -313,5 +314,6 @@ agents die with it; remove the rest with:
   mantlet agent --cleanup --node-name node1 --pin-dir %[9]s
   mantlet agent --cleanup --node-name node2 --pin-dir %[10]s
   mantlet testbed down --prefix %[7]s
-`, client.NS, server.IP, demoPort, plain.IP, n1.NS, filepath.Join(dir, "agents.log"), p, m.ConfigPath, m.PinDir("node1"), m.PinDir("node2"))
+`, client.NS, server.IP, demoPort, plain.IP, n1.NS, filepath.Join(dir, "agents.log"), p, m.ConfigPath, m.PinDir("node1"), m.PinDir("node2"),
+		filepath.Base(m.PinDir("node1")))
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -168,6 +169,13 @@ func TestDemoKeepRunsUntilInterrupted(t *testing.T) {
 			t.Errorf("echo through the kept mesh = %q, %v", buf, err)
 		}
 		c.Close()
+	}
+	// The command that asks an agent, as printed.
+	if cmd := regexp.MustCompile(`mantlet (flows --node \S+)`).FindStringSubmatch(out.String()); cmd == nil {
+		t.Error("the instructions name no 'mantlet flows --node' command")
+	} else if flows, err := exec.Command(bin, append(strings.Fields(cmd[1]), "--last", "0")...).CombinedOutput(); err != nil ||
+		!strings.Contains(string(flows), "shop/client") {
+		t.Errorf("mantlet %s: %v\n%s", cmd[1], err, flows)
 	}
 
 	cancel()
