@@ -73,7 +73,6 @@ const requestTimeout = 5 * time.Second
 
 // Defaults of Options.
 const (
-	DefaultTrustDomain  = "cluster.local"
 	DefaultLogLimit     = 4 << 20
 	DefaultReadyTimeout = 30 * time.Second
 	DefaultStopTimeout  = 15 * time.Second
@@ -98,7 +97,7 @@ type Options struct {
 	// meshtest sets, so they can override them (but the mesh reads the
 	// agents through their admin sockets and metrics: leave those on).
 	AgentArgs []string
-	// TrustDomain of the CA (default DefaultTrustDomain).
+	// TrustDomain of the CA (default identity.DefaultTrustDomain).
 	TrustDomain string
 	// Prefix names the testbed (default: testbed's random prefix).
 	Prefix string
@@ -172,7 +171,7 @@ func (p *agentProc) exited() bool {
 
 func (o Options) withDefaults() Options {
 	if o.TrustDomain == "" {
-		o.TrustDomain = DefaultTrustDomain
+		o.TrustDomain = identity.DefaultTrustDomain.Name()
 	}
 	if o.LogLimit <= 0 {
 		o.LogLimit = DefaultLogLimit
