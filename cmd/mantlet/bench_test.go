@@ -13,6 +13,9 @@ func TestBenchRejectsBadFlags(t *testing.T) {
 	}{
 		{[]string{"bench", "--duration", "0s"}, "must be positive"},
 		{[]string{"bench", "--round-trips", "0"}, "must be positive"},
+		{[]string{"bench", "--rounds", "0"}, "must be positive"},
+		{[]string{"bench", "--idle-conns", "0"}, "must be positive"},
+		{[]string{"bench", "--peers", "envoy"}, `unknown peer "envoy" (known: ghostunnel, nginx)`},
 		{[]string{"bench", "extra"}, `unexpected argument "extra"`},
 	}
 	for _, tt := range tests {

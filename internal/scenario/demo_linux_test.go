@@ -18,8 +18,8 @@ import (
 	"github.com/mantlet/mantlet/internal/testbed"
 )
 
-// mantletBinary returns a mantlet executable for the agents of the demo and
-// the bench: $MANTLET_TEST_BINARY, or one built for the test.
+// mantletBinary returns a mantlet executable for the agents of the demo:
+// $MANTLET_TEST_BINARY, or one built for the test.
 func mantletBinary(t *testing.T) string {
 	t.Helper()
 	if b := os.Getenv(meshtest.BinaryEnv); b != "" {

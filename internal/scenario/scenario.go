@@ -1,7 +1,8 @@
-// Package scenario runs what `mantlet demo` and `mantlet bench` do: a mesh
-// of real agents on the testbed (internal/meshtest), traffic between its
-// pods, and a report of what was seen or measured (internal/report). The
-// commands parse their flags and call Demo or Bench. Both need root.
+// Package scenario runs what `mantlet demo` does: a mesh of real agents on
+// the testbed (internal/meshtest), traffic between its pods, and a report
+// of what was seen (internal/report). The command parses its flags and
+// calls Demo, which needs root. `mantlet bench` lives in
+// internal/peerbench.
 package scenario
 
 import (
@@ -16,7 +17,7 @@ import (
 	"github.com/mantlet/mantlet/internal/meshtest"
 )
 
-// ErrInterrupted is returned by Demo and Bench when ctx was cancelled (the
+// ErrInterrupted is returned by Demo when ctx was cancelled (the
 // user pressed Ctrl-C) before they were done; everything they made is
 // removed by then.
 var ErrInterrupted = errors.New("interrupted; everything it made is removed")

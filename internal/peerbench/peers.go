@@ -1,0 +1,330 @@
+package peerbench
+
+import (
+	"context"
+	"crypto/x509"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"time"
+
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
+
+	"github.com/mantlet/mantlet/identity"
+	"github.com/mantlet/mantlet/internal/meshtest"
+	"github.com/mantlet/mantlet/internal/peerbench/peerbin"
+	"github.com/mantlet/mantlet/internal/testbed"
+)
+
+// The peers: sidecar-style mutual TLS pairs, a client-side proxy in the
+// client pod and a server-side proxy in each server pod.
+const (
+	Ghostunnel = "ghostunnel"
+	Nginx      = "nginx"
+)
+
+// Peers lists the peers the bench knows, in the order it runs them.
+var Peers = []string{Ghostunnel, Nginx}
+
+// Ports of the peers: the server side listens on the server pod's IP, the
+// client side on 127.0.0.1 of the client pod, one port per server pod.
+const (
+	ghostunnelServerPort = 15443
+	ghostunnelClientPort = 15101
+	nginxServerPort      = 15444
+	nginxClientPort      = 15201
+)
+
+// Where Debian's nginx and its stream module are.
+const (
+	nginxBinary       = "/usr/sbin/nginx"
+	nginxStreamModule = "/usr/lib/nginx/modules/ngx_stream_module.so"
+)
+
+// installTimeout bounds an apt-get install of nginx.
+const installTimeout = 5 * time.Minute
+
+// peerEnv is what starting a peer needs.
+type peerEnv struct {
+	mesh    *meshtest.Mesh
+	dir     string // certificates and configurations
+	client  *testbed.Pod
+	servers []*testbed.Pod
+	log     *slog.Logger
+}
+
+// credentials writes pod's SVID (certificate chain and key) and the
+// mesh's trust bundle into dir and returns their paths and pod's ID.
+func (e *peerEnv) credentials(ctx context.Context, pod *testbed.Pod) (cert, key, bundle string, id spiffeid.ID, err error) {
+	id, err = identity.WorkloadID(e.mesh.TrustDomain(), pod.Namespace, pod.ServiceAccount)
+	if err != nil {
+		return "", "", "", id, fmt.Errorf("peerbench: identity of %s: %w", pod.Name, err)
+	}
+	svid, err := e.mesh.IssueSVID(ctx, id)
+	if err != nil {
+		return "", "", "", id, err
+	}
+	var chain []byte
+	for _, c := range svid.Certificates {
+		chain = append(chain, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})...)
+	}
+	der, err := x509.MarshalPKCS8PrivateKey(svid.PrivateKey)
+	if err != nil {
+		return "", "", "", id, fmt.Errorf("peerbench: key of %s: %w", pod.Name, err)
+	}
+	cert = filepath.Join(e.dir, pod.Name+".crt")
+	key = filepath.Join(e.dir, pod.Name+".key")
+	bundle = filepath.Join(e.dir, "bundle.crt")
+	root := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: e.mesh.CA.Root().Raw})
+	for path, b := range map[string][]byte{cert: chain, key: pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), bundle: root} {
+		if err := os.WriteFile(path, b, 0o600); err != nil {
+			return "", "", "", id, fmt.Errorf("peerbench: %w", err)
+		}
+	}
+	return cert, key, bundle, id, nil
+}
+
+// ghostunnelBinary returns the ghostunnel to run: given, or built from the
+// repository's tools module (built now if it is not), or why there is
+// none.
+func ghostunnelBinary(ctx context.Context, given string, log *slog.Logger) (path, version string, err error) {
+	if given != "" {
+		out, err := exec.CommandContext(ctx, given, "--version").CombinedOutput()
+		if err != nil {
+			return "", "", fmt.Errorf("%s --version: %w: %s", given, err, strings.TrimSpace(string(out)))
+		}
+		return given, strings.TrimSpace(string(out)), nil
+	}
+	wd, err := os.Getwd()
+	if err != nil {
+		return "", "", err
+	}
+	g, err := peerbin.Find(wd)
+	if errors.Is(err, peerbin.ErrMissing) {
+		root, rerr := repoRoot(wd)
+		if rerr != nil {
+			return "", "", rerr
+		}
+		g, _, err = peerbin.Build(ctx, root, log)
+	}
+	if err != nil {
+		return "", "", fmt.Errorf("%w (or give one with --ghostunnel)", err)
+	}
+	return g.Path, g.Info.Ghostunnel, nil
+}
+
+// startGhostunnel starts a ghostunnel server in each server pod and, in
+// the client pod, one ghostunnel client per server pod (a sidecar proxies
+// one upstream), and returns the client's local addresses.
+func (e *peerEnv) startGhostunnel(ctx context.Context, bin string) (targets []netip.AddrPort, client, server []*proc, err error) {
+	defer func() {
+		if err != nil {
+			err = errors.Join(err, stopAll(append(client, server...)))
+		}
+	}()
+	ccert, ckey, bundle, cid, err := e.credentials(ctx, e.client)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	for i, srv := range e.servers {
+		scert, skey, _, sid, err := e.credentials(ctx, srv)
+		if err != nil {
+			return nil, client, server, err
+		}
+		listen := hostPort(srv.IP.String(), ghostunnelServerPort)
+		p, err := startProc(srv, "ghostunnel server in "+srv.Name, bin, "server",
+			"--listen", listen, "--target", hostPort("127.0.0.1", AppPort),
+			"--cert", scert, "--key", skey, "--cacert", bundle,
+			"--allow-uri", cid.String(), "--shutdown-timeout", "2s")
+		if err != nil {
+			return nil, client, server, err
+		}
+		server = append(server, p)
+		if err := p.waitListening(ctx, srv, listen); err != nil {
+			return nil, client, server, err
+		}
+		local := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(ghostunnelClientPort+i))
+		p, err = startProc(e.client, fmt.Sprintf("ghostunnel client %d in %s", i+1, e.client.Name), bin, "client",
+			"--listen", local.String(), "--target", listen,
+			"--cert", ccert, "--key", ckey, "--cacert", bundle,
+			"--verify-uri", sid.String(), "--shutdown-timeout", "2s")
+		if err != nil {
+			return nil, client, server, err
+		}
+		client = append(client, p)
+		if err := p.waitListening(ctx, e.client, local.String()); err != nil {
+			return nil, client, server, err
+		}
+		targets = append(targets, local)
+	}
+	return targets, client, server, nil
+}
+
+// nginxInstalled returns nginx's version, or why it cannot run.
+func nginxInstalled(ctx context.Context) (string, error) {
+	for _, f := range []string{nginxBinary, nginxStreamModule} {
+		if _, err := os.Stat(f); err != nil {
+			return "", fmt.Errorf("peerbench: nginx: %w (Debian: apt-get install nginx libnginx-mod-stream)", err)
+		}
+	}
+	out, err := exec.CommandContext(ctx, nginxBinary, "-v").CombinedOutput()
+	if err != nil {
+		return "", fmt.Errorf("peerbench: %s -v: %w: %s", nginxBinary, err, strings.TrimSpace(string(out)))
+	}
+	v := strings.TrimSpace(string(out))
+	if m := regexp.MustCompile(`nginx/(\S+)`).FindStringSubmatch(v); m != nil {
+		v = m[1]
+	}
+	return v, nil
+}
+
+// installNginx installs Debian's nginx and its stream module with apt-get
+// (root only), updating the package lists if the first try fails.
+func installNginx(ctx context.Context, log *slog.Logger) error {
+	if os.Geteuid() != 0 {
+		return errors.New("peerbench: installing nginx needs root")
+	}
+	if _, err := exec.LookPath("apt-get"); err != nil {
+		return fmt.Errorf("peerbench: install nginx: %w", err)
+	}
+	ctx, cancel := context.WithTimeout(ctx, installTimeout)
+	defer cancel()
+	apt := func(args ...string) error {
+		cmd := exec.CommandContext(ctx, "apt-get", args...)
+		cmd.Env = append(os.Environ(), "DEBIAN_FRONTEND=noninteractive")
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			lines := strings.Split(strings.TrimSpace(string(out)), "\n")
+			return fmt.Errorf("apt-get %s: %w: %s", strings.Join(args, " "), err, strings.Join(lines[max(0, len(lines)-3):], " / "))
+		}
+		return nil
+	}
+	install := []string{"install", "-y", "-q", "--no-install-recommends", "nginx", "libnginx-mod-stream"}
+	log.Info("installing nginx and its stream module with apt-get")
+	err := apt(install...)
+	if err != nil {
+		if uerr := apt("update", "-q"); uerr != nil {
+			return fmt.Errorf("peerbench: install nginx: %w", errors.Join(err, uerr))
+		}
+		err = apt(install...)
+	}
+	if err != nil {
+		return fmt.Errorf("peerbench: install nginx: %w", err)
+	}
+	return nil
+}
+
+// nginxConfig is the configuration of one nginx: the stream servers
+// given, with what both sides share.
+func nginxConfig(dir string, servers string) string {
+	// 2 workers (one per CPU here), each with room for both sockets of
+	// 5,000 proxied connections; reuseport spreads new connections
+	// evenly over them. The master runs as root and reads the keys; the
+	// workers run as nobody.
+	return fmt.Sprintf(`load_module %s;
+daemon off;
+master_process on;
+worker_processes 2;
+worker_rlimit_nofile 20000;
+pid %s;
+error_log stderr warn;
+events {
+	worker_connections 19000;
+}
+stream {
+%s}
+`, nginxStreamModule, filepath.Join(dir, "nginx.pid"), servers)
+}
+
+// startNginx starts an nginx in each server pod (TLS 1.3 with a required
+// client certificate, to the app on 127.0.0.1) and one in the client pod
+// with a listener per server pod, and returns the client's local
+// addresses.
+//
+// nginx cannot check a SPIFFE ID (a URI SAN), and mantlet's CA issues no
+// DNS names, so the client side does not verify the server's certificate
+// (proxy_ssl_verify needs a name to match); the server side verifies the
+// client's chain against the mesh's bundle.
+func (e *peerEnv) startNginx(ctx context.Context) (targets []netip.AddrPort, client, server []*proc, err error) {
+	defer func() {
+		if err != nil {
+			err = errors.Join(err, stopAll(append(client, server...)))
+		}
+	}()
+	ccert, ckey, bundle, _, err := e.credentials(ctx, e.client)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	var clientServers strings.Builder
+	for i, srv := range e.servers {
+		scert, skey, _, _, err := e.credentials(ctx, srv)
+		if err != nil {
+			return nil, client, server, err
+		}
+		listen := hostPort(srv.IP.String(), nginxServerPort)
+		dir := filepath.Join(e.dir, "nginx-"+srv.Name)
+		if err := os.MkdirAll(dir, 0o700); err != nil {
+			return nil, client, server, fmt.Errorf("peerbench: %w", err)
+		}
+		conf := nginxConfig(dir, fmt.Sprintf(`	server {
+		listen %s ssl reuseport;
+		ssl_protocols TLSv1.3;
+		ssl_certificate %s;
+		ssl_certificate_key %s;
+		ssl_verify_client on;
+		ssl_client_certificate %s;
+		proxy_pass %s;
+	}
+`, listen, scert, skey, bundle, hostPort("127.0.0.1", AppPort)))
+		p, err := e.runNginx(srv, dir, conf)
+		if err != nil {
+			return nil, client, server, err
+		}
+		server = append(server, p)
+		if err := p.waitListening(ctx, srv, listen); err != nil {
+			return nil, client, server, err
+		}
+		local := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(nginxClientPort+i))
+		fmt.Fprintf(&clientServers, `	server {
+		listen %s reuseport;
+		proxy_pass %s;
+		proxy_ssl on;
+		proxy_ssl_protocols TLSv1.3;
+		proxy_ssl_certificate %s;
+		proxy_ssl_certificate_key %s;
+	}
+`, local, listen, ccert, ckey)
+		targets = append(targets, local)
+	}
+	dir := filepath.Join(e.dir, "nginx-"+e.client.Name)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, client, server, fmt.Errorf("peerbench: %w", err)
+	}
+	p, err := e.runNginx(e.client, dir, nginxConfig(dir, clientServers.String()))
+	if err != nil {
+		return nil, client, server, err
+	}
+	client = append(client, p)
+	for _, t := range targets {
+		if err := p.waitListening(ctx, e.client, t.String()); err != nil {
+			return nil, client, server, err
+		}
+	}
+	return targets, client, server, nil
+}
+
+// runNginx writes conf into dir and starts nginx with it in pod.
+func (e *peerEnv) runNginx(pod *testbed.Pod, dir, conf string) (*proc, error) {
+	path := filepath.Join(dir, "nginx.conf")
+	if err := os.WriteFile(path, []byte(conf), 0o600); err != nil {
+		return nil, fmt.Errorf("peerbench: %w", err)
+	}
+	return startProc(pod, "nginx in "+pod.Name, nginxBinary, "-p", dir, "-c", path, "-e", "stderr")
+}
