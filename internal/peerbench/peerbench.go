@@ -313,11 +313,11 @@ func (b *bench) setUpPaths(ctx context.Context, work, ghostunnel, ghostVersion, 
 		case Ghostunnel:
 			b.prog("starting the ghostunnel pairs")
 			targets, client, server, err = env.startGhostunnel(ctx, ghostunnel)
-			p.version, p.about = ghostVersion, "ghostunnel client in the client pod (one per server pod), ghostunnel server in each server pod; mutual TLS 1.3, SPIFFE IDs checked both ways"
+			p.version, p.about = ghostVersion, "ghostunnel client in the client pod (one per server pod), ghostunnel server in each server pod; mutual TLS 1.3, chains and SPIFFE IDs checked both ways, and the server's DNS name"
 		case Nginx:
 			b.prog("starting the nginx pairs")
 			targets, client, server, err = env.startNginx(ctx)
-			p.version, p.about = nginxVersion, "nginx stream in the client pod (a listener per server pod) and in each server pod; mutual TLS 1.3, the server checks the client's chain, the client checks nothing (nginx cannot match a SPIFFE ID)"
+			p.version, p.about = nginxVersion, "nginx stream in the client pod (a listener per server pod) and in each server pod; mutual TLS 1.3, chains checked both ways and the server's DNS name (nginx cannot match a SPIFFE ID)"
 		}
 		if ctx.Err() != nil {
 			return ctx.Err()
@@ -374,7 +374,13 @@ func (b *bench) phase(ctx context.Context, what string, order []*path, fn func(p
 		}
 		n, err := fn(p)
 		if err != nil {
-			return fmt.Errorf("peerbench: %s, %s: %w", what, p.name, err)
+			var outs strings.Builder
+			for _, pr := range p.procs {
+				if o := pr.out.String(); o != "" {
+					fmt.Fprintf(&outs, "\n--- last output of %s ---\n%s", pr.name, lastLines(o, logTail))
+				}
+			}
+			return fmt.Errorf("peerbench: %s, %s: %w%s", what, p.name, err, outs.String())
 		}
 		after, err := b.captured()
 		if err != nil {

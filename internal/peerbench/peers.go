@@ -2,12 +2,18 @@ package peerbench
 
 import (
 	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
 	"crypto/x509"
+	"crypto/x509/pkix"
 	"encoding/pem"
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/big"
 	"net/netip"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -18,6 +24,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/mantlet/mantlet/identity"
+	"github.com/mantlet/mantlet/identity/ca"
 	"github.com/mantlet/mantlet/internal/meshtest"
 	"github.com/mantlet/mantlet/internal/peerbench/peerbin"
 	"github.com/mantlet/mantlet/internal/testbed"
@@ -60,35 +67,104 @@ type peerEnv struct {
 	log     *slog.Logger
 }
 
-// credentials writes pod's SVID (certificate chain and key) and the
-// mesh's trust bundle into dir and returns their paths and pod's ID.
-func (e *peerEnv) credentials(ctx context.Context, pod *testbed.Pod) (cert, key, bundle string, id spiffeid.ID, err error) {
+// credentials writes a certificate for pod (chain and key) and the
+// mesh's trust bundle into dir and returns their paths, pod's SPIFFE ID
+// and the DNS name in its certificate.
+//
+// The certificate is signed by the mesh's CA (the key in its directory, as
+// identity/ca stores it) and carries pod's SPIFFE ID like the agents'
+// SVIDs, plus a DNS name: ghostunnel and nginx verify the server's name
+// (an IP has to be in the certificate, or a name given to them), which an
+// X509-SVID does not carry. ghostunnel then also checks the SPIFFE ID.
+func (e *peerEnv) credentials(pod *testbed.Pod) (cert, key, bundle string, id spiffeid.ID, dns string, err error) {
 	id, err = identity.WorkloadID(e.mesh.TrustDomain(), pod.Namespace, pod.ServiceAccount)
 	if err != nil {
-		return "", "", "", id, fmt.Errorf("peerbench: identity of %s: %w", pod.Name, err)
+		return "", "", "", id, "", fmt.Errorf("peerbench: identity of %s: %w", pod.Name, err)
 	}
-	svid, err := e.mesh.IssueSVID(ctx, id)
+	dns = pod.Name + "." + pod.Namespace
+	chain, der, err := signPeerCert(e.mesh.CADir, id, dns)
 	if err != nil {
-		return "", "", "", id, err
+		return "", "", "", id, "", fmt.Errorf("peerbench: certificate of %s: %w", pod.Name, err)
 	}
-	var chain []byte
-	for _, c := range svid.Certificates {
-		chain = append(chain, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c.Raw})...)
-	}
-	der, err := x509.MarshalPKCS8PrivateKey(svid.PrivateKey)
-	if err != nil {
-		return "", "", "", id, fmt.Errorf("peerbench: key of %s: %w", pod.Name, err)
+	var chainPEM []byte
+	for _, c := range chain {
+		chainPEM = append(chainPEM, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: c})...)
 	}
 	cert = filepath.Join(e.dir, pod.Name+".crt")
 	key = filepath.Join(e.dir, pod.Name+".key")
 	bundle = filepath.Join(e.dir, "bundle.crt")
 	root := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: e.mesh.CA.Root().Raw})
-	for path, b := range map[string][]byte{cert: chain, key: pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), bundle: root} {
+	for path, b := range map[string][]byte{cert: chainPEM, key: pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), bundle: root} {
 		if err := os.WriteFile(path, b, 0o600); err != nil {
-			return "", "", "", id, fmt.Errorf("peerbench: %w", err)
+			return "", "", "", id, "", fmt.Errorf("peerbench: %w", err)
 		}
 	}
-	return cert, key, bundle, id, nil
+	return cert, key, bundle, id, dns, nil
+}
+
+// signPeerCert makes an ECDSA P-256 key and a certificate for it, signed
+// by the CA in caDir (its intermediate if it has one), with id and dns as
+// names, good for an hour. It returns the chain (leaf first, DER) and the
+// key (PKCS#8 DER).
+func signPeerCert(caDir string, id spiffeid.ID, dns string) (chain [][]byte, key []byte, err error) {
+	certFile, keyFile := ca.RootCertFile, ca.RootKeyFile
+	if _, err := os.Stat(filepath.Join(caDir, ca.IntermediateKeyFile)); err == nil {
+		certFile, keyFile = ca.IntermediateFile, ca.IntermediateKeyFile
+	}
+	issuerPEM, err := os.ReadFile(filepath.Join(caDir, certFile))
+	if err != nil {
+		return nil, nil, err
+	}
+	issuerKeyPEM, err := os.ReadFile(filepath.Join(caDir, keyFile))
+	if err != nil {
+		return nil, nil, err
+	}
+	ib, _ := pem.Decode(issuerPEM)
+	kb, _ := pem.Decode(issuerKeyPEM)
+	if ib == nil || kb == nil {
+		return nil, nil, fmt.Errorf("no PEM in %s or %s", certFile, keyFile)
+	}
+	issuer, err := x509.ParseCertificate(ib.Bytes)
+	if err != nil {
+		return nil, nil, err
+	}
+	signer, err := x509.ParsePKCS8PrivateKey(kb.Bytes)
+	if err != nil {
+		return nil, nil, err
+	}
+	priv, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, nil, err
+	}
+	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 127))
+	if err != nil {
+		return nil, nil, err
+	}
+	now := time.Now()
+	tmpl := &x509.Certificate{
+		SerialNumber:          serial,
+		Subject:               pkix.Name{Organization: []string{"mantlet bench"}},
+		NotBefore:             now.Add(-ca.Backdate),
+		NotAfter:              now.Add(time.Hour),
+		KeyUsage:              x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+		BasicConstraintsValid: true,
+		URIs:                  []*url.URL{id.URL()},
+		DNSNames:              []string{dns},
+	}
+	leaf, err := x509.CreateCertificate(rand.Reader, tmpl, issuer, &priv.PublicKey, signer)
+	if err != nil {
+		return nil, nil, err
+	}
+	key, err = x509.MarshalPKCS8PrivateKey(priv)
+	if err != nil {
+		return nil, nil, err
+	}
+	chain = [][]byte{leaf}
+	if certFile == ca.IntermediateFile {
+		chain = append(chain, issuer.Raw)
+	}
+	return chain, key, nil
 }
 
 // ghostunnelBinary returns the ghostunnel to run: given, or built from the
@@ -129,12 +205,12 @@ func (e *peerEnv) startGhostunnel(ctx context.Context, bin string) (targets []ne
 			err = errors.Join(err, stopAll(append(client, server...)))
 		}
 	}()
-	ccert, ckey, bundle, cid, err := e.credentials(ctx, e.client)
+	ccert, ckey, bundle, cid, _, err := e.credentials(e.client)
 	if err != nil {
 		return nil, nil, nil, err
 	}
 	for i, srv := range e.servers {
-		scert, skey, _, sid, err := e.credentials(ctx, srv)
+		scert, skey, _, sid, sdns, err := e.credentials(srv)
 		if err != nil {
 			return nil, client, server, err
 		}
@@ -154,7 +230,7 @@ func (e *peerEnv) startGhostunnel(ctx context.Context, bin string) (targets []ne
 		p, err = startProc(e.client, fmt.Sprintf("ghostunnel client %d in %s", i+1, e.client.Name), bin, "client",
 			"--listen", local.String(), "--target", listen,
 			"--cert", ccert, "--key", ckey, "--cacert", bundle,
-			"--verify-uri", sid.String(), "--shutdown-timeout", "2s")
+			"--override-server-name", sdns, "--verify-uri", sid.String(), "--shutdown-timeout", "2s")
 		if err != nil {
 			return nil, client, server, err
 		}
@@ -248,23 +324,22 @@ stream {
 // with a listener per server pod, and returns the client's local
 // addresses.
 //
-// nginx cannot check a SPIFFE ID (a URI SAN), and mantlet's CA issues no
-// DNS names, so the client side does not verify the server's certificate
-// (proxy_ssl_verify needs a name to match); the server side verifies the
-// client's chain against the mesh's bundle.
+// Both sides verify the other's chain against the mesh's bundle, and the
+// client the server's DNS name; nginx cannot check a SPIFFE ID (a URI
+// SAN), so neither checks the other's identity beyond that.
 func (e *peerEnv) startNginx(ctx context.Context) (targets []netip.AddrPort, client, server []*proc, err error) {
 	defer func() {
 		if err != nil {
 			err = errors.Join(err, stopAll(append(client, server...)))
 		}
 	}()
-	ccert, ckey, bundle, _, err := e.credentials(ctx, e.client)
+	ccert, ckey, bundle, _, _, err := e.credentials(e.client)
 	if err != nil {
 		return nil, nil, nil, err
 	}
 	var clientServers strings.Builder
 	for i, srv := range e.servers {
-		scert, skey, _, _, err := e.credentials(ctx, srv)
+		scert, skey, _, _, sdns, err := e.credentials(srv)
 		if err != nil {
 			return nil, client, server, err
 		}
@@ -299,8 +374,11 @@ func (e *peerEnv) startNginx(ctx context.Context) (targets []netip.AddrPort, cli
 		proxy_ssl_protocols TLSv1.3;
 		proxy_ssl_certificate %s;
 		proxy_ssl_certificate_key %s;
+		proxy_ssl_verify on;
+		proxy_ssl_trusted_certificate %s;
+		proxy_ssl_name %s;
 	}
-`, local, listen, ccert, ckey)
+`, local, listen, ccert, ckey, bundle, sdns)
 		targets = append(targets, local)
 	}
 	dir := filepath.Join(e.dir, "nginx-"+e.client.Name)

@@ -39,3 +39,12 @@ func printAgentTails(w io.Writer, m *meshtest.Mesh) {
 		fmt.Fprintf(w, "--- last lines of the agent log of %s ---\n%s\n", n.Name, strings.Join(lines, "\n"))
 	}
 }
+
+// lastLines returns the last n lines of s.
+func lastLines(s string, n int) string {
+	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
