@@ -2,7 +2,6 @@ package peerbench
 
 import (
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -14,22 +13,22 @@ import (
 )
 
 // AppPort is the port of the bench's application server in every server
-// pod.
-const AppPort = 5201
+// pod; IperfPort that of the iperf3 server in the first server pod of each
+// path (the throughput figures are iperf3's).
+const (
+	AppPort   = 5201
+	IperfPort = 5202
+)
 
 // Modes of a bench connection: its first byte, sent by the client.
 const (
-	modeSink    = 's' // count bytes until EOF, answer the count (8 bytes, big-endian)
 	modeEcho    = 'e' // echo every byte until EOF
 	modeConnect = 'c' // answer one byte and close (the server closes first, so the client keeps no TIME_WAIT)
 	modeHold    = 'h' // answer one byte, then wait for the client's EOF
 )
 
-// chunk is the size of the sender's writes and the sink's reads.
-const chunk = 256 << 10
-
 // ServeApp runs the bench's application server on addr until ctx is done:
-// a sink, an echo, a connect-and-close and a hold mode, chosen by a
+// an echo, a connect-and-close and a hold mode, chosen by a
 // connection's first byte. `mantlet bench --serve-app` runs it inside each
 // server pod, in a process of its own, so that the server's sockets and
 // CPU are not the bench's.
@@ -93,15 +92,6 @@ func serveConn(c net.Conn) error {
 		return err
 	}
 	switch mode[0] {
-	case modeSink:
-		n, err := io.CopyBuffer(io.Discard, c, make([]byte, chunk))
-		if err != nil {
-			return err
-		}
-		var b [8]byte
-		binary.BigEndian.PutUint64(b[:], uint64(n))
-		_, err = c.Write(b[:])
-		return err
 	case modeEcho:
 		buf := make([]byte, 512)
 		for {

@@ -2,13 +2,15 @@ package peerbench
 
 import (
 	"bufio"
+	"bytes"
 	"context"
-	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/netip"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -35,6 +37,11 @@ const (
 type dialer struct {
 	client  *testbed.Pod
 	targets []netip.AddrPort // where the client connects: the server pods, or its local proxies
+	// iperf is where the client's iperf3 connects: the iperf3 server in
+	// the first server pod, or the local proxy to it; iperf3 is the
+	// program.
+	iperf  netip.AddrPort
+	iperf3 string
 }
 
 // dial connects to target i (modulo the targets) and sends the mode byte;
@@ -55,66 +62,43 @@ func (d *dialer) dial(ctx context.Context, i int, mode byte) (net.Conn, func(), 
 	return c, func() { stop(); c.Close() }, nil
 }
 
-// throughput sends on streams connections to the first target at once for
-// dur and returns the bytes the server received and the time until the
-// last stream's count arrived.
+// throughput runs iperf3 in the client pod against the path's iperf3
+// target with streams parallel streams for dur (whole seconds, at least
+// one) and returns the bytes the server received and the time it took, as
+// iperf3 reports them.
 func (d *dialer) throughput(ctx context.Context, streams int, dur time.Duration) (int64, time.Duration, error) {
-	var (
-		total atomic.Int64
-		wg    sync.WaitGroup
-		errs  = make([]error, streams)
-	)
-	conns := make([]net.Conn, streams)
-	for i := range streams {
-		c, done, err := d.dial(ctx, 0, modeSink)
-		if err != nil {
-			for _, c := range conns[:i] {
-				c.Close()
-			}
-			return 0, 0, fmt.Errorf("stream %d: %w", i+1, err)
-		}
-		defer done()
-		conns[i] = c
+	secs := max(1, int(dur.Round(time.Second)/time.Second))
+	ctx, cancel := context.WithTimeout(ctx, time.Duration(secs)*time.Second+ioTimeout)
+	defer cancel()
+	cmd := d.client.Command(ctx, d.iperf3, "--client", d.iperf.Addr().String(), "--port", strconv.Itoa(int(d.iperf.Port())),
+		"--time", strconv.Itoa(secs), "--parallel", strconv.Itoa(streams), "--json",
+		"--connect-timeout", strconv.Itoa(int(dialTimeout/time.Millisecond)))
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	var r iperfResult
+	if jerr := json.Unmarshal(out, &r); jerr != nil {
+		return 0, 0, fmt.Errorf("iperf3: %w (output %q, %s)", errors.Join(err, jerr), lastLines(string(out), 3), bytes.TrimSpace(stderr.Bytes()))
 	}
-	start := time.Now()
-	for i, c := range conns {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			n, err := sendFor(c, start, dur)
-			total.Add(n)
-			if err != nil {
-				errs[i] = fmt.Errorf("stream %d: %w", i+1, err)
-			}
-		}()
+	if r.Error != "" || err != nil {
+		return 0, 0, fmt.Errorf("iperf3: %s: %w", r.Error, err)
 	}
-	wg.Wait()
-	if err := errors.Join(errs...); err != nil {
-		return 0, 0, err
+	got := r.End.SumReceived
+	if got.Bytes <= 0 || got.Seconds <= 0 {
+		return 0, 0, fmt.Errorf("iperf3: the server received %d bytes in %.2f s", got.Bytes, got.Seconds)
 	}
-	return total.Load(), time.Since(start), nil
+	return got.Bytes, time.Duration(got.Seconds * float64(time.Second)), nil
 }
 
-// sendFor writes on c until dur after start, half-closes it and returns
-// the count the sink answers.
-func sendFor(c net.Conn, start time.Time, dur time.Duration) (int64, error) {
-	_ = c.SetDeadline(start.Add(dur + ioTimeout))
-	buf := make([]byte, chunk)
-	for time.Since(start) < dur {
-		if _, err := c.Write(buf); err != nil {
-			return 0, fmt.Errorf("send: %w", err)
-		}
-	}
-	if cw, ok := c.(interface{ CloseWrite() error }); ok {
-		if err := cw.CloseWrite(); err != nil {
-			return 0, err
-		}
-	}
-	var b [8]byte
-	if _, err := io.ReadFull(c, b[:]); err != nil {
-		return 0, fmt.Errorf("read the server's count: %w", err)
-	}
-	return int64(binary.BigEndian.Uint64(b[:])), nil
+// iperfResult is what the bench reads of iperf3's --json output.
+type iperfResult struct {
+	Error string `json:"error"`
+	End   struct {
+		SumReceived struct {
+			Bytes   int64   `json:"bytes"`
+			Seconds float64 `json:"seconds"`
+		} `json:"sum_received"`
+	} `json:"end"`
 }
 
 // echo makes n 1-byte round trips on one connection to the first target

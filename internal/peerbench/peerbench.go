@@ -22,9 +22,11 @@ import (
 	"log/slog"
 	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -123,6 +125,7 @@ type path struct {
 type bench struct {
 	opts    Options
 	binary  string // the mantlet executable
+	iperf3  string // the iperf3 program
 	mesh    *meshtest.Mesh
 	log     *slog.Logger
 	paths   []*path
@@ -164,6 +167,11 @@ func Run(ctx context.Context, binary string, opts Options) (res *Results, err er
 	}
 	defer os.RemoveAll(work)
 
+	// iperf3 makes the throughput figures: without it there is no bench.
+	b.iperf3, err = iperf3Binary(ctx, opts.NoInstall, b.log)
+	if err != nil {
+		return nil, interrupted(ctx, err)
+	}
 	// Find (or build, or install) the peers first: a failure there is a
 	// skip, not an error.
 	ghostunnel, ghostVersion, nginxVersion := "", "", ""
@@ -175,7 +183,7 @@ func Run(ctx context.Context, binary string, opts Options) (res *Results, err er
 		case Nginx:
 			nginxVersion, err = nginxInstalled(ctx)
 			if err != nil && !opts.NoInstall {
-				if ierr := installNginx(ctx, b.log); ierr != nil {
+				if ierr := installPackages(ctx, b.log, "nginx", "libnginx-mod-stream"); ierr != nil {
 					err = errors.Join(err, ierr)
 				} else {
 					nginxVersion, err = nginxInstalled(ctx)
@@ -249,7 +257,8 @@ func (b *bench) skip(peer string, why error) {
 	b.prog("skipping %s: %v", peer, why)
 }
 
-// startApps starts the app server in every server pod.
+// startApps starts the app server in every server pod, and an iperf3
+// server in the first server pod of each path.
 func (b *bench) startApps(ctx context.Context) error {
 	for _, name := range []string{"mesh-server", "mesh-server-b", "server", "server-b"} {
 		pod := b.mesh.Pod(name)
@@ -262,8 +271,35 @@ func (b *bench) startApps(ctx context.Context) error {
 		if err := p.waitListening(ctx, pod, hostPort(pod.IP.String(), AppPort)); err != nil {
 			return err
 		}
+		if name != "mesh-server" && name != "server" {
+			continue
+		}
+		p, err = startProc(pod, "iperf3 server in "+name, b.iperf3, "--server", "--port", strconv.Itoa(IperfPort))
+		if err != nil {
+			return err
+		}
+		b.apps = append(b.apps, p)
+		if err := p.waitListening(ctx, pod, hostPort(pod.IP.String(), IperfPort)); err != nil {
+			return err
+		}
 	}
 	return nil
+}
+
+// iperf3Binary finds iperf3, installing it with apt-get if it is missing
+// and install is allowed.
+func iperf3Binary(ctx context.Context, noInstall bool, log *slog.Logger) (string, error) {
+	path, err := exec.LookPath("iperf3")
+	if err == nil || noInstall {
+		if err != nil {
+			err = fmt.Errorf("peerbench: iperf3 measures the throughput: %w (Debian: apt-get install iperf3)", err)
+		}
+		return path, err
+	}
+	if ierr := installPackages(ctx, log, "iperf3"); ierr != nil {
+		return "", fmt.Errorf("peerbench: iperf3 measures the throughput: %w", errors.Join(err, ierr))
+	}
+	return exec.LookPath("iperf3")
 }
 
 // setUpPaths makes the paths: direct and mantlet, and the peers that
@@ -276,6 +312,7 @@ func (b *bench) setUpPaths(ctx context.Context, work, ghostunnel, ghostVersion, 
 		}
 		return out
 	}
+	iperf := func(name string) netip.AddrPort { return netip.AddrPortFrom(b.mesh.Pod(name).IP, IperfPort) }
 	agent := func(node string) (side, error) {
 		pid, err := b.mesh.AgentPID(node)
 		return side{roots: []int{pid}}, err
@@ -289,9 +326,9 @@ func (b *bench) setUpPaths(ctx context.Context, work, ghostunnel, ghostVersion, 
 		return err
 	}
 	b.paths = []*path{
-		{name: Direct, about: "unmeshed pods, no tunnel", dialer: &dialer{client: b.mesh.Pod("client"), targets: servers("server", "server-b")}},
+		{name: Direct, about: "unmeshed pods, no tunnel", dialer: &dialer{client: b.mesh.Pod("client"), targets: servers("server", "server-b"), iperf: iperf("server"), iperf3: b.iperf3}},
 		{name: Mantlet, about: "meshed pods: eBPF capture on node1, HBONE (HTTP/2 CONNECT over mutual TLS 1.3) between the nodes' agents", version: "this build",
-			dialer: &dialer{client: b.mesh.Pod("mesh-client"), targets: servers("mesh-server", "mesh-server-b")},
+			dialer: &dialer{client: b.mesh.Pod("mesh-client"), targets: servers("mesh-server", "mesh-server-b"), iperf: iperf("mesh-server"), iperf3: b.iperf3},
 			sides:  map[string]side{ClientSide: c1, ServerSide: s1}, meshed: true},
 	}
 	env := &peerEnv{mesh: b.mesh, client: b.mesh.Pod("client"), servers: []*testbed.Pod{b.mesh.Pod("server"), b.mesh.Pod("server-b")}, log: b.log}
@@ -305,6 +342,7 @@ func (b *bench) setUpPaths(ctx context.Context, work, ghostunnel, ghostVersion, 
 		}
 		var (
 			targets        []netip.AddrPort
+			iperfTarget    netip.AddrPort
 			client, server []*proc
 			err            error
 			p              = &path{name: peer}
@@ -312,11 +350,11 @@ func (b *bench) setUpPaths(ctx context.Context, work, ghostunnel, ghostVersion, 
 		switch peer {
 		case Ghostunnel:
 			b.prog("starting the ghostunnel pairs")
-			targets, client, server, err = env.startGhostunnel(ctx, ghostunnel)
+			targets, iperfTarget, client, server, err = env.startGhostunnel(ctx, ghostunnel)
 			p.version, p.about = ghostVersion, "ghostunnel client in the client pod (one per server pod), ghostunnel server in each server pod; mutual TLS 1.3, chains and SPIFFE IDs checked both ways, and the server's DNS name"
 		case Nginx:
 			b.prog("starting the nginx pairs")
-			targets, client, server, err = env.startNginx(ctx)
+			targets, iperfTarget, client, server, err = env.startNginx(ctx)
 			p.version, p.about = nginxVersion, "nginx stream in the client pod (a listener per server pod) and in each server pod; mutual TLS 1.3, chains checked both ways and the server's DNS name (nginx cannot match a SPIFFE ID)"
 		}
 		if ctx.Err() != nil {
@@ -326,7 +364,7 @@ func (b *bench) setUpPaths(ctx context.Context, work, ghostunnel, ghostVersion, 
 			b.skip(peer, err)
 			continue
 		}
-		p.dialer = &dialer{client: env.client, targets: targets}
+		p.dialer = &dialer{client: env.client, targets: targets, iperf: iperfTarget, iperf3: b.iperf3}
 		p.procs = append(client, server...)
 		p.sides = map[string]side{ClientSide: {roots: pids(client)}, ServerSide: {roots: pids(server)}}
 		b.paths = append(b.paths, p)
@@ -439,6 +477,7 @@ func (b *bench) measure(ctx context.Context) error {
 			if err != nil {
 				return i, err
 			}
+			_ = c.SetDeadline(time.Now().Add(ioTimeout))
 			_, err = io.ReadAll(c)
 			done()
 			if err != nil {
@@ -469,13 +508,13 @@ func (b *bench) measure(ctx context.Context) error {
 					return err
 				})
 				if err != nil {
-					return streams, err
+					return streams + 1, err
 				}
 				b.record(tfig, "", p.name, float64(n)*8/took.Seconds())
 				for s, d := range cpu {
 					b.record(cfig, s, p.name, d.Seconds()/(float64(n)/1e9))
 				}
-				return streams, nil
+				return streams + 1, nil // iperf3's control connection, and the streams
 			}); err != nil {
 				return err
 			}

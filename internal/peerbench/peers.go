@@ -18,6 +18,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"time"
 
@@ -43,9 +44,10 @@ var Peers = []string{Ghostunnel, Nginx}
 // Ports of the peers: the server side listens on the server pod's IP, the
 // client side on 127.0.0.1 of the client pod, one port per server pod.
 const (
-	ghostunnelServerPort = 15443
+	ghostunnelServerPort = 15443 // the app's
+	ghostunnelIperfPort  = 15453 // the iperf3 server's
 	ghostunnelClientPort = 15101
-	nginxServerPort      = 15444
+	nginxServerPort      = 15444 // the app's; the iperf3 server's 10 more
 	nginxClientPort      = 15201
 )
 
@@ -198,8 +200,10 @@ func ghostunnelBinary(ctx context.Context, given string, log *slog.Logger) (path
 
 // startGhostunnel starts a ghostunnel server in each server pod and, in
 // the client pod, one ghostunnel client per server pod (a sidecar proxies
-// one upstream), and returns the client's local addresses.
-func (e *peerEnv) startGhostunnel(ctx context.Context, bin string) (targets []netip.AddrPort, client, server []*proc, err error) {
+// one upstream), and returns the client's local addresses; plus a pair
+// more for the iperf3 server of the first server pod, and the client's
+// address for it.
+func (e *peerEnv) startGhostunnel(ctx context.Context, bin string) (targets []netip.AddrPort, iperf netip.AddrPort, client, server []*proc, err error) {
 	defer func() {
 		if err != nil {
 			err = errors.Join(err, stopAll(append(client, server...)))
@@ -207,40 +211,48 @@ func (e *peerEnv) startGhostunnel(ctx context.Context, bin string) (targets []ne
 	}()
 	ccert, ckey, bundle, cid, _, err := e.credentials(e.client)
 	if err != nil {
-		return nil, nil, nil, err
+		return nil, iperf, nil, nil, err
 	}
-	for i, srv := range e.servers {
+	pair := func(i int, srv *testbed.Pod, serverPort, appPort int, what string) (netip.AddrPort, error) {
 		scert, skey, _, sid, sdns, err := e.credentials(srv)
 		if err != nil {
-			return nil, client, server, err
+			return netip.AddrPort{}, err
 		}
-		listen := hostPort(srv.IP.String(), ghostunnelServerPort)
-		p, err := startProc(srv, "ghostunnel server in "+srv.Name, bin, "server",
-			"--listen", listen, "--target", hostPort("127.0.0.1", AppPort),
+		listen := hostPort(srv.IP.String(), serverPort)
+		p, err := startProc(srv, "ghostunnel server"+what+" in "+srv.Name, bin, "server",
+			"--listen", listen, "--target", hostPort("127.0.0.1", appPort),
 			"--cert", scert, "--key", skey, "--cacert", bundle,
 			"--allow-uri", cid.String(), "--shutdown-timeout", "2s")
 		if err != nil {
-			return nil, client, server, err
+			return netip.AddrPort{}, err
 		}
 		server = append(server, p)
 		if err := p.waitListening(ctx, srv, listen); err != nil {
-			return nil, client, server, err
+			return netip.AddrPort{}, err
 		}
 		local := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(ghostunnelClientPort+i))
-		p, err = startProc(e.client, fmt.Sprintf("ghostunnel client %d in %s", i+1, e.client.Name), bin, "client",
+		p, err = startProc(e.client, fmt.Sprintf("ghostunnel client %d%s in %s", i+1, what, e.client.Name), bin, "client",
 			"--listen", local.String(), "--target", listen,
 			"--cert", ccert, "--key", ckey, "--cacert", bundle,
 			"--override-server-name", sdns, "--verify-uri", sid.String(), "--shutdown-timeout", "2s")
 		if err != nil {
-			return nil, client, server, err
+			return netip.AddrPort{}, err
 		}
 		client = append(client, p)
-		if err := p.waitListening(ctx, e.client, local.String()); err != nil {
-			return nil, client, server, err
+		return local, p.waitListening(ctx, e.client, local.String())
+	}
+	for i, srv := range e.servers {
+		local, err := pair(i, srv, ghostunnelServerPort, AppPort, "")
+		if err != nil {
+			return nil, iperf, client, server, err
 		}
 		targets = append(targets, local)
 	}
-	return targets, client, server, nil
+	iperf, err = pair(len(e.servers), e.servers[0], ghostunnelIperfPort, IperfPort, " (iperf3)")
+	if err != nil {
+		return nil, iperf, client, server, err
+	}
+	return targets, iperf, client, server, nil
 }
 
 // nginxInstalled returns nginx's version, or why it cannot run.
@@ -261,14 +273,15 @@ func nginxInstalled(ctx context.Context) (string, error) {
 	return v, nil
 }
 
-// installNginx installs Debian's nginx and its stream module with apt-get
-// (root only), updating the package lists if the first try fails.
-func installNginx(ctx context.Context, log *slog.Logger) error {
+// installPackages installs Debian packages with apt-get (root only),
+// updating the package lists if the first try fails.
+func installPackages(ctx context.Context, log *slog.Logger, pkgs ...string) error {
+	what := strings.Join(pkgs, " ")
 	if os.Geteuid() != 0 {
-		return errors.New("peerbench: installing nginx needs root")
+		return fmt.Errorf("peerbench: installing %s needs root", what)
 	}
 	if _, err := exec.LookPath("apt-get"); err != nil {
-		return fmt.Errorf("peerbench: install nginx: %w", err)
+		return fmt.Errorf("peerbench: install %s: %w", what, err)
 	}
 	ctx, cancel := context.WithTimeout(ctx, installTimeout)
 	defer cancel()
@@ -282,17 +295,17 @@ func installNginx(ctx context.Context, log *slog.Logger) error {
 		}
 		return nil
 	}
-	install := []string{"install", "-y", "-q", "--no-install-recommends", "nginx", "libnginx-mod-stream"}
-	log.Info("installing nginx and its stream module with apt-get")
+	install := append([]string{"install", "-y", "-q", "--no-install-recommends"}, pkgs...)
+	log.Info("installing with apt-get", "packages", what)
 	err := apt(install...)
 	if err != nil {
 		if uerr := apt("update", "-q"); uerr != nil {
-			return fmt.Errorf("peerbench: install nginx: %w", errors.Join(err, uerr))
+			return fmt.Errorf("peerbench: install %s: %w", what, errors.Join(err, uerr))
 		}
 		err = apt(install...)
 	}
 	if err != nil {
-		return fmt.Errorf("peerbench: install nginx: %w", err)
+		return fmt.Errorf("peerbench: install %s: %w", what, err)
 	}
 	return nil
 }
@@ -320,14 +333,15 @@ stream {
 }
 
 // startNginx starts an nginx in each server pod (TLS 1.3 with a required
-// client certificate, to the app on 127.0.0.1) and one in the client pod
-// with a listener per server pod, and returns the client's local
+// client certificate, to the app on 127.0.0.1; the first also to its
+// iperf3 server) and one in the client pod with a listener per server
+// (and one for the iperf3 server), and returns the client's local
 // addresses.
 //
 // Both sides verify the other's chain against the mesh's bundle, and the
 // client the server's DNS name; nginx cannot check a SPIFFE ID (a URI
 // SAN), so neither checks the other's identity beyond that.
-func (e *peerEnv) startNginx(ctx context.Context) (targets []netip.AddrPort, client, server []*proc, err error) {
+func (e *peerEnv) startNginx(ctx context.Context) (targets []netip.AddrPort, iperf netip.AddrPort, client, server []*proc, err error) {
 	defer func() {
 		if err != nil {
 			err = errors.Join(err, stopAll(append(client, server...)))
@@ -335,20 +349,29 @@ func (e *peerEnv) startNginx(ctx context.Context) (targets []netip.AddrPort, cli
 	}()
 	ccert, ckey, bundle, _, _, err := e.credentials(e.client)
 	if err != nil {
-		return nil, nil, nil, err
+		return nil, iperf, nil, nil, err
 	}
 	var clientServers strings.Builder
+	local := nginxClientPort
 	for i, srv := range e.servers {
 		scert, skey, _, _, sdns, err := e.credentials(srv)
 		if err != nil {
-			return nil, client, server, err
+			return nil, iperf, client, server, err
 		}
-		listen := hostPort(srv.IP.String(), nginxServerPort)
 		dir := filepath.Join(e.dir, "nginx-"+srv.Name)
 		if err := os.MkdirAll(dir, 0o700); err != nil {
-			return nil, client, server, fmt.Errorf("peerbench: %w", err)
+			return nil, iperf, client, server, fmt.Errorf("peerbench: %w", err)
 		}
-		conf := nginxConfig(dir, fmt.Sprintf(`	server {
+		apps := []int{AppPort}
+		if i == 0 {
+			apps = append(apps, IperfPort)
+		}
+		var serverServers strings.Builder
+		var listens []string
+		for k, app := range apps {
+			listen := hostPort(srv.IP.String(), nginxServerPort+10*k)
+			listens = append(listens, listen)
+			fmt.Fprintf(&serverServers, `	server {
 		listen %s ssl reuseport;
 		ssl_protocols TLSv1.3;
 		ssl_certificate %s;
@@ -357,17 +380,10 @@ func (e *peerEnv) startNginx(ctx context.Context) (targets []netip.AddrPort, cli
 		ssl_client_certificate %s;
 		proxy_pass %s;
 	}
-`, listen, scert, skey, bundle, hostPort("127.0.0.1", AppPort)))
-		p, err := e.runNginx(srv, dir, conf)
-		if err != nil {
-			return nil, client, server, err
-		}
-		server = append(server, p)
-		if err := p.waitListening(ctx, srv, listen); err != nil {
-			return nil, client, server, err
-		}
-		local := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(nginxClientPort+i))
-		fmt.Fprintf(&clientServers, `	server {
+`, listen, scert, skey, bundle, hostPort("127.0.0.1", app))
+			addr := netip.AddrPortFrom(netip.MustParseAddr("127.0.0.1"), uint16(local))
+			local++
+			fmt.Fprintf(&clientServers, `	server {
 		listen %s reuseport;
 		proxy_pass %s;
 		proxy_ssl on;
@@ -378,24 +394,39 @@ func (e *peerEnv) startNginx(ctx context.Context) (targets []netip.AddrPort, cli
 		proxy_ssl_trusted_certificate %s;
 		proxy_ssl_name %s;
 	}
-`, local, listen, ccert, ckey, bundle, sdns)
-		targets = append(targets, local)
+`, addr, listen, ccert, ckey, bundle, sdns)
+			if app == IperfPort {
+				iperf = addr
+			} else {
+				targets = append(targets, addr)
+			}
+		}
+		p, err := e.runNginx(srv, dir, nginxConfig(dir, serverServers.String()))
+		if err != nil {
+			return nil, iperf, client, server, err
+		}
+		server = append(server, p)
+		for _, l := range listens {
+			if err := p.waitListening(ctx, srv, l); err != nil {
+				return nil, iperf, client, server, err
+			}
+		}
 	}
 	dir := filepath.Join(e.dir, "nginx-"+e.client.Name)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return nil, client, server, fmt.Errorf("peerbench: %w", err)
+		return nil, iperf, client, server, fmt.Errorf("peerbench: %w", err)
 	}
 	p, err := e.runNginx(e.client, dir, nginxConfig(dir, clientServers.String()))
 	if err != nil {
-		return nil, client, server, err
+		return nil, iperf, client, server, err
 	}
 	client = append(client, p)
-	for _, t := range targets {
+	for _, t := range append(slices.Clone(targets), iperf) {
 		if err := p.waitListening(ctx, e.client, t.String()); err != nil {
-			return nil, client, server, err
+			return nil, iperf, client, server, err
 		}
 	}
-	return targets, client, server, nil
+	return targets, iperf, client, server, nil
 }
 
 // runNginx writes conf into dir and starts nginx with it in pod.
