@@ -366,18 +366,23 @@ func (b *bench) setUpPaths(ctx context.Context, work, ghostunnel, ghostVersion, 
 		}
 		p.dialer = &dialer{client: env.client, targets: targets, iperf: iperfTarget, iperf3: b.iperf3}
 		p.procs = append(client, server...)
-		p.sides = map[string]side{ClientSide: {roots: pids(client)}, ServerSide: {roots: pids(server)}}
+		p.sides = map[string]side{ClientSide: sideOf(client), ServerSide: sideOf(server)}
 		b.paths = append(b.paths, p)
 	}
 	return nil
 }
 
-func pids(ps []*proc) []int {
-	var out []int
+// sideOf returns the side made of the peer processes ps.
+func sideOf(ps []*proc) side {
+	var s side
 	for _, p := range ps {
-		out = append(out, p.pid())
+		if p.throughputOnly {
+			s.throughputOnly = append(s.throughputOnly, p.pid())
+		} else {
+			s.roots = append(s.roots, p.pid())
+		}
 	}
-	return out
+	return s
 }
 
 // captured returns the connections node1's ztunnel took from its pods.

@@ -226,6 +226,7 @@ func (e *peerEnv) startGhostunnel(ctx context.Context, bin string) (targets []ne
 		if err != nil {
 			return netip.AddrPort{}, err
 		}
+		p.throughputOnly = appPort == IperfPort
 		server = append(server, p)
 		if err := p.waitListening(ctx, srv, listen); err != nil {
 			return netip.AddrPort{}, err
@@ -238,6 +239,7 @@ func (e *peerEnv) startGhostunnel(ctx context.Context, bin string) (targets []ne
 		if err != nil {
 			return netip.AddrPort{}, err
 		}
+		p.throughputOnly = appPort == IperfPort
 		client = append(client, p)
 		return local, p.waitListening(ctx, e.client, local.String())
 	}

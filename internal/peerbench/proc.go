@@ -31,6 +31,9 @@ type proc struct {
 	out  *tail
 	done chan struct{} // closed when the process exited; then err is set
 	err  error
+	// throughputOnly marks a peer process that only carries iperf3's
+	// connections (see side.throughputOnly).
+	throughputOnly bool
 }
 
 // startProc runs name in pod's network namespace, in a process group of its

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -21,11 +22,22 @@ const clockTicks = 100
 // and, when measured, every process below them (nginx's workers).
 type side struct {
 	roots []int
+	// throughputOnly are roots that only carry iperf3's connections (a
+	// ghostunnel pair for the iperf3 server): their CPU counts, their
+	// memory does not (the other peers and mantlet carry it in the
+	// processes that are weighed anyway).
+	throughputOnly []int
 }
 
-// pids returns the roots and all their descendants that are alive now.
+// pids returns the roots (all of them) and all their descendants that are
+// alive now.
 func (s side) pids() ([]int, error) {
-	if len(s.roots) == 0 {
+	return descendants(append(slices.Clone(s.roots), s.throughputOnly...))
+}
+
+// descendants returns roots and all their descendants that are alive now.
+func descendants(roots []int) ([]int, error) {
+	if len(roots) == 0 {
 		return nil, nil
 	}
 	children, err := childrenByParent()
@@ -34,7 +46,7 @@ func (s side) pids() ([]int, error) {
 	}
 	var out []int
 	seen := map[int]bool{}
-	queue := append([]int(nil), s.roots...)
+	queue := slices.Clone(roots)
 	for len(queue) > 0 {
 		p := queue[0]
 		queue = queue[1:]
@@ -65,9 +77,10 @@ func (s side) cpu() (time.Duration, error) {
 	return total, nil
 }
 
-// rss returns the resident set of the side's processes, in bytes.
+// rss returns the resident set of the side's processes (not the
+// throughput-only ones), in bytes.
 func (s side) rss() (int64, error) {
-	pids, err := s.pids()
+	pids, err := descendants(s.roots)
 	if err != nil {
 		return 0, err
 	}
