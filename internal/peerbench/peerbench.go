@@ -20,6 +20,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net/netip"
 	"os"
 	"os/exec"
@@ -119,6 +120,12 @@ type path struct {
 	// captured counts connections node1's ztunnel took from the client
 	// during this path's measurements, attempted those the client opened.
 	captured, attempted uint64
+	// received counts the bytes the iperf3 servers received over the
+	// throughput measurements; written, per side, the bytes the tunnel's
+	// processes wrote meanwhile (at least received if the traffic went
+	// through them).
+	received uint64
+	written  map[string]uint64
 }
 
 // bench is one run.
@@ -435,28 +442,45 @@ func (b *bench) phase(ctx context.Context, what string, order []*path, fn func(p
 	return nil
 }
 
-// cpuDuring measures the CPU of each side of p while fn runs.
-func cpuDuring(p *path, fn func() error) (map[string]time.Duration, error) {
-	before := map[string]time.Duration{}
-	for name, s := range p.sides {
-		d, err := s.cpu()
-		if err != nil {
-			return nil, err
+// usage is what a side's tunnel processes used while something ran.
+type usage struct {
+	cpu     time.Duration
+	written uint64
+}
+
+// usageDuring measures the CPU and the bytes written of each side of p
+// while fn runs.
+func usageDuring(p *path, fn func() error) (map[string]usage, error) {
+	read := func() (map[string]usage, error) {
+		out := map[string]usage{}
+		for name, s := range p.sides {
+			d, err := s.cpu()
+			if err != nil {
+				return nil, err
+			}
+			w, err := s.written()
+			if err != nil {
+				return nil, err
+			}
+			out[name] = usage{cpu: d, written: w}
 		}
-		before[name] = d
+		return out, nil
+	}
+	before, err := read()
+	if err != nil {
+		return nil, err
 	}
 	if err := fn(); err != nil {
 		return nil, err
 	}
-	out := map[string]time.Duration{}
-	for name, s := range p.sides {
-		d, err := s.cpu()
-		if err != nil {
-			return nil, err
-		}
-		out[name] = d - before[name]
+	after, err := read()
+	if err != nil {
+		return nil, err
 	}
-	return out, nil
+	for name, a := range after {
+		after[name] = usage{cpu: a.cpu - before[name].cpu, written: a.written - before[name].written}
+	}
+	return after, nil
 }
 
 // rssOf records the RSS of each side of p as fig.
@@ -508,16 +532,23 @@ func (b *bench) measure(ctx context.Context) error {
 			if err := b.phase(ctx, fmt.Sprintf("throughput, %d stream(s) for %v", streams, o.Duration), order, func(p *path) (int, error) {
 				var n int64
 				var took time.Duration
-				cpu, err := cpuDuring(p, func() (err error) {
+				use, err := usageDuring(p, func() (err error) {
 					n, took, err = p.dialer.throughput(ctx, streams, o.Duration)
 					return err
 				})
 				if err != nil {
 					return streams + 1, err
 				}
+				p.received += uint64(n)
+				for side, u := range use {
+					if p.written == nil {
+						p.written = map[string]uint64{}
+					}
+					p.written[side] += u.written
+				}
 				b.record(tfig, "", p.name, float64(n)*8/took.Seconds())
-				for s, d := range cpu {
-					b.record(cfig, s, p.name, d.Seconds()/(float64(n)/1e9))
+				for s, u := range use {
+					b.record(cfig, s, p.name, u.cpu.Seconds()/(float64(n)/1e9))
 				}
 				return streams + 1, nil // iperf3's control connection, and the streams
 			}); err != nil {
@@ -526,7 +557,7 @@ func (b *bench) measure(ctx context.Context) error {
 		}
 		if err := b.phase(ctx, fmt.Sprintf("%d echo round trips", o.RoundTrips), order, func(p *path) (int, error) {
 			var p50, p99 time.Duration
-			cpu, err := cpuDuring(p, func() (err error) {
+			use, err := usageDuring(p, func() (err error) {
 				p50, p99, err = p.dialer.echo(ctx, o.RoundTrips)
 				return err
 			})
@@ -535,8 +566,8 @@ func (b *bench) measure(ctx context.Context) error {
 			}
 			b.record("echo_p50", "", p.name, p50.Seconds())
 			b.record("echo_p99", "", p.name, p99.Seconds())
-			for s, d := range cpu {
-				b.record("cpu_per_echo", s, p.name, d.Seconds()/float64(o.RoundTrips+min(warmupRTs, o.RoundTrips)))
+			for s, u := range use {
+				b.record("cpu_per_echo", s, p.name, u.cpu.Seconds()/float64(o.RoundTrips+min(warmupRTs, o.RoundTrips)))
 			}
 			return 1, nil
 		}); err != nil {
@@ -545,7 +576,7 @@ func (b *bench) measure(ctx context.Context) error {
 		if err := b.phase(ctx, fmt.Sprintf("new connections for %v, %d clients", o.ConnDuration, connWorkers), order, func(p *path) (int, error) {
 			var n int
 			var took time.Duration
-			cpu, err := cpuDuring(p, func() (err error) {
+			use, err := usageDuring(p, func() (err error) {
 				n, took, err = p.dialer.connect(ctx, o.ConnDuration, o.MaxConns)
 				return err
 			})
@@ -553,8 +584,8 @@ func (b *bench) measure(ctx context.Context) error {
 				return n, err
 			}
 			b.record("conns_per_second", "", p.name, float64(n)/took.Seconds())
-			for s, d := range cpu {
-				b.record("cpu_per_conn", s, p.name, d.Seconds()/float64(n))
+			for s, u := range use {
+				b.record("cpu_per_conn", s, p.name, u.cpu.Seconds()/float64(n))
 			}
 			return n, nil
 		}); err != nil {
@@ -630,6 +661,11 @@ func (b *bench) check() error {
 			errs = append(errs, fmt.Errorf("%d of the %s connections were captured by the mesh: the %s numbers are not what they claim", p.captured, p.name, p.name))
 		case p.meshed && p.captured < p.attempted:
 			errs = append(errs, fmt.Errorf("only %d of %d meshed connections were captured: the mantlet numbers are not all through the mesh", p.captured, p.attempted))
+		}
+		for _, side := range slices.Sorted(maps.Keys(p.sides)) {
+			if w := p.written[side]; w < p.received {
+				errs = append(errs, fmt.Errorf("the %s side of %s wrote %d bytes while the iperf3 server received %d: the throughput did not all go through it", side, p.name, w, p.received))
+			}
 		}
 	}
 	return errors.Join(errs...)

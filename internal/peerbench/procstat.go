@@ -95,6 +95,48 @@ func (s side) rss() (int64, error) {
 	return total, nil
 }
 
+// written returns the bytes the side's processes (all of them) have
+// written with system calls (wchar of /proc/<pid>/io): what a tunnel
+// forwards, it writes.
+func (s side) written() (uint64, error) {
+	pids, err := s.pids()
+	if err != nil {
+		return 0, err
+	}
+	var total uint64
+	for _, pid := range pids {
+		n, err := processWritten(pid)
+		if err != nil {
+			return 0, err
+		}
+		total += n
+	}
+	return total, nil
+}
+
+// processWritten reads wchar from /proc/<pid>/io.
+func processWritten(pid int) (uint64, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/io", pid))
+	if err != nil {
+		return 0, fmt.Errorf("peerbench: bytes written by process %d: %w", pid, err)
+	}
+	n, err := parseIOWchar(b)
+	if err != nil {
+		return 0, fmt.Errorf("peerbench: bytes written by process %d: %w", pid, err)
+	}
+	return n, nil
+}
+
+// parseIOWchar returns wchar from the text of /proc/<pid>/io.
+func parseIOWchar(io []byte) (uint64, error) {
+	for line := range strings.Lines(string(io)) {
+		if rest, ok := strings.CutPrefix(line, "wchar:"); ok {
+			return strconv.ParseUint(strings.TrimSpace(rest), 10, 64)
+		}
+	}
+	return 0, errors.New("no wchar line")
+}
+
 // childrenByParent maps each process ID to its children's, from /proc.
 func childrenByParent() (map[int][]int, error) {
 	ents, err := os.ReadDir("/proc")

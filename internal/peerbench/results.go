@@ -59,6 +59,12 @@ type PathResult struct {
 	// client opened.
 	Captured  uint64 `json:"captured,omitempty"`
 	Attempted uint64 `json:"attempted,omitempty"`
+	// Received is the bytes the iperf3 server received over all the
+	// throughput measurements; Written, per side, the bytes the tunnel's
+	// processes wrote meanwhile (wchar of /proc/<pid>/io): at least
+	// Received when the traffic went through them.
+	Received uint64            `json:"received_bytes,omitempty"`
+	Written  map[string]uint64 `json:"tunnel_written_bytes,omitempty"`
 }
 
 // Figure is one measured quantity.
@@ -99,7 +105,7 @@ func (b *bench) results(start time.Time) *Results {
 	}
 	var names []string
 	for _, p := range b.paths {
-		r.Paths = append(r.Paths, PathResult{Name: p.name, About: p.about, Version: p.version, Captured: p.captured, Attempted: p.attempted})
+		r.Paths = append(r.Paths, PathResult{Name: p.name, About: p.about, Version: p.version, Captured: p.captured, Attempted: p.attempted, Received: p.received, Written: p.written})
 		names = append(names, p.name)
 	}
 	for _, peer := range o.Peers {
@@ -220,7 +226,12 @@ func (r *Results) Table(w io.Writer) error {
 			if p.Version != "" {
 				v = " (" + p.Version + ")"
 			}
-			fmt.Fprintf(w, "  %s%s: %s; node1's ztunnel captured %d of the %d connections opened\n", p.Name, v, p.About, p.Captured, p.Attempted)
+			fmt.Fprintf(w, "  %s%s: %s; node1's ztunnel captured %d of the %d connections opened", p.Name, v, p.About, p.Captured, p.Attempted)
+			if len(p.Written) > 0 && p.Received > 0 {
+				fmt.Fprintf(w, "; the tunnel wrote %s (client side) and %s (server side) bytes per byte iperf3 received",
+					report.Number(float64(p.Written[ClientSide])/float64(p.Received)), report.Number(float64(p.Written[ServerSide])/float64(p.Received)))
+			}
+			fmt.Fprintln(w)
 		}
 	}
 	fmt.Fprintf(w, "\n  Throughput in bits per second, GB = 10^9 bytes, MiB = 2^20 bytes. Tunnel CPU: utime+stime from /proc of the tunnel's processes on that side\n"+
