@@ -7,7 +7,7 @@ TESTFLAGS ?= -count=1 -timeout 60m
 
 .DEFAULT_GOAL := help
 
-.PHONY: help build test test-unit lint generate check-generate bench demo clean image manifests
+.PHONY: help build test test-unit lint generate check-generate bench bench-smoke peer-binaries demo clean image manifests
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-15s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -23,7 +23,7 @@ test-unit: ## run the tests that need no root, quickly
 
 # The modules whose go.mod and go.sum must be tidy (a direct import
 # marked // indirect, a missing or unused requirement fails lint).
-MODULES := . test/interop test/kube/tools deploy/tools
+MODULES := . test/interop test/kube/tools test/bench/tools deploy/tools
 
 lint: ## gofmt, go vet, staticcheck, and go mod tidy -diff of every module
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt wants to change:"; echo "$$out"; exit 1; fi
@@ -51,9 +51,22 @@ check-generate: generate ## fail if the committed eBPF objects, MeshPolicy deep 
 	@git diff --exit-code --stat -- bpf/ || { echo "bpf2go output is stale: run 'make generate' and commit"; exit 1; }
 	@git diff --exit-code --stat -- $(API_GENERATED) && test -z "$$(git status --porcelain -- $(API_GENERATED))" || { git status --short -- $(API_GENERATED); echo "controller-gen output is stale or not committed: run 'make generate' and commit"; exit 1; }
 
-bench: build ## run the Go benchmarks, then (as root) the testbed scenario: direct vs through mantlet
-	$(GO) test -run '^$$' -bench . -benchmem -count=1 -timeout 30m ./...
-	@if [ "$$(id -u)" = 0 ]; then ./$(BIN) bench; else echo "bench: the testbed scenario (mantlet bench) was skipped: it needs root (network namespaces, eBPF); run 'sudo make bench'"; fi
+# Where 'make bench' writes: the Go benchmarks' output (benchstat format)
+# and the testbed bench's bench.json, table.txt and bench.png.
+BENCH_OUT ?= bench-results/$(shell date -u +%Y%m%d-%H%M%S)
+
+bench: build ## run the Go benchmarks, then (as root) the peer bench on the testbed: direct, mantlet, ghostunnel and nginx pairs, interleaved (docs/performance.md); results in bench-results/<time>
+	@mkdir -p $(BENCH_OUT)
+	$(GO) test -run '^$$' -bench . -benchmem -count=1 -timeout 30m ./... | tee $(BENCH_OUT)/go-bench.txt
+	@if [ "$$(id -u)" = 0 ]; then ./$(BIN) bench --out $(BENCH_OUT); else echo "bench: the testbed bench (mantlet bench) was skipped: it needs root (network namespaces, eBPF); run 'sudo make bench'"; fi
+
+# BenchmarkScale fills a real API server (minutes); the API server tests
+# cover it.
+bench-smoke: ## run every Go benchmark once (-benchtime=1x), so that none rots (what CI runs)
+	$(GO) test -run '^$$' -bench . -benchtime=1x -skip '^BenchmarkScale$$' -count=1 -timeout 20m ./...
+
+peer-binaries: ## build ghostunnel for the peer bench from test/bench/tools (2-3 min once, then cached)
+	$(GO) run ./internal/peerbench/peerbin/cmd/peer-binaries
 
 demo: build ## run the two-node demo (needs root)
 	./$(BIN) demo
