@@ -46,15 +46,6 @@ var figureDefs = []figureDef{
 	{key: "ctxsw_per_echo", title: "context switches per echo round trip (perf)", unit: "1", better: Lower, tunnel: true, profile: true},
 }
 
-func figureByKey(key string) figureDef {
-	for _, f := range figureDefs {
-		if f.key == key {
-			return f
-		}
-	}
-	panic("peerbench: no figure " + key)
-}
-
 // samples holds the values measured, per figure, side ("" for figures of
 // the whole path) and path, one per round.
 type samples map[string]map[string]map[string][]float64

@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"math"
 	"os"
 	"path/filepath"
 	"strings"
@@ -325,6 +324,3 @@ func (r *Results) write(dir string, w io.Writer) error {
 	fmt.Fprintf(w, "\n  Written: %s\n", strings.Join([]string{filepath.Join(dir, "bench.json"), filepath.Join(dir, "table.txt"), filepath.Join(dir, "bench.png")}, ", "))
 	return nil
 }
-
-// finite reports whether v is a usable number.
-func finite(v float64) bool { return !math.IsNaN(v) && !math.IsInf(v, 0) }
