@@ -41,7 +41,7 @@ func (b *bench) profile(ctx context.Context) error {
 			}
 			for _, c := range []string{"1stream", "echo"} {
 				if err := b.phase(ctx, fmt.Sprintf("profile: perf record of the %s case for %v", c, d), []*path{p}, func(p *path) (int, error) {
-					return 1, b.perfRecord(ctx, perf, p, c)
+					return caseConns(c), b.perfRecord(ctx, perf, p, c)
 				}); err != nil {
 					return err
 				}
@@ -52,13 +52,22 @@ func (b *bench) profile(ctx context.Context) error {
 		}
 		for _, c := range []string{"1stream", "echo"} {
 			if err := b.phase(ctx, fmt.Sprintf("profile: the agents' Go CPU profiles of the %s case for %v", c, d), []*path{p}, func(p *path) (int, error) {
-				return 1, b.pprofCase(ctx, p, c)
+				return caseConns(c), b.pprofCase(ctx, p, c)
 			}); err != nil {
 				return err
 			}
 		}
 	}
 	return nil
+}
+
+// caseConns is how many connections case c opens: the echo loop one,
+// iperf3 its control connection and the stream.
+func caseConns(c string) int {
+	if c == "echo" {
+		return 1
+	}
+	return 2
 }
 
 // load runs the case's traffic on p for the profile's length.
