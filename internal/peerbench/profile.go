@@ -116,7 +116,7 @@ func (b *bench) perfStatEcho(ctx context.Context, perf string, p *path) error {
 	counts := map[string]map[string]float64{}
 	var mu sync.Mutex
 	n, err := b.during(ctx, p, "echo", func(ctx context.Context, side string, pids []int) error {
-		cmd := exec.CommandContext(ctx, perf, "stat", "-x,", "-e", "raw_syscalls:sys_enter,context-switches",
+		cmd := exec.CommandContext(ctx, perf, "stat", "-x,", "-e", strings.Join(availableEvents(), ","),
 			"-p", joinInts(pids), "--", "sleep", strconv.FormatFloat((d+400*time.Millisecond).Seconds(), 'f', 1, 64))
 		out, err := cmd.CombinedOutput()
 		if err != nil {
@@ -146,6 +146,35 @@ func (b *bench) perfStatEcho(ctx context.Context, perf string, p *path) error {
 	}
 	b.prog("profile: %s: %d echo round trips in %v", p.name, n, d)
 	return nil
+}
+
+// perfEvents are what perfStatEcho counts: every system call and context
+// switch (the figures), and the system calls a proxy's round trip is
+// made of, one by one (in the CSV files only, to see which ones differ).
+var perfEvents = []string{
+	"raw_syscalls:sys_enter", "context-switches",
+	"syscalls:sys_enter_read", "syscalls:sys_enter_write", "syscalls:sys_enter_readv", "syscalls:sys_enter_writev",
+	"syscalls:sys_enter_recvfrom", "syscalls:sys_enter_sendto", "syscalls:sys_enter_recvmsg", "syscalls:sys_enter_sendmsg",
+	"syscalls:sys_enter_epoll_pwait", "syscalls:sys_enter_futex", "syscalls:sys_enter_nanosleep",
+	"syscalls:sys_enter_sched_yield", "syscalls:sys_enter_getpid", "syscalls:sys_enter_tgkill",
+}
+
+// availableEvents returns perfEvents without the per-call tracepoints this
+// kernel does not have (perf stat refuses to count any if one is missing).
+func availableEvents() []string {
+	var out []string
+	for _, e := range perfEvents {
+		name, ok := strings.CutPrefix(e, "syscalls:")
+		if ok {
+			_, err1 := os.Stat(filepath.Join("/sys/kernel/tracing/events/syscalls", name))
+			_, err2 := os.Stat(filepath.Join("/sys/kernel/debug/tracing/events/syscalls", name))
+			if err1 != nil && err2 != nil {
+				continue
+			}
+		}
+		out = append(out, e)
+	}
+	return out
 }
 
 // parsePerfStat reads perf stat -x, output: value,unit,event,...
