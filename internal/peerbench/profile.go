@@ -155,7 +155,7 @@ var perfEvents = []string{
 	"raw_syscalls:sys_enter", "context-switches",
 	"syscalls:sys_enter_read", "syscalls:sys_enter_write", "syscalls:sys_enter_readv", "syscalls:sys_enter_writev",
 	"syscalls:sys_enter_recvfrom", "syscalls:sys_enter_sendto", "syscalls:sys_enter_recvmsg", "syscalls:sys_enter_sendmsg",
-	"syscalls:sys_enter_epoll_pwait", "syscalls:sys_enter_futex", "syscalls:sys_enter_nanosleep",
+	"syscalls:sys_enter_epoll_wait", "syscalls:sys_enter_epoll_pwait", "syscalls:sys_enter_futex", "syscalls:sys_enter_nanosleep",
 	"syscalls:sys_enter_sched_yield", "syscalls:sys_enter_getpid", "syscalls:sys_enter_tgkill",
 }
 
