@@ -27,7 +27,8 @@ pairs of the same shape between the same pods: ghostunnel (built from the
 module pinned in test/bench/tools, cached) and nginx stream (installed with
 apt-get when missing). A peer that cannot be had is skipped, with the reason.
 
-Figures: throughput with 1 and 4 streams; the tunnel's CPU seconds per GB,
+Figures: throughput with 1 and 4 streams (iperf3, installed with apt-get
+when missing); the tunnel's CPU seconds per GB,
 per echo round trip and per connection on each side (utime+stime from
 /proc); 1-byte echo p50 and p99; new connections per second with 8
 clients; the tunnel's RSS at start, before, with and after holding
@@ -35,7 +36,8 @@ clients; the tunnel's RSS at start, before, with and after holding
 round by round, printed and written to --out as bench.json, table.txt and
 bench.png. --profile adds perf counts (system calls and context switches
 per echo round trip), perf profiles and the agents' Go CPU profiles.
-The default run takes about 12 minutes. Needs root.`
+The default run takes about 14 minutes on 2 cores (see docs/performance.md).
+Needs root.`
 
 func runBench(ctx context.Context, e *env, args []string) error {
 	fs := newFlagSet(e, "bench", benchSynopsis)
@@ -50,7 +52,7 @@ func runBench(ctx context.Context, e *env, args []string) error {
 	fs.DurationVar(&opts.Settle, "settle", 30*time.Second, "how long after the idle connections close the memory is measured again")
 	peers := fs.String("peers", strings.Join(peerbench.Peers, ","), `peers to compare with ("none" for none)`)
 	fs.StringVar(&opts.Ghostunnel, "ghostunnel", "", "ghostunnel program to run (default: the one built from test/bench/tools of the repository in the working directory, built if missing)")
-	fs.BoolVar(&opts.NoInstall, "no-install", false, "do not install nginx with apt-get when it is missing (skip it)")
+	fs.BoolVar(&opts.NoInstall, "no-install", false, "do not install nginx or iperf3 with apt-get when missing (skip nginx; without iperf3 the bench fails)")
 	fs.DurationVar(&opts.Profile, "profile", 0, "after the rounds, profile every tunnel for this long per case (1-stream upload, echo loop): perf stat and perf record if perf is installed, the agents' Go CPU profiles from their admin API")
 	fs.StringVar(&opts.Out, "out", "", "results folder (default: bench-results/<time>)")
 	binary := fs.String("binary", "", "mantlet executable that runs the agents and the app servers (default: this one)")

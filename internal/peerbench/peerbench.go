@@ -7,11 +7,12 @@
 // once in a meshed namespace (mantlet's agents capture and tunnel it) and
 // once in a plain one (direct, and the peers: a client-side proxy in the
 // client pod's network namespace, a server-side proxy in each server pod's,
-// TLS 1.3 with both sides presenting SVIDs of the mesh's CA). The load is
-// made by the bench process inside the client pod; each server pod runs the
-// bench's application server in a process of its own. The tunnel processes
-// of each side (the node's agent; the peer's processes in the pods of that
-// node) are measured from /proc.
+// TLS 1.3 with both sides presenting certificates of the mesh's CA). The
+// load is made inside the client pod: iperf3 for throughput, the bench
+// process for the rest; each server pod runs the bench's application
+// server in a process of its own, the first of each path an iperf3
+// server. The tunnel processes of each side (the node's agent; the peer's
+// processes in the pods of that node) are measured from /proc.
 package peerbench
 
 import (
@@ -95,7 +96,8 @@ type Options struct {
 	// Ghostunnel is a ghostunnel program to run; default: the one built
 	// from the repository's tools module (built if missing).
 	Ghostunnel string
-	// NoInstall keeps the bench from installing nginx with apt-get.
+	// NoInstall keeps the bench from installing nginx or iperf3 with
+	// apt-get.
 	NoInstall bool
 	// Profile, when positive, adds a profiling pass after the rounds: the
 	// agents' Go CPU profiles during a 1-stream upload and an echo loop of
