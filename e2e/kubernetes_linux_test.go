@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -154,9 +155,11 @@ func agentRBAC(ctx context.Context, c kubernetes.Interface) error {
 //     mantlet.io/Meshed condition;
 //   - removing the annotation un-enrolls them (the marker then crosses in
 //     clear), putting it back enrolls them again; a pod's opt-out works;
-//   - a MeshPolicy applied through the API refuses what it denies, and its
-//     status says Accepted; one the agent finds invalid gets Invalid with
-//     the reason;
+//   - a MeshPolicy applied through the API refuses what it denies (and
+//     only that), and its status says Accepted; an edit the agent finds
+//     invalid gets Invalid with the reason while the last valid version
+//     stays in force, and the nodes' status names it; a new invalid one
+//     gets Invalid;
 //   - a Service's ClusterIP reaches its meshed endpoints and spreads
 //     connections across them;
 //   - the agents' service account is refused what it was not granted.
@@ -176,6 +179,7 @@ func TestKubernetesModeMeshesWhatTheAPISays(t *testing.T) {
 	admin := km.api.Admin()
 	srv := echo(t, km.Mesh, "server", appPort)
 	srv2 := echo(t, km.Mesh, "server2", appPort)
+	other := echo(t, km.Mesh, "server", appPort+1)
 
 	// Meshed: only TLS crosses, and the pods say so.
 	marker := newMarker(t)
@@ -236,6 +240,44 @@ func TestKubernetesModeMeshesWhatTheAPISays(t *testing.T) {
 	waitFor(t, "the DENY policy's Accepted condition", func() (bool, string) {
 		return policyCondition(t, mp, "deny-8080", metav1.ConditionTrue, "Accepted")
 	})
+	// The DENY names one port: the server's other port still answers.
+	ping(t, dial(t, km.Mesh, "client", other.Addr), "not denied")
+
+	// An edit the API server's schema accepts but the agent refuses (a
+	// selector with a label value Kubernetes forbids) never takes the
+	// DENY out of force: the last valid version stays, the condition and
+	// the node's status say so.
+	cur, err := mp.Get(ctx, "deny-8080", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unstructured.SetNestedField(cur.Object, map[string]any{"matchLabels": map[string]any{"app": "no spaces allowed"}}, "spec", "selector"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := mp.Update(ctx, cur, metav1.UpdateOptions{}); err != nil {
+		t.Fatalf("update the MeshPolicy with a bad selector: %v", err)
+	}
+	waitFor(t, "the rejected edit's Invalid condition", func() (bool, string) {
+		return policyCondition(t, mp, "deny-8080", metav1.ConditionFalse, "Invalid")
+	})
+	for _, node := range []string{"node1", "node2"} {
+		waitFor(t, node+"'s status naming the rejected edit", func() (bool, string) {
+			st, err := km.Status(ctx, node)
+			if err != nil {
+				return false, err.Error()
+			}
+			return st.Config.LastEditRejected && strings.Contains(strings.Join(st.Problems, "\n"), "MeshPolicy shop/deny-8080 rejected"),
+				fmt.Sprintf("rejected %v, problems %q", st.Config.LastEditRejected, st.Problems)
+		})
+	}
+	if c, err := km.Dial(ctx, "client", srv.Addr); err == nil {
+		_ = c.SetDeadline(time.Now().Add(3 * time.Second))
+		_, _ = io.WriteString(c, "x")
+		if n, _ := c.Read(make([]byte, 1)); n > 0 {
+			t.Error("after an invalid edit of the DENY policy, port 8080 answers: the last valid version is not in force")
+		}
+		c.Close()
+	}
 	if err := mp.Delete(ctx, "deny-8080", metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
