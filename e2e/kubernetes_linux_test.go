@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -21,6 +22,7 @@ import (
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/types"
+	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 	"sigs.k8s.io/yaml"
@@ -70,7 +72,7 @@ func startKubeMesh(t *testing.T, spec testbed.Spec) *kubeMesh {
 		if err := installCRD(ctx, km.dyn); err != nil {
 			return nil, err
 		}
-		if err := agentRBAC(ctx, api.Admin()); err != nil {
+		if err := agentRBAC(ctx, api.Admin(), km.dyn); err != nil {
 			return nil, err
 		}
 		svcs, err := api.Load(ctx, m.TB.Manifest())
@@ -129,23 +131,46 @@ func installCRD(ctx context.Context, dyn dynamic.Interface) error {
 	}
 }
 
-// agentRBAC gives the agents' service account what they read and write.
-func agentRBAC(ctx context.Context, c kubernetes.Interface) error {
-	role := &rbacv1.ClusterRole{ObjectMeta: metav1.ObjectMeta{Name: "mantlet-agent"}, Rules: []rbacv1.PolicyRule{
-		{APIGroups: []string{""}, Resources: []string{"namespaces", "pods", "nodes", "services"}, Verbs: []string{"get", "list", "watch"}},
-		{APIGroups: []string{"discovery.k8s.io"}, Resources: []string{"endpointslices"}, Verbs: []string{"get", "list", "watch"}},
-		{APIGroups: []string{"mantlet.io"}, Resources: []string{"meshpolicies"}, Verbs: []string{"get", "list", "watch"}},
-		{APIGroups: []string{"mantlet.io"}, Resources: []string{"meshpolicies/status"}, Verbs: []string{"patch"}},
-		{APIGroups: []string{""}, Resources: []string{"pods/status"}, Verbs: []string{"patch"}},
-	}}
-	if _, err := c.RbacV1().ClusterRoles().Create(ctx, role, metav1.CreateOptions{}); err != nil {
-		return err
+// agentRBAC applies the RBAC objects of the chart's rendered manifest
+// (deploy/mantlet.yaml, what `kubectl apply` users get), so the agents run
+// with exactly the permissions the chart grants.
+func agentRBAC(ctx context.Context, c kubernetes.Interface, dyn dynamic.Interface) error {
+	raw, err := os.ReadFile(filepath.Join("..", "deploy", "mantlet.yaml"))
+	if err != nil {
+		return fmt.Errorf("read the chart's manifest: %w", err)
 	}
-	bind := &rbacv1.ClusterRoleBinding{ObjectMeta: metav1.ObjectMeta{Name: "mantlet-agent"},
-		RoleRef:  rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "ClusterRole", Name: "mantlet-agent"},
-		Subjects: []rbacv1.Subject{{Kind: "ServiceAccount", Namespace: "mantlet-system", Name: "mantlet-agent"}}}
-	_, err := c.RbacV1().ClusterRoleBindings().Create(ctx, bind, metav1.CreateOptions{})
-	return err
+	ns := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "mantlet-system"}}
+	if _, err := c.CoreV1().Namespaces().Create(ctx, ns, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+		return fmt.Errorf("create namespace mantlet-system: %w", err)
+	}
+	resources := map[string]string{"ClusterRole": "clusterroles", "ClusterRoleBinding": "clusterrolebindings", "Role": "roles", "RoleBinding": "rolebindings"}
+	applied := 0
+	dec := utilyaml.NewYAMLOrJSONDecoder(bytes.NewReader(raw), 4096)
+	for {
+		var u unstructured.Unstructured
+		if err := dec.Decode(&u.Object); errors.Is(err, io.EOF) {
+			break
+		} else if err != nil {
+			return fmt.Errorf("decode the chart's manifest: %w", err)
+		}
+		res, ok := resources[u.GetKind()]
+		if !ok || u.GroupVersionKind().Group != rbacv1.GroupName {
+			continue
+		}
+		gvr := rbacv1.SchemeGroupVersion.WithResource(res)
+		var ri dynamic.ResourceInterface = dyn.Resource(gvr)
+		if u.GetNamespace() != "" {
+			ri = dyn.Resource(gvr).Namespace(u.GetNamespace())
+		}
+		if _, err := ri.Create(ctx, &u, metav1.CreateOptions{}); err != nil {
+			return fmt.Errorf("create %s %s from the chart: %w", u.GetKind(), u.GetName(), err)
+		}
+		applied++
+	}
+	if applied == 0 {
+		return errors.New("the chart's manifest holds no RBAC object")
+	}
+	return nil
 }
 
 // TestKubernetesModeMeshesWhatTheAPISays runs the agents in Kubernetes
@@ -325,9 +350,21 @@ func TestKubernetesModeMeshesWhatTheAPISays(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, err = as.CoreV1().Secrets("shop").List(ctx, metav1.ListOptions{})
-	if !apierrors.IsForbidden(err) {
-		t.Errorf("the agents' service account listing secrets: %v, want 403 Forbidden", err)
+	forbidden := map[string]error{}
+	_, forbidden["list secrets"] = as.CoreV1().Secrets("shop").List(ctx, metav1.ListOptions{})
+	_, forbidden["create a pod"] = as.CoreV1().Pods("shop").Create(ctx, &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "intruder"},
+		Spec: corev1.PodSpec{Containers: []corev1.Container{{Name: "x", Image: "x"}}}}, metav1.CreateOptions{})
+	_, forbidden["patch a pod's spec"] = as.CoreV1().Pods("shop").Patch(ctx, "client", types.MergePatchType, []byte(`{"metadata":{"labels":{"x":"y"}}}`), metav1.PatchOptions{})
+	_, forbidden["patch a namespace"] = as.CoreV1().Namespaces().Patch(ctx, "shop", types.MergePatchType, []byte(`{"metadata":{"annotations":{"mantlet.io/mesh":"disabled"}}}`), metav1.PatchOptions{})
+	asDyn, err := dynamic.NewForConfig(km.api.TokenConfig(token))
+	if err != nil {
+		t.Fatal(err)
+	}
+	forbidden["delete a MeshPolicy"] = asDyn.Resource(mkube.MeshPolicies).Namespace("shop").Delete(ctx, "any", metav1.DeleteOptions{})
+	for what, err := range forbidden {
+		if !apierrors.IsForbidden(err) {
+			t.Errorf("the agents' service account trying to %s: %v, want 403 Forbidden", what, err)
+		}
 	}
 }
 
