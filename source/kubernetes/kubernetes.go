@@ -372,13 +372,13 @@ func (s *Source) Status() source.Status {
 	defer s.mu.Unlock()
 	st := s.status
 	st.Problems = nil
-	if s.unreachableErr != "" {
-		st.Problems = append(st.Problems, s.unreachableErr)
-	}
 	if s.buildErr != "" {
 		st.Problems = append(st.Problems, s.buildErr)
 	}
 	st.Problems = append(st.Problems, s.policyProblems...)
+	if s.unreachableErr != "" {
+		st.Problems = append(st.Problems, s.unreachableErr)
+	}
 	st.LastEditRejected = s.buildErr != "" || len(s.policyProblems) > 0
 	return st
 }
