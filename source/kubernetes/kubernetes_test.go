@@ -165,8 +165,8 @@ func TestSourceReadsTheClusterAsTheFileDoes(t *testing.T) {
 }
 
 // TestSourceFollowsChangesAndIgnoresNoise: a pod update mantlet does not
-// read emits nothing; opting a namespace out, deleting a pod and adding a
-// policy each emit a new generation.
+// read emits nothing; opting a namespace out, a pod's new IP and deleting
+// a pod each emit a new generation.
 func TestSourceFollowsChangesAndIgnoresNoise(t *testing.T) {
 	f, first := newFixture(t, []runtime.Object{
 		ns("shop", map[string]string{"mantlet.io/mesh": "enabled"}),
@@ -200,6 +200,21 @@ func TestSourceFollowsChangesAndIgnoresNoise(t *testing.T) {
 	st := f.next(t)
 	if st.Generation <= first.Generation || st.Snapshot.WorkloadByIP(netip.MustParseAddr("198.19.1.10")).Enrolled {
 		t.Fatalf("after opting the namespace out: generation %d (first %d), pod a still enrolled", st.Generation, first.Generation)
+	}
+
+	// A pod's IP changes (a restart in place with a new sandbox).
+	p, err = pods.Get(ctx, "a", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.ResourceVersion = "3"
+	p.Status.PodIP, p.Status.PodIPs = "198.19.1.20", []corev1.PodIP{{IP: "198.19.1.20"}}
+	if _, err := pods.UpdateStatus(ctx, p, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	st = f.next(t)
+	if st.Snapshot.WorkloadByIP(netip.MustParseAddr("198.19.1.10")) != nil || st.Snapshot.WorkloadByIP(netip.MustParseAddr("198.19.1.20")) == nil {
+		t.Fatal("after pod a's IP changed, the state still has the old address or lacks the new one")
 	}
 
 	if err := pods.Delete(ctx, "b", metav1.DeleteOptions{}); err != nil {
