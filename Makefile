@@ -57,7 +57,8 @@ BENCH_OUT ?= bench-results/$(shell date -u +%Y%m%d-%H%M%S)
 
 bench: build ## run the Go benchmarks, then (as root) the peer bench on the testbed: direct, mantlet, ghostunnel and nginx pairs, interleaved (docs/performance.md); results in bench-results/<time>
 	@mkdir -p $(BENCH_OUT)
-	$(GO) test -run '^$$' -bench . -benchmem -count=1 -timeout 30m ./... | tee $(BENCH_OUT)/go-bench.txt
+	{ $(GO) test -run '^$$' -bench . -benchmem -count=1 -timeout 30m ./...; echo $$? >$(BENCH_OUT)/go-bench.rc; } | tee $(BENCH_OUT)/go-bench.txt; \
+		rc=$$(cat $(BENCH_OUT)/go-bench.rc); rm -f $(BENCH_OUT)/go-bench.rc; exit $$rc
 	@if [ "$$(id -u)" = 0 ]; then ./$(BIN) bench --out $(BENCH_OUT); else echo "bench: the testbed bench (mantlet bench) was skipped: it needs root (network namespaces, eBPF); run 'sudo make bench'"; fi
 
 # BenchmarkScale fills a real API server (minutes); the API server tests
