@@ -53,7 +53,8 @@ check-generate: generate ## fail if the committed eBPF objects, MeshPolicy deep 
 
 # Where 'make bench' writes: the Go benchmarks' output (benchstat format)
 # and the testbed bench's bench.json, table.txt and bench.png.
-BENCH_OUT ?= bench-results/$(shell date -u +%Y%m%d-%H%M%S)
+BENCH_STAMP := $(shell date -u +%Y%m%d-%H%M%S)
+BENCH_OUT ?= bench-results/$(BENCH_STAMP)
 
 bench: build ## run the Go benchmarks, then (as root) the peer bench on the testbed: direct, mantlet, ghostunnel and nginx pairs, interleaved (docs/performance.md); results in bench-results/<time>
 	@mkdir -p $(BENCH_OUT)
