@@ -36,7 +36,7 @@ clients; the tunnel's RSS at start, before, with and after holding
 round by round, printed and written to --out as bench.json, table.txt and
 bench.png. --profile adds perf counts (system calls and context switches
 per echo round trip), perf profiles and the agents' Go CPU profiles.
-The default run takes about 14 minutes on 2 cores (see docs/performance.md).
+The default run takes 12 to 14 minutes on 2 cores (see docs/performance.md).
 Needs root.`
 
 func runBench(ctx context.Context, e *env, args []string) error {
