@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"net/netip"
@@ -131,30 +130,24 @@ func (p *Proxy) direct(ctx context.Context, rec *FlowRecord, l *LiveFlow, conn n
 	p.ended(rec, end)
 }
 
-// outboundHBONE carries conn over an HBONE stream. Go's transport copies
-// the upload (conn is the request body); this goroutine copies the
-// download.
+// outboundHBONE carries conn over an HBONE stream: once the destination
+// answered 200, the stream is spliced to conn as a delivery socket would
+// be.
 func (p *Proxy) outboundHBONE(ctx context.Context, rec *FlowRecord, l *LiveFlow, conn net.Conn) {
-	t := &tunnelled{upload: upload{c: conn}, ctx: ctx}
 	req := &hbone.Request{
 		Key:       hbone.Key{Src: rec.SrcID, Dst: rec.DstID, DstIP: rec.Dst.Addr()},
 		Addr:      p.hboneAddr(rec.Dst.Addr(), rec.DstWorkload),
 		Target:    rec.Dst,
 		Forwarded: rec.Src,
-		Body:      &t.upload,
 	}
 	if p.cfg.Transparent {
 		req.BindSrc = rec.Src.Addr()
 	}
-	cs, err := p.pool.Connect(ctx, req)
+	st, err := p.pool.Connect(ctx, req)
 	if err != nil {
 		rec.Err = err
 		var re *hbone.RefusedError
 		switch {
-		case t.broken() != nil:
-			// The client's connection failed while the CONNECT was under
-			// way; the transport gave up the stream for it.
-			rec.Flag, rec.Err = FlagDownstreamReset, downstreamBroke(t.broken())
 		case errors.As(err, &re):
 			rec.Flag = FlagHBONERefused
 			if re.Status == http.StatusUnauthorized {
@@ -171,46 +164,9 @@ func (p *Proxy) outboundHBONE(ctx context.Context, rec *FlowRecord, l *LiveFlow,
 		}
 		return // HandleOutbound resets conn
 	}
-	l.stream.Store(cs)
-	t.cs = cs
-	stop := context.AfterFunc(ctx, t.abortCtx)
-	n, srcBroke, err := copyCounted(conn, cs, &l.received)
-	rec.Received = n
-	switch {
-	case err == nil:
-		if cw, ok := conn.(interface{ CloseWrite() error }); ok {
-			if err := cw.CloseWrite(); err != nil {
-				t.abort(downstreamBroke(err))
-			}
-		}
-	case !srcBroke:
-		t.abort(downstreamBroke(err))
-	case t.broken() != nil:
-		// The transport reset the stream because reading the client's
-		// connection failed, and the download read its error.
-		t.abort(downstreamBroke(t.broken()))
-	default:
-		t.abort(tunnelBroke(err, true))
-	}
-	// The transport closes the body once it sent END_STREAM or gave the
-	// stream up; an abort gives it up.
-	<-cs.SendDone()
-	if t.end() != io.EOF {
-		if derr := t.broken(); derr != nil {
-			t.abort(downstreamBroke(derr))
-		} else {
-			t.abort(&endError{FlagTunnelReset, errUploadCut})
-		}
-	}
-	if !stop() {
-		t.once.Do(func() {}) // wait for the abort ctx started
-	}
-	if t.cause == nil {
-		closeOrderly(conn)
-	}
-	cs.Close()
-	rec.Sent = cs.Sent()
-	p.ended(rec, t.cause)
+	var end error
+	rec.Sent, rec.Received, end = splice(ctx, asHalf(conn), st, &l.sent, &l.received)
+	p.ended(rec, end)
 }
 
 // asHalf gives conns without CloseWrite one that closes them entirely.

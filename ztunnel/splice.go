@@ -4,8 +4,11 @@ import (
 	"context"
 	"errors"
 	"io"
+	"net"
+	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 
 	"github.com/mantlet/mantlet/ztunnel/hbone"
 	"golang.org/x/net/http2"
@@ -100,13 +103,13 @@ func (sp *splicer) abortCtx() {
 }
 
 // endBroke is the error of end c of a splice, upstream or not, failing
-// with err.
+// with err. A stream is the tunnel, upstream at the source.
 func endBroke(c halfConn, upstream bool, err error) error {
 	switch {
+	case isStream(c):
+		return tunnelBroke(err, upstream)
 	case upstream:
 		return upstreamBroke(err)
-	case isStream(c):
-		return tunnelBroke(err, false)
 	}
 	return downstreamBroke(err)
 }
@@ -141,29 +144,38 @@ func copyHalf(dst, src halfConn, n *atomic.Int64) (written int64, srcBroke bool,
 	return written, false, dst.CloseWrite()
 }
 
-// copyCounted copies src to dst through a pooled buffer until src's EOF,
-// adding every chunk written to n so that readers of the open-flow
-// registry see the bytes move. (Kernel splicing between two TCP sockets
-// would be cheaper but gives no count until it returns.) On failure
-// srcBroke says whether reading src or writing dst failed.
+// copyCounted copies src to dst until src's EOF, adding every chunk
+// written to n so that readers of the open-flow registry see the bytes
+// move. (Kernel splicing between two TCP sockets would be cheaper but
+// gives no count until it returns.) On failure srcBroke says whether
+// reading src or writing dst failed.
+//
+// While src has nothing to read, the copy holds no buffer: a stream
+// writes its received chunks to dst itself (hbone.Stream.WriteTo), and a
+// socket is read only once it is readable, into a pooled buffer taken
+// then (copyReadable). Only other readers wait in Read with a pooled
+// buffer.
 func copyCounted(dst io.Writer, src io.Reader, n *atomic.Int64) (written int64, srcBroke bool, err error) {
+	switch s := src.(type) {
+	case *hbone.Stream:
+		cw := &countingWriter{w: dst, n: n}
+		written, err = s.WriteTo(cw)
+		return written, err != nil && cw.err == nil, err
+	case syscallConn:
+		if rc, rerr := s.SyscallConn(); rerr == nil {
+			return copyReadable(dst, s, rc, n)
+		}
+	}
 	buf := hbone.GetBuf()
 	defer hbone.PutBuf(buf)
 	b := *buf
 	for {
 		nr, rerr := src.Read(b)
 		if nr > 0 {
-			nw, werr := dst.Write(b[:nr])
-			if nw < 0 || nw > nr {
-				nw, werr = 0, errors.New("ztunnel: invalid write count")
-			}
+			nw, werr := writeCounted(dst, b[:nr], n)
 			written += int64(nw)
-			n.Add(int64(nw))
 			if werr != nil {
 				return written, false, werr
-			}
-			if nw != nr {
-				return written, false, io.ErrShortWrite
 			}
 		}
 		if rerr != nil {
@@ -173,4 +185,89 @@ func copyCounted(dst io.Writer, src io.Reader, n *atomic.Int64) (written int64, 
 			return written, true, rerr
 		}
 	}
+}
+
+// syscallConn is a socket whose descriptor the copy may read itself:
+// *net.TCPConn and types that embed one.
+type syscallConn interface {
+	net.Conn
+	SyscallConn() (syscall.RawConn, error)
+}
+
+// copyReadable copies the socket c to dst as copyCounted does, reading
+// c's descriptor only when the poller says it is readable: the pooled
+// buffer is taken for a read that finds data, given back at once when
+// the read would block, and after the write to dst. An idle flow thus
+// holds no buffer while it waits for its peer.
+func copyReadable(dst io.Writer, c net.Conn, rc syscall.RawConn, n *atomic.Int64) (written int64, srcBroke bool, err error) {
+	for {
+		var (
+			buf   *[]byte
+			nr    int
+			errno error
+		)
+		err := rc.Read(func(fd uintptr) bool {
+			buf = hbone.GetBuf()
+			for {
+				nr, errno = syscall.Read(int(fd), *buf)
+				if errno != syscall.EINTR {
+					break
+				}
+			}
+			if errno == syscall.EAGAIN {
+				hbone.PutBuf(buf)
+				buf = nil
+				return false
+			}
+			return true
+		})
+		if err == nil && errno != nil {
+			err = &net.OpError{Op: "read", Net: "tcp", Source: c.LocalAddr(), Addr: c.RemoteAddr(), Err: os.NewSyscallError("read", errno)}
+		}
+		if err != nil {
+			if buf != nil {
+				hbone.PutBuf(buf)
+			}
+			return written, true, err
+		}
+		if nr == 0 {
+			hbone.PutBuf(buf)
+			return written, false, nil // EOF
+		}
+		nw, werr := writeCounted(dst, (*buf)[:nr], n)
+		hbone.PutBuf(buf)
+		written += int64(nw)
+		if werr != nil {
+			return written, false, werr
+		}
+	}
+}
+
+// writeCounted writes p to dst and adds what was written to n.
+func writeCounted(dst io.Writer, p []byte, n *atomic.Int64) (int, error) {
+	nw, err := dst.Write(p)
+	if nw < 0 || nw > len(p) {
+		nw, err = 0, errors.New("ztunnel: invalid write count")
+	}
+	n.Add(int64(nw))
+	if err == nil && nw != len(p) {
+		err = io.ErrShortWrite
+	}
+	return nw, err
+}
+
+// countingWriter counts what it writes and remembers its first error, so
+// that a copy through it tells a failed write from a failed read.
+type countingWriter struct {
+	w   io.Writer
+	n   *atomic.Int64
+	err error
+}
+
+func (c *countingWriter) Write(p []byte) (int, error) {
+	nw, err := writeCounted(c.w, p, c.n)
+	if err != nil && c.err == nil {
+		c.err = err
+	}
+	return nw, err
 }

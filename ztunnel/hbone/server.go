@@ -1,8 +1,6 @@
 package hbone
 
 import (
-	"bufio"
-	"bytes"
 	"context"
 	"crypto/tls"
 	"errors"
@@ -16,7 +14,6 @@ import (
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"golang.org/x/net/http2"
-	"golang.org/x/net/http2/hpack"
 )
 
 // Reasons the server refuses a request by itself, before the handler sees
@@ -93,11 +90,9 @@ type Server struct {
 	Logger *slog.Logger
 
 	mu       sync.Mutex
-	conns    map[*serverConn]struct{}
+	conns    map[*h2conn]struct{}
 	shutdown bool
 }
-
-var clientPreface = []byte(http2.ClientPreface)
 
 // flushTimeout bounds how long a closing connection waits for its last
 // frames (a GOAWAY) to be written.
@@ -140,43 +135,22 @@ func (s *Server) ServeConn(ctx context.Context, tc *tls.Conn) {
 		s.refuseHTTP1(tc, info)
 		return
 	}
-	br := bufio.NewReaderSize(tc, 64<<10)
+	var pre [len(http2.ClientPreface)]byte
 	_ = tc.SetReadDeadline(time.Now().Add(t.HandshakeTimeout))
-	pre, err := br.Peek(len(clientPreface))
-	if err != nil || !bytes.Equal(pre, clientPreface) {
-		if err == nil || len(pre) > 0 {
+	n, err := io.ReadFull(tc, pre[:])
+	if err != nil || string(pre[:]) != http2.ClientPreface {
+		if err == nil || n > 0 {
 			s.refuseHTTP1(tc, info)
 		}
 		return
 	}
-	_, _ = br.Discard(len(clientPreface))
 	_ = tc.SetReadDeadline(time.Time{})
 
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	sc := &serverConn{
-		srv:            s,
-		t:              t,
-		log:            log,
-		nc:             tc,
-		info:           info,
-		fw:             frameWriter{w: tc},
-		streams:        make(map[uint32]*Stream),
-		connSendWindow: 65535,
-		peerInitWindow: 65535,
-		peerMaxFrame:   16384,
-		connRecvWindow: int64(t.ConnWindow),
-		ctx:            ctx,
-		cancel:         cancel,
-		writerDone:     make(chan struct{}),
-	}
-	sc.fr = http2.NewFramer(&sc.fw, br)
-	sc.wcond.L = &sc.mu
-	sc.henc = hpack.NewEncoder(&sc.hbuf)
-	sc.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
-	sc.fr.MaxHeaderListSize = t.MaxHeaderListSize
-	sc.fr.SetMaxReadFrameSize(t.MaxFrameSize)
-	sc.fr.SetReuseFrames()
+	hc := newConn(t, log, tc, info)
+	hc.srv = s
+	hc.ctx, hc.cancel = ctx, cancel
 
 	s.mu.Lock()
 	if s.shutdown {
@@ -184,21 +158,28 @@ func (s *Server) ServeConn(ctx context.Context, tc *tls.Conn) {
 		return
 	}
 	if s.conns == nil {
-		s.conns = make(map[*serverConn]struct{})
+		s.conns = make(map[*h2conn]struct{})
 	}
-	s.conns[sc] = struct{}{}
+	s.conns[hc] = struct{}{}
 	s.mu.Unlock()
 	defer func() {
 		s.mu.Lock()
-		delete(s.conns, sc)
+		delete(s.conns, hc)
 		s.mu.Unlock()
 	}()
 
-	sc.idle = time.AfterFunc(t.IdleTimeout, sc.onIdle)
-	sc.life = time.AfterFunc(time.Until(info.Expires), sc.onExpired)
+	hc.idle = time.AfterFunc(t.IdleTimeout, hc.onIdle)
+	hc.life = time.AfterFunc(time.Until(info.Expires), hc.onExpired)
 	stop := context.AfterFunc(ctx, func() { tc.Close() })
 	defer stop()
-	sc.serve()
+	hc.mu.Lock()
+	hc.queueCtlLocked(ctlFrame{kind: ctlSettings})
+	if !time.Now().Before(info.Expires) {
+		hc.goAwayLocked(http2.ErrCodeNo)
+	}
+	hc.mu.Unlock()
+	go hc.writeLoop()
+	hc.readLoop()
 }
 
 func (s *Server) refuseHTTP1(c net.Conn, info *Conn) {
@@ -215,13 +196,13 @@ func (s *Server) refuseHTTP1(c net.Conn, info *Conn) {
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.mu.Lock()
 	s.shutdown = true
-	conns := make([]*serverConn, 0, len(s.conns))
-	for sc := range s.conns {
-		conns = append(conns, sc)
+	conns := make([]*h2conn, 0, len(s.conns))
+	for hc := range s.conns {
+		conns = append(conns, hc)
 	}
 	s.mu.Unlock()
-	for _, sc := range conns {
-		sc.goAway(http2.ErrCodeNo)
+	for _, hc := range conns {
+		hc.goAway(http2.ErrCodeNo)
 	}
 	tick := time.NewTicker(10 * time.Millisecond)
 	defer tick.Stop()
@@ -245,8 +226,8 @@ func (s *Server) Shutdown(ctx context.Context) error {
 func (s *Server) Close() {
 	s.mu.Lock()
 	s.shutdown = true
-	for sc := range s.conns {
-		sc.nc.Close()
+	for hc := range s.conns {
+		hc.nc.Close()
 	}
 	s.mu.Unlock()
 }

@@ -5,8 +5,10 @@ import (
 	"io"
 	"net/http"
 	"strconv"
+	"strings"
 	"sync"
 
+	"golang.org/x/net/http/httpguts"
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
 )
@@ -17,17 +19,19 @@ type ctlKind uint8
 const (
 	ctlSettings     ctlKind = iota // our SETTINGS and the connection window
 	ctlSettingsAck                 //
+	ctlPing                        // data (the client's keepalive)
 	ctlPingAck                     // data
 	ctlWindowUpdate                // st (nil: the connection); increment read at write time
 	ctlRST                         // id, code
-	ctlHeaders                     // id, status, end
+	ctlHeaders                     // id, status, end (a server's response)
+	ctlRequest                     // st (a client's CONNECT)
 	ctlGoAway                      // id (last stream), code
 )
 
 type ctlFrame struct {
 	kind ctlKind
 	end  bool
-	peer bool // answers the client: counts against maxPeerCtl
+	peer bool // answers the peer: counts against maxPeerCtl
 	code http2.ErrCode
 	id   uint32
 	val  uint32
@@ -36,92 +40,92 @@ type ctlFrame struct {
 }
 
 // queueCtlLocked queues a control frame for the writer.
-func (sc *serverConn) queueCtlLocked(f ctlFrame) {
-	if sc.werr != nil {
+func (hc *h2conn) queueCtlLocked(f ctlFrame) {
+	if hc.werr != nil {
 		return
 	}
-	sc.ctl.push(f)
-	sc.wcond.Signal()
+	hc.ctl.push(f)
+	hc.wcond.Signal()
 }
 
 // readyLocked puts st in the writer's round of streams if it has
 // something to send.
-func (sc *serverConn) readyLocked(st *Stream) {
+func (hc *h2conn) readyLocked(st *Stream) {
 	if st.inReady || st.err != nil || len(st.wbuf) == 0 && !st.wantEnd {
 		return
 	}
 	st.inReady = true
-	sc.ready.push(st)
-	sc.wcond.Signal()
+	hc.ready.push(st)
+	hc.wcond.Signal()
 }
 
 // writeLoop is the connection's only writer.
-func (sc *serverConn) writeLoop() {
-	defer close(sc.writerDone)
-	sc.mu.Lock()
+func (hc *h2conn) writeLoop() {
+	defer close(hc.writerDone)
+	hc.mu.Lock()
 	for {
-		if sc.werr != nil {
+		if hc.werr != nil {
 			break
 		}
-		if sc.wbusy {
-			sc.wcond.Wait() // a handler writes directly
+		if hc.wbusy {
+			hc.wcond.Wait() // a handler writes directly
 			continue
 		}
-		if f, ok := sc.ctl.pop(); ok {
+		if f, ok := hc.ctl.pop(); ok {
 			if f.peer {
-				sc.peerCtl--
+				hc.peerCtl--
 			}
-			if !sc.prepareCtlLocked(&f) {
+			if !hc.prepareCtlLocked(&f) {
 				continue
 			}
-			sc.wbusy = true
-			sc.mu.Unlock()
-			err := sc.writeCtl(&f)
-			sc.mu.Lock()
-			sc.wbusy = false
+			hc.wbusy = true
+			hc.mu.Unlock()
+			err := hc.writeCtl(&f)
+			hc.mu.Lock()
+			hc.wbusy = false
 			if err != nil {
-				sc.failWriteLocked(err)
+				hc.failWriteLocked(err)
 				break
 			}
 			continue
 		}
-		if st, p, end := sc.nextDataLocked(); st != nil {
-			sc.wbusy = true
-			sc.mu.Unlock()
-			err := sc.writeData(st.id, p, end)
-			sc.mu.Lock()
-			sc.wbusy = false
+		if st, p, end := hc.nextDataLocked(); st != nil {
+			hc.wbusy = true
+			hc.mu.Unlock()
+			err := hc.writeData(st.id, p, end)
+			hc.mu.Lock()
+			hc.wbusy = false
 			st.writing = false
 			st.cond.Broadcast()
 			if err != nil {
-				sc.failWriteLocked(err)
+				hc.failWriteLocked(err)
 				break
 			}
-			sc.readyLocked(st)
+			hc.readyLocked(st)
 			continue
 		}
-		if sc.fw.n > 0 {
-			sc.wbusy = true
-			sc.mu.Unlock()
-			err := sc.fw.flush()
-			sc.mu.Lock()
-			sc.wbusy = false
+		if hc.fw.n > 0 {
+			hc.wbusy = true
+			hc.mu.Unlock()
+			err := hc.fw.flush()
+			hc.mu.Lock()
+			hc.wbusy = false
 			if err != nil {
-				sc.failWriteLocked(err)
+				hc.failWriteLocked(err)
 				break
 			}
 			continue
 		}
-		sc.fw.release()
-		if sc.wclosing {
+		hc.fw.release()
+		if hc.wclosing {
 			break
 		}
-		sc.wcond.Wait()
+		hc.wcond.Wait()
 	}
-	closing := sc.wclosing && sc.werr == nil
-	sc.mu.Unlock()
+	closing := hc.wclosing && hc.werr == nil
+	hc.mu.Unlock()
 	if closing {
-		sc.nc.Close()
+		hc.nc.Close()
 	}
 }
 
@@ -130,42 +134,42 @@ func (sc *serverConn) writeLoop() {
 // path of one busy stream. Only handlers do this, never the read loop,
 // which must not wait for the network. On true the caller holds the
 // write side until endDirectLocked.
-func (sc *serverConn) directLocked() bool {
-	if sc.wbusy || sc.werr != nil || sc.wclosing || sc.ctl.n > 0 || sc.ready.n > 0 {
+func (hc *h2conn) directLocked() bool {
+	if hc.wbusy || hc.werr != nil || hc.wclosing || hc.ctl.n > 0 || hc.ready.n > 0 {
 		return false
 	}
-	sc.wbusy = true
+	hc.wbusy = true
 	return true
 }
 
 // flushDirect ends a direct write: what is buffered goes out, and the
 // buffer back to its pool.
-func (sc *serverConn) flushDirect() error {
-	err := sc.fw.flush()
-	sc.fw.release()
+func (hc *h2conn) flushDirect() error {
+	err := hc.fw.flush()
+	hc.fw.release()
 	return err
 }
 
 // endDirectLocked gives the write side back and wakes the writer if work
 // was queued meanwhile.
-func (sc *serverConn) endDirectLocked(err error) {
-	sc.wbusy = false
+func (hc *h2conn) endDirectLocked(err error) {
+	hc.wbusy = false
 	if err != nil {
-		sc.failWriteLocked(err)
+		hc.failWriteLocked(err)
 		return
 	}
-	if sc.ctl.n > 0 || sc.ready.n > 0 || sc.wclosing {
-		sc.wcond.Signal()
+	if hc.ctl.n > 0 || hc.ready.n > 0 || hc.wclosing {
+		hc.wcond.Signal()
 	}
 }
 
 // prepareCtlLocked fills in what a control frame sends at write time;
 // false drops it.
-func (sc *serverConn) prepareCtlLocked(f *ctlFrame) bool {
+func (hc *h2conn) prepareCtlLocked(f *ctlFrame) bool {
 	switch f.kind {
 	case ctlWindowUpdate:
 		if f.st == nil {
-			f.val, sc.connWU, sc.connWUQueued = uint32(sc.connWU), 0, false
+			f.val, hc.connWU, hc.connWUQueued = uint32(hc.connWU), 0, false
 		} else {
 			st := f.st
 			f.id, f.val, st.wu, st.wuQueued = st.id, uint32(st.wu), 0, false
@@ -174,34 +178,48 @@ func (sc *serverConn) prepareCtlLocked(f *ctlFrame) bool {
 			}
 		}
 		return f.val > 0
-	case ctlHeaders:
-		if sc.hencLimitSet {
-			sc.henc.SetMaxDynamicTableSizeLimit(sc.hencLimit)
-			sc.hencLimitSet = false
+	case ctlHeaders, ctlRequest:
+		hc.wMaxFrame = hc.peerMaxFrame
+		if hc.hencLimitSet {
+			hc.henc.SetMaxDynamicTableSizeLimit(hc.hencLimit)
+			hc.hencLimitSet = false
 		}
 	}
 	return true
 }
 
 // writeCtl writes one control frame (writer only).
-func (sc *serverConn) writeCtl(f *ctlFrame) error {
-	fr := sc.fr
+func (hc *h2conn) writeCtl(f *ctlFrame) error {
+	fr := hc.wfr
 	switch f.kind {
 	case ctlSettings:
-		if err := fr.WriteSettings(
-			http2.Setting{ID: http2.SettingMaxConcurrentStreams, Val: sc.t.MaxConcurrentStreams},
-			http2.Setting{ID: http2.SettingInitialWindowSize, Val: uint32(sc.t.StreamWindow)},
-			http2.Setting{ID: http2.SettingMaxFrameSize, Val: sc.t.MaxFrameSize},
-			http2.Setting{ID: http2.SettingMaxHeaderListSize, Val: sc.t.MaxHeaderListSize},
-		); err != nil {
+		var err error
+		if hc.srv != nil {
+			err = fr.WriteSettings(
+				http2.Setting{ID: http2.SettingMaxConcurrentStreams, Val: hc.t.MaxConcurrentStreams},
+				http2.Setting{ID: http2.SettingInitialWindowSize, Val: uint32(hc.t.StreamWindow)},
+				http2.Setting{ID: http2.SettingMaxFrameSize, Val: hc.t.MaxFrameSize},
+				http2.Setting{ID: http2.SettingMaxHeaderListSize, Val: hc.t.MaxHeaderListSize},
+			)
+		} else {
+			err = fr.WriteSettings(
+				http2.Setting{ID: http2.SettingEnablePush, Val: 0},
+				http2.Setting{ID: http2.SettingInitialWindowSize, Val: uint32(hc.t.StreamWindow)},
+				http2.Setting{ID: http2.SettingMaxFrameSize, Val: hc.t.MaxFrameSize},
+				http2.Setting{ID: http2.SettingMaxHeaderListSize, Val: hc.t.MaxHeaderListSize},
+			)
+		}
+		if err != nil {
 			return err
 		}
-		if inc := int64(sc.t.ConnWindow) - 65535; inc > 0 {
+		if inc := int64(hc.t.ConnWindow) - 65535; inc > 0 {
 			return fr.WriteWindowUpdate(0, uint32(inc))
 		}
 		return nil
 	case ctlSettingsAck:
 		return fr.WriteSettingsAck()
+	case ctlPing:
+		return fr.WritePing(false, f.data)
 	case ctlPingAck:
 		return fr.WritePing(true, f.data)
 	case ctlWindowUpdate:
@@ -209,15 +227,63 @@ func (sc *serverConn) writeCtl(f *ctlFrame) error {
 	case ctlRST:
 		return fr.WriteRSTStream(f.id, f.code)
 	case ctlHeaders:
-		sc.hbuf.Reset()
-		_ = sc.henc.WriteField(hpack.HeaderField{Name: ":status", Value: statusText(int(f.val))})
-		return fr.WriteHeaders(http2.HeadersFrameParam{
-			StreamID: f.id, BlockFragment: sc.hbuf.Bytes(), EndStream: f.end, EndHeaders: true,
-		})
+		hc.hbuf.Reset()
+		_ = hc.henc.WriteField(hpack.HeaderField{Name: ":status", Value: statusText(int(f.val))})
+		return hc.writeHeaderBlock(f.id, f.end)
+	case ctlRequest:
+		hc.hbuf.Reset()
+		st := f.st
+		_ = hc.henc.WriteField(hpack.HeaderField{Name: ":method", Value: http.MethodConnect})
+		_ = hc.henc.WriteField(hpack.HeaderField{Name: ":authority", Value: st.Authority})
+		if st.fwd.IsValid() {
+			_ = hc.henc.WriteField(hpack.HeaderField{Name: "forwarded", Value: FormatForwarded(st.fwd)})
+		}
+		for k, vs := range st.Header {
+			k = strings.ToLower(k)
+			if k == "forwarded" && st.fwd.IsValid() || !httpguts.ValidHeaderFieldName(k) || hopByHop(k) {
+				continue
+			}
+			for _, v := range vs {
+				_ = hc.henc.WriteField(hpack.HeaderField{Name: k, Value: v})
+			}
+		}
+		return hc.writeHeaderBlock(f.id, false)
 	case ctlGoAway:
 		return fr.WriteGoAway(f.id, f.code, nil)
 	}
 	return nil
+}
+
+// writeHeaderBlock writes the header block in hc.hbuf: one HEADERS frame,
+// followed by CONTINUATION frames if the block is larger than the peer's
+// frame size.
+func (hc *h2conn) writeHeaderBlock(id uint32, end bool) error {
+	block := hc.hbuf.Bytes()
+	first := block[:min(len(block), hc.wMaxFrame)]
+	block = block[len(first):]
+	if err := hc.wfr.WriteHeaders(http2.HeadersFrameParam{
+		StreamID: id, BlockFragment: first, EndStream: end, EndHeaders: len(block) == 0,
+	}); err != nil {
+		return err
+	}
+	for len(block) > 0 {
+		frag := block[:min(len(block), hc.wMaxFrame)]
+		block = block[len(frag):]
+		if err := hc.wfr.WriteContinuation(id, len(block) == 0, frag); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// hopByHop reports whether a header field is connection-specific, which
+// HTTP/2 forbids (RFC 9113, section 8.2.2).
+func hopByHop(k string) bool {
+	switch k {
+	case "connection", "proxy-connection", "keep-alive", "transfer-encoding", "upgrade", "te", "host":
+		return true
+	}
+	return false
 }
 
 func statusText(status int) string {
@@ -239,9 +305,9 @@ func statusText(status int) string {
 // (a slice of its Write's buffer, marked as being written) and whether
 // END_STREAM goes with it. Streams waiting for their own window leave the
 // round until a WINDOW_UPDATE puts them back.
-func (sc *serverConn) nextDataLocked() (*Stream, []byte, bool) {
-	for range sc.ready.n {
-		st, _ := sc.ready.pop()
+func (hc *h2conn) nextDataLocked() (*Stream, []byte, bool) {
+	for range hc.ready.n {
+		st, _ := hc.ready.pop()
 		st.inReady = false
 		switch {
 		case st.err != nil:
@@ -255,16 +321,16 @@ func (sc *serverConn) nextDataLocked() (*Stream, []byte, bool) {
 			return st, nil, true
 		case st.sendWindow <= 0:
 			continue
-		case sc.connSendWindow <= 0:
+		case hc.connSendWindow <= 0:
 			// Everyone with data waits for the connection's window; only
 			// END_STREAM can go.
 			st.inReady = true
-			sc.ready.push(st)
+			hc.ready.push(st)
 			continue
 		}
-		n := min(int64(len(st.wbuf)), st.sendWindow, sc.connSendWindow, int64(sc.peerMaxFrame))
+		n := min(int64(len(st.wbuf)), st.sendWindow, hc.connSendWindow, int64(hc.peerMaxFrame))
 		st.sendWindow -= n
-		sc.connSendWindow -= n
+		hc.connSendWindow -= n
 		p := st.wbuf[:n]
 		st.wbuf = st.wbuf[n:]
 		st.writing = true
@@ -279,8 +345,8 @@ func (sc *serverConn) nextDataLocked() (*Stream, []byte, bool) {
 
 // writeData writes one DATA frame (writer only); the payload goes to the
 // TLS connection without an intermediate copy when it is large.
-func (sc *serverConn) writeData(id uint32, p []byte, end bool) error {
-	h := sc.hdr[:]
+func (hc *h2conn) writeData(id uint32, p []byte, end bool) error {
+	h := hc.hdr[:]
 	h[0], h[1], h[2] = byte(len(p)>>16), byte(len(p)>>8), byte(len(p))
 	h[3] = byte(http2.FrameData)
 	h[4] = 0
@@ -288,24 +354,24 @@ func (sc *serverConn) writeData(id uint32, p []byte, end bool) error {
 		h[4] = byte(http2.FlagDataEndStream)
 	}
 	h[5], h[6], h[7], h[8] = byte(id>>24)&0x7f, byte(id>>16), byte(id>>8), byte(id)
-	if _, err := sc.fw.Write(h); err != nil {
+	if _, err := hc.fw.Write(h); err != nil {
 		return err
 	}
-	_, err := sc.fw.Write(p)
+	_, err := hc.fw.Write(p)
 	return err
 }
 
 // failWriteLocked records that the connection can no longer be written:
 // it is closed, and every stream's pending Write fails.
-func (sc *serverConn) failWriteLocked(err error) {
-	if sc.werr == nil {
-		sc.werr = fmt.Errorf("hbone: write: %w", err)
+func (hc *h2conn) failWriteLocked(err error) {
+	if hc.werr == nil {
+		hc.werr = fmt.Errorf("hbone: write: %w", err)
 	}
-	sc.nc.Close()
-	for _, st := range sc.streams {
+	hc.nc.Close()
+	for _, st := range hc.streams {
 		st.cond.Broadcast()
 	}
-	sc.wcond.Signal()
+	hc.wcond.Signal()
 }
 
 // ring is a FIFO that grows as needed; it keeps up to 64 slots when empty.
