@@ -126,12 +126,15 @@ func loadBuf() []byte {
 	return b
 }
 
+var memGCs = 2
+
 type memSample struct{ heap, stack, inuse uint64 }
 
 func readMem(gc bool) memSample {
 	if gc {
-		runtime.GC()
-		runtime.GC()
+		for range memGCs {
+			runtime.GC()
+		}
 	}
 	var ms runtime.MemStats
 	runtime.ReadMemStats(&ms)

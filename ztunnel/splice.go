@@ -24,41 +24,40 @@ type halfConn interface {
 // splice copies a→b and b→a until both directions ended, then closes a
 // and b. a is the flow's downstream end (the client's connection, or the
 // HBONE stream at the destination), b its upstream end (the connection
-// the ztunnel dialled).
+// the ztunnel dialled, or the HBONE stream at the source).
 //
 // The EOF of one end half-closes the other (CloseWrite: FIN or
 // END_STREAM); when both directions ended so, a and b are closed in order
 // (closeOrderly). Anything else aborts the splice at once and resets both
 // ends, so that neither application takes the break for an end of data:
 // an error reading or writing either end, or ctx's end. A TCP end is
-// closed with RST; a stream end is reset with CONNECT_ERROR when b broke
-// (RFC 9113, section 8.5), CANCEL otherwise.
+// closed with RST; a stream end is reset with CONNECT_ERROR when the
+// destination's connection broke (RFC 9113, section 8.5), CANCEL
+// otherwise.
+//
+// Between a stream and a socket, the calling goroutine copies the socket
+// to the stream, and the stream pushes what it receives to the socket
+// itself (hbone.Stream.PushTo): one goroutine per flow, which holds no
+// buffer while the socket is idle. Between two sockets each direction
+// has a goroutine.
 //
 // It returns the bytes copied each way and the abort's cause: nil after an
 // orderly end, an *endError naming the end that broke, or ctx's error.
 func splice(ctx context.Context, a, b halfConn, abN, baN *atomic.Int64) (ab, ba int64, err error) {
 	sp := &splicer{ctx: ctx, a: a, b: b}
 	stop := context.AfterFunc(ctx, sp.abortCtx)
-	sp.wg.Add(1)
-	go func() {
-		defer sp.wg.Done()
-		var srcBroke bool
-		var err error
-		if sp.ab, srcBroke, err = copyHalf(b, a, abN); err != nil {
-			if srcBroke {
-				sp.abort(endBroke(a, false, err))
-			} else {
-				sp.abort(endBroke(b, true, err))
-			}
-		}
-	}()
-	ba, srcBroke, err := copyHalf(a, b, baN)
-	if err != nil {
-		if srcBroke {
-			sp.abort(endBroke(b, true, err))
-		} else {
-			sp.abort(endBroke(a, false, err))
-		}
+	switch {
+	case sp.push(a, b, false, abN, &sp.ab):
+		sp.ba = sp.copy(a, b, true, baN)
+	case sp.push(b, a, true, baN, &sp.ba):
+		sp.ab = sp.copy(b, a, false, abN)
+	default:
+		sp.wg.Add(1)
+		go func() {
+			defer sp.wg.Done()
+			sp.ab = sp.copy(b, a, false, abN)
+		}()
+		sp.ba = sp.copy(a, b, true, baN)
 	}
 	sp.wg.Wait()
 	if !stop() {
@@ -68,17 +67,124 @@ func splice(ctx context.Context, a, b halfConn, abN, baN *atomic.Int64) (ab, ba 
 		closeOrderly(a)
 		closeOrderly(b)
 	}
-	return sp.ab, ba, sp.cause
+	return sp.ab, sp.ba, sp.cause
 }
 
 // splicer is what the two directions of a splice share (one allocation).
 type splicer struct {
-	ctx   context.Context
-	a, b  halfConn
-	ab    int64 // bytes copied a→b
-	wg    sync.WaitGroup
-	once  sync.Once
-	cause error // set by the first abort
+	ctx    context.Context
+	a, b   halfConn
+	ab, ba int64 // bytes copied a→b, b→a
+	wg     sync.WaitGroup
+	once   sync.Once
+	cause  error // set by the first abort
+	sink   pushSink
+}
+
+// copy copies src to dst (half-closing dst at src's EOF) and aborts the
+// splice if that fails; srcUp says whether src is the upstream end.
+func (sp *splicer) copy(dst, src halfConn, srcUp bool, n *atomic.Int64) int64 {
+	written, srcBroke, err := copyHalf(dst, src, n)
+	if err != nil {
+		if srcBroke {
+			sp.abort(endBroke(src, srcUp, err))
+		} else {
+			sp.abort(endBroke(dst, !srcUp, err))
+		}
+	}
+	return written
+}
+
+// push makes src, if it is a stream and dst a socket, push what it
+// receives to dst (half-closing dst at the stream's end, or aborting the
+// splice) and reports whether it does; srcUp says whether src is the
+// upstream end. *written has the bytes pushed once the splice's wait
+// group is done.
+func (sp *splicer) push(src, dst halfConn, srcUp bool, n *atomic.Int64, written *int64) bool {
+	st, ok := src.(*hbone.Stream)
+	if !ok {
+		return false
+	}
+	sc, ok := dst.(syscallConn)
+	if !ok {
+		return false
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return false
+	}
+	sp.sink = pushSink{c: sc, rc: rc, n: n}
+	sp.wg.Add(1)
+	st.PushTo(&sp.sink, func(err error) {
+		*written = sp.sink.written
+		dstBroke := err != nil && err == sp.sink.err
+		if err == nil {
+			if err = dst.CloseWrite(); err == nil {
+				sp.wg.Done()
+				return
+			}
+			dstBroke = true
+		}
+		cause := endBroke(src, srcUp, err)
+		if dstBroke {
+			cause = endBroke(dst, !srcUp, err)
+		}
+		// done must not wait, and may run inside an abort of this very
+		// splice (which resets the stream): abort in a goroutine.
+		go func() {
+			defer sp.wg.Done()
+			sp.abort(cause)
+		}()
+	})
+	return true
+}
+
+// pushSink is a socket as the sink of a stream's push: TryWrite writes
+// what the socket takes without waiting, Write waits. Both count what
+// they wrote.
+type pushSink struct {
+	c       net.Conn
+	rc      syscall.RawConn
+	n       *atomic.Int64
+	written int64
+	err     error // the socket's own failure
+}
+
+func (s *pushSink) TryWrite(p []byte) (int, error) {
+	var (
+		n     int
+		errno error
+	)
+	err := s.rc.Write(func(fd uintptr) bool {
+		for {
+			n, errno = syscall.Write(int(fd), p)
+			if errno != syscall.EINTR {
+				return true
+			}
+		}
+	})
+	n = max(n, 0)
+	if errno == syscall.EAGAIN {
+		errno = nil
+	}
+	if err == nil && errno != nil {
+		err = &net.OpError{Op: "write", Net: "tcp", Source: s.c.LocalAddr(), Addr: s.c.RemoteAddr(), Err: os.NewSyscallError("write", errno)}
+	}
+	return s.count(n, err)
+}
+
+func (s *pushSink) Write(p []byte) (int, error) {
+	n, err := s.c.Write(p)
+	return s.count(n, err)
+}
+
+func (s *pushSink) count(n int, err error) (int, error) {
+	s.written += int64(n)
+	s.n.Add(int64(n))
+	if err != nil && s.err == nil {
+		s.err = err
+	}
+	return n, err
 }
 
 // abort resets both ends, once; err is why.

@@ -95,6 +95,17 @@ func (q *recvQueue) take() (*[]byte, []byte) {
 	return f.c, p
 }
 
+// untake puts back at the head of the queue the part p of chunk c that
+// take returned and its caller did not use.
+func (q *recvQueue) untake(c *[]byte, p []byte) {
+	start := chunkSize - cap(p)
+	q.chunks = append(q.chunks, qchunk{})
+	copy(q.chunks[1:], q.chunks)
+	q.chunks[0] = qchunk{c: c, end: start + len(p)}
+	q.head = start
+	q.n += len(p)
+}
+
 func (q *recvQueue) read(p []byte) int {
 	total := 0
 	for len(p) > 0 && q.n > 0 {

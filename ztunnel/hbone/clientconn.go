@@ -213,7 +213,9 @@ func (hc *h2conn) processResponse(f *http2.MetaHeadersFrame) bool {
 		st.recvEOF = true
 		st.cond.Broadcast()
 		hc.maybeRemoveLocked(st)
+		step := st.pushStepLocked()
 		hc.mu.Unlock()
+		st.pushRun(step, false)
 		return true
 	}
 	status, err := strconv.Atoi(f.PseudoValue("status"))
@@ -240,9 +242,9 @@ func (hc *h2conn) processResponse(f *http2.MetaHeadersFrame) bool {
 // sent before it can still be read; then Read fails with a *ResetError.
 func (hc *h2conn) processServerReset(f *http2.RSTStreamFrame) bool {
 	hc.mu.Lock()
-	defer hc.mu.Unlock()
 	st := hc.streams[f.StreamID]
 	if st == nil {
+		hc.mu.Unlock()
 		return true
 	}
 	if st.err == nil {
@@ -250,6 +252,9 @@ func (hc *h2conn) processServerReset(f *http2.RSTStreamFrame) bool {
 	}
 	st.cond.Broadcast()
 	hc.maybeRemoveLocked(st)
+	step := st.pushStepLocked()
+	hc.mu.Unlock()
+	st.pushRun(step, false)
 	return true
 }
 

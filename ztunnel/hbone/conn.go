@@ -357,6 +357,7 @@ func (hc *h2conn) teardown() {
 		hc.cl.keepalive.Stop()
 	}
 	hc.closed = true
+	var pushing []*Stream
 	for _, st := range hc.streams {
 		if st.err == nil {
 			st.err = errConnClosed
@@ -366,9 +367,15 @@ func (hc *h2conn) teardown() {
 		if st.cancel != nil {
 			st.cancel(st.err)
 		}
+		if st.pushStepLocked() == pushEnd {
+			pushing = append(pushing, st)
+		}
 	}
 	hc.closeWhenFlushedLocked()
 	hc.mu.Unlock()
+	for _, st := range pushing {
+		st.pushRun(pushEnd, false)
+	}
 	// Let the writer send what is queued (a GOAWAY), briefly.
 	t := time.AfterFunc(flushTimeout, func() { hc.nc.Close() })
 	<-hc.writerDone

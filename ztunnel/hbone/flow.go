@@ -97,7 +97,9 @@ func (hc *h2conn) readData(fh http2.FrameHeader) bool {
 			st.q.add(c, k)
 		}
 		st.cond.Broadcast()
+		step := st.pushStepLocked()
 		hc.mu.Unlock()
+		st.pushRun(step, false)
 		data -= k
 	}
 	if pad > 0 && !hc.discard(pad) {
@@ -105,12 +107,15 @@ func (hc *h2conn) readData(fh http2.FrameHeader) bool {
 	}
 	if end {
 		hc.mu.Lock()
+		var step pushStep
 		if st.err == nil {
 			st.recvEOF = true
 			st.cond.Broadcast()
 			hc.maybeRemoveLocked(st)
+			step = st.pushStepLocked()
 		}
 		hc.mu.Unlock()
+		st.pushRun(step, false)
 	}
 	if n == 0 && !end {
 		return hc.noWork("empty DATA")

@@ -49,7 +49,9 @@ func (hc *h2conn) processRequest(f *http2.MetaHeadersFrame) bool {
 		st.recvEOF = true
 		st.cond.Broadcast()
 		hc.maybeRemoveLocked(st)
+		step := st.pushStepLocked()
 		hc.mu.Unlock()
+		st.pushRun(step, false)
 		return true
 	}
 	if id%2 == 0 || id <= hc.lastStreamID {

@@ -72,6 +72,11 @@ type Stream struct {
 	wuQueued   bool
 	err        error // reset or connection closed
 	removed    bool
+	push       Sink        // PushTo's
+	pushDone   func(error) // PushTo's
+	pushBusy   bool        // a pushOut writes
+	pushEnded  bool        // done was called or is being called
+	pushFail   error       // the sink's error
 }
 
 // maybeRemoveLocked forgets st once both directions are done or it failed.
@@ -330,7 +335,9 @@ func (st *Stream) abort(code http2.ErrCode, err error) {
 		// Ended already; what the peer sent before its reset may still be
 		// queued.
 		hc.creditConnLocked(int64(st.q.reset()))
+		step := st.pushStepLocked()
 		hc.mu.Unlock()
+		st.pushRun(step, false)
 		return
 	}
 	if st.err == nil {
@@ -342,7 +349,9 @@ func (st *Stream) abort(code http2.ErrCode, err error) {
 	if code != 0 && !hc.closed {
 		hc.queueCtlLocked(ctlFrame{kind: ctlRST, id: st.id, code: code})
 	}
+	step := st.pushStepLocked()
 	hc.mu.Unlock()
+	st.pushRun(step, false)
 	if st.cancel != nil {
 		st.cancel(err)
 	}
