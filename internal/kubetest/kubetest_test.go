@@ -264,6 +264,9 @@ func TestAFailedStartSaysWhyAndLeavesNothing(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer taken.Close()
+	// A private TMPDIR: other test binaries may be starting their own
+	// servers (run folders) at the same time.
+	t.Setenv("TMPDIR", t.TempDir())
 	before := runDirs(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 	defer cancel()
