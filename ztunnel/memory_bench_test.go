@@ -128,7 +128,7 @@ func loadBuf() []byte {
 
 var memGCs = 2
 
-type memSample struct{ heap, stack, inuse uint64 }
+type memSample struct{ heap, stack, inuse, goroutines uint64 }
 
 func readMem(gc bool) memSample {
 	if gc {
@@ -138,7 +138,7 @@ func readMem(gc bool) memSample {
 	}
 	var ms runtime.MemStats
 	runtime.ReadMemStats(&ms)
-	return memSample{heap: ms.HeapAlloc, stack: ms.StackInuse, inuse: ms.HeapInuse}
+	return memSample{heap: ms.HeapAlloc, stack: ms.StackInuse, inuse: ms.HeapInuse, goroutines: uint64(runtime.NumGoroutine())}
 }
 
 func runConnMemory(b *testing.B, conns int, dial func() (*net.TCPConn, error), settled func() bool, drain func()) {
@@ -156,7 +156,7 @@ func runConnMemory(b *testing.B, conns int, dial func() (*net.TCPConn, error), s
 	debug.FreeOSMemory()
 	b.ResetTimer()
 	var idle, load, closed float64
-	var heapIdle, stackIdle float64
+	var heapIdle, stackIdle, gIdle float64
 	for range b.N {
 		before := readMem(true)
 		cs := make([]*net.TCPConn, conns)
@@ -197,6 +197,7 @@ func runConnMemory(b *testing.B, conns int, dial func() (*net.TCPConn, error), s
 		idleS := readMem(true)
 		heapIdle += float64(int64(idleS.heap)-int64(before.heap)) / float64(conns)
 		stackIdle += float64(int64(idleS.stack)-int64(before.stack)) / float64(conns)
+		gIdle += float64(int64(idleS.goroutines)-int64(before.goroutines)) / float64(conns)
 		idle += float64(int64(idleS.heap+idleS.stack)-int64(before.heap+before.stack)) / float64(conns)
 
 		// Load: every connection moves loadBytes each way at once.
@@ -255,6 +256,7 @@ func runConnMemory(b *testing.B, conns int, dial func() (*net.TCPConn, error), s
 	b.ReportMetric(heapIdle/n, "heap-B/conn-idle")
 	b.ReportMetric(stackIdle/n, "stack-B/conn-idle")
 	b.ReportMetric(idle/n, "B/conn-idle")
+	b.ReportMetric(gIdle/n, "goroutines/conn-idle")
 	b.ReportMetric(load/n, "heap-B/conn-load")
 	b.ReportMetric(closed/n, "B/conn-closed")
 	ss := []metrics.Sample{{Name: "/gc/stack/starting-size:bytes"}}

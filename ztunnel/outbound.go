@@ -25,24 +25,36 @@ func (p *Proxy) HandleOutbound(ctx context.Context, conn net.Conn) {
 	defer conn.Close()
 	rec := &FlowRecord{Direction: Outbound, Start: time.Now()}
 	defer p.endFlow(rec)
+	// The flow's goroutine waits on its sockets as long as the flow is
+	// open: what it holds on its stack then is every idle flow's cost,
+	// so the routing's locals are gone (routeOutbound returned) before
+	// the flow is served.
+	if f, serve := p.routeOutbound(conn, rec); f != nil {
+		p.admit(ctx, rec, f, serve)
+	}
+}
+
+// routeOutbound decides where conn goes: it returns the flow to authorize
+// and the function that serves it, or nil with the reason in rec.
+func (p *Proxy) routeOutbound(conn net.Conn, rec *FlowRecord) (*Flow, func(ctx context.Context, l *LiveFlow)) {
 	src, _ := hbone.AddrOf(conn.RemoteAddr())
 	dst, _ := hbone.AddrOf(conn.LocalAddr())
 	rec.Src, rec.OrigDst, rec.Dst = src, dst, dst
 	if p.ports[dst.Port()] {
 		rec.Flag, rec.Err = FlagLoop, fmt.Errorf("ztunnel: %s is the ztunnel's own port", dst)
-		return
+		return nil, nil
 	}
 	snap := p.cfg.Store.Load()
 	srcW := p.localWorkload(snap, src.Addr())
 	if srcW == nil {
 		rec.Flag, rec.Err = FlagUnknownSource, fmt.Errorf("ztunnel: no enrolled workload of node %s has IP %s", p.cfg.NodeName, src.Addr())
-		return
+		return nil, nil
 	}
 	rec.SrcWorkload = srcW
 	srcID, err := srcW.ID(p.cfg.TrustDomain)
 	if err != nil {
 		rec.Flag, rec.Err = FlagNoSVID, err
-		return
+		return nil, nil
 	}
 	rec.SrcID, rec.MTLS = srcID, true
 
@@ -52,26 +64,24 @@ func (p *Proxy) HandleOutbound(ctx context.Context, conn net.Conn) {
 	if dstW == nil || !dstW.Enrolled {
 		rec.Path, rec.MTLS = PathPassthrough, false
 		f := &Flow{Direction: Outbound, SrcID: srcID, SrcAddr: src, Src: srcW, Dst: dstW, DstAddr: target}
-		p.admit(ctx, rec, f, func(ctx context.Context, l *LiveFlow) { p.direct(ctx, rec, l, conn, src.Addr(), target) })
-		return
+		return f, func(ctx context.Context, l *LiveFlow) { p.direct(ctx, rec, l, conn, src.Addr(), target) }
 	}
 	dstID, err := dstW.ID(p.cfg.TrustDomain)
 	if err != nil {
 		rec.Flag, rec.Err = FlagNoSVID, err
-		return
+		return nil, nil
 	}
 	rec.DstID = dstID
 	if dstW.Node == p.cfg.NodeName {
 		rec.Path = PathLocal
 		f := &Flow{Direction: Outbound, SrcID: srcID, SrcAddr: src, Src: srcW, Dst: dstW, DstAddr: target, MTLS: true}
-		p.admit(ctx, rec, f, func(ctx context.Context, l *LiveFlow) { p.direct(ctx, rec, l, conn, src.Addr(), target) })
-		return
+		return f, func(ctx context.Context, l *LiveFlow) { p.direct(ctx, rec, l, conn, src.Addr(), target) }
 	}
 	rec.Path = PathHBONE
 	// The destination's ztunnel decides; asking here too lets a denial
 	// fail fast without a tunnel.
 	f := &Flow{Direction: Outbound, SrcID: srcID, SrcAddr: src, Src: srcW, Dst: dstW, DstAddr: target, MTLS: true, PreCheck: true}
-	p.admit(ctx, rec, f, func(ctx context.Context, l *LiveFlow) { p.outboundHBONE(ctx, rec, l, conn) })
+	return f, func(ctx context.Context, l *LiveFlow) { p.outboundHBONE(ctx, rec, l, conn) }
 }
 
 // Resolve finds where a connection to dst goes, as the ztunnel does before
@@ -106,10 +116,17 @@ func (p *Proxy) authorize(ctx context.Context, rec *FlowRecord, f *Flow) bool {
 // the flow and its context; on denial or when the flow cannot be tracked it
 // leaves the reason in rec and does not call serve.
 func (p *Proxy) admit(ctx context.Context, rec *FlowRecord, f *Flow, serve func(ctx context.Context, l *LiveFlow)) {
-	if !p.authorize(ctx, rec, f) {
+	var allowed bool
+	shallow(func() { allowed = p.authorize(ctx, rec, f) })
+	if !allowed {
 		return
 	}
-	l, ctx, ok := p.track(ctx, rec, f)
+	var (
+		l  *LiveFlow
+		ok bool
+	)
+	// The hooks that see the flow open (metrics, access log) run deep.
+	shallow(func() { l, ctx, ok = p.track(ctx, rec, f) })
 	if !ok {
 		return
 	}
@@ -119,7 +136,12 @@ func (p *Proxy) admit(ctx context.Context, rec *FlowRecord, f *Flow, serve func(
 
 // direct connects to target without a tunnel and splices.
 func (p *Proxy) direct(ctx context.Context, rec *FlowRecord, l *LiveFlow, conn net.Conn, src netip.Addr, target netip.AddrPort) {
-	up, flag, err := p.dialDest(ctx, src, target)
+	var (
+		up   net.Conn
+		flag ResponseFlag
+		err  error
+	)
+	shallow(func() { up, flag, err = p.dialDest(ctx, src, target) })
 	if err != nil {
 		rec.Flag, rec.Err = flag, err
 		return
@@ -134,6 +156,19 @@ func (p *Proxy) direct(ctx context.Context, rec *FlowRecord, l *LiveFlow, conn n
 // answered 200, the stream is spliced to conn as a delivery socket would
 // be.
 func (p *Proxy) outboundHBONE(ctx context.Context, rec *FlowRecord, l *LiveFlow, conn net.Conn) {
+	var st *hbone.Stream
+	shallow(func() { st = p.connectHBONE(ctx, rec) })
+	if st == nil {
+		return // HandleOutbound resets conn
+	}
+	var end error
+	rec.Sent, rec.Received, end = splice(ctx, asHalf(conn), st, &l.sent, &l.received)
+	p.ended(rec, end)
+}
+
+// connectHBONE opens the flow's CONNECT stream; on failure it returns nil
+// with the reason in rec.
+func (p *Proxy) connectHBONE(ctx context.Context, rec *FlowRecord) *hbone.Stream {
 	req := &hbone.Request{
 		Key:       hbone.Key{Src: rec.SrcID, Dst: rec.DstID, DstIP: rec.Dst.Addr()},
 		Addr:      p.hboneAddr(rec.Dst.Addr(), rec.DstWorkload),
@@ -144,29 +179,27 @@ func (p *Proxy) outboundHBONE(ctx context.Context, rec *FlowRecord, l *LiveFlow,
 		req.BindSrc = rec.Src.Addr()
 	}
 	st, err := p.pool.Connect(ctx, req)
-	if err != nil {
-		rec.Err = err
-		var re *hbone.RefusedError
-		switch {
-		case errors.As(err, &re):
-			rec.Flag = FlagHBONERefused
-			if re.Status == http.StatusUnauthorized {
-				// The destination's Authorizer refused the flow.
-				rec.Admitted = rec.Verdict
-				rec.Verdict = Verdict{Flag: FlagHBONERefused, Rule: -1, Reason: ReasonDeniedByDestination}
-			}
-		case errors.Is(err, hbone.ErrStreamLimit):
-			rec.Flag = FlagStreamLimit
-		case tlsFlag(err) != FlagTLSHandshake:
-			rec.Flag = tlsFlag(err)
-		default:
-			rec.Flag = FlagHBONEConnectFailed
-		}
-		return // HandleOutbound resets conn
+	if err == nil {
+		return st
 	}
-	var end error
-	rec.Sent, rec.Received, end = splice(ctx, asHalf(conn), st, &l.sent, &l.received)
-	p.ended(rec, end)
+	rec.Err = err
+	var re *hbone.RefusedError
+	switch {
+	case errors.As(err, &re):
+		rec.Flag = FlagHBONERefused
+		if re.Status == http.StatusUnauthorized {
+			// The destination's Authorizer refused the flow.
+			rec.Admitted = rec.Verdict
+			rec.Verdict = Verdict{Flag: FlagHBONERefused, Rule: -1, Reason: ReasonDeniedByDestination}
+		}
+	case errors.Is(err, hbone.ErrStreamLimit):
+		rec.Flag = FlagStreamLimit
+	case tlsFlag(err) != FlagTLSHandshake:
+		rec.Flag = tlsFlag(err)
+	default:
+		rec.Flag = FlagHBONEConnectFailed
+	}
+	return nil
 }
 
 // asHalf gives conns without CloseWrite one that closes them entirely.
@@ -180,3 +213,18 @@ func asHalf(c net.Conn) halfConn {
 type fullCloser struct{ net.Conn }
 
 func (f fullCloser) CloseWrite() error { return f.Close() }
+
+// shallow runs fn on a goroutine of its own and waits for it. A flow's
+// goroutine waits for its sockets for as long as the flow stays open, with
+// the stack it grew to: run on it, the deep calls of a flow's setup
+// (policy, dialling, the CONNECT) would leave every idle flow an 8 KiB
+// stack where 4 KiB hold its wait. The extra goroutine exits with its
+// stack once fn returns.
+func shallow(fn func()) {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		fn()
+	}()
+	<-done
+}

@@ -84,7 +84,12 @@ type splicer struct {
 // copy copies src to dst (half-closing dst at src's EOF) and aborts the
 // splice if that fails; srcUp says whether src is the upstream end.
 func (sp *splicer) copy(dst, src halfConn, srcUp bool, n *atomic.Int64) int64 {
-	written, srcBroke, err := copyHalf(dst, src, n)
+	// copyCounted and CloseWrite, not copyHalf: a frame less on the stack
+	// of an idle flow's goroutine.
+	written, srcBroke, err := copyCounted(dst, src, n)
+	if err == nil {
+		err = dst.CloseWrite()
+	}
 	if err != nil {
 		if srcBroke {
 			sp.abort(endBroke(src, srcUp, err))
@@ -272,6 +277,12 @@ func copyCounted(dst io.Writer, src io.Reader, n *atomic.Int64) (written int64, 
 			return copyReadable(dst, s, rc, n)
 		}
 	}
+	return copyBuffered(dst, src, n)
+}
+
+// copyBuffered is copyCounted for readers that are neither streams nor
+// sockets: it waits in Read with a pooled buffer.
+func copyBuffered(dst io.Writer, src io.Reader, n *atomic.Int64) (written int64, srcBroke bool, err error) {
 	buf := hbone.GetBuf()
 	defer hbone.PutBuf(buf)
 	b := *buf
@@ -340,7 +351,18 @@ func copyReadable(dst io.Writer, c net.Conn, rc syscall.RawConn, n *atomic.Int64
 			hbone.PutBuf(buf)
 			return written, false, nil // EOF
 		}
-		nw, werr := writeCounted(dst, (*buf)[:nr], n)
+		var (
+			nw   int
+			werr error
+		)
+		if _, ok := dst.(*hbone.Stream); ok {
+			// A stream's Write may encrypt and write the TLS connection
+			// itself: deep calls that would double the stack this
+			// goroutine keeps while the flow is idle (shallow).
+			shallow(func() { nw, werr = writeCounted(dst, (*buf)[:nr], n) })
+		} else {
+			nw, werr = writeCounted(dst, (*buf)[:nr], n)
+		}
 		hbone.PutBuf(buf)
 		written += int64(nw)
 		if werr != nil {
