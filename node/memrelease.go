@@ -9,27 +9,31 @@ import (
 )
 
 // Memory release: Go gives freed heap back to the operating system
-// slowly (its scavenger), and an idle agent runs no garbage collection
-// that would notice that thousands of flows ended. After a large drop
-// in open flows the agent collects and releases at once, so that its
-// resident memory falls back near its idle size within seconds
-// (docs/performance.md, "Memory per connection").
+// slowly (its scavenger), and an agent whose flows sit idle allocates
+// nothing, so it runs no garbage collection that would find the garbage
+// their setup left, nor one that would notice that thousands of flows
+// ended. Once the open flows moved by releaseMinDrop either way and then
+// held steady for a look, the agent collects and releases at once: its
+// resident memory then is what its flows hold (docs/performance.md,
+// "Memory per connection").
 const (
 	// releaseEvery is how often the open flows are looked at.
-	releaseEvery = 5 * time.Second
-	// releaseMinDrop is the smallest drop from the peak that releases:
-	// a few hundred flows hold a few MiB, not worth a full collection.
+	releaseEvery = 2 * time.Second
+	// releaseMinDrop is the smallest change of the open flows that
+	// releases: a few hundred flows hold a few MiB, not worth a full
+	// collection.
 	releaseMinDrop = 1000
 )
 
 // releaseMemory calls debug.FreeOSMemory when the open flows (flows())
-// fell by releaseMinDrop and by half since their peak, looking every
-// releaseEvery until ctx ends. A release costs one full collection,
-// at most once per releaseEvery and only after such a drop.
+// moved by releaseMinDrop since the last release and by less than a
+// tenth of that since the last look, looking every releaseEvery until ctx
+// ends. A release costs one full collection, at most once per
+// releaseEvery and only after such a change.
 func releaseMemory(ctx context.Context, flows func() int, log *slog.Logger) {
 	t := time.NewTicker(releaseEvery)
 	defer t.Stop()
-	peak := 0
+	prev, base := 0, 0 // open flows at the last look, at the last release
 	for {
 		select {
 		case <-ctx.Done():
@@ -37,18 +41,21 @@ func releaseMemory(ctx context.Context, flows func() int, log *slog.Logger) {
 		case <-t.C:
 		}
 		n := flows()
-		peak = max(peak, n)
-		if peak-n < releaseMinDrop || n > peak/2 {
+		steady := abs(n-prev) < releaseMinDrop/10
+		prev = n
+		if !steady || abs(n-base) < releaseMinDrop {
 			continue
 		}
 		before := heapMapped()
 		start := time.Now()
 		debug.FreeOSMemory()
-		log.Debug("released memory after open flows fell", "peak_flows", peak, "open_flows", n,
+		log.Debug("released memory after the open flows changed", "open_flows_before", base, "open_flows", n,
 			"heap_mapped_before", before, "heap_mapped_after", heapMapped(), "took", time.Since(start))
-		peak = n
+		base = n
 	}
 }
+
+func abs(n int) int { return max(n, -n) }
 
 // heapMapped is the heap memory the process holds from the operating
 // system: everything but what was released.
