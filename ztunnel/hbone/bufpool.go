@@ -123,12 +123,18 @@ func (q *recvQueue) read(p []byte) int {
 	return total
 }
 
+// keptChunks is how many chunk slots an empty queue keeps (64 bytes), so
+// that a stream that receives a frame at a time does not allocate its
+// slice each time; an empty queue that grew larger lets it go.
+const keptChunks = 4
+
 // drop removes the first chunk (the caller disposes of it).
 func (q *recvQueue) drop() {
-	q.chunks[0] = qchunk{}
-	q.chunks = q.chunks[1:]
+	n := copy(q.chunks, q.chunks[1:])
+	q.chunks[n] = qchunk{}
+	q.chunks = q.chunks[:n]
 	q.head = 0
-	if len(q.chunks) == 0 {
+	if n == 0 && cap(q.chunks) > keptChunks {
 		q.chunks = nil
 	}
 }
