@@ -85,25 +85,30 @@ func (p *Proxy) serveStream(ctx context.Context, s *hbone.Stream) {
 		_ = s.Respond(status)
 		return
 	}
-	var allowed bool
-	shallow(func() { allowed = p.authorize(ctx, rec, f) })
-	if !allowed {
+	// Policy, the registry's hooks (metrics, access log), the dial and
+	// the answer run deep: on one goroutine of their own.
+	var (
+		allowed, ok bool
+		l           *LiveFlow
+		up          net.Conn
+	)
+	shallow(func() {
+		if allowed = p.authorize(ctx, rec, f); !allowed {
+			return
+		}
+		if l, ctx, ok = p.track(ctx, rec, f); ok {
+			up = p.dialStream(ctx, s, rec)
+		}
+	})
+	switch {
+	case !allowed:
 		_ = s.Respond(http.StatusUnauthorized)
 		return
-	}
-	var (
-		l  *LiveFlow
-		ok bool
-	)
-	// The hooks that see the flow open (metrics, access log) run deep.
-	shallow(func() { l, ctx, ok = p.track(ctx, rec, f) })
-	if !ok {
+	case !ok:
 		_ = s.Respond(http.StatusServiceUnavailable)
 		return
 	}
 	defer p.untrack(l, rec)
-	var up net.Conn
-	shallow(func() { up = p.dialStream(ctx, s, rec) })
 	if up == nil {
 		return
 	}

@@ -116,17 +116,17 @@ func (p *Proxy) authorize(ctx context.Context, rec *FlowRecord, f *Flow) bool {
 // the flow and its context; on denial or when the flow cannot be tracked it
 // leaves the reason in rec and does not call serve.
 func (p *Proxy) admit(ctx context.Context, rec *FlowRecord, f *Flow, serve func(ctx context.Context, l *LiveFlow)) {
-	var allowed bool
-	shallow(func() { allowed = p.authorize(ctx, rec, f) })
-	if !allowed {
-		return
-	}
+	// Policy and the registry's hooks (metrics, access log) run deep: on a
+	// goroutine of their own.
 	var (
 		l  *LiveFlow
 		ok bool
 	)
-	// The hooks that see the flow open (metrics, access log) run deep.
-	shallow(func() { l, ctx, ok = p.track(ctx, rec, f) })
+	shallow(func() {
+		if p.authorize(ctx, rec, f) {
+			l, ctx, ok = p.track(ctx, rec, f)
+		}
+	})
 	if !ok {
 		return
 	}
