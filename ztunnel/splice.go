@@ -84,7 +84,7 @@ type splicer struct {
 // copy copies src to dst (half-closing dst at src's EOF) and aborts the
 // splice if that fails; srcUp says whether src is the upstream end.
 func (sp *splicer) copy(dst, src halfConn, srcUp bool, n *atomic.Int64) int64 {
-	// copyCounted and CloseWrite, not copyHalf: a frame less on the stack
+	// copyCounted, then CloseWrite here: a frame less on the stack
 	// of an idle flow's goroutine.
 	written, srcBroke, err := copyCounted(dst, src, n)
 	if err == nil {
@@ -243,16 +243,6 @@ func resetEnd(c halfConn, cause error) {
 		return
 	}
 	s.Reset(http2.ErrCodeCancel)
-}
-
-// copyHalf copies src to dst, counting into n, and half-closes dst at
-// src's EOF. On failure srcBroke says whether reading src or writing (or
-// half-closing) dst failed.
-func copyHalf(dst, src halfConn, n *atomic.Int64) (written int64, srcBroke bool, err error) {
-	if written, srcBroke, err = copyCounted(dst, src, n); err != nil {
-		return written, srcBroke, err
-	}
-	return written, false, dst.CloseWrite()
 }
 
 // copyCounted copies src to dst until src's EOF, adding every chunk

@@ -79,13 +79,6 @@ func (hc *h2conn) usableLocked(now time.Time) bool {
 		hc.cl.nextID < 1<<31-1 && now.Before(hc.cl.retireAt)
 }
 
-// unreserve gives back a place that reserve took and no stream used.
-func (hc *h2conn) unreserve() {
-	hc.mu.Lock()
-	hc.streamEndedLocked()
-	hc.mu.Unlock()
-}
-
 // streamEndedLocked frees a stream's place. A retired connection closes
 // once its last stream ended.
 func (hc *h2conn) streamEndedLocked() {
