@@ -29,6 +29,10 @@ type LimitsConfig struct {
 	// FDReserve keeps descriptors for outbound capture and established
 	// tunnels (0: a quarter of the descriptor budget).
 	FDReserve int
+	// StreamsPerConn and ConnsPerKey bound the HBONE client's pool:
+	// streams per pooled connection and connections per key (0: the
+	// defaults of hbone.Tuning).
+	StreamsPerConn, ConnsPerKey int
 	// RefusalLogRate is the most refusal log lines per second.
 	RefusalLogRate float64
 }

@@ -242,6 +242,8 @@ func Run(ctx context.Context, cfg Config) error {
 	if cfg.Limits.HandshakeTimeout > 0 {
 		zcfg.Tuning.HandshakeTimeout = cfg.Limits.HandshakeTimeout
 	}
+	zcfg.Tuning.MaxStreamsPerConn = cfg.Limits.StreamsPerConn
+	zcfg.Tuning.MaxConnsPerKey = cfg.Limits.ConnsPerKey
 
 	// 4. Identities, the ztunnel and the agent, and the first state.
 	ids := identity.NewManager(cfg.Issuer, cfg.TrustDomain, log.With("component", "identity"), obsv.identityOptions(identity.ManagerOptions{TTL: cfg.SVIDTTL}))
@@ -320,6 +322,10 @@ func Run(ctx context.Context, cfg Config) error {
 	g.run("identity", func() error { return ids.Run(runCtx) })
 	g.run("data path watch", func() error { return dp.Watch(runCtx, cfg.WatchInterval) })
 	g.run("ztunnel", func() error { return proxy.Run(runCtx) })
+	g.run("memory release", func() error {
+		releaseMemory(runCtx, proxy.NumOpenFlows, log.With("component", "memory"))
+		return nil
+	})
 	g.run("agent", func() error { return ag.Run(runCtx) })
 	g.run("source", func() error { return cfg.Source.Run(runCtx, publish) })
 	if rep, ok := cfg.Source.(source.Reporter); ok {

@@ -409,6 +409,18 @@ func TestThousandConcurrentStreams(t *testing.T) {
 		}
 	}
 	if failed > 0 {
+		for _, name := range []string{"node-a", "node-b"} {
+			flags := map[string]int{}
+			var first error
+			for len(m.nodes[name].flows) > 0 {
+				r := <-m.nodes[name].flows
+				flags[r.Flag.String()]++
+				if first == nil && r.Err != nil {
+					first = r.Err
+				}
+			}
+			t.Logf("%s's flows ended with %v; the first error: %v", name, flags, first)
+		}
 		t.Fatalf("%d of %d streams failed", failed, n)
 	}
 	st := m.nodes["node-a"].p.PoolStats()

@@ -76,31 +76,91 @@ func isTimeout(err error) bool {
 func (p *Proxy) serveStream(ctx context.Context, s *hbone.Stream) {
 	rec := &FlowRecord{Direction: Inbound, Path: PathHBONE, Start: time.Now(), SrcID: s.Conn.PeerID, MTLS: true}
 	defer p.endFlow(rec)
-	rec.Src = s.Conn.Remote
-	fail := func(status int, flag ResponseFlag, err error) {
-		rec.Flag, rec.Err = flag, err
+	// The stream's goroutine waits on the sockets as long as the flow is
+	// open: the checks' locals are gone (streamFlow returned), and the
+	// deep calls run on goroutines of their own (shallow), before it
+	// waits.
+	f, status := p.streamFlow(s, rec)
+	if f == nil {
 		_ = s.Respond(status)
+		return
+	}
+	// Policy, the registry's hooks (metrics, access log), the dial and
+	// the answer run deep: on one goroutine of their own.
+	var (
+		allowed, ok bool
+		l           *LiveFlow
+		up          net.Conn
+	)
+	shallow(func() {
+		if allowed = p.authorize(ctx, rec, f); !allowed {
+			return
+		}
+		if l, ctx, ok = p.track(ctx, rec, f); ok {
+			up = p.dialStream(ctx, s, rec)
+		}
+	})
+	switch {
+	case !allowed:
+		_ = s.Respond(http.StatusUnauthorized)
+		return
+	case !ok:
+		_ = s.Respond(http.StatusServiceUnavailable)
+		return
+	}
+	defer p.untrack(l, rec)
+	if up == nil {
+		return
+	}
+	defer up.Close()
+	var end error
+	rec.Sent, rec.Received, end = splice(ctx, s, asHalf(up), &l.sent, &l.received)
+	p.ended(rec, end)
+}
+
+// dialStream connects to the stream's destination and answers the
+// CONNECT: 200 with the connection, or an error status with nil and the
+// reason in rec.
+func (p *Proxy) dialStream(ctx context.Context, s *hbone.Stream, rec *FlowRecord) net.Conn {
+	up, flag, err := p.dialDest(ctx, rec.Src.Addr(), rec.Dst)
+	if err != nil {
+		rec.Flag, rec.Err = flag, err
+		_ = s.Respond(http.StatusServiceUnavailable)
+		return nil
+	}
+	if err := s.Respond(http.StatusOK); err != nil {
+		rec.Err = err
+		up.Close()
+		return nil
+	}
+	return up
+}
+
+// streamFlow checks a CONNECT stream's target and source and returns the
+// flow to authorize, or nil with the status to answer and the reason in
+// rec.
+func (p *Proxy) streamFlow(s *hbone.Stream, rec *FlowRecord) (*Flow, int) {
+	rec.Src = s.Conn.Remote
+	fail := func(status int, flag ResponseFlag, err error) (*Flow, int) {
+		rec.Flag, rec.Err = flag, err
+		return nil, status
 	}
 	target, err := hbone.ParseTarget(s.Authority)
 	if err != nil {
-		fail(http.StatusBadRequest, FlagMalformed, err)
-		return
+		return fail(http.StatusBadRequest, FlagMalformed, err)
 	}
 	rec.Dst, rec.OrigDst = target, target
 	if target.Addr() != s.Conn.Local.Addr() {
-		fail(http.StatusBadRequest, FlagRelayRefused,
+		return fail(http.StatusBadRequest, FlagRelayRefused,
 			fmt.Errorf("ztunnel: CONNECT target %s is not the addressed pod %s", target, s.Conn.Local.Addr()))
-		return
 	}
 	if p.ports[target.Port()] {
-		fail(http.StatusBadRequest, FlagLoop, fmt.Errorf("ztunnel: CONNECT to the ztunnel's own port %s", target))
-		return
+		return fail(http.StatusBadRequest, FlagLoop, fmt.Errorf("ztunnel: CONNECT to the ztunnel's own port %s", target))
 	}
 	snap := p.cfg.Store.Load()
 	dstW := p.localWorkload(snap, target.Addr())
 	if dstW == nil {
-		fail(http.StatusServiceUnavailable, FlagNoLocalWorkload, fmt.Errorf("ztunnel: %s is no local workload", target.Addr()))
-		return
+		return fail(http.StatusServiceUnavailable, FlagNoLocalWorkload, fmt.Errorf("ztunnel: %s is no local workload", target.Addr()))
 	}
 	rec.DstWorkload = dstW
 	rec.DstID, _ = dstW.ID(p.cfg.TrustDomain)
@@ -126,30 +186,7 @@ func (p *Proxy) serveStream(ctx context.Context, s *hbone.Stream) {
 	if w := snap.WorkloadByIP(rec.Src.Addr()); p.sameIdentity(w, s.Conn.PeerID) {
 		rec.SrcWorkload = w
 	}
-	f := &Flow{Direction: Inbound, SrcID: rec.SrcID, SrcAddr: rec.Src, Src: rec.SrcWorkload, Dst: dstW, DstAddr: target, MTLS: true}
-	if !p.authorize(ctx, rec, f) {
-		_ = s.Respond(http.StatusUnauthorized)
-		return
-	}
-	l, ctx, ok := p.track(ctx, rec, f)
-	if !ok {
-		_ = s.Respond(http.StatusServiceUnavailable)
-		return
-	}
-	defer p.untrack(l, rec)
-	up, flag, err := p.dialDest(ctx, rec.Src.Addr(), target)
-	if err != nil {
-		fail(http.StatusServiceUnavailable, flag, err)
-		return
-	}
-	defer up.Close()
-	if err := s.Respond(http.StatusOK); err != nil {
-		rec.Err = err
-		return
-	}
-	var end error
-	rec.Sent, rec.Received, end = splice(ctx, s, asHalf(up), &l.sent, &l.received)
-	p.ended(rec, end)
+	return &Flow{Direction: Inbound, SrcID: rec.SrcID, SrcAddr: rec.Src, Src: rec.SrcWorkload, Dst: dstW, DstAddr: target, MTLS: true}, 0
 }
 
 // HandleInbound serves one plaintext connection to a local pod (:15006):

@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/mantlet/mantlet/internal/workload"
-	"github.com/mantlet/mantlet/ztunnel/hbone"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
@@ -65,9 +64,6 @@ type LiveFlow struct {
 	verdict Verdict
 
 	sent, received atomic.Int64
-	// stream counts Sent for outbound HBONE flows (the pool copies the
-	// client's bytes).
-	stream atomic.Pointer[hbone.ClientStream]
 	// ending is set by the first Close or Deny; nil while open.
 	ending atomic.Pointer[ending]
 	cancel context.CancelFunc
@@ -111,11 +107,7 @@ func (l *LiveFlow) Verdict() Verdict { return l.verdict }
 // Bytes returns the bytes moved so far from client to destination (sent)
 // and back (received).
 func (l *LiveFlow) Bytes() (sent, received int64) {
-	sent = l.sent.Load()
-	if cs := l.stream.Load(); cs != nil {
-		sent += cs.Sent()
-	}
-	return sent, l.received.Load()
+	return l.sent.Load(), l.received.Load()
 }
 
 // Close tears the flow down: both connections are reset and the flow's

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net"
 	"net/http"
 	"net/netip"
@@ -26,24 +25,36 @@ func (p *Proxy) HandleOutbound(ctx context.Context, conn net.Conn) {
 	defer conn.Close()
 	rec := &FlowRecord{Direction: Outbound, Start: time.Now()}
 	defer p.endFlow(rec)
+	// The flow's goroutine waits on its sockets as long as the flow is
+	// open: what it holds on its stack then is every idle flow's cost,
+	// so the routing's locals are gone (routeOutbound returned) before
+	// the flow is served.
+	if f, serve := p.routeOutbound(conn, rec); f != nil {
+		p.admit(ctx, rec, f, serve)
+	}
+}
+
+// routeOutbound decides where conn goes: it returns the flow to authorize
+// and the function that serves it, or nil with the reason in rec.
+func (p *Proxy) routeOutbound(conn net.Conn, rec *FlowRecord) (*Flow, func(ctx context.Context, l *LiveFlow)) {
 	src, _ := hbone.AddrOf(conn.RemoteAddr())
 	dst, _ := hbone.AddrOf(conn.LocalAddr())
 	rec.Src, rec.OrigDst, rec.Dst = src, dst, dst
 	if p.ports[dst.Port()] {
 		rec.Flag, rec.Err = FlagLoop, fmt.Errorf("ztunnel: %s is the ztunnel's own port", dst)
-		return
+		return nil, nil
 	}
 	snap := p.cfg.Store.Load()
 	srcW := p.localWorkload(snap, src.Addr())
 	if srcW == nil {
 		rec.Flag, rec.Err = FlagUnknownSource, fmt.Errorf("ztunnel: no enrolled workload of node %s has IP %s", p.cfg.NodeName, src.Addr())
-		return
+		return nil, nil
 	}
 	rec.SrcWorkload = srcW
 	srcID, err := srcW.ID(p.cfg.TrustDomain)
 	if err != nil {
 		rec.Flag, rec.Err = FlagNoSVID, err
-		return
+		return nil, nil
 	}
 	rec.SrcID, rec.MTLS = srcID, true
 
@@ -53,26 +64,24 @@ func (p *Proxy) HandleOutbound(ctx context.Context, conn net.Conn) {
 	if dstW == nil || !dstW.Enrolled {
 		rec.Path, rec.MTLS = PathPassthrough, false
 		f := &Flow{Direction: Outbound, SrcID: srcID, SrcAddr: src, Src: srcW, Dst: dstW, DstAddr: target}
-		p.admit(ctx, rec, f, func(ctx context.Context, l *LiveFlow) { p.direct(ctx, rec, l, conn, src.Addr(), target) })
-		return
+		return f, func(ctx context.Context, l *LiveFlow) { p.direct(ctx, rec, l, conn, src.Addr(), target) }
 	}
 	dstID, err := dstW.ID(p.cfg.TrustDomain)
 	if err != nil {
 		rec.Flag, rec.Err = FlagNoSVID, err
-		return
+		return nil, nil
 	}
 	rec.DstID = dstID
 	if dstW.Node == p.cfg.NodeName {
 		rec.Path = PathLocal
 		f := &Flow{Direction: Outbound, SrcID: srcID, SrcAddr: src, Src: srcW, Dst: dstW, DstAddr: target, MTLS: true}
-		p.admit(ctx, rec, f, func(ctx context.Context, l *LiveFlow) { p.direct(ctx, rec, l, conn, src.Addr(), target) })
-		return
+		return f, func(ctx context.Context, l *LiveFlow) { p.direct(ctx, rec, l, conn, src.Addr(), target) }
 	}
 	rec.Path = PathHBONE
 	// The destination's ztunnel decides; asking here too lets a denial
 	// fail fast without a tunnel.
 	f := &Flow{Direction: Outbound, SrcID: srcID, SrcAddr: src, Src: srcW, Dst: dstW, DstAddr: target, MTLS: true, PreCheck: true}
-	p.admit(ctx, rec, f, func(ctx context.Context, l *LiveFlow) { p.outboundHBONE(ctx, rec, l, conn) })
+	return f, func(ctx context.Context, l *LiveFlow) { p.outboundHBONE(ctx, rec, l, conn) }
 }
 
 // Resolve finds where a connection to dst goes, as the ztunnel does before
@@ -107,10 +116,17 @@ func (p *Proxy) authorize(ctx context.Context, rec *FlowRecord, f *Flow) bool {
 // the flow and its context; on denial or when the flow cannot be tracked it
 // leaves the reason in rec and does not call serve.
 func (p *Proxy) admit(ctx context.Context, rec *FlowRecord, f *Flow, serve func(ctx context.Context, l *LiveFlow)) {
-	if !p.authorize(ctx, rec, f) {
-		return
-	}
-	l, ctx, ok := p.track(ctx, rec, f)
+	// Policy and the registry's hooks (metrics, access log) run deep: on a
+	// goroutine of their own.
+	var (
+		l  *LiveFlow
+		ok bool
+	)
+	shallow(func() {
+		if p.authorize(ctx, rec, f) {
+			l, ctx, ok = p.track(ctx, rec, f)
+		}
+	})
 	if !ok {
 		return
 	}
@@ -120,7 +136,12 @@ func (p *Proxy) admit(ctx context.Context, rec *FlowRecord, f *Flow, serve func(
 
 // direct connects to target without a tunnel and splices.
 func (p *Proxy) direct(ctx context.Context, rec *FlowRecord, l *LiveFlow, conn net.Conn, src netip.Addr, target netip.AddrPort) {
-	up, flag, err := p.dialDest(ctx, src, target)
+	var (
+		up   net.Conn
+		flag ResponseFlag
+		err  error
+	)
+	shallow(func() { up, flag, err = p.dialDest(ctx, src, target) })
 	if err != nil {
 		rec.Flag, rec.Err = flag, err
 		return
@@ -131,86 +152,54 @@ func (p *Proxy) direct(ctx context.Context, rec *FlowRecord, l *LiveFlow, conn n
 	p.ended(rec, end)
 }
 
-// outboundHBONE carries conn over an HBONE stream. Go's transport copies
-// the upload (conn is the request body); this goroutine copies the
-// download.
+// outboundHBONE carries conn over an HBONE stream: once the destination
+// answered 200, the stream is spliced to conn as a delivery socket would
+// be.
 func (p *Proxy) outboundHBONE(ctx context.Context, rec *FlowRecord, l *LiveFlow, conn net.Conn) {
-	t := &tunnelled{upload: upload{c: conn}, ctx: ctx}
+	var st *hbone.Stream
+	shallow(func() { st = p.connectHBONE(ctx, rec) })
+	if st == nil {
+		return // HandleOutbound resets conn
+	}
+	var end error
+	rec.Sent, rec.Received, end = splice(ctx, asHalf(conn), st, &l.sent, &l.received)
+	p.ended(rec, end)
+}
+
+// connectHBONE opens the flow's CONNECT stream; on failure it returns nil
+// with the reason in rec.
+func (p *Proxy) connectHBONE(ctx context.Context, rec *FlowRecord) *hbone.Stream {
 	req := &hbone.Request{
 		Key:       hbone.Key{Src: rec.SrcID, Dst: rec.DstID, DstIP: rec.Dst.Addr()},
 		Addr:      p.hboneAddr(rec.Dst.Addr(), rec.DstWorkload),
 		Target:    rec.Dst,
 		Forwarded: rec.Src,
-		Body:      &t.upload,
 	}
 	if p.cfg.Transparent {
 		req.BindSrc = rec.Src.Addr()
 	}
-	cs, err := p.pool.Connect(ctx, req)
-	if err != nil {
-		rec.Err = err
-		var re *hbone.RefusedError
-		switch {
-		case t.broken() != nil:
-			// The client's connection failed while the CONNECT was under
-			// way; the transport gave up the stream for it.
-			rec.Flag, rec.Err = FlagDownstreamReset, downstreamBroke(t.broken())
-		case errors.As(err, &re):
-			rec.Flag = FlagHBONERefused
-			if re.Status == http.StatusUnauthorized {
-				// The destination's Authorizer refused the flow.
-				rec.Admitted = rec.Verdict
-				rec.Verdict = Verdict{Flag: FlagHBONERefused, Rule: -1, Reason: ReasonDeniedByDestination}
-			}
-		case errors.Is(err, hbone.ErrStreamLimit):
-			rec.Flag = FlagStreamLimit
-		case tlsFlag(err) != FlagTLSHandshake:
-			rec.Flag = tlsFlag(err)
-		default:
-			rec.Flag = FlagHBONEConnectFailed
-		}
-		return // HandleOutbound resets conn
+	st, err := p.pool.Connect(ctx, req)
+	if err == nil {
+		return st
 	}
-	l.stream.Store(cs)
-	t.cs = cs
-	stop := context.AfterFunc(ctx, t.abortCtx)
-	n, srcBroke, err := copyCounted(conn, cs, &l.received)
-	rec.Received = n
+	rec.Err = err
+	var re *hbone.RefusedError
 	switch {
-	case err == nil:
-		if cw, ok := conn.(interface{ CloseWrite() error }); ok {
-			if err := cw.CloseWrite(); err != nil {
-				t.abort(downstreamBroke(err))
-			}
+	case errors.As(err, &re):
+		rec.Flag = FlagHBONERefused
+		if re.Status == http.StatusUnauthorized {
+			// The destination's Authorizer refused the flow.
+			rec.Admitted = rec.Verdict
+			rec.Verdict = Verdict{Flag: FlagHBONERefused, Rule: -1, Reason: ReasonDeniedByDestination}
 		}
-	case !srcBroke:
-		t.abort(downstreamBroke(err))
-	case t.broken() != nil:
-		// The transport reset the stream because reading the client's
-		// connection failed, and the download read its error.
-		t.abort(downstreamBroke(t.broken()))
+	case errors.Is(err, hbone.ErrStreamLimit):
+		rec.Flag = FlagStreamLimit
+	case tlsFlag(err) != FlagTLSHandshake:
+		rec.Flag = tlsFlag(err)
 	default:
-		t.abort(tunnelBroke(err, true))
+		rec.Flag = FlagHBONEConnectFailed
 	}
-	// The transport closes the body once it sent END_STREAM or gave the
-	// stream up; an abort gives it up.
-	<-cs.SendDone()
-	if t.end() != io.EOF {
-		if derr := t.broken(); derr != nil {
-			t.abort(downstreamBroke(derr))
-		} else {
-			t.abort(&endError{FlagTunnelReset, errUploadCut})
-		}
-	}
-	if !stop() {
-		t.once.Do(func() {}) // wait for the abort ctx started
-	}
-	if t.cause == nil {
-		closeOrderly(conn)
-	}
-	cs.Close()
-	rec.Sent = cs.Sent()
-	p.ended(rec, t.cause)
+	return nil
 }
 
 // asHalf gives conns without CloseWrite one that closes them entirely.
@@ -224,3 +213,18 @@ func asHalf(c net.Conn) halfConn {
 type fullCloser struct{ net.Conn }
 
 func (f fullCloser) CloseWrite() error { return f.Close() }
+
+// shallow runs fn on a goroutine of its own and waits for it. A flow's
+// goroutine waits for its sockets for as long as the flow stays open, with
+// the stack it grew to: run on it, the deep calls of a flow's setup
+// (policy, dialling, the CONNECT) would leave every idle flow an 8 KiB
+// stack where 4 KiB hold its wait. The extra goroutine exits with its
+// stack once fn returns.
+func shallow(fn func()) {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		fn()
+	}()
+	<-done
+}

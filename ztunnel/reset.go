@@ -1,14 +1,10 @@
 package ztunnel
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"io"
 	"net"
-	"os"
-	"sync"
-	"time"
 
 	"github.com/mantlet/mantlet/ztunnel/hbone"
 	"golang.org/x/net/http2"
@@ -101,13 +97,9 @@ func tunnelBroke(err error, atSource bool) error {
 		code  http2.ErrCode
 		reset bool
 		re    *hbone.ResetError
-		se    http2.StreamError // Go's client: what net/http gives
 	)
-	switch {
-	case errors.As(err, &re):
+	if errors.As(err, &re) {
 		code, reset = re.Code, true
-	case errors.As(err, &se):
-		code, reset = se.Code, true
 	}
 	flag := FlagTunnelLost
 	switch {
@@ -120,79 +112,6 @@ func tunnelBroke(err error, atSource bool) error {
 	}
 	return &endError{flag, fmt.Errorf("ztunnel: HBONE stream: %w", err)}
 }
-
-// errUploadCut: the HBONE transport stopped reading the client's
-// connection before its EOF, which happens when the stream was reset or
-// its connection lost after the download had ended in order (the
-// transport gives no reason then).
-var errUploadCut = errors.New("ztunnel: HBONE stream: the tunnel stopped the upload before the client's end")
-
-// upload is the client's connection as the request body of its HBONE
-// stream: Go's transport reads it, and upload remembers how that reading
-// ended (io.EOF: the client's orderly end).
-type upload struct {
-	c   net.Conn
-	mu  sync.Mutex
-	err error // first read error
-}
-
-func (u *upload) Read(p []byte) (int, error) {
-	n, err := u.c.Read(p)
-	if err != nil {
-		u.mu.Lock()
-		if u.err == nil {
-			u.err = err
-		}
-		u.mu.Unlock()
-	}
-	return n, err
-}
-
-// SetReadDeadline lets the transport wake a blocked read when it aborts
-// the stream (see hbone's bodyReader).
-func (u *upload) SetReadDeadline(t time.Time) error { return u.c.SetReadDeadline(t) }
-
-// end returns the first error reading the client's connection gave: io.EOF
-// after an orderly end, nil while none came.
-func (u *upload) end() error {
-	u.mu.Lock()
-	defer u.mu.Unlock()
-	return u.err
-}
-
-// broken returns the error of the client's connection itself, if reading
-// it failed: not its EOF, nor a read the transport woke with a deadline,
-// nor one ended by the ztunnel closing the connection.
-func (u *upload) broken() error {
-	err := u.end()
-	if err == nil || err == io.EOF || errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, net.ErrClosed) {
-		return nil
-	}
-	return err
-}
-
-// tunnelled is an outbound HBONE flow's shared state (one allocation):
-// the upload, and the abort that resets both the client's connection and
-// the stream.
-type tunnelled struct {
-	upload
-	ctx   context.Context
-	cs    *hbone.ClientStream
-	once  sync.Once
-	cause error // set by the first abort
-}
-
-// abort resets the client's connection (which also wakes the transport's
-// read of it) and the stream (RST_STREAM CANCEL), once; err is why.
-func (t *tunnelled) abort(err error) {
-	t.once.Do(func() {
-		t.cause = err
-		closeReset(t.c)
-		t.cs.Close()
-	})
-}
-
-func (t *tunnelled) abortCtx() { t.abort(t.ctx.Err()) }
 
 // ended records in rec how an admitted flow ended: err nil for an orderly
 // end; an *endError names the end that broke; any other error is the end

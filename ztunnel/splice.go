@@ -4,8 +4,11 @@ import (
 	"context"
 	"errors"
 	"io"
+	"net"
+	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 
 	"github.com/mantlet/mantlet/ztunnel/hbone"
 	"golang.org/x/net/http2"
@@ -21,41 +24,40 @@ type halfConn interface {
 // splice copies a→b and b→a until both directions ended, then closes a
 // and b. a is the flow's downstream end (the client's connection, or the
 // HBONE stream at the destination), b its upstream end (the connection
-// the ztunnel dialled).
+// the ztunnel dialled, or the HBONE stream at the source).
 //
 // The EOF of one end half-closes the other (CloseWrite: FIN or
 // END_STREAM); when both directions ended so, a and b are closed in order
 // (closeOrderly). Anything else aborts the splice at once and resets both
 // ends, so that neither application takes the break for an end of data:
 // an error reading or writing either end, or ctx's end. A TCP end is
-// closed with RST; a stream end is reset with CONNECT_ERROR when b broke
-// (RFC 9113, section 8.5), CANCEL otherwise.
+// closed with RST; a stream end is reset with CONNECT_ERROR when the
+// destination's connection broke (RFC 9113, section 8.5), CANCEL
+// otherwise.
+//
+// Between a stream and a socket, the calling goroutine copies the socket
+// to the stream, and the stream pushes what it receives to the socket
+// itself (hbone.Stream.PushTo): one goroutine per flow, which holds no
+// buffer while the socket is idle. Between two sockets each direction
+// has a goroutine.
 //
 // It returns the bytes copied each way and the abort's cause: nil after an
 // orderly end, an *endError naming the end that broke, or ctx's error.
 func splice(ctx context.Context, a, b halfConn, abN, baN *atomic.Int64) (ab, ba int64, err error) {
 	sp := &splicer{ctx: ctx, a: a, b: b}
 	stop := context.AfterFunc(ctx, sp.abortCtx)
-	sp.wg.Add(1)
-	go func() {
-		defer sp.wg.Done()
-		var srcBroke bool
-		var err error
-		if sp.ab, srcBroke, err = copyHalf(b, a, abN); err != nil {
-			if srcBroke {
-				sp.abort(endBroke(a, false, err))
-			} else {
-				sp.abort(endBroke(b, true, err))
-			}
-		}
-	}()
-	ba, srcBroke, err := copyHalf(a, b, baN)
-	if err != nil {
-		if srcBroke {
-			sp.abort(endBroke(b, true, err))
-		} else {
-			sp.abort(endBroke(a, false, err))
-		}
+	switch {
+	case sp.push(a, b, false, abN, &sp.ab):
+		sp.ba = sp.copy(a, b, true, baN)
+	case sp.push(b, a, true, baN, &sp.ba):
+		sp.ab = sp.copy(b, a, false, abN)
+	default:
+		sp.wg.Add(1)
+		go func() {
+			defer sp.wg.Done()
+			sp.ab = sp.copy(b, a, false, abN)
+		}()
+		sp.ba = sp.copy(a, b, true, baN)
 	}
 	sp.wg.Wait()
 	if !stop() {
@@ -65,17 +67,129 @@ func splice(ctx context.Context, a, b halfConn, abN, baN *atomic.Int64) (ab, ba 
 		closeOrderly(a)
 		closeOrderly(b)
 	}
-	return sp.ab, ba, sp.cause
+	return sp.ab, sp.ba, sp.cause
 }
 
 // splicer is what the two directions of a splice share (one allocation).
 type splicer struct {
-	ctx   context.Context
-	a, b  halfConn
-	ab    int64 // bytes copied a→b
-	wg    sync.WaitGroup
-	once  sync.Once
-	cause error // set by the first abort
+	ctx    context.Context
+	a, b   halfConn
+	ab, ba int64 // bytes copied a→b, b→a
+	wg     sync.WaitGroup
+	once   sync.Once
+	cause  error // set by the first abort
+	sink   pushSink
+}
+
+// copy copies src to dst (half-closing dst at src's EOF) and aborts the
+// splice if that fails; srcUp says whether src is the upstream end.
+func (sp *splicer) copy(dst, src halfConn, srcUp bool, n *atomic.Int64) int64 {
+	// copyCounted, then CloseWrite here: a frame less on the stack
+	// of an idle flow's goroutine.
+	written, srcBroke, err := copyCounted(dst, src, n)
+	if err == nil {
+		err = dst.CloseWrite()
+	}
+	if err != nil {
+		if srcBroke {
+			sp.abort(endBroke(src, srcUp, err))
+		} else {
+			sp.abort(endBroke(dst, !srcUp, err))
+		}
+	}
+	return written
+}
+
+// push makes src, if it is a stream and dst a socket, push what it
+// receives to dst (half-closing dst at the stream's end, or aborting the
+// splice) and reports whether it does; srcUp says whether src is the
+// upstream end. *written has the bytes pushed once the splice's wait
+// group is done.
+func (sp *splicer) push(src, dst halfConn, srcUp bool, n *atomic.Int64, written *int64) bool {
+	st, ok := src.(*hbone.Stream)
+	if !ok {
+		return false
+	}
+	sc, ok := dst.(syscallConn)
+	if !ok {
+		return false
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return false
+	}
+	sp.sink = pushSink{c: sc, rc: rc, n: n}
+	sp.wg.Add(1)
+	st.PushTo(&sp.sink, func(err error) {
+		*written = sp.sink.written
+		dstBroke := err != nil && err == sp.sink.err
+		if err == nil {
+			if err = dst.CloseWrite(); err == nil {
+				sp.wg.Done()
+				return
+			}
+			dstBroke = true
+		}
+		cause := endBroke(src, srcUp, err)
+		if dstBroke {
+			cause = endBroke(dst, !srcUp, err)
+		}
+		// done must not wait, and may run inside an abort of this very
+		// splice (which resets the stream): abort in a goroutine.
+		go func() {
+			defer sp.wg.Done()
+			sp.abort(cause)
+		}()
+	})
+	return true
+}
+
+// pushSink is a socket as the sink of a stream's push: TryWrite writes
+// what the socket takes without waiting, Write waits. Both count what
+// they wrote.
+type pushSink struct {
+	c       net.Conn
+	rc      syscall.RawConn
+	n       *atomic.Int64
+	written int64
+	err     error // the socket's own failure
+}
+
+func (s *pushSink) TryWrite(p []byte) (int, error) {
+	var (
+		n     int
+		errno error
+	)
+	err := s.rc.Write(func(fd uintptr) bool {
+		for {
+			n, errno = syscall.Write(int(fd), p)
+			if errno != syscall.EINTR {
+				return true
+			}
+		}
+	})
+	n = max(n, 0)
+	if errno == syscall.EAGAIN {
+		errno = nil
+	}
+	if err == nil && errno != nil {
+		err = &net.OpError{Op: "write", Net: "tcp", Source: s.c.LocalAddr(), Addr: s.c.RemoteAddr(), Err: os.NewSyscallError("write", errno)}
+	}
+	return s.count(n, err)
+}
+
+func (s *pushSink) Write(p []byte) (int, error) {
+	n, err := s.c.Write(p)
+	return s.count(n, err)
+}
+
+func (s *pushSink) count(n int, err error) (int, error) {
+	s.written += int64(n)
+	s.n.Add(int64(n))
+	if err != nil && s.err == nil {
+		s.err = err
+	}
+	return n, err
 }
 
 // abort resets both ends, once; err is why.
@@ -100,13 +214,13 @@ func (sp *splicer) abortCtx() {
 }
 
 // endBroke is the error of end c of a splice, upstream or not, failing
-// with err.
+// with err. A stream is the tunnel, upstream at the source.
 func endBroke(c halfConn, upstream bool, err error) error {
 	switch {
+	case isStream(c):
+		return tunnelBroke(err, upstream)
 	case upstream:
 		return upstreamBroke(err)
-	case isStream(c):
-		return tunnelBroke(err, false)
 	}
 	return downstreamBroke(err)
 }
@@ -131,39 +245,44 @@ func resetEnd(c halfConn, cause error) {
 	s.Reset(http2.ErrCodeCancel)
 }
 
-// copyHalf copies src to dst, counting into n, and half-closes dst at
-// src's EOF. On failure srcBroke says whether reading src or writing (or
-// half-closing) dst failed.
-func copyHalf(dst, src halfConn, n *atomic.Int64) (written int64, srcBroke bool, err error) {
-	if written, srcBroke, err = copyCounted(dst, src, n); err != nil {
-		return written, srcBroke, err
+// copyCounted copies src to dst until src's EOF, adding every chunk
+// written to n so that readers of the open-flow registry see the bytes
+// move. (Kernel splicing between two TCP sockets would be cheaper but
+// gives no count until it returns.) On failure srcBroke says whether
+// reading src or writing dst failed.
+//
+// While src has nothing to read, the copy holds no buffer: a stream
+// writes its received chunks to dst itself (hbone.Stream.WriteTo), and a
+// socket is read only once it is readable, into a pooled buffer taken
+// then (copyReadable). Only other readers wait in Read with a pooled
+// buffer.
+func copyCounted(dst io.Writer, src io.Reader, n *atomic.Int64) (written int64, srcBroke bool, err error) {
+	switch s := src.(type) {
+	case *hbone.Stream:
+		cw := &countingWriter{w: dst, n: n}
+		written, err = s.WriteTo(cw)
+		return written, err != nil && cw.err == nil, err
+	case syscallConn:
+		if rc, rerr := s.SyscallConn(); rerr == nil {
+			return copyReadable(dst, s, rc, n)
+		}
 	}
-	return written, false, dst.CloseWrite()
+	return copyBuffered(dst, src, n)
 }
 
-// copyCounted copies src to dst through a pooled buffer until src's EOF,
-// adding every chunk written to n so that readers of the open-flow
-// registry see the bytes move. (Kernel splicing between two TCP sockets
-// would be cheaper but gives no count until it returns.) On failure
-// srcBroke says whether reading src or writing dst failed.
-func copyCounted(dst io.Writer, src io.Reader, n *atomic.Int64) (written int64, srcBroke bool, err error) {
+// copyBuffered is copyCounted for readers that are neither streams nor
+// sockets: it waits in Read with a pooled buffer.
+func copyBuffered(dst io.Writer, src io.Reader, n *atomic.Int64) (written int64, srcBroke bool, err error) {
 	buf := hbone.GetBuf()
 	defer hbone.PutBuf(buf)
 	b := *buf
 	for {
 		nr, rerr := src.Read(b)
 		if nr > 0 {
-			nw, werr := dst.Write(b[:nr])
-			if nw < 0 || nw > nr {
-				nw, werr = 0, errors.New("ztunnel: invalid write count")
-			}
+			nw, werr := writeCounted(dst, b[:nr], n)
 			written += int64(nw)
-			n.Add(int64(nw))
 			if werr != nil {
 				return written, false, werr
-			}
-			if nw != nr {
-				return written, false, io.ErrShortWrite
 			}
 		}
 		if rerr != nil {
@@ -173,4 +292,100 @@ func copyCounted(dst io.Writer, src io.Reader, n *atomic.Int64) (written int64, 
 			return written, true, rerr
 		}
 	}
+}
+
+// syscallConn is a socket whose descriptor the copy may read itself:
+// *net.TCPConn and types that embed one.
+type syscallConn interface {
+	net.Conn
+	SyscallConn() (syscall.RawConn, error)
+}
+
+// copyReadable copies the socket c to dst as copyCounted does, reading
+// c's descriptor only when the poller says it is readable: the pooled
+// buffer is taken for a read that finds data, given back at once when
+// the read would block, and after the write to dst. An idle flow thus
+// holds no buffer while it waits for its peer.
+func copyReadable(dst io.Writer, c net.Conn, rc syscall.RawConn, n *atomic.Int64) (written int64, srcBroke bool, err error) {
+	for {
+		var (
+			buf   *[]byte
+			nr    int
+			errno error
+		)
+		err := rc.Read(func(fd uintptr) bool {
+			buf = hbone.GetBuf()
+			for {
+				nr, errno = syscall.Read(int(fd), *buf)
+				if errno != syscall.EINTR {
+					break
+				}
+			}
+			if errno == syscall.EAGAIN {
+				hbone.PutBuf(buf)
+				buf = nil
+				return false
+			}
+			return true
+		})
+		if err == nil && errno != nil {
+			err = &net.OpError{Op: "read", Net: "tcp", Source: c.LocalAddr(), Addr: c.RemoteAddr(), Err: os.NewSyscallError("read", errno)}
+		}
+		if err != nil {
+			if buf != nil {
+				hbone.PutBuf(buf)
+			}
+			return written, true, err
+		}
+		if nr == 0 {
+			hbone.PutBuf(buf)
+			return written, false, nil // EOF
+		}
+		var (
+			nw   int
+			werr error
+		)
+		if _, ok := dst.(*hbone.Stream); ok {
+			// A stream's Write may encrypt and write the TLS connection
+			// itself: deep calls that would double the stack this
+			// goroutine keeps while the flow is idle (shallow).
+			shallow(func() { nw, werr = writeCounted(dst, (*buf)[:nr], n) })
+		} else {
+			nw, werr = writeCounted(dst, (*buf)[:nr], n)
+		}
+		hbone.PutBuf(buf)
+		written += int64(nw)
+		if werr != nil {
+			return written, false, werr
+		}
+	}
+}
+
+// writeCounted writes p to dst and adds what was written to n.
+func writeCounted(dst io.Writer, p []byte, n *atomic.Int64) (int, error) {
+	nw, err := dst.Write(p)
+	if nw < 0 || nw > len(p) {
+		nw, err = 0, errors.New("ztunnel: invalid write count")
+	}
+	n.Add(int64(nw))
+	if err == nil && nw != len(p) {
+		err = io.ErrShortWrite
+	}
+	return nw, err
+}
+
+// countingWriter counts what it writes and remembers its first error, so
+// that a copy through it tells a failed write from a failed read.
+type countingWriter struct {
+	w   io.Writer
+	n   *atomic.Int64
+	err error
+}
+
+func (c *countingWriter) Write(p []byte) (int, error) {
+	nw, err := writeCounted(c.w, p, c.n)
+	if err != nil && c.err == nil {
+		c.err = err
+	}
+	return nw, err
 }

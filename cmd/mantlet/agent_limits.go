@@ -25,6 +25,10 @@ func addLimitFlags(fs *flag.FlagSet, l *node.LimitsConfig) {
 		"open outbound connections (:15001) of one local pod IP (0: a quarter of the descriptor budget)")
 	fs.IntVar(&l.FDReserve, "fd-reserve", 0,
 		"file descriptors kept for outbound capture and established tunnels: connections without a certificate are refused once only these are left (0: a quarter of the descriptor budget)")
+	fs.IntVar(&l.StreamsPerConn, "hbone-streams-per-conn", hbone.DefaultTuning().MaxStreamsPerConn,
+		"CONNECT streams the HBONE client puts on one pooled connection before it dials another")
+	fs.IntVar(&l.ConnsPerKey, "hbone-conns-per-key", hbone.DefaultTuning().MaxConnsPerKey,
+		"pooled HBONE connections per (source identity, destination identity, destination pod IP); with --hbone-streams-per-conn it bounds the open connections from one pod to one pod")
 	fs.Float64Var(&l.RefusalLogRate, "refusal-log-rate", ztunnel.DefaultRefusalLogRate,
 		"log lines per second for refused handshakes and connections (bursts of 5 seconds' worth); the rest are counted and summed up every 5 s")
 }
@@ -44,6 +48,10 @@ func checkLimits(l *node.LimitsConfig) error {
 		return fmt.Errorf("--max-outbound-per-pod %d: want 0 (a quarter of the descriptor budget) or a positive number", l.MaxOutboundPerPod)
 	case l.FDReserve < 0:
 		return fmt.Errorf("--fd-reserve %d: want 0 (a quarter of the descriptor budget) or a positive number", l.FDReserve)
+	case l.StreamsPerConn <= 0:
+		return fmt.Errorf("--hbone-streams-per-conn %d: want a positive number", l.StreamsPerConn)
+	case l.ConnsPerKey <= 0:
+		return fmt.Errorf("--hbone-conns-per-key %d: want a positive number", l.ConnsPerKey)
 	case l.RefusalLogRate <= 0:
 		return fmt.Errorf("--refusal-log-rate %v: want a positive number", l.RefusalLogRate)
 	}

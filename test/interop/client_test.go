@@ -226,8 +226,7 @@ func TestOurClientWhenIstioServerCannotReachTarget(t *testing.T) {
 		t.Logf("connect: %v (Istio's server refused up front)", err)
 		return
 	}
-	// ClientStream.Close waits for the request body to finish, so the
-	// pod's side is closed first (as the ztunnel's splice does).
+	// The pod's side is closed first, as the ztunnel's splice does.
 	defer cs.Close()
 	defer send.Close()
 	got, err := io.ReadAll(cs)

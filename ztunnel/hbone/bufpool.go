@@ -20,58 +20,122 @@ const chunkSize = 16 << 10
 
 var chunkPool = sync.Pool{New: func() any { b := make([]byte, chunkSize); return &b }}
 
+func getChunk() *[]byte { return chunkPool.Get().(*[]byte) }
+
+// putChunk gives c back to the pool; nil is ignored.
+func putChunk(c *[]byte) {
+	if c != nil {
+		chunkPool.Put(c)
+	}
+}
+
 // recvQueue holds the bytes a stream received and its reader has not read
-// yet: a FIFO of pooled chunks. Its size is bounded by the stream's
-// flow-control window. The caller synchronises access.
+// yet: a FIFO of pooled chunks, none while it is empty. Its size is
+// bounded by the stream's flow-control window. The caller synchronises
+// access.
 type recvQueue struct {
-	chunks []*[]byte
+	chunks []qchunk
 	head   int // read offset in chunks[0]
-	tail   int // write offset in chunks[len-1]
 	n      int // bytes queued
+}
+
+// qchunk is a chunk of a recvQueue and how much of it is filled.
+type qchunk struct {
+	c   *[]byte
+	end int
+}
+
+// last returns the chunk that is written to, nil when there is none.
+func (q *recvQueue) last() *qchunk {
+	if len(q.chunks) == 0 {
+		return nil
+	}
+	return &q.chunks[len(q.chunks)-1]
 }
 
 func (q *recvQueue) write(p []byte) {
 	for len(p) > 0 {
-		if len(q.chunks) == 0 || q.tail == chunkSize {
-			q.chunks = append(q.chunks, chunkPool.Get().(*[]byte))
-			q.tail = 0
+		l := q.last()
+		if l == nil || l.end == chunkSize {
+			q.chunks = append(q.chunks, qchunk{c: getChunk()})
+			l = q.last()
 		}
-		c := *q.chunks[len(q.chunks)-1]
-		n := copy(c[q.tail:], p)
-		q.tail += n
+		n := copy((*l.c)[l.end:], p)
+		l.end += n
 		q.n += n
 		p = p[n:]
 	}
 }
 
+// add queues the first k bytes of chunk c, which the queue then owns: they
+// are copied into the last chunk when they fit there (c goes back to the
+// pool), otherwise c becomes the last chunk.
+func (q *recvQueue) add(c *[]byte, k int) {
+	if l := q.last(); l != nil && chunkSize-l.end >= k {
+		copy((*l.c)[l.end:], (*c)[:k])
+		l.end += k
+		q.n += k
+		putChunk(c)
+		return
+	}
+	q.chunks = append(q.chunks, qchunk{c: c, end: k})
+	q.n += k
+}
+
+// take removes the first chunk from the queue and returns it with its
+// unread bytes; the caller owns it then (putChunk). nil when empty.
+func (q *recvQueue) take() (*[]byte, []byte) {
+	if q.n == 0 {
+		return nil, nil
+	}
+	f := q.chunks[0]
+	p := (*f.c)[q.head:f.end]
+	q.n -= len(p)
+	q.drop()
+	return f.c, p
+}
+
+// untake puts back at the head of the queue the part p of chunk c that
+// take returned and its caller did not use.
+func (q *recvQueue) untake(c *[]byte, p []byte) {
+	start := chunkSize - cap(p)
+	q.chunks = append(q.chunks, qchunk{})
+	copy(q.chunks[1:], q.chunks)
+	q.chunks[0] = qchunk{c: c, end: start + len(p)}
+	q.head = start
+	q.n += len(p)
+}
+
 func (q *recvQueue) read(p []byte) int {
 	total := 0
 	for len(p) > 0 && q.n > 0 {
-		c := *q.chunks[0]
-		end := chunkSize
-		if len(q.chunks) == 1 {
-			end = q.tail
-		}
-		n := copy(p, c[q.head:end])
+		f := q.chunks[0]
+		n := copy(p, (*f.c)[q.head:f.end])
 		q.head += n
 		q.n -= n
 		total += n
 		p = p[n:]
-		if q.head == end {
-			q.pop()
+		if q.head == f.end {
+			putChunk(f.c)
+			q.drop()
 		}
 	}
 	return total
 }
 
-func (q *recvQueue) pop() {
-	chunkPool.Put(q.chunks[0])
-	q.chunks[0] = nil
-	q.chunks = q.chunks[1:]
+// keptChunks is how many chunk slots an empty queue keeps (64 bytes), so
+// that a stream that receives a frame at a time does not allocate its
+// slice each time; an empty queue that grew larger lets it go.
+const keptChunks = 4
+
+// drop removes the first chunk (the caller disposes of it).
+func (q *recvQueue) drop() {
+	n := copy(q.chunks, q.chunks[1:])
+	q.chunks[n] = qchunk{}
+	q.chunks = q.chunks[:n]
 	q.head = 0
-	if len(q.chunks) == 0 {
+	if n == 0 && cap(q.chunks) > keptChunks {
 		q.chunks = nil
-		q.tail = 0
 	}
 }
 
@@ -79,7 +143,8 @@ func (q *recvQueue) pop() {
 func (q *recvQueue) reset() int {
 	n := q.n
 	for len(q.chunks) > 0 {
-		q.pop()
+		putChunk(q.chunks[0].c)
+		q.drop()
 	}
 	q.n = 0
 	return n

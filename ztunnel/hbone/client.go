@@ -10,7 +10,6 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
-	"net/url"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -18,6 +17,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
+	"golang.org/x/net/http2"
 )
 
 // Key identifies a pool of connections: streams are multiplexed only
@@ -57,7 +57,6 @@ type Pool struct {
 	cfg   PoolConfig
 	t     Tuning
 	log   *slog.Logger
-	tr    *http.Transport
 	mu    sync.Mutex
 	keys  map[Key]*keyConns
 	stop  chan struct{}
@@ -76,13 +75,11 @@ type dialAttempt struct {
 	err  error
 }
 
+// poolConn is a pooled connection; its stream count, idle time and
+// retirement (a margin before its end of life, see retireTime) are the
+// connection's own (clientState).
 type poolConn struct {
-	cc       *http.ClientConn
-	inflight int // guarded by Pool.mu
-	idleAt   time.Time
-	// retireAt is when the pool stops putting streams on the connection:
-	// a margin before its end of life (see retireTime).
-	retireAt time.Time
+	hc *h2conn
 }
 
 // retireTime returns when a connection dialled at now, whose life ends at
@@ -96,20 +93,6 @@ func retireTime(now, end time.Time) time.Time {
 
 // maxRetireMargin bounds how long before its end a connection is retired.
 const maxRetireMargin = time.Minute
-
-// retired reports whether c takes no new streams at now.
-func (c *poolConn) retired(now time.Time) bool { return !now.Before(c.retireAt) }
-
-type dialKey struct{}
-
-type dialParams struct {
-	key  Key
-	addr netip.AddrPort
-	src  netip.Addr
-	// notAfter is set by dialTLS: the earlier expiry of the two leaf
-	// certificates of the handshake.
-	notAfter time.Time
-}
 
 // NewPool returns a pool; Close it to stop its reaper and close its
 // connections.
@@ -133,21 +116,6 @@ func NewPool(cfg PoolConfig) *Pool {
 			}
 			return d.DialContext(ctx, "tcp", dst.String())
 		}
-	}
-	protos := new(http.Protocols)
-	protos.SetHTTP2(true)
-	p.tr = &http.Transport{
-		Protocols:         protos,
-		DialTLSContext:    p.dialTLS,
-		ForceAttemptHTTP2: true,
-		HTTP2: &http.HTTP2Config{
-			MaxReceiveBufferPerConnection: int(p.t.ConnWindow),
-			MaxReceiveBufferPerStream:     int(p.t.StreamWindow),
-			MaxReadFrameSize:              int(p.t.MaxFrameSize),
-			SendPingTimeout:               p.t.KeepaliveInterval,
-			PingTimeout:                   p.t.KeepaliveTimeout,
-		},
-		DisableCompression: true,
 	}
 	go p.reap()
 	return p
@@ -185,7 +153,7 @@ func (p *Pool) Close() {
 	}
 	p.mu.Unlock()
 	for _, c := range all {
-		c.cc.Close()
+		c.hc.close()
 	}
 }
 
@@ -203,7 +171,8 @@ func (p *Pool) reap() {
 			for k, kc := range p.keys {
 				live := kc.conns[:0]
 				for _, c := range kc.conns {
-					if c.cc.Err() != nil || c.inflight == 0 && (now.Sub(c.idleAt) >= p.t.IdleTimeout || c.retired(now)) {
+					idle, gone, retired := c.hc.idleState(now)
+					if gone || idle >= p.t.IdleTimeout || idle > 0 && retired {
 						dead = append(dead, c)
 						continue
 					}
@@ -218,7 +187,7 @@ func (p *Pool) reap() {
 			p.mu.Unlock()
 			for _, c := range dead {
 				p.log.Debug("hbone: closing idle connection")
-				c.cc.Close()
+				c.hc.close()
 			}
 		}
 	}
@@ -257,120 +226,69 @@ type Request struct {
 	Target netip.AddrPort
 	// Forwarded, if valid, is sent as Forwarded: for="ip:port".
 	Forwarded netip.AddrPort
-	// Header holds extra request headers.
+	// Header holds extra request headers; it must not change while the
+	// stream is open.
 	Header http.Header
-	// Body is what the tunnel sends: it is read until EOF, which
-	// half-closes the stream. Body is never closed by the pool.
+	// Body, if set, is sent on the stream by a goroutine of the pool: read
+	// until EOF, which half-closes the stream (CloseWrite); a read error
+	// resets it (CANCEL). Body is never closed by the pool. Without a
+	// Body the caller writes the stream itself.
 	Body io.Reader
 }
 
-// ClientStream is an open tunnel: Read returns what the server sends (EOF
-// when it half-closed); what Request.Body yields is sent concurrently.
-type ClientStream struct {
-	resp *http.Response
-	body *bodyReader
-	pool *Pool
-	pc   *poolConn
-	once sync.Once
-}
-
-// Read reads from the tunnel.
-func (cs *ClientStream) Read(p []byte) (int, error) { return cs.resp.Body.Read(p) }
-
-// SendDone is closed once the request body is finished: EOF sent, or the
-// stream aborted.
-func (cs *ClientStream) SendDone() <-chan struct{} { return cs.body.done }
-
-// Sent returns the bytes read from Request.Body so far.
-func (cs *ClientStream) Sent() int64 { return cs.body.n.Load() }
-
-// Close ends the stream (resetting it if either direction is still open)
-// and returns its slot to the pool.
-func (cs *ClientStream) Close() error {
-	cs.once.Do(func() {
-		cs.resp.Body.Close()
-		cs.pool.release(cs.pc)
-	})
-	return nil
-}
-
-// bodyReader feeds the request body from the caller's reader and notes
-// when it ends: when the transport closes it, after it sent the last byte
-// and END_STREAM, or aborted the stream. The EOF of the caller's reader is
-// not the end: the transport may still hold bytes it read but could not
-// send yet (flow control), and closing the stream then would drop them.
-type bodyReader struct {
-	r    io.Reader
-	n    atomic.Int64
-	once sync.Once
-	done chan struct{}
-}
-
-func (b *bodyReader) Read(p []byte) (int, error) {
-	n, err := b.r.Read(p)
-	b.n.Add(int64(n))
-	return n, err
-}
-
-// Close is called by the transport when it is done with the body, also
-// concurrently with a Read when the stream is aborted (the connection to
-// the server died): a Read blocked on a reader with read deadlines (a
-// net.Conn) is then woken up, so the stream's end reaches the caller
-// instead of waiting for the client's next byte. The reader itself stays
-// open.
-func (b *bodyReader) Close() error {
-	if d, ok := b.r.(interface{ SetReadDeadline(time.Time) error }); ok {
-		_ = d.SetReadDeadline(time.Unix(1, 0))
-	}
-	b.finish()
-	return nil
-}
-
-func (b *bodyReader) finish() { b.once.Do(func() { close(b.done) }) }
-
 // Connect opens a CONNECT stream to req.Target over a pooled connection
 // for req.Key, dialing (and handshaking) a new connection when none has a
-// free stream slot. Errors wrap ErrRefused (with a *RefusedError),
+// free stream slot, and returns it once the server answered 200. A
+// request the server did not process (a refused stream, GOAWAY) is tried
+// once more. Errors wrap ErrRefused (with a *RefusedError),
 // ErrStreamLimit, the TLS verification errors of this package, or the
 // dial error.
-func (p *Pool) Connect(ctx context.Context, req *Request) (*ClientStream, error) {
-	pc, err := p.get(ctx, req)
-	if err != nil {
-		return nil, err
+func (p *Pool) Connect(ctx context.Context, req *Request) (*Stream, error) {
+	for attempt := 0; ; attempt++ {
+		pc, err := p.get(ctx, req)
+		if err != nil {
+			return nil, err
+		}
+		st, err := pc.hc.open(ctx, req)
+		var re *RefusedError
+		switch {
+		case err == nil:
+		case errors.As(err, &re):
+			return nil, err
+		case errors.Is(err, errRetry) && attempt == 0:
+			p.log.Debug("hbone: CONNECT not processed, trying again", "target", req.Target, "error", err)
+			continue
+		default:
+			return nil, fmt.Errorf("hbone: CONNECT %s via %s: %w", req.Target, req.Addr, err)
+		}
+		p.stats.streams.Add(1)
+		if req.Body != nil {
+			go sendBody(st, req.Body)
+		}
+		return st, nil
 	}
-	body := &bodyReader{r: req.Body, done: make(chan struct{})}
-	hdr := make(http.Header, len(req.Header)+1)
-	for k, v := range req.Header {
-		hdr[k] = v
+}
+
+// sendBody copies body to st, then half-closes st; a read error resets it.
+func sendBody(st *Stream, body io.Reader) {
+	buf := GetBuf()
+	defer PutBuf(buf)
+	for {
+		n, err := body.Read(*buf)
+		if n > 0 {
+			if _, werr := st.Write((*buf)[:n]); werr != nil {
+				return
+			}
+		}
+		switch {
+		case err == io.EOF:
+			_ = st.CloseWrite()
+			return
+		case err != nil:
+			st.Reset(http2.ErrCodeCancel)
+			return
+		}
 	}
-	if req.Forwarded.IsValid() {
-		hdr.Set("Forwarded", FormatForwarded(req.Forwarded))
-	}
-	target := req.Target.String()
-	hreq := (&http.Request{
-		Method:        http.MethodConnect,
-		URL:           &url.URL{Host: target},
-		Host:          target,
-		Header:        hdr,
-		Body:          body,
-		ContentLength: -1,
-		Proto:         "HTTP/2.0",
-		ProtoMajor:    2,
-	}).WithContext(ctx)
-	resp, err := pc.cc.RoundTrip(hreq)
-	if err != nil {
-		body.finish()
-		p.release(pc)
-		return nil, fmt.Errorf("hbone: CONNECT %s via %s: %w", target, req.Addr, err)
-	}
-	if resp.StatusCode != http.StatusOK {
-		resp.Body.Close()
-		body.finish()
-		p.release(pc)
-		return nil, &RefusedError{Status: resp.StatusCode}
-	}
-	p.stats.streams.Add(1)
-	return &ClientStream{resp: resp, body: body, pool: p, pc: pc}, nil
 }
 
 // get reserves a stream slot on a connection for req.Key.
@@ -390,12 +308,12 @@ func (p *Pool) get(ctx context.Context, req *Request) (*poolConn, error) {
 		now := time.Now()
 		usable := 0
 		for _, c := range kc.conns {
-			if c.retired(now) {
-				continue // draining: closed once its streams are done
+			_, dead, retired := c.hc.idleState(now)
+			if dead || retired {
+				continue // gone, or draining: closed once its streams are done
 			}
 			usable++
-			if c.inflight < p.t.MaxStreamsPerConn && c.cc.Reserve() == nil {
-				c.inflight++
+			if c.hc.reserve(p.t.MaxStreamsPerConn, now) {
 				p.mu.Unlock()
 				return c, nil
 			}
@@ -437,29 +355,11 @@ func (p *Pool) get(ctx context.Context, req *Request) (*poolConn, error) {
 		// The dialler gets a stream on its connection even if it is
 		// already retired (a certificate about to expire): the server
 		// decides then.
-		if pc.cc.Reserve() == nil {
-			pc.inflight++
+		if pc.hc.reserve(p.t.MaxStreamsPerConn, time.Time{}) {
 			p.mu.Unlock()
 			return pc, nil
 		}
 		p.mu.Unlock()
-	}
-}
-
-func (p *Pool) release(pc *poolConn) {
-	p.mu.Lock()
-	pc.inflight--
-	now := time.Now()
-	done := pc.inflight == 0 && pc.retired(now)
-	if pc.inflight == 0 {
-		pc.idleAt = now
-	}
-	p.mu.Unlock()
-	if done {
-		// Retired and drained: close it now rather than at the reaper's
-		// next round (which then forgets it).
-		p.log.Debug("hbone: closing a retired connection", "retired_at", pc.retireAt)
-		pc.cc.Close()
 	}
 }
 
@@ -472,42 +372,35 @@ func (p *Pool) dial(ctx context.Context, req *Request) (*poolConn, error) {
 	start := time.Now()
 	dctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), p.t.HandshakeTimeout)
 	defer cancel()
-	dp := &dialParams{key: req.Key, addr: req.Addr, src: req.BindSrc}
-	dctx = context.WithValue(dctx, dialKey{}, dp)
-	cc, err := p.tr.NewClientConn(dctx, "https", req.Addr.String())
-	if err != nil {
+	fail := func(err error) (*poolConn, error) {
 		return nil, fmt.Errorf("hbone: connect to %s (%s): %w", req.Addr, req.Key.Dst, err)
 	}
-	end := start.Add(p.t.MaxConnectionAge)
-	if !dp.notAfter.IsZero() && dp.notAfter.Before(end) {
-		end = dp.notAfter
-	}
-	now := time.Now()
-	return &poolConn{cc: cc, idleAt: now, retireAt: retireTime(now, end)}, nil
-}
-
-func (p *Pool) dialTLS(ctx context.Context, _, _ string) (net.Conn, error) {
-	dp, _ := ctx.Value(dialKey{}).(*dialParams)
-	if dp == nil {
-		return nil, errors.New("hbone: dial without parameters")
-	}
-	svid, err := p.cfg.SVID(ctx, dp.key.Src)
+	svid, err := p.cfg.SVID(dctx, req.Key.Src)
 	if err != nil {
-		return nil, fmt.Errorf("hbone: SVID of %s: %w", dp.key.Src, err)
+		return fail(fmt.Errorf("hbone: SVID of %s: %w", req.Key.Src, err))
 	}
-	raw, err := p.cfg.Dial(ctx, dp.src, dp.addr)
+	raw, err := p.cfg.Dial(dctx, req.BindSrc, req.Addr)
 	if err != nil {
-		return nil, err
+		return fail(err)
 	}
-	tc := tls.Client(raw, ClientConfig(svid, p.cfg.Bundles, dp.key.Dst))
-	if err := tc.HandshakeContext(ctx); err != nil {
+	tc := tls.Client(raw, ClientConfig(svid, p.cfg.Bundles, req.Key.Dst))
+	if err := tc.HandshakeContext(dctx); err != nil {
 		raw.Close()
-		return nil, fmt.Errorf("hbone: TLS handshake: %w", err)
+		return fail(fmt.Errorf("hbone: TLS handshake: %w", err))
 	}
 	p.stats.handshakes.Add(1)
-	dp.notAfter = svid.Certificates[0].NotAfter
-	if peer := tc.ConnectionState().PeerCertificates; len(peer) > 0 && peer[0].NotAfter.Before(dp.notAfter) {
-		dp.notAfter = peer[0].NotAfter
+	end := start.Add(p.t.MaxConnectionAge)
+	if na := svid.Certificates[0].NotAfter; na.Before(end) {
+		end = na
 	}
-	return tc, nil
+	if peer := tc.ConnectionState().PeerCertificates; len(peer) > 0 && peer[0].NotAfter.Before(end) {
+		end = peer[0].NotAfter
+	}
+	now := time.Now()
+	hc, err := startClient(tc, p.t, p.log, retireTime(now, end))
+	if err != nil {
+		tc.Close()
+		return fail(err)
+	}
+	return &poolConn{hc: hc}, nil
 }

@@ -51,7 +51,10 @@ type Tuning struct {
 	MaxStreamsPerConn int
 	// MaxConnsPerKey bounds the pooled connections for one (source,
 	// destination, destination IP) key; beyond it Connect fails with
-	// ErrStreamLimit.
+	// ErrStreamLimit. A key thus carries at most MaxConnsPerKey *
+	// MaxStreamsPerConn streams (25,600 by default): far more than one pod
+	// opens to one pod, and still a bound on what one key holds of the
+	// descriptor budget.
 	MaxConnsPerKey int
 	// IdleTimeout closes a connection that has carried no stream for this
 	// long (client pool and server).
@@ -103,7 +106,7 @@ func DefaultTuning() Tuning {
 		MaxHeaderListSize:    64 << 10,
 		MaxConcurrentStreams: 1000,
 		MaxStreamsPerConn:    100,
-		MaxConnsPerKey:       64,
+		MaxConnsPerKey:       256,
 		IdleTimeout:          5 * time.Minute,
 		KeepaliveInterval:    30 * time.Second,
 		KeepaliveTimeout:     10 * time.Second,

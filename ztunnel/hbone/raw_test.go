@@ -23,7 +23,7 @@ import (
 
 // A raw HTTP/2 client on the frame level, for tests that need a client
 // that misbehaves (resets streams in a loop, floods, does not read) or
-// keeps a connection past its certificate's expiry, which Go's transport
+// keeps a connection past its certificate's expiry, which the pool
 // would not do.
 
 // pipeAddrs gives a net.Pipe end the TCP addresses the server needs (it

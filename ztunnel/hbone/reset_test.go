@@ -28,13 +28,11 @@ func TestServerResetReachesClientWithItsCode(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer cs.Close()
-	defer pw.Close() // first: Close waits for the body's reader
+	defer pw.Close()
 	got, err := io.ReadAll(cs)
-	// Go's transport gives its own stream error type, which net/http lets
-	// errors.As convert to x/net's.
-	var se http2.StreamError
-	if !errors.As(err, &se) || se.Code != http2.ErrCodeConnect {
-		t.Fatalf("client read %q, %v; want the data, then a stream error CONNECT_ERROR", got, err)
+	var re *hbone.ResetError
+	if !errors.As(err, &re) || re.Code != http2.ErrCodeConnect || !errors.Is(err, hbone.ErrStreamClosed) {
+		t.Fatalf("client read %q, %v; want the data, then a ResetError CONNECT_ERROR", got, err)
 	}
 	if string(got) != "partial" {
 		t.Fatalf("client read %q before the reset, want %q", got, "partial")
@@ -58,9 +56,8 @@ func TestClientBodyErrorReachesServerAsReset(t *testing.T) {
 	defer cs.Close()
 	pw.Write([]byte("some"))
 	<-started
-	// What the ztunnel's client socket gives when the application reset
-	// it: the transport resets the stream (CANCEL, the only code Go's
-	// client sends).
+	// A body that fails (as a client socket the application reset would):
+	// the pool resets the stream with CANCEL.
 	pw.CloseWithError(errors.New("connection reset by peer"))
 	select {
 	case err := <-errc:
@@ -88,7 +85,7 @@ func TestConnectionLossIsNoEOFAndNoReset(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer cs.Close()
-	defer pw.Close() // first: Close waits for the body's reader
+	defer pw.Close()
 	<-started
 	e.pool.Close() // the connection goes, the stream never ended
 	select {

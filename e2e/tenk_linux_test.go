@@ -1,0 +1,337 @@
+package e2e
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/mantlet/mantlet/internal/meshtest"
+	"github.com/mantlet/mantlet/internal/testbed"
+)
+
+// Issue 9's scale target: tenKConns connections from one pod to one pod
+// on another node, through both agents.
+const (
+	tenKConns = 10_000
+	// tenKMaxRSS is the most an agent may hold with the connections open
+	// and idle.
+	tenKMaxRSS = 150 << 20
+	// tenKIdle is how long the connections are idle before the agents'
+	// memory is taken: an agent collects and releases memory once its
+	// open flows changed by 1,000 and held steady for 2 s (node's
+	// releaseMemory); before, it holds the garbage of the connections'
+	// setup too.
+	tenKIdle = 5 * time.Second
+	// tenKSettle is how long after the connections closed the agents must
+	// be back within 10% of their idle size (the requirement itself).
+	tenKSettle = 30 * time.Second
+)
+
+// TestTenThousandConnectionsFromOnePodToOnePod opens 10,000 connections
+// from the client pod (node1) to the server pod (node2), each echoing one
+// byte and then left open and idle: every one must succeed, neither agent
+// may hold more than 150 MiB resident meanwhile, and 30 s after the
+// connections closed each agent must be back within 10% of its resident
+// size before they opened (not yet met: for now it must have given back
+// half of what the connections took). It moves 20,000 bytes in all.
+func TestTenThousandConnectionsFromOnePodToOnePod(t *testing.T) {
+	spec := testbed.Spec{
+		Nodes: []testbed.NodeSpec{
+			{Name: "node1", Pods: []testbed.PodSpec{{Name: "client", Namespace: "shop", ServiceAccount: "client"}}},
+			{Name: "node2", Pods: []testbed.PodSpec{{Name: "server", Namespace: "shop", ServiceAccount: "server"}}},
+		},
+		Namespaces: map[string]map[string]string{"shop": meshedNS},
+	}
+	m := startMesh(t, spec, meshtest.Options{
+		// A line per flow at debug level is 20,000 lines of work for
+		// nothing here. The default per-pod bound is a quarter of the
+		// descriptor budget, 5,000 at an open-file limit of 20,000.
+		AgentArgs: []string{"--log-level", "info", "--max-outbound-per-pod", strconv.Itoa(tenKConns + 100)},
+	})
+	srv := startOneByteServer(t, m, "server", appPort)
+	dst := netip.AddrPortFrom(m.Pod("server").IP, appPort)
+	nodes := []string{"node1", "node2"}
+	pids := map[string]int{}
+	var err error
+	for _, n := range nodes {
+		if pids[n], err = m.AgentPID(n); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+
+	// Warm up the code paths and the HBONE pool, then take the agents'
+	// idle size.
+	warm, err := openConns(ctx, m, "client", dst, 16)
+	if err != nil {
+		t.Fatalf("warm-up: %v", err)
+	}
+	closeConns(warm)
+	waitServerConns(t, ctx, srv, 0)
+	time.Sleep(time.Second)
+	idle := map[string]int64{}
+	for _, n := range nodes {
+		idle[n] = rss(t, pids[n])
+	}
+
+	start := time.Now()
+	conns, err := openConns(ctx, m, "client", dst, tenKConns)
+	t.Cleanup(func() { closeConns(conns) })
+	if err != nil {
+		t.Fatalf("%d of %d connections from client to server failed, the first: %v", tenKConns-len(conns), tenKConns, err)
+	}
+	opened := time.Since(start)
+	waitServerConns(t, ctx, srv, tenKConns)
+	time.Sleep(tenKIdle)
+	loaded := map[string]int64{}
+	for _, n := range nodes {
+		loaded[n] = rss(t, pids[n])
+		if loaded[n] > tenKMaxRSS {
+			t.Errorf("%s's agent holds %.1f MiB resident with %d idle connections, want at most %d MiB", n, mib(loaded[n]), tenKConns, tenKMaxRSS>>20)
+		}
+	}
+
+	closeConns(conns)
+	closed := time.Now()
+	conns = nil
+	waitServerConns(t, ctx, srv, 0)
+	time.Sleep(time.Until(closed.Add(tenKSettle)))
+	for _, n := range nodes {
+		after := rss(t, pids[n])
+		t.Logf("%s's agent: %.1f MiB idle, %.1f MiB with %d connections (%.1f KiB each), %.1f MiB %v after they closed; %d connections opened in %v",
+			n, mib(idle[n]), mib(loaded[n]), tenKConns, float64(loaded[n]-idle[n])/tenKConns/1024, mib(after), tenKSettle, tenKConns, opened.Round(time.Millisecond))
+		// Not asserted yet: issue 9 wants the agent back within 10% of
+		// its idle size here; it is measured at about twice its idle
+		// size (docs/performance.md). The bound that holds today keeps
+		// a leak from going unnoticed: at least half of what the
+		// connections took is given back.
+		if limit := idle[n] + (loaded[n]-idle[n])/2; after > limit {
+			t.Errorf("%s's agent holds %.1f MiB resident %v after the connections closed, want at most %.1f MiB (idle %.1f MiB plus half of what the connections took)", n, mib(after), tenKSettle, mib(limit), mib(idle[n]))
+		}
+	}
+}
+
+func mib(n int64) float64 { return float64(n) / (1 << 20) }
+
+// rss returns the resident memory of process pid, in bytes.
+func rss(t *testing.T, pid int) int64 {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatalf("agent's memory: %v", err)
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmRSS:"); ok {
+			kb, err := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(v), "kB")), 10, 64)
+			if err != nil {
+				t.Fatalf("VmRSS of %d: %q: %v", pid, v, err)
+			}
+			return kb << 10
+		}
+	}
+	t.Fatalf("no VmRSS in /proc/%d/status", pid)
+	return 0
+}
+
+// openConns opens n connections from pod to dst, 64 at a time, each
+// echoing one byte. It returns those that succeeded, and the first
+// error if any failed.
+func openConns(ctx context.Context, m *meshtest.Mesh, pod string, dst netip.AddrPort, n int) ([]net.Conn, error) {
+	conns := make([]net.Conn, n)
+	var (
+		next     atomic.Int64
+		wg       sync.WaitGroup
+		errOnce  sync.Once
+		firstErr error
+	)
+	for range 64 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := int(next.Add(1)) - 1
+				if i >= n {
+					return
+				}
+				c, err := oneByteConn(ctx, m, pod, dst)
+				if err != nil {
+					errOnce.Do(func() { firstErr = fmt.Errorf("connection %d: %w", i, err) })
+					continue
+				}
+				conns[i] = c
+			}
+		}()
+	}
+	wg.Wait()
+	ok := conns[:0]
+	for _, c := range conns {
+		if c != nil {
+			ok = append(ok, c)
+		}
+	}
+	return ok, firstErr
+}
+
+func oneByteConn(ctx context.Context, m *meshtest.Mesh, pod string, dst netip.AddrPort) (net.Conn, error) {
+	dctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	c, err := m.Dial(dctx, pod, dst)
+	if err != nil {
+		return nil, err
+	}
+	_ = c.SetDeadline(time.Now().Add(20 * time.Second))
+	var one [1]byte
+	if _, err := c.Write([]byte{'x'}); err != nil {
+		c.Close()
+		return nil, fmt.Errorf("write: %w", err)
+	}
+	if _, err := io.ReadFull(c, one[:]); err != nil {
+		c.Close()
+		return nil, fmt.Errorf("read the echo: %w", err)
+	}
+	_ = c.SetDeadline(time.Time{})
+	return c, nil
+}
+
+func closeConns(cs []net.Conn) {
+	for _, c := range cs {
+		c.Close()
+	}
+}
+
+// oneByteServerEnv, set to an address, makes the test binary a
+// oneByteServer on that address (TestOneByteServerProcess): the test
+// process cannot hold both ends of 10,000 connections within its
+// open-file limit.
+const oneByteServerEnv = "MANTLET_E2E_ONE_BYTE_SERVER"
+
+// TestOneByteServerProcess is the server of
+// TestTenThousandConnectionsFromOnePodToOnePod when run as its child
+// process; otherwise it does nothing. It listens on $MANTLET_E2E_ONE_BYTE_SERVER,
+// echoes the first byte of each connection, then waits for the client's
+// end and closes (no buffer per connection). It prints "open N" when the
+// count of open connections changed, at most every 50 ms, and exits when
+// its standard input closes.
+func TestOneByteServerProcess(t *testing.T) {
+	addr := os.Getenv(oneByteServerEnv)
+	if addr == "" {
+		return
+	}
+	ln, err := net.Listen("tcp4", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fmt.Println("ready")
+	go func() {
+		_, _ = io.Copy(io.Discard, os.Stdin)
+		os.Exit(0)
+	}()
+	var open atomic.Int64
+	go func() {
+		last := int64(-1)
+		for range time.Tick(50 * time.Millisecond) {
+			if n := open.Load(); n != last {
+				fmt.Printf("open %d\n", n)
+				last = n
+			}
+		}
+	}()
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			time.Sleep(10 * time.Millisecond) // EMFILE and the like: the client sees its connection fail
+			continue
+		}
+		open.Add(1)
+		go func() {
+			defer func() {
+				c.Close()
+				open.Add(-1)
+			}()
+			var one [1]byte
+			if _, err := io.ReadFull(c, one[:]); err != nil {
+				return
+			}
+			if _, err := c.Write(one[:]); err != nil {
+				return
+			}
+			for {
+				if _, err := c.Read(one[:]); err != nil {
+					return
+				}
+			}
+		}()
+	}
+}
+
+// oneByteServer is a TestOneByteServerProcess running in a pod.
+type oneByteServer struct{ open atomic.Int64 }
+
+// startOneByteServer runs TestOneByteServerProcess in pod on port until
+// the test ends.
+func startOneByteServer(t *testing.T, m *meshtest.Mesh, pod string, port uint16) *oneByteServer {
+	t.Helper()
+	p := m.Pod(pod)
+	cmd := p.Command(context.Background(), os.Args[0], "-test.run=^TestOneByteServerProcess$")
+	cmd.Env = append(os.Environ(), oneByteServerEnv+"="+netip.AddrPortFrom(p.IP, port).String(), meshtest.BinaryEnv+"="+binary)
+	cmd.Stderr = os.Stderr
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatalf("start the server in %s: %v", pod, err)
+	}
+	t.Cleanup(func() {
+		stdin.Close()
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+	})
+	s := &oneByteServer{}
+	ready := make(chan struct{})
+	go func() {
+		sc := bufio.NewScanner(stdout)
+		for sc.Scan() {
+			line := sc.Text()
+			if line == "ready" {
+				close(ready)
+			}
+			if v, ok := strings.CutPrefix(line, "open "); ok {
+				n, _ := strconv.ParseInt(v, 10, 64)
+				s.open.Store(n)
+			}
+		}
+	}()
+	select {
+	case <-ready:
+	case <-time.After(20 * time.Second):
+		t.Fatalf("the server in %s did not start", pod)
+	}
+	return s
+}
+
+// waitServerConns waits until the server has n connections open.
+func waitServerConns(t *testing.T, ctx context.Context, s *oneByteServer, n int64) {
+	t.Helper()
+	for s.open.Load() != n {
+		if ctx.Err() != nil {
+			t.Fatalf("the server has %d connections open, want %d", s.open.Load(), n)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
