@@ -56,6 +56,7 @@ type agentFlags struct {
 	readyAddr     string
 	metricsAddr   string
 	svidTTL       time.Duration
+	svidSpread    time.Duration
 	drainTimeout  time.Duration
 	logFormat     string
 	logLevel      string
@@ -109,6 +110,7 @@ func parseAgentFlags(e *env, args []string) (*agentFlags, error) {
 	fs.StringVar(&f.readyAddr, "ready-addr", ":15021", "listen address of the readiness probe ("+agent.ReadyPath+"); empty disables it")
 	fs.StringVar(&f.metricsAddr, "metrics-addr", ":15020", "listen address of the Prometheus metrics (/metrics); empty disables them")
 	fs.DurationVar(&f.svidTTL, "svid-ttl", identity.DefaultSVIDTTL, "lifetime of workload certificates")
+	fs.DurationVar(&f.svidSpread, "svid-reissue-spread", identity.DefaultReissueSpread, "once a root rotation is activated, renew the certificates held under the old root within this time (each at a random moment)")
 	fs.DurationVar(&f.drainTimeout, "drain-timeout", 10*time.Second, "on SIGTERM, how long open connections may take to finish")
 	fs.StringVar(&f.logFormat, "log-format", "text", "log format on stderr: text or json")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn or error")
@@ -273,7 +275,7 @@ func (f *agentFlags) pinDirOrDefault() string {
 // that can be checked without privileges (the CA, the trust domain, the
 // exclusions, the marks) is checked here, so a typo fails at once.
 func (f *agentFlags) nodeConfig(log *slog.Logger) (node.Config, error) {
-	authority, err := ca.Load(f.caDir, ca.Options{})
+	authority, err := ca.OpenDir(f.caDir, ca.Options{}, log.With("component", "ca"))
 	if err != nil {
 		return node.Config{}, err
 	}
@@ -302,7 +304,7 @@ func (f *agentFlags) nodeConfig(log *slog.Logger) (node.Config, error) {
 		Datapath: bcfg, Uplinks: f.uplinks,
 		OutboundAddr: f.outboundAddr, HBONEAddr: f.hboneAddr,
 		ReadyAddr: f.readyAddr, MetricsAddr: f.metricsAddr,
-		SVIDTTL: f.svidTTL, DrainTimeout: f.drainTimeout, Resync: f.resync, WatchInterval: f.watchInterval,
+		SVIDTTL: f.svidTTL, SVIDReissueSpread: f.svidSpread, DrainTimeout: f.drainTimeout, Resync: f.resync, WatchInterval: f.watchInterval,
 		Observe: f.observe, Policy: f.policy, Limits: f.limits,
 		CleanupHint: f.cleanupHint(bcfg.PinDir),
 		Logger:      log,
