@@ -133,9 +133,9 @@ func (c *CA) clone() *CA {
 	return &n
 }
 
-// RootExpiry returns when the active signing chain stops signing: the
+// SigningExpiry returns when the active signing chain stops signing: the
 // earlier expiry of the active root and its intermediate.
-func (c *CA) RootExpiry() time.Time {
+func (c *CA) SigningExpiry() time.Time {
 	issuer, _ := c.active.signer()
 	return issuer.NotAfter
 }
