@@ -123,6 +123,9 @@ const (
 	// ReasonUnavailable: the service cannot decide now (the TokenReview
 	// failed, the pods are not synced yet, the CA expired).
 	ReasonUnavailable
+	// ReasonRateLimited: the caller (its address before its token is
+	// reviewed, its node after) sent more requests than its rate allows.
+	ReasonRateLimited
 	numReasons
 )
 
@@ -139,6 +142,7 @@ var reasonNames = [numReasons]string{
 	ReasonNoPodOnNode:        "no_pod_on_node",
 	ReasonBadCSR:             "bad_csr",
 	ReasonUnavailable:        "unavailable",
+	ReasonRateLimited:        "rate_limited",
 }
 
 func (r Reason) String() string {
@@ -167,6 +171,8 @@ func (r Reason) status() int {
 		return 401
 	case ReasonUnavailable:
 		return 503
+	case ReasonRateLimited:
+		return 429
 	}
 	return 403
 }

@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/url"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -31,7 +32,19 @@ import (
 // what clusterca_test.go runs against; here the input is what is tested.
 const fuzzToken = "agent-token"
 
-func fuzzServer(f *testing.F) *Server {
+func fuzzServer(f *testing.F) *Server { return newFakeServer(f, nil) }
+
+// newFakeServer runs a Server against client-go's fake API: the agent
+// mantlet-system/agent-1 on node1 (whose token is fuzzToken), shop/cart on
+// node1, shop/pay on node2. edit, if not nil, changes the Config. It
+// returns the Server and counts the TokenReviews in reviews.
+func newFakeServer(f testing.TB, edit func(*Config)) *Server {
+	s, _ := newFakeServerCounting(f, edit)
+	return s
+}
+
+func newFakeServerCounting(f testing.TB, edit func(*Config)) (*Server, *atomic.Int64) {
+	reviews := new(atomic.Int64)
 	td := spiffeid.RequireTrustDomainFromString("cluster.local")
 	running := func(ns, name, sa, node string) *corev1.Pod {
 		return &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name, UID: types.UID("uid-" + name)},
@@ -40,6 +53,7 @@ func fuzzServer(f *testing.F) *Server {
 	client := fake.NewClientset(running("mantlet-system", "agent-1", "mantlet-agent", "node1"),
 		running("shop", "cart-1", "cart", "node1"), running("shop", "pay-1", "pay", "node2"))
 	client.PrependReactor("create", "tokenreviews", func(a k8stesting.Action) (bool, runtime.Object, error) {
+		reviews.Add(1)
 		tr := a.(k8stesting.CreateAction).GetObject().(*authnv1.TokenReview)
 		out := tr.DeepCopy()
 		if tr.Spec.Token == fuzzToken {
@@ -53,8 +67,13 @@ func fuzzServer(f *testing.F) *Server {
 	})
 	ctx, cancel := context.WithCancel(context.Background())
 	f.Cleanup(cancel)
-	s, err := New(ctx, Config{Client: client, Namespace: "mantlet-system", TrustDomain: td, Intermediate: true,
-		Agents: []string{"mantlet-system/mantlet-agent"}, ServerID: spiffeid.RequireFromString("spiffe://cluster.local/ns/mantlet-system/sa/mantlet-ca")})
+	cfg := Config{Client: client, Namespace: "mantlet-system", TrustDomain: td, Intermediate: true,
+		Agents: []string{"mantlet-system/mantlet-agent"}, ServerID: spiffeid.RequireFromString("spiffe://cluster.local/ns/mantlet-system/sa/mantlet-ca"),
+		CallerRate: 1e9, CallerBurst: 1 << 30}
+	if edit != nil {
+		edit(&cfg)
+	}
+	s, err := New(ctx, cfg)
 	if err != nil {
 		f.Fatal(err)
 	}
@@ -62,10 +81,10 @@ func fuzzServer(f *testing.F) *Server {
 	for !s.pods.synced() {
 		time.Sleep(time.Millisecond)
 	}
-	return s
+	return s, reviews
 }
 
-func fuzzCSR(f *testing.F, tmpl *x509.CertificateRequest) []byte {
+func fuzzCSR(f testing.TB, tmpl *x509.CertificateRequest) []byte {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		f.Fatal(err)
@@ -175,4 +194,27 @@ func FuzzSignEndpoint(f *testing.F) {
 
 func bundleOf(td spiffeid.TrustDomain, roots []*x509.Certificate) *x509bundle.Bundle {
 	return x509bundle.FromX509Authorities(td, roots)
+}
+
+// FuzzParseSignRequest: ParseSignRequest never panics, and what it accepts
+// is a SPIFFE ID, a CSR present and a TTL in range, read from at most
+// MaxRequestBytes.
+func FuzzParseSignRequest(f *testing.F) {
+	f.Add([]byte(`{"spiffe_id":"spiffe://cluster.local/ns/shop/sa/cart","csr":"MIIB","ttl_seconds":3600}`))
+	f.Add([]byte(`{"spiffe_id":"spiffe://cluster.local/ns/shop/sa/cart","csr":"MIIB"} {}`))
+	f.Add([]byte(`{"spiffe_id":"spiffe://cluster.local/ns/shop/sa/cart","csr":"MIIB","ttl_seconds":-1}`))
+	f.Add([]byte(`{"spiffe_id":"spiffe://Cluster.local/ns/shop/sa/cart","csr":"MIIB"}`))
+	f.Add([]byte(`{"spiffe_id":"spiffe://cluster.local/ns/shop/sa/cart","csr":"MIIB","x":1}`))
+	f.Fuzz(func(t *testing.T, body []byte) {
+		req, id, ttl, err := ParseSignRequest(bytes.NewReader(body))
+		if err != nil {
+			return
+		}
+		if len(body) > MaxRequestBytes {
+			t.Fatalf("accepted %d bytes", len(body))
+		}
+		if id.String() != req.SPIFFEID || len(req.CSR) == 0 || ttl < 0 || ttl > 10*365*24*time.Hour {
+			t.Fatalf("accepted %+v as %s, ttl %v", req, id, ttl)
+		}
+	})
 }

@@ -77,6 +77,12 @@ type Config struct {
 	// ReviewCacheTTL is how long an authenticated token's review is kept
 	// (default DefaultReviewCacheTTL).
 	ReviewCacheTTL time.Duration
+	// CallerRate and CallerBurst bound each caller's sign requests: per
+	// remote address before its token is reviewed (so a flood of bad
+	// tokens does not become a flood of TokenReviews), per node after
+	// (defaults DefaultCallerRate, DefaultCallerBurst).
+	CallerRate  float64
+	CallerBurst int
 	// Logger receives the service's logs (nil: discard).
 	Logger *slog.Logger
 	// Now is the clock (default time.Now).
@@ -93,6 +99,9 @@ type Server struct {
 	agents  map[string]bool
 	metrics *metrics
 	audit   *auditLog
+	// byAddr and byNode rate-limit callers before and after their token
+	// is reviewed.
+	byAddr, byNode *limiter
 
 	ca    atomic.Pointer[ca.CA]
 	files ca.Files // guarded by reloadMu
@@ -135,6 +144,12 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
+	if cfg.CallerRate <= 0 {
+		cfg.CallerRate = DefaultCallerRate
+	}
+	if cfg.CallerBurst <= 0 {
+		cfg.CallerBurst = DefaultCallerBurst
+	}
 	log := cfg.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -142,7 +157,8 @@ func New(ctx context.Context, cfg Config) (*Server, error) {
 	if err := (ca.Names{DNSNames: cfg.DNSNames}).Check(); err != nil {
 		return nil, fmt.Errorf("clusterca: config: DNSNames: %w", err)
 	}
-	s := &Server{cfg: cfg, log: log, agents: map[string]bool{}, audit: &auditLog{w: cfg.Audit, now: cfg.Now}}
+	s := &Server{cfg: cfg, log: log, agents: map[string]bool{}, audit: &auditLog{w: cfg.Audit, now: cfg.Now},
+		byAddr: newLimiter(cfg.CallerRate, cfg.CallerBurst), byNode: newLimiter(cfg.CallerRate, cfg.CallerBurst)}
 	for _, a := range cfg.Agents {
 		ns, name, ok := strings.Cut(a, "/")
 		if !ok || ns == "" || name == "" {
@@ -315,6 +331,9 @@ func (s *Server) sign(w http.ResponseWriter, r *http.Request) {
 			s.log.Info("sign request refused", "reason", reason.String(), "message", msg, "caller_node", ev.CallerNode,
 				"caller_pod", ev.CallerPod, "requested_id", ev.RequestedID)
 		}
+		if reason == ReasonRateLimited {
+			w.Header().Set("Retry-After", "1")
+		}
 		writeJSON(w, reason.status(), ErrorResponse{Reason: reason.String(), Message: msg})
 		return
 	}
@@ -336,6 +355,13 @@ func (s *Server) decide(r *http.Request, ev *auditEvent) ([]*x509.Certificate, R
 	if !ok || strings.TrimSpace(token) == "" {
 		return nil, ReasonNoToken, "no bearer token: send the node agent's projected service-account token"
 	}
+	host, _, err := net.SplitHostPort(r.RemoteAddr)
+	if err != nil {
+		host = r.RemoteAddr
+	}
+	if !s.byAddr.allow(host, s.cfg.Now()) {
+		return nil, ReasonRateLimited, fmt.Sprintf("more than %g requests a second (burst %d) from %s", s.cfg.CallerRate, s.cfg.CallerBurst, host)
+	}
 	c, reason, msg, cached := s.review.review(r.Context(), strings.TrimSpace(token))
 	s.metrics.reviewed(reason, cached)
 	if reason != ReasonNone {
@@ -350,6 +376,9 @@ func (s *Server) decide(r *http.Request, ev *auditEvent) ([]*x509.Certificate, R
 	}
 	if c.Pod == "" || c.PodUID == "" || c.Node == "" {
 		return nil, ReasonNotBound, "the token is not bound to a pod on a node; give the agent a projected service-account token (audience " + s.cfg.Audience + ")"
+	}
+	if !s.byNode.allow(c.Node, s.cfg.Now()) {
+		return nil, ReasonRateLimited, fmt.Sprintf("more than %g requests a second (burst %d) from node %s", s.cfg.CallerRate, s.cfg.CallerBurst, c.Node)
 	}
 	if ok, why := s.Ready(); !ok {
 		return nil, ReasonUnavailable, why
