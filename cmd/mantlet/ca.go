@@ -238,9 +238,12 @@ var rotateSteps = map[string]func(*ca.CA) (*ca.CA, error){
 	"finish":   (*ca.CA).Finish,
 }
 
-func runCARotate(_ context.Context, e *env, args []string) error {
-	flags := newFlagSet(e, "ca rotate", "--dir DIR [prepare | activate | finish]")
+func runCARotate(ctx context.Context, e *env, args []string) error {
+	flags := newFlagSet(e, "ca rotate", "(--dir DIR | --secret NS/NAME (--kubeconfig F | --kubernetes)) [prepare | activate | finish]")
 	dir := flags.String("dir", "", "`DIR` of the CA, made by 'mantlet ca init'; agents started with --ca-dir DIR follow it within seconds")
+	secret := flags.String("secret", "", "the cluster CA's Secret (`NS/NAME`, as 'mantlet ca serve' keeps it) instead of --dir; its replicas follow within --reload")
+	kubeconfig := flags.String("kubeconfig", "", "with --secret: reach the API server with this kubeconfig")
+	inCluster := flags.Bool("kubernetes", false, "with --secret: reach the API server with the pod's service account")
 	if err := parseFlags(flags, args); err != nil {
 		return err
 	}
@@ -258,8 +261,16 @@ func runCARotate(_ context.Context, e *env, args []string) error {
 			return errUsage
 		}
 	}
+	if *secret != "" {
+		if *dir != "" || (*kubeconfig == "") == !*inCluster {
+			fmt.Fprintf(flags.Output(), "ca rotate: --secret needs one of --kubeconfig and --kubernetes, and no --dir\n")
+			flags.Usage()
+			return errUsage
+		}
+		return rotateSecret(ctx, e, *secret, *kubeconfig, step)
+	}
 	if *dir == "" {
-		fmt.Fprintf(flags.Output(), "ca rotate: --dir is required\n")
+		fmt.Fprintf(flags.Output(), "ca rotate: --dir or --secret is required\n")
 		flags.Usage()
 		return errUsage
 	}

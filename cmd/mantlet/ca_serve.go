@@ -22,6 +22,7 @@ import (
 	"k8s.io/client-go/tools/clientcmd"
 
 	"github.com/mantlet/mantlet/identity"
+	"github.com/mantlet/mantlet/identity/ca"
 	"github.com/mantlet/mantlet/identity/clusterca"
 )
 
@@ -108,19 +109,9 @@ func runCAServe(ctx context.Context, e *env, args []string) error {
 		auditW = f
 	}
 
-	var rc *rest.Config
-	if *kubeconfig != "" {
-		rc, err = clientcmd.BuildConfigFromFlags("", *kubeconfig)
-	} else {
-		rc, err = rest.InClusterConfig()
-	}
+	client, err := kubeClient(*kubeconfig, "mantlet-ca/"+name)
 	if err != nil {
-		return fmt.Errorf("the API server: %w", err)
-	}
-	rc.UserAgent = "mantlet-ca/" + name
-	client, err := k8s.NewForConfig(rc)
-	if err != nil {
-		return fmt.Errorf("the API server: %w", err)
+		return err
 	}
 	srv, err := clusterca.New(ctx, clusterca.Config{
 		Client: client, Namespace: ns, SecretName: *secret, BundleConfigMap: *bundleCM, TrustDomain: td, Intermediate: *inter,
@@ -180,4 +171,56 @@ func caServeServerID(td spiffeid.TrustDomain, ns, flagValue string) (spiffeid.ID
 		return id, fmt.Errorf("--server-id %s is not of trust domain %s", id, td)
 	}
 	return id, nil
+}
+
+// rotateSecret takes a rotation step on the CA the cluster CA keeps in the
+// Secret nsName (or only shows where it stands, for step "").
+func rotateSecret(ctx context.Context, e *env, nsName, kubeconfig, step string) error {
+	ns, name, ok := strings.Cut(nsName, "/")
+	if !ok || ns == "" || name == "" {
+		return fmt.Errorf("--secret %q: want NAMESPACE/NAME", nsName)
+	}
+	client, err := kubeClient(kubeconfig, "mantlet-ca-rotate")
+	if err != nil {
+		return err
+	}
+	var fn func(*ca.CA) (*ca.CA, error)
+	if step != "" {
+		fn = rotateSteps[step]
+	}
+	c, err := clusterca.RotateSecret(ctx, client, ns, name, fn)
+	if err != nil {
+		return err
+	}
+	again := "mantlet ca rotate --secret " + nsName
+	if kubeconfig != "" {
+		again += " --kubeconfig " + kubeconfig
+	} else {
+		again += " --kubernetes"
+	}
+	printRotation(e.stdout, c, step, again)
+	return nil
+}
+
+// kubeClient reaches the API server with kubeconfig, or in the cluster
+// when it is empty.
+func kubeClient(kubeconfig, agent string) (*k8s.Clientset, error) {
+	var (
+		rc  *rest.Config
+		err error
+	)
+	if kubeconfig != "" {
+		rc, err = clientcmd.BuildConfigFromFlags("", kubeconfig)
+	} else {
+		rc, err = rest.InClusterConfig()
+	}
+	if err != nil {
+		return nil, fmt.Errorf("the API server: %w", err)
+	}
+	rc.UserAgent = agent
+	client, err := k8s.NewForConfig(rc)
+	if err != nil {
+		return nil, fmt.Errorf("the API server: %w", err)
+	}
+	return client, nil
 }

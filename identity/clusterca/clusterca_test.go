@@ -157,11 +157,16 @@ func startCluster(t *testing.T) *cluster {
 		t.Fatal(err)
 	}
 	// As a kubelet keeps a mounted ConfigMap current (there, within a
-	// minute or so).
+	// minute or so). It stops before its folder is removed (cleanups run
+	// last registered first).
+	kctx, stopKubelet := context.WithCancel(sctx)
+	kubeletDone := make(chan struct{})
+	t.Cleanup(func() { stopKubelet(); <-kubeletDone })
 	go func() {
-		for sctx.Err() == nil {
+		defer close(kubeletDone)
+		for kctx.Err() == nil {
 			time.Sleep(200 * time.Millisecond)
-			if cm, err := c.admin.CoreV1().ConfigMaps(agentNS).Get(sctx, clusterca.DefaultBundleConfigMap, metav1.GetOptions{}); err == nil {
+			if cm, err := c.admin.CoreV1().ConfigMaps(agentNS).Get(kctx, clusterca.DefaultBundleConfigMap, metav1.GetOptions{}); err == nil {
 				tmp := c.bundle + ".new"
 				if os.WriteFile(tmp, []byte(cm.Data[clusterca.BundleKey]), 0o644) == nil {
 					os.Rename(tmp, c.bundle)
