@@ -12,7 +12,7 @@ const AuditType = "mantlet.ca.sign"
 
 // auditEvent is one audit line: a JSON object per sign request, signed or
 // refused, with the fields a SIEM filters on at the top level. The schema
-// is documented in docs/observability.md; fields are added, never renamed.
+// is documented in docs/identity.md (The cluster CA); fields are added, never renamed.
 type auditEvent struct {
 	Time time.Time `json:"time"`
 	Type string    `json:"type"`

@@ -29,6 +29,10 @@ import (
 	"github.com/mantlet/mantlet/identity/ca"
 )
 
+// signTimeout bounds the decision on one sign request (the TokenReview
+// is most of it); past it the answer is unavailable.
+const signTimeout = 10 * time.Second
+
 // Defaults of Config.
 const (
 	DefaultSVIDTTL        = 24 * time.Hour
@@ -319,7 +323,11 @@ func (s *Server) Handler() http.Handler {
 func (s *Server) sign(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
 	ev := auditEvent{Replica: s.cfg.Replica, RemoteAddr: r.RemoteAddr}
-	chain, reason, msg := s.decide(r, &ev)
+	// The TokenReview and the signing end with the request, and within
+	// signTimeout whatever the client does.
+	ctx, cancel := context.WithTimeout(r.Context(), signTimeout)
+	defer cancel()
+	chain, reason, msg := s.decide(r.WithContext(ctx), &ev)
 	ev.Verdict, ev.Reason, ev.Message = "signed", reason.String(), msg
 	if reason != ReasonNone {
 		ev.Verdict = "refused"
