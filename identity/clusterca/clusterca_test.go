@@ -597,3 +597,47 @@ func TestReplicasShareOneCA(t *testing.T) {
 	waitSigned(t, other, cartID)
 	waitSigned(t, first, cartID)
 }
+
+// TestReplicasStartingTogetherAgreeOnOneCA: replicas that start at once
+// with no Secret race to create it; every one ends with the winner's CA.
+func TestReplicasStartingTogetherAgreeOnOneCA(t *testing.T) {
+	c := startCluster(t)
+	const n = 4
+	logs := &syncBuffer{}
+	log := slog.New(slog.NewTextHandler(logs, nil))
+	roots := make([]*x509.Certificate, n)
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() {
+			s, err := clusterca.New(context.Background(), clusterca.Config{Client: c.admin, Namespace: agentNS, TrustDomain: td,
+				SecretName: "race-ca", BundleConfigMap: "race-bundle", Agents: []string{agentNS + "/" + agentSA}, ServerID: serverID, Logger: log})
+			if errs[i] = err; err == nil {
+				roots[i] = s.CA().Root()
+			}
+		})
+	}
+	wg.Wait()
+	logs.mu.Lock()
+	created := strings.Count(logs.b.String(), "created a CA")
+	logs.mu.Unlock()
+	if created != 1 {
+		t.Errorf("%d replicas say they created the CA, want 1", created)
+	}
+	sec, err := c.admin.CoreV1().Secrets(agentNS).Get(context.Background(), "race-ca", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	stored, err := ca.Parse(ca.Files(sec.Data), ca.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range n {
+		if errs[i] != nil {
+			t.Fatalf("replica %d: %v", i, errs[i])
+		}
+		if !roots[i].Equal(stored.Root()) {
+			t.Errorf("replica %d uses root %s, the Secret holds %s", i, identity.Fingerprint(roots[i]), identity.Fingerprint(stored.Root()))
+		}
+	}
+}
