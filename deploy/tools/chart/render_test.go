@@ -109,6 +109,7 @@ func TestChartPassesHelmLint(t *testing.T) {
 	}{
 		{"default values", nil},
 		{"every option on", nonDefault()},
+		{"the cluster CA", clusterCAValues()},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			kv, err := common.ParseKubeVersion(KubeVersion)
