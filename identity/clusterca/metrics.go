@@ -115,3 +115,8 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 
 // Collector returns the service's metrics.
 func (s *Server) Collector() prometheus.Collector { return s.metrics }
+
+// Metrics returns a collector of the service's metric families, nothing
+// counted, over the CA current returns: for tools that list or check the
+// families (alert rules, dashboards) without running a service.
+func Metrics(current func() *ca.CA) prometheus.Collector { return newMetrics(current) }
