@@ -322,12 +322,18 @@ func TestAgentEnrollsOnlyLocalMeshedPods(t *testing.T) {
 	wantEnrolled(t, r.dp, "101:198.19.1.1")
 	wantLocal(t, r.dp, "198.19.1.1")
 	eventually(t, "the ztunnel's store holds the snapshot", func() bool { return r.store.Load() == st.Snapshot })
-	if got := r.ids.held(); !slices.Equal(got, []string{"spiffe://cluster.local/ns/shop/sa/web"}) {
-		t.Fatalf("identities prefetched = %v, want only the local enrolled pod's", got)
-	}
+	// The identities are asked for once the pass that enrolled the pod
+	// ends; the veth is enrolled within it, so this waits for that end.
+	web := []string{"spiffe://cluster.local/ns/shop/sa/web"}
+	eventually(t, "the identities prefetched are only the local enrolled pod's", func() bool {
+		return slices.Equal(r.ids.held(), web)
+	})
 	time.Sleep(120 * time.Millisecond) // two resyncs
 	if calls := r.dp.callLog(); !slices.Equal(calls, []string{"enroll 101"}) {
 		t.Fatalf("data path calls = %v; resyncs must not re-enroll an unchanged pod", calls)
+	}
+	if got := r.ids.held(); !slices.Equal(got, web) {
+		t.Fatalf("identities held after two resyncs = %v, want only the local enrolled pod's", got)
 	}
 }
 
@@ -370,11 +376,17 @@ func TestAgentRetriesFailuresWithoutBlockingOtherPods(t *testing.T) {
 	))
 	wantEnrolled(t, dp, "101:198.19.1.1", "102:198.19.1.2", "103:198.19.1.3")
 	wantLocal(t, dp, "198.19.1.1", "198.19.1.2", "198.19.1.3")
-	for _, p := range r.agent.Pods() {
-		if p.Err != "" || p.Ifindex == 0 {
-			t.Errorf("pod %s still reports %q (ifindex %d) after it was enrolled", p.Pod, p.Err, p.Ifindex)
+	// Pods reports the end of the last pass: wait for the pass that
+	// enrolled the last of them to end.
+	eventually(t, "every pod reports enrolled with no error", func() bool {
+		pods := r.agent.Pods()
+		for _, p := range pods {
+			if p.Err != "" || p.Ifindex == 0 {
+				return false
+			}
 		}
-	}
+		return len(pods) == 3
+	})
 }
 
 func TestAgentForgetsAFailureOnceAPassSucceeds(t *testing.T) {
