@@ -14,6 +14,7 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"errors"
+	"io"
 	"log/slog"
 	"math/big"
 	"net"
@@ -640,4 +641,90 @@ func TestReplicasStartingTogetherAgreeOnOneCA(t *testing.T) {
 			t.Errorf("replica %d uses root %s, the Secret holds %s", i, identity.Fingerprint(roots[i]), identity.Fingerprint(stored.Root()))
 		}
 	}
+}
+
+// flakyProxy forwards TCP to target until down, and again after up.
+type flakyProxy struct {
+	addr, target string
+	mu           sync.Mutex
+	ln           net.Listener
+	conns        []net.Conn
+}
+
+func (p *flakyProxy) up(t *testing.T) {
+	t.Helper()
+	ln, err := net.Listen("tcp", p.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.mu.Lock()
+	p.ln, p.addr = ln, ln.Addr().String()
+	p.mu.Unlock()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			s, err := net.Dial("tcp", p.target)
+			if err != nil {
+				c.Close()
+				continue
+			}
+			p.mu.Lock()
+			p.conns = append(p.conns, c, s)
+			p.mu.Unlock()
+			go func() { _, _ = io.Copy(s, c); s.Close() }()
+			go func() { _, _ = io.Copy(c, s); c.Close() }()
+		}
+	}()
+}
+
+func (p *flakyProxy) down() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.ln.Close()
+	for _, c := range p.conns {
+		c.Close()
+	}
+	p.conns = nil
+}
+
+// TestAnAgentKeepsItsSVIDsWhileTheCAIsUnreachable: with the service
+// unreachable, the agent's Manager keeps serving the SVID it holds, its
+// renewals fail with the reason in Certificates (what 'mantlet certs' and
+// the metrics show) and are retried; once the service is back, the SVID
+// is renewed.
+func TestAnAgentKeepsItsSVIDsWhileTheCAIsUnreachable(t *testing.T) {
+	c := startCluster(t)
+	ctx := context.Background()
+	proxy := &flakyProxy{addr: "127.0.0.1:0", target: c.addr}
+	proxy.up(t)
+	t.Cleanup(proxy.down)
+	c.addr = proxy.addr
+	cl := c.client(t, c.token(t, agentNS, agentSA, "agent-1", clusterca.DefaultAudience))
+	m := identity.NewManager(cl, td, slog.New(slog.DiscardHandler), identity.ManagerOptions{
+		TTL: 16 * time.Second, Jitter: -1, MinBackoff: 100 * time.Millisecond, MaxBackoff: 400 * time.Millisecond})
+	mctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go m.Run(mctx)
+	first, err := m.SVID(ctx, cartID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	proxy.down()
+	waitUntil(t, "a failed renewal, reported", func() bool {
+		ci := m.Certificates()
+		return len(ci) == 1 && ci[0].Failures > 0 && ci[0].LastError != ""
+	})
+	held, err := m.SVID(ctx, cartID)
+	if err != nil || held.Certificates[0].SerialNumber.Cmp(first.Certificates[0].SerialNumber) != 0 {
+		t.Fatalf("while the CA is unreachable: %v (serial %v), want the SVID held (serial %v)", err, held, first.Certificates[0].SerialNumber)
+	}
+	t.Logf("while unreachable: %d failures, last: %s", m.Certificates()[0].Failures, m.Certificates()[0].LastError)
+	proxy.up(t)
+	waitUntil(t, "the SVID renewed once the CA is back", func() bool {
+		ci := m.Certificates()
+		return len(ci) == 1 && ci[0].Failures == 0 && ci[0].Serial != first.Certificates[0].SerialNumber.Text(16)
+	})
 }
