@@ -68,8 +68,10 @@ type Config struct {
 	// Source reports how the source of the desired state fares
 	// (file.Watcher.ReloadStatus).
 	Source func() source.Status
-	// Certificates lists the node's SVIDs (identity.Manager.Certificates).
+	// Certificates lists the node's SVIDs (identity.Manager.Certificates);
+	// Bundles its trust bundles (identity.Manager.Bundles).
 	Certificates func() []identity.CertInfo
+	Bundles      func() []identity.BundleInfo
 	// Policy is the live policy engine; Policies the set in force, as
 	// written.
 	Policy   PolicyEngine
@@ -272,6 +274,20 @@ func (s *Server) Status() Status {
 			}
 		}
 	}
+	if s.cfg.Bundles != nil {
+		for _, b := range s.cfg.Bundles() {
+			tb := TrustBundle{TrustDomain: b.TrustDomain.Name(), Roots: []BundleRoot{}, ChangedAt: b.ChangedAt, CheckedAt: b.CheckedAt,
+				Failures: b.Failures, LastError: b.LastError}
+			for _, r := range b.Roots {
+				tb.Roots = append(tb.Roots, BundleRoot{Fingerprint: r.Fingerprint, Subject: r.Subject, NotAfter: r.NotAfter, Signing: r.Signing})
+			}
+			if b.Failures > 0 {
+				st.Problems = append(st.Problems, fmt.Sprintf("trust bundle of %s: %d failed reads, the last good one stays in use; last: %s",
+					tb.TrustDomain, b.Failures, b.LastError))
+			}
+			st.Bundles = append(st.Bundles, tb)
+		}
+	}
 	if s.cfg.OpenFlows != nil {
 		st.Flows.Open = s.cfg.OpenFlows()
 	}
@@ -414,7 +430,7 @@ func (s *Server) certs(w http.ResponseWriter, _ *http.Request) {
 	out := []Cert{}
 	for _, c := range s.cfg.Certificates() {
 		v := Cert{Identity: c.ID.String(), Serial: c.Serial, NotBefore: c.NotBefore, NotAfter: c.NotAfter,
-			IssuedAt: c.IssuedAt, RenewAt: c.RenewAt, Failures: c.Failures, LastError: c.LastError}
+			IssuedAt: c.IssuedAt, RenewAt: c.RenewAt, Failures: c.Failures, LastError: c.LastError, Root: c.Root}
 		if !c.NotAfter.IsZero() {
 			v.ExpiresInSeconds = c.NotAfter.Sub(now).Seconds()
 		}

@@ -45,7 +45,35 @@ type Status struct {
 	Config   ConfigStatus   `json:"config"`
 	Policy   PolicyStatus   `json:"policy"`
 	Certs    CertsStatus    `json:"certs"`
-	Flows    FlowsStatus    `json:"flows"`
+	// Bundles are the trust bundles the node verifies peers with: its own
+	// trust domain's first, then federated ones.
+	Bundles []TrustBundle `json:"trust_bundles,omitempty"`
+	Flows   FlowsStatus   `json:"flows"`
+}
+
+// TrustBundle is one trust domain's bundle as the node holds it.
+type TrustBundle struct {
+	TrustDomain string       `json:"trust_domain"`
+	Roots       []BundleRoot `json:"roots"`
+	// ChangedAt is when the bundle last changed, CheckedAt when it was
+	// last read from its source.
+	ChangedAt time.Time `json:"changed_at,omitzero"`
+	CheckedAt time.Time `json:"checked_at,omitzero"`
+	// Failures counts consecutive failed reads; LastError is the last
+	// one's message. The last good bundle stays in use meanwhile.
+	Failures  int    `json:"failures,omitempty"`
+	LastError string `json:"last_error,omitempty"`
+}
+
+// BundleRoot is one root certificate of a trust bundle.
+type BundleRoot struct {
+	// Fingerprint is the SHA-256 of the certificate (hex); SVIDs name
+	// their root by it (Cert.Root).
+	Fingerprint string    `json:"fingerprint"`
+	Subject     string    `json:"subject"`
+	NotAfter    time.Time `json:"not_after"`
+	// Signing marks the root the CA signs new SVIDs under.
+	Signing bool `json:"signing,omitempty"`
 }
 
 // ConfigStatus says which version of the cluster file is in force and
@@ -197,6 +225,9 @@ type Cert struct {
 	ExpiresInSeconds float64 `json:"expires_in_seconds"`
 	Failures         int     `json:"failures,omitempty"`
 	LastError        string  `json:"last_error,omitempty"`
+	// Root is the fingerprint of the trust bundle's root the SVID chains
+	// to (BundleRoot.Fingerprint).
+	Root string `json:"root,omitempty"`
 }
 
 // DatapathInfo is the eBPF data path's state and counters.

@@ -19,6 +19,8 @@ import (
 	"github.com/mantlet/mantlet/bpf"
 	"github.com/mantlet/mantlet/events"
 	"github.com/mantlet/mantlet/identity"
+	"github.com/mantlet/mantlet/identity/ca"
+	"github.com/mantlet/mantlet/identity/clusterca"
 	"github.com/mantlet/mantlet/source"
 	"github.com/mantlet/mantlet/telemetry"
 	"github.com/mantlet/mantlet/ztunnel/hbone"
@@ -43,11 +45,18 @@ func (reloads) Status() source.Status { return source.Status{} }
 // the collectors' descriptions, so series that do not exist yet count.
 func agentMetrics(t *testing.T) map[string]bool {
 	t.Helper()
+	if clusterCA == nil {
+		var err error
+		if clusterCA, err = ca.New(identity.DefaultTrustDomain, ca.Options{}); err != nil {
+			t.Fatal(err)
+		}
+	}
 	o := telemetry.NewObserver(telemetry.ObserverOptions{AccessLog: events.NewWriter(nil, events.WriterOptions{})})
 	cs := append(o.Collectors(),
 		agent.NewCollector(nil, reloads{}, counters{}, func() map[string]uint64 { return nil }),
 		telemetry.NewCertificates(func() []identity.CertInfo { return nil }, nil),
 		telemetry.NewPoolCollector(pool{}), telemetry.BuildInfo(),
+		clusterca.Metrics(func() *ca.CA { return clusterCA }),
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	names := map[string]bool{}
 	fq := regexp.MustCompile(`fqName: "([^"]+)"`)
@@ -65,6 +74,10 @@ func agentMetrics(t *testing.T) map[string]bool {
 	}
 	return names
 }
+
+// clusterCA stands behind the cluster CA's metric families (mantlet ca
+// serve), which the alert rules read too.
+var clusterCA *ca.CA
 
 // builtin are series Prometheus makes itself.
 var builtin = map[string]bool{"up": true}
@@ -224,7 +237,7 @@ func TestAlertRulesReadOnlyExistingMetrics(t *testing.T) {
 		}
 	}
 	checkExprs(t, "alerts.yaml", exprs)
-	for _, a := range []string{"MantletCertificateExpiringSoon", "MantletDenialSpike", "MantletAgentNotReady"} {
+	for _, a := range []string{"MantletCertificateExpiringSoon", "MantletDenialSpike", "MantletAgentNotReady", "MantletCASigningCertificateExpiring", "MantletCARefusals"} {
 		if !slices.Contains(alerts, a) {
 			t.Errorf("no alert %s", a)
 		}

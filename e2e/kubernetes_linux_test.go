@@ -55,11 +55,19 @@ type kubeMesh struct {
 // service account token.
 func startKubeMesh(t *testing.T, spec testbed.Spec) *kubeMesh {
 	t.Helper()
+	return startKubeMeshWith(t, spec, meshtest.Options{}, nil)
+}
+
+// startKubeMeshWith is startKubeMesh with opts, and setup, when not nil,
+// called once the API server holds the testbed's objects and before any
+// agent starts.
+func startKubeMeshWith(t *testing.T, spec testbed.Spec, opts meshtest.Options, setup func(ctx context.Context, km *kubeMesh, m *meshtest.Mesh) error) *kubeMesh {
+	t.Helper()
 	privtest.Require(t)
 	kubetest.RequireBinaries(t)
 	spec.ControlPlane = true
 	km := &kubeMesh{services: map[string]*corev1.Service{}}
-	km.Mesh = startMesh(t, spec, meshtest.Options{Cluster: func(ctx context.Context, m *meshtest.Mesh) ([]string, error) {
+	opts.Cluster = func(ctx context.Context, m *meshtest.Mesh) ([]string, error) {
 		api, err := kubetest.Launch(ctx, kubetest.Options{ControlPlane: m.TB.ControlPlane(), Log: slog.New(slog.NewTextHandler(t.Output(), nil))})
 		if err != nil {
 			return nil, err
@@ -94,8 +102,14 @@ func startKubeMesh(t *testing.T, spec testbed.Spec) *kubeMesh {
 		if err := os.WriteFile(path, kc, 0o600); err != nil {
 			return nil, err
 		}
+		if setup != nil {
+			if err := setup(ctx, km, m); err != nil {
+				return nil, err
+			}
+		}
 		return []string{"--kubeconfig", path}, nil
-	}})
+	}
+	km.Mesh = startMesh(t, spec, opts)
 	return km
 }
 

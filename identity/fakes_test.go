@@ -131,7 +131,7 @@ func (f *fakeIssuer) SignCSR(ctx context.Context, csr []byte, id spiffeid.ID, tt
 	if fail != nil {
 		return nil, fail
 	}
-	return f.ca.SignCSR(ctx, csr, id, ttl)
+	return f.currentCA().SignCSR(ctx, csr, id, ttl)
 }
 
 func (f *fakeIssuer) Bundle(ctx context.Context) (*x509bundle.Bundle, error) {
@@ -145,6 +145,29 @@ func (f *fakeIssuer) Bundle(ctx context.Context) (*x509bundle.Bundle, error) {
 		return f.bundle, nil
 	}
 	return f.ca.Bundle(ctx)
+}
+
+// SigningRoot makes the fake a SigningRooter: the root of its CA.
+func (f *fakeIssuer) SigningRoot(context.Context) (*x509.Certificate, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.fail != nil {
+		return nil, f.fail
+	}
+	return f.ca.Root(), nil
+}
+
+// setCA replaces the CA (a rotation step, or a new CA).
+func (f *fakeIssuer) setCA(c *ca.CA) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.ca = c
+}
+
+func (f *fakeIssuer) currentCA() *ca.CA {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.ca
 }
 
 func (f *fakeIssuer) setFail(err error) {

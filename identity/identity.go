@@ -69,3 +69,13 @@ type Issuer interface {
 	// Bundle returns the current trust bundle of the issuer's trust domain.
 	Bundle(ctx context.Context) (*x509bundle.Bundle, error)
 }
+
+// A SigningRooter is an Issuer that says which root certificate the SVIDs
+// it signs now chain to. When that root changes (a root rotation was
+// activated), the Manager renews the SVIDs it holds under another root
+// early, spread over ManagerOptions.ReissueSpread, rather than at their
+// half-life, so that the old root can leave the trust bundle soon. The
+// in-process CA and the cluster CA's client are SigningRooters.
+type SigningRooter interface {
+	SigningRoot(ctx context.Context) (*x509.Certificate, error)
+}

@@ -6,8 +6,10 @@ import (
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -28,8 +30,9 @@ const (
 	DefaultJitter        = 0.1
 	DefaultMinBackoff    = time.Second
 	DefaultMaxBackoff    = 2 * time.Minute
-	DefaultBundleRefresh = 5 * time.Minute
+	DefaultBundleRefresh = 10 * time.Second
 	DefaultFetchTimeout  = 30 * time.Second
+	DefaultReissueSpread = time.Minute
 )
 
 // ManagerOptions tune a Manager. Zero values select the defaults.
@@ -46,9 +49,14 @@ type ManagerOptions struct {
 	// SVID; each further failure doubles it, up to MaxBackoff (defaults 1s
 	// and 2m).
 	MinBackoff, MaxBackoff time.Duration
-	// BundleRefresh is how often Run fetches the trust bundle again
-	// (default 5m).
+	// BundleRefresh is how often Run fetches the trust bundle (and, from a
+	// SigningRooter, the signing root) again (default 10s: issuers answer
+	// from memory or a local file).
 	BundleRefresh time.Duration
+	// ReissueSpread bounds how long after a change of the issuer's signing
+	// root (a root rotation) the SVIDs held under another root are all
+	// renewed: each at a random moment within it (default 1m).
+	ReissueSpread time.Duration
 	// FetchTimeout bounds one call to the issuer (default 30s).
 	FetchTimeout time.Duration
 	// Clock is the time source (default the system clock).
@@ -83,6 +91,9 @@ func (o ManagerOptions) withDefaults() ManagerOptions {
 	}
 	if o.FetchTimeout <= 0 {
 		o.FetchTimeout = DefaultFetchTimeout
+	}
+	if o.ReissueSpread <= 0 {
+		o.ReissueSpread = DefaultReissueSpread
 	}
 	if o.Clock == nil {
 		o.Clock = systemClock{}
@@ -131,18 +142,24 @@ type Manager struct {
 	bundleNext     time.Time // when Run fetches the bundle again
 	bundleFailures int
 	bundleFetching bool
+	bundleChanged  time.Time // when the bundle last changed
+	bundleChecked  time.Time // when the bundle was last fetched
+	bundleErr      error     // error of the last refresh, nil after a success
+	signingRoot    *x509.Certificate
 }
 
 // entry is the state of one identity. Fields are guarded by Manager.mu.
 type entry struct {
 	id       spiffeid.ID
-	svid     *x509svid.SVID   // current SVID; nil before the first success
-	tlsCert  *tls.Certificate // svid as a TLS certificate
-	issuedAt time.Time        // when svid arrived
-	renewAt  time.Time        // next renewal, or retry after a failure
-	failures int              // consecutive failed attempts
-	lastErr  error            // error of the last attempt, nil after a success
-	fetching chan struct{}    // non-nil while an attempt runs; closed when it ends
+	svid     *x509svid.SVID    // current SVID; nil before the first success
+	tlsCert  *tls.Certificate  // svid as a TLS certificate
+	issuedAt time.Time         // when svid arrived
+	renewAt  time.Time         // next renewal, or retry after a failure
+	failures int               // consecutive failed attempts
+	lastErr  error             // error of the last attempt, nil after a success
+	fetching chan struct{}     // non-nil while an attempt runs; closed when it ends
+	root     *x509.Certificate // the root svid chains to
+	reissue  bool              // renewal brought forward: svid's root no longer signs
 }
 
 // NewManager returns a Manager for the identities of trust domain td,
@@ -353,7 +370,7 @@ func (m *Manager) startFetch(ctx context.Context, e *entry, wg *sync.WaitGroup) 
 }
 
 func (m *Manager) fetch(ctx context.Context, e *entry) {
-	svid, err := m.issue(ctx, e.id)
+	svid, root, err := m.issue(ctx, e.id)
 	var cert *tls.Certificate
 	if err == nil {
 		cert = tlsCertificate(svid)
@@ -372,9 +389,9 @@ func (m *Manager) fetch(ctx context.Context, e *entry) {
 		e.renewAt = now
 	case err == nil:
 		lifetime := svid.Certificates[0].NotAfter.Sub(now)
-		e.svid, e.tlsCert, e.issuedAt = svid, cert, now
+		e.svid, e.tlsCert, e.issuedAt, e.root = svid, cert, now, root
 		e.renewAt = now.Add(m.renewAfter(lifetime))
-		e.failures, e.lastErr = 0, nil
+		e.failures, e.lastErr, e.reissue = 0, nil, false
 	default:
 		e.failures++
 		e.lastErr = err
@@ -419,54 +436,57 @@ func (m *Manager) backoff(n int) time.Duration {
 }
 
 // issue makes a key and a request, has the issuer sign it, and checks the
-// answer: an SVID for id that chains to the trust bundle.
-func (m *Manager) issue(ctx context.Context, id spiffeid.ID) (*x509svid.SVID, error) {
+// answer: an SVID for id that chains to the trust bundle. It returns the
+// SVID and the root it chains to.
+func (m *Manager) issue(ctx context.Context, id spiffeid.ID) (*x509svid.SVID, *x509.Certificate, error) {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
-		return nil, fmt.Errorf("identity: SVID for %s: generate key: %w", id, err)
+		return nil, nil, fmt.Errorf("identity: SVID for %s: generate key: %w", id, err)
 	}
 	csr, err := x509.CreateCertificateRequest(rand.Reader, &x509.CertificateRequest{URIs: []*url.URL{id.URL()}}, key)
 	if err != nil {
-		return nil, fmt.Errorf("identity: SVID for %s: certificate request: %w", id, err)
+		return nil, nil, fmt.Errorf("identity: SVID for %s: certificate request: %w", id, err)
 	}
 	chain, err := m.issuer.SignCSR(ctx, csr, id, m.opts.TTL)
 	if err != nil {
-		return nil, fmt.Errorf("identity: SVID for %s: issuer: %w", id, err)
+		return nil, nil, fmt.Errorf("identity: SVID for %s: issuer: %w", id, err)
 	}
 	if len(chain) == 0 {
-		return nil, fmt.Errorf("identity: SVID for %s: issuer returned no certificate", id)
+		return nil, nil, fmt.Errorf("identity: SVID for %s: issuer returned no certificate", id)
 	}
 	if !key.PublicKey.Equal(chain[0].PublicKey) {
-		return nil, fmt.Errorf("identity: SVID for %s: issuer returned a certificate for another key", id)
+		return nil, nil, fmt.Errorf("identity: SVID for %s: issuer returned a certificate for another key", id)
 	}
-	if err := m.verify(ctx, chain, id); err != nil {
-		return nil, fmt.Errorf("identity: SVID for %s: issuer returned an unusable certificate: %w", id, err)
+	root, err := m.verify(ctx, chain, id)
+	if err != nil {
+		return nil, nil, fmt.Errorf("identity: SVID for %s: issuer returned an unusable certificate: %w", id, err)
 	}
-	return &x509svid.SVID{ID: id, Certificates: chain, PrivateKey: key}, nil
+	return &x509svid.SVID{ID: id, Certificates: chain, PrivateKey: key}, root, nil
 }
 
 // verify checks chain as a peer would: an X509-SVID for id that chains to
-// the trust bundle. When it does not, the bundle is fetched again once (the
-// CA may have rotated).
-func (m *Manager) verify(ctx context.Context, chain []*x509.Certificate, id spiffeid.ID) error {
+// the trust bundle; it returns the root it chains to. When it does not,
+// the bundle is fetched again once (the CA may have rotated).
+func (m *Manager) verify(ctx context.Context, chain []*x509.Certificate, id spiffeid.ID) (*x509.Certificate, error) {
 	b, err := m.currentBundle(ctx)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	now := x509svid.WithTime(m.clock.Now())
-	got, _, err := x509svid.Verify(chain, b, now)
+	got, chains, err := x509svid.Verify(chain, b, now)
 	if err != nil {
 		if b, err = m.fetchBundle(ctx); err != nil {
-			return err
+			return nil, err
 		}
-		if got, _, err = x509svid.Verify(chain, b, now); err != nil {
-			return err
+		if got, chains, err = x509svid.Verify(chain, b, now); err != nil {
+			return nil, err
 		}
 	}
 	if got != id {
-		return fmt.Errorf("it names %s", got)
+		return nil, fmt.Errorf("it names %s", got)
 	}
-	return nil
+	verified := chains[0]
+	return verified[len(verified)-1], nil
 }
 
 // Source returns a go-spiffe x509svid.Source that serves the SVID of id,
@@ -524,14 +544,80 @@ func (m *Manager) fetchBundle(ctx context.Context) (*x509bundle.Bundle, error) {
 	case b.TrustDomain() != m.td:
 		return nil, fmt.Errorf("identity: bundle of %s: issuer returned the bundle of %s", m.td, b.TrustDomain())
 	}
+	var root *x509.Certificate
+	if sr, ok := m.issuer.(SigningRooter); ok {
+		if root, err = sr.SigningRoot(ctx); err != nil {
+			return nil, fmt.Errorf("identity: signing root of %s: %w", m.td, err)
+		}
+	}
 	m.mu.Lock()
+	now := m.clock.Now()
 	changed := m.bundle == nil || !m.bundle.Equal(b)
-	m.bundle = b
+	rootChanged := root != nil && (m.signingRoot == nil || !m.signingRoot.Equal(root))
+	m.bundle, m.bundleChecked = b, now
+	if root != nil {
+		m.signingRoot = root
+	}
+	if changed {
+		m.bundleChanged = now
+	}
+	var renewNow, reissue []string
+	if changed || rootChanged {
+		renewNow, reissue = m.recheckLocked(now)
+	}
 	m.mu.Unlock()
 	if changed {
 		m.log.Info("trust bundle updated", "trust_domain", m.td.Name(), "authorities", len(b.X509Authorities()))
 	}
+	if rootChanged {
+		m.log.Info("the issuer signs under another root", "trust_domain", m.td.Name(), "root", Fingerprint(root))
+	}
+	if len(renewNow) > 0 {
+		m.log.Warn("SVIDs no longer chain to the trust bundle; renewing them now", "spiffe_ids", renewNow)
+	}
+	if len(reissue) > 0 {
+		m.log.Info("renewing SVIDs of a root that no longer signs", "spiffe_ids", reissue, "within", m.opts.ReissueSpread)
+	}
+	if len(renewNow)+len(reissue) > 0 {
+		m.wake()
+	}
 	return b, nil
+}
+
+// recheckLocked looks at every SVID after the bundle or the signing root
+// changed: one that no longer verifies against the bundle is renewed now;
+// one under a root other than the signing root is renewed at a random
+// moment within ReissueSpread (at most once per change of root).
+func (m *Manager) recheckLocked(now time.Time) (renewNow, reissue []string) {
+	for _, e := range m.entries {
+		if e.svid == nil {
+			continue
+		}
+		if _, _, err := x509svid.Verify(e.svid.Certificates, m.bundle, x509svid.WithTime(now)); err != nil {
+			if e.renewAt.After(now) {
+				e.renewAt = now
+			}
+			renewNow = append(renewNow, e.id.String())
+			continue
+		}
+		if m.signingRoot == nil || e.root == nil || e.root.Equal(m.signingRoot) || e.reissue {
+			continue
+		}
+		e.reissue = true
+		if at := now.Add(time.Duration(mrand.Int64N(int64(m.opts.ReissueSpread) + 1))); at.Before(e.renewAt) {
+			e.renewAt = at
+		}
+		reissue = append(reissue, e.id.String())
+	}
+	slices.Sort(renewNow)
+	slices.Sort(reissue)
+	return renewNow, reissue
+}
+
+// Fingerprint names a certificate: the SHA-256 of its DER, in hex.
+func Fingerprint(c *x509.Certificate) string {
+	sum := sha256.Sum256(c.Raw)
+	return hex.EncodeToString(sum[:])
 }
 
 // refreshBundle is Run's periodic bundle fetch.
@@ -541,6 +627,7 @@ func (m *Manager) refreshBundle(ctx context.Context) {
 	_, err := m.fetchBundle(ctx)
 	m.mu.Lock()
 	m.bundleFetching = false
+	m.bundleErr = err
 	next := m.opts.BundleRefresh
 	if err == nil {
 		m.bundleFailures = 0
@@ -571,6 +658,9 @@ type CertInfo struct {
 	// one's message ("" after a success).
 	Failures  int
 	LastError string
+	// Root is the Fingerprint of the root the SVID chains to; empty
+	// without one.
+	Root string
 }
 
 // Certificates describes every identity the Manager keeps, sorted by
@@ -584,6 +674,9 @@ func (m *Manager) Certificates() []CertInfo {
 			leaf := e.svid.Certificates[0]
 			ci.Serial, ci.NotBefore, ci.NotAfter = serialHex(leaf), leaf.NotBefore, leaf.NotAfter
 		}
+		if e.root != nil {
+			ci.Root = Fingerprint(e.root)
+		}
 		if e.lastErr != nil {
 			ci.LastError = e.lastErr.Error()
 		}
@@ -595,6 +688,48 @@ func (m *Manager) Certificates() []CertInfo {
 }
 
 func serialHex(c *x509.Certificate) string { return c.SerialNumber.Text(16) }
+
+// BundleInfo describes a trust bundle the Manager holds.
+type BundleInfo struct {
+	TrustDomain spiffeid.TrustDomain
+	// Roots are the bundle's authorities.
+	Roots []RootInfo
+	// ChangedAt is when the bundle last changed, CheckedAt when it was
+	// last fetched; zero before the first fetch.
+	ChangedAt, CheckedAt time.Time
+	// Failures counts consecutive failed refreshes; LastError is the
+	// last one's message ("" after a success).
+	Failures  int
+	LastError string
+}
+
+// RootInfo describes one root certificate of a bundle.
+type RootInfo struct {
+	Fingerprint string
+	Subject     string
+	NotAfter    time.Time
+	// Signing is true for the root the issuer signs under now (known
+	// from a SigningRooter only).
+	Signing bool
+}
+
+// Bundles describes the trust bundles the Manager holds: its own trust
+// domain's first.
+func (m *Manager) Bundles() []BundleInfo {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	bi := BundleInfo{TrustDomain: m.td, ChangedAt: m.bundleChanged, CheckedAt: m.bundleChecked, Failures: m.bundleFailures}
+	if m.bundleErr != nil {
+		bi.LastError = m.bundleErr.Error()
+	}
+	if m.bundle != nil {
+		for _, r := range m.bundle.X509Authorities() {
+			bi.Roots = append(bi.Roots, RootInfo{Fingerprint: Fingerprint(r), Subject: r.Subject.String(), NotAfter: r.NotAfter,
+				Signing: m.signingRoot != nil && r.Equal(m.signingRoot)})
+		}
+	}
+	return []BundleInfo{bi}
+}
 
 func tlsCertificate(s *x509svid.SVID) *tls.Certificate {
 	c := &tls.Certificate{PrivateKey: s.PrivateKey, Leaf: s.Certificates[0]}

@@ -506,3 +506,89 @@ func TestSourcesServeGoSpiffeTLS(t *testing.T) {
 		t.Fatalf("server saw peer %s (%v), want %s", peer, err, idA)
 	}
 }
+
+// TestRootRotationRenewsSVIDsUnderTheNewRootWithinTheSpread walks a root
+// rotation of the issuer: preparing changes nothing but the bundle;
+// activating makes every SVID of the old root renew within ReissueSpread;
+// finishing changes nothing more; and a CA replaced outright (no overlap)
+// makes every SVID renew at once.
+func TestRootRotationRenewsSVIDsUnderTheNewRootWithinTheSpread(t *testing.T) {
+	const refresh, spread = 10 * time.Second, time.Minute
+	h := newHarness(t, identity.ManagerOptions{BundleRefresh: refresh, ReissueSpread: spread}, true)
+	for _, id := range []spiffeid.ID{idA, idB} {
+		h.svid(t, id)
+		h.event(t)
+	}
+	oldRoot := identity.Fingerprint(h.issuer.currentCA().Root())
+	step := func(f func(*ca.CA) (*ca.CA, error)) *ca.CA {
+		t.Helper()
+		c, err := f(h.issuer.currentCA())
+		if err != nil {
+			t.Fatal(err)
+		}
+		h.issuer.setCA(c)
+		calls := h.issuer.bundleCalls()
+		h.clock.Advance(refresh)
+		waitFor(t, "a bundle refresh", func() bool { return h.issuer.bundleCalls() > calls })
+		waitFor(t, "the new bundle", func() bool {
+			b := h.m.Bundles()[0]
+			return len(b.Roots) == len(c.Roots()) && b.Roots[0].Fingerprint == identity.Fingerprint(c.Roots()[0])
+		})
+		return c
+	}
+
+	step((*ca.CA).Prepare)
+	h.quiet(t)
+	if b := h.m.Bundles()[0]; len(b.Roots) != 2 || !b.Roots[0].Signing || b.Roots[1].Signing {
+		t.Fatalf("prepared: bundle %+v; want two roots, the first signing", b.Roots)
+	}
+
+	activated := step((*ca.CA).Activate)
+	now := h.clock.Now()
+	for _, id := range []spiffeid.ID{idA, idB} {
+		ci := h.info(t, id)
+		if ci.Root != oldRoot {
+			t.Fatalf("%s changed root before its renewal", id)
+		}
+		waitFor(t, "the renewal brought forward", func() bool { return !h.info(t, id).RenewAt.After(now.Add(spread)) })
+		if at := h.info(t, id).RenewAt; at.Before(now) {
+			t.Errorf("%s renews at %v, before the change was seen (%v)", id, at, now)
+		}
+	}
+	h.clock.Advance(spread)
+	got := map[spiffeid.ID]bool{}
+	for range 2 {
+		ev := h.event(t)
+		if ev.err != nil {
+			t.Fatal(ev.err)
+		}
+		got[ev.id] = true
+	}
+	newRoot := identity.Fingerprint(activated.Root())
+	for _, id := range []spiffeid.ID{idA, idB} {
+		if !got[id] || h.info(t, id).Root != newRoot {
+			t.Errorf("%s: renewed %v, root %s; want renewed under %s", id, got[id], h.info(t, id).Root, newRoot)
+		}
+	}
+
+	step((*ca.CA).Finish)
+	h.quiet(t)
+
+	// A CA replaced outright: SVIDs stop verifying against the new bundle.
+	fresh, err := ca.New(td, ca.Options{Now: h.clock.Now})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.issuer.setCA(fresh)
+	h.clock.Advance(refresh)
+	for range 2 {
+		if ev := h.event(t); ev.err != nil {
+			t.Fatal(ev.err)
+		}
+	}
+	for _, id := range []spiffeid.ID{idA, idB} {
+		if h.info(t, id).Root != identity.Fingerprint(fresh.Root()) {
+			t.Errorf("%s not renewed under the replaced CA", id)
+		}
+	}
+}

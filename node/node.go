@@ -67,8 +67,10 @@ type Config struct {
 	// disables either.
 	ReadyAddr, MetricsAddr string
 	// SVIDTTL is the lifetime of the pods' certificates (default
+	// identity's); SVIDReissueSpread bounds how long after a root rotation
+	// was activated they are all renewed under the new root (default
 	// identity's).
-	SVIDTTL time.Duration
+	SVIDTTL, SVIDReissueSpread time.Duration
 	// DrainTimeout bounds how long open connections may take to finish
 	// once ctx ends.
 	DrainTimeout time.Duration
@@ -246,7 +248,7 @@ func Run(ctx context.Context, cfg Config) error {
 	zcfg.Tuning.MaxConnsPerKey = cfg.Limits.ConnsPerKey
 
 	// 4. Identities, the ztunnel and the agent, and the first state.
-	ids := identity.NewManager(cfg.Issuer, cfg.TrustDomain, log.With("component", "identity"), obsv.identityOptions(identity.ManagerOptions{TTL: cfg.SVIDTTL}))
+	ids := identity.NewManager(cfg.Issuer, cfg.TrustDomain, log.With("component", "identity"), obsv.identityOptions(identity.ManagerOptions{TTL: cfg.SVIDTTL, ReissueSpread: cfg.SVIDReissueSpread}))
 	obsv.ids = ids
 	store := workload.NewStore()
 	zcfg.Store, zcfg.SVIDs, zcfg.Bundles = store, ids, ids
@@ -339,7 +341,7 @@ func Run(ctx context.Context, cfg Config) error {
 	})
 	obsv.run(runCtx, g, proxy, admin.Config{Node: cfg.Node, TrustDomain: cfg.TrustDomain, Snapshot: store.Load, Ready: ag.Ready,
 		Pods: ag.Pods, Datapath: dp, Source: cfg.Source.Status, Policy: en.eng, Policies: en.policies,
-		Certificates: ids.Certificates, Logger: log.With("component", "admin")})
+		Certificates: ids.Certificates, Bundles: ids.Bundles, Logger: log.With("component", "admin")})
 	for i, s := range servers {
 		g.run("http "+s.Addr, func() error {
 			if err := s.Serve(serverLns[i]); !errors.Is(err, http.ErrServerClosed) {

@@ -11,7 +11,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 
@@ -19,7 +18,6 @@ import (
 	"github.com/mantlet/mantlet/agent"
 	"github.com/mantlet/mantlet/bpf"
 	"github.com/mantlet/mantlet/identity"
-	"github.com/mantlet/mantlet/identity/ca"
 	"github.com/mantlet/mantlet/node"
 	"github.com/mantlet/mantlet/policy"
 	"github.com/mantlet/mantlet/policy/v1alpha1"
@@ -56,6 +54,7 @@ type agentFlags struct {
 	readyAddr     string
 	metricsAddr   string
 	svidTTL       time.Duration
+	svidSpread    time.Duration
 	drainTimeout  time.Duration
 	logFormat     string
 	logLevel      string
@@ -70,6 +69,7 @@ type agentFlags struct {
 	observe       node.ObserveConfig // metrics, access log, admin API
 	policy        node.PolicyConfig  // policy enforcement, security events
 	limits        node.LimitsConfig  // the ztunnel's accept path (agent_limits.go)
+	issuer        issuerFlags        // who signs the SVIDs (agent_issuer.go)
 }
 
 // listFlag is a flag that may be repeated or hold a comma-separated list.
@@ -88,13 +88,13 @@ func (l *listFlag) Set(s string) error {
 
 func parseAgentFlags(e *env, args []string) (*agentFlags, error) {
 	f := &agentFlags{}
-	fs := newFlagSet(e, "agent", "--node-name N (--config cluster.yaml | --kubeconfig F | --kubernetes) --ca-dir D [flags]\n       mantlet agent --cleanup --node-name N [--pin-dir D]")
+	fs := newFlagSet(e, "agent", "--node-name N (--config cluster.yaml | --kubeconfig F | --kubernetes) (--ca-dir D | --issuer cluster-ca --ca-address A --ca-bundle B) [flags]\n       mantlet agent --cleanup --node-name N [--pin-dir D]")
 	fs.StringVar(&f.node, "node-name", "", "name of this node, as pods' spec.nodeName say (required)")
 	fs.StringVar(&f.config, "config", "", "cluster file: multi-document YAML of Kubernetes Namespace, Pod, Node, Service and MeshPolicy objects, watched for changes (standalone mode; one of --config, --kubeconfig or --kubernetes is required)")
-	fs.StringVar(&f.caDir, "ca-dir", "", "directory of the CA made by 'mantlet ca init' (required)")
+	fs.StringVar(&f.caDir, "ca-dir", "", "directory of the CA made by 'mantlet ca init' (required with --issuer ca, the default)")
 	fs.StringVar(&f.kubeconfig, "kubeconfig", "", "Kubernetes mode: read the cluster from the API server of this kubeconfig (instead of --config)")
 	fs.BoolVar(&f.inCluster, "kubernetes", false, "Kubernetes mode: read the cluster from the API server, with the pod's service account (in a DaemonSet; instead of --config)")
-	fs.StringVar(&f.trustDomain, "trust-domain", "", "trust domain of the identities (default: the CA's)")
+	fs.StringVar(&f.trustDomain, "trust-domain", "", "trust domain of the identities (default: the CA's; with --issuer cluster-ca, "+identity.DefaultTrustDomain.Name()+")")
 	fs.StringVar(&f.pinDir, "pin-dir", "", "bpffs directory of this node's pinned programs and maps (default "+bpf.DefaultPinRoot+"/<node-name>)")
 	fs.BoolVar(&f.cleanup, "cleanup", false, "detach every program and remove the pins of this node (with --pin-dir if the agent ran with one), and the routing rule and route unless another data path of the namespace uses them, then exit")
 	fs.StringVar(&f.mtlsMode, "mtls-mode", "PERMISSIVE", "mTLS mode of workloads for which no MeshPolicy and no mantlet.io/mtls namespace annotation sets one: PERMISSIVE or STRICT")
@@ -109,6 +109,7 @@ func parseAgentFlags(e *env, args []string) (*agentFlags, error) {
 	fs.StringVar(&f.readyAddr, "ready-addr", ":15021", "listen address of the readiness probe ("+agent.ReadyPath+"); empty disables it")
 	fs.StringVar(&f.metricsAddr, "metrics-addr", ":15020", "listen address of the Prometheus metrics (/metrics); empty disables them")
 	fs.DurationVar(&f.svidTTL, "svid-ttl", identity.DefaultSVIDTTL, "lifetime of workload certificates")
+	fs.DurationVar(&f.svidSpread, "svid-reissue-spread", identity.DefaultReissueSpread, "once a root rotation is activated, renew the certificates held under the old root within this time (each at a random moment)")
 	fs.DurationVar(&f.drainTimeout, "drain-timeout", 10*time.Second, "on SIGTERM, how long open connections may take to finish")
 	fs.StringVar(&f.logFormat, "log-format", "text", "log format on stderr: text or json")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn or error")
@@ -123,6 +124,7 @@ func parseAgentFlags(e *env, args []string) (*agentFlags, error) {
 	addObserveFlags(fs, &f.observe)
 	addPolicyFlags(fs, &f.policy)
 	addLimitFlags(fs, &f.limits)
+	addIssuerFlags(fs, &f.issuer)
 	if err := parseFlags(fs, args); err != nil {
 		return nil, err
 	}
@@ -151,8 +153,8 @@ func parseAgentFlags(e *env, args []string) (*agentFlags, error) {
 		return nil, usageErr("--config (standalone), --kubeconfig or --kubernetes is required")
 	case sources > 1:
 		return nil, usageErr("give one of --config, --kubeconfig and --kubernetes")
-	case f.caDir == "":
-		return nil, usageErr("--ca-dir is required")
+	case f.checkIssuer(fs) != "":
+		return nil, usageErr("%s", f.checkIssuer(fs))
 	case f.logFormat != "text" && f.logFormat != "json":
 		return nil, usageErr("--log-format %q: want text or json", f.logFormat)
 	}
@@ -226,7 +228,7 @@ func runAgent(ctx context.Context, e *env, args []string) error {
 	}
 	f.observe.Stdout = e.stdout
 	f.policy.Stderr = e.stderr
-	cfg, err := f.nodeConfig(log)
+	cfg, err := f.nodeConfig(ctx, log)
 	if err != nil {
 		return err
 	}
@@ -272,20 +274,10 @@ func (f *agentFlags) pinDirOrDefault() string {
 // nodeConfig turns the flags into the node's configuration. Everything
 // that can be checked without privileges (the CA, the trust domain, the
 // exclusions, the marks) is checked here, so a typo fails at once.
-func (f *agentFlags) nodeConfig(log *slog.Logger) (node.Config, error) {
-	authority, err := ca.Load(f.caDir, ca.Options{})
+func (f *agentFlags) nodeConfig(ctx context.Context, log *slog.Logger) (node.Config, error) {
+	issuer, td, err := f.newIssuer(ctx, log)
 	if err != nil {
 		return node.Config{}, err
-	}
-	td := authority.TrustDomain()
-	if f.trustDomain != "" {
-		want, err := spiffeid.TrustDomainFromString(f.trustDomain)
-		if err != nil {
-			return node.Config{}, fmt.Errorf("--trust-domain %q: %w", f.trustDomain, err)
-		}
-		if want != td {
-			return node.Config{}, fmt.Errorf("--trust-domain %s: the CA in %s is for trust domain %s", want, f.caDir, td)
-		}
 	}
 	mode, _ := v1alpha1.ParseMTLSMode(f.mtlsMode)
 	src, err := f.source(log)
@@ -297,12 +289,12 @@ func (f *agentFlags) nodeConfig(log *slog.Logger) (node.Config, error) {
 		return node.Config{}, err
 	}
 	cfg := node.Config{
-		Node: f.node, Issuer: authority, TrustDomain: td, DefaultMTLS: mode,
+		Node: f.node, Issuer: issuer, TrustDomain: td, DefaultMTLS: mode,
 		Source:   src,
 		Datapath: bcfg, Uplinks: f.uplinks,
 		OutboundAddr: f.outboundAddr, HBONEAddr: f.hboneAddr,
 		ReadyAddr: f.readyAddr, MetricsAddr: f.metricsAddr,
-		SVIDTTL: f.svidTTL, DrainTimeout: f.drainTimeout, Resync: f.resync, WatchInterval: f.watchInterval,
+		SVIDTTL: f.svidTTL, SVIDReissueSpread: f.svidSpread, DrainTimeout: f.drainTimeout, Resync: f.resync, WatchInterval: f.watchInterval,
 		Observe: f.observe, Policy: f.policy, Limits: f.limits,
 		CleanupHint: f.cleanupHint(bcfg.PinDir),
 		Logger:      log,

@@ -67,6 +67,17 @@ func TestAgentCommandRefusesBadInvocations(t *testing.T) {
 			`mantlet agent: --exclude-port "0": want a port from 1 to 65535`},
 		{"a bad log level", []string{"--node-name", "node-1", "--config", config, "--ca-dir", caDir, "--log-level", "loud"}, 1,
 			`mantlet agent: --log-level "loud": want debug, info, warn or error`},
+		{"an unknown issuer", []string{"--node-name", "node-1", "--config", config, "--issuer", "vault"}, 2, `mantlet agent: --issuer "vault": want ca or cluster-ca`},
+		{"the cluster CA without its address", []string{"--node-name", "node-1", "--config", config, "--issuer", "cluster-ca", "--ca-bundle", "b.pem"}, 2,
+			"mantlet agent: --ca-address and --ca-bundle are required with --issuer cluster-ca"},
+		{"the cluster CA and a CA directory", []string{"--node-name", "node-1", "--config", config, "--issuer", "cluster-ca", "--ca-address", "ca:15012", "--ca-bundle", "b.pem", "--ca-dir", caDir}, 2,
+			"mantlet agent: --ca-dir is for --issuer ca"},
+		{"a cluster CA flag without the cluster CA", []string{"--node-name", "node-1", "--config", config, "--ca-dir", caDir, "--ca-address", "ca:15012"}, 2,
+			"mantlet agent: --ca-address needs --issuer cluster-ca"},
+		{"the cluster CA with a missing bundle", []string{"--node-name", "node-1", "--config", config, "--issuer", "cluster-ca", "--ca-address", "ca:15012", "--ca-bundle", caDir + "/missing.pem"}, 1,
+			"clusterca: trust bundle"},
+		{"a service ID of another trust domain", []string{"--node-name", "node-1", "--config", config, "--issuer", "cluster-ca", "--ca-address", "ca:15012", "--ca-bundle", caDir + "/root.pem", "--ca-server-id", "spiffe://other.td/ca"}, 1,
+			"--ca-server-id spiffe://other.td/ca is not of trust domain cluster.local"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			e, _, errb := testEnv()

@@ -139,3 +139,66 @@ func TestCASubcommandsAnswerHelp(t *testing.T) {
 		}
 	}
 }
+
+func TestCAIssueAddsDNSAndIPNames(t *testing.T) {
+	dir, out := filepath.Join(t.TempDir(), "ca"), t.TempDir()
+	if code, _, stderr := mantlet(t, "ca", "init", "--dir", dir, "--intermediate"); code != 0 {
+		t.Fatal(stderr)
+	}
+	code, stdout, stderr := mantlet(t, "ca", "issue", "--dir", dir, "--spiffe-id", "spiffe://cluster.local/ns/shop/sa/cart",
+		"--out", out, "--dns", "cart.shop.svc,cart.example", "--ip", "198.19.1.10", "--ip", "2001:db8::1")
+	if code != 0 {
+		t.Fatalf("exit %d: %s", code, stderr)
+	}
+	if !strings.Contains(stdout, "also valid for: cart.shop.svc, cart.example, 198.19.1.10, 2001:db8::1") {
+		t.Errorf("stdout:\n%s", stdout)
+	}
+	svid, err := x509svid.Load(filepath.Join(out, "svid.pem"), filepath.Join(out, "svid-key.pem"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	leaf := svid.Certificates[0]
+	if svid.ID.String() != "spiffe://cluster.local/ns/shop/sa/cart" || len(leaf.DNSNames) != 2 || len(leaf.IPAddresses) != 2 {
+		t.Errorf("SVID %s with DNS %v, IP %v", svid.ID, leaf.DNSNames, leaf.IPAddresses)
+	}
+	for _, tc := range []struct{ flag, value, want string }{
+		{"--dns", "*.shop.svc", "--dns/--ip: DNS name \"*.shop.svc\": want lower-case letters, digits and inner hyphens"},
+		{"--ip", "cart", `--ip "cart": want an IPv4 or IPv6 address`},
+	} {
+		code, _, stderr := mantlet(t, "ca", "issue", "--dir", dir, "--spiffe-id", "spiffe://cluster.local/ns/shop/sa/cart", "--out", out, tc.flag, tc.value)
+		if code != 1 || !strings.Contains(stderr, tc.want) {
+			t.Errorf("%s %s: exit %d, %q; want %q", tc.flag, tc.value, code, stderr, tc.want)
+		}
+	}
+}
+
+func TestCARotateWalksThePhasesAndRefusesStepsOutOfOrder(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "ca")
+	if code, _, stderr := mantlet(t, "ca", "init", "--dir", dir); code != 0 {
+		t.Fatal(stderr)
+	}
+	for _, tc := range []struct {
+		args     []string
+		wantCode int
+		want     string
+	}{
+		{nil, 0, "rotation phase idle:"},
+		{[]string{"activate"}, 1, "no rotation is prepared (run prepare first)"},
+		{[]string{"prepare"}, 0, "Next: once every node trusts the new root"},
+		{[]string{"prepare"}, 1, "a rotation is already prepared; activate it"},
+		{[]string{"finish"}, 1, "the prepared root is not active yet"},
+		{[]string{"activate"}, 0, "retired, still trusted"},
+		{nil, 0, "rotation phase activated:"},
+		{[]string{"finish"}, 0, "Finished: the trust bundle holds the active root only."},
+		{[]string{"turn"}, 2, `unknown step "turn"`},
+	} {
+		code, stdout, stderr := mantlet(t, append([]string{"ca", "rotate", "--dir", dir}, tc.args...)...)
+		if code != tc.wantCode || !strings.Contains(stdout+stderr, tc.want) {
+			t.Fatalf("ca rotate %v: exit %d\n%s%s\nwant exit %d and %q", tc.args, code, stdout, stderr, tc.wantCode, tc.want)
+		}
+	}
+	entries, _ := os.ReadDir(dir)
+	if len(entries) != 3 {
+		t.Errorf("after the rotation the CA directory holds %d files, want 3", len(entries))
+	}
+}

@@ -25,9 +25,9 @@ func runCerts(ctx context.Context, e *env, args []string) error {
 		return explain(err)
 	}
 	return printData(e.stdout, cf.output, certs, func(tw *tabwriter.Writer) {
-		row(tw, "IDENTITY", "SERIAL", "NOT AFTER", "EXPIRES IN", "STATUS")
+		row(tw, "IDENTITY", "SERIAL", "ROOT", "NOT AFTER", "EXPIRES IN", "STATUS")
 		for _, c := range certs {
-			row(tw, c.Identity, c.Serial, notAfter(c), expiresIn(c), certState(c))
+			row(tw, c.Identity, c.Serial, short(c.Root), notAfter(c), expiresIn(c), certState(c))
 		}
 	})
 }
@@ -61,4 +61,12 @@ func certState(c admin.Cert) string {
 		return "expiring soon"
 	}
 	return "ok"
+}
+
+// short abbreviates a fingerprint the way 'mantlet ca rotate' prints it.
+func short(fingerprint string) string {
+	if len(fingerprint) > 16 {
+		return fingerprint[:16]
+	}
+	return fingerprint
 }

@@ -62,9 +62,9 @@ func TestOperatorCommandsPrintTables(t *testing.T) {
 			"shop       checkout-0  198.19.1.20  node-a  spiffe://cluster.local/ns/shop/sa/checkout  yes   enrolled  STRICT",
 			"shop       frontend-0  198.19.1.10  node-a  spiffe://cluster.local/ns/shop/sa/frontend  yes   enrolled  PERMISSIVE")},
 		{[]string{"certs"}, lines(
-			"IDENTITY                                    SERIAL  NOT AFTER             EXPIRES IN  STATUS",
-			"spiffe://cluster.local/ns/shop/sa/checkout  c0ffee  2026-11-26T11:00:00Z  23h         ok",
-			"spiffe://cluster.local/ns/shop/sa/frontend  beef    2026-11-25T12:30:00Z  30m         renewal failing (3 attempts): ca: connection refused")},
+			"IDENTITY                                    SERIAL  ROOT  NOT AFTER             EXPIRES IN  STATUS",
+			"spiffe://cluster.local/ns/shop/sa/checkout  c0ffee  -     2026-11-26T11:00:00Z  23h         ok",
+			"spiffe://cluster.local/ns/shop/sa/frontend  beef    -     2026-11-25T12:30:00Z  30m         renewal failing (3 attempts): ca: connection refused")},
 		{[]string{"policy", "check", "--from", "shop/frontend", "--to", "shop/payments", "--port", "443"}, lines(
 			"Verdict:      DENIED (no-allow-matched)",
 			"Why:          ALLOW policies select the destination but none of their rules matches: denied",

@@ -88,6 +88,21 @@ func statusTable(tw *tabwriter.Writer, st *admin.Status) {
 	}
 	fmt.Fprintf(tw, "Certificates:\t%d identities; %d expiring within %s, %d expired, %d failing to renew\n",
 		st.Certs.Identities, len(st.Certs.Expiring), human(admin.ExpiryWarning), len(st.Certs.Expired), len(st.Certs.Failing))
+	for _, b := range st.Bundles {
+		var roots []string
+		for _, r := range b.Roots {
+			desc := short(r.Fingerprint) + " (expires " + r.NotAfter.UTC().Format(time.DateOnly)
+			if r.Signing {
+				desc += ", signing"
+			}
+			roots = append(roots, desc+")")
+		}
+		state := ""
+		if b.Failures > 0 {
+			state = fmt.Sprintf("; %d failed reads, last: %s", b.Failures, b.LastError)
+		}
+		fmt.Fprintf(tw, "Trust bundle:\t%s: %s: %s%s\n", b.TrustDomain, count(len(b.Roots), "root"), strings.Join(roots, ", "), state)
+	}
 	fmt.Fprintf(tw, "Flows:\t%d open, %d logged since start\n", st.Flows.Open, st.Flows.Logged)
 	if len(st.Problems) > 0 {
 		fmt.Fprintf(tw, "\nProblems:\n")

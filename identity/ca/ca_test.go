@@ -10,6 +10,7 @@ import (
 	"crypto/x509"
 	"encoding/asn1"
 	"errors"
+	"net"
 	"net/url"
 	"slices"
 	"testing"
@@ -291,5 +292,66 @@ func BenchmarkSignCSR(b *testing.B) {
 		if _, err := c.SignCSR(context.Background(), csr, podID, time.Hour); err != nil {
 			b.Fatal(err)
 		}
+	}
+}
+
+func TestSignCSRWithNamesAddsDNSAndIPSANsBesideTheSPIFFEID(t *testing.T) {
+	c := newCA(t, ca.Options{Intermediate: true, Now: fixedClock(t0)})
+	key := newKey(t)
+	names := ca.Names{DNSNames: []string{"cart.shop.svc", "localhost"}, IPAddresses: []net.IP{net.ParseIP("198.19.1.10").To4(), net.ParseIP("2001:db8::1")}}
+	for _, tc := range []struct {
+		name string
+		req  *x509.CertificateRequest
+	}{
+		{"a request without names", nil},
+		{"a request naming some of them", &x509.CertificateRequest{URIs: []*url.URL{podID.URL()}, DNSNames: []string{"localhost"}, IPAddresses: names.IPAddresses[:1]}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			chain, err := c.SignCSRWithNames(context.Background(), csrFor(t, key, tc.req), podID, time.Hour, names)
+			if err != nil {
+				t.Fatal(err)
+			}
+			leaf := chain[0]
+			if len(leaf.URIs) != 1 || leaf.URIs[0].String() != podID.String() {
+				t.Errorf("URI SANs %v", leaf.URIs)
+			}
+			if !slices.Equal(leaf.DNSNames, names.DNSNames) || len(leaf.IPAddresses) != 2 {
+				t.Errorf("DNS %v IP %v", leaf.DNSNames, leaf.IPAddresses)
+			}
+			b, _ := c.Bundle(context.Background())
+			if _, _, err := x509svid.Verify(chain, b, x509svid.WithTime(t0)); err != nil {
+				t.Errorf("go-spiffe refuses it: %v", err)
+			}
+			// An ordinary TLS client verifying a host name or an address.
+			pool := x509.NewCertPool()
+			pool.AddCert(c.Root())
+			inter := x509.NewCertPool()
+			inter.AddCert(chain[1])
+			for _, host := range []string{"cart.shop.svc", "198.19.1.10", "2001:db8::1"} {
+				if _, err := leaf.Verify(x509.VerifyOptions{DNSName: host, Roots: pool, Intermediates: inter, CurrentTime: t0}); err != nil {
+					t.Errorf("verify as %s: %v", host, err)
+				}
+			}
+		})
+	}
+	for _, tc := range []struct {
+		name  string
+		req   *x509.CertificateRequest
+		names ca.Names
+		want  error
+	}{
+		{"a request asking for a name not granted", &x509.CertificateRequest{DNSNames: []string{"admin.shop.svc"}}, names, ca.ErrBadCSR},
+		{"a wildcard", nil, ca.Names{DNSNames: []string{"*.shop.svc"}}, ca.ErrBadNames},
+		{"upper case", nil, ca.Names{DNSNames: []string{"Cart.shop"}}, ca.ErrBadNames},
+		{"an empty label", nil, ca.Names{DNSNames: []string{"cart..shop"}}, ca.ErrBadNames},
+		{"a hyphen at a label's end", nil, ca.Names{DNSNames: []string{"cart-.shop"}}, ca.ErrBadNames},
+		{"a name twice", nil, ca.Names{DNSNames: []string{"a", "a"}}, ca.ErrBadNames},
+		{"a malformed address", nil, ca.Names{IPAddresses: []net.IP{{1, 2, 3}}}, ca.ErrBadNames},
+	} {
+		t.Run("refused: "+tc.name, func(t *testing.T) {
+			if _, err := c.SignCSRWithNames(context.Background(), csrFor(t, key, tc.req), podID, time.Hour, tc.names); !errors.Is(err, tc.want) {
+				t.Fatalf("= %v, want %v", err, tc.want)
+			}
+		})
 	}
 }

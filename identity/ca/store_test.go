@@ -130,7 +130,7 @@ func TestLoadRefuses(t *testing.T) {
 		}, "ca.json: version 7"},
 		{"a missing intermediate", func(t *testing.T, dir string) {
 			writeFile(t, filepath.Join(dir, ca.MetadataFile), `{"version":1,"trust_domain":"cluster.local","intermediate":true}`)
-		}, "intermediate.pem: no such file"},
+		}, "intermediate.pem: file does not exist"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			dir := filepath.Join(t.TempDir(), "ca")

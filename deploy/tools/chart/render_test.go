@@ -109,6 +109,7 @@ func TestChartPassesHelmLint(t *testing.T) {
 	}{
 		{"default values", nil},
 		{"every option on", nonDefault()},
+		{"the cluster CA", clusterCAValues()},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			kv, err := common.ParseKubeVersion(KubeVersion)
@@ -400,6 +401,8 @@ func TestBadValuesAreRefusedWithTheirName(t *testing.T) {
 		{"an unknown log format", map[string]any{"logFormat": "yaml"}, `logFormat "yaml": want json or text`},
 		{"no drain", map[string]any{"drainTimeoutSeconds": 0}, "drainTimeoutSeconds: want at least 1"},
 		{"no CA Secret", map[string]any{"ca": map[string]any{"secretName": ""}}, "ca.secretName is required"},
+		{"an unknown CA mode", map[string]any{"ca": map[string]any{"mode": "vault"}}, `ca.mode "vault": want embedded or cluster`},
+		{"no CA replica", map[string]any{"ca": map[string]any{"mode": "cluster", "cluster": map[string]any{"replicas": 0}}}, "ca.cluster.replicas: want at least 1"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			_, err := Render(chartDir(), Options{Values: c.vals})

@@ -26,3 +26,34 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) -}}
 {{- end -}}
 {{- end -}}
+
+{{/* The name of the cluster CA's Deployment, Service, ServiceAccount and roles (ca.mode=cluster). */}}
+{{- define "mantlet.ca" -}}
+{{- printf "%s-ca" .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Labels that select the cluster CA's pods. */}}
+{{- define "mantlet.caSelectorLabels" -}}
+app.kubernetes.io/name: mantlet-ca
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/* Labels of the cluster CA's objects. */}}
+{{- define "mantlet.caLabels" -}}
+{{ include "mantlet.caSelectorLabels" . }}
+app.kubernetes.io/component: ca
+app.kubernetes.io/part-of: mantlet
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{- end -}}
+
+{{/* The trust domain of the identities in cluster mode: the value, or identity's default. */}}
+{{- define "mantlet.trustDomain" -}}
+{{- .Values.trustDomain | default "cluster.local" -}}
+{{- end -}}
+
+{{/* The SPIFFE ID of the cluster CA's serving certificate. */}}
+{{- define "mantlet.caServerID" -}}
+{{- printf "spiffe://%s/ns/%s/sa/%s" (include "mantlet.trustDomain" .) .Release.Namespace (include "mantlet.ca" .) -}}
+{{- end -}}
