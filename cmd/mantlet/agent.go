@@ -4,6 +4,7 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/netip"
 	"path/filepath"
@@ -11,7 +12,6 @@ import (
 	"strings"
 	"time"
 
-	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 
@@ -19,7 +19,6 @@ import (
 	"github.com/mantlet/mantlet/agent"
 	"github.com/mantlet/mantlet/bpf"
 	"github.com/mantlet/mantlet/identity"
-	"github.com/mantlet/mantlet/identity/ca"
 	"github.com/mantlet/mantlet/node"
 	"github.com/mantlet/mantlet/policy"
 	"github.com/mantlet/mantlet/policy/v1alpha1"
@@ -70,6 +69,7 @@ type agentFlags struct {
 	observe       node.ObserveConfig // metrics, access log, admin API
 	policy        node.PolicyConfig  // policy enforcement, security events
 	limits        node.LimitsConfig  // the ztunnel's accept path (agent_limits.go)
+	issuer        issuerFlags        // who signs the SVIDs (agent_issuer.go)
 }
 
 // listFlag is a flag that may be repeated or hold a comma-separated list.
@@ -88,13 +88,13 @@ func (l *listFlag) Set(s string) error {
 
 func parseAgentFlags(e *env, args []string) (*agentFlags, error) {
 	f := &agentFlags{}
-	fs := newFlagSet(e, "agent", "--node-name N (--config cluster.yaml | --kubeconfig F | --kubernetes) --ca-dir D [flags]\n       mantlet agent --cleanup --node-name N [--pin-dir D]")
+	fs := newFlagSet(e, "agent", "--node-name N (--config cluster.yaml | --kubeconfig F | --kubernetes) (--ca-dir D | --issuer spire --spire-admin-socket S) [flags]\n       mantlet agent --cleanup --node-name N [--pin-dir D]")
 	fs.StringVar(&f.node, "node-name", "", "name of this node, as pods' spec.nodeName say (required)")
 	fs.StringVar(&f.config, "config", "", "cluster file: multi-document YAML of Kubernetes Namespace, Pod, Node, Service and MeshPolicy objects, watched for changes (required)")
-	fs.StringVar(&f.caDir, "ca-dir", "", "directory of the CA made by 'mantlet ca init' (required)")
+	fs.StringVar(&f.caDir, "ca-dir", "", "directory of the CA made by 'mantlet ca init' (required with --issuer ca, the default)")
 	fs.StringVar(&f.kubeconfig, "kubeconfig", "", "Kubernetes mode: read the cluster from the API server of this kubeconfig (instead of --config)")
 	fs.BoolVar(&f.inCluster, "kubernetes", false, "Kubernetes mode: read the cluster from the API server, with the pod's service account (in a DaemonSet; instead of --config)")
-	fs.StringVar(&f.trustDomain, "trust-domain", "", "trust domain of the identities (default: the CA's)")
+	fs.StringVar(&f.trustDomain, "trust-domain", "", "trust domain of the identities (default: the CA's, or with --issuer spire the SPIRE agent's)")
 	fs.StringVar(&f.pinDir, "pin-dir", "", "bpffs directory of this node's pinned programs and maps (default "+bpf.DefaultPinRoot+"/<node-name>)")
 	fs.BoolVar(&f.cleanup, "cleanup", false, "detach every program, remove the routing rule and the pins of this node, then exit")
 	fs.StringVar(&f.mtlsMode, "mtls-mode", "PERMISSIVE", "mTLS mode of workloads for which no MeshPolicy and no mantlet.io/mtls namespace annotation sets one: PERMISSIVE or STRICT")
@@ -123,6 +123,7 @@ func parseAgentFlags(e *env, args []string) (*agentFlags, error) {
 	addObserveFlags(fs, &f.observe)
 	addPolicyFlags(fs, &f.policy)
 	addLimitFlags(fs, &f.limits)
+	addIssuerFlags(fs, &f.issuer)
 	if err := parseFlags(fs, args); err != nil {
 		return nil, err
 	}
@@ -151,8 +152,8 @@ func parseAgentFlags(e *env, args []string) (*agentFlags, error) {
 		return nil, usageErr("--config (standalone), --kubeconfig or --kubernetes is required")
 	case sources > 1:
 		return nil, usageErr("give one of --config, --kubeconfig and --kubernetes")
-	case f.caDir == "":
-		return nil, usageErr("--ca-dir is required")
+	case f.checkIssuer(fs) != "":
+		return nil, usageErr("%s", f.checkIssuer(fs))
 	case f.logFormat != "text" && f.logFormat != "json":
 		return nil, usageErr("--log-format %q: want text or json", f.logFormat)
 	}
@@ -226,9 +227,12 @@ func runAgent(ctx context.Context, e *env, args []string) error {
 	}
 	f.observe.Stdout = e.stdout
 	f.policy.Stderr = e.stderr
-	cfg, err := f.nodeConfig(log)
+	cfg, err := f.nodeConfig(ctx, log)
 	if err != nil {
 		return err
+	}
+	if c, ok := cfg.Issuer.(io.Closer); ok {
+		defer c.Close() // SPIRE's subscriptions
 	}
 	return node.Run(ctx, cfg)
 }
@@ -272,21 +276,7 @@ func (f *agentFlags) pinDirOrDefault() string {
 // nodeConfig turns the flags into the node's configuration. Everything
 // that can be checked without privileges (the CA, the trust domain, the
 // exclusions, the marks) is checked here, so a typo fails at once.
-func (f *agentFlags) nodeConfig(log *slog.Logger) (node.Config, error) {
-	authority, err := ca.Load(f.caDir, ca.Options{})
-	if err != nil {
-		return node.Config{}, err
-	}
-	td := authority.TrustDomain()
-	if f.trustDomain != "" {
-		want, err := spiffeid.TrustDomainFromString(f.trustDomain)
-		if err != nil {
-			return node.Config{}, fmt.Errorf("--trust-domain %q: %w", f.trustDomain, err)
-		}
-		if want != td {
-			return node.Config{}, fmt.Errorf("--trust-domain %s: the CA in %s is for trust domain %s", want, f.caDir, td)
-		}
-	}
+func (f *agentFlags) nodeConfig(ctx context.Context, log *slog.Logger) (node.Config, error) {
 	mode, _ := v1alpha1.ParseMTLSMode(f.mtlsMode)
 	src, err := f.source(log)
 	if err != nil {
@@ -296,8 +286,13 @@ func (f *agentFlags) nodeConfig(log *slog.Logger) (node.Config, error) {
 	if err != nil {
 		return node.Config{}, err
 	}
+	// Last: SPIRE's may wait for the SPIRE agent.
+	issuer, td, err := f.newIssuer(ctx, log)
+	if err != nil {
+		return node.Config{}, err
+	}
 	cfg := node.Config{
-		Node: f.node, Issuer: authority, TrustDomain: td, DefaultMTLS: mode,
+		Node: f.node, Issuer: issuer, TrustDomain: td, DefaultMTLS: mode,
 		Source:   src,
 		Datapath: bcfg, Uplinks: f.uplinks,
 		OutboundAddr: f.outboundAddr, HBONEAddr: f.hboneAddr,
