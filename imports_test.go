@@ -39,7 +39,7 @@ var boundaries = []struct {
 
 // harness is the test harness; product code never imports it (the
 // commands may: 'mantlet demo', 'bench' and 'testbed' are its users).
-var harness = []string{"internal/testbed", "internal/meshtest", "internal/kubetest", "internal/privtest", "admin/admintest", "ztunnel/internal/ztest"}
+var harness = []string{"internal/testbed", "internal/meshtest", "internal/kubetest", "internal/spiretest", "internal/privtest", "admin/admintest", "ztunnel/internal/ztest"}
 
 // TestImportBoundaries keeps the package map of docs/architecture.md true.
 func TestImportBoundaries(t *testing.T) {

@@ -86,6 +86,10 @@ type Options struct {
 	// AgentArgs are added to every agent's command line after the flags
 	// meshtest sets, so they can override them.
 	AgentArgs []string
+	// IssuerArgs, when set, gives node's agent its issuer flags in place
+	// of --ca-dir CADir (for example --issuer spire with that node's SPIRE
+	// agent's sockets). It is called at every start of the agent.
+	IssuerArgs func(node string) []string
 	// TrustDomain of the CA (default DefaultTrustDomain).
 	TrustDomain string
 	// Prefix names the testbed (default: testbed's random prefix).
@@ -262,8 +266,12 @@ func (m *Mesh) ID(pod string) (spiffeid.ID, error) {
 func (m *Mesh) agentArgs(node string) []string {
 	args := append(slices.Clone(m.opts.BinaryArgs), "agent", "--node-name", node)
 	args = append(args, m.sourceArgs...)
-	args = append(args, "--ca-dir", m.CADir,
-		"--pin-dir", m.PinDir(node), "--config-poll", "200ms", "--drain-timeout", "2s",
+	if m.opts.IssuerArgs != nil {
+		args = append(args, m.opts.IssuerArgs(node)...)
+	} else {
+		args = append(args, "--ca-dir", m.CADir)
+	}
+	args = append(args, "--pin-dir", m.PinDir(node), "--config-poll", "200ms", "--drain-timeout", "2s",
 		"--log-format", "json", "--log-level", "debug")
 	if m.opts.MTLSMode != "" {
 		args = append(args, "--mtls-mode", m.opts.MTLSMode)
