@@ -246,8 +246,11 @@ func (s *Server) StartAgent(ctx context.Context, name string, opts AgentOptions)
 	if err != nil {
 		return nil, err
 	}
-	token, ok := strings.CutPrefix(strings.TrimSpace(string(out)), "Token: ")
-	if !ok || token == "" || strings.ContainsAny(token, " \n") {
+	// "Token: <token>", then a warning that the token names no SPIFFE ID
+	// (the agent's join_token ID is used).
+	first, _, _ := strings.Cut(string(out), "\n")
+	token, ok := strings.CutPrefix(strings.TrimSpace(first), "Token: ")
+	if !ok || token == "" || strings.ContainsAny(token, " \t") {
 		return nil, fmt.Errorf("spiretest: token generate printed %q", out)
 	}
 	id, err := spiffeid.FromSegments(s.td, "spire", "agent", "join_token", token)
