@@ -155,6 +155,20 @@ func presented(ctx context.Context, m *meshtest.Mesh, node, pod string) ([]*x509
 	return chain, nil
 }
 
+// lastExpiry returns the NotAfter of the last SVID node's identity
+// manager took for id, from the agent's log.
+func lastExpiry(m *meshtest.Mesh, node string, id spiffeid.ID) time.Time {
+	var last time.Time
+	for _, r := range m.Records(node) {
+		if r["msg"] == "SVID issued" && r["spiffe_id"] == id.String() {
+			if s, ok := r["not_after"].(string); ok {
+				last, _ = time.Parse(time.RFC3339Nano, s)
+			}
+		}
+	}
+	return last
+}
+
 // svidSerials returns the serials of the SVIDs node's identity manager
 // took for id, in order, from the agent's log.
 func svidSerials(m *meshtest.Mesh, node string, id spiffeid.ID) []string {
@@ -212,9 +226,15 @@ func TestSPIREIssuesTheSVIDsAndItsRotationsDropNothing(t *testing.T) {
 
 	// Traffic during SPIRE's rotations: a new connection at a time, back
 	// to back, and one long connection that echoes every 100 ms; until
-	// both identities got a new SVID from SPIRE at least once (and the
-	// server presented it to new handshakes), then one second more.
+	// both identities got a new SVID from SPIRE at least once, the server
+	// presented it to new handshakes, and the SVIDs of the start have
+	// expired (so the HBONE connections made with them were retired),
+	// then one second more.
 	baseClient, baseServer := serialSet(svidSerials(m, "node1", clientID)), serialSet(svidSerials(m, "node2", serverID))
+	expired := lastExpiry(m, "node1", clientID)
+	if e := lastExpiry(m, "node2", serverID); e.After(expired) {
+		expired = e
+	}
 	stop := make(chan struct{})
 	l := startLoad(m, "client", srv.addr, stop, 1_000_000)
 	long := startLongEcho(m, "client", srv.addr, stop)
@@ -227,14 +247,15 @@ func TestSPIREIssuesTheSVIDsAndItsRotationsDropNothing(t *testing.T) {
 			presentedSerials[c[0].SerialNumber.Text(16)] = true
 		}
 		cs, ss := svidSerials(m, "node1", clientID), svidSerials(m, "node2", serverID)
-		if hasNew(cs, baseClient) && hasNew(ss, baseServer) && len(presentedSerials) > 1 {
+		if hasNew(cs, baseClient) && hasNew(ss, baseServer) && len(presentedSerials) > 1 && time.Now().After(expired) {
 			break
 		}
 		if time.Now().After(deadline) {
 			close(stop)
 			<-l.done
 			<-long.done
-			t.Fatalf("no rotation within %v: client SVIDs %v, server SVIDs %v, server presented %d serials", deadline.Sub(start), cs, ss, len(presentedSerials))
+			t.Fatalf("no rotation within %v: client SVIDs %v, server SVIDs %v, server presented %d serials; the first SVIDs expire at %v",
+				deadline.Sub(start), cs, ss, len(presentedSerials), expired)
 		}
 		time.Sleep(500 * time.Millisecond)
 	}
