@@ -27,6 +27,7 @@ import (
 	delegatedv1 "github.com/spiffe/spire-api-sdk/proto/spire/api/agent/delegatedidentity/v1"
 	"github.com/spiffe/spire-api-sdk/proto/spire/api/types"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
@@ -70,7 +71,8 @@ type Options struct {
 	// in the error when the SPIRE agent refuses it as a delegate.
 	Delegate spiffeid.ID
 	// MinBackoff and MaxBackoff bound the wait before a broken
-	// subscription is opened again (defaults 1s and 30s, doubling).
+	// subscription is opened again, and between attempts to connect to
+	// the admin socket (defaults 1s and 30s, doubling).
 	MinBackoff, MaxBackoff time.Duration
 	// Logger receives the Issuer's logs (default: discard).
 	Logger *slog.Logger
@@ -163,7 +165,14 @@ func New(socket string, td spiffeid.TrustDomain, opts Options) (*Issuer, error) 
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	conn, err := grpc.NewClient("unix://"+socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	// The connection's own reconnect backoff follows the subscriptions'
+	// (gRPC's default grows to 2 minutes, and a SPIRE agent that came back
+	// would go unnoticed that long).
+	conn, err := grpc.NewClient("unix://"+socket, grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithConnectParams(grpc.ConnectParams{
+			Backoff:           backoff.Config{BaseDelay: opts.MinBackoff, Multiplier: 2, Jitter: 0.2, MaxDelay: opts.MaxBackoff},
+			MinConnectTimeout: 5 * time.Second,
+		}))
 	if err != nil {
 		return nil, fmt.Errorf("spire: admin socket %s: %w", socket, err)
 	}

@@ -50,21 +50,32 @@ func (l *launcher) close() {
 	<-l.stopped
 }
 
-// start runs bin with args in the network namespace at netns unless that
-// is empty (nsenter enters it and execs bin, so the process stays the one
-// started here), in dir, with its output in logPath.
-func (l *launcher) start(name, netns, dir, logPath, bin string, args ...string) (*process, error) {
-	argv := append([]string{bin}, args...)
-	if netns != "" {
-		argv = append([]string{"nsenter", "--net=" + netns, "--"}, argv...)
+// command says how to start a process.
+type command struct {
+	name    string
+	netns   string   // a network namespace's path, or empty
+	dir     string   // working directory
+	logPath string   // its output goes there, appended
+	argv    []string // the program and its arguments
+}
+
+// start runs c.argv in the network namespace c.netns unless that is empty
+// (nsenter enters it and execs the program, so the process stays the one
+// started here), in c.dir, with its output appended to c.logPath (a
+// restart follows the previous run there).
+func (l *launcher) start(c command) (*process, error) {
+	argv := c.argv
+	if c.netns != "" {
+		argv = append([]string{"nsenter", "--net=" + c.netns, "--"}, argv...)
 	}
-	log, err := os.OpenFile(logPath, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	name, logPath := c.name, c.logPath
+	log, err := os.OpenFile(logPath, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o600)
 	if err != nil {
 		return nil, fmt.Errorf("spiretest: %s log: %w", name, err)
 	}
 	defer log.Close() // the child has its own copy
 	cmd := exec.Command(argv[0], argv[1:]...)
-	cmd.Dir = dir
+	cmd.Dir = c.dir
 	cmd.Stdout, cmd.Stderr = log, log
 	cmd.SysProcAttr = sysProcAttr()
 	cmd.Env = []string{"PATH=" + os.Getenv("PATH")}

@@ -61,7 +61,8 @@ type Server struct {
 	dir      string // removed by Stop: configs, data, sockets, logs
 	socket   string // the server API's unix socket
 	launcher *launcher
-	proc     *process
+	run      command  // how the server is started (Restart starts it again)
+	proc     *process // guarded by mu after Start
 
 	mu     sync.Mutex
 	agents []*Agent
@@ -78,7 +79,8 @@ type Agent struct {
 	// WorkloadSocket serves the Workload API; AdminSocket the Delegated
 	// Identity API.
 	WorkloadSocket, AdminSocket string
-	proc                        *process
+	run                         command
+	proc                        *process // guarded by Server.mu
 }
 
 // AgentOptions configure StartAgent.
@@ -164,8 +166,9 @@ func Start(ctx context.Context, opts Options) (s *Server, err error) {
 		return s, fmt.Errorf("spiretest: %w", err)
 	}
 	start := time.Now()
-	if s.proc, err = s.launcher.start("spire-server", opts.NetNS, dir, filepath.Join(dir, "server.log"),
-		opts.Binaries.Server, "run", "-config", conf); err != nil {
+	s.run = command{name: "spire-server", netns: opts.NetNS, dir: dir, logPath: filepath.Join(dir, "server.log"),
+		argv: []string{opts.Binaries.Server, "run", "-config", conf}}
+	if s.proc, err = s.launcher.start(s.run); err != nil {
 		return s, err
 	}
 	wctx, cancel := context.WithTimeout(ctx, opts.ReadyTimeout)
@@ -205,11 +208,13 @@ plugins {
     NodeAttestor "join_token" {
         plugin_data {}
     }
-    KeyManager "memory" {
-        plugin_data {}
+    KeyManager "disk" {
+        plugin_data {
+            keys_path = %q
+        }
     }
 }
-`, opts.Listen.Addr().String(), opts.Listen.Port(), socket, opts.TrustDomain.Name(), data, filepath.Join(data, "datastore.sqlite3"))
+`, opts.Listen.Addr().String(), opts.Listen.Port(), socket, opts.TrustDomain.Name(), data, filepath.Join(data, "datastore.sqlite3"), filepath.Join(data, "keys.json"))
 }
 
 // TrustDomain returns the server's trust domain.
@@ -286,8 +291,10 @@ plugins {
     NodeAttestor "join_token" {
         plugin_data {}
     }
-    KeyManager "memory" {
-        plugin_data {}
+    KeyManager "disk" {
+        plugin_data {
+            directory = %q
+        }
     }
     WorkloadAttestor "unix" {
         plugin_data {
@@ -297,17 +304,19 @@ plugins {
     }
 }
 `, filepath.Join(dir, "data"), s.opts.Listen.Addr().String(), s.opts.Listen.Port(), a.WorkloadSocket, a.AdminSocket,
-		filepath.Join(s.dir, "bundle.pem"), s.td.Name(), token, strings.Join(delegates, ", "))
+		filepath.Join(s.dir, "bundle.pem"), s.td.Name(), token, strings.Join(delegates, ", "), filepath.Join(dir, "data"))
 	if err := os.WriteFile(conf, []byte(body), 0o600); err != nil {
 		return nil, fmt.Errorf("spiretest: %w", err)
 	}
 	start := time.Now()
-	p, err := s.launcher.start("spire-agent "+name, opts.NetNS, dir, filepath.Join(s.dir, "agent-"+name+".log"), s.opts.Binaries.Agent, "run", "-config", conf)
+	a.run = command{name: "spire-agent " + name, netns: opts.NetNS, dir: dir, logPath: filepath.Join(s.dir, "agent-"+name+".log"),
+		argv: []string{s.opts.Binaries.Agent, "run", "-config", conf}}
+	p, err := s.launcher.start(a.run)
 	if err != nil {
 		return nil, err
 	}
-	a.proc = p
 	s.mu.Lock()
+	a.proc = p
 	s.agents = append(s.agents, a)
 	s.mu.Unlock()
 	if err := s.waitHealthy(ctx, p, s.opts.Binaries.Agent, "healthcheck", "-socketPath", a.WorkloadSocket); err != nil {
@@ -315,6 +324,90 @@ plugins {
 	}
 	s.opts.Log.Info("SPIRE agent ready", "name", name, "id", id.String(), "took", time.Since(start).Round(time.Millisecond))
 	return a, nil
+}
+
+// KillServer kills the SPIRE server (SIGKILL, as in a crash) and waits
+// until it is gone; its data stays, and the agents keep running. Restart
+// starts it again.
+func (s *Server) KillServer() error {
+	s.mu.Lock()
+	p := s.proc
+	s.mu.Unlock()
+	if p == nil {
+		return errors.New("spiretest: the server is stopped")
+	}
+	return p.kill()
+}
+
+// RestartServer starts the SPIRE server again on its data (its entries,
+// attested agents and CA keys) after KillServer, and waits until it is
+// healthy.
+func (s *Server) RestartServer(ctx context.Context) error {
+	start := time.Now()
+	p, err := s.restart(s.run, &s.proc)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(ctx, s.opts.ReadyTimeout)
+	defer cancel()
+	if err := s.waitHealthy(ctx, p, s.opts.Binaries.Server, "healthcheck", "-socketPath", s.socket); err != nil {
+		return err
+	}
+	s.opts.Log.Info("SPIRE server ready again", "took", time.Since(start).Round(time.Millisecond))
+	return nil
+}
+
+// KillAgent kills a (SIGKILL) and waits until it is gone; its data (its
+// own SVID and key) stays. RestartAgent starts it again.
+func (s *Server) KillAgent(a *Agent) error {
+	s.mu.Lock()
+	p := a.proc
+	s.mu.Unlock()
+	if p == nil {
+		return fmt.Errorf("spiretest: agent %s is stopped", a.Name)
+	}
+	return p.kill()
+}
+
+// RestartAgent starts a again after KillAgent and waits until its
+// Workload API answers. It comes back with the SVID it had (a join token
+// attests only once), so the server must be running for it to renew.
+func (s *Server) RestartAgent(ctx context.Context, a *Agent) error {
+	start := time.Now()
+	p, err := s.restart(a.run, &a.proc)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(ctx, s.opts.ReadyTimeout)
+	defer cancel()
+	if err := s.waitHealthy(ctx, p, s.opts.Binaries.Agent, "healthcheck", "-socketPath", a.WorkloadSocket); err != nil {
+		return err
+	}
+	s.opts.Log.Info("SPIRE agent ready again", "name", a.Name, "took", time.Since(start).Round(time.Millisecond))
+	return nil
+}
+
+// restart starts c in place of *proc, which must have exited.
+func (s *Server) restart(c command, proc **process) (*process, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	switch {
+	case s.launcher == nil:
+		return nil, errors.New("spiretest: the server is stopped")
+	case *proc == nil:
+		return nil, fmt.Errorf("spiretest: %s never started", c.name)
+	}
+	select {
+	case <-(*proc).exited:
+	default:
+		return nil, fmt.Errorf("spiretest: %s still runs (pid %d)", c.name, (*proc).cmd.Process.Pid)
+	}
+	p, err := s.launcher.start(c)
+	if err != nil {
+		return nil, err
+	}
+	*proc = p
+	return p, nil
 }
 
 // CreateEntry registers e with the server. Agents learn of it at their
