@@ -19,6 +19,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
+	"github.com/mantlet/mantlet/admin"
 	"github.com/mantlet/mantlet/internal/meshtest"
 	"github.com/mantlet/mantlet/internal/privtest"
 	"github.com/mantlet/mantlet/internal/spiretest"
@@ -50,8 +51,9 @@ type spireMesh struct {
 // delegate (selectors unix:uid:0 and unix:path of the mantlet binary, as
 // SPIRE's unix attestor sees the process) and every pod's identity by
 // k8s:ns and k8s:sa (what the delegate subscribes with) under its node's
-// SPIRE agent only, then starts mantlet's agents with --issuer spire.
-func startSPIREMesh(t *testing.T, spec testbed.Spec) *spireMesh {
+// SPIRE agent only, with SVIDs that live ttl (0: the server's default, an
+// hour), then starts mantlet's agents with --issuer spire.
+func startSPIREMesh(t *testing.T, spec testbed.Spec, ttl time.Duration) *spireMesh {
 	t.Helper()
 	privtest.Require(t)
 	bins := spiretest.RequireBinaries(t)
@@ -110,7 +112,7 @@ func startSPIREMesh(t *testing.T, spec testbed.Spec) *spireMesh {
 					if err != nil {
 						return nil, err
 					}
-					if err := srv.CreateEntry(ctx, spiretest.Entry{ID: id, Parent: a.ID, X509SVIDTTL: spireSVIDTTL,
+					if err := srv.CreateEntry(ctx, spiretest.Entry{ID: id, Parent: a.ID, X509SVIDTTL: ttl,
 						Selectors: []string{"k8s:ns:" + p.Namespace, "k8s:sa:" + p.ServiceAccount}}); err != nil {
 						return nil, err
 					}
@@ -155,36 +157,59 @@ func presented(ctx context.Context, m *meshtest.Mesh, node, pod string) ([]*x509
 	return chain, nil
 }
 
-// lastExpiry returns the NotAfter of the last SVID node's identity
-// manager took for id, from the agent's log.
-func lastExpiry(m *meshtest.Mesh, node string, id spiffeid.ID) time.Time {
-	var last time.Time
-	for _, r := range m.Records(node) {
-		if r["msg"] == "SVID issued" && r["spiffe_id"] == id.String() {
-			if s, ok := r["not_after"].(string); ok {
-				last, _ = time.Parse(time.RFC3339Nano, s)
-			}
+// svidOf returns the SVID node's agent holds for id, as its admin API
+// lists it (/v1/certs); ok is false while it holds none.
+func svidOf(ctx context.Context, m *meshtest.Mesh, node string, id spiffeid.ID) (c admin.Cert, ok bool, err error) {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	certs, err := m.Admin(node).Certs(ctx)
+	if err != nil {
+		return admin.Cert{}, false, fmt.Errorf("certificates of %s: %w", node, err)
+	}
+	for _, c := range certs {
+		if c.Identity == id.String() && c.Serial != "" {
+			return c, true, nil
 		}
 	}
-	return last
+	return admin.Cert{}, false, nil
 }
 
-// svidSerials returns the serials of the SVIDs node's identity manager
-// took for id, in order, from the agent's log.
-func svidSerials(m *meshtest.Mesh, node string, id spiffeid.ID) []string {
-	var out []string
-	for _, r := range m.Records(node) {
-		if r["msg"] == "SVID issued" && r["spiffe_id"] == id.String() {
-			if s, ok := r["serial"].(string); ok {
-				out = append(out, s)
-			}
+// waitSVID waits until node's agent holds an SVID for id other than the
+// one whose serial is not (any, if not is empty), and returns it.
+func waitSVID(t *testing.T, ctx context.Context, m *meshtest.Mesh, node string, id spiffeid.ID, not string) admin.Cert {
+	t.Helper()
+	for {
+		c, ok, err := svidOf(ctx, m, node, id)
+		if err == nil && ok && c.Serial != not {
+			return c
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("no SVID of %s on %s other than %q: %v (last: %+v, %v)", id, node, not, ctx.Err(), c, err)
+		case <-time.After(100 * time.Millisecond):
 		}
 	}
-	return out
 }
+
+// rotationWatch records the serials node's agent held for id, polled.
+type rotationWatch struct {
+	node    string
+	id      spiffeid.ID
+	first   admin.Cert
+	serials map[string]bool
+}
+
+func (w *rotationWatch) poll(ctx context.Context, m *meshtest.Mesh) {
+	if c, ok, err := svidOf(ctx, m, w.node, w.id); err == nil && ok {
+		w.serials[c.Serial] = true
+	}
+}
+
+// rotated reports whether the agent held an SVID other than the first.
+func (w *rotationWatch) rotated() bool { return len(w.serials) > 1 }
 
 func TestSPIREIssuesTheSVIDsAndItsRotationsDropNothing(t *testing.T) {
-	sm := startSPIREMesh(t, twoNodeShop())
+	sm := startSPIREMesh(t, twoNodeShop(), spireSVIDTTL)
 	m := sm.Mesh
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
@@ -200,11 +225,10 @@ func TestSPIREIssuesTheSVIDsAndItsRotationsDropNothing(t *testing.T) {
 
 	// mTLS across the two nodes works, on SPIRE's certificates, once each
 	// agent has its pod's SVID (entries reach SPIRE agents at their sync).
-	for _, w := range []struct {
-		node string
-		id   spiffeid.ID
-	}{{"node1", clientID}, {"node2", serverID}} {
-		waitUntil(t, ctx, fmt.Sprintf("an SVID of %s on %s", w.id, w.node), func() bool { return len(svidSerials(m, w.node, w.id)) > 0 })
+	watches := []*rotationWatch{{node: "node1", id: clientID}, {node: "node2", id: serverID}}
+	for _, w := range watches {
+		w.first = waitSVID(t, ctx, m, w.node, w.id, "")
+		w.serials = map[string]bool{w.first.Serial: true}
 	}
 	if err := probe(m, "client", srv.addr); err != nil {
 		t.Fatalf("client (node1) to server (node2): %v", err)
@@ -217,7 +241,7 @@ func TestSPIREIssuesTheSVIDsAndItsRotationsDropNothing(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	checkSPIRESVID(t, chain, bundle, m.Bundle(), serverID)
+	checkSPIRESVID(t, chain, bundle, m.Bundle(), serverID, spireSVIDTTL)
 	for _, node := range []string{"node1", "node2"} {
 		if !hasRecord(m, node, "SPIRE issues the workloads' SVIDs", "delegate", spireDelegate.String()) {
 			t.Errorf("%s's agent did not log that SPIRE issues its SVIDs, as delegate %s", node, spireDelegate)
@@ -227,12 +251,11 @@ func TestSPIREIssuesTheSVIDsAndItsRotationsDropNothing(t *testing.T) {
 	// Traffic during SPIRE's rotations: a new connection at a time, back
 	// to back, and one long connection that echoes every 100 ms; until
 	// both identities got a new SVID from SPIRE at least once, the server
-	// presented it to new handshakes, and the SVIDs of the start have
+	// presented one to new handshakes, and the SVIDs of the start have
 	// expired (so the HBONE connections made with them were retired),
 	// then one second more.
-	baseClient, baseServer := serialSet(svidSerials(m, "node1", clientID)), serialSet(svidSerials(m, "node2", serverID))
-	expired := lastExpiry(m, "node1", clientID)
-	if e := lastExpiry(m, "node2", serverID); e.After(expired) {
+	expired := watches[0].first.NotAfter
+	if e := watches[1].first.NotAfter; e.After(expired) {
 		expired = e
 	}
 	stop := make(chan struct{})
@@ -243,11 +266,13 @@ func TestSPIREIssuesTheSVIDsAndItsRotationsDropNothing(t *testing.T) {
 	deadline := start.Add(2 * time.Minute)
 	for {
 		if c, err := presented(ctx, m, "node1", "server"); err == nil {
-			checkSPIRESVID(t, c, bundle, m.Bundle(), serverID)
+			checkSPIRESVID(t, c, bundle, m.Bundle(), serverID, spireSVIDTTL)
 			presentedSerials[c[0].SerialNumber.Text(16)] = true
 		}
-		cs, ss := svidSerials(m, "node1", clientID), svidSerials(m, "node2", serverID)
-		if hasNew(cs, baseClient) && hasNew(ss, baseServer) && len(presentedSerials) > 1 && time.Now().After(expired) {
+		for _, w := range watches {
+			w.poll(ctx, m)
+		}
+		if watches[0].rotated() && watches[1].rotated() && len(presentedSerials) > 1 && time.Now().After(expired) {
 			break
 		}
 		if time.Now().After(deadline) {
@@ -255,7 +280,7 @@ func TestSPIREIssuesTheSVIDsAndItsRotationsDropNothing(t *testing.T) {
 			<-l.done
 			<-long.done
 			t.Fatalf("no rotation within %v: client SVIDs %v, server SVIDs %v, server presented %d serials; the first SVIDs expire at %v",
-				deadline.Sub(start), cs, ss, len(presentedSerials), expired)
+				deadline.Sub(start), watches[0].serials, watches[1].serials, len(presentedSerials), expired)
 		}
 		time.Sleep(500 * time.Millisecond)
 	}
@@ -264,9 +289,8 @@ func TestSPIREIssuesTheSVIDsAndItsRotationsDropNothing(t *testing.T) {
 	<-l.done
 	<-long.done
 	took := time.Since(start).Round(100 * time.Millisecond)
-	cs, ss := svidSerials(m, "node1", clientID), svidSerials(m, "node2", serverID)
-	t.Logf("over %v: %d connections ok, %d failed; the long connection echoed %d times (error: %v); new SVIDs from SPIRE: client %d, server %d; the server presented %d serials",
-		took, l.ok.Load(), l.failed.Load(), long.echoes.Load(), long.err, countNew(cs, baseClient), countNew(ss, baseServer), len(presentedSerials))
+	t.Logf("over %v: %d connections ok, %d failed; the long connection echoed %d times (error: %v); SVIDs from SPIRE: client %d, server %d; the server presented %d serials",
+		took, l.ok.Load(), l.failed.Load(), long.echoes.Load(), long.err, len(watches[0].serials), len(watches[1].serials), len(presentedSerials))
 	if n := l.failed.Load(); n > 0 {
 		t.Errorf("%d of %d connections failed during SPIRE's rotations; the first: %v", n, n+l.ok.Load(), l.first.Load())
 	}
@@ -281,10 +305,126 @@ func TestSPIREIssuesTheSVIDsAndItsRotationsDropNothing(t *testing.T) {
 	}
 }
 
+// TestSPIREDownTheAgentsKeepServingTheirSVIDs kills the SPIRE server and
+// both SPIRE agents under traffic: mantlet's agents keep the SVIDs they
+// have (an hour's, the server's default) and keep serving with them, and
+// when SPIRE comes back they take new SVIDs from it, all without a failed
+// connection.
+func TestSPIREDownTheAgentsKeepServingTheirSVIDs(t *testing.T) {
+	sm := startSPIREMesh(t, twoNodeShop(), 0)
+	m := sm.Mesh
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	srv := startCountingEcho(t, m, "server", appPort)
+	clientID, err := m.ID("client")
+	if err != nil {
+		t.Fatal(err)
+	}
+	serverID, err := m.ID("server")
+	if err != nil {
+		t.Fatal(err)
+	}
+	held := []struct {
+		node  string
+		id    spiffeid.ID
+		first admin.Cert
+	}{{node: "node1", id: clientID}, {node: "node2", id: serverID}}
+	for i := range held {
+		held[i].first = waitSVID(t, ctx, m, held[i].node, held[i].id, "")
+	}
+	if err := probe(m, "client", srv.addr); err != nil {
+		t.Fatalf("client (node1) to server (node2): %v", err)
+	}
+	bundle, err := sm.spire.Bundle()
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	stop := make(chan struct{})
+	l := startLoad(m, "client", srv.addr, stop, 1_000_000)
+	long := startLongEcho(m, "client", srv.addr, stop)
+	stopLoad := sync.OnceFunc(func() {
+		close(stop)
+		<-l.done
+		<-long.done
+	})
+	defer stopLoad()
+	start := time.Now()
+
+	// SPIRE goes down, agents and server; each mantlet agent notices (its
+	// subscriptions break) and the traffic goes on for three seconds more.
+	for _, node := range []string{"node1", "node2"} {
+		if err := sm.spire.KillAgent(sm.agents[node]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := sm.spire.KillServer(); err != nil {
+		t.Fatal(err)
+	}
+	down := time.Now()
+	for _, node := range []string{"node1", "node2"} {
+		waitUntil(t, ctx, node+"'s agent noticing that SPIRE is down", func() bool {
+			return hasRecordMsg(m, node, "SPIRE subscription broken; opening it again")
+		})
+	}
+	time.Sleep(3 * time.Second)
+	for _, h := range held {
+		c, ok, err := svidOf(ctx, m, h.node, h.id)
+		if err != nil || !ok || c.Serial != h.first.Serial {
+			t.Errorf("with SPIRE down, %s holds %+v (%v) for %s; want the SVID it had, serial %s", h.node, c, err, h.id, h.first.Serial)
+		}
+		st, err := m.Status(ctx, h.node)
+		if err != nil || !st.Ready {
+			t.Errorf("with SPIRE down, %s's agent: ready %v (%s), %v; want ready", h.node, st.Ready, st.Reason, err)
+		}
+	}
+	if chain, err := presented(ctx, m, "node1", "server"); err != nil {
+		t.Errorf("with SPIRE down, the server's HBONE handshake: %v", err)
+	} else if got := chain[0].SerialNumber.Text(16); got != held[1].first.Serial {
+		t.Errorf("with SPIRE down, the server presents serial %s; want %s, the one it had", got, held[1].first.Serial)
+	}
+	okDown, failedDown := l.ok.Load(), l.failed.Load()
+
+	// SPIRE comes back: each agent takes a new SVID from it, which the
+	// server presents.
+	if err := sm.spire.RestartServer(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for _, node := range []string{"node1", "node2"} {
+		if err := sm.spire.RestartAgent(ctx, sm.agents[node]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	back := time.Now()
+	for _, h := range held {
+		waitSVID(t, ctx, m, h.node, h.id, h.first.Serial)
+	}
+	again := time.Since(back).Round(100 * time.Millisecond)
+	chain, err := presented(ctx, m, "node1", "server")
+	if err != nil {
+		t.Fatal(err)
+	}
+	checkSPIRESVID(t, chain, bundle, m.Bundle(), serverID, time.Hour)
+	time.Sleep(time.Second)
+	stopLoad()
+	took := time.Since(start).Round(100 * time.Millisecond)
+	t.Logf("over %v (SPIRE down %v, new SVIDs %v after it came back): %d connections ok, %d failed (%d and %d while SPIRE was down); the long connection echoed %d times (error: %v)",
+		took, back.Sub(down).Round(100*time.Millisecond), again, l.ok.Load(), l.failed.Load(), okDown, failedDown, long.echoes.Load(), long.err)
+	if n := l.failed.Load(); n > 0 {
+		t.Errorf("%d of %d connections failed while SPIRE was down and came back; the first: %v", n, n+l.ok.Load(), l.first.Load())
+	}
+	if okDown < 100 {
+		t.Errorf("only %d connections while SPIRE was down: the load did not run", okDown)
+	}
+	if long.err != nil || long.echoes.Load() < int64(took/(200*time.Millisecond)) {
+		t.Errorf("the long connection: %d echoes in %v, error %v; want one every 100 ms and no error", long.echoes.Load(), took, long.err)
+	}
+}
+
 // checkSPIRESVID checks that chain is an SVID of id that SPIRE signed
 // (it verifies against SPIRE's bundle and not against the mesh's own CA,
-// which the agents were not given) with the entry's lifetime.
-func checkSPIRESVID(t *testing.T, chain []*x509.Certificate, spireBundle, meshBundle *x509bundle.Bundle, id spiffeid.ID) {
+// which the agents were not given) with the entry's lifetime ttl.
+func checkSPIRESVID(t *testing.T, chain []*x509.Certificate, spireBundle, meshBundle *x509bundle.Bundle, id spiffeid.ID, ttl time.Duration) {
 	t.Helper()
 	got, _, err := x509svid.Verify(chain, spireBundle)
 	if err != nil || got != id {
@@ -294,31 +434,10 @@ func checkSPIRESVID(t *testing.T, chain []*x509.Certificate, spireBundle, meshBu
 		t.Fatal("the presented SVID also verifies against meshtest's CA: not SPIRE's")
 	}
 	// SPIRE backdates its SVIDs by 10 s.
-	if life := chain[0].NotAfter.Sub(chain[0].NotBefore); life != spireSVIDTTL+10*time.Second {
-		t.Errorf("the presented SVID lives %v, want the entry's %v plus SPIRE's 10 s backdating", life, spireSVIDTTL)
+	if life := chain[0].NotAfter.Sub(chain[0].NotBefore); life != ttl+10*time.Second {
+		t.Errorf("the presented SVID lives %v, want the entry's %v plus SPIRE's 10 s backdating", life, ttl)
 	}
 }
-
-func serialSet(xs []string) map[string]bool {
-	m := map[string]bool{}
-	for _, x := range xs {
-		m[x] = true
-	}
-	return m
-}
-
-// countNew counts the members of xs not in base.
-func countNew(xs []string, base map[string]bool) int {
-	n := 0
-	for x := range serialSet(xs) {
-		if !base[x] {
-			n++
-		}
-	}
-	return n
-}
-
-func hasNew(xs []string, base map[string]bool) bool { return countNew(xs, base) > 0 }
 
 // waitUntil polls cond every 100 ms until it holds or ctx ends.
 func waitUntil(t *testing.T, ctx context.Context, what string, cond func() bool) {
@@ -330,6 +449,16 @@ func waitUntil(t *testing.T, ctx context.Context, what string, cond func() bool)
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
+}
+
+// hasRecordMsg reports whether node's agent logged msg.
+func hasRecordMsg(m *meshtest.Mesh, node, msg string) bool {
+	for _, r := range m.Records(node) {
+		if r["msg"] == msg {
+			return true
+		}
+	}
+	return false
 }
 
 // hasRecord reports whether node's agent logged msg with attribute key
