@@ -8,6 +8,8 @@ package spirebin
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -44,7 +46,7 @@ var ErrMissing = errors.New("spire-server and spire-agent are not built")
 
 // Binaries are a spire-server and a spire-agent built from ToolsModule.
 type Binaries struct {
-	// Dir holds them: <cache root>/spire-<key>.
+	// Dir holds them: <cache root>/spire-<key> (see cacheKey).
 	Dir string
 	// Server and Agent are the programs' paths.
 	Server, Agent string
@@ -85,7 +87,7 @@ func CacheRoot() (string, error) {
 // locate returns where the binaries of the repository at root go, built or
 // not.
 func locate(root string) (Binaries, error) {
-	key, err := kubebin.CacheKey(filepath.Join(root, ToolsModule))
+	key, err := cacheKey(filepath.Join(root, ToolsModule))
 	if err != nil {
 		return Binaries{}, err
 	}
@@ -224,15 +226,40 @@ func moduleVersion(ctx context.Context, tools, module string) (string, error) {
 	return strings.TrimSpace(string(out)), nil
 }
 
-// goBuild builds both programs into dir with cgo, stripped, with the
-// version stamped the way SPIRE's own build does, so that `spire-server
-// --version` reports it.
-func goBuild(ctx context.Context, tools, dir, version string) error {
+// cacheKey names a build: the first 16 hex digits of the SHA-256 of the
+// tools module's go.mod and go.sum (kubebin.CacheKey), the build's command
+// line and environment, and the target platform. A new SPIRE version, a
+// new dependency or a change to how the programs are built makes a new
+// key, so the next build does not reuse binaries built otherwise.
+func cacheKey(tools string) (string, error) {
+	mod, err := kubebin.CacheKey(tools)
+	if err != nil {
+		return "", err
+	}
+	h := sha256.New()
+	fmt.Fprintf(h, "module %s\nbuild %q\nenv %q\nplatform %s/%s\n", mod,
+		buildArgs("<dir>", "<version from go.mod>"), buildEnv, runtime.GOOS, runtime.GOARCH)
+	return hex.EncodeToString(h.Sum(nil))[:16], nil
+}
+
+// buildEnv is added to the environment of the build: the server keeps its
+// registrations in SQLite, which needs cgo.
+var buildEnv = []string{"CGO_ENABLED=1"}
+
+// buildArgs is the go command line that builds both programs into dir,
+// stripped, with the version stamped the way SPIRE's own build does, so
+// that `spire-server --version` reports it.
+func buildArgs(dir, version string) []string {
 	ldflags := "-s -w -X " + spireModule + "/pkg/common/version.gittag=" + strings.TrimPrefix(version, "v")
-	args := []string{"build", "-trimpath", "-ldflags=" + ldflags, "-o", dir + string(filepath.Separator), serverPackage, agentPackage}
+	return []string{"build", "-trimpath", "-ldflags=" + ldflags, "-o", dir + string(filepath.Separator), serverPackage, agentPackage}
+}
+
+// goBuild builds both programs into dir (buildArgs, buildEnv).
+func goBuild(ctx context.Context, tools, dir, version string) error {
+	args := buildArgs(dir, version)
 	cmd := exec.CommandContext(ctx, "go", args...)
 	cmd.Dir = tools
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=1")
+	cmd.Env = append(os.Environ(), buildEnv...)
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 	if err := cmd.Run(); err != nil {
 		return fmt.Errorf("spirebin: go %s (in %s): %w", strings.Join(args, " "), tools, err)
