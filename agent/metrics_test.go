@@ -2,6 +2,7 @@ package agent
 
 import (
 	"errors"
+	"fmt"
 	"net/netip"
 	"strings"
 	"testing"
@@ -50,13 +51,13 @@ mantlet_agent_pods{state="pending"} 1
 # HELP mantlet_agent_ready 1 when the node can carry captured traffic (the readiness probe answers 200).
 # TYPE mantlet_agent_ready gauge
 mantlet_agent_ready 1
-# HELP mantlet_config_last_reload_success 1 when the newest version of the cluster file is in force, 0 while it is rejected and the last good one stays in force ('mantlet status' says why).
+# HELP mantlet_config_last_reload_success 1 when the newest version of the desired state is in force, 0 while a version (the cluster file, or a MeshPolicy edit) is rejected and the last good one stays in force ('mantlet status' says why).
 # TYPE mantlet_config_last_reload_success gauge
 mantlet_config_last_reload_success 1
-# HELP mantlet_config_last_rejection_timestamp_seconds When a version of the cluster file was last rejected, in seconds since the Unix epoch; 0 if none was.
+# HELP mantlet_config_last_rejection_timestamp_seconds When a version of the desired state was last rejected, in seconds since the Unix epoch; 0 if none was.
 # TYPE mantlet_config_last_rejection_timestamp_seconds gauge
 mantlet_config_last_rejection_timestamp_seconds 1.7640690005e+09
-# HELP mantlet_config_reloads_total Changed versions of the cluster file, applied or rejected (the last good one stays in force).
+# HELP mantlet_config_reloads_total Changed versions of the desired state (the cluster file, or a Kubernetes object such as a MeshPolicy), applied or rejected (the last good one stays in force).
 # TYPE mantlet_config_reloads_total counter
 mantlet_config_reloads_total{result="applied"} 3
 mantlet_config_reloads_total{result="rejected"} 1
@@ -113,6 +114,39 @@ mantlet_datapath_repairs_total{fault="sk-lookup"} 0
 	}
 }
 
+// TestCollectorSaysWhenTheSourceIsUnreachable: mantlet_source_up is 0
+// while the API server does not answer.
+func TestCollectorSaysWhenTheSourceIsUnreachable(t *testing.T) {
+	a, err := New(Config{Node: "node-1", Datapath: newFakeDatapath(), Links: &fakeLinks{}, Store: workload.NewStore()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		st   source.Status
+		want string
+	}{
+		{source.Status{Kind: "kubernetes", Applied: 1}, "1"},
+		{source.Status{Kind: "kubernetes", Applied: 1, Unreachable: true, UnreachableSince: time.Unix(1764069000, 0)}, "0"},
+	} {
+		reg := prometheus.NewPedanticRegistry()
+		reg.MustRegister(NewCollector(a, fakeReloads(tc.st), nil, nil))
+		if got, err := testutil.GatherAndCount(reg, "mantlet_source_up"); err != nil || got != 1 {
+			t.Fatalf("mantlet_source_up: %d series, %v", got, err)
+		}
+		mfs, err := reg.Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, mf := range mfs {
+			if mf.GetName() == "mantlet_source_up" {
+				if got := fmt.Sprint(mf.GetMetric()[0].GetGauge().GetValue()); got != tc.want {
+					t.Errorf("unreachable=%v: mantlet_source_up %s, want %s", tc.st.Unreachable, got, tc.want)
+				}
+			}
+		}
+	}
+}
+
 func TestCollectorShowsARejectedEdit(t *testing.T) {
 	a, err := New(Config{Node: "node-1", Datapath: newFakeDatapath(), Links: &fakeLinks{}, Store: workload.NewStore()})
 	if err != nil {
@@ -132,13 +166,13 @@ func TestCollectorShowsARejectedEdit(t *testing.T) {
 			reg := prometheus.NewPedanticRegistry()
 			reg.MustRegister(NewCollector(a, fakeReloads(tc.st), nil, nil))
 			want := `
-# HELP mantlet_config_last_reload_success 1 when the newest version of the cluster file is in force, 0 while it is rejected and the last good one stays in force ('mantlet status' says why).
+# HELP mantlet_config_last_reload_success 1 when the newest version of the desired state is in force, 0 while a version (the cluster file, or a MeshPolicy edit) is rejected and the last good one stays in force ('mantlet status' says why).
 # TYPE mantlet_config_last_reload_success gauge
 mantlet_config_last_reload_success ` + tc.success + `
-# HELP mantlet_config_last_rejection_timestamp_seconds When a version of the cluster file was last rejected, in seconds since the Unix epoch; 0 if none was.
+# HELP mantlet_config_last_rejection_timestamp_seconds When a version of the desired state was last rejected, in seconds since the Unix epoch; 0 if none was.
 # TYPE mantlet_config_last_rejection_timestamp_seconds gauge
 mantlet_config_last_rejection_timestamp_seconds ` + tc.rejectedAt + `
-# HELP mantlet_config_reloads_total Changed versions of the cluster file, applied or rejected (the last good one stays in force).
+# HELP mantlet_config_reloads_total Changed versions of the desired state (the cluster file, or a Kubernetes object such as a MeshPolicy), applied or rejected (the last good one stays in force).
 # TYPE mantlet_config_reloads_total counter
 mantlet_config_reloads_total{result="applied"} ` + tc.applied + `
 mantlet_config_reloads_total{result="rejected"} ` + tc.rejected + "\n"

@@ -1,6 +1,7 @@
 package e2e
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -9,6 +10,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -20,6 +22,7 @@ import (
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/types"
+	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
 	"sigs.k8s.io/yaml"
@@ -69,7 +72,7 @@ func startKubeMesh(t *testing.T, spec testbed.Spec) *kubeMesh {
 		if err := installCRD(ctx, km.dyn); err != nil {
 			return nil, err
 		}
-		if err := agentRBAC(ctx, api.Admin()); err != nil {
+		if err := agentRBAC(ctx, api.Admin(), km.dyn); err != nil {
 			return nil, err
 		}
 		svcs, err := api.Load(ctx, m.TB.Manifest())
@@ -128,23 +131,46 @@ func installCRD(ctx context.Context, dyn dynamic.Interface) error {
 	}
 }
 
-// agentRBAC gives the agents' service account what they read and write.
-func agentRBAC(ctx context.Context, c kubernetes.Interface) error {
-	role := &rbacv1.ClusterRole{ObjectMeta: metav1.ObjectMeta{Name: "mantlet-agent"}, Rules: []rbacv1.PolicyRule{
-		{APIGroups: []string{""}, Resources: []string{"namespaces", "pods", "nodes", "services"}, Verbs: []string{"get", "list", "watch"}},
-		{APIGroups: []string{"discovery.k8s.io"}, Resources: []string{"endpointslices"}, Verbs: []string{"get", "list", "watch"}},
-		{APIGroups: []string{"mantlet.io"}, Resources: []string{"meshpolicies"}, Verbs: []string{"get", "list", "watch"}},
-		{APIGroups: []string{"mantlet.io"}, Resources: []string{"meshpolicies/status"}, Verbs: []string{"patch"}},
-		{APIGroups: []string{""}, Resources: []string{"pods/status"}, Verbs: []string{"patch"}},
-	}}
-	if _, err := c.RbacV1().ClusterRoles().Create(ctx, role, metav1.CreateOptions{}); err != nil {
-		return err
+// agentRBAC applies the RBAC objects of the chart's rendered manifest
+// (deploy/mantlet.yaml, what `kubectl apply` users get), so the agents run
+// with exactly the permissions the chart grants.
+func agentRBAC(ctx context.Context, c kubernetes.Interface, dyn dynamic.Interface) error {
+	raw, err := os.ReadFile(filepath.Join("..", "deploy", "mantlet.yaml"))
+	if err != nil {
+		return fmt.Errorf("read the chart's manifest: %w", err)
 	}
-	bind := &rbacv1.ClusterRoleBinding{ObjectMeta: metav1.ObjectMeta{Name: "mantlet-agent"},
-		RoleRef:  rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "ClusterRole", Name: "mantlet-agent"},
-		Subjects: []rbacv1.Subject{{Kind: "ServiceAccount", Namespace: "mantlet-system", Name: "mantlet-agent"}}}
-	_, err := c.RbacV1().ClusterRoleBindings().Create(ctx, bind, metav1.CreateOptions{})
-	return err
+	ns := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "mantlet-system"}}
+	if _, err := c.CoreV1().Namespaces().Create(ctx, ns, metav1.CreateOptions{}); err != nil && !apierrors.IsAlreadyExists(err) {
+		return fmt.Errorf("create namespace mantlet-system: %w", err)
+	}
+	resources := map[string]string{"ClusterRole": "clusterroles", "ClusterRoleBinding": "clusterrolebindings", "Role": "roles", "RoleBinding": "rolebindings"}
+	applied := 0
+	dec := utilyaml.NewYAMLOrJSONDecoder(bytes.NewReader(raw), 4096)
+	for {
+		var u unstructured.Unstructured
+		if err := dec.Decode(&u.Object); errors.Is(err, io.EOF) {
+			break
+		} else if err != nil {
+			return fmt.Errorf("decode the chart's manifest: %w", err)
+		}
+		res, ok := resources[u.GetKind()]
+		if !ok || u.GroupVersionKind().Group != rbacv1.GroupName {
+			continue
+		}
+		gvr := rbacv1.SchemeGroupVersion.WithResource(res)
+		var ri dynamic.ResourceInterface = dyn.Resource(gvr)
+		if u.GetNamespace() != "" {
+			ri = dyn.Resource(gvr).Namespace(u.GetNamespace())
+		}
+		if _, err := ri.Create(ctx, &u, metav1.CreateOptions{}); err != nil {
+			return fmt.Errorf("create %s %s from the chart: %w", u.GetKind(), u.GetName(), err)
+		}
+		applied++
+	}
+	if applied == 0 {
+		return errors.New("the chart's manifest holds no RBAC object")
+	}
+	return nil
 }
 
 // TestKubernetesModeMeshesWhatTheAPISays runs the agents in Kubernetes
@@ -154,9 +180,11 @@ func agentRBAC(ctx context.Context, c kubernetes.Interface) error {
 //     mantlet.io/Meshed condition;
 //   - removing the annotation un-enrolls them (the marker then crosses in
 //     clear), putting it back enrolls them again; a pod's opt-out works;
-//   - a MeshPolicy applied through the API refuses what it denies, and its
-//     status says Accepted; one the agent finds invalid gets Invalid with
-//     the reason;
+//   - a MeshPolicy applied through the API refuses what it denies (and
+//     only that), and its status says Accepted; an edit the agent finds
+//     invalid gets Invalid with the reason while the last valid version
+//     stays in force, and the nodes' status names it; a new invalid one
+//     gets Invalid;
 //   - a Service's ClusterIP reaches its meshed endpoints and spreads
 //     connections across them;
 //   - the agents' service account is refused what it was not granted.
@@ -176,6 +204,7 @@ func TestKubernetesModeMeshesWhatTheAPISays(t *testing.T) {
 	admin := km.api.Admin()
 	srv := echo(t, km.Mesh, "server", appPort)
 	srv2 := echo(t, km.Mesh, "server2", appPort)
+	other := echo(t, km.Mesh, "server", appPort+1)
 
 	// Meshed: only TLS crosses, and the pods say so.
 	marker := newMarker(t)
@@ -236,6 +265,44 @@ func TestKubernetesModeMeshesWhatTheAPISays(t *testing.T) {
 	waitFor(t, "the DENY policy's Accepted condition", func() (bool, string) {
 		return policyCondition(t, mp, "deny-8080", metav1.ConditionTrue, "Accepted")
 	})
+	// The DENY names one port: the server's other port still answers.
+	ping(t, dial(t, km.Mesh, "client", other.Addr), "not denied")
+
+	// An edit the API server's schema accepts but the agent refuses (a
+	// selector with a label value Kubernetes forbids) never takes the
+	// DENY out of force: the last valid version stays, the condition and
+	// the node's status say so.
+	cur, err := mp.Get(ctx, "deny-8080", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := unstructured.SetNestedField(cur.Object, map[string]any{"matchLabels": map[string]any{"app": "no spaces allowed"}}, "spec", "selector"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := mp.Update(ctx, cur, metav1.UpdateOptions{}); err != nil {
+		t.Fatalf("update the MeshPolicy with a bad selector: %v", err)
+	}
+	waitFor(t, "the rejected edit's Invalid condition", func() (bool, string) {
+		return policyCondition(t, mp, "deny-8080", metav1.ConditionFalse, "Invalid")
+	})
+	for _, node := range []string{"node1", "node2"} {
+		waitFor(t, node+"'s status naming the rejected edit", func() (bool, string) {
+			st, err := km.Status(ctx, node)
+			if err != nil {
+				return false, err.Error()
+			}
+			return st.Config.LastEditRejected && strings.Contains(strings.Join(st.Problems, "\n"), "MeshPolicy shop/deny-8080 rejected"),
+				fmt.Sprintf("rejected %v, problems %q", st.Config.LastEditRejected, st.Problems)
+		})
+	}
+	if c, err := km.Dial(ctx, "client", srv.Addr); err == nil {
+		_ = c.SetDeadline(time.Now().Add(3 * time.Second))
+		_, _ = io.WriteString(c, "x")
+		if n, _ := c.Read(make([]byte, 1)); n > 0 {
+			t.Error("after an invalid edit of the DENY policy, port 8080 answers: the last valid version is not in force")
+		}
+		c.Close()
+	}
 	if err := mp.Delete(ctx, "deny-8080", metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
@@ -283,9 +350,21 @@ func TestKubernetesModeMeshesWhatTheAPISays(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	_, err = as.CoreV1().Secrets("shop").List(ctx, metav1.ListOptions{})
-	if !apierrors.IsForbidden(err) {
-		t.Errorf("the agents' service account listing secrets: %v, want 403 Forbidden", err)
+	forbidden := map[string]error{}
+	_, forbidden["list secrets"] = as.CoreV1().Secrets("shop").List(ctx, metav1.ListOptions{})
+	_, forbidden["create a pod"] = as.CoreV1().Pods("shop").Create(ctx, &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "intruder"},
+		Spec: corev1.PodSpec{Containers: []corev1.Container{{Name: "x", Image: "x"}}}}, metav1.CreateOptions{})
+	_, forbidden["patch a pod's spec"] = as.CoreV1().Pods("shop").Patch(ctx, "client", types.MergePatchType, []byte(`{"metadata":{"labels":{"x":"y"}}}`), metav1.PatchOptions{})
+	_, forbidden["patch a namespace"] = as.CoreV1().Namespaces().Patch(ctx, "shop", types.MergePatchType, []byte(`{"metadata":{"annotations":{"mantlet.io/mesh":"disabled"}}}`), metav1.PatchOptions{})
+	asDyn, err := dynamic.NewForConfig(km.api.TokenConfig(token))
+	if err != nil {
+		t.Fatal(err)
+	}
+	forbidden["delete a MeshPolicy"] = asDyn.Resource(mkube.MeshPolicies).Namespace("shop").Delete(ctx, "any", metav1.DeleteOptions{})
+	for what, err := range forbidden {
+		if !apierrors.IsForbidden(err) {
+			t.Errorf("the agents' service account trying to %s: %v, want 403 Forbidden", what, err)
+		}
 	}
 }
 

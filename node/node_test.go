@@ -22,6 +22,7 @@ import (
 	"github.com/mantlet/mantlet/agent"
 	"github.com/mantlet/mantlet/bpf"
 	"github.com/mantlet/mantlet/identity/ca"
+	"github.com/mantlet/mantlet/source"
 	"github.com/mantlet/mantlet/source/file"
 )
 
@@ -384,4 +385,58 @@ func TestRunRefusesAnUnknownNodeBeforeTheKernel(t *testing.T) {
 	if n.k.dp.opened {
 		t.Error("the data path was opened for an unknown node")
 	}
+}
+
+// unreachableSource is a file source whose Status says the source cannot
+// be read since a time the test sets, as the Kubernetes source does while
+// the API server does not answer.
+type unreachableSource struct {
+	source.Source
+	mu    sync.Mutex
+	since time.Time
+}
+
+func (u *unreachableSource) set(since time.Time) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	u.since = since
+}
+
+func (u *unreachableSource) Status() source.Status {
+	st := u.Source.Status()
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if !u.since.IsZero() {
+		st.Unreachable, st.UnreachableSince = true, u.since
+	}
+	return st
+}
+
+// TestRunSaysWhenTheSourceIsUnreachable: while the source cannot be read
+// the node keeps its state in force and says so in its status; it stays
+// ready for the grace period, then reports not-ready with the reason, and
+// ready again once the source answers.
+func TestRunSaysWhenTheSourceIsUnreachable(t *testing.T) {
+	n := newTestNode(t, clusterHead+pod("a", 10))
+	src := &unreachableSource{Source: n.cfg.Source}
+	n.cfg.Source = src
+	n.cfg.SourceGrace = time.Minute
+	n.start(t)
+	n.status(t, func(st admin.Status) bool { return st.Ready && st.Snapshot.Enrolled == 1 })
+
+	src.set(time.Now())
+	st := n.status(t, func(st admin.Status) bool { return st.Config.Unreachable })
+	if !st.Ready || st.Snapshot.Enrolled != 1 || !strings.Contains(strings.Join(st.Problems, "\n"), "unreachable since") {
+		t.Errorf("within the grace period: ready %v (%s), enrolled %d, problems %q; want ready, the pod enrolled, the problem listed",
+			st.Ready, st.Reason, st.Snapshot.Enrolled, st.Problems)
+	}
+
+	src.set(time.Now().Add(-2 * time.Minute))
+	st = n.status(t, func(st admin.Status) bool { return !st.Ready })
+	if !strings.Contains(st.Reason, "unreachable for") || st.Snapshot.Enrolled != 1 {
+		t.Errorf("past the grace period: reason %q, enrolled %d; want the source named and the pod still enrolled", st.Reason, st.Snapshot.Enrolled)
+	}
+
+	src.set(time.Time{})
+	n.status(t, func(st admin.Status) bool { return st.Ready && !st.Config.Unreachable })
 }

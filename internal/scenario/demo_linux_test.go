@@ -3,6 +3,7 @@ package scenario
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -125,6 +126,76 @@ func TestDemoReportsCaptureIdentitiesAndAnEncryptedWire(t *testing.T) {
 		t.Errorf("the demo took %v; it should take well under 30 s", took)
 	}
 	checkDemoLeftNothing(t, report)
+}
+
+// TestDemoTwiceWhileAnotherToolAddsNamespaces: the demo passes twice in a
+// row while another process keeps running `ip netns add` and `ip netns
+// del` (whose first mount would cover namespaces made carelessly), and
+// each run leaves no namespace, pin, temporary file or routing rule of its
+// own behind.
+func TestDemoTwiceWhileAnotherToolAddsNamespaces(t *testing.T) {
+	privtest.Require(t)
+	if _, err := exec.LookPath("ip"); err != nil {
+		t.Fatalf("iproute2's ip is needed: %v", err)
+	}
+	bin := mantletBinary(t)
+	rulesBefore := rootRules(t)
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	name := fmt.Sprintf("mtdemo-other-%d", os.Getpid())
+	added := 0
+	go func() {
+		defer close(done)
+		for i := 0; ; i++ {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			n := fmt.Sprintf("%s-%d", name, i%4)
+			if exec.Command("ip", "netns", "add", n).Run() == nil {
+				added++
+			}
+			_ = exec.Command("ip", "netns", "del", n).Run()
+		}
+	}()
+	t.Cleanup(func() {
+		select {
+		case <-stop:
+		default:
+			close(stop)
+		}
+		<-done
+		for i := range 4 {
+			_ = exec.Command("ip", "netns", "del", fmt.Sprintf("%s-%d", name, i)).Run()
+		}
+	})
+	for run := 1; run <= 2; run++ {
+		var out, errb bytes.Buffer
+		err := Demo(context.Background(), bin, DemoOptions{Stdout: &out, Stderr: &errb})
+		if err != nil || strings.Contains(out.String(), "FAIL") || !strings.Contains(out.String(), "All checks passed in ") {
+			t.Fatalf("demo run %d: %v; stdout:\n%s\nstderr:\n%s", run, err, out.String(), errb.String())
+		}
+		checkDemoLeftNothing(t, out.String())
+	}
+	close(stop)
+	<-done
+	if added == 0 {
+		t.Fatal("the other tool never added a namespace: the test proved nothing")
+	}
+	if after := rootRules(t); after != rulesBefore {
+		t.Errorf("the demo changed the root namespace's routing rules:\nbefore:\n%s\nafter:\n%s", rulesBefore, after)
+	}
+}
+
+// rootRules lists the routing rules of the test's own (root) namespace.
+func rootRules(t *testing.T) string {
+	t.Helper()
+	out, err := exec.Command("ip", "rule", "show").CombinedOutput()
+	if err != nil {
+		t.Fatalf("ip rule show: %v: %s", err, out)
+	}
+	return string(out)
 }
 
 // TestDemoKeepRunsUntilInterrupted runs the demo with Keep, talks to the

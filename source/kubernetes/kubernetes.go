@@ -116,10 +116,15 @@ type Source struct {
 	stopOnce sync.Once
 
 	mu       sync.Mutex
-	status   source.Status
+	status   source.Status // counters, times and reachability; Status adds the problems
 	lastSum  uint64
-	invalid  map[string]string // namespace/name → why the MeshPolicy is not in force
+	invalid  map[string]string // namespace/name → why its newest version is not in force
 	watchErr string
+	// The problems Status reports: the API server's error while it is
+	// unreachable, why the last build failed, and each MeshPolicy whose
+	// newest version was rejected.
+	unreachableErr, buildErr string
+	policyProblems           []string
 
 	// decoded caches validated MeshPolicies by UID and generation: a
 	// build decodes only the ones that changed. Owned by build's caller
@@ -131,6 +136,10 @@ type decodedPolicy struct {
 	generation int64
 	policy     *v1alpha1.MeshPolicy
 	err        error
+	// good is the newest valid version of the object seen by this agent:
+	// the one kept in force while a later edit fails validation, so that
+	// an edit the schema lets through never silently drops a DENY.
+	good *v1alpha1.MeshPolicy
 }
 
 var _ source.Source = (*Source)(nil)
@@ -325,11 +334,11 @@ func (s *Source) probe() {
 	switch {
 	case err == nil && s.status.Unreachable:
 		s.log.Info("kubernetes: the API server answers again", "where", s.where, "unreachable_for", time.Since(s.status.UnreachableSince).Round(time.Second))
-		s.status.Unreachable, s.status.UnreachableSince, s.status.Problems = false, time.Time{}, nil
+		s.status.Unreachable, s.status.UnreachableSince, s.unreachableErr = false, time.Time{}, ""
 	case err != nil && !s.status.Unreachable:
 		s.log.Warn("kubernetes: the API server does not answer; the last state stays in force", "where", s.where, "error", err)
 		s.status.Unreachable, s.status.UnreachableSince = true, time.Now()
-		s.status.Problems = []string{"API server " + s.where + " unreachable: " + err.Error()}
+		s.unreachableErr = "API server " + s.where + " unreachable: " + err.Error()
 	}
 }
 
@@ -339,10 +348,6 @@ func (s *Source) published(sum uint64) {
 	s.lastSum = sum
 	s.status.Applied++
 	s.status.AppliedAt = time.Now()
-	if !s.status.Unreachable {
-		s.status.Problems = nil
-	}
-	s.status.LastEditRejected = false
 }
 
 func (s *Source) rejected(err error) {
@@ -351,8 +356,7 @@ func (s *Source) rejected(err error) {
 	defer s.mu.Unlock()
 	s.status.Rejected++
 	s.status.RejectedAt = time.Now()
-	s.status.LastEditRejected = true
-	s.status.Problems = []string{err.Error()}
+	s.buildErr = err.Error()
 }
 
 // Close stops the informers; Run does it when it ends.
@@ -367,7 +371,15 @@ func (s *Source) Status() source.Status {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	st := s.status
-	st.Problems = slices.Clone(st.Problems)
+	st.Problems = nil
+	if s.buildErr != "" {
+		st.Problems = append(st.Problems, s.buildErr)
+	}
+	st.Problems = append(st.Problems, s.policyProblems...)
+	if s.unreachableErr != "" {
+		st.Problems = append(st.Problems, s.unreachableErr)
+	}
+	st.LastEditRejected = s.buildErr != "" || len(s.policyProblems) > 0
 	return st
 }
 
@@ -420,13 +432,22 @@ func (s *Source) build() (*source.State, uint64, error) {
 		if !ok || d.generation != u.GetGeneration() || u.GetGeneration() == 0 {
 			d.generation = u.GetGeneration()
 			d.policy, d.err = decodePolicy(u)
+			if d.err == nil {
+				d.good = d.policy
+			}
 		}
 		decoded[u.GetUID()] = d
-		if d.err != nil {
-			invalid[metaKey(o)] = d.err.Error()
-			continue
+		switch {
+		case d.err == nil:
+			objs.Policies = append(objs.Policies, d.policy)
+		case d.good != nil:
+			// Keep the last valid version in force: the edit is
+			// rejected as a whole, as a cluster file's would be.
+			objs.Policies = append(objs.Policies, d.good)
+			invalid[metaKey(o)] = fmt.Sprintf("%v; generation %d stays in force", d.err, d.good.Generation)
+		default:
+			invalid[metaKey(o)] = fmt.Sprintf("%v; not in force", d.err)
 		}
-		objs.Policies = append(objs.Policies, d.policy)
 	}
 	s.decoded = decoded
 	sortByName(objs)
@@ -438,12 +459,17 @@ func (s *Source) build() (*source.State, uint64, error) {
 		s.log.Debug("kubernetes: object left out", "problem", w.Error())
 	}
 	s.mu.Lock()
-	for k, why := range invalid {
+	problems := make([]string, 0, len(invalid))
+	for _, k := range slices.Sorted(maps.Keys(invalid)) {
+		why := invalid[k]
 		if s.invalid[k] != why {
-			s.log.Warn("kubernetes: MeshPolicy not in force", "policy", k, "reason", why)
+			s.log.Warn("kubernetes: MeshPolicy edit rejected", "policy", k, "reason", why)
+			s.status.Rejected++
+			s.status.RejectedAt = time.Now()
 		}
+		problems = append(problems, "MeshPolicy "+k+" rejected: "+why)
 	}
-	s.invalid = invalid
+	s.invalid, s.policyProblems, s.buildErr = invalid, problems, ""
 	s.mu.Unlock()
 	st := &source.State{Snapshot: m.Snapshot, Policies: file.Policies(m)}
 	sum := fingerprint(st)

@@ -55,6 +55,7 @@ func meshPolicy(namespace, name string, spec map[string]any) *unstructured.Unstr
 // fixture is a source over fake clients, started.
 type fixture struct {
 	client *fake.Clientset
+	dyn    *dynfake.FakeDynamicClient
 	src    *Source
 	states chan *source.State
 }
@@ -72,7 +73,7 @@ func newFixture(t testing.TB, core []runtime.Object, policies ...runtime.Object)
 		src.Close()
 		t.Fatal(err)
 	}
-	f := &fixture{client: client, src: src, states: make(chan *source.State, 16)}
+	f := &fixture{client: client, dyn: dyn, src: src, states: make(chan *source.State, 16)}
 	done := make(chan error, 1)
 	go func() { done <- src.Run(ctx, func(st *source.State) { f.states <- st }) }()
 	t.Cleanup(func() {
@@ -164,8 +165,8 @@ func TestSourceReadsTheClusterAsTheFileDoes(t *testing.T) {
 }
 
 // TestSourceFollowsChangesAndIgnoresNoise: a pod update mantlet does not
-// read emits nothing; opting a namespace out, deleting a pod and adding a
-// policy each emit a new generation.
+// read emits nothing; opting a namespace out, a pod's new IP and deleting
+// a pod each emit a new generation.
 func TestSourceFollowsChangesAndIgnoresNoise(t *testing.T) {
 	f, first := newFixture(t, []runtime.Object{
 		ns("shop", map[string]string{"mantlet.io/mesh": "enabled"}),
@@ -201,12 +202,96 @@ func TestSourceFollowsChangesAndIgnoresNoise(t *testing.T) {
 		t.Fatalf("after opting the namespace out: generation %d (first %d), pod a still enrolled", st.Generation, first.Generation)
 	}
 
+	// A pod's IP changes (a restart in place with a new sandbox).
+	p, err = pods.Get(ctx, "a", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p.ResourceVersion = "3"
+	p.Status.PodIP, p.Status.PodIPs = "198.19.1.20", []corev1.PodIP{{IP: "198.19.1.20"}}
+	if _, err := pods.UpdateStatus(ctx, p, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	st = f.next(t)
+	if st.Snapshot.WorkloadByIP(netip.MustParseAddr("198.19.1.10")) != nil || st.Snapshot.WorkloadByIP(netip.MustParseAddr("198.19.1.20")) == nil {
+		t.Fatal("after pod a's IP changed, the state still has the old address or lacks the new one")
+	}
+
 	if err := pods.Delete(ctx, "b", metav1.DeleteOptions{}); err != nil {
 		t.Fatal(err)
 	}
 	st = f.next(t)
 	if st.Snapshot.WorkloadByIP(netip.MustParseAddr("198.19.1.11")) != nil {
 		t.Fatal("a deleted pod is still in the state")
+	}
+}
+
+// TestAnInvalidEditKeepsTheLastGoodVersion: an edit of a MeshPolicy that
+// the API server's schema accepts but mantlet's validation refuses never
+// takes the policy out of force (a DENY would silently vanish); the last
+// valid version stays, and the status, InvalidPolicies (the condition)
+// and the rejected count say so until a valid edit replaces it.
+func TestAnInvalidEditKeepsTheLastGoodVersion(t *testing.T) {
+	deny := func(gen int64, spec map[string]any) *unstructured.Unstructured {
+		u := meshPolicy("shop", "deny-22", spec)
+		u.SetGeneration(gen)
+		u.SetResourceVersion(fmt.Sprint(gen))
+		return u
+	}
+	denyPort := func(port string) map[string]any {
+		return map[string]any{"action": "DENY", "rules": []any{map[string]any{"to": map[string]any{"ports": []any{port}}}}}
+	}
+	f, first := newFixture(t, []runtime.Object{
+		ns("shop", map[string]string{"mantlet.io/mesh": "enabled"}),
+		node("node1", "198.18.0.1"),
+		pod("shop", "a", "a", "node1", "198.19.1.10", nil),
+	}, deny(1, denyPort("22")))
+	ports := func(st *source.State) string {
+		for _, p := range st.Policies {
+			if p.Name == "deny-22" {
+				return fmt.Sprintf("%s [%s]", p.Spec.Action, p.Spec.Rules[0].To.Ports[0].String())
+			}
+		}
+		return "not in force"
+	}
+	if got := ports(first); got != "DENY [22]" {
+		t.Fatalf("first state: deny-22 is %s", got)
+	}
+	ctx := context.Background()
+	policies := f.dyn.Resource(MeshPolicies).Namespace("shop")
+	if _, err := policies.Update(ctx, deny(2, map[string]any{"action": "MAYBE"}), metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	// The state in force does not change, so nothing is emitted; a pod
+	// added afterwards makes the source build (and emit) again.
+	if _, err := f.client.CoreV1().Pods("shop").Create(ctx, pod("shop", "b", "b", "node1", "198.19.1.11", nil), metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	st := f.next(t)
+	if st.Snapshot.WorkloadByIP(netip.MustParseAddr("198.19.1.11")) == nil {
+		t.Fatal("the new pod is not in the state")
+	}
+	if got := ports(st); got != "DENY [22]" {
+		t.Errorf("after an invalid edit deny-22 is %s, want generation 1 (DENY [22]) still in force", got)
+	}
+	why := f.src.InvalidPolicies()["shop/deny-22"]
+	if !strings.Contains(why, "spec.action") || !strings.Contains(why, "generation 1 stays in force") {
+		t.Errorf("the rejected edit is reported as %q, want the field and the generation in force", why)
+	}
+	status := f.src.Status()
+	if !status.LastEditRejected || status.Rejected != 1 || len(status.Problems) != 1 || !strings.Contains(status.Problems[0], "MeshPolicy shop/deny-22 rejected") {
+		t.Errorf("Status() = %+v, want the rejected edit counted and named", status)
+	}
+
+	if _, err := policies.Update(ctx, deny(3, denyPort("23")), metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	st = f.next(t)
+	if got := ports(st); got != "DENY [23]" {
+		t.Errorf("after a valid edit deny-22 is %s, want DENY [23]", got)
+	}
+	if status := f.src.Status(); status.LastEditRejected || len(status.Problems) != 0 || len(f.src.InvalidPolicies()) != 0 {
+		t.Errorf("after a valid edit Status() = %+v, invalid %v; want nothing rejected", status, f.src.InvalidPolicies())
 	}
 }
 
