@@ -23,7 +23,7 @@ test-unit: ## run the tests that need no root, quickly
 
 # The modules whose go.mod and go.sum must be tidy (a direct import
 # marked // indirect, a missing or unused requirement fails lint).
-MODULES := . test/interop test/kube/tools test/bench/tools deploy/tools
+MODULES := . test/interop test/kube/tools test/bench/tools test/spire/tools deploy/tools
 
 lint: ## gofmt, go vet, staticcheck, and go mod tidy -diff of every module
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt wants to change:"; echo "$$out"; exit 1; fi
@@ -40,6 +40,11 @@ kube-binaries: ## build kube-apiserver and etcd for the API server tests (once 7
 
 test-kube: kube-binaries ## build the API server if needed, then run the harness's tests
 	$(GO) test $(TESTFLAGS) ./internal/kubetest/...
+
+# The SPIRE server and agent for the tests (internal/spiretest, docs/spiretest.md).
+.PHONY: spire-binaries
+spire-binaries: ## build spire-server and spire-agent for the SPIRE tests (needs gcc; once several minutes on 2 cores, then cached)
+	$(GO) run ./internal/spiretest/cmd/spire-binaries
 
 # What controller-gen writes from the MeshPolicy types (policy/v1alpha1/gen.go).
 API_GENERATED := policy/v1alpha1/zz_generated.deepcopy.go deploy/charts/mantlet/crds/

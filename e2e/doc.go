@@ -21,5 +21,8 @@
 //   - TestStrictDropsPlaintextFromUnmeshedPodsAndPermissiveLetsItPass;
 //   - TestAgentsFailClosedAndAdoptTheirPinsOnRestart (its comment says
 //     exactly what it proves);
-//   - TestAnnotatingANamespaceEnrollsItsPodsAtRuntime.
+//   - TestAnnotatingANamespaceEnrollsItsPodsAtRuntime;
+//   - TestSPIREIssuesTheSVIDsAndItsRotationsDropNothing and
+//     TestSPIREDownTheAgentsKeepServingTheirSVIDs: SPIRE as the CA (real
+//     SPIRE binaries from internal/spiretest, `make spire-binaries`).
 package e2e

@@ -160,13 +160,14 @@ type entry struct {
 	fetching chan struct{}     // non-nil while an attempt runs; closed when it ends
 	root     *x509.Certificate // the root svid chains to
 	reissue  bool              // renewal brought forward: svid's root no longer signs
+	stale    bool              // the issuer reported a newer SVID during the attempt
 }
 
 // NewManager returns a Manager for the identities of trust domain td,
 // signed by issuer.
 func NewManager(issuer Issuer, td spiffeid.TrustDomain, log *slog.Logger, opts ManagerOptions) *Manager {
 	opts = opts.withDefaults()
-	return &Manager{
+	m := &Manager{
 		issuer:  issuer,
 		td:      td,
 		log:     log,
@@ -175,6 +176,10 @@ func NewManager(issuer Issuer, td spiffeid.TrustDomain, log *slog.Logger, opts M
 		kick:    make(chan struct{}, 1),
 		entries: map[spiffeid.ID]*entry{},
 	}
+	if si, ok := issuer.(SVIDIssuer); ok {
+		si.Notify(m.issuerUpdated)
+	}
+	return m
 }
 
 // TrustDomain returns the trust domain of the Manager's identities.
@@ -349,8 +354,11 @@ func (m *Manager) Prefetch(id spiffeid.ID) {
 // with this identity goes. A fetch in flight finishes but is not kept.
 func (m *Manager) Forget(id spiffeid.ID) {
 	m.mu.Lock()
-	defer m.mu.Unlock()
 	delete(m.entries, id)
+	m.mu.Unlock()
+	if si, ok := m.issuer.(SVIDIssuer); ok {
+		si.Release(id)
+	}
 }
 
 // startFetch starts an attempt to get an SVID for e. wg, if not nil,
@@ -382,11 +390,17 @@ func (m *Manager) fetch(ctx context.Context, e *entry) {
 			err = fmt.Errorf("identity: SVID for %s: issuer returned a certificate that expired at %s", e.id, svid.Certificates[0].NotAfter.UTC().Format(time.RFC3339))
 		}
 	}
+	// An issuer that renews on its own may answer with the SVID the
+	// Manager has: not renewed yet, so ask again at half what is left.
+	unchanged := err == nil && e.svid != nil && e.svid.Certificates[0].Equal(svid.Certificates[0])
 	var retry time.Duration
 	canceled := err != nil && errors.Is(ctx.Err(), context.Canceled)
 	switch {
 	case canceled: // Run is stopping: not a failure, retry when it runs again
 		e.renewAt = now
+	case unchanged:
+		e.renewAt = now.Add(max(m.renewAfter(svid.Certificates[0].NotAfter.Sub(now)), m.opts.MinBackoff))
+		e.failures, e.lastErr = 0, nil
 	case err == nil:
 		lifetime := svid.Certificates[0].NotAfter.Sub(now)
 		e.svid, e.tlsCert, e.issuedAt, e.root = svid, cert, now, root
@@ -398,6 +412,9 @@ func (m *Manager) fetch(ctx context.Context, e *entry) {
 		retry = m.backoff(e.failures)
 		e.renewAt = now.Add(retry)
 	}
+	if e.stale {
+		e.stale, e.renewAt = false, now
+	}
 	renewAt, failures := e.renewAt, e.failures
 	close(e.fetching)
 	e.fetching = nil
@@ -406,6 +423,9 @@ func (m *Manager) fetch(ctx context.Context, e *entry) {
 
 	switch {
 	case canceled:
+		return
+	case unchanged:
+		m.log.Debug("SVID not renewed by the issuer yet", "spiffe_id", e.id.String(), "serial", serialHex(svid.Certificates[0]), "ask_again_at", renewAt)
 		return
 	case err == nil:
 		m.log.Info("SVID issued", "spiffe_id", e.id.String(), "serial", serialHex(svid.Certificates[0]),
@@ -439,6 +459,9 @@ func (m *Manager) backoff(n int) time.Duration {
 // answer: an SVID for id that chains to the trust bundle. It returns the
 // SVID and the root it chains to.
 func (m *Manager) issue(ctx context.Context, id spiffeid.ID) (*x509svid.SVID, *x509.Certificate, error) {
+	if si, ok := m.issuer.(SVIDIssuer); ok {
+		return m.issueWhole(ctx, si, id)
+	}
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return nil, nil, fmt.Errorf("identity: SVID for %s: generate key: %w", id, err)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"flag"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/netip"
 	"path/filepath"
@@ -88,13 +89,13 @@ func (l *listFlag) Set(s string) error {
 
 func parseAgentFlags(e *env, args []string) (*agentFlags, error) {
 	f := &agentFlags{}
-	fs := newFlagSet(e, "agent", "--node-name N (--config cluster.yaml | --kubeconfig F | --kubernetes) (--ca-dir D | --issuer cluster-ca --ca-address A --ca-bundle B) [flags]\n       mantlet agent --cleanup --node-name N [--pin-dir D]")
+	fs := newFlagSet(e, "agent", "--node-name N (--config cluster.yaml | --kubeconfig F | --kubernetes) (--ca-dir D | --issuer cluster-ca --ca-address A --ca-bundle B | --issuer spire --spire-admin-socket S) [flags]\n       mantlet agent --cleanup --node-name N [--pin-dir D]")
 	fs.StringVar(&f.node, "node-name", "", "name of this node, as pods' spec.nodeName say (required)")
 	fs.StringVar(&f.config, "config", "", "cluster file: multi-document YAML of Kubernetes Namespace, Pod, Node, Service and MeshPolicy objects, watched for changes (standalone mode; one of --config, --kubeconfig or --kubernetes is required)")
 	fs.StringVar(&f.caDir, "ca-dir", "", "directory of the CA made by 'mantlet ca init' (required with --issuer ca, the default)")
 	fs.StringVar(&f.kubeconfig, "kubeconfig", "", "Kubernetes mode: read the cluster from the API server of this kubeconfig (instead of --config)")
 	fs.BoolVar(&f.inCluster, "kubernetes", false, "Kubernetes mode: read the cluster from the API server, with the pod's service account (in a DaemonSet; instead of --config)")
-	fs.StringVar(&f.trustDomain, "trust-domain", "", "trust domain of the identities (default: the CA's; with --issuer cluster-ca, "+identity.DefaultTrustDomain.Name()+")")
+	fs.StringVar(&f.trustDomain, "trust-domain", "", "trust domain of the identities (default: the CA's; with --issuer cluster-ca, "+identity.DefaultTrustDomain.Name()+"; with --issuer spire, the SPIRE agent's)")
 	fs.StringVar(&f.pinDir, "pin-dir", "", "bpffs directory of this node's pinned programs and maps (default "+bpf.DefaultPinRoot+"/<node-name>)")
 	fs.BoolVar(&f.cleanup, "cleanup", false, "detach every program and remove the pins of this node (with --pin-dir if the agent ran with one), and the routing rule and route unless another data path of the namespace uses them, then exit")
 	fs.StringVar(&f.mtlsMode, "mtls-mode", "PERMISSIVE", "mTLS mode of workloads for which no MeshPolicy and no mantlet.io/mtls namespace annotation sets one: PERMISSIVE or STRICT")
@@ -232,6 +233,9 @@ func runAgent(ctx context.Context, e *env, args []string) error {
 	if err != nil {
 		return err
 	}
+	if c, ok := cfg.Issuer.(io.Closer); ok {
+		defer c.Close() // SPIRE's subscriptions
+	}
 	return node.Run(ctx, cfg)
 }
 
@@ -275,16 +279,17 @@ func (f *agentFlags) pinDirOrDefault() string {
 // that can be checked without privileges (the CA, the trust domain, the
 // exclusions, the marks) is checked here, so a typo fails at once.
 func (f *agentFlags) nodeConfig(ctx context.Context, log *slog.Logger) (node.Config, error) {
-	issuer, td, err := f.newIssuer(ctx, log)
-	if err != nil {
-		return node.Config{}, err
-	}
 	mode, _ := v1alpha1.ParseMTLSMode(f.mtlsMode)
 	src, err := f.source(log)
 	if err != nil {
 		return node.Config{}, err
 	}
 	bcfg, err := f.bpfConfig()
+	if err != nil {
+		return node.Config{}, err
+	}
+	// Last: SPIRE's may wait for the SPIRE agent.
+	issuer, td, err := f.newIssuer(ctx, log)
 	if err != nil {
 		return node.Config{}, err
 	}

@@ -12,16 +12,19 @@ import (
 	"github.com/mantlet/mantlet/identity"
 	"github.com/mantlet/mantlet/identity/ca"
 	"github.com/mantlet/mantlet/identity/clusterca"
+	"github.com/mantlet/mantlet/identity/spire"
 )
 
 // Issuers of 'mantlet agent --issuer'.
 const (
 	issuerCA        = "ca"
 	issuerClusterCA = "cluster-ca"
+	issuerSPIRE     = "spire"
 )
 
 // issuerFlags choose who signs the node's SVIDs: the CA of --ca-dir (in
-// process, identity/ca) or the cluster CA service (identity/clusterca).
+// process, identity/ca), the cluster CA service (identity/clusterca) or
+// the node's SPIRE agent (identity/spire).
 type issuerFlags struct {
 	kind        string
 	caAddress   string
@@ -29,15 +32,22 @@ type issuerFlags struct {
 	caTokenFile string
 	caServerID  string
 	caTimeout   time.Duration
+
+	spireAdmin    string
+	spireWorkload string
+	spireWait     time.Duration
 }
 
 func addIssuerFlags(fs *flag.FlagSet, f *issuerFlags) {
-	fs.StringVar(&f.kind, "issuer", issuerCA, "who signs the workloads' SVIDs: ca (the CA of --ca-dir, in process) or cluster-ca (the cluster CA service, 'mantlet ca serve', which signs only identities of pods on this node)")
+	fs.StringVar(&f.kind, "issuer", issuerCA, "who signs the workloads' SVIDs: ca (the CA of --ca-dir, in process), cluster-ca (the cluster CA service, 'mantlet ca serve', which signs only identities of pods on this node) or spire (the node's SPIRE agent, through its Delegated Identity API)")
 	fs.StringVar(&f.caAddress, "ca-address", "", "with --issuer cluster-ca: host:port of the cluster CA service (required)")
 	fs.StringVar(&f.caBundle, "ca-bundle", "", "with --issuer cluster-ca: PEM trust bundle that verifies the service (its ConfigMap, mounted; read again when it changes) (required)")
 	fs.StringVar(&f.caTokenFile, "token-file", clusterca.DefaultTokenFile, "with --issuer cluster-ca: the agent's projected service-account token for audience "+clusterca.DefaultAudience+" (read for every request)")
 	fs.StringVar(&f.caServerID, "ca-server-id", "", "with --issuer cluster-ca: SPIFFE ID the service's certificate must carry (default spiffe://<trust domain>/ns/mantlet-system/sa/mantlet-ca)")
 	fs.DurationVar(&f.caTimeout, "ca-timeout", clusterca.DefaultClientTimeout, "with --issuer cluster-ca: bound of one request to the service")
+	fs.StringVar(&f.spireAdmin, "spire-admin-socket", "", "with --issuer spire: the SPIRE agent's admin socket (its admin_socket_path), which serves the Delegated Identity API (required)")
+	fs.StringVar(&f.spireWorkload, "spire-workload-socket", "", "with --issuer spire: the SPIRE agent's Workload API socket (its socket_path), where the agent fetches its own identity (default $SPIFFE_ENDPOINT_SOCKET)")
+	fs.DurationVar(&f.spireWait, "spire-wait", 30*time.Second, "with --issuer spire: how long to wait at start for the SPIRE agent to give the mantlet agent its own identity")
 }
 
 // checkIssuer returns what is wrong with the issuer flags (a usage
@@ -55,6 +65,11 @@ func (f *agentFlags) checkIssuer(fs *flag.FlagSet) string {
 				return "--" + name + " needs --issuer cluster-ca"
 			}
 		}
+		for _, name := range []string{"spire-admin-socket", "spire-workload-socket", "spire-wait"} {
+			if set[name] {
+				return "--" + name + " needs --issuer spire"
+			}
+		}
 	case issuerClusterCA:
 		switch {
 		case f.issuer.caAddress == "" || f.issuer.caBundle == "":
@@ -64,15 +79,29 @@ func (f *agentFlags) checkIssuer(fs *flag.FlagSet) string {
 		case f.issuer.caTimeout <= 0:
 			return fmt.Sprintf("--ca-timeout %v: want a positive duration", f.issuer.caTimeout)
 		}
+	case issuerSPIRE:
+		switch {
+		case f.issuer.spireAdmin == "":
+			return "--spire-admin-socket is required with --issuer spire"
+		case f.caDir != "":
+			return "--ca-dir is for --issuer ca; with --issuer spire, SPIRE signs the SVIDs"
+		case set["svid-ttl"]:
+			return "--svid-ttl does not apply with --issuer spire: SPIRE sets the lifetime of its SVIDs (the registration entry's X509-SVID TTL)"
+		case f.issuer.spireWait <= 0:
+			return fmt.Sprintf("--spire-wait %v: want a positive duration", f.issuer.spireWait)
+		}
 	default:
-		return fmt.Sprintf("--issuer %q: want ca or cluster-ca", f.issuer.kind)
+		return fmt.Sprintf("--issuer %q: want ca, cluster-ca or spire", f.issuer.kind)
 	}
 	return ""
 }
 
 // newIssuer makes the issuer the flags choose and returns it with the
-// trust domain of the node's identities.
-func (f *agentFlags) newIssuer(_ context.Context, log *slog.Logger) (identity.Issuer, spiffeid.TrustDomain, error) {
+// trust domain of the node's identities. For SPIRE it first asks the
+// Workload API for the agent's own identity, which names the trust domain
+// (unless --trust-domain does) and the delegate the SPIRE agent must
+// authorize. The caller closes an issuer that is an io.Closer.
+func (f *agentFlags) newIssuer(ctx context.Context, log *slog.Logger) (identity.Issuer, spiffeid.TrustDomain, error) {
 	var want spiffeid.TrustDomain
 	if f.trustDomain != "" {
 		var err error
@@ -80,8 +109,11 @@ func (f *agentFlags) newIssuer(_ context.Context, log *slog.Logger) (identity.Is
 			return nil, want, fmt.Errorf("--trust-domain %q: %w", f.trustDomain, err)
 		}
 	}
-	if f.issuer.kind == issuerClusterCA {
+	switch f.issuer.kind {
+	case issuerClusterCA:
 		return f.clusterCAIssuer(want, log)
+	case issuerSPIRE:
+		return f.spireIssuer(ctx, want, log)
 	}
 	authority, err := ca.OpenDir(f.caDir, ca.Options{}, log.With("component", "ca"))
 	if err != nil {
@@ -128,4 +160,24 @@ func clusterCAServerID(td spiffeid.TrustDomain, flagValue string) (spiffeid.ID, 
 		return id, fmt.Errorf("--ca-server-id %s is not of trust domain %s", id, td)
 	}
 	return id, nil
+}
+
+func (f *agentFlags) spireIssuer(ctx context.Context, want spiffeid.TrustDomain, log *slog.Logger) (identity.Issuer, spiffeid.TrustDomain, error) {
+	wctx, cancel := context.WithTimeout(ctx, f.issuer.spireWait)
+	self, err := spire.FetchOwnSVID(wctx, f.issuer.spireWorkload)
+	cancel()
+	if err != nil {
+		return nil, want, err
+	}
+	td := self.ID.TrustDomain()
+	if !want.IsZero() && want != td {
+		return nil, want, fmt.Errorf("--trust-domain %s: the SPIRE agent serves trust domain %s (the mantlet agent is %s)", want, td, self.ID)
+	}
+	log.Info("SPIRE issues the workloads' SVIDs", "delegate", self.ID.String(), "admin_socket", f.issuer.spireAdmin,
+		"delegate_expires", self.Certificates[0].NotAfter)
+	iss, err := spire.New(f.issuer.spireAdmin, td, spire.Options{Delegate: self.ID, Logger: log.With("component", "spire")})
+	if err != nil {
+		return nil, td, err
+	}
+	return iss, td, nil
 }

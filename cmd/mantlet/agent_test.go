@@ -67,7 +67,7 @@ func TestAgentCommandRefusesBadInvocations(t *testing.T) {
 			`mantlet agent: --exclude-port "0": want a port from 1 to 65535`},
 		{"a bad log level", []string{"--node-name", "node-1", "--config", config, "--ca-dir", caDir, "--log-level", "loud"}, 1,
 			`mantlet agent: --log-level "loud": want debug, info, warn or error`},
-		{"an unknown issuer", []string{"--node-name", "node-1", "--config", config, "--issuer", "vault"}, 2, `mantlet agent: --issuer "vault": want ca or cluster-ca`},
+		{"an unknown issuer", []string{"--node-name", "node-1", "--config", config, "--issuer", "vault"}, 2, `mantlet agent: --issuer "vault": want ca, cluster-ca or spire`},
 		{"the cluster CA without its address", []string{"--node-name", "node-1", "--config", config, "--issuer", "cluster-ca", "--ca-bundle", "b.pem"}, 2,
 			"mantlet agent: --ca-address and --ca-bundle are required with --issuer cluster-ca"},
 		{"the cluster CA and a CA directory", []string{"--node-name", "node-1", "--config", config, "--issuer", "cluster-ca", "--ca-address", "ca:15012", "--ca-bundle", "b.pem", "--ca-dir", caDir}, 2,
@@ -78,6 +78,17 @@ func TestAgentCommandRefusesBadInvocations(t *testing.T) {
 			"clusterca: trust bundle"},
 		{"a service ID of another trust domain", []string{"--node-name", "node-1", "--config", config, "--issuer", "cluster-ca", "--ca-address", "ca:15012", "--ca-bundle", caDir + "/root.pem", "--ca-server-id", "spiffe://other.td/ca"}, 1,
 			"--ca-server-id spiffe://other.td/ca is not of trust domain cluster.local"},
+		{"SPIRE without its admin socket", []string{"--node-name", "node-1", "--config", config, "--issuer", "spire"}, 2,
+			"mantlet agent: --spire-admin-socket is required with --issuer spire"},
+		{"SPIRE and a CA", []string{"--node-name", "node-1", "--config", config, "--issuer", "spire", "--spire-admin-socket", "/run/spire/admin.sock", "--ca-dir", caDir}, 2,
+			"mantlet agent: --ca-dir is for --issuer ca; with --issuer spire, SPIRE signs the SVIDs"},
+		{"SPIRE and a lifetime", []string{"--node-name", "node-1", "--config", config, "--issuer", "spire", "--spire-admin-socket", "/run/spire/admin.sock", "--svid-ttl", "1h"}, 2,
+			"mantlet agent: --svid-ttl does not apply with --issuer spire: SPIRE sets the lifetime of its SVIDs (the registration entry's X509-SVID TTL)"},
+		{"a SPIRE socket without SPIRE", []string{"--node-name", "node-1", "--config", config, "--ca-dir", caDir, "--spire-admin-socket", "/run/spire/admin.sock"}, 2,
+			"mantlet agent: --spire-admin-socket needs --issuer spire"},
+		{"no SPIRE agent", []string{"--node-name", "node-1", "--config", config, "--issuer", "spire", "--spire-admin-socket", "/nonexistent/admin.sock",
+			"--spire-workload-socket", "/nonexistent/api.sock", "--spire-wait", "100ms"}, 1,
+			"mantlet agent: spire: the mantlet agent's own SVID from the Workload API at /nonexistent/api.sock: "},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			e, _, errb := testEnv()

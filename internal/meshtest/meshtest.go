@@ -99,7 +99,8 @@ type Options struct {
 	AgentArgs []string
 	// IssuerArgs, when set, gives node's agent its issuer flags in place
 	// of --ca-dir CADir (for example --issuer cluster-ca with that node's
-	// token). It is called at every start of the agent.
+	// token, or --issuer spire with that node's SPIRE agent's sockets). It
+	// is called at every start of the agent.
 	IssuerArgs func(node string) []string
 	// TrustDomain of the CA (default identity.DefaultTrustDomain).
 	TrustDomain string
