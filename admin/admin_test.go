@@ -289,3 +289,26 @@ func TestListenUnixReplacesStaleSocketsOnly(t *testing.T) {
 func admintestPending() agent.PodStatus {
 	return agent.PodStatus{Pod: "shop/new-0", IP: netip.MustParseAddr("198.19.1.40"), Err: "no veth routes to 198.19.1.40"}
 }
+
+// TestWarnWithinFollowsTheLifetime: a 24 h SVID counts as expiring in its
+// last 2 h, an hour-long one (SPIRE's) only in its last quarter, once its
+// renewal at half-life was missed, not during its whole life.
+func TestWarnWithinFollowsTheLifetime(t *testing.T) {
+	t0 := time.Date(2026, 12, 6, 0, 0, 0, 0, time.UTC)
+	for _, tc := range []struct {
+		lifetime time.Duration
+		want     time.Duration
+	}{
+		{24 * time.Hour, 2 * time.Hour},
+		{8 * time.Hour, 2 * time.Hour},
+		{time.Hour, 15 * time.Minute},
+		{30 * time.Second, 7500 * time.Millisecond},
+	} {
+		if got := admin.WarnWithin(t0, t0.Add(tc.lifetime)); got != tc.want {
+			t.Errorf("WarnWithin of a %v SVID = %v, want %v", tc.lifetime, got, tc.want)
+		}
+	}
+	if got := admin.WarnWithin(time.Time{}, t0); got != admin.ExpiryWarning {
+		t.Errorf("WarnWithin without a not-before = %v, want %v", got, admin.ExpiryWarning)
+	}
+}

@@ -264,7 +264,7 @@ func (s *Server) Status() Status {
 			case !now.Before(c.NotAfter):
 				st.Certs.Expired = append(st.Certs.Expired, id)
 				st.Problems = append(st.Problems, fmt.Sprintf("certificate of %s expired at %s", id, c.NotAfter.UTC().Format(time.RFC3339)))
-			case c.NotAfter.Sub(now) < ExpiryWarning:
+			case c.NotAfter.Sub(now) < WarnWithin(c.NotBefore, c.NotAfter):
 				st.Certs.Expiring = append(st.Certs.Expiring, id)
 				st.Problems = append(st.Problems, fmt.Sprintf("certificate of %s expires in %s", id, c.NotAfter.Sub(now).Round(time.Second)))
 			}

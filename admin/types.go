@@ -161,9 +161,21 @@ type FlowsStatus struct {
 	Logged uint64 `json:"logged"`
 }
 
-// ExpiryWarning is how close to expiry a certificate counts as expiring
-// (the alert rule uses the same bound).
+// ExpiryWarning is how close to expiry a certificate counts as expiring,
+// at most (the alert rule uses the same bound): see WarnWithin.
 const ExpiryWarning = 2 * time.Hour
+
+// WarnWithin is how close to its expiry a certificate valid from notBefore
+// to notAfter counts as expiring: ExpiryWarning, or a quarter of its
+// lifetime when that is shorter. Renewal is due at half-life, so a
+// certificate this close to its end has missed its renewal; short-lived
+// SVIDs (SPIRE's last an hour) are not reported as expiring all the time.
+func WarnWithin(notBefore, notAfter time.Time) time.Duration {
+	if notBefore.IsZero() || !notAfter.After(notBefore) {
+		return ExpiryWarning
+	}
+	return min(ExpiryWarning, notAfter.Sub(notBefore)/4)
+}
 
 // Workload is one workload as the node knows it.
 type Workload struct {

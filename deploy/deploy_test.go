@@ -242,8 +242,8 @@ func TestAlertRulesReadOnlyExistingMetrics(t *testing.T) {
 			t.Errorf("no alert %s", a)
 		}
 	}
-	if !strings.Contains(exprs["MantletCertificateExpiringSoon"], "< 2 * 3600") {
-		t.Errorf("MantletCertificateExpiringSoon should fire within 2h of expiry: %s", exprs["MantletCertificateExpiringSoon"])
+	if !strings.Contains(exprs["MantletCertificateExpiringSoon"], "clamp_max(mantlet_svid_lifetime_seconds / 4, 2 * 3600)") {
+		t.Errorf("MantletCertificateExpiringSoon should fire within 2h of expiry, or a quarter of the SVID's lifetime if shorter (admin.WarnWithin): %s", exprs["MantletCertificateExpiringSoon"])
 	}
 }
 

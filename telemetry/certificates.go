@@ -14,14 +14,16 @@ import (
 // identity.ManagerOptions.OnIssue):
 //
 //	mantlet_svid_expiry_seconds{identity}    seconds until the SVID expires (negative: expired)
+//	mantlet_svid_lifetime_seconds{identity}  the SVID's validity, not-before to not-after
 //	mantlet_svid_issuances_total{result}     attempts to get an SVID: ok or failed
 //
 // One series per identity of the node's workloads.
 type Certificates struct {
-	certs  func() []identity.CertInfo
-	now    func() time.Time
-	expiry *prometheus.Desc
-	issued *prometheus.CounterVec
+	certs    func() []identity.CertInfo
+	now      func() time.Time
+	expiry   *prometheus.Desc
+	lifetime *prometheus.Desc
+	issued   *prometheus.CounterVec
 }
 
 // NewCertificates returns the certificate metrics over certs (for example
@@ -34,6 +36,8 @@ func NewCertificates(certs func() []identity.CertInfo, now func() time.Time) *Ce
 		certs: certs, now: now,
 		expiry: prometheus.NewDesc("mantlet_svid_expiry_seconds",
 			"Seconds until the node's SVID of this identity expires; negative once expired.", []string{"identity"}, nil),
+		lifetime: prometheus.NewDesc("mantlet_svid_lifetime_seconds",
+			"Validity of the node's SVID of this identity, from not-before to not-after, in seconds (renewal is due at half of it).", []string{"identity"}, nil),
 		issued: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "mantlet_svid_issuances_total",
 			Help: "Attempts to get an SVID from the CA (first fetches and renewals), by result: ok or failed.",
@@ -57,6 +61,7 @@ func (c *Certificates) OnIssue(_ spiffeid.ID, err error) {
 // Describe implements prometheus.Collector.
 func (c *Certificates) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.expiry
+	ch <- c.lifetime
 	c.issued.Describe(ch)
 }
 
@@ -68,6 +73,9 @@ func (c *Certificates) Collect(ch chan<- prometheus.Metric) {
 			continue // no SVID yet: nothing expires
 		}
 		ch <- prometheus.MustNewConstMetric(c.expiry, prometheus.GaugeValue, ci.NotAfter.Sub(now).Seconds(), ci.ID.String())
+		if !ci.NotBefore.IsZero() {
+			ch <- prometheus.MustNewConstMetric(c.lifetime, prometheus.GaugeValue, ci.NotAfter.Sub(ci.NotBefore).Seconds(), ci.ID.String())
+		}
 	}
 	c.issued.Collect(ch)
 }

@@ -57,7 +57,7 @@ func certState(c admin.Cert) string {
 		return "EXPIRED"
 	case c.Failures > 0:
 		return fmt.Sprintf("renewal failing (%d attempts): %s", c.Failures, c.LastError)
-	case left < admin.ExpiryWarning:
+	case left < admin.WarnWithin(c.NotBefore, c.NotAfter):
 		return "expiring soon"
 	}
 	return "ok"
