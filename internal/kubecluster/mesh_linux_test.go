@@ -399,15 +399,6 @@ func checkOnlyHBONE(t *testing.T, pkts []testbed.Packet, client, server netip.Ad
 	}
 }
 
-func meshedCondition(p *corev1.Pod) bool {
-	for _, c := range p.Status.Conditions {
-		if c.Type == mkube.ConditionMeshed {
-			return c.Status == corev1.ConditionTrue
-		}
-	}
-	return false
-}
-
 func setNamespaceAnnotations(ctx context.Context, t *testing.T, c *Cluster, name string, ann map[string]string) {
 	t.Helper()
 	ns, err := c.Admin().CoreV1().Namespaces().Get(ctx, name, metav1.GetOptions{})
