@@ -37,9 +37,10 @@ var boundaries = []struct {
 		[]string{"agent", "node", "ztunnel", "source", "policy", "telemetry", "admin", "bpf"}},
 }
 
-// harness is the test harness; product code never imports it (the
-// commands may: 'mantlet demo', 'bench' and 'testbed' are its users).
-var harness = []string{"internal/testbed", "internal/meshtest", "internal/kubetest", "internal/privtest", "admin/admintest", "ztunnel/internal/ztest"}
+// harness is the test harness and the scenarios built on it; product code
+// never imports them (the commands may: 'mantlet demo', 'bench' and
+// 'testbed' are their users).
+var harness = []string{"internal/testbed", "internal/meshtest", "internal/kubetest", "internal/privtest", "internal/scenario", "admin/admintest", "ztunnel/internal/ztest"}
 
 // TestImportBoundaries keeps the package map of docs/architecture.md true.
 func TestImportBoundaries(t *testing.T) {

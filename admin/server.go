@@ -112,8 +112,9 @@ func NewServer(cfg Config) (*Server, error) {
 	s.mux.HandleFunc("GET /v1/datapath", s.datapath)
 	s.mux.HandleFunc("GET /v1/flows", s.flows)
 	s.mux.HandleFunc("GET /v1/policy/check", s.check)
+	s.handleProfiles()
 	s.mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
-		writeError(w, http.StatusNotFound, fmt.Sprintf("no such endpoint %s %s; see /v1/status, /v1/workloads, /v1/services, /v1/policies, /v1/certs, /v1/datapath, /v1/flows, /v1/policy/check", r.Method, r.URL.Path))
+		writeError(w, http.StatusNotFound, fmt.Sprintf("no such endpoint %s %s; see /v1/status, /v1/workloads, /v1/services, /v1/policies, /v1/certs, /v1/datapath, /v1/flows, /v1/policy/check, /debug/pprof/", r.Method, r.URL.Path))
 	})
 	return s, nil
 }

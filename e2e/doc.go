@@ -1,7 +1,8 @@
 // Package e2e holds mantlet's end-to-end tests: real `mantlet agent`
 // processes on a testbed of network namespaces (internal/meshtest), driven
-// by traffic between pods and checked on the pods, in the agents' logs and
-// counters, and on the underlay. They need root; run them with
+// by traffic between pods and checked on the pods, through the agents'
+// admin APIs, metrics, logs and counters, and on the underlay. They need
+// root; run them with
 // `go test ./e2e/` as root (under CI=true a skip is a failure). TestMain
 // builds the mantlet command once ($MANTLET_TEST_BINARY names a prebuilt
 // one instead) and, after the tests, fails if a namespace or pin of theirs
@@ -14,7 +15,7 @@
 //     half-close in both directions;
 //   - TestUnderlayCarriesOnlyTLS13ToTheDestinationPodsPort15008: no marker
 //     in clear, TLS 1.3 (ALPN h2, no SNI) to the pod's IP on 15008 only,
-//     the destination workload's SVID presented, both identities logged;
+//     the destination workload's SVID presented, both identities recorded;
 //   - TestUnmeshedAndOptedOutPodsAreNotCaptured;
 //   - TestAPodForgingAnotherPodsIPIsDroppedAndCounted;
 //   - TestStrictDropsPlaintextFromUnmeshedPodsAndPermissiveLetsItPass;

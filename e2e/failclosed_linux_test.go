@@ -259,39 +259,30 @@ func repairCount(t *testing.T, m *meshtest.Mesh, node string, fault bpf.Fault) u
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	body, err := m.Metrics(ctx, node)
+	mfs, err := m.Metrics(ctx, node)
 	if err != nil {
 		t.Fatal(err)
 	}
-	prefix := fmt.Sprintf("mantlet_datapath_repairs_total{fault=%q} ", fault)
-	for _, line := range strings.Split(body, "\n") {
-		if v, ok := strings.CutPrefix(line, prefix); ok {
-			n, err := strconv.ParseFloat(v, 64)
-			if err != nil {
-				t.Fatalf("%s: %v", line, err)
-			}
-			return uint64(n)
-		}
+	n, ok := mfs.Value("mantlet_datapath_repairs_total", map[string]string{"fault": string(fault)})
+	if !ok {
+		t.Fatalf("no mantlet_datapath_repairs_total{fault=%q} in node %s's metrics", fault, node)
 	}
-	t.Fatalf("no %s in node %s's metrics", strings.TrimSpace(prefix), node)
-	return 0
+	return uint64(n)
 }
 
 // waitRepaired waits until node's agent has counted one more repair of
-// fault than before and its readiness probe answers 200 again.
+// fault than before and says it is ready again.
 func waitRepaired(t *testing.T, m *meshtest.Mesh, node string, fault bpf.Fault, before uint64) {
 	t.Helper()
 	deadline := time.Now().Add(15 * time.Second)
 	for {
 		if repairCount(t, m, node, fault) > before {
-			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-			code, body, err := m.Get(ctx, node, meshtest.ReadyPort, "/healthz/ready")
-			cancel()
-			if err == nil && code == 200 {
+			st, err := m.Status(context.Background(), node)
+			if err == nil && st.Ready {
 				return
 			}
 			if time.Now().After(deadline) {
-				t.Fatalf("%s repaired but %s is not ready: %d %s (%v)", fault, node, code, body, err)
+				t.Fatalf("%s repaired but %s is not ready: %s (%v)", fault, node, st.Reason, err)
 			}
 		} else if time.Now().After(deadline) {
 			t.Fatalf("%s of %s not repaired within 15 s", fault, node)

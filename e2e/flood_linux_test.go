@@ -87,8 +87,8 @@ func TestHBONEFloodFromTheUnderlayLeavesLegitimateTrafficAlone(t *testing.T) {
 
 	srcs := underlayAddrs(t, m, floodSources, m.Node("node2"))
 	before := scrape(t, m, "node2")
-	budget, _ := value(before, "mantlet_ztunnel_descriptors_budget", map[string]string{})
-	reserve, _ := value(before, "mantlet_ztunnel_descriptors_reserved", map[string]string{})
+	budget, _ := before.Value("mantlet_ztunnel_descriptors_budget", map[string]string{})
+	reserve, _ := before.Value("mantlet_ztunnel_descriptors_reserved", map[string]string{})
 	t.Logf("node2's agent: open-file limit %d, budget %v descriptors, %v reserved", agentFileLimit, budget, reserve)
 	if budget == 0 || reserve == 0 {
 		t.Fatalf("node2 exports no descriptor budget (%v) or reserve (%v)", budget, reserve)
@@ -99,7 +99,7 @@ func TestHBONEFloodFromTheUnderlayLeavesLegitimateTrafficAlone(t *testing.T) {
 	refused := func() (pending, fd, src float64) {
 		mfs := scrape(t, m, "node2")
 		flag := func(name string) float64 {
-			v, _ := value(mfs, "mantlet_ztunnel_refused_connections_total", map[string]string{"response_flags": name})
+			v, _ := mfs.Value("mantlet_ztunnel_refused_connections_total", map[string]string{"response_flags": name})
 			return v
 		}
 		return flag("pending_limit"), flag("fd_reserve"), flag("source_limit")
@@ -175,7 +175,7 @@ func TestHBONEFloodFromTheUnderlayLeavesLegitimateTrafficAlone(t *testing.T) {
 	for _, node := range []string{"node1", "node2"} {
 		mfs := scrape(t, m, node)
 		for _, flag := range []string{"accept_failed", "connect_failed", "hbone_connect_failed"} {
-			if v, _ := value(mfs, "mantlet_ztunnel_refused_connections_total", map[string]string{"response_flags": flag}); v > 0 {
+			if v, _ := mfs.Value("mantlet_ztunnel_refused_connections_total", map[string]string{"response_flags": flag}); v > 0 {
 				t.Errorf("%s counted %v connections %s", node, v, flag)
 			}
 		}
@@ -184,7 +184,7 @@ func TestHBONEFloodFromTheUnderlayLeavesLegitimateTrafficAlone(t *testing.T) {
 	for _, mt := range mfs["mantlet_ztunnel_refused_connections_total"].GetMetric() {
 		refusals += mt.GetCounter().GetValue()
 	}
-	if v, _ := value(mfs, "mantlet_ztunnel_refused_connections_total", map[string]string{"response_flags": "tls_handshake_timeout"}); v == 0 {
+	if v, _ := mfs.Value("mantlet_ztunnel_refused_connections_total", map[string]string{"response_flags": "tls_handshake_timeout"}); v == 0 {
 		t.Errorf("node2 counted no handshake timeouts in a flood of idle connections that lasted %v", floodTime)
 	}
 	// The summary of suppressed lines comes within 5 s of the first one
@@ -230,7 +230,7 @@ func TestHBONEFloodFromTheUnderlayLeavesLegitimateTrafficAlone(t *testing.T) {
 	// Once the flood stopped, every pending handshake ends.
 	deadline = time.Now().Add(20 * time.Second)
 	for {
-		v, _ := value(scrape(t, m, "node2"), "mantlet_ztunnel_pending_handshakes", map[string]string{})
+		v, _ := scrape(t, m, "node2").Value("mantlet_ztunnel_pending_handshakes", map[string]string{})
 		if v == 0 {
 			break
 		}

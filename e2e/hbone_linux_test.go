@@ -12,8 +12,6 @@ import (
 	"io"
 	"net"
 	"net/netip"
-	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -212,21 +210,10 @@ func twoNodeShop() testbed.Spec {
 	}
 }
 
-// goroutinesIn finds go_goroutines in a metrics page.
-func goroutinesIn(text string) (float64, bool) {
-	for _, line := range strings.Split(text, "\n") {
-		if v, ok := strings.CutPrefix(line, "go_goroutines "); ok {
-			g, err := strconv.ParseFloat(v, 64)
-			return g, err == nil
-		}
-	}
-	return 0, false
-}
-
 // goroutines returns the agent's go_goroutines.
 func goroutines(t *testing.T, m *meshtest.Mesh, node string) float64 {
 	t.Helper()
-	v, ok := value(scrape(t, m, node), "go_goroutines", map[string]string{})
+	v, ok := scrape(t, m, node).Value("go_goroutines", map[string]string{})
 	if !ok {
 		t.Fatalf("%s exports no go_goroutines", node)
 	}
@@ -274,8 +261,8 @@ func TestRapidResetOnTheHBONEPortIsCutShort(t *testing.T) {
 				return
 			case <-time.After(100 * time.Millisecond):
 			}
-			if text, err := m.Metrics(ctx, "node2"); err == nil {
-				if g, ok := goroutinesIn(text); ok {
+			if mfs, err := m.Metrics(ctx, "node2"); err == nil {
+				if g, ok := mfs.Value("go_goroutines", map[string]string{}); ok {
 					maxGoroutines = max(maxGoroutines, g)
 				}
 			}
@@ -403,7 +390,7 @@ func TestTunnelsEndWithTheirCertificates(t *testing.T) {
 
 	t.Run("rotation under load loses no connection", func(t *testing.T) {
 		handshakes := func() float64 {
-			v, _ := value(scrape(t, m, "node1"), "mantlet_hbone_pool_handshakes_total", map[string]string{})
+			v, _ := scrape(t, m, "node1").Value("mantlet_hbone_pool_handshakes_total", map[string]string{})
 			return v
 		}
 		before := handshakes()

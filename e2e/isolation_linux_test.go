@@ -238,7 +238,7 @@ func TestStrictDropsPlaintextFromUnmeshedPodsAndPermissiveLetsItPass(t *testing.
 					ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 					defer cancel()
 					if _, err := m.WaitFlow(ctx, "node2", func(f meshtest.Flow) bool {
-						return f.Direction == "inbound_plaintext" && f.Dst == tc.dst.Addr && f.Reason == "strict_plaintext"
+						return f.Direction == "inbound_plaintext" && f.Dst == tc.dst.Addr && f.Flag == "strict_plaintext"
 					}); err != nil {
 						t.Error(err)
 					}

@@ -343,20 +343,15 @@ func patch(t *testing.T, do func([]byte) error, ann map[string]string) {
 	}
 }
 
-// enrolled reads how many pods node's agent has enrolled.
+// enrolled reads how many pods node's agent has enrolled, or -1 while it
+// is not ready.
 func (km *kubeMesh) enrolled(t *testing.T, node string) int {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	_, body, err := km.Get(ctx, node, meshtest.ReadyPort, "/healthz/ready")
-	if err != nil {
+	st, err := km.Status(context.Background(), node)
+	if err != nil || !st.Ready {
 		return -1
 	}
-	var n int
-	if _, err := fmt.Sscanf(body, "ready: %d local pods enrolled", &n); err != nil {
-		return -1
-	}
-	return n
+	return st.Snapshot.Enrolled
 }
 
 // waitEnrolled waits until the nodes' agents have n pods enrolled in all.

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net/http"
 	"net/netip"
 	"syscall"
 	"testing"
@@ -181,7 +180,7 @@ func TestAgentsFailClosedAndAdoptTheirPinsOnRestart(t *testing.T) {
 	c = dial(t, m, "client", srv.Addr)
 	roundTrip(t, c, randomBytes(t, 1<<20))
 	if _, err := m.WaitFlow(ctx, "node2", func(f meshtest.Flow) bool {
-		return f.Direction == "inbound" && f.Src.Addr() == client.IP && f.Reason == "-"
+		return f.Direction == "inbound" && f.Src.Addr() == client.IP && f.Flag == "-"
 	}); err != nil {
 		t.Errorf("after the restart the new connection did not go through node2's ztunnel: %v", err)
 	}
@@ -218,16 +217,19 @@ func TestAnnotatingANamespaceEnrollsItsPodsAtRuntime(t *testing.T) {
 		after := counters(t, m, "node1")
 		return testbed.Contains(pkts, []byte(marker)), after.LookupOutbound > before.LookupOutbound
 	}
-	ready := func(t *testing.T, node, want string) {
+	ready := func(t *testing.T, node string, enrolled int) {
 		t.Helper()
-		code, body, err := m.Get(ctx, node, meshtest.ReadyPort, "/healthz/ready")
-		if err != nil || code != http.StatusOK || body != want {
-			t.Errorf("%s readiness = %d %q (%v), want 200 %q", node, code, body, err, want)
+		st, err := m.Status(ctx, node)
+		if err == nil {
+			err = meshtest.CheckSettled(st, enrolled)
+		}
+		if err != nil {
+			t.Errorf("%s: %v", node, err)
 		}
 	}
 
 	t.Run("not annotated: plaintext", func(t *testing.T) {
-		ready(t, "node1", meshtest.ReadyBody(0))
+		ready(t, "node1", 0)
 		if clear, captured := send(t); !clear || captured {
 			t.Errorf("marker in clear = %v, captured = %v; want plaintext, not captured", clear, captured)
 		}
@@ -236,8 +238,8 @@ func TestAnnotatingANamespaceEnrollsItsPodsAtRuntime(t *testing.T) {
 		if err := m.SetNamespaceAnnotations(ctx, "late", meshedNS); err != nil {
 			t.Fatal(err)
 		}
-		ready(t, "node1", meshtest.ReadyBody(1))
-		ready(t, "node2", meshtest.ReadyBody(1))
+		ready(t, "node1", 1)
+		ready(t, "node2", 1)
 		if clear, captured := send(t); clear || !captured {
 			t.Errorf("marker in clear = %v, captured = %v; want captured and tunnelled", clear, captured)
 		}
@@ -248,15 +250,15 @@ func TestAnnotatingANamespaceEnrollsItsPodsAtRuntime(t *testing.T) {
 			t.Fatal(err)
 		}
 		if f.Path != "hbone" || f.SrcID != web.String() || f.DstID != dbID.String() {
-			t.Errorf("node2 logged %+v; want HBONE from %s to %s", f, web, dbID)
+			t.Errorf("node2 recorded %+v; want HBONE from %s to %s", f, web, dbID)
 		}
 	})
 	t.Run("annotation removed: plaintext again", func(t *testing.T) {
 		if err := m.SetNamespaceAnnotations(ctx, "late", nil); err != nil {
 			t.Fatal(err)
 		}
-		ready(t, "node1", meshtest.ReadyBody(0))
-		ready(t, "node2", meshtest.ReadyBody(0))
+		ready(t, "node1", 0)
+		ready(t, "node2", 0)
 		if clear, captured := send(t); !clear || captured {
 			t.Errorf("marker in clear = %v, captured = %v; want plaintext, not captured", clear, captured)
 		}

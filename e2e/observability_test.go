@@ -7,7 +7,6 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"maps"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -15,10 +14,6 @@ import (
 	"strings"
 	"testing"
 	"time"
-
-	dto "github.com/prometheus/client_model/go"
-	"github.com/prometheus/common/expfmt"
-	"github.com/prometheus/common/model"
 
 	"github.com/mantlet/mantlet/admin"
 	"github.com/mantlet/mantlet/events"
@@ -45,56 +40,13 @@ func observeSpec() testbed.Spec {
 }
 
 // scrape returns node's metric families, parsed.
-func scrape(t *testing.T, m *meshtest.Mesh, node string) map[string]*dto.MetricFamily {
+func scrape(t *testing.T, m *meshtest.Mesh, node string) meshtest.Metrics {
 	t.Helper()
-	text, err := m.Metrics(context.Background(), node)
+	mfs, err := m.Metrics(context.Background(), node)
 	if err != nil {
 		t.Fatal(err)
 	}
-	parser := expfmt.NewTextParser(model.UTF8Validation)
-	mfs, err := parser.TextToMetricFamilies(strings.NewReader(text + "\n"))
-	if err != nil {
-		t.Fatalf("metrics of %s: %v", node, err)
-	}
 	return mfs
-}
-
-// value returns the value of the series of family name whose labels are
-// exactly labels, and whether it exists.
-func value(mfs map[string]*dto.MetricFamily, name string, labels map[string]string) (float64, bool) {
-	mf := mfs[name]
-	if mf == nil {
-		return 0, false
-	}
-	for _, mt := range mf.GetMetric() {
-		got := map[string]string{}
-		for _, lp := range mt.GetLabel() {
-			got[lp.GetName()] = lp.GetValue()
-		}
-		if !maps.Equal(got, labels) {
-			continue
-		}
-		switch {
-		case mt.Counter != nil:
-			return mt.GetCounter().GetValue(), true
-		case mt.Gauge != nil:
-			return mt.GetGauge().GetValue(), true
-		}
-	}
-	return 0, false
-}
-
-// seriesOf lists the label sets of family name, for failure messages.
-func seriesOf(mfs map[string]*dto.MetricFamily, name string) string {
-	var b strings.Builder
-	for _, mt := range mfs[name].GetMetric() {
-		var ls []string
-		for _, lp := range mt.GetLabel() {
-			ls = append(ls, lp.GetName()+"="+lp.GetValue())
-		}
-		fmt.Fprintf(&b, "  {%s} %v\n", strings.Join(ls, ","), mt.GetCounter().GetValue())
-	}
-	return b.String()
 }
 
 // traffic are the labels of one series of the istio_tcp_* families.
@@ -113,12 +65,12 @@ func waitSeries(t *testing.T, m *meshtest.Mesh, node, name string, labels map[st
 	deadline := time.Now().Add(10 * time.Second)
 	for {
 		mfs := scrape(t, m, node)
-		got, ok := value(mfs, name, labels)
+		got, ok := mfs.Value(name, labels)
 		if ok && got >= want-tolerance && got <= want+tolerance {
 			return
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("%s: %s%v = %v (exists: %v), want %v ± %v; the family has:\n%s", node, name, labels, got, ok, want, tolerance, seriesOf(mfs, name))
+			t.Fatalf("%s: %s%v = %v (exists: %v), want %v ± %v; the family has:\n%s", node, name, labels, got, ok, want, tolerance, mfs.Describe(name))
 		}
 		time.Sleep(100 * time.Millisecond)
 	}
@@ -192,7 +144,7 @@ func TestMetricsAccessLogAndFlowsShowTheTraffic(t *testing.T) {
 	waitSeries(t, m, "node1", "istio_tcp_received_bytes_total", viaService, mib, 0)
 	waitSeries(t, m, "node1", "istio_tcp_sent_bytes_total", viaService, mib, 0)
 	waitSeries(t, m, "node2", "istio_tcp_received_bytes_total", atServer, mib, 0)
-	if _, ok := value(scrape(t, m, "node1"), "istio_tcp_connections_closed_total", viaService); ok {
+	if _, ok := scrape(t, m, "node1").Value("istio_tcp_connections_closed_total", viaService); ok {
 		t.Error("node1 counts the open connection as closed")
 	}
 	roundTrip(t, long, []byte("bye")) // half-close, echo, close
@@ -241,16 +193,16 @@ func TestMetricsAccessLogAndFlowsShowTheTraffic(t *testing.T) {
 	}
 	mfs := scrape(t, m, "node1")
 	if _, ok := mfs["istio_tcp_connections_failed_total"]; ok {
-		t.Errorf("node1 counts failed connections:\n%s", seriesOf(mfs, "istio_tcp_connections_failed_total"))
+		t.Errorf("node1 counts failed connections:\n%s", mfs.Describe("istio_tcp_connections_failed_total"))
 	}
-	if v, ok := value(mfs, "mantlet_svid_expiry_seconds", map[string]string{"identity": id("client")}); !ok || v < 23*3600 || v > 24*3600 {
+	if v, ok := mfs.Value("mantlet_svid_expiry_seconds", map[string]string{"identity": id("client")}); !ok || v < 23*3600 || v > 24*3600 {
 		t.Errorf("mantlet_svid_expiry_seconds of the client = %v (%v), want just under 24h", v, ok)
 	}
-	if v, _ := value(mfs, "mantlet_svid_issuances_total", map[string]string{"result": "ok"}); v < 2 {
+	if v, _ := mfs.Value("mantlet_svid_issuances_total", map[string]string{"result": "ok"}); v < 2 {
 		t.Errorf("node1 counted %v SVID issuances, want at least 2 (client, neighbour)", v)
 	}
 	// Each connection is decided once: by the destination's node.
-	if v, ok := value(mfs, "mantlet_policy_decisions_total", map[string]string{"action": "allow", "reason": "allowed-by-default", "policy": ""}); !ok || v != 2 {
+	if v, ok := mfs.Value("mantlet_policy_decisions_total", map[string]string{"action": "allow", "reason": "allowed-by-default", "policy": ""}); !ok || v != 2 {
 		t.Errorf("node1 counted %v allow decisions, want 2 (the same-node connections)", v)
 	}
 	waitSeries(t, m, "node2", "mantlet_policy_decisions_total", map[string]string{"action": "allow", "reason": "allowed-by-default", "policy": ""}, 4, 0)
@@ -353,17 +305,6 @@ spec:
       ports: [8081]
 `
 
-// adminOf returns a client of node's admin socket.
-func adminOf(t *testing.T, m *meshtest.Mesh, node string) *admin.Client {
-	t.Helper()
-	c, err := admin.NewClient(admin.SocketPath(filepath.Base(m.PinDir(node))))
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(c.Close)
-	return c
-}
-
 // reaches reports whether pod can talk to addr: an echo comes back. A
 // connection that is dropped, or accepted and then closed by the ztunnel
 // (a denial), does not.
@@ -410,7 +351,7 @@ func TestPolicyCheckAgreesWithTheDataPathAndDenialsAreVisible(t *testing.T) {
 	}
 	f.Close()
 	for _, node := range []string{"node1", "node2"} {
-		c := adminOf(t, m, node)
+		c := m.Admin(node)
 		deadline := time.Now().Add(10 * time.Second)
 		for {
 			ps, err := c.Policies(context.Background())
@@ -426,7 +367,7 @@ func TestPolicyCheckAgreesWithTheDataPathAndDenialsAreVisible(t *testing.T) {
 	// STRICT reaches the data path when the agent re-enrolls the server.
 	deadline := time.Now().Add(10 * time.Second)
 	for {
-		ws, err := adminOf(t, m, "node2").Workloads(context.Background(), "shop")
+		ws, err := m.Admin("node2").Workloads(context.Background(), "shop")
 		if err == nil && slices.ContainsFunc(ws, func(w admin.Workload) bool { return w.Name == "server" && w.Strict && w.State == "enrolled" }) {
 			break
 		}
@@ -457,7 +398,7 @@ func TestPolicyCheckAgreesWithTheDataPathAndDenialsAreVisible(t *testing.T) {
 			echo(t, m, "client", c.port)
 		}
 		got := reaches(m, c.src, addr(c.dst, c.port))
-		res, err := adminOf(t, m, m.Pod(c.dst).Node).Check(context.Background(), m.Pod(c.src).IP.String(), addr(c.dst, c.port).String(), 0)
+		res, err := m.Admin(m.Pod(c.dst).Node).Check(context.Background(), m.Pod(c.src).IP.String(), addr(c.dst, c.port).String(), 0)
 		if err != nil {
 			t.Errorf("%s: policy check: %v", name, err)
 			continue

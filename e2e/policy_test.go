@@ -142,7 +142,7 @@ func writePolicies(t *testing.T, m *meshtest.Mesh, policies string) {
 	t.Helper()
 	var before [2]uint64
 	for i, node := range []string{"node1", "node2"} {
-		ps, err := adminOf(t, m, node).Policies(context.Background())
+		ps, err := m.Admin(node).Policies(context.Background())
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -160,7 +160,7 @@ func writePolicies(t *testing.T, m *meshtest.Mesh, policies string) {
 	for i, node := range []string{"node1", "node2"} {
 		deadline := time.Now().Add(10 * time.Second)
 		for {
-			ps, err := adminOf(t, m, node).Policies(context.Background())
+			ps, err := m.Admin(node).Policies(context.Background())
 			if err == nil && ps.Generation > before[i] {
 				break
 			}
@@ -282,7 +282,7 @@ func TestSegmentationMatrix(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	if _, err := m.WaitFlow(ctx, "node1", func(f meshtest.Flow) bool {
-		return f.Direction == "inbound_plaintext" && f.Src.Addr() == legacyIP && f.Dst == addr("checkout", 8080) && f.Reason == "-"
+		return f.Direction == "inbound_plaintext" && f.Src.Addr() == legacyIP && f.Dst == addr("checkout", 8080) && f.Flag == "-"
 	}); err != nil {
 		t.Errorf("node1's ztunnel did not carry legacy -> checkout:8080: %v", err)
 	}

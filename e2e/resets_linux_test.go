@@ -129,17 +129,17 @@ func (tr *transfer) wantReset(t *testing.T, who string, p *party) {
 	}
 }
 
-// wantFlow checks that node's ztunnel logged the transfer's flow, in
-// direction dir, with reason.
-func (tr *transfer) wantFlow(t *testing.T, m *meshtest.Mesh, node, dir, reason string) {
+// wantFlow checks that node's ztunnel recorded the transfer's flow, in
+// direction dir, with flag.
+func (tr *transfer) wantFlow(t *testing.T, m *meshtest.Mesh, node, dir, flag string) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	f, err := m.WaitFlow(ctx, node, func(f meshtest.Flow) bool { return f.Direction == dir && f.Src == tr.src })
 	if err != nil {
-		t.Errorf("%s: %s logged no %s flow: %v", tr.name, node, dir, err)
-	} else if f.Reason != reason {
-		t.Errorf("%s: %s logged the %s flow with reason %q (%s), want %q", tr.name, node, dir, f.Reason, f.Error, reason)
+		t.Errorf("%s: %s recorded no %s flow: %v", tr.name, node, dir, err)
+	} else if f.Flag != flag {
+		t.Errorf("%s: %s recorded the %s flow with flag %q (%s), want %q", tr.name, node, dir, f.Flag, f.Error, flag)
 	}
 }
 

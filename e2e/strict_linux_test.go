@@ -167,7 +167,7 @@ func TestSwitchingToStrictClosesPlaintextThatBypassedTheZtunnel(t *testing.T) {
 		t.Errorf("%s: still open after the switch", carried.name)
 	}
 	if _, err := m.WaitFlow(ctx, "node1", func(f meshtest.Flow) bool {
-		return f.Direction == "inbound_plaintext" && f.Src.String() == carried.c.LocalAddr().String() && f.Reason == "strict_plaintext"
+		return f.Direction == "inbound_plaintext" && f.Src.String() == carried.c.LocalAddr().String() && f.Flag == "strict_plaintext"
 	}); err != nil {
 		t.Errorf("%s: %v", carried.name, err)
 	}

@@ -83,8 +83,8 @@ func TestMeshedPodsTalkAcrossNodesAndOnOneNode(t *testing.T) {
 			}
 			clientID, _ := m.ID("client")
 			serverID, _ := m.ID(tc.server)
-			if f.Path != tc.path || f.Dst != srv.Addr || f.SrcID != clientID.String() || f.DstID != serverID.String() || f.Reason != "-" {
-				t.Errorf("node1 logged %+v; want path %s from %s to %s (%s), no error", f, tc.path, clientID, serverID, srv.Addr)
+			if f.Path != tc.path || f.Dst != srv.Addr || f.SrcID != clientID.String() || f.DstID != serverID.String() || f.Flag != "-" {
+				t.Errorf("node1 recorded %+v; want path %s from %s to %s (%s), no error", f, tc.path, clientID, serverID, srv.Addr)
 			}
 			if f.Sent != 8<<20 || f.Received != 8<<20 {
 				t.Errorf("node1 counted %d bytes sent and %d received, want 8 MiB each", f.Sent, f.Received)
@@ -234,7 +234,7 @@ func TestUnderlayCarriesOnlyTLS13ToTheDestinationPodsPort15008(t *testing.T) {
 			t.Fatal(err)
 		}
 		if f.SrcID != clientID.String() || f.DstID != serverID.String() {
-			t.Errorf("%s logged %s -> %s, want %s -> %s", want.node, f.SrcID, f.DstID, clientID, serverID)
+			t.Errorf("%s recorded %s -> %s, want %s -> %s", want.node, f.SrcID, f.DstID, clientID, serverID)
 		}
 	}
 }

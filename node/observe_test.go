@@ -14,6 +14,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/mantlet/mantlet/admin"
+	"github.com/mantlet/mantlet/identity"
 	"github.com/mantlet/mantlet/internal/workload"
 	"github.com/mantlet/mantlet/ztunnel"
 )
@@ -43,7 +44,7 @@ func TestObservabilityServesTheAdminAPI(t *testing.T) {
 		t.Fatalf("admin API listens on %v, want TCP and the socket of node-7", addrs)
 	}
 	store := workload.NewStore()
-	p, err := ztunnel.New(ztunnel.Config{NodeName: "node-7", Store: store, SVIDs: nopSVIDs{}, Bundles: noBundles{}})
+	p, err := ztunnel.New(ztunnel.Config{NodeName: "node-7", TrustDomain: identity.DefaultTrustDomain, Store: store, SVIDs: nopSVIDs{}, Bundles: noBundles{}})
 	if err != nil {
 		t.Fatal(err)
 	}

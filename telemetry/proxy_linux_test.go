@@ -22,6 +22,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
 	"github.com/mantlet/mantlet/events"
+	"github.com/mantlet/mantlet/identity"
 	"github.com/mantlet/mantlet/internal/workload"
 	"github.com/mantlet/mantlet/ztunnel"
 )
@@ -81,7 +82,7 @@ func TestObserverOnALiveProxy(t *testing.T) {
 
 	o := NewObserver(ObserverOptions{Flows: NewFlowLog(16)})
 	ended := make(chan *ztunnel.FlowRecord, 1)
-	p, err := ztunnel.New(ztunnel.Config{NodeName: "n1", Store: store, SVIDs: noSVIDs{}, Bundles: noSVIDs{},
+	p, err := ztunnel.New(ztunnel.Config{NodeName: "n1", TrustDomain: identity.DefaultTrustDomain, Store: store, SVIDs: noSVIDs{}, Bundles: noSVIDs{},
 		OnFlowOpen: o.FlowOpened,
 		OnFlowEnd:  func(r *ztunnel.FlowRecord) { o.FlowEnded(r); ended <- r },
 	})

@@ -419,7 +419,7 @@ func TestAcceptErrorsBackOffAndAreLoggedRarely(t *testing.T) {
 	logs := newLogCounter()
 	ln := &failingListener{Listener: listen(t)}
 	p, err := ztunnel.New(ztunnel.Config{
-		NodeName: "node-a", Store: workload.NewStore(), SVIDs: c, Bundles: c.Bundles(),
+		NodeName: "node-a", TrustDomain: c.TrustDomain(), Store: workload.NewStore(), SVIDs: c, Bundles: c.Bundles(),
 		Logger: slog.New(logs), Outbound: ln, Limits: ztunnel.Limits{RefusalLogRate: 1},
 	})
 	if err != nil {

@@ -20,7 +20,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	"github.com/mantlet/mantlet/identity"
 	"github.com/mantlet/mantlet/internal/workload"
 	"github.com/mantlet/mantlet/ztunnel/hbone"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
@@ -173,7 +172,7 @@ type FlowRecord struct {
 type Config struct {
 	// NodeName is the node this ztunnel serves: its workloads are local.
 	NodeName string
-	// TrustDomain names identities (identity.DefaultTrustDomain when zero).
+	// TrustDomain names identities (required).
 	TrustDomain spiffeid.TrustDomain
 	// Store holds the workload snapshot, read lock-free per connection.
 	Store *workload.Store
@@ -279,9 +278,8 @@ func New(cfg Config) (*Proxy, error) {
 		return nil, errors.New("ztunnel: config: Bundles is required")
 	case cfg.NodeName == "":
 		return nil, errors.New("ztunnel: config: NodeName is required")
-	}
-	if cfg.TrustDomain.IsZero() {
-		cfg.TrustDomain = identity.DefaultTrustDomain
+	case cfg.TrustDomain.IsZero():
+		return nil, errors.New("ztunnel: config: TrustDomain is required")
 	}
 	if cfg.HBONEPort == 0 {
 		cfg.HBONEPort = hbone.DefaultPort

@@ -3,6 +3,11 @@
 // `mantlet agent` process per node, started inside the node's namespace.
 // The end-to-end tests, `mantlet demo` and `mantlet bench` build on it.
 //
+// The mesh reads the agents' state the way an operator does: through each
+// agent's admin API on its unix socket (Status, Flows, Admin) and its
+// Prometheus metrics (Metrics), never from their logs. Logs and Records
+// are there for tests of what an agent logs, and to explain a failure.
+//
 // A Mesh is started with Start and must be closed with Close, which stops
 // the agents (SIGTERM, then SIGKILL), removes each node's pinned data path
 // (`mantlet agent --cleanup`) and removes the testbed, also after a failure.
@@ -38,10 +43,13 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
+	"github.com/mantlet/mantlet/admin"
 	"github.com/mantlet/mantlet/bpf"
+	"github.com/mantlet/mantlet/events"
 	"github.com/mantlet/mantlet/identity"
 	"github.com/mantlet/mantlet/identity/ca"
 	"github.com/mantlet/mantlet/internal/testbed"
+	"github.com/mantlet/mantlet/telemetry"
 )
 
 // Annotations the agent reads (see docs/standalone.md).
@@ -55,14 +63,16 @@ const (
 
 // Ports of the agent, in each node's namespace.
 const (
-	ReadyPort   = 15021
 	MetricsPort = 15020
 	HBONEPort   = 15008
 )
 
+// requestTimeout bounds one request to an agent (a frozen agent accepts
+// connections and never answers).
+const requestTimeout = 5 * time.Second
+
 // Defaults of Options.
 const (
-	DefaultTrustDomain  = "cluster.local"
 	DefaultLogLimit     = 4 << 20
 	DefaultReadyTimeout = 30 * time.Second
 	DefaultStopTimeout  = 15 * time.Second
@@ -84,9 +94,10 @@ type Options struct {
 	// the agent's default, PERMISSIVE).
 	MTLSMode string
 	// AgentArgs are added to every agent's command line after the flags
-	// meshtest sets, so they can override them.
+	// meshtest sets, so they can override them (but the mesh reads the
+	// agents through their admin sockets and metrics: leave those on).
 	AgentArgs []string
-	// TrustDomain of the CA (default DefaultTrustDomain).
+	// TrustDomain of the CA (default identity.DefaultTrustDomain).
 	TrustDomain string
 	// Prefix names the testbed (default: testbed's random prefix).
 	Prefix string
@@ -135,7 +146,8 @@ type Mesh struct {
 	fileMu     sync.Mutex // serialises writes of the cluster file
 	mu         sync.Mutex
 	agents     map[string]*agentProc
-	history    map[string]*logBuffer // logs of earlier runs, per node
+	history    map[string]*logBuffer    // logs of earlier runs, per node
+	admins     map[string]*admin.Client // per node, made by Admin
 	closed     bool
 }
 
@@ -159,7 +171,7 @@ func (p *agentProc) exited() bool {
 
 func (o Options) withDefaults() Options {
 	if o.TrustDomain == "" {
-		o.TrustDomain = DefaultTrustDomain
+		o.TrustDomain = identity.DefaultTrustDomain.Name()
 	}
 	if o.LogLimit <= 0 {
 		o.LogLimit = DefaultLogLimit
@@ -192,7 +204,7 @@ func Start(ctx context.Context, spec testbed.Spec, opts Options) (m *Mesh, err e
 	if err != nil {
 		return nil, fmt.Errorf("meshtest: trust domain %q: %w", opts.TrustDomain, err)
 	}
-	m = &Mesh{opts: opts, log: opts.Logger, td: td, agents: map[string]*agentProc{}, history: map[string]*logBuffer{}}
+	m = &Mesh{opts: opts, log: opts.Logger, td: td, agents: map[string]*agentProc{}, history: map[string]*logBuffer{}, admins: map[string]*admin.Client{}}
 	defer func() {
 		if err != nil {
 			err = errors.Join(err, m.Close())
@@ -417,14 +429,19 @@ func (m *Mesh) ExpectedEnrolled(node string) int {
 	return n
 }
 
-// ReadyBody is the readiness answer of an agent that has settled with
-// enrolled pods: every local meshed pod enrolled, none pending.
-func ReadyBody(enrolled int) string {
-	return fmt.Sprintf("ready: %d local pods enrolled, 0 pending, %d veths attached", enrolled, enrolled)
+// CheckSettled returns nil when st is the status of an agent that is
+// ready with exactly enrolled local pods enrolled, none pending, and a
+// veth attached for each; otherwise an error that says what st shows.
+func CheckSettled(st admin.Status, enrolled int) error {
+	if st.Ready && st.Snapshot.Enrolled == enrolled && st.Snapshot.Pending == 0 && st.Datapath.Pods == enrolled {
+		return nil
+	}
+	return fmt.Errorf("ready %v (%s), %d local pods enrolled, %d pending, %d veths attached; want ready with %d enrolled",
+		st.Ready, st.Reason, st.Snapshot.Enrolled, st.Snapshot.Pending, st.Datapath.Pods, enrolled)
 }
 
-// WaitSettled waits until every running agent answers its readiness probe
-// with 200 and has exactly the meshed pods of the cluster file enrolled.
+// WaitSettled waits until every running agent is ready and has exactly
+// the meshed pods of the cluster file enrolled (see CheckSettled).
 func (m *Mesh) WaitSettled(ctx context.Context) error {
 	var wg sync.WaitGroup
 	errs := make([]error, len(m.TB.Nodes()))
@@ -450,34 +467,68 @@ func (m *Mesh) waitNode(ctx context.Context, node string) error {
 	}
 	ctx, cancel := context.WithTimeout(ctx, m.opts.ReadyTimeout)
 	defer cancel()
-	var code int
-	var body string
+	var last error // why it is not settled, as of the last answer
 	for {
-		want := ReadyBody(m.ExpectedEnrolled(node))
-		code, body, err = m.Get(ctx, node, ReadyPort, "/healthz/ready")
-		if err == nil && code == http.StatusOK && body == want {
+		st, err := m.Status(ctx, node)
+		if err == nil {
+			err = CheckSettled(st, m.ExpectedEnrolled(node))
+		}
+		switch {
+		case err == nil:
 			return nil
+		case ctx.Err() == nil:
+			last = err
 		}
 		if p.exited() {
 			return fmt.Errorf("meshtest: agent of %s exited (%v) before it was ready; its output:\n%s", node, p.err, excerpt(p.logs.String(), 10, 20))
 		}
 		select {
 		case <-ctx.Done():
-			return fmt.Errorf("meshtest: agent of %s not settled: readiness %d %q (%v), want 200 %q: %w", node, code, body, err, want, ctx.Err())
+			return fmt.Errorf("meshtest: agent of %s not settled (%v): %w", node, last, ctx.Err())
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
 }
 
-// Get fetches http://127.0.0.1:<port><path> inside node's namespace (the
-// agent's readiness and metrics endpoints) and returns the status and the
-// body, trimmed.
-func (m *Mesh) Get(ctx context.Context, node string, port int, path string) (int, string, error) {
+// AdminSocket returns the unix socket of node's admin API; the agent names
+// it after its pin directory: /run/mantlet/<prefix>-<node>/admin.sock.
+func (m *Mesh) AdminSocket(node string) string {
+	return admin.SocketPath(filepath.Base(m.PinDir(node)))
+}
+
+// Admin returns a client of node's admin API through its unix socket,
+// which a process in any network namespace reaches. The client lasts as
+// long as the mesh and follows the node's agent across restarts.
+func (m *Mesh) Admin(node string) *admin.Client {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	c := m.admins[node]
+	if c == nil {
+		c, _ = admin.NewClient(m.AdminSocket(node)) // a path is always a valid address
+		m.admins[node] = c
+	}
+	return c
+}
+
+// Status returns node's agent's /v1/status.
+func (m *Mesh) Status(ctx context.Context, node string) (admin.Status, error) {
+	ctx, cancel := context.WithTimeout(ctx, requestTimeout)
+	defer cancel()
+	st, err := m.Admin(node).Status(ctx)
+	if err != nil {
+		return st, fmt.Errorf("meshtest: status of %s: %w", node, err)
+	}
+	return st, nil
+}
+
+// get fetches http://127.0.0.1:<port><path> inside node's namespace (the
+// agent's metrics endpoint) and returns the status and the body, trimmed.
+func (m *Mesh) get(ctx context.Context, node string, port int, path string) (int, string, error) {
 	n := m.TB.Node(node)
 	if n == nil {
 		return 0, "", fmt.Errorf("meshtest: no node %q", node)
 	}
-	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	ctx, cancel := context.WithTimeout(ctx, requestTimeout)
 	defer cancel()
 	client := &http.Client{Transport: &http.Transport{
 		DisableKeepAlives: true,
@@ -499,15 +550,6 @@ func (m *Mesh) Get(ctx context.Context, node string, port int, path string) (int
 		return resp.StatusCode, "", fmt.Errorf("meshtest: get %s on %s: %w", path, node, err)
 	}
 	return resp.StatusCode, strings.TrimSpace(string(b)), nil
-}
-
-// Metrics returns node's agent's Prometheus metrics as text.
-func (m *Mesh) Metrics(ctx context.Context, node string) (string, error) {
-	code, body, err := m.Get(ctx, node, MetricsPort, "/metrics")
-	if err == nil && code != http.StatusOK {
-		err = fmt.Errorf("meshtest: metrics of %s: status %d", node, code)
-	}
-	return body, err
 }
 
 // SetNamespaceAnnotations replaces the annotations of a Kubernetes
@@ -576,7 +618,8 @@ func (m *Mesh) AllLogs(node string) string {
 }
 
 // Records returns the JSON log records of node's current agent run
-// (lines that are not JSON are skipped).
+// (lines that are not JSON are skipped), for tests of what the agent
+// logs; read its state with Status, Flows and Metrics instead.
 func (m *Mesh) Records(node string) []map[string]any {
 	var out []map[string]any
 	for _, line := range strings.Split(m.Logs(node), "\n") {
@@ -591,9 +634,10 @@ func (m *Mesh) Records(node string) []map[string]any {
 	return out
 }
 
-// Flow is one connection the ztunnel of a node handled, from its log.
+// Flow is one connection the ztunnel of a node handled, from the close
+// event its agent recorded (/v1/flows).
 type Flow struct {
-	// Node is the node whose ztunnel logged the flow.
+	// Node is the node whose ztunnel handled the flow.
 	Node string
 	// Direction is "outbound", "inbound" or "inbound_plaintext"; Path is
 	// "hbone", "local" or "passthrough".
@@ -604,48 +648,55 @@ type Flow struct {
 	SrcID, DstID string
 	// Sent and Received count bytes from and to the client.
 	Sent, Received int64
-	// Reason is the response flag: "-" for a flow that went through,
-	// otherwise why it was refused; Error the underlying error.
-	Reason, Error string
+	// Flag is the response flag: "-" for a flow that went through,
+	// otherwise why it was refused or failed; Error the underlying error.
+	Flag, Error string
 }
 
-// Flows returns the flows node's ztunnel logged in the current agent run,
-// accepted ones ("ztunnel: flow", logged at debug level, which meshtest
-// turns on) and refused ones ("ztunnel: refused" with a destination), in
-// order.
-func (m *Mesh) Flows(node string) []Flow {
-	var out []Flow
-	for _, r := range m.Records(node) {
-		msg, _ := r["msg"].(string)
-		if msg != "ztunnel: flow" && msg != "ztunnel: refused" {
-			continue
-		}
-		if _, ok := r["dst"]; !ok {
-			continue // a handshake refusal, not a flow
-		}
-		str := func(k string) string { s, _ := r[k].(string); return s }
-		num := func(k string) int64 { f, _ := r[k].(float64); return int64(f) }
-		f := Flow{Node: node, Direction: str("direction"), Path: str("path"), SrcID: str("src_id"), DstID: str("dst_id"),
-			Sent: num("sent"), Received: num("received"), Reason: str("reason"), Error: str("error")}
-		f.Src, _ = netip.ParseAddrPort(str("src"))
-		f.Dst, _ = netip.ParseAddrPort(str("dst"))
-		out = append(out, f)
+// Flows returns the flows node's ztunnel finished in the current agent
+// run, accepted and refused, oldest first: the close events its agent
+// keeps for /v1/flows (the newest 4096 unless --flow-log-size says
+// otherwise).
+func (m *Mesh) Flows(ctx context.Context, node string) ([]Flow, error) {
+	ctx, cancel := context.WithTimeout(ctx, requestTimeout)
+	defer cancel()
+	evs, err := m.Admin(node).Flows(ctx, telemetry.FlowFilter{Event: events.Close}, 0)
+	if err != nil {
+		return nil, fmt.Errorf("meshtest: flows of %s: %w", node, err)
 	}
-	return out
+	out := make([]Flow, len(evs))
+	for i, ev := range evs {
+		out[i] = Flow{Node: node, Direction: ev.Direction, Path: ev.Path, Src: ev.Src.Addr, Dst: ev.Dst.Addr,
+			SrcID: ev.Src.Identity, DstID: ev.Dst.Identity, Sent: ev.BytesSent, Received: ev.BytesReceived,
+			Flag: ev.ResponseFlag, Error: ev.Error}
+	}
+	return out, nil
 }
 
-// WaitFlow waits until node's ztunnel logged a flow that match accepts
-// and returns it (flows are logged when they end).
+// WaitFlow waits until node's ztunnel finished a flow that match accepts
+// and returns it.
 func (m *Mesh) WaitFlow(ctx context.Context, node string, match func(Flow) bool) (Flow, error) {
+	seen := 0
+	var last error // of the last request, if it failed
 	for {
-		for _, f := range m.Flows(node) {
-			if match(f) {
-				return f, nil
+		flows, err := m.Flows(ctx, node)
+		switch {
+		case err == nil:
+			for _, f := range flows {
+				if match(f) {
+					return f, nil
+				}
 			}
+			seen, last = len(flows), nil
+		case ctx.Err() == nil:
+			last = err
 		}
 		select {
 		case <-ctx.Done():
-			return Flow{}, fmt.Errorf("meshtest: no matching flow in the log of %s: %w", node, ctx.Err())
+			if last != nil {
+				return Flow{}, fmt.Errorf("meshtest: no matching flow on %s (%v): %w", node, last, ctx.Err())
+			}
+			return Flow{}, fmt.Errorf("meshtest: no matching flow among the %d that %s finished: %w", seen, node, ctx.Err())
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
@@ -685,6 +736,9 @@ func (m *Mesh) Close() error {
 		return nil
 	}
 	m.closed = true
+	for _, c := range m.admins {
+		c.Close()
+	}
 	procs := make([]*agentProc, 0, len(m.agents))
 	for _, p := range m.agents {
 		if !p.exited() { // an agent that exited earlier was reported then

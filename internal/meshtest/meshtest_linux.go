@@ -1,9 +1,14 @@
 package meshtest
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
 	"syscall"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -92,14 +97,19 @@ func (m *Mesh) SkLookupPrograms(node string) (int, error) {
 
 // FreezeAgent stops node's agent with SIGSTOP: the process keeps its
 // sockets (its listeners stay in the SOCKMAP) but does nothing, so a test
-// sees what the kernel alone does with the data path. thaw sends SIGCONT;
-// Close and StopAgent thaw a frozen agent too.
+// sees what the kernel alone does with the data path. It returns once
+// every thread of the agent is stopped. thaw sends SIGCONT; Close and
+// StopAgent thaw a frozen agent too.
 func (m *Mesh) FreezeAgent(node string) (thaw func() error, err error) {
 	p, err := m.proc(node)
 	if err != nil {
 		return nil, err
 	}
 	if err := p.cmd.Process.Signal(syscall.SIGSTOP); err != nil {
+		return nil, fmt.Errorf("meshtest: freeze the agent of %s: %w", node, err)
+	}
+	if err := waitStopped(p.cmd.Process.Pid, m.opts.StopTimeout); err != nil {
+		_ = p.cmd.Process.Signal(syscall.SIGCONT)
 		return nil, fmt.Errorf("meshtest: freeze the agent of %s: %w", node, err)
 	}
 	m.log.Info("agent frozen", "node", node)
@@ -115,3 +125,56 @@ func (m *Mesh) FreezeAgent(node string) (thaw func() error, err error) {
 // thaw continues a process that FreezeAgent stopped, so that it can act
 // on SIGTERM.
 func thaw(p *agentProc) { _ = p.cmd.Process.Signal(syscall.SIGCONT) }
+
+// waitStopped waits until every thread of process pid is stopped (state T
+// in /proc), for at most timeout. kill returns once SIGSTOP is queued; the
+// kernel stops the other threads only when the thread it picked has run to
+// take the signal, and on a loaded machine another thread, woken by what
+// the caller does next (a routing change the agent watches), can act first.
+func waitStopped(pid int, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		running, err := runningThreads(pid)
+		switch {
+		case err != nil:
+			return err
+		case running == 0:
+			return nil
+		case time.Now().After(deadline):
+			return fmt.Errorf("%d threads of process %d still run %v after SIGSTOP", running, pid, timeout)
+		}
+		time.Sleep(time.Millisecond)
+	}
+}
+
+// runningThreads counts the threads of process pid that are neither
+// stopped nor dead.
+func runningThreads(pid int) (int, error) {
+	dir := fmt.Sprintf("/proc/%d/task", pid)
+	tasks, err := os.ReadDir(dir)
+	if err != nil {
+		return 0, fmt.Errorf("threads of process %d: %w", pid, err)
+	}
+	running := 0
+	for _, t := range tasks {
+		stat, err := os.ReadFile(filepath.Join(dir, t.Name(), "stat"))
+		if errors.Is(err, fs.ErrNotExist) {
+			continue // the thread ended
+		}
+		if err != nil {
+			return 0, fmt.Errorf("threads of process %d: %w", pid, err)
+		}
+		// The state follows the command name, which is in parentheses
+		// and may hold anything.
+		i := bytes.LastIndexByte(stat, ')')
+		if i < 0 || i+2 >= len(stat) {
+			return 0, fmt.Errorf("threads of process %d: malformed %s/stat", pid, t.Name())
+		}
+		switch stat[i+2] {
+		case 'T', 'Z', 'X': // stopped, or dead
+		default:
+			running++
+		}
+	}
+	return running, nil
+}

@@ -19,6 +19,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
 
+	"github.com/mantlet/mantlet/identity"
 	"github.com/mantlet/mantlet/internal/workload"
 	"github.com/mantlet/mantlet/policy"
 	"github.com/mantlet/mantlet/ztunnel"
@@ -86,7 +87,7 @@ func plaintextProxy(t *testing.T, fx *fixture, app netip.AddrPort, records chan<
 		t.Fatal(err)
 	}
 	p, err := ztunnel.New(ztunnel.Config{
-		NodeName: "node-b", Store: store, SVIDs: noSVIDs{}, Bundles: x509bundle.NewSet(),
+		NodeName: "node-b", TrustDomain: identity.DefaultTrustDomain, Store: store, SVIDs: noSVIDs{}, Bundles: x509bundle.NewSet(),
 		Authorizer: fx.az, InboundPlaintext: dstListener{ln, net.TCPAddrFromAddrPort(app)},
 		OnFlowEnd: func(r *ztunnel.FlowRecord) { records <- r },
 	})

@@ -1,26 +1,29 @@
-package main
+package scenario
 
 import (
+	"bytes"
 	"context"
 	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/mantlet/mantlet/bpf"
 	"github.com/mantlet/mantlet/internal/privtest"
 )
 
-// TestBenchQuickPrintsEveryRowWithPositiveNumbers runs `mantlet bench
-// --quick` and checks that the table has every row, with numbers that make
-// sense for both paths.
+// TestBenchQuickPrintsEveryRowWithPositiveNumbers runs a short bench (what
+// `mantlet bench --quick` runs) and checks that the table has every row,
+// with numbers that make sense for both paths.
 func TestBenchQuickPrintsEveryRowWithPositiveNumbers(t *testing.T) {
 	privtest.Require(t)
 	bin := mantletBinary(t)
-	e, out, errb := testEnv()
-	if code := run(context.Background(), e, []string{"bench", "--quick", "--binary", bin}); code != 0 {
-		t.Fatalf("mantlet bench --quick exited %d; stdout:\n%s\nstderr:\n%s", code, out, errb)
+	var out, errb bytes.Buffer
+	opts := BenchOptions{Duration: time.Second, RoundTrips: 1000, ConnDuration: time.Second, MaxConns: 200000, Stdout: &out, Stderr: &errb}
+	if err := Bench(context.Background(), bin, opts); err != nil {
+		t.Fatalf("Bench: %v; stdout:\n%s\nstderr:\n%s", err, out.String(), errb.String())
 	}
 	table := out.String()
 	cell := regexp.MustCompile(`\s{2,}`)
@@ -66,11 +69,11 @@ func TestBenchQuickPrintsEveryRowWithPositiveNumbers(t *testing.T) {
 		t.Error("the report does not show that only the meshed connections were captured")
 	}
 	if t.Failed() {
-		t.Logf("stdout:\n%s\nstderr:\n%s", table, errb)
+		t.Logf("stdout:\n%s\nstderr:\n%s", table, errb.String())
 	}
 	prefix := regexp.MustCompile(`\(testbed (bench[0-9a-f]+)\)`).FindStringSubmatch(errb.String())
 	if prefix == nil {
-		t.Fatalf("stderr names no testbed:\n%s", errb)
+		t.Fatalf("stderr names no testbed:\n%s", errb.String())
 	}
 	if ns, _ := filepath.Glob("/run/netns/" + prefix[1] + "-*"); len(ns) > 0 {
 		t.Errorf("namespaces left behind: %v", ns)

@@ -1,9 +1,10 @@
-package main
+package scenario
 
 import (
 	"bytes"
 	"context"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -76,18 +77,18 @@ func checkDemoLeftNothing(t *testing.T, out string) {
 	}
 }
 
-// TestDemoReportsCaptureIdentitiesAndAnEncryptedWire runs `mantlet demo`
-// and checks the lines of its report a user relies on.
+// TestDemoReportsCaptureIdentitiesAndAnEncryptedWire runs the demo and
+// checks the lines of its report a user relies on.
 func TestDemoReportsCaptureIdentitiesAndAnEncryptedWire(t *testing.T) {
 	privtest.Require(t)
 	bin := mantletBinary(t)
-	e, out, errb := testEnv()
+	var out, errb bytes.Buffer
 	start := time.Now()
-	code := run(context.Background(), e, []string{"demo", "--binary", bin})
+	err := Demo(context.Background(), bin, DemoOptions{Stdout: &out, Stderr: &errb})
 	took := time.Since(start)
 	report := out.String()
-	if code != 0 {
-		t.Fatalf("mantlet demo exited %d; stdout:\n%s\nstderr:\n%s", code, report, errb)
+	if err != nil {
+		t.Fatalf("Demo: %v; stdout:\n%s\nstderr:\n%s", err, report, errb.String())
 	}
 	for _, want := range []string{
 		"ok    the meshed server saw the client pod's own IP (peer 198.19.1.11:",
@@ -103,7 +104,7 @@ func TestDemoReportsCaptureIdentitiesAndAnEncryptedWire(t *testing.T) {
 		`ok    the meshed marker "mantlet-demo-secret-`,
 		`ok    unmeshed traffic left alone: marker "legacy-demo-plaintext-`,
 		"198.19.1.12 -> 198.19.2.12:8080 directly",
-		"ok    no ztunnel saw it: 0 flows in the logs, 0 Istio metric series, capture counters moved by 0",
+		"ok    no ztunnel saw it: 0 flows recorded, 0 Istio metric series, capture counters moved by 0",
 		"curl -s http://127.0.0.1:15020/metrics",
 		`mantlet_datapath_packets_total{event="lookup_outbound"} 1`,
 		`mantlet_datapath_packets_total{event="lookup_hbone"} 1`,
@@ -118,7 +119,7 @@ func TestDemoReportsCaptureIdentitiesAndAnEncryptedWire(t *testing.T) {
 		t.Error("the report shows a failed check")
 	}
 	if t.Failed() {
-		t.Logf("report:\n%s\nstderr:\n%s", report, errb)
+		t.Logf("report:\n%s\nstderr:\n%s", report, errb.String())
 	}
 	if took > 30*time.Second {
 		t.Errorf("the demo took %v; it should take well under 30 s", took)
@@ -126,24 +127,23 @@ func TestDemoReportsCaptureIdentitiesAndAnEncryptedWire(t *testing.T) {
 	checkDemoLeftNothing(t, report)
 }
 
-// TestDemoKeepRunsUntilInterrupted runs `mantlet demo --keep`, talks to the
+// TestDemoKeepRunsUntilInterrupted runs the demo with Keep, talks to the
 // kept mesh the way the instructions say, then interrupts it as Ctrl-C would
 // and checks that everything is gone.
 func TestDemoKeepRunsUntilInterrupted(t *testing.T) {
 	privtest.Require(t)
 	bin := mantletBinary(t)
 	var out, errb syncBuffer
-	e := &env{stdout: &out, stderr: &errb, getenv: func(string) string { return "" }}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	done := make(chan int, 1)
-	go func() { done <- run(ctx, e, []string{"demo", "--keep", "--binary", bin}) }()
+	done := make(chan error, 1)
+	go func() { done <- Demo(ctx, bin, DemoOptions{Keep: true, Stdout: &out, Stderr: &errb}) }()
 
 	deadline := time.After(60 * time.Second)
 	for !strings.Contains(out.String(), "Press Ctrl-C here to remove everything") {
 		select {
-		case code := <-done:
-			t.Fatalf("mantlet demo --keep exited %d before Ctrl-C; stdout:\n%s\nstderr:\n%s", code, out.String(), errb.String())
+		case err := <-done:
+			t.Fatalf("Demo with Keep returned before Ctrl-C (%v); stdout:\n%s\nstderr:\n%s", err, out.String(), errb.String())
 		case <-deadline:
 			cancel()
 			<-done
@@ -170,12 +170,19 @@ func TestDemoKeepRunsUntilInterrupted(t *testing.T) {
 		}
 		c.Close()
 	}
+	// The command that asks an agent, as printed.
+	if cmd := regexp.MustCompile(`mantlet (flows --node \S+)`).FindStringSubmatch(out.String()); cmd == nil {
+		t.Error("the instructions name no 'mantlet flows --node' command")
+	} else if flows, err := exec.Command(bin, append(strings.Fields(cmd[1]), "--last", "0")...).CombinedOutput(); err != nil ||
+		!strings.Contains(string(flows), "shop/client") {
+		t.Errorf("mantlet %s: %v\n%s", cmd[1], err, flows)
+	}
 
 	cancel()
 	select {
-	case code := <-done:
-		if code != 0 {
-			t.Errorf("interrupted demo exited %d; stderr:\n%s", code, errb.String())
+	case err := <-done:
+		if err != nil {
+			t.Errorf("interrupted demo: %v; stderr:\n%s", err, errb.String())
 		}
 	case <-time.After(60 * time.Second):
 		t.Fatal("the demo did not finish within 60 s of Ctrl-C")
