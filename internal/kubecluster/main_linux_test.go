@@ -29,6 +29,8 @@ var shared struct {
 	meshErr  error
 	image    string
 	helm     string
+	// artifacts holds the image and helm; TestMain removes it.
+	artifacts string
 }
 
 // testStateDir keeps the tests' clusters apart from a user's.
@@ -36,6 +38,12 @@ var testStateDir = filepath.Join(os.TempDir(), "kubecluster-test-state")
 
 func TestMain(m *testing.M) {
 	code := m.Run()
+	if shared.artifacts != "" {
+		if err := os.RemoveAll(shared.artifacts); err != nil {
+			fmt.Fprintln(os.Stderr, "kubecluster: removing the test artifacts:", err)
+			code = 1
+		}
+	}
 	if shared.cluster != nil {
 		if err := shared.cluster.Close(); err != nil {
 			fmt.Fprintln(os.Stderr, "kubecluster: removing the test cluster:", err)
@@ -91,6 +99,7 @@ func bringUp(t *testing.T, bins kubebin.Binaries) error {
 	}
 	start := time.Now()
 	art := filepath.Join(os.TempDir(), fmt.Sprintf("kubecluster-artifacts-%d", os.Getpid()))
+	shared.artifacts = art
 	shared.image, shared.helm, err = BuildArtifacts(ctx, repo, art)
 	if err != nil {
 		return err

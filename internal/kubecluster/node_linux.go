@@ -12,6 +12,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/mantlet/mantlet/internal/testbed"
 )
 
 // The programs a node runs besides the Kubernetes ones, from Debian's
@@ -87,6 +89,14 @@ func (c *Cluster) startNode(ctx context.Context, n *Node, cni string, archives [
 		if err := os.WriteFile(filepath.Join(n.Dir, name), b, 0o600); err != nil {
 			return fmt.Errorf("kubecluster: node %s: %w", n.Name, err)
 		}
+	}
+	// A route for the Services' virtual IPs, as a machine's default route
+	// gives it: a packet the node itself sends (a hostNetwork pod, such as
+	// mantlet's agent, calling the kubernetes Service) needs a route before
+	// kube-proxy's OUTPUT rules translate its destination. Pods' packets
+	// arrive from their veths and are translated on the way in.
+	if out, err := n.Testbed.Command(ctx, "ip", "route", "replace", testbed.ServiceCIDR.String(), "dev", n.Testbed.Uplink).CombinedOutput(); err != nil {
+		return fmt.Errorf("kubecluster: node %s: route to the Services: %w: %s", n.Name, err, strings.TrimSpace(string(out)))
 	}
 	procs, err := createCgroups(n.CgroupRoot)
 	if err != nil {

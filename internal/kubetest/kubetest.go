@@ -223,7 +223,9 @@ func (s *Server) launch(ctx context.Context, opts Options) error {
 			port = DefaultPort
 		}
 	}
-	p, err := newPKI(s.dir, []netip.Addr{addr})
+	// The kubernetes Service's virtual IP (the first of the range) too:
+	// pods, such as mantlet's agents, reach the API server through it.
+	p, err := newPKI(s.dir, []netip.Addr{addr, testbed.ServiceCIDR.Addr().Next()})
 	if err != nil {
 		return err
 	}
@@ -337,6 +339,9 @@ func (s *Server) startAPIServer(ctx context.Context, opts Options, netns, sock s
 		"--service-cluster-ip-range="+testbed.ServiceCIDR.String(),
 		"--disable-admission-plugins="+strings.Join(disabled, ","),
 		"--endpoint-reconciler-type="+reconciler,
+		// Nodes' names resolve nowhere: reach kubelets (kubectl logs,
+		// exec) by their addresses.
+		"--kubelet-preferred-address-types=InternalIP",
 		// The chart's DaemonSet is privileged.
 		"--allow-privileged=true",
 		"--profiling=false",
