@@ -35,11 +35,15 @@ lint: ## gofmt, go vet, staticcheck, and go mod tidy -diff of every module
 
 # The Kubernetes API server for the tests (internal/kubetest, docs/kubetest.md).
 .PHONY: kube-binaries test-kube
-kube-binaries: ## build kube-apiserver and etcd for the API server tests (once 7-15 min on 2 cores, then cached)
+kube-binaries: ## build kube-apiserver, etcd, kubelet, kube-proxy, kube-controller-manager, kube-scheduler and kubectl for the tests (once 10-20 min on 2 cores, then cached)
 	$(GO) run ./internal/kubetest/cmd/kube-binaries
 
-test-kube: kube-binaries ## build the API server if needed, then run the harness's tests
-	$(GO) test $(TESTFLAGS) ./internal/kubetest/...
+test-kube: kube-binaries ## build the Kubernetes programs if needed, then run the harnesses' tests (API server; real two-node cluster, as root)
+	$(GO) test $(TESTFLAGS) ./internal/kubetest/... ./internal/kubecluster/...
+
+.PHONY: demo-kubernetes
+demo-kubernetes: kube-binaries ## bring up a real two-node Kubernetes cluster on this machine (needs root), install mantlet with helm and run the demo's checks; Ctrl-C removes it
+	$(GO) run ./internal/kubecluster/cmd/kubecluster up
 
 # The SPIRE server and agent for the tests (internal/spiretest, docs/spiretest.md).
 .PHONY: spire-binaries

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -103,9 +104,10 @@ func TestAgentCommandRefusesBadInvocations(t *testing.T) {
 // asRoot makes the commands' root checks pass for the test (the code
 // under test then needs no privilege of its own).
 func asRoot(t *testing.T) {
-	orig := geteuid
+	orig, origCaps := geteuid, effectiveCaps
 	geteuid = func() int { return 0 }
-	t.Cleanup(func() { geteuid = orig })
+	effectiveCaps = func() (uint64, error) { return ^uint64(0), nil }
+	t.Cleanup(func() { geteuid, effectiveCaps = orig, origCaps })
 }
 
 func TestAgentCleanupOfANodeWithoutPinsSaysSo(t *testing.T) {
@@ -129,9 +131,40 @@ func TestAgentSaysItNeedsRoot(t *testing.T) {
 		{"agent", "--cleanup", "--node-name", "node-1"},
 	} {
 		e, _, errb := testEnv()
-		want := "mantlet agent: needs root: it loads eBPF programs, changes the node's routing and binds transparent sockets; run it as root (in Kubernetes the DaemonSet runs it privileged)\n"
+		want := "mantlet agent: needs root: it loads eBPF programs, changes the node's routing and binds transparent sockets; run it as root (in Kubernetes the DaemonSet runs it as root with the capabilities NET_ADMIN, BPF and SYS_ADMIN)\n"
 		if code := run(context.Background(), e, args); code != 1 || errb.String() != want {
 			t.Errorf("%q: exit %d, stderr %q, want 1 and %q", args, code, errb, want)
 		}
+	}
+}
+
+// TestAgentSaysWhichCapabilitiesItLacks: root without the capabilities
+// the agent uses (a DaemonSet whose list was trimmed) fails at once and
+// names each missing one; SYS_ADMIN stands in for BPF, as in the kernel.
+func TestAgentSaysWhichCapabilitiesItLacks(t *testing.T) {
+	const all = 1<<capNetAdmin | 1<<capSysAdmin | 1<<capBPF
+	for _, tc := range []struct {
+		name string
+		caps uint64
+		want string // "" for no error
+	}{
+		{"all three", all, ""},
+		{"without BPF, which SYS_ADMIN covers", all &^ (1 << capBPF), ""},
+		{"without NET_ADMIN", all &^ (1 << capNetAdmin), "missing capabilities: CAP_NET_ADMIN (attach tc programs, install the routing rule, transparent sockets); give the agent's container the capabilities NET_ADMIN, BPF and SYS_ADMIN (the chart's securityContext does), or run it privileged"},
+		{"without SYS_ADMIN", all &^ (1 << capSysAdmin), "missing capabilities: CAP_SYS_ADMIN (enter pods' network namespaces, mount bpffs); give the agent's container the capabilities NET_ADMIN, BPF and SYS_ADMIN (the chart's securityContext does), or run it privileged"},
+		{"with none", 0, "missing capabilities: CAP_NET_ADMIN (attach tc programs, install the routing rule, transparent sockets), CAP_SYS_ADMIN (enter pods' network namespaces, mount bpffs), CAP_BPF (load eBPF programs and maps); give the agent's container the capabilities NET_ADMIN, BPF and SYS_ADMIN (the chart's securityContext does), or run it privileged"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			err := missingAgentCaps(tc.caps)
+			if got := fmt.Sprint(err); (tc.want == "" && err != nil) || (tc.want != "" && got != tc.want) {
+				t.Errorf("got %v\nwant %q", err, tc.want)
+			}
+		})
+	}
+	asRoot(t)
+	effectiveCaps = func() (uint64, error) { return all &^ (1 << capNetAdmin), nil }
+	e, _, errb := testEnv()
+	if code := run(context.Background(), e, []string{"agent", "--node-name", "node-1", "--config", "cluster.yaml", "--ca-dir", "ca"}); code != 1 || !strings.Contains(errb.String(), "mantlet agent: missing capabilities: CAP_NET_ADMIN") {
+		t.Errorf("exit %d, stderr %q; want 1 and the missing capability", code, errb)
 	}
 }

@@ -11,6 +11,8 @@ require (
 )
 
 require (
+	github.com/Masterminds/vcs v1.13.3 // indirect
+	github.com/cpuguy83/go-md2man/v2 v2.0.7 // indirect
 	github.com/docker/cli v29.7.2+incompatible // indirect
 	github.com/docker/docker-credential-helpers v0.9.5 // indirect
 	github.com/klauspost/compress v1.20.3 // indirect
@@ -148,4 +150,7 @@ require (
 
 replace github.com/mantlet/mantlet => ../..
 
-tool honnef.co/go/tools/cmd/staticcheck
+tool (
+	helm.sh/helm/v4/cmd/helm
+	honnef.co/go/tools/cmd/staticcheck
+)

@@ -94,6 +94,12 @@ type Options struct {
 	// ReadyTimeout bounds the wait for the API server's /readyz
 	// (default DefaultReadyTimeout).
 	ReadyTimeout time.Duration
+	// Cluster runs the API server for a whole cluster, with a controller
+	// manager, a scheduler and kubelets beside it (internal/kubecluster):
+	// ServiceAccount admission stays on and the API server keeps the
+	// kubernetes Service's endpoints (its advertised address), as in any
+	// cluster. Such a cluster needs a control plane.
+	Cluster bool
 }
 
 // Server is a running etcd and kube-apiserver.
@@ -106,11 +112,13 @@ type Server struct {
 	// (and signs the admin's).
 	CA []byte
 
-	admin  *rest.Config
-	client *kubernetes.Clientset
-	dial   func(ctx context.Context, network, address string) (net.Conn, error)
-	dir    string
-	log    *slog.Logger
+	admin     *rest.Config
+	adminCert []byte // PEM, with adminKey: for Kubeconfig files
+	adminKey  []byte
+	client    *kubernetes.Clientset
+	dial      func(ctx context.Context, network, address string) (net.Conn, error)
+	dir       string
+	log       *slog.Logger
 
 	launcher        *launcher
 	etcd, apiserver *process
@@ -215,11 +223,16 @@ func (s *Server) launch(ctx context.Context, opts Options) error {
 			port = DefaultPort
 		}
 	}
-	p, err := newPKI(s.dir, []netip.Addr{addr})
+	// The kubernetes Service's virtual IP (the first of the range) too:
+	// pods, such as mantlet's agents, reach the API server through it.
+	p, err := newPKI(s.dir, []netip.Addr{addr, testbed.ServiceCIDR.Addr().Next()})
 	if err != nil {
 		return err
 	}
-	s.CA = p.caPEM
+	s.CA, s.adminCert, s.adminKey = p.caPEM, p.adminCert, p.adminKey
+	if opts.Cluster && opts.ControlPlane == nil {
+		return errors.New("kubetest: a cluster's API server needs a control plane")
+	}
 	sock := filepath.Join(s.dir, "etcd.sock")
 	if len(sock) > 100 {
 		return fmt.Errorf("kubetest: etcd's socket path %s is too long for a unix socket: set TMPDIR to a shorter folder", sock)
@@ -301,6 +314,14 @@ func (s *Server) startEtcd(ctx context.Context, bin, netns, sock string) error {
 // startAPIServer runs kube-apiserver and waits for /readyz.
 func (s *Server) startAPIServer(ctx context.Context, opts Options, netns, sock string, attempt int) error {
 	f := func(name string) string { return filepath.Join(s.dir, name) }
+	// Without a controller manager: no ServiceAccount admission (it needs
+	// the accounts the controller manager makes) and no endpoints of the
+	// kubernetes Service (on loopback there is no address it would
+	// accept).
+	disabled, reconciler := DisabledAdmissionPlugins, "none"
+	if opts.Cluster {
+		disabled, reconciler = nil, "lease"
+	}
 	var err error
 	s.apiserver, err = s.launcher.start("kube-apiserver", netns, s.dir, f(fmt.Sprintf("kube-apiserver-%d.log", attempt)), opts.Binaries.APIServer,
 		"--etcd-servers=unix://"+sock,
@@ -316,10 +337,11 @@ func (s *Server) startAPIServer(ctx context.Context, opts Options, netns, sock s
 		"--service-account-key-file="+f(saPubFile),
 		"--service-account-signing-key-file="+f(saKeyFile),
 		"--service-cluster-ip-range="+testbed.ServiceCIDR.String(),
-		"--disable-admission-plugins="+strings.Join(DisabledAdmissionPlugins, ","),
-		// No controller manager keeps the "kubernetes" Endpoints, and on
-		// loopback there is no address it would accept.
-		"--endpoint-reconciler-type=none",
+		"--disable-admission-plugins="+strings.Join(disabled, ","),
+		"--endpoint-reconciler-type="+reconciler,
+		// Nodes' names resolve nowhere: reach kubelets (kubectl logs,
+		// exec) by their addresses.
+		"--kubelet-preferred-address-types=InternalIP",
 		// The chart's DaemonSet is privileged.
 		"--allow-privileged=true",
 		"--profiling=false",
@@ -495,6 +517,35 @@ func (s *Server) Kubeconfig(token string) ([]byte, error) {
 	}
 	return b, nil
 }
+
+// AdminKubeconfig returns a kubeconfig file with the admin's client
+// certificate (group system:masters), naming the server by its address:
+// what a cluster's controller manager, scheduler, kubelets and kube-proxy
+// are given in internal/kubecluster, and what kubectl and helm use.
+func (s *Server) AdminKubeconfig() ([]byte, error) {
+	const name = "kubetest"
+	cfg := clientcmdv1.Config{
+		Kind:           "Config",
+		APIVersion:     "v1",
+		Clusters:       []clientcmdv1.NamedCluster{{Name: name, Cluster: clientcmdv1.Cluster{Server: s.URL, CertificateAuthorityData: s.CA}}},
+		AuthInfos:      []clientcmdv1.NamedAuthInfo{{Name: AdminUser, AuthInfo: clientcmdv1.AuthInfo{ClientCertificateData: s.adminCert, ClientKeyData: s.adminKey}}},
+		Contexts:       []clientcmdv1.NamedContext{{Name: name, Context: clientcmdv1.Context{Cluster: name, AuthInfo: AdminUser}}},
+		CurrentContext: name,
+	}
+	b, err := yaml.Marshal(cfg)
+	if err != nil {
+		return nil, fmt.Errorf("kubetest: encode kubeconfig: %w", err)
+	}
+	return b, nil
+}
+
+// CAFile is the path of the CA bundle in the run's folder (a controller
+// manager's --root-ca-file).
+func (s *Server) CAFile() string { return filepath.Join(s.dir, caFile) }
+
+// ServiceAccountKeyFile is the path of the key that signs service-account
+// tokens (a controller manager's --service-account-private-key-file).
+func (s *Server) ServiceAccountKeyFile() string { return filepath.Join(s.dir, saKeyFile) }
 
 // Dir returns the run's folder: credentials, etcd's data and socket, and
 // the logs (etcd.log, kube-apiserver-<attempt>.log). Stop removes it.

@@ -1,7 +1,9 @@
-// Package kubebin builds and finds the kube-apiserver and etcd that
-// internal/kubetest runs: it builds them from the nested module
-// test/kube/tools into a cache folder keyed by that module's go.mod and
-// go.sum, and finds them there. It depends on nothing but the standard
+// Package kubebin builds and finds the Kubernetes programs that the tests
+// run: kube-apiserver and etcd (internal/kubetest), and kubelet,
+// kube-proxy, kube-controller-manager, kube-scheduler and kubectl (the
+// real-node cluster, internal/kubecluster). It builds them from the nested
+// module test/kube/tools into a cache folder keyed by that module's go.mod
+// and go.sum, and finds them there. It depends on nothing but the standard
 // library, so that the command that builds them (cmd/kube-binaries)
 // compiles in a moment.
 package kubebin
@@ -22,8 +24,8 @@ import (
 	"time"
 )
 
-// ToolsModule is the nested module that pins kube-apiserver and etcd,
-// relative to the repository's root.
+// ToolsModule is the nested module that pins the programs, relative to the
+// repository's root.
 const ToolsModule = "test/kube/tools"
 
 // CacheEnv names the environment variable that moves the binary cache
@@ -36,32 +38,61 @@ const DefaultCacheRoot = "/var/cache/mantlet"
 // rootModule is the module path that marks the repository's root.
 const rootModule = "github.com/mantlet/mantlet"
 
-// The two programs, as the tools module names them.
+// The programs, as the tools module names them. go build names each after
+// the last element of its path, except etcd's ("server", renamed).
 const (
 	apiServerPackage = "k8s.io/kubernetes/cmd/kube-apiserver"
 	etcdPackage      = "go.etcd.io/etcd/server/v3"
 )
 
-// ErrMissing means kube-apiserver and etcd are not built for the tools
-// module as it is now; `make kube-binaries` builds them.
-var ErrMissing = errors.New("kube-apiserver and etcd are not built")
+// nodePackages are the programs of a real cluster's nodes and controllers,
+// and kubectl.
+var nodePackages = []string{
+	"k8s.io/kubernetes/cmd/kubelet",
+	"k8s.io/kubernetes/cmd/kube-proxy",
+	"k8s.io/kubernetes/cmd/kube-controller-manager",
+	"k8s.io/kubernetes/cmd/kube-scheduler",
+	"k8s.io/kubernetes/cmd/kubectl",
+}
 
-// Binaries are a kube-apiserver and an etcd built from ToolsModule.
+// ErrMissing means the programs are not built for the tools module as it
+// is now; `make kube-binaries` builds them.
+var ErrMissing = errors.New("the Kubernetes programs are not built")
+
+// Binaries are the programs built from ToolsModule.
 type Binaries struct {
 	// Dir holds them: <cache root>/kube-<key>.
 	Dir string
 	// APIServer and Etcd are the programs' paths.
 	APIServer, Etcd string
+	// Kubelet, KubeProxy, ControllerManager, Scheduler and Kubectl are the
+	// rest of a cluster's programs.
+	Kubelet, KubeProxy, ControllerManager, Scheduler, Kubectl string
 }
 
 // binariesIn names the programs in dir.
 func binariesIn(dir string) Binaries {
-	return Binaries{Dir: dir, APIServer: filepath.Join(dir, "kube-apiserver"), Etcd: filepath.Join(dir, "etcd")}
+	f := func(name string) string { return filepath.Join(dir, name) }
+	return Binaries{
+		Dir:               dir,
+		APIServer:         f("kube-apiserver"),
+		Etcd:              f("etcd"),
+		Kubelet:           f("kubelet"),
+		KubeProxy:         f("kube-proxy"),
+		ControllerManager: f("kube-controller-manager"),
+		Scheduler:         f("kube-scheduler"),
+		Kubectl:           f("kubectl"),
+	}
 }
 
-// present reports whether both programs are there.
+// all lists every program's path.
+func (b Binaries) all() []string {
+	return []string{b.APIServer, b.Etcd, b.Kubelet, b.KubeProxy, b.ControllerManager, b.Scheduler, b.Kubectl}
+}
+
+// present reports whether every program is there.
 func (b Binaries) present() bool {
-	for _, p := range []string{b.APIServer, b.Etcd} {
+	for _, p := range b.all() {
 		fi, err := os.Stat(p)
 		if err != nil || !fi.Mode().IsRegular() || fi.Mode().Perm()&0o100 == 0 {
 			return false
@@ -162,7 +193,7 @@ func Find() (Binaries, error) {
 		return Binaries{}, err
 	}
 	if !b.present() {
-		return Binaries{}, fmt.Errorf("kubebin: %w in %s: run 'make kube-binaries' (7 to 15 minutes on 2 cores the first time, then cached; %s moves the cache)", ErrMissing, b.Dir, CacheEnv)
+		return Binaries{}, fmt.Errorf("kubebin: %w in %s: run 'make kube-binaries' (10 to 20 minutes on 2 cores the first time, then cached; %s moves the cache)", ErrMissing, b.Dir, CacheEnv)
 	}
 	return b, nil
 }
@@ -187,7 +218,7 @@ func Build(ctx context.Context, root string, log *slog.Logger) (b Binaries, buil
 		return b, false, err
 	}
 	if b.present() {
-		log.Info("kube-apiserver and etcd are built already", "dir", b.Dir)
+		log.Info("the Kubernetes programs are built already", "dir", b.Dir)
 		return b, false, nil
 	}
 	start := time.Now()
@@ -208,7 +239,7 @@ func Build(ctx context.Context, root string, log *slog.Logger) (b Binaries, buil
 	if info.Etcd, err = moduleVersion(ctx, tools, "go.etcd.io/etcd/server/v3"); err != nil {
 		return b, false, err
 	}
-	log.Info("building kube-apiserver and etcd (7 to 15 minutes on 2 cores with empty Go caches)",
+	log.Info("building kube-apiserver, etcd, kubelet, kube-proxy, kube-controller-manager, kube-scheduler and kubectl (10 to 20 minutes on 2 cores with empty Go caches)",
 		"kubernetes", info.Kubernetes, "etcd", info.Etcd, "into", b.Dir)
 	if err := goBuild(ctx, tools, tmp, info.Kubernetes); err != nil {
 		return b, false, err
@@ -237,7 +268,7 @@ func Build(ctx context.Context, root string, log *slog.Logger) (b Binaries, buil
 		}
 		return b, false, fmt.Errorf("kubebin: move the build into place: %w", err)
 	}
-	log.Info("built kube-apiserver and etcd", "dir", b.Dir, "took", took)
+	log.Info("built the Kubernetes programs", "dir", b.Dir, "took", took)
 	return b, true, nil
 }
 
@@ -257,7 +288,8 @@ func moduleVersion(ctx context.Context, tools, module string) (string, error) {
 	return strings.TrimSpace(string(out)), nil
 }
 
-// goBuild builds both programs into dir, statically (no cgo, as Kubernetes
+// goBuild builds every program into dir, in one go build (so that the
+// packages they share compile once), statically (no cgo, as Kubernetes
 // releases them), stripped, with the version stamped the way Kubernetes's own build
 // does, so that the API server reports it at /version.
 func goBuild(ctx context.Context, tools, dir, version string) error {
@@ -273,6 +305,7 @@ func goBuild(ctx context.Context, tools, dir, version string) error {
 			"-X", pkg+".gitTreeState=clean")
 	}
 	args := []string{"build", "-trimpath", "-ldflags=" + strings.Join(ldflags, " "), "-o", dir + string(filepath.Separator), apiServerPackage, etcdPackage}
+	args = append(args, nodePackages...)
 	cmd := exec.CommandContext(ctx, "go", args...)
 	cmd.Dir = tools
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")

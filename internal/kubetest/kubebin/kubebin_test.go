@@ -54,7 +54,7 @@ func TestTheRealRepositoryPinsKubernetesInItsToolsModule(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"\tk8s.io/kubernetes v1.37.2", "\tk8s.io/client-go => k8s.io/client-go v0.37.2\n", apiServerPackage, etcdPackage} {
+	for _, want := range append([]string{"\tk8s.io/kubernetes v1.37.2", "\tk8s.io/client-go => k8s.io/client-go v0.37.2\n", apiServerPackage, etcdPackage}, nodePackages...) {
 		if !strings.Contains(string(b), want) {
 			t.Errorf("%s/go.mod lacks %q", ToolsModule, want)
 		}
@@ -114,7 +114,7 @@ func TestAWarmCacheIsUsedWithoutBuilding(t *testing.T) {
 	if err := os.MkdirAll(want.Dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	for _, p := range []string{want.APIServer, want.Etcd} {
+	for _, p := range want.all() {
 		if err := os.WriteFile(p, []byte("#!/bin/sh\n"), 0o755); err != nil {
 			t.Fatal(err)
 		}

@@ -1,0 +1,143 @@
+package kubecluster
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/mantlet/mantlet/internal/kubetest"
+	"github.com/mantlet/mantlet/internal/kubetest/kubebin"
+	"github.com/mantlet/mantlet/internal/privtest"
+)
+
+// The tests share one cluster, brought up by the first test that needs it
+// and removed by TestMain; the chart is installed once, by the first test
+// that needs mantlet. Tests run in file order and leave the cluster as
+// they found it (mantlet installed or not, the DaemonSet as the chart
+// makes it).
+var shared struct {
+	once    sync.Once
+	cluster *Cluster
+	err     error
+
+	meshOnce sync.Once
+	meshErr  error
+	image    string
+	helm     string
+	// artifacts holds the image and helm; TestMain removes it.
+	artifacts string
+}
+
+// testStateDir keeps the tests' clusters apart from a user's.
+var testStateDir = filepath.Join(os.TempDir(), "kubecluster-test-state")
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if shared.artifacts != "" {
+		if err := os.RemoveAll(shared.artifacts); err != nil {
+			fmt.Fprintln(os.Stderr, "kubecluster: removing the test artifacts:", err)
+			code = 1
+		}
+	}
+	if shared.cluster != nil {
+		if err := shared.cluster.Close(); err != nil {
+			fmt.Fprintln(os.Stderr, "kubecluster: removing the test cluster:", err)
+			code = 1
+		}
+	}
+	if shared.cluster != nil || shared.err != nil {
+		if err := leftovers(); err != nil {
+			fmt.Fprintln(os.Stderr, "kubecluster: left behind:", err)
+			code = 1
+		}
+	}
+	os.Exit(code)
+}
+
+// leftovers says what a removed cluster left: state files, cgroups.
+func leftovers() error {
+	names, _ := List(testStateDir)
+	if len(names) > 0 {
+		return fmt.Errorf("clusters still recorded in %s: %v", testStateDir, names)
+	}
+	if m, _ := filepath.Glob(filepath.Join(cgroupFS, "*", "kubecluster", "*-"+shared.cluster.Name)); len(m) > 0 {
+		return fmt.Errorf("cgroups: %v", m)
+	}
+	if _, err := os.Stat(shared.cluster.Dir); err == nil {
+		return fmt.Errorf("folder %s", shared.cluster.Dir)
+	}
+	return nil
+}
+
+// cluster returns the shared cluster, bringing it up the first time. It
+// needs root and the Kubernetes programs; under CI=true their absence
+// fails the test.
+func cluster(t *testing.T) *Cluster {
+	t.Helper()
+	privtest.Require(t)
+	bins := kubetest.RequireBinaries(t)
+	shared.once.Do(func() {
+		shared.err = bringUp(t, bins)
+	})
+	if shared.err != nil {
+		t.Fatalf("the test cluster: %v", shared.err)
+	}
+	return shared.cluster
+}
+
+func bringUp(t *testing.T, bins kubebin.Binaries) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	repo, err := kubebin.RepoRoot(".")
+	if err != nil {
+		return err
+	}
+	start := time.Now()
+	art := filepath.Join(os.TempDir(), fmt.Sprintf("kubecluster-artifacts-%d", os.Getpid()))
+	shared.artifacts = art
+	shared.image, shared.helm, err = BuildArtifacts(ctx, repo, art)
+	if err != nil {
+		return err
+	}
+	t.Logf("mantlet image and helm built in %s", time.Since(start).Round(time.Millisecond))
+	start = time.Now()
+	shared.cluster, err = Up(ctx, Options{
+		Repo:     repo,
+		Binaries: &bins,
+		Images:   []string{shared.image},
+		Log:      slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo})),
+		StateDir: testStateDir,
+	})
+	if err != nil {
+		return err
+	}
+	t.Logf("cluster %s up in %s", shared.cluster.Name, time.Since(start).Round(time.Millisecond))
+	return nil
+}
+
+// meshed returns the shared cluster with mantlet installed.
+func meshed(t *testing.T) *Cluster {
+	t.Helper()
+	c := cluster(t)
+	shared.meshOnce.Do(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+		defer cancel()
+		repo, err := kubebin.RepoRoot(".")
+		if err != nil {
+			shared.meshErr = err
+			return
+		}
+		start := time.Now()
+		shared.meshErr = c.InstallMantlet(ctx, MeshOptions{Helm: shared.helm, Repo: repo})
+		t.Logf("helm install and agents Ready in %s", time.Since(start).Round(time.Millisecond))
+	})
+	if shared.meshErr != nil {
+		t.Fatalf("installing mantlet: %v", shared.meshErr)
+	}
+	return c
+}
