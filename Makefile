@@ -12,8 +12,13 @@ TESTFLAGS ?= -count=1 -timeout 60m
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-15s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
 
-build: ## build bin/mantlet
-	$(GO) build -o $(BIN) ./cmd/mantlet
+# Build tags of bin/mantlet and the image: TAGS=spire links the SPIRE issuer
+# (--issuer spire) and its gRPC client, about 12 MiB more resident memory in
+# every agent.
+TAGS ?=
+
+build: ## build bin/mantlet (TAGS=spire: with the SPIRE issuer)
+	$(GO) build -tags "$(TAGS)" -o $(BIN) ./cmd/mantlet
 
 test: ## run every test of every module (root, test/interop, deploy/tools), then list passed and failed packages (what CI runs; as root with the namespaced eBPF/testbed tests)
 	GO="$(GO)" .ci/gotest $(TESTFLAGS)
@@ -28,6 +33,7 @@ MODULES := . test/interop test/kube/tools test/bench/tools test/spire/tools depl
 lint: ## gofmt, go vet, staticcheck, and go mod tidy -diff of every module
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt wants to change:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
+	$(GO) vet -tags spire ./cmd/mantlet
 	$(GO) tool staticcheck ./...
 	cd test/interop && $(GO) vet ./... && $(GO) tool staticcheck ./...
 	cd deploy/tools && $(GO) vet ./... && $(GO) tool staticcheck ./...
@@ -85,8 +91,8 @@ demo: build ## run the two-node demo (needs root)
 # The image's platforms; the first is also the one 'crane push FILE' pushes.
 IMAGE_PLATFORMS ?= linux/amd64,linux/arm64
 
-image: ## write bin/mantlet-image.tar, the agent's OCI image (static binary, no base; no Docker needed), named as the chart expects
-	cd deploy/tools && GO="$(GO)" $(GO) run ./image -root ../.. -out ../../bin/mantlet-image.tar -platforms $(IMAGE_PLATFORMS)
+image: ## write bin/mantlet-image.tar, the agent's OCI image (static binary, no base; no Docker needed), named as the chart expects (TAGS=spire: with the SPIRE issuer)
+	cd deploy/tools && GO="$(GO)" GOFLAGS="-tags=$(TAGS)" $(GO) run ./image -root ../.. -out ../../bin/mantlet-image.tar -platforms $(IMAGE_PLATFORMS)
 
 manifests: ## copy the dashboard into the chart and render deploy/mantlet.yaml from the Helm chart (default values)
 	cp deploy/grafana-dashboard.json deploy/charts/mantlet/files/grafana-dashboard.json

@@ -25,6 +25,12 @@ import (
 // taken from $MANTLET_TEST_BINARY.
 var binary string
 
+// spireBinary is mantlet built with -tags spire, for the SPIRE tests: built
+// with binary, or taken from $MANTLET_TEST_SPIRE_BINARY.
+var spireBinary string
+
+const spireBinaryEnv = "MANTLET_TEST_SPIRE_BINARY"
+
 func TestMain(m *testing.M) { os.Exit(run(m)) }
 
 func run(m *testing.M) int {
@@ -41,6 +47,13 @@ func run(m *testing.M) int {
 			fmt.Fprintln(os.Stderr, err)
 			return 1
 		}
+		if spireBinary, err = meshtest.Build(ctx, dir, "spire"); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+	}
+	if spireBinary == "" {
+		spireBinary = os.Getenv(spireBinaryEnv)
 	}
 	code := m.Run()
 	if code == 0 {

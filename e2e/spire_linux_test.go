@@ -57,7 +57,10 @@ func startSPIREMesh(t *testing.T, spec testbed.Spec, ttl time.Duration) *spireMe
 	t.Helper()
 	privtest.Require(t)
 	bins := spiretest.RequireBinaries(t)
-	exe, err := filepath.Abs(binary)
+	if spireBinary == "" {
+		t.Fatalf("no mantlet built with -tags spire: set %s along with %s", spireBinaryEnv, meshtest.BinaryEnv)
+	}
+	exe, err := filepath.Abs(spireBinary)
 	if err == nil {
 		exe, err = filepath.EvalSymlinks(exe)
 	}
@@ -68,6 +71,7 @@ func startSPIREMesh(t *testing.T, spec testbed.Spec, ttl time.Duration) *spireMe
 	sm := &spireMesh{agents: map[string]*spiretest.Agent{}}
 	var mu sync.Mutex
 	sm.Mesh = startMesh(t, spec, meshtest.Options{
+		Binary: exe,
 		// Each agent first waits for its own identity: its SPIRE agent
 		// learns of the delegate's entry at its next sync with the
 		// server (every 5 s), and mantlet asks every second.

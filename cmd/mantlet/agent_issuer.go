@@ -12,7 +12,6 @@ import (
 	"github.com/mantlet/mantlet/identity"
 	"github.com/mantlet/mantlet/identity/ca"
 	"github.com/mantlet/mantlet/identity/clusterca"
-	"github.com/mantlet/mantlet/identity/spire"
 )
 
 // Issuers of 'mantlet agent --issuer'.
@@ -160,24 +159,4 @@ func clusterCAServerID(td spiffeid.TrustDomain, flagValue string) (spiffeid.ID, 
 		return id, fmt.Errorf("--ca-server-id %s is not of trust domain %s", id, td)
 	}
 	return id, nil
-}
-
-func (f *agentFlags) spireIssuer(ctx context.Context, want spiffeid.TrustDomain, log *slog.Logger) (identity.Issuer, spiffeid.TrustDomain, error) {
-	wctx, cancel := context.WithTimeout(ctx, f.issuer.spireWait)
-	self, err := spire.FetchOwnSVID(wctx, f.issuer.spireWorkload)
-	cancel()
-	if err != nil {
-		return nil, want, err
-	}
-	td := self.ID.TrustDomain()
-	if !want.IsZero() && want != td {
-		return nil, want, fmt.Errorf("--trust-domain %s: the SPIRE agent serves trust domain %s (the mantlet agent is %s)", want, td, self.ID)
-	}
-	log.Info("SPIRE issues the workloads' SVIDs", "delegate", self.ID.String(), "admin_socket", f.issuer.spireAdmin,
-		"delegate_expires", self.Certificates[0].NotAfter)
-	iss, err := spire.New(f.issuer.spireAdmin, td, spire.Options{Delegate: self.ID, Logger: log.With("component", "spire")})
-	if err != nil {
-		return nil, td, err
-	}
-	return iss, td, nil
 }

@@ -811,13 +811,18 @@ func isSignalExit(err error) bool {
 // path of a mantlet binary to use instead of building one with Build.
 const BinaryEnv = "MANTLET_TEST_BINARY"
 
-// Build compiles the mantlet command into dir and returns the binary's
-// path. It must run inside the mantlet module with the go command in PATH
+// Build compiles the mantlet command into dir, with the build tags given
+// (spire: the SPIRE issuer), and returns the binary's path. It must run inside the mantlet module with the go command in PATH
 // (tests under go test do).
-func Build(ctx context.Context, dir string) (string, error) {
+func Build(ctx context.Context, dir string, tags ...string) (string, error) {
 	out := filepath.Join(dir, "mantlet")
+	args := []string{"build", "-o", out}
+	if len(tags) > 0 {
+		out += "-" + strings.Join(tags, "-")
+		args = []string{"build", "-tags", strings.Join(tags, ","), "-o", out}
+	}
 	// go test puts the toolchain's bin directory first in PATH.
-	cmd := exec.CommandContext(ctx, "go", "build", "-o", out, "github.com/mantlet/mantlet/cmd/mantlet")
+	cmd := exec.CommandContext(ctx, "go", append(args, "github.com/mantlet/mantlet/cmd/mantlet")...)
 	if b, err := cmd.CombinedOutput(); err != nil {
 		return "", fmt.Errorf("meshtest: build mantlet: %w\n%s", err, b)
 	}
