@@ -19,6 +19,7 @@ import (
 
 	"github.com/mantlet/mantlet/internal/kubetest"
 	"github.com/mantlet/mantlet/internal/kubetest/kubebin"
+	"github.com/mantlet/mantlet/internal/proc"
 	"github.com/mantlet/mantlet/internal/testbed"
 )
 
@@ -69,8 +70,8 @@ type Cluster struct {
 	bins     kubebin.Binaries
 	log      *slog.Logger
 	stateDir string
-	procs    *launcher
-	control  []*process // controller manager, scheduler
+	procs    launcher
+	control  []*proc.Process // controller manager, scheduler
 
 	closeOnce sync.Once
 	closeErr  error
@@ -89,7 +90,7 @@ type Node struct {
 	// Containerd is the address of the node's containerd socket.
 	Containerd string
 
-	containerd, kubelet, proxy *process
+	containerd, kubelet, proxy *proc.Process
 }
 
 // Up builds a cluster and waits until its nodes are Ready. If anything
@@ -153,14 +154,14 @@ func Up(ctx context.Context, opts Options) (*Cluster, error) {
 		bins:     *opts.Binaries,
 		log:      opts.Log.With("cluster", opts.Name),
 		stateDir: opts.StateDir,
-		procs:    newLauncher(),
+		procs:    launcher{proc.NewLauncher()},
 	}
 	st := state{Name: c.Name, PID: os.Getpid(), Dir: c.Dir, Created: time.Now().UTC()}
 	for i := range opts.Nodes {
 		st.CgroupRoots = append(st.CgroupRoots, cgroupRoot(c.Name, nodeName(c.Name, i+1)))
 	}
 	if err := claimState(opts.StateDir, st); err != nil {
-		c.procs.close()
+		c.procs.Close()
 		return nil, err
 	}
 	if err := c.up(ctx, opts); err != nil {
@@ -344,7 +345,7 @@ func (c *Cluster) poll(ctx context.Context, what string, ready func() (bool, str
 		}
 		last = why
 		if p := c.exited(); p != nil {
-			return fmt.Errorf("kubecluster: waiting for %s: %w", what, p.exitError())
+			return fmt.Errorf("kubecluster: waiting for %s: %w", what, p.ExitError())
 		}
 		select {
 		case <-ctx.Done():
@@ -355,13 +356,13 @@ func (c *Cluster) poll(ctx context.Context, what string, ready func() (bool, str
 }
 
 // exited returns a process of the cluster that has exited, or nil.
-func (c *Cluster) exited() *process {
-	ps := append([]*process(nil), c.control...)
+func (c *Cluster) exited() *proc.Process {
+	ps := append([]*proc.Process(nil), c.control...)
 	for _, n := range c.Nodes {
 		ps = append(ps, n.containerd, n.kubelet, n.proxy)
 	}
 	for _, p := range ps {
-		if p != nil && !p.running() {
+		if p != nil && !p.Running() {
 			return p
 		}
 	}
@@ -391,9 +392,9 @@ func (c *Cluster) Close() error {
 		// The nodes first: nothing then writes to the API server.
 		errs = append(errs, killCgroups(st(c).CgroupRoots, c.log))
 		for _, p := range c.control {
-			errs = append(errs, p.kill())
+			errs = append(errs, wrap(p.Kill()))
 		}
-		c.procs.close()
+		c.procs.Close()
 		if c.API != nil {
 			errs = append(errs, c.API.Stop())
 		}

@@ -13,6 +13,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/mantlet/mantlet/internal/proc"
 	"github.com/mantlet/mantlet/internal/testbed"
 )
 
@@ -129,7 +130,7 @@ func (c *Cluster) startNode(ctx context.Context, n *Node, cni string, archives [
 			return fmt.Errorf("kubecluster: node %s: import %s: %w: %s", n.Name, filepath.Base(a), err, strings.TrimSpace(string(out)))
 		}
 	}
-	mnt := fmt.Sprintf("/proc/%d/ns/mnt", n.containerd.cmd.Process.Pid)
+	mnt := fmt.Sprintf("/proc/%d/ns/mnt", n.containerd.Pid())
 	n.kubelet, err = c.procs.start(procSpec{
 		name: n.Name + " kubelet", netns: n.Testbed.NS, mountNS: mnt, cgroup: procs,
 		log: filepath.Join(n.Dir, "kubelet.log"),
@@ -154,7 +155,7 @@ func (c *Cluster) startNode(ctx context.Context, n *Node, cni string, archives [
 }
 
 // pollProcess is poll for one process: it fails as soon as p exits.
-func (c *Cluster) pollProcess(ctx context.Context, p *process, what string, ready func() (bool, string)) error {
+func (c *Cluster) pollProcess(ctx context.Context, p *proc.Process, what string, ready func() (bool, string)) error {
 	tick := time.NewTicker(50 * time.Millisecond)
 	defer tick.Stop()
 	last := "nothing yet"
@@ -165,10 +166,10 @@ func (c *Cluster) pollProcess(ctx context.Context, p *process, what string, read
 		}
 		last = why
 		select {
-		case <-p.exited:
-			return fmt.Errorf("kubecluster: waiting for %s: %w", what, p.exitError())
+		case <-p.Exited():
+			return fmt.Errorf("kubecluster: waiting for %s: %w", what, p.ExitError())
 		case <-ctx.Done():
-			return fmt.Errorf("kubecluster: waiting for %s: %w (last: %s); the end of its log:\n%s", what, ctx.Err(), last, logTail(p.logPath, 20))
+			return fmt.Errorf("kubecluster: waiting for %s: %w (last: %s); the end of its log:\n%s", what, ctx.Err(), last, p.LogTail(20))
 		case <-tick.C:
 		}
 	}

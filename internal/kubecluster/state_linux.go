@@ -12,6 +12,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/mantlet/mantlet/internal/proc"
 	"github.com/mantlet/mantlet/internal/testbed"
 )
 
@@ -97,12 +98,12 @@ func Down(name, dir string, log *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	if s.PID != os.Getpid() && processExists(s.PID) {
+	if s.PID != os.Getpid() && proc.Exists(s.PID) {
 		// Its owner would keep writing; it dies with its control plane's
 		// parent-death signal only if it is ours, so stop it first.
 		_ = syscall.Kill(s.PID, syscall.SIGTERM)
 		deadline := time.Now().Add(30 * time.Second)
-		for processExists(s.PID) && time.Now().Before(deadline) {
+		for proc.Exists(s.PID) && time.Now().Before(deadline) {
 			time.Sleep(100 * time.Millisecond)
 		}
 		if _, err := os.Stat(stateFile(dir, name)); errors.Is(err, fs.ErrNotExist) {
@@ -121,7 +122,7 @@ func sweep(dir string, log *slog.Logger) {
 		return
 	}
 	for name, pid := range names {
-		if pid == 0 || processExists(pid) {
+		if pid == 0 || proc.Exists(pid) {
 			continue
 		}
 		log.Info("removing a cluster whose process is gone", "cluster", name, "pid", pid)
@@ -151,9 +152,4 @@ func removeCluster(s state, dir string, log *slog.Logger) error {
 		return fmt.Errorf("kubecluster: %w", err)
 	}
 	return nil
-}
-
-// processExists reports whether a process with pid exists.
-func processExists(pid int) bool {
-	return pid > 0 && !errors.Is(syscall.Kill(pid, 0), syscall.ESRCH)
 }

@@ -46,6 +46,7 @@ import (
 
 	"github.com/mantlet/mantlet/internal/kubetest/kubebin"
 	"github.com/mantlet/mantlet/internal/privtest"
+	"github.com/mantlet/mantlet/internal/proc"
 	"github.com/mantlet/mantlet/internal/testbed"
 )
 
@@ -120,8 +121,8 @@ type Server struct {
 	dir       string
 	log       *slog.Logger
 
-	launcher        *launcher
-	etcd, apiserver *process
+	launcher        *proc.Launcher
+	etcd, apiserver *proc.Process
 
 	stopOnce sync.Once
 	stopErr  error
@@ -149,7 +150,7 @@ func Start(ctx context.Context, t testing.TB, opts Options) *Server {
 	}
 	t.Cleanup(func() {
 		if t.Failed() {
-			t.Logf("kubetest: the end of the API server's log:\n%s", s.apiserver.logTail(30))
+			t.Logf("kubetest: the end of the API server's log:\n%s", s.apiserver.LogTail(30))
 		}
 		if err := s.Stop(); err != nil {
 			t.Error(err)
@@ -206,7 +207,7 @@ func Launch(ctx context.Context, opts Options) (*Server, error) {
 	if err := os.WriteFile(filepath.Join(dir, ownerFile), []byte(strconv.Itoa(os.Getpid())), 0o600); err != nil {
 		return nil, errors.Join(fmt.Errorf("kubetest: run folder: %w", err), os.RemoveAll(dir))
 	}
-	s := &Server{dir: dir, log: opts.Log.With("kubetest", filepath.Base(dir)), launcher: newLauncher()}
+	s := &Server{dir: dir, log: opts.Log.With("kubetest", filepath.Base(dir)), launcher: proc.NewLauncher()}
 	if err := s.launch(ctx, opts); err != nil {
 		return nil, errors.Join(err, s.Stop())
 	}
@@ -263,8 +264,8 @@ func (s *Server) launch(ctx context.Context, opts Options) error {
 			QPS: 200, Burst: 400,
 		}
 		err = s.startAPIServer(ctx, opts, netns, sock, attempt)
-		if err == nil || port != 0 || attempt == 3 || s.apiserver == nil || s.apiserver.running() ||
-			!strings.Contains(s.apiserver.logTail(20), "address already in use") {
+		if err == nil || port != 0 || attempt == 3 || s.apiserver == nil || s.apiserver.Running() ||
+			!strings.Contains(s.apiserver.LogTail(20), "address already in use") {
 			break
 		}
 		s.log.Info("the API server's port was taken; trying another", "port", ap)
@@ -286,20 +287,20 @@ func (s *Server) launch(ctx context.Context, opts Options) error {
 func (s *Server) startEtcd(ctx context.Context, bin, netns, sock string) error {
 	const peer = "unix://localhost:2380"
 	var err error
-	s.etcd, err = s.launcher.start("etcd", netns, s.dir, filepath.Join(s.dir, "etcd.log"), bin,
+	s.etcd, err = s.launcher.Start(proc.Command{Name: "etcd", Netns: netns, Dir: s.dir, LogPath: filepath.Join(s.dir, "etcd.log"), Argv: []string{bin,
 		"--name=kubetest",
-		"--data-dir="+filepath.Join(s.dir, "etcd"),
-		"--listen-client-urls=unix://"+sock,
-		"--advertise-client-urls=unix://"+sock,
-		"--listen-peer-urls="+peer,
-		"--initial-advertise-peer-urls="+peer,
-		"--initial-cluster=kubetest="+peer,
+		"--data-dir=" + filepath.Join(s.dir, "etcd"),
+		"--listen-client-urls=unix://" + sock,
+		"--advertise-client-urls=unix://" + sock,
+		"--listen-peer-urls=" + peer,
+		"--initial-advertise-peer-urls=" + peer,
+		"--initial-cluster=kubetest=" + peer,
 		// The data are thrown away after the test.
 		"--unsafe-no-fsync",
 		"--log-level=warn",
-	)
+	}})
 	if err != nil {
-		return err
+		return fmt.Errorf("kubetest: %w", err)
 	}
 	return s.poll(ctx, s.etcd, time.Minute, "etcd to listen on "+sock, func() (bool, string) {
 		c, err := net.Dial("unix", sock)
@@ -323,31 +324,32 @@ func (s *Server) startAPIServer(ctx context.Context, opts Options, netns, sock s
 		disabled, reconciler = nil, "lease"
 	}
 	var err error
-	s.apiserver, err = s.launcher.start("kube-apiserver", netns, s.dir, f(fmt.Sprintf("kube-apiserver-%d.log", attempt)), opts.Binaries.APIServer,
-		"--etcd-servers=unix://"+sock,
-		"--bind-address="+s.Addr.Addr().String(),
-		"--advertise-address="+s.Addr.Addr().String(),
-		"--secure-port="+strconv.Itoa(int(s.Addr.Port())),
-		"--tls-cert-file="+f(servingCertFile),
-		"--tls-private-key-file="+f(servingKeyFile),
-		"--cert-dir="+f("certs"),
-		"--client-ca-file="+f(caFile),
-		"--authorization-mode=RBAC",
-		"--service-account-issuer="+Issuer,
-		"--service-account-key-file="+f(saPubFile),
-		"--service-account-signing-key-file="+f(saKeyFile),
-		"--service-cluster-ip-range="+testbed.ServiceCIDR.String(),
-		"--disable-admission-plugins="+strings.Join(disabled, ","),
-		"--endpoint-reconciler-type="+reconciler,
-		// Nodes' names resolve nowhere: reach kubelets (kubectl logs,
-		// exec) by their addresses.
-		"--kubelet-preferred-address-types=InternalIP",
-		// The chart's DaemonSet is privileged.
-		"--allow-privileged=true",
-		"--profiling=false",
-	)
+	s.apiserver, err = s.launcher.Start(proc.Command{Name: "kube-apiserver", Netns: netns, Dir: s.dir,
+		LogPath: f(fmt.Sprintf("kube-apiserver-%d.log", attempt)), Argv: []string{opts.Binaries.APIServer,
+			"--etcd-servers=unix://" + sock,
+			"--bind-address=" + s.Addr.Addr().String(),
+			"--advertise-address=" + s.Addr.Addr().String(),
+			"--secure-port=" + strconv.Itoa(int(s.Addr.Port())),
+			"--tls-cert-file=" + f(servingCertFile),
+			"--tls-private-key-file=" + f(servingKeyFile),
+			"--cert-dir=" + f("certs"),
+			"--client-ca-file=" + f(caFile),
+			"--authorization-mode=RBAC",
+			"--service-account-issuer=" + Issuer,
+			"--service-account-key-file=" + f(saPubFile),
+			"--service-account-signing-key-file=" + f(saKeyFile),
+			"--service-cluster-ip-range=" + testbed.ServiceCIDR.String(),
+			"--disable-admission-plugins=" + strings.Join(disabled, ","),
+			"--endpoint-reconciler-type=" + reconciler,
+			// Nodes' names resolve nowhere: reach kubelets (kubectl logs,
+			// exec) by their addresses.
+			"--kubelet-preferred-address-types=InternalIP",
+			// The chart's DaemonSet is privileged.
+			"--allow-privileged=true",
+			"--profiling=false",
+		}})
 	if err != nil {
-		return err
+		return fmt.Errorf("kubetest: %w", err)
 	}
 	hc, err := rest.HTTPClientFor(s.admin)
 	if err != nil {
@@ -392,7 +394,7 @@ func sweepStale(log *slog.Logger) {
 			continue // being made, or not ours
 		}
 		pid, err := strconv.Atoi(string(b))
-		if err != nil || processExists(pid) {
+		if err != nil || proc.Exists(pid) {
 			continue
 		}
 		if err := os.RemoveAll(d); err != nil {
@@ -424,7 +426,7 @@ const pollInterval = 100 * time.Millisecond
 // poll calls ready until it reports true, the process exits (an error with
 // the end of its log), timeout passes or ctx is done (an error with the
 // last thing ready said).
-func (s *Server) poll(ctx context.Context, p *process, timeout time.Duration, what string, ready func() (bool, string)) error {
+func (s *Server) poll(ctx context.Context, p *proc.Process, timeout time.Duration, what string, ready func() (bool, string)) error {
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	tick := time.NewTicker(pollInterval)
@@ -437,10 +439,10 @@ func (s *Server) poll(ctx context.Context, p *process, timeout time.Duration, wh
 		}
 		last = why
 		select {
-		case <-p.exited:
-			return fmt.Errorf("kubetest: waiting for %s: %w", what, p.exitError())
+		case <-p.Exited():
+			return fmt.Errorf("kubetest: waiting for %s: %w", what, p.ExitError())
 		case <-ctx.Done():
-			return fmt.Errorf("kubetest: waiting for %s: %w (last: %s); the end of its log %s:\n%s", what, ctx.Err(), last, p.logPath, p.logTail(30))
+			return fmt.Errorf("kubetest: waiting for %s: %w (last: %s); the end of its log %s:\n%s", what, ctx.Err(), last, p.LogPath, p.LogTail(30))
 		case <-tick.C:
 		}
 	}
@@ -557,12 +559,14 @@ func (s *Server) Dir() string { return s.dir }
 func (s *Server) Stop() error {
 	s.stopOnce.Do(func() {
 		var errs []error
-		for _, p := range []*process{s.apiserver, s.etcd} {
+		for _, p := range []*proc.Process{s.apiserver, s.etcd} {
 			if p != nil {
-				errs = append(errs, p.kill())
+				if err := p.Kill(); err != nil {
+					errs = append(errs, fmt.Errorf("kubetest: %w", err))
+				}
 			}
 		}
-		s.launcher.close()
+		s.launcher.Close()
 		if err := os.RemoveAll(s.dir); err != nil {
 			errs = append(errs, fmt.Errorf("kubetest: remove %s: %w", s.dir, err))
 		}

@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/mantlet/mantlet/internal/proc"
 	authenticationv1 "k8s.io/api/authentication/v1"
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
@@ -79,9 +80,9 @@ func leftBehind(s *Server) error {
 	if _, err := os.Stat(s.Dir()); !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("kubetest: %s is still there after Stop (%v)", s.Dir(), err)
 	}
-	for _, p := range []*process{s.etcd, s.apiserver} {
-		if err := syscall.Kill(p.cmd.Process.Pid, 0); !errors.Is(err, syscall.ESRCH) {
-			return fmt.Errorf("kubetest: %s (pid %d) still runs after Stop (kill 0: %v)", p.name, p.cmd.Process.Pid, err)
+	for _, p := range []*proc.Process{s.etcd, s.apiserver} {
+		if err := syscall.Kill(p.Pid(), 0); !errors.Is(err, syscall.ESRCH) {
+			return fmt.Errorf("kubetest: %s (pid %d) still runs after Stop (kill 0: %v)", p.Name, p.Pid(), err)
 		}
 	}
 	return nil
@@ -235,7 +236,7 @@ func TestServiceAccountTokensAreAuthorizedByRBAC(t *testing.T) {
 func TestStopRemovesEveryProcessAndFile(t *testing.T) {
 	s := start(t, Options{})
 	dir := s.Dir()
-	pids := []int{s.etcd.cmd.Process.Pid, s.apiserver.cmd.Process.Pid}
+	pids := []int{s.etcd.Pid(), s.apiserver.Pid()}
 	for _, name := range []string{caFile, servingKeyFile, saKeyFile, "etcd.sock", "etcd.log", "kube-apiserver-1.log"} {
 		if _, err := os.Stat(filepath.Join(dir, name)); err != nil {
 			t.Errorf("a running server lacks %s: %v", name, err)

@@ -30,6 +30,7 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/mantlet/mantlet/internal/privtest"
+	"github.com/mantlet/mantlet/internal/proc"
 	"github.com/mantlet/mantlet/internal/spiretest/spirebin"
 )
 
@@ -60,9 +61,9 @@ type Server struct {
 	td       spiffeid.TrustDomain
 	dir      string // removed by Stop: configs, data, sockets, logs
 	socket   string // the server API's unix socket
-	launcher *launcher
-	run      command  // how the server is started (Restart starts it again)
-	proc     *process // guarded by mu after Start
+	launcher *proc.Launcher
+	run      proc.Command  // how the server is started (Restart starts it again)
+	proc     *proc.Process // guarded by mu after Start
 
 	mu     sync.Mutex
 	agents []*Agent
@@ -79,8 +80,8 @@ type Agent struct {
 	// WorkloadSocket serves the Workload API; AdminSocket the Delegated
 	// Identity API.
 	WorkloadSocket, AdminSocket string
-	run                         command
-	proc                        *process // guarded by Server.mu
+	run                         proc.Command
+	proc                        *proc.Process // guarded by Server.mu
 }
 
 // AgentOptions configure StartAgent.
@@ -150,7 +151,7 @@ func Start(ctx context.Context, opts Options) (s *Server, err error) {
 	if err != nil {
 		return nil, fmt.Errorf("spiretest: run folder: %w", err)
 	}
-	s = &Server{opts: opts, td: opts.TrustDomain, dir: dir, socket: filepath.Join(dir, "server", "api.sock"), launcher: newLauncher()}
+	s = &Server{opts: opts, td: opts.TrustDomain, dir: dir, socket: filepath.Join(dir, "server", "api.sock"), launcher: proc.NewLauncher()}
 	defer func() {
 		if err != nil {
 			err = errors.Join(err, s.Stop())
@@ -166,10 +167,10 @@ func Start(ctx context.Context, opts Options) (s *Server, err error) {
 		return s, fmt.Errorf("spiretest: %w", err)
 	}
 	start := time.Now()
-	s.run = command{name: "spire-server", netns: opts.NetNS, dir: dir, logPath: filepath.Join(dir, "server.log"),
-		argv: []string{opts.Binaries.Server, "run", "-config", conf}}
-	if s.proc, err = s.launcher.start(s.run); err != nil {
-		return s, err
+	s.run = proc.Command{Name: "spire-server", Netns: opts.NetNS, Dir: dir, LogPath: filepath.Join(dir, "server.log"), Append: true,
+		Argv: []string{opts.Binaries.Server, "run", "-config", conf}}
+	if s.proc, err = s.launcher.Start(s.run); err != nil {
+		return s, fmt.Errorf("spiretest: %w", err)
 	}
 	wctx, cancel := context.WithTimeout(ctx, opts.ReadyTimeout)
 	defer cancel()
@@ -309,11 +310,11 @@ plugins {
 		return nil, fmt.Errorf("spiretest: %w", err)
 	}
 	start := time.Now()
-	a.run = command{name: "spire-agent " + name, netns: opts.NetNS, dir: dir, logPath: filepath.Join(s.dir, "agent-"+name+".log"),
-		argv: []string{s.opts.Binaries.Agent, "run", "-config", conf}}
-	p, err := s.launcher.start(a.run)
+	a.run = proc.Command{Name: "spire-agent " + name, Netns: opts.NetNS, Dir: dir, LogPath: filepath.Join(s.dir, "agent-"+name+".log"), Append: true,
+		Argv: []string{s.opts.Binaries.Agent, "run", "-config", conf}}
+	p, err := s.launcher.Start(a.run)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("spiretest: %w", err)
 	}
 	s.mu.Lock()
 	a.proc = p
@@ -336,7 +337,7 @@ func (s *Server) KillServer() error {
 	if p == nil {
 		return errors.New("spiretest: the server is stopped")
 	}
-	return p.kill()
+	return wrap(p.Kill())
 }
 
 // RestartServer starts the SPIRE server again on its data (its entries,
@@ -366,7 +367,7 @@ func (s *Server) KillAgent(a *Agent) error {
 	if p == nil {
 		return fmt.Errorf("spiretest: agent %s is stopped", a.Name)
 	}
-	return p.kill()
+	return wrap(p.Kill())
 }
 
 // RestartAgent starts a again after KillAgent and waits until its
@@ -387,26 +388,23 @@ func (s *Server) RestartAgent(ctx context.Context, a *Agent) error {
 	return nil
 }
 
-// restart starts c in place of *proc, which must have exited.
-func (s *Server) restart(c command, proc **process) (*process, error) {
+// restart starts c in place of *pp, which must have exited.
+func (s *Server) restart(c proc.Command, pp **proc.Process) (*proc.Process, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	switch {
 	case s.launcher == nil:
 		return nil, errors.New("spiretest: the server is stopped")
-	case *proc == nil:
-		return nil, fmt.Errorf("spiretest: %s never started", c.name)
+	case *pp == nil:
+		return nil, fmt.Errorf("spiretest: %s never started", c.Name)
+	case (*pp).Running():
+		return nil, fmt.Errorf("spiretest: %s still runs (pid %d)", c.Name, (*pp).Pid())
 	}
-	select {
-	case <-(*proc).exited:
-	default:
-		return nil, fmt.Errorf("spiretest: %s still runs (pid %d)", c.name, (*proc).cmd.Process.Pid)
-	}
-	p, err := s.launcher.start(c)
+	p, err := s.launcher.Start(c)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("spiretest: %w", err)
 	}
-	*proc = p
+	*pp = p
 	return p, nil
 }
 
@@ -440,7 +438,7 @@ func (s *Server) cli(ctx context.Context, args ...string) ([]byte, error) {
 
 // waitHealthy runs a health check command until it succeeds, p exits or
 // ctx ends.
-func (s *Server) waitHealthy(ctx context.Context, p *process, bin string, args ...string) error {
+func (s *Server) waitHealthy(ctx context.Context, p *proc.Process, bin string, args ...string) error {
 	var last []byte
 	for {
 		out, err := exec.CommandContext(ctx, bin, args...).CombinedOutput()
@@ -449,11 +447,11 @@ func (s *Server) waitHealthy(ctx context.Context, p *process, bin string, args .
 		}
 		last = out
 		select {
-		case <-p.exited:
-			return p.exitError()
+		case <-p.Exited():
+			return fmt.Errorf("spiretest: %w", p.ExitError())
 		case <-ctx.Done():
 			return fmt.Errorf("spiretest: %s not healthy: %w (last check: %s); the end of its log %s:\n%s",
-				p.name, ctx.Err(), bytes.TrimSpace(last), p.logPath, p.logTail(30))
+				p.Name, ctx.Err(), bytes.TrimSpace(last), p.LogPath, p.LogTail(30))
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
@@ -463,14 +461,14 @@ func (s *Server) waitHealthy(ctx context.Context, p *process, bin string, args .
 func (s *Server) Logs(lines int) string {
 	var b strings.Builder
 	s.mu.Lock()
-	procs := []*process{s.proc}
+	procs := []*proc.Process{s.proc}
 	for _, a := range s.agents {
 		procs = append(procs, a.proc)
 	}
 	s.mu.Unlock()
 	for _, p := range procs {
 		if p != nil {
-			fmt.Fprintf(&b, "--- %s (%s) ---\n%s\n", p.name, p.logPath, p.logTail(lines))
+			fmt.Fprintf(&b, "--- %s (%s) ---\n%s\n", p.Name, p.LogPath, p.LogTail(lines))
 		}
 	}
 	return b.String()
@@ -480,7 +478,7 @@ func (s *Server) Logs(lines int) string {
 // safe to call more than once.
 func (s *Server) Stop() error {
 	s.mu.Lock()
-	var procs []*process
+	var procs []*proc.Process
 	for _, a := range s.agents {
 		procs = append(procs, a.proc)
 	}
@@ -492,13 +490,21 @@ func (s *Server) Stop() error {
 	s.mu.Unlock()
 	var errs []error
 	for _, p := range procs {
-		errs = append(errs, p.kill())
+		errs = append(errs, wrap(p.Kill()))
 	}
 	if l != nil {
-		l.close()
+		l.Close()
 	}
 	if dir != "" {
 		errs = append(errs, os.RemoveAll(dir))
 	}
 	return errors.Join(errs...)
+}
+
+// wrap says that err comes from spiretest; nil stays nil.
+func wrap(err error) error {
+	if err == nil {
+		return nil
+	}
+	return fmt.Errorf("spiretest: %w", err)
 }
