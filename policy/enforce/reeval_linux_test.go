@@ -148,6 +148,23 @@ func TestPolicyChangeClosesOpenFlowsItNowDenies(t *testing.T) {
 		t.Fatalf("refused flow: flag %s direction %s", r.Flag, r.Direction)
 	}
 	fx.rec.take()
+	// The client reads the echo as soon as it is written; the copy that
+	// wrote it counts it right after, so wait until the registry counted
+	// both pings both ways: the event below reports those counts.
+	deadline := time.Now().Add(5 * time.Second)
+	for counted := 0; counted < 2; {
+		counted = 0
+		p.OpenFlows(func(l *ztunnel.LiveFlow) bool {
+			if sent, received := l.Bytes(); sent == 4 && received == 4 {
+				counted++
+			}
+			return true
+		})
+		if time.Now().After(deadline) {
+			t.Fatalf("after the pings, %d of 2 open flows counted 4 bytes each way", counted)
+		}
+		time.Sleep(time.Millisecond)
+	}
 
 	// Narrow the allowed block to 127.0.9.0/25.
 	ps, err := policy.Parse([]byte(testPolicies))
