@@ -151,15 +151,19 @@ func TestAgentsFailClosedAndAdoptTheirPinsOnRestart(t *testing.T) {
 	}
 	for _, pod := range []string{"client", "server"} {
 		p := m.Pod(pod)
-		adopted := false
-		for _, r := range m.Records(p.Node) {
-			if r["msg"] == "pod enrolled" && r["pod"] == "shop/"+pod && r["adopted"] == true {
-				adopted = true
+		// The agent is ready once the pod is enrolled; its log line
+		// reaches the harness through a pipe, a moment later.
+		waitFor(t, "the restarted agent of "+p.Node+" adopting "+pod+"'s pinned programs", func() (bool, string) {
+			// The last enrollment: the records include the agent's
+			// first run, which enrolled the pod from scratch.
+			var last map[string]any
+			for _, r := range m.Records(p.Node) {
+				if r["msg"] == "pod enrolled" && r["pod"] == "shop/"+pod {
+					last = r
+				}
 			}
-		}
-		if !adopted {
-			t.Errorf("the restarted agent of %s did not adopt %s's pinned programs", p.Node, pod)
-		}
+			return last != nil && last["adopted"] == true, fmt.Sprintf("last enrollment logged: %v", last)
+		})
 		got, err := m.AttachedPrograms(p.Node, p.HostVeth)
 		if err != nil {
 			t.Fatal(err)
