@@ -20,8 +20,10 @@ import (
 	"github.com/mantlet/mantlet/internal/privtest"
 )
 
-// testPinRoot holds the pin directories of tests, one per test.
-const testPinRoot = "/sys/fs/bpf/mantlet-test"
+// testPinRoot holds the pin directories of tests, one per test; one root
+// per test process, so that two runs on a machine never remove each
+// other's.
+var testPinRoot = fmt.Sprintf("/sys/fs/bpf/mantlet-test-%d", os.Getpid())
 
 // newNS creates a network namespace with lo up, without entering it. It
 // is destroyed when the test ends (once nothing else holds it).

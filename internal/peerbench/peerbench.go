@@ -135,6 +135,7 @@ type bench struct {
 	opts    Options
 	binary  string // the mantlet executable
 	iperf3  string // the iperf3 program
+	work    string // the run's work folder (peers' files, iperf3's pid files)
 	mesh    *meshtest.Mesh
 	log     *slog.Logger
 	paths   []*path
@@ -175,6 +176,7 @@ func Run(ctx context.Context, binary string, opts Options) (res *Results, err er
 		return nil, fmt.Errorf("peerbench: %w", err)
 	}
 	defer os.RemoveAll(work)
+	b.work = work
 
 	// iperf3 makes the throughput figures: without it there is no bench.
 	b.iperf3, err = iperf3Binary(ctx, opts.NoInstall, b.log)
@@ -283,7 +285,10 @@ func (b *bench) startApps(ctx context.Context) error {
 		if name != "mesh-server" && name != "server" {
 			continue
 		}
-		p, err = startProc(pod, "iperf3 server in "+name, b.iperf3, "--server", "--port", strconv.Itoa(IperfPort))
+		// The pid file names the run's folder on the command line, so a
+		// leftover iperf3 server can be told from another run's.
+		p, err = startProc(pod, "iperf3 server in "+name, b.iperf3, "--server", "--port", strconv.Itoa(IperfPort),
+			"--pidfile", filepath.Join(b.work, "iperf3-"+name+".pid"))
 		if err != nil {
 			return err
 		}

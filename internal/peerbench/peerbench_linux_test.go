@@ -45,6 +45,9 @@ func TestQuickRunMeasuresEveryPathThroughItsTunnel(t *testing.T) {
 		}
 	}
 	bin := mantletBinary(t)
+	// The run's work folder goes under the test's own: what the check of
+	// leftovers counts is this run's, not another bench's on the machine.
+	t.Setenv("TMPDIR", t.TempDir())
 	out := filepath.Join(t.TempDir(), "results")
 	var stdout, stderr syncBuffer
 	opts := Options{
@@ -54,7 +57,7 @@ func TestQuickRunMeasuresEveryPathThroughItsTunnel(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	running := benchProcs() // another run's (a bench on the same machine)
+	running := benchProcs(filepath.Dir(bin)) // none: the folders are the test's
 	start := time.Now()
 	res, err := Run(ctx, bin, opts)
 	t.Logf("the quick run took %v", time.Since(start).Round(time.Second))
@@ -63,7 +66,7 @@ func TestQuickRunMeasuresEveryPathThroughItsTunnel(t *testing.T) {
 			t.Logf("stdout:\n%s\nstderr:\n%s", stdout.String(), stderr.String())
 		}
 	}()
-	checkLeftovers(t, stderr.String(), running)
+	checkLeftovers(t, stderr.String(), running, filepath.Dir(bin), os.TempDir())
 	if err != nil {
 		t.Fatalf("Run: %v", err)
 	}
@@ -176,7 +179,7 @@ func TestQuickRunMeasuresEveryPathThroughItsTunnel(t *testing.T) {
 // checkLeftovers fails t if the testbed named in the bench's progress left
 // namespaces or pins, or a peer, app or iperf3 server still runs that was
 // not running before (in running).
-func checkLeftovers(t *testing.T, progress string, running map[string]string) {
+func checkLeftovers(t *testing.T, progress string, running map[string]string, dirs ...string) {
 	t.Helper()
 	m := regexp.MustCompile(`\(testbed (pb[0-9a-f]+)\)`).FindStringSubmatch(progress)
 	if m == nil {
@@ -189,7 +192,7 @@ func checkLeftovers(t *testing.T, progress string, running map[string]string) {
 	if pins, _ := filepath.Glob(filepath.Join(bpf.DefaultPinRoot, m[1]+"-*")); len(pins) > 0 {
 		t.Errorf("pins left behind: %v", pins)
 	}
-	for pid, cmd := range benchProcs() {
+	for pid, cmd := range benchProcs(dirs...) {
 		if running[pid] != cmd {
 			t.Errorf("process %s left behind: %s", pid, cmd)
 		}
@@ -198,8 +201,9 @@ func checkLeftovers(t *testing.T, progress string, running map[string]string) {
 
 // benchProcs returns the command lines of the processes that look like a
 // bench's peers (their files are in its work folder), app servers or
-// iperf3 servers, by process ID.
-func benchProcs() map[string]string {
+// iperf3 servers (their pid files are there too) of a run whose binary or
+// work folder is under one of dirs, by process ID.
+func benchProcs(dirs ...string) map[string]string {
 	out := map[string]string{}
 	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
 	for _, f := range procs {
@@ -208,7 +212,8 @@ func benchProcs() map[string]string {
 			continue
 		}
 		cmd := strings.Join(strings.Split(strings.TrimRight(string(b), "\x00"), "\x00"), " ")
-		if strings.Contains(cmd, "mantlet-peerbench-") || strings.Contains(cmd, "bench --serve-app") || strings.HasSuffix(cmd, "--server --port 5202") {
+		ours := slices.ContainsFunc(dirs, func(d string) bool { return strings.Contains(cmd, d) })
+		if ours && (strings.Contains(cmd, "mantlet-peerbench-") || strings.Contains(cmd, "bench --serve-app") || strings.Contains(cmd, "--server --port 5202")) {
 			out[filepath.Base(filepath.Dir(f))] = cmd
 		}
 	}
