@@ -909,3 +909,31 @@ func (l *logBuffer) String() string {
 	}
 	return fmt.Sprintf("%s\n--- meshtest: %d bytes of log dropped ---\n%s", l.head, l.dropped, l.tail)
 }
+
+// BinaryOrBuild returns $MANTLET_TEST_BINARY (BinaryEnv) if set, else
+// mantlet built into dir: the binary tests run agents and commands with.
+func BinaryOrBuild(ctx context.Context, dir string) (string, error) {
+	if b := os.Getenv(BinaryEnv); b != "" {
+		return b, nil
+	}
+	return Build(ctx, dir)
+}
+
+// SyncBuffer is a bytes.Buffer that a running command writes while a test
+// reads it.
+type SyncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *SyncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *SyncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}

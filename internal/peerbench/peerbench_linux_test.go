@@ -11,7 +11,6 @@ import (
 	"regexp"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -49,7 +48,7 @@ func TestQuickRunMeasuresEveryPathThroughItsTunnel(t *testing.T) {
 	// leftovers counts is this run's, not another bench's on the machine.
 	t.Setenv("TMPDIR", t.TempDir())
 	out := filepath.Join(t.TempDir(), "results")
-	var stdout, stderr syncBuffer
+	var stdout, stderr meshtest.SyncBuffer
 	opts := Options{
 		Rounds: 1, Duration: time.Second, RoundTrips: 1000, ConnDuration: time.Second, MaxConns: 200000,
 		IdleConns: 200, Settle: time.Second, Peers: peers, NoInstall: true, Out: out,
@@ -222,32 +221,11 @@ func benchProcs(dirs ...string) map[string]string {
 
 func mantletBinary(t *testing.T) string {
 	t.Helper()
-	if b := os.Getenv(meshtest.BinaryEnv); b != "" {
-		return b
-	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	b, err := meshtest.Build(ctx, t.TempDir())
+	b, err := meshtest.BinaryOrBuild(ctx, t.TempDir())
 	if err != nil {
 		t.Fatal(err)
 	}
 	return b
-}
-
-// syncBuffer is a bytes.Buffer that the run writes while the test reads.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }

@@ -9,7 +9,6 @@ import (
 	"path/filepath"
 	"regexp"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -23,35 +22,13 @@ import (
 // $MANTLET_TEST_BINARY, or one built for the test.
 func mantletBinary(t *testing.T) string {
 	t.Helper()
-	if b := os.Getenv(meshtest.BinaryEnv); b != "" {
-		return b
-	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	b, err := meshtest.Build(ctx, t.TempDir())
+	b, err := meshtest.BinaryOrBuild(ctx, t.TempDir())
 	if err != nil {
 		t.Fatal(err)
 	}
 	return b
-}
-
-// syncBuffer is a bytes.Buffer that a running command writes while the
-// test reads.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 var demoPrefixRE = regexp.MustCompile(`\(testbed (demo[0-9a-f]+)\)`)
@@ -204,7 +181,7 @@ func rootRules(t *testing.T) string {
 func TestDemoKeepRunsUntilInterrupted(t *testing.T) {
 	privtest.Require(t)
 	bin := mantletBinary(t)
-	var out, errb syncBuffer
+	var out, errb meshtest.SyncBuffer
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	done := make(chan error, 1)
