@@ -609,3 +609,7 @@ func (p *Proxy) hboneAddr(ip netip.Addr, w *workload.Workload) netip.AddrPort {
 
 // PoolConns returns how many pooled HBONE connections are open.
 func (p *Proxy) PoolConns() int { return p.pool.Conns() }
+
+// HBONEConns returns how many HBONE connections are open, pooled (out)
+// and served (in).
+func (p *Proxy) HBONEConns() int { return p.pool.Conns() + p.srv.Conns() }
