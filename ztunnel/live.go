@@ -158,11 +158,17 @@ type flowTable struct {
 	n      atomic.Int64
 	max    int64
 	shards [flowShards]struct {
-		mu sync.Mutex
-		m  map[uint64]*LiveFlow
-		_  [40]byte // keep shards on separate cache lines
+		mu   sync.Mutex
+		m    map[uint64]*LiveFlow
+		peak int      // the most flows m held since it was made
+		_    [32]byte // keep shards on separate cache lines
 	}
 }
+
+// shrinkFrom is the size from which a shard's map is made anew once it
+// holds an eighth of its peak: a Go map keeps the memory of the most it
+// held (10,000 flows leave about 0.5 MB of empty tables behind).
+const shrinkFrom = 64
 
 func newFlowTable(max int) *flowTable {
 	t := &flowTable{max: int64(max)}
@@ -182,6 +188,7 @@ func (t *flowTable) add(l *LiveFlow) bool {
 	s := &t.shards[l.id%flowShards]
 	s.mu.Lock()
 	s.m[l.id] = l
+	s.peak = max(s.peak, len(s.m))
 	s.mu.Unlock()
 	return true
 }
@@ -190,6 +197,13 @@ func (t *flowTable) remove(l *LiveFlow) {
 	s := &t.shards[l.id%flowShards]
 	s.mu.Lock()
 	delete(s.m, l.id)
+	if s.peak >= shrinkFrom && len(s.m) <= s.peak/8 {
+		m := make(map[uint64]*LiveFlow, len(s.m))
+		for id, l := range s.m {
+			m[id] = l
+		}
+		s.m, s.peak = m, len(m)
+	}
 	s.mu.Unlock()
 	t.n.Add(-1)
 }
