@@ -454,6 +454,7 @@ func (p *Proxy) stopAccepting() {
 func (p *Proxy) Close() {
 	p.stopAccepting()
 	p.cancel()
+	p.live.each(func(l *LiveFlow) bool { l.cancel(); return true })
 	p.srv.Close()
 	p.pool.Close()
 	p.refusals.summarize()
