@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -63,6 +64,7 @@ type Pool struct {
 	done  chan struct{}
 	once  sync.Once
 	stats struct{ handshakes, streams atomic.Uint64 }
+	idles []time.Duration // reapLocked's, guarded by mu
 }
 
 type keyConns struct {
@@ -187,7 +189,8 @@ func (p *Pool) reapLocked(now time.Time) []*poolConn {
 	for k, kc := range p.keys {
 		keep := -1 // the key's connection idle for the shortest time
 		var keepIdle time.Duration
-		idles := make([]time.Duration, len(kc.conns))
+		idles := slices.Grow(p.idles[:0], len(kc.conns))[:len(kc.conns)]
+		p.idles = idles
 		for i, c := range kc.conns {
 			idle, gone, retired := c.hc.idleState(now)
 			switch {
