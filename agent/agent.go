@@ -136,6 +136,7 @@ type Agent struct {
 	applied  atomic.Bool // a state has been reconciled once
 	draining atomic.Bool
 	status   atomic.Pointer[[]PodStatus]
+	changed  chan struct{} // a value when Pods reports something new (coalesced)
 	// plainClosed counts connections ended by Config.Plaintext.
 	plainClosed atomic.Uint64
 
@@ -193,6 +194,7 @@ func New(cfg Config) (*Agent, error) {
 		cfg:      cfg,
 		log:      log,
 		wake:     make(chan struct{}, 1),
+		changed:  make(chan struct{}, 1),
 		pods:     map[string]*podState{},
 		removing: map[int]*podState{},
 		ids:      map[spiffeid.ID]bool{},
@@ -619,8 +621,19 @@ func (a *Agent) publish() {
 		out = append(out, ps)
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Pod < out[j].Pod })
-	a.status.Store(&out)
+	prev := a.status.Swap(&out)
+	if prev == nil || !slices.Equal(*prev, out) {
+		select {
+		case a.changed <- struct{}{}:
+		default:
+		}
+	}
 }
+
+// Changed receives a value after a reconcile pass that changed what Pods
+// reports (values are coalesced: one waits for any number of changes), so
+// that the pods' state can be told to the cluster without polling.
+func (a *Agent) Changed() <-chan struct{} { return a.changed }
 
 // Ready reports whether the node can carry captured traffic: a state has
 // been applied, the data path's programs are attached and the ztunnel's

@@ -332,7 +332,7 @@ func Run(ctx context.Context, cfg Config) error {
 	g.run("source", func() error { return cfg.Source.Run(runCtx, publish) })
 	if rep, ok := cfg.Source.(source.Reporter); ok {
 		g.run("report", func() error {
-			return rep.Report(runCtx, cfg.Node, func() []source.PodReport { return podReports(ag.Pods()) })
+			return rep.Report(runCtx, cfg.Node, func() []source.PodReport { return podReports(ag.Pods()) }, ag.Changed())
 		})
 	}
 	g.run("security events", func() error {

@@ -64,7 +64,9 @@ type PodReport struct {
 // of it: whether each policy is in force, whether each pod is meshed.
 type Reporter interface {
 	// Report writes back until ctx ends; pods lists the node's own pods.
-	Report(ctx context.Context, node string, pods func() []PodReport) error
+	// A value on changed (nil: never) says that what pods returns has
+	// changed: the pods are written back then, not only periodically.
+	Report(ctx context.Context, node string, pods func() []PodReport, changed <-chan struct{}) error
 }
 
 // Source is where the desired state comes from.

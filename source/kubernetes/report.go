@@ -47,19 +47,25 @@ var _ source.Reporter = (*Source)(nil)
 // Report writes back, until ctx ends: the Accepted condition of every
 // MeshPolicy (one agent per policy writes it, chosen by hashing the
 // policy with the node names; any agent does once it is overdue), and the
-// Meshed condition of this node's pods. Only what differs from the
-// object is patched, at most 20 patches a second.
-func (s *Source) Report(ctx context.Context, node string, pods func() []source.PodReport) error {
+// Meshed condition of this node's pods, at once when changed says the
+// pods changed (a pod enrolled a moment ago is Meshed within the time of
+// a patch, not of a period). Only what differs from the object is
+// patched, at most 20 patches a second.
+func (s *Source) Report(ctx context.Context, node string, pods func() []source.PodReport, changed <-chan struct{}) error {
 	r := &reporter{s: s, node: node, pods: pods, limit: rate.NewLimiter(reportRate, 2*reportRate), behind: map[types.UID]time.Time{}}
 	t := time.NewTicker(DefaultReportEvery)
 	defer t.Stop()
+	r.policies(ctx)
+	r.meshed(ctx)
 	for {
-		r.policies(ctx)
-		r.meshed(ctx)
 		select {
 		case <-ctx.Done():
 			return nil
+		case <-changed:
+			r.meshed(ctx)
 		case <-t.C:
+			r.policies(ctx)
+			r.meshed(ctx)
 		}
 	}
 }
