@@ -590,6 +590,9 @@ func sortedKeys[V any](m map[string]V) []string {
 type PodStatus struct {
 	// Pod is namespace/name.
 	Pod string
+	// UID is the workload's UID (a pod's Kubernetes UID): a pod deleted
+	// and created again under its name is another pod.
+	UID string
 	// IP is the pod's first IPv4 address.
 	IP netip.Addr
 	// Ifindex is the enrolled veth, 0 when not enrolled (yet).
@@ -614,7 +617,7 @@ func (a *Agent) Pods() []PodStatus {
 func (a *Agent) publish() {
 	out := make([]PodStatus, 0, len(a.pods))
 	for _, st := range a.pods {
-		ps := PodStatus{Pod: st.name, Ifindex: st.ifindex, Strict: st.strict, Err: st.lastErr}
+		ps := PodStatus{Pod: st.name, UID: st.uid, Ifindex: st.ifindex, Strict: st.strict, Err: st.lastErr}
 		if len(st.ips) > 0 {
 			ps.IP = st.ips[0]
 		}

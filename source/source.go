@@ -54,6 +54,9 @@ type Status struct {
 // tells the cluster (Reporter).
 type PodReport struct {
 	Namespace, Name string
+	// UID is the pod's UID: the report is about that pod only, not
+	// another one created under the same name meanwhile.
+	UID string
 	// Enrolled: the pod's traffic is captured; Strict: in STRICT mode.
 	Enrolled, Strict bool
 	// Err says why a pod that should be enrolled is not (yet).
