@@ -19,9 +19,8 @@ import (
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
-// DefaultFederationPoll is how often a Federation looks at its bundle
-// files unless told otherwise: a stat per file, a read only when one
-// changed.
+// DefaultFederationPoll is how often a Federation reads its bundle files
+// unless told otherwise (a few kilobytes each; parsed only when changed).
 const DefaultFederationPoll = 10 * time.Second
 
 // maxBundleFile bounds the size of a federated bundle file.
@@ -78,7 +77,7 @@ type federated struct {
 	cur  atomic.Pointer[x509bundle.Bundle]
 
 	mu        sync.Mutex // guards what follows
-	seen      os.FileInfo
+	raw       []byte     // the file as last read (nil: unreadable)
 	changedAt time.Time
 	checkedAt time.Time
 	reloads   uint64
@@ -157,9 +156,9 @@ func (f *Federation) Run(ctx context.Context, interval time.Duration) error {
 	}
 }
 
-// Check reads again every bundle file whose size, modification time or
-// identity (a ConfigMap's symlink swap) changed since it was last read,
-// and reports how many bundles changed.
+// Check reads every bundle file again and puts in force the ones whose
+// content changed (a ConfigMap's update included), and reports how many
+// bundles changed.
 func (f *Federation) Check() int {
 	n := 0
 	for _, d := range f.domains {
@@ -175,28 +174,30 @@ func (f *Federation) Check() int {
 	return n
 }
 
-// load reads d's file if it changed since it was last looked at and puts
-// its bundle in force. It reports whether the bundle changed, and an error
-// when the file cannot be read or parsed; the same error twice in a row
-// (a file still missing) is returned once.
+// load reads d's file and, if its content changed since the last read,
+// puts its bundle in force. It reports whether the bundle changed, and an
+// error when the file cannot be read or parsed; the same error twice in a
+// row (a file still missing) is returned once. Reading a small file on
+// every check costs less than trusting modification times, which a quick
+// second write can leave unchanged.
 func (f *Federation) load(d *federated) (bool, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	now := f.now()
 	d.checkedAt = now
-	fi, err := os.Stat(d.file)
-	if err == nil && d.seen != nil && os.SameFile(fi, d.seen) && fi.Size() == d.seen.Size() && fi.ModTime().Equal(d.seen.ModTime()) {
+	data, err := readBundleFile(d.file)
+	if err == nil && d.raw != nil && bytes.Equal(data, d.raw) {
 		return false, nil // as it was: good or bad, nothing new
 	}
+	d.raw = data
 	var b *x509bundle.Bundle
 	if err == nil {
-		d.seen = fi
-		b, err = readBundle(d.td, d.file)
-	} else {
-		d.seen = nil
-		err = fmt.Errorf("identity: federated bundle of %s: %w", d.td.Name(), err)
+		if b, err = ParseBundle(d.td, data); err != nil {
+			err = fmt.Errorf("%s: %w", d.file, err)
+		}
 	}
 	if err != nil {
+		err = fmt.Errorf("identity: federated bundle of %s: %w", d.td.Name(), err)
 		repeated := d.lastErr != nil && d.lastErr.Error() == err.Error()
 		d.failures++
 		d.lastErr = err
@@ -220,26 +221,21 @@ func (f *Federation) load(d *federated) (bool, error) {
 	return true, nil
 }
 
-// readBundle reads the bundle of td from file: PEM certificates, or a
-// SPIFFE trust bundle (JSON).
-func readBundle(td spiffeid.TrustDomain, file string) (*x509bundle.Bundle, error) {
+// readBundleFile reads a bundle file of at most maxBundleFile bytes.
+func readBundleFile(file string) ([]byte, error) {
 	fh, err := os.Open(file)
 	if err != nil {
-		return nil, fmt.Errorf("identity: federated bundle of %s: %w", td.Name(), err)
+		return nil, err
 	}
 	defer fh.Close()
 	data, err := io.ReadAll(io.LimitReader(fh, maxBundleFile+1))
 	if err != nil {
-		return nil, fmt.Errorf("identity: federated bundle of %s: read %s: %w", td.Name(), file, err)
+		return nil, fmt.Errorf("read %s: %w", file, err)
 	}
 	if len(data) > maxBundleFile {
-		return nil, fmt.Errorf("identity: federated bundle of %s: %s is larger than %d bytes", td.Name(), file, maxBundleFile)
+		return nil, fmt.Errorf("%s is larger than %d bytes", file, maxBundleFile)
 	}
-	b, err := ParseBundle(td, data)
-	if err != nil {
-		return nil, fmt.Errorf("identity: federated bundle of %s: %s: %w", td.Name(), file, err)
-	}
-	return b, nil
+	return data, nil
 }
 
 // ParseBundle parses the X.509 authorities of td's bundle from PEM
