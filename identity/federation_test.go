@@ -255,3 +255,35 @@ func TestFederationRunPollsUntilCancelled(t *testing.T) {
 		t.Fatalf("Run: %v", err)
 	}
 }
+
+// FuzzParseBundle feeds the federated bundle parser arbitrary files: it
+// must never panic, and whatever it accepts is a non-empty bundle of CA
+// certificates of the trust domain asked for.
+func FuzzParseBundle(f *testing.F) {
+	c, err := ca.New(tdB, ca.Options{})
+	if err != nil {
+		f.Fatal(err)
+	}
+	b, _ := c.Bundle(context.Background())
+	pem, _ := b.Marshal()
+	js, _ := spiffebundle.FromX509Authorities(tdB, b.X509Authorities()).Marshal()
+	f.Add(pem)
+	f.Add(js)
+	f.Add([]byte(`{"keys":[]}`))
+	f.Add([]byte("-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"))
+	f.Add([]byte{})
+	f.Fuzz(func(t *testing.T, data []byte) {
+		got, err := identity.ParseBundle(tdB, data)
+		if err != nil {
+			return
+		}
+		if got.TrustDomain() != tdB || got.Empty() {
+			t.Fatalf("accepted a bundle of %s with %d authorities", got.TrustDomain(), len(got.X509Authorities()))
+		}
+		for _, a := range got.X509Authorities() {
+			if !a.IsCA {
+				t.Fatalf("accepted a certificate that is not a CA: %s", a.Subject)
+			}
+		}
+	})
+}
