@@ -149,6 +149,9 @@ func Run(ctx context.Context, cfg Config) error {
 	if err != nil {
 		return err
 	}
+	if err := checkTrustDomain(first.Snapshot, cfg.Node, cfg.TrustDomain); err != nil {
+		return err
+	}
 	if len(nodeIPs) == 0 {
 		log.Warn("the desired state has no Node of this name, only pods on it; its own addresses are taken from its interfaces only", "node", cfg.Node, "source", where)
 	}
@@ -458,6 +461,19 @@ func (g *group) wait() error { return g.g.Wait() }
 // node. A name the state does not know at all (no Node object, no pod
 // scheduled there) is an error naming the nodes it has: a typo must fail
 // before anything is loaded into the kernel.
+// checkTrustDomain refuses to run an agent whose node the desired state
+// puts in another trust domain (mantlet.io/trust-domain): its pods would
+// be named in a domain whose SVIDs the agent cannot get.
+func checkTrustDomain(snap *workload.Snapshot, node string, td spiffeid.TrustDomain) error {
+	for _, n := range snap.Nodes() {
+		if n.Name == node && !n.TrustDomain.IsZero() && n.TrustDomain != td {
+			return fmt.Errorf("node: node %s is annotated mantlet.io/trust-domain: %s, but this agent's trust domain is %s (--trust-domain, or its CA's): run it with a CA of %s, or fix the annotation",
+				node, n.TrustDomain.Name(), td.Name(), n.TrustDomain.Name())
+		}
+	}
+	return nil
+}
+
 func nodeAddrs(snap *workload.Snapshot, node, where string) ([]netip.Addr, error) {
 	var (
 		ips   []netip.Addr
