@@ -77,8 +77,10 @@ spec:
 // other's domain's identity; policies on node2 naming the a.test
 // principal allow and deny it, one naming its b.test lookalike does not
 // admit it; a certificate of b.test signed by a.test's CA is refused
-// although node2 trusts that CA for a.test; without the federated bundle,
-// node2 refuses the client with tls_untrusted_domain, counted and logged.
+// although node2 trusts that CA for a.test; a bundle file rewritten under
+// a running agent is read again and counted; without the federated
+// bundle, node2 refuses the client with tls_untrusted_domain, counted and
+// logged.
 func TestFederatedTrustDomains(t *testing.T) {
 	dir := t.TempDir()
 	dirA, dirB := filepath.Join(dir, "ca-a"), filepath.Join(dir, "ca-b")
@@ -90,8 +92,10 @@ func TestFederatedTrustDomains(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var federateA atomic.Bool // node2 is given a.test's bundle
-	federateA.Store(true)
+	// node2's --federate file for a.test: a.test's root.pem, none, or a
+	// copy that the test edits.
+	var bundleOfA atomic.Value
+	bundleOfA.Store(filepath.Join(dirA, ca.RootCertFile))
 	spec := testbed.Spec{
 		Nodes: []testbed.NodeSpec{
 			{Name: "node1", Annotations: map[string]string{trustDomainAnnotation: "a.test"},
@@ -108,9 +112,9 @@ func TestFederatedTrustDomains(t *testing.T) {
 			if node == "node1" {
 				return []string{"--ca-dir", dirA, "--federate", "b.test=" + filepath.Join(dirB, ca.RootCertFile)}
 			}
-			args := []string{"--ca-dir", dirB}
-			if federateA.Load() {
-				args = append(args, "--federate", "a.test="+filepath.Join(dirA, ca.RootCertFile))
+			args := []string{"--ca-dir", dirB, "--federate-poll", "200ms"}
+			if f := bundleOfA.Load().(string); f != "" {
+				args = append(args, "--federate", "a.test="+f)
 			}
 			return args
 		},
@@ -219,14 +223,61 @@ func TestFederatedTrustDomains(t *testing.T) {
 		waitRefused(t, m, "node2", "tls_unknown_ca", before+1)
 	})
 
-	t.Run("without a.test's bundle node2 refuses the client", func(t *testing.T) {
-		federateA.Store(false)
+	restartNode2 := func(t *testing.T, bundle string) {
+		t.Helper()
+		bundleOfA.Store(bundle)
 		if err := m.StopAgent(ctx, "node2"); err != nil {
 			t.Fatal(err)
 		}
 		if err := m.StartAgent(ctx, "node2"); err != nil {
 			t.Fatal(err)
 		}
+	}
+
+	t.Run("a.test's bundle file changed under a running agent is read again", func(t *testing.T) {
+		// node2 starts with a bundle of a.test from another CA (the
+		// client's certificates do not chain to it), then the file gets
+		// a.test's real root, as a ConfigMap update would deliver it.
+		other, err := ca.New(caA.TrustDomain(), ca.Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		file := filepath.Join(dir, "a.test.pem")
+		writeBundle(t, file, other.Roots())
+		restartNode2(t, file)
+		if reaches(m, "client", dst) {
+			t.Fatal("node2 admitted the client with a bundle of another CA")
+		}
+		waitRefused(t, m, "node2", "tls_unknown_ca", 1)
+		writeBundle(t, file, caA.Roots())
+		ok := false
+		for deadline := time.Now().Add(10 * time.Second); !ok && time.Now().Before(deadline); {
+			if ok = reaches(m, "client", dst); !ok {
+				time.Sleep(100 * time.Millisecond)
+			}
+		}
+		if !ok {
+			t.Fatal("node2 did not pick up a.test's new bundle within 10s (--federate-poll 200ms)")
+		}
+		st, err := m.Status(ctx, "node2")
+		if err != nil {
+			t.Fatal(err)
+		}
+		i := slices.IndexFunc(st.Bundles, func(b admin.TrustBundle) bool { return b.TrustDomain == "a.test" })
+		if i < 0 || st.Bundles[i].Reloads != 1 || len(st.Bundles[i].Roots) != 1 || st.Bundles[i].Failures != 0 {
+			t.Fatalf("node2's bundles: %+v; want a.test's reloaded once", st.Bundles)
+		}
+		mfs, err := m.Metrics(ctx, "node2")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if v, ok := mfs.Value("mantlet_trust_bundle_reloads_total", map[string]string{"trust_domain": "a.test", "federated": "true"}); !ok || v != 1 {
+			t.Errorf("mantlet_trust_bundle_reloads_total{trust_domain=\"a.test\"} = %v (%v), want 1", v, ok)
+		}
+	})
+
+	t.Run("without a.test's bundle node2 refuses the client", func(t *testing.T) {
+		restartNode2(t, "")
 		if reaches(m, "client", dst) {
 			t.Fatal("node2 admitted a client of a trust domain it has no bundle for")
 		}
@@ -270,6 +321,22 @@ func waitRefused(t *testing.T, m *meshtest.Mesh, node, reason string, want float
 			t.Fatalf("%s: mantlet_ztunnel_refused_connections_total{response_flags=%q} = %v, want at least %v", node, reason, v, want)
 		}
 		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// writeBundle writes roots as a PEM bundle to file, whole or not at all
+// (beside it, then renamed).
+func writeBundle(t *testing.T, file string, roots []*x509.Certificate) {
+	t.Helper()
+	var out []byte
+	for _, r := range roots {
+		out = append(out, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: r.Raw})...)
+	}
+	if err := os.WriteFile(file+".tmp", out, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(file+".tmp", file); err != nil {
+		t.Fatal(err)
 	}
 }
 
