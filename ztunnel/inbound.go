@@ -105,6 +105,9 @@ func (p *Proxy) openStream(s *hbone.Stream, o *inboundStream) {
 	rec := &FlowRecord{Direction: Inbound, Path: PathHBONE, Start: time.Now(), SrcID: s.Conn.PeerID, MTLS: true}
 	o.rec = rec
 	f, status := p.streamFlow(s, rec)
+	// The request's headers are read: their map would stay as long as
+	// the flow (about 400 bytes a stream).
+	s.Header = nil
 	if f == nil {
 		_ = s.Respond(status)
 		return
