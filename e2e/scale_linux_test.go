@@ -221,6 +221,15 @@ func runAgentScale(tb testing.TB, sc agentScale) scaleResult {
 			return fmt.Errorf("mesh namespace %s: %w", spare, err)
 		}
 		t0 := time.Now()
+		// The policies' statuses as the other nodes' agents would have
+		// written them: the one agent here writes those of the bench's
+		// namespace only (a policy whose writer is away is written by any
+		// agent after 10 s).
+		sc.fill.PolicyStatus = func(gen int64) map[string]any {
+			c := mkube.AcceptedCondition(gen)
+			return map[string]any{"conditions": []any{map[string]any{"type": c.Type, "status": string(c.Status), "reason": c.Reason,
+				"message": c.Message, "observedGeneration": c.ObservedGeneration, "lastTransitionTime": time.Now().UTC().Format(time.RFC3339)}}}
+		}
 		if err := km.api.Fill(ctx, km.dyn, sc.fill); err != nil {
 			return err
 		}
@@ -300,6 +309,9 @@ func runAgentScale(tb testing.TB, sc agentScale) scaleResult {
 			}
 		}
 	})
+	if profiles != "" {
+		wg.Go(func() { saveProfile(tb, km.Mesh, filepath.Join(profiles, "churn-cpu.pb.gz"), "profile?seconds=15") })
+	}
 	res.busy = runChanges(tb, changes, sc.rounds)
 	stop()
 	wg.Wait()
@@ -540,26 +552,31 @@ func saveProfiles(tb testing.TB, m *meshtest.Mesh, dir, name string) {
 	if dir == "" {
 		return
 	}
+	for _, p := range []string{"heap", "allocs"} {
+		saveProfile(tb, m, filepath.Join(dir, name+"-"+p+".pb.gz"), p)
+	}
+}
+
+// saveProfile writes the agent's profile /debug/pprof/<query> to file.
+func saveProfile(tb testing.TB, m *meshtest.Mesh, file, query string) {
 	sock := m.AdminSocket(scaleNode)
-	hc := &http.Client{Timeout: 30 * time.Second, Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+	hc := &http.Client{Timeout: time.Minute, Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
 		return (&net.Dialer{}).DialContext(ctx, "unix", sock)
 	}}}
-	for _, p := range []string{"heap", "allocs"} {
-		resp, err := hc.Get("http://admin/debug/pprof/" + p + "?gc=1")
-		if err != nil {
-			tb.Errorf("profile %s: %v", p, err)
-			continue
-		}
-		body, err := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		if err == nil && resp.StatusCode != http.StatusOK {
-			err = fmt.Errorf("%s: %s", resp.Status, body)
-		}
-		if err == nil {
-			err = os.WriteFile(filepath.Join(dir, name+"-"+p+".pb.gz"), body, 0o644)
-		}
-		if err != nil {
-			tb.Errorf("profile %s: %v", p, err)
-		}
+	resp, err := hc.Get("http://admin/debug/pprof/" + query)
+	if err != nil {
+		tb.Errorf("profile %s: %v", query, err)
+		return
+	}
+	body, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if err == nil && resp.StatusCode != http.StatusOK {
+		err = fmt.Errorf("%s: %s", resp.Status, body)
+	}
+	if err == nil {
+		err = os.WriteFile(file, body, 0o644)
+	}
+	if err != nil {
+		tb.Errorf("profile %s: %v", query, err)
 	}
 }

@@ -271,6 +271,10 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	store.Replace(first.Snapshot)
 	ag.Apply(agent.State{Snapshot: first.Snapshot})
+	// The first lists of a large cluster leave more garbage than the state
+	// they made (10,000 pods decoded whole before being stripped): give it
+	// back now rather than keep it resident until the scavenger does.
+	releaseNow(log, "the first state is in force")
 	// publish puts a later state in force: the engine and the ztunnel's
 	// workloads together, then the agent's enrolments, then every open
 	// flow is decided again. A state the engine refuses changes nothing.

@@ -38,6 +38,10 @@ type Fill struct {
 	// Nodes are created (with an InternalIP in 10.0.0.0/24) unless they
 	// exist; the pods run on them.
 	Nodes []string
+	// PolicyStatus, when set, is written as each MeshPolicy's status
+	// (through the status subresource) with the policy's generation, as
+	// the agents of a running cluster would have written it.
+	PolicyStatus func(generation int64) map[string]any
 }
 
 // Total returns the number of pods, services and MeshPolicies f creates.
@@ -166,8 +170,16 @@ func (s *Server) Fill(ctx context.Context, dyn dynamic.Interface, f Fill) error 
 					"selector": map[string]any{"matchLabels": map[string]any{"app": "svc-" + strconv.Itoa(k%f.ServicesPerNamespace)}},
 					"rules":    []any{map[string]any{"from": []any{map[string]any{"namespaces": []any{ns}}}, "to": map[string]any{"ports": []any{"80"}}}}}}}
 			send(func() error {
-				if _, err := dyn.Resource(meshPolicies).Namespace(ns).Create(ctx, pol, metav1.CreateOptions{}); err != nil {
+				got, err := dyn.Resource(meshPolicies).Namespace(ns).Create(ctx, pol, metav1.CreateOptions{})
+				if err != nil {
 					return fmt.Errorf("kubetest: fill: create MeshPolicy %s/%s: %w", ns, pol.GetName(), err)
+				}
+				if f.PolicyStatus == nil {
+					return nil
+				}
+				got.Object["status"] = f.PolicyStatus(got.GetGeneration())
+				if _, err := dyn.Resource(meshPolicies).Namespace(ns).UpdateStatus(ctx, got, metav1.UpdateOptions{}); err != nil {
+					return fmt.Errorf("kubetest: fill: MeshPolicy %s/%s status: %w", ns, pol.GetName(), err)
 				}
 				return nil
 			})

@@ -21,7 +21,6 @@ import (
 	"maps"
 	"slices"
 	"sort"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -176,13 +175,17 @@ func NewForClients(client k8s.Interface, dyn dynamic.Interface, where string, op
 
 	core := s.factory.Core().V1()
 	podInf := core.Pods()
-	_ = podInf.Informer().SetTransform(stripPod)
+	polInf := s.dfactory.ForResource(MeshPolicies)
 	infs := []cache.SharedIndexInformer{
 		core.Namespaces().Informer(), podInf.Informer(), core.Nodes().Informer(), core.Services().Informer(),
-		s.factory.Discovery().V1().EndpointSlices().Informer(),
+		s.factory.Discovery().V1().EndpointSlices().Informer(), polInf.Informer(),
 	}
-	polInf := s.dfactory.ForResource(MeshPolicies)
-	infs = append(infs, polInf.Informer())
+	// Every cache keeps only what mantlet reads (strip.go): the API
+	// server's objects carry managed fields, annotations and, on nodes,
+	// image lists that would otherwise make most of an agent's memory.
+	for _, inf := range infs {
+		_ = inf.SetTransform(strip)
+	}
 	s.namespaces, s.pods, s.nodes, s.services = core.Namespaces().Lister(), podInf.Lister(), core.Nodes().Lister(), core.Services().Lister()
 	s.slices = s.factory.Discovery().V1().EndpointSlices().Lister()
 	s.policies = polInf.Lister()
@@ -566,45 +569,4 @@ func fingerprint(st *source.State) uint64 {
 		}{p.Namespace, p.Name, p.Spec})
 	}
 	return h.Sum64()
-}
-
-// stripPod keeps of a pod only what mantlet reads (the informer keeps
-// this instead of the whole object).
-func stripPod(obj any) (any, error) {
-	p, ok := obj.(*corev1.Pod)
-	if !ok {
-		return obj, nil
-	}
-	out := &corev1.Pod{
-		ObjectMeta: metav1.ObjectMeta{Name: p.Name, Namespace: p.Namespace, UID: p.UID,
-			ResourceVersion: p.ResourceVersion, Labels: p.Labels, Annotations: meshAnnotations(p.Annotations)},
-		Spec: corev1.PodSpec{NodeName: p.Spec.NodeName, ServiceAccountName: p.Spec.ServiceAccountName,
-			DeprecatedServiceAccount: p.Spec.DeprecatedServiceAccount, HostNetwork: p.Spec.HostNetwork},
-		Status: corev1.PodStatus{Phase: p.Status.Phase, PodIP: p.Status.PodIP, PodIPs: p.Status.PodIPs, HostIP: p.Status.HostIP},
-	}
-	for _, c := range p.Status.Conditions {
-		if c.Type == ConditionMeshed {
-			out.Status.Conditions = append(out.Status.Conditions, c)
-		}
-	}
-	for _, c := range p.Spec.Containers {
-		if len(c.Ports) > 0 {
-			out.Spec.Containers = append(out.Spec.Containers, corev1.Container{Name: c.Name, Ports: c.Ports})
-		}
-	}
-	return out, nil
-}
-
-// meshAnnotations keeps the mantlet.io annotations.
-func meshAnnotations(in map[string]string) map[string]string {
-	var out map[string]string
-	for k, v := range in {
-		if strings.HasPrefix(k, "mantlet.io/") {
-			if out == nil {
-				out = map[string]string{}
-			}
-			out[k] = v
-		}
-	}
-	return out
 }

@@ -299,7 +299,7 @@ func TestAnInvalidEditKeepsTheLastGoodVersion(t *testing.T) {
 func TestStripPodKeepsWhatMantletReads(t *testing.T) {
 	in := pod("shop", "a", "a", "node1", "198.19.1.10", map[string]string{"app": "web"})
 	in.Annotations["mantlet.io/mesh"] = "disabled"
-	out, err := stripPod(in)
+	out, err := strip(in)
 	if err != nil {
 		t.Fatal(err)
 	}
