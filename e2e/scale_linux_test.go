@@ -340,6 +340,9 @@ type change struct {
 	// inForce reports whether the data path has the change; an error is
 	// a probe that failed and is tried again.
 	inForce func(ctx context.Context) (bool, error)
+	// every is how often inForce is asked: each probe costs the agent
+	// work (a connection; a status answer with the data path's check).
+	every time.Duration
 }
 
 // scaleChanges returns the cycle of changes: server-a labelled deny=yes
@@ -375,10 +378,10 @@ func scaleChanges(tb testing.TB, km *kubeMesh, c kubernetes.Interface, srvA, srv
 		}
 	}
 	return []change{
-		{"pod label", label(`"yes"`), verdict(srvA, false)},
-		{"pod label", label("null"), verdict(srvA, true)},
-		{"policy port", port(appPort), verdict(srvB, false)},
-		{"policy port", port(appPort + 1), verdict(srvB, true)},
+		{"pod label", label(`"yes"`), verdict(srvA, false), 10 * time.Millisecond},
+		{"pod label", label("null"), verdict(srvA, true), 10 * time.Millisecond},
+		{"policy port", port(appPort), verdict(srvB, false), 10 * time.Millisecond},
+		{"policy port", port(appPort + 1), verdict(srvB, true), 10 * time.Millisecond},
 		{"new pod", func(ctx context.Context) error {
 			p, err := c.CoreV1().Pods(spare.Namespace).Create(ctx, &corev1.Pod{
 				ObjectMeta: metav1.ObjectMeta{Namespace: spare.Namespace, Name: spare.Name},
@@ -391,11 +394,11 @@ func scaleChanges(tb testing.TB, km *kubeMesh, c kubernetes.Interface, srvA, srv
 			p.Status = corev1.PodStatus{Phase: corev1.PodRunning, PodIP: ip, PodIPs: []corev1.PodIP{{IP: ip}}}
 			_, err = c.CoreV1().Pods(spare.Namespace).UpdateStatus(ctx, p, metav1.UpdateOptions{})
 			return err
-		}, attached(localPods)},
+		}, attached(localPods), 25 * time.Millisecond},
 		{"pod deleted", func(ctx context.Context) error {
 			zero := int64(0)
 			return c.CoreV1().Pods(spare.Namespace).Delete(ctx, spare.Name, metav1.DeleteOptions{GracePeriodSeconds: &zero})
-		}, attached(localPods - 1)},
+		}, attached(localPods - 1), 25 * time.Millisecond},
 	}
 }
 
@@ -424,7 +427,7 @@ func runChanges(tb testing.TB, cs []change, n int) []timedChange {
 			if time.Now().After(deadline) {
 				tb.Fatalf("change %d (%s): not in force within 30 s (last probe error: %v)", i, c.kind, last)
 			}
-			time.Sleep(5 * time.Millisecond)
+			time.Sleep(c.every)
 		}
 		out = append(out, timedChange{c.kind, time.Since(t0)})
 	}

@@ -339,7 +339,7 @@ func BenchmarkBuild(b *testing.B) {
 	f, _ := newFixture(b, core, pols...)
 	b.ResetTimer()
 	for b.Loop() {
-		if _, _, err := f.src.build(); err != nil {
+		if _, err := f.src.build(); err != nil {
 			b.Fatal(err)
 		}
 	}

@@ -5,6 +5,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
+	"k8s.io/apimachinery/pkg/api/equality"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 )
@@ -100,4 +101,34 @@ func meshAnnotations(in map[string]string) map[string]string {
 		}
 	}
 	return out
+}
+
+// sameStripped reports whether two versions of a stripped Namespace,
+// Node, Service or EndpointSlice say the same to mantlet: equal but for
+// their resource version.
+func sameStripped(a, b any) bool {
+	switch x := a.(type) {
+	case *corev1.Namespace:
+		y, ok := b.(*corev1.Namespace)
+		return ok && equalButVersion(*x, *y, func(o *corev1.Namespace) *metav1.ObjectMeta { return &o.ObjectMeta })
+	case *corev1.Node:
+		y, ok := b.(*corev1.Node)
+		return ok && equalButVersion(*x, *y, func(o *corev1.Node) *metav1.ObjectMeta { return &o.ObjectMeta })
+	case *corev1.Service:
+		y, ok := b.(*corev1.Service)
+		return ok && equalButVersion(*x, *y, func(o *corev1.Service) *metav1.ObjectMeta { return &o.ObjectMeta })
+	case *discoveryv1.EndpointSlice:
+		y, ok := b.(*discoveryv1.EndpointSlice)
+		return ok && equalButVersion(*x, *y, func(o *discoveryv1.EndpointSlice) *metav1.ObjectMeta { return &o.ObjectMeta })
+	}
+	return false
+}
+
+// equalButVersion compares shallow copies of two objects with their
+// resource versions and generations cleared.
+func equalButVersion[T any](x, y T, meta func(*T) *metav1.ObjectMeta) bool {
+	for _, m := range []*metav1.ObjectMeta{meta(&x), meta(&y)} {
+		m.ResourceVersion, m.Generation = "", 0
+	}
+	return equality.Semantic.DeepEqual(x, y)
 }
