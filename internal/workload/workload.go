@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"sync"
 	"sync/atomic"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -40,21 +41,60 @@ type Workload struct {
 	// Enrolled is true when the pod is in the mesh: its namespace opted in
 	// and the pod did not opt out.
 	Enrolled bool
+	// TrustDomain, when set, is the trust domain of the pod's identity: a
+	// federated domain other than the reader's own (the pod or its node
+	// is annotated mantlet.io/trust-domain). Zero: the reader's own.
+	TrustDomain spiffeid.TrustDomain
 }
 
-// ID returns the workload's SPIFFE ID in trust domain td:
-// spiffe://<td>/ns/<namespace>/sa/<service account>.
+// ID returns the workload's SPIFFE ID:
+// spiffe://<trust domain>/ns/<namespace>/sa/<service account>, in the
+// workload's own TrustDomain when it has one, else in td (the reader's).
+// The ztunnel asks for it on every flow: IDs are made once and shared
+// (ids), so flows do not leave thousands of copies of the same string
+// behind in the flow records, each pinning the heap page it was
+// allocated on.
 func (w *Workload) ID(td spiffeid.TrustDomain) (spiffeid.ID, error) {
 	sa := w.ServiceAccount
 	if sa == "" {
 		sa = "default"
 	}
+	if !w.TrustDomain.IsZero() {
+		td = w.TrustDomain
+	}
+	k := idKey{td: td, ns: w.Namespace, sa: sa}
+	ids.mu.Lock()
+	id, ok := ids.m[k]
+	ids.mu.Unlock()
+	if ok {
+		return id, nil
+	}
 	id, err := identity.WorkloadID(td, w.Namespace, sa)
 	if err != nil {
 		return spiffeid.ID{}, fmt.Errorf("workload %s/%s: %w", w.Namespace, w.Name, err)
 	}
+	ids.mu.Lock()
+	if len(ids.m) >= idCacheSize {
+		clear(ids.m) // bounded: a cluster with more identities makes some twice
+	}
+	ids.m[k] = id
+	ids.mu.Unlock()
 	return id, nil
 }
+
+// idCacheSize bounds the identities that Workload.ID keeps made.
+const idCacheSize = 4096
+
+type idKey struct {
+	td     spiffeid.TrustDomain
+	ns, sa string
+}
+
+// ids are the identities Workload.ID made, at most idCacheSize.
+var ids = struct {
+	mu sync.Mutex
+	m  map[idKey]spiffeid.ID
+}{m: make(map[idKey]spiffeid.ID)}
 
 // String names the workload as namespace/name.
 func (w *Workload) String() string { return w.Namespace + "/" + w.Name }
@@ -87,6 +127,9 @@ type Node struct {
 	Name string
 	// IP is the node's address on the underlay (Kubernetes InternalIP).
 	IP netip.Addr
+	// TrustDomain, when set, is the trust domain of the node's pods (its
+	// mantlet.io/trust-domain annotation); zero: the reader's own.
+	TrustDomain spiffeid.TrustDomain
 }
 
 // Snapshot is an immutable view of the cluster. Build it with New; never

@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -22,7 +23,8 @@ import (
 
 // Key identifies a pool of connections: streams are multiplexed only
 // between the same source identity, destination identity and destination
-// pod IP.
+// pod IP. Connections bound to a source address (Request.BindSrc) are
+// pooled per address as well: see poolKey.
 type Key struct {
 	Src, Dst spiffeid.ID
 	DstIP    netip.Addr
@@ -58,12 +60,28 @@ type Pool struct {
 	t     Tuning
 	log   *slog.Logger
 	mu    sync.Mutex
-	keys  map[Key]*keyConns
+	keys  map[poolKey]*keyConns
 	stop  chan struct{}
 	done  chan struct{}
 	once  sync.Once
 	stats struct{ handshakes, streams atomic.Uint64 }
+	idles []time.Duration // reapLocked's, guarded by mu
 }
+
+// poolKey is what a pooled connection is shared by: its Key and the
+// source address it is bound to. A connection bound to one client pod's
+// address carries only that pod's streams: the replies to that address
+// reach the ztunnel only while the pod is there (on the node, capture
+// hands them to the ztunnel by the pod's address), so a connection bound
+// to a pod that is gone is dead in one direction, and another pod of the
+// same identity must not be given its streams.
+type poolKey struct {
+	Key
+	src netip.Addr
+}
+
+// keyOf returns the pool a request's streams share.
+func keyOf(req *Request) poolKey { return poolKey{Key: req.Key, src: req.BindSrc} }
 
 type keyConns struct {
 	conns   []*poolConn
@@ -101,7 +119,7 @@ func NewPool(cfg PoolConfig) *Pool {
 		cfg:  cfg,
 		t:    cfg.Tuning.WithDefaults(),
 		log:  cfg.Logger,
-		keys: make(map[Key]*keyConns),
+		keys: make(map[poolKey]*keyConns),
 		stop: make(chan struct{}),
 		done: make(chan struct{}),
 	}
@@ -159,31 +177,15 @@ func (p *Pool) Close() {
 
 func (p *Pool) reap() {
 	defer close(p.done)
-	tick := time.NewTicker(max(p.t.IdleTimeout/4, 10*time.Millisecond))
+	tick := time.NewTicker(max(p.t.SpareIdleTimeout/4, 10*time.Millisecond))
 	defer tick.Stop()
 	for {
 		select {
 		case <-p.stop:
 			return
 		case now := <-tick.C:
-			var dead []*poolConn
 			p.mu.Lock()
-			for k, kc := range p.keys {
-				live := kc.conns[:0]
-				for _, c := range kc.conns {
-					idle, gone, retired := c.hc.idleState(now)
-					if gone || idle >= p.t.IdleTimeout || idle > 0 && retired {
-						dead = append(dead, c)
-						continue
-					}
-					live = append(live, c)
-				}
-				clear(kc.conns[len(live):])
-				kc.conns = live
-				if len(kc.conns) == 0 && kc.dialing == nil {
-					delete(p.keys, k)
-				}
-			}
+			dead := p.reapLocked(now)
 			p.mu.Unlock()
 			for _, c := range dead {
 				p.log.Debug("hbone: closing idle connection")
@@ -191,6 +193,45 @@ func (p *Pool) reap() {
 			}
 		}
 	}
+}
+
+// reapLocked takes out of the pool, and returns for closing, the
+// connections that are gone, retired and idle, idle for IdleTimeout, or
+// idle for SpareIdleTimeout while their key keeps another idle one: of a
+// key's idle connections the one idle for the shortest time stays, the
+// others are spares.
+func (p *Pool) reapLocked(now time.Time) []*poolConn {
+	var dead []*poolConn
+	for k, kc := range p.keys {
+		keep := -1 // the key's connection idle for the shortest time
+		var keepIdle time.Duration
+		idles := slices.Grow(p.idles[:0], len(kc.conns))[:len(kc.conns)]
+		p.idles = idles
+		for i, c := range kc.conns {
+			idle, gone, retired := c.hc.idleState(now)
+			switch {
+			case gone || idle >= p.t.IdleTimeout || idle > 0 && retired:
+				idle = -1 // closed below
+			case idle > 0 && (keep < 0 || idle < keepIdle):
+				keep, keepIdle = i, idle
+			}
+			idles[i] = idle
+		}
+		live := kc.conns[:0]
+		for i, c := range kc.conns {
+			if idles[i] < 0 || i != keep && idles[i] >= p.t.SpareIdleTimeout {
+				dead = append(dead, c)
+				continue
+			}
+			live = append(live, c)
+		}
+		clear(kc.conns[len(live):])
+		kc.conns = live
+		if len(kc.conns) == 0 && kc.dialing == nil {
+			delete(p.keys, k)
+		}
+	}
+	return dead
 }
 
 // Errors of Connect, besides TLS verification errors (ErrPeerMismatch and
@@ -220,7 +261,8 @@ type Request struct {
 	// Addr is where to dial the HBONE server (normally DstIP:15008).
 	Addr netip.AddrPort
 	// BindSrc, if valid, is the local address for new connections (the
-	// client pod's IP with transparent sockets).
+	// client pod's IP with transparent sockets). Streams share only
+	// connections bound to the same address.
 	BindSrc netip.Addr
 	// Target is the CONNECT :authority, the destination pod's ip:port.
 	Target netip.AddrPort
@@ -291,8 +333,13 @@ func sendBody(st *Stream, body io.Reader) {
 	}
 }
 
-// get reserves a stream slot on a connection for req.Key.
+// get reserves a stream slot on a connection for req.Key. One dial at a
+// time runs for a key; the others wait for it. A waiter whose dial
+// attempt failed tries once more (dialling itself, or waiting for the
+// next dial) before it takes that error as its own: one dial that timed
+// out under load does not fail every stream that was waiting for it.
 func (p *Pool) get(ctx context.Context, req *Request) (*poolConn, error) {
+	waitedFailed := false
 	for {
 		select {
 		case <-p.stop:
@@ -300,10 +347,11 @@ func (p *Pool) get(ctx context.Context, req *Request) (*poolConn, error) {
 		default:
 		}
 		p.mu.Lock()
-		kc := p.keys[req.Key]
+		key := keyOf(req)
+		kc := p.keys[key]
 		if kc == nil {
 			kc = &keyConns{}
-			p.keys[req.Key] = kc
+			p.keys[key] = kc
 		}
 		now := time.Now()
 		usable := 0
@@ -323,7 +371,10 @@ func (p *Pool) get(ctx context.Context, req *Request) (*poolConn, error) {
 			select {
 			case <-a.done:
 				if a.err != nil {
-					return nil, a.err
+					if waitedFailed || ctx.Err() != nil {
+						return nil, a.err
+					}
+					waitedFailed = true
 				}
 				continue
 			case <-ctx.Done():
