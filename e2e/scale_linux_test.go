@@ -271,7 +271,7 @@ func runAgentScale(tb testing.TB, sc agentScale) scaleResult {
 	if res.synced, err = readProcMem(pid); err != nil {
 		tb.Fatal(err)
 	}
-	tb.Logf("agent ready %v after its start; after %v idle: %s; Go: %s", res.ready.Round(time.Millisecond), sc.settle, res.synced, goMemory(km.Mesh))
+	tb.Logf("agent ready %v after its start; after %v idle: %s; Go: %s", res.ready.Round(time.Millisecond), sc.settle, res.synced, scaleGoMemory(km.Mesh))
 	saveProfiles(tb, km.Mesh, profiles, "synced")
 
 	srvA := echo(tb, km.Mesh, "server-a", appPort)
@@ -327,7 +327,7 @@ func runAgentScale(tb testing.TB, sc agentScale) scaleResult {
 	res.cpu = 100 * (cpu1 - cpu0).Seconds() / elapsed.Seconds()
 	res.churnRate = float64(made.Load()) / elapsed.Seconds()
 	tb.Logf("churn phase, %v at %.1f pod changes a second: CPU %.1f%%, highest %s; at the end %s; Go: %s",
-		elapsed.Round(time.Second), res.churnRate, res.cpu, res.churnPeak, res.churnEnd, goMemory(km.Mesh))
+		elapsed.Round(time.Second), res.churnRate, res.cpu, res.churnPeak, res.churnEnd, scaleGoMemory(km.Mesh))
 	saveProfiles(tb, km.Mesh, profiles, "churn")
 	return res
 }
@@ -586,9 +586,9 @@ func saveProfile(tb testing.TB, m *meshtest.Mesh, file, query string) {
 	}
 }
 
-// goMemory describes the agent's Go memory from its metrics, to read
+// scaleGoMemory describes the agent's Go memory from its metrics, to read
 // beside the resident set.
-func goMemory(m *meshtest.Mesh) string {
+func scaleGoMemory(m *meshtest.Mesh) string {
 	ms, err := m.Metrics(context.Background(), scaleNode)
 	if err != nil {
 		return err.Error()
