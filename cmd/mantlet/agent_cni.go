@@ -26,8 +26,7 @@ type cniFlags struct {
 	binDir     string
 	confDir    string
 	plugin     string
-	exclude    listFlag
-	excludeSet bool
+	exclude    excludeFlag
 	timeout    time.Duration
 	daemonSet  string
 }
@@ -38,10 +37,7 @@ func addCNIFlags(fs *flag.FlagSet, c *cniFlags) {
 	fs.StringVar(&c.binDir, "cni-bin-dir", "", "the node's CNI bin folder, where the plugin binary is copied (with --cni-conf-dir)")
 	fs.StringVar(&c.confDir, "cni-conf-dir", "", "the node's CNI configuration folder: the plugin is chained last in its network (the first file, as the runtime reads them) and kept there; empty: configure the plugin by hand")
 	fs.StringVar(&c.plugin, "cni-plugin-binary", "", "the plugin binary to install (default: mantlet-cni beside this program)")
-	fs.Func("cni-exclude-namespace", "namespace whose pods start without the agent (repeat or comma-separate; default "+strings.Join(cni.DefaultExcludedNamespaces, ",")+")", func(s string) error {
-		c.excludeSet = true
-		return c.exclude.Set(s)
-	})
+	fs.Var(&c.exclude, "cni-exclude-namespace", "namespace whose pods start without the agent (repeat or comma-separate; default "+strings.Join(cni.DefaultExcludedNamespaces, ",")+")")
 	fs.DurationVar(&c.timeout, "cni-timeout", cni.DefaultTimeout*time.Second, "how long the plugin waits for the agent's answer before it fails the pod's sandbox (the runtime then tries again)")
 	fs.StringVar(&c.daemonSet, "cni-daemonset", "", "`namespace/name` of this agent's DaemonSet: when the agent stops and the DaemonSet is gone or being deleted (mantlet is uninstalled), the plugin is taken out of the network; otherwise (a restart, an upgrade) it stays, so that meshed pods wait for the next agent")
 }
@@ -72,8 +68,8 @@ func (c *cniFlags) config(rc *rest.Config) (*node.CNIConfig, error) {
 	if !c.on {
 		return nil, nil
 	}
-	exclude := []string(c.exclude)
-	if !c.excludeSet {
+	exclude := []string(c.exclude.list)
+	if !c.exclude.set {
 		exclude = cni.DefaultExcludedNamespaces
 	}
 	cfg := &node.CNIConfig{Socket: c.socket, BinDir: c.binDir, ConfDir: c.confDir, Binary: c.plugin,
@@ -119,4 +115,18 @@ func daemonSetGone(ctx context.Context, client k8s.Interface, ns, name string) (
 		return true, "DaemonSet " + ns + "/" + name + " is being deleted"
 	}
 	return false, "DaemonSet " + ns + "/" + name + " stays (a restart or an upgrade)"
+}
+
+// excludeFlag is a list flag that knows whether it was given (an empty
+// value then excludes no namespace).
+type excludeFlag struct {
+	list listFlag
+	set  bool
+}
+
+func (e *excludeFlag) String() string { return e.list.String() }
+
+func (e *excludeFlag) Set(s string) error {
+	e.set = true
+	return e.list.Set(s)
 }
