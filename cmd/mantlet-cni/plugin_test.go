@@ -5,8 +5,11 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"go/parser"
+	"go/token"
 	"net/netip"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -207,5 +210,33 @@ func TestVersion(t *testing.T) {
 	}
 	if err := json.Unmarshal([]byte(out), &v); code != 0 || err != nil || v.CNIVersion != "1.0.0" || strings.Join(v.SupportedVersions, ",") != "0.3.0,0.3.1,0.4.0,1.0.0" {
 		t.Errorf("VERSION: exit %d, %q", code, out)
+	}
+}
+
+// TestThePluginUsesTheStandardLibraryOnly keeps the plugin a small binary
+// that the runtime starts fast for every pod: it and package cni import
+// the standard library and each other, nothing else.
+func TestThePluginUsesTheStandardLibraryOnly(t *testing.T) {
+	for _, dir := range []string{".", "../../cni"} {
+		files, err := filepath.Glob(filepath.Join(dir, "*.go"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, f := range files {
+			if strings.HasSuffix(f, "_test.go") {
+				continue
+			}
+			pf, err := parser.ParseFile(token.NewFileSet(), f, nil, parser.ImportsOnly)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, imp := range pf.Imports {
+				p, _ := strconv.Unquote(imp.Path.Value)
+				first, _, _ := strings.Cut(p, "/")
+				if strings.Contains(first, ".") && p != "github.com/mantlet/mantlet/cni" {
+					t.Errorf("%s imports %s", f, p)
+				}
+			}
+		}
 	}
 }
