@@ -22,7 +22,6 @@ type fakeCluster struct {
 	meshed    map[string]bool // namespace → meshed
 	enrollOn  int             // the ifindex the agent enrolls; 0: never
 	passes    int
-	status    []agent.PodStatus
 	withdrawn []string
 }
 

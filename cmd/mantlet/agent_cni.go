@@ -21,14 +21,14 @@ import (
 // cniFlags are the flags of mantlet's CNI plugin (cmd/mantlet-cni):
 // Kubernetes mode only.
 type cniFlags struct {
-	on         bool
-	socket     string
-	binDir     string
-	confDir    string
-	plugin     string
-	exclude    excludeFlag
-	timeout    time.Duration
-	daemonSet  string
+	on        bool
+	socket    string
+	binDir    string
+	confDir   string
+	plugin    string
+	exclude   excludeFlag
+	timeout   time.Duration
+	daemonSet string
 }
 
 func addCNIFlags(fs *flag.FlagSet, c *cniFlags) {

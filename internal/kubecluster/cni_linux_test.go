@@ -54,6 +54,18 @@ func cniAnswers(t *testing.T, c *Cluster, node, pod string) []cniAnswer {
 	return out
 }
 
+// containerLog is what a pod's container wrote, from its node's pod log
+// folder (the runtime's prefix of each line kept).
+func containerLog(c *Cluster, p *corev1.Pod, container string) string {
+	files, _ := filepath.Glob(filepath.Join(c.Node(p.Spec.NodeName).Dir, "pod-logs", p.Namespace+"_"+p.Name+"_"+string(p.UID), container, "*.log"))
+	var b strings.Builder
+	for _, f := range files {
+		data, _ := os.ReadFile(f)
+		b.Write(data)
+	}
+	return strings.TrimSpace(b.String())
+}
+
 // TestNewPodsFirstConnectionIsNeverPlaintext: a client container that
 // connects the moment it starts, in a meshed namespace, with the agent
 // already running. Its sandbox is held by mantlet's CNI plugin until the
@@ -119,7 +131,7 @@ func TestNewPodsFirstConnectionIsNeverPlaintext(t *testing.T) {
 			// cluster timed out reading the echo's greeting); here it
 			// must not leave in clear.
 			failed++
-			t.Logf("round %d: the client did not complete its exchange: %s", round, podSummary(p))
+			t.Logf("round %d: the client did not complete its exchange: %s; it said: %s", round, podSummary(p), containerLog(c, p, "client"))
 		}
 		t.Logf("round %d: the agent enrolled %s/%s on veth %d and answered at %s; the container started at %s",
 			round, ns, name, a.Ifindex, a.Time.Format("15:04:05.000"), started.Format("15:04:05"))
@@ -226,8 +238,10 @@ func TestNewMeshedPodWaitsForTheAgent(t *testing.T) {
 	if err := restore(ctx); err != nil {
 		t.Fatal(err)
 	}
+	ready := time.Since(back)
 	p = waitPod(ctx, t, c, ns, "held", "Running and Meshed", func(p *corev1.Pod) bool { return podReady(p) && meshedCondition(p) })
-	t.Logf("the agents were back in %s, the held pod ran and was Meshed %s after they were asked back", time.Since(back).Round(time.Millisecond), time.Since(back).Round(time.Millisecond))
+	t.Logf("the agents were Ready %s after they were asked back; the held pod was Running and Meshed after %s (the kubelet retries a failed sandbox with a backoff)",
+		ready.Round(time.Millisecond), time.Since(back).Round(time.Millisecond))
 	answers := cniAnswers(t, c, node, ns+"/held")
 	var started time.Time
 	for _, s := range p.Status.ContainerStatuses {

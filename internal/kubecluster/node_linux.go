@@ -93,11 +93,11 @@ func (c *Cluster) startNode(ctx context.Context, n *Node, cni string, archives [
 		return fmt.Errorf("kubecluster: %w", err)
 	}
 	files := map[string][]byte{
-		"containerd.toml":         []byte(containerdConfig(n)),
+		"containerd.toml":             []byte(containerdConfig(n)),
 		"cni/10-kubecluster.conflist": cniConfig(n, cni),
-		"kubelet.yaml":            []byte(kubeletConfig(n, c.API.CAFile())),
-		"kube-proxy.yaml":         []byte(kubeProxyConfig(n)),
-		"kubeconfig":              kc,
+		"kubelet.yaml":                []byte(kubeletConfig(n, c.API.CAFile())),
+		"kube-proxy.yaml":             []byte(kubeProxyConfig(n)),
+		"kubeconfig":                  kc,
 	}
 	for name, b := range files {
 		if err := os.WriteFile(filepath.Join(n.Dir, name), b, 0o600); err != nil {
