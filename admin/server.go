@@ -277,7 +277,7 @@ func (s *Server) Status() Status {
 	if s.cfg.Bundles != nil {
 		for _, b := range s.cfg.Bundles() {
 			tb := TrustBundle{TrustDomain: b.TrustDomain.Name(), Roots: []BundleRoot{}, ChangedAt: b.ChangedAt, CheckedAt: b.CheckedAt,
-				Failures: b.Failures, LastError: b.LastError}
+				Failures: b.Failures, LastError: b.LastError, Federated: b.Federated, Source: b.Source, Reloads: b.Reloads}
 			for _, r := range b.Roots {
 				tb.Roots = append(tb.Roots, BundleRoot{Fingerprint: r.Fingerprint, Subject: r.Subject, NotAfter: r.NotAfter, Signing: r.Signing})
 			}

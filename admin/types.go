@@ -55,6 +55,12 @@ type Status struct {
 type TrustBundle struct {
 	TrustDomain string       `json:"trust_domain"`
 	Roots       []BundleRoot `json:"roots"`
+	// Federated is true for a foreign trust domain's bundle, read from
+	// the file Source (mantlet agent --federate); Reloads counts the
+	// changes read from it after the first.
+	Federated bool   `json:"federated,omitempty"`
+	Source    string `json:"source,omitempty"`
+	Reloads   uint64 `json:"reloads,omitempty"`
 	// ChangedAt is when the bundle last changed, CheckedAt when it was
 	// last read from its source.
 	ChangedAt time.Time `json:"changed_at,omitzero"`

@@ -55,6 +55,7 @@ func agentMetrics(t *testing.T) map[string]bool {
 	cs := append(o.Collectors(),
 		agent.NewCollector(nil, reloads{}, counters{}, func() map[string]uint64 { return nil }),
 		telemetry.NewCertificates(func() []identity.CertInfo { return nil }, nil),
+		telemetry.NewBundles(func() []identity.BundleInfo { return nil }),
 		telemetry.NewPoolCollector(pool{}), telemetry.BuildInfo(),
 		clusterca.Metrics(func() *ca.CA { return clusterCA }),
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))

@@ -22,6 +22,9 @@
 //   - TestAgentsFailClosedAndAdoptTheirPinsOnRestart (its comment says
 //     exactly what it proves);
 //   - TestAnnotatingANamespaceEnrollsItsPodsAtRuntime;
+//   - TestFederatedTrustDomains: two agents of two trust domains with two
+//     CAs, each federating the other's bundle; policies on foreign
+//     principals; a cross-domain forgery and a missing bundle refused;
 //   - TestSPIREIssuesTheSVIDsAndItsRotationsDropNothing and
 //     TestSPIREDownTheAgentsKeepServingTheirSVIDs: SPIRE as the CA (real
 //     SPIRE binaries from internal/spiretest, `make spire-binaries`).

@@ -712,9 +712,15 @@ func (m *Manager) Certificates() []CertInfo {
 
 func serialHex(c *x509.Certificate) string { return c.SerialNumber.Text(16) }
 
-// BundleInfo describes a trust bundle the Manager holds.
+// BundleInfo describes a trust bundle the Manager or a Federation holds.
 type BundleInfo struct {
 	TrustDomain spiffeid.TrustDomain
+	// Federated is true for a foreign trust domain's bundle, read from
+	// Source (its file).
+	Federated bool
+	Source    string
+	// Reloads counts the changes read from Source after the first.
+	Reloads uint64
 	// Roots are the bundle's authorities.
 	Roots []RootInfo
 	// ChangedAt is when the bundle last changed, CheckedAt when it was

@@ -38,6 +38,7 @@ import (
 	"github.com/mantlet/mantlet/policy/enforce"
 	"github.com/mantlet/mantlet/policy/v1alpha1"
 	"github.com/mantlet/mantlet/source"
+	"github.com/mantlet/mantlet/telemetry"
 	"github.com/mantlet/mantlet/ztunnel"
 )
 
@@ -49,6 +50,12 @@ type Config struct {
 	// Issuer signs the SVIDs of the node's pods; TrustDomain names them.
 	Issuer      identity.Issuer
 	TrustDomain spiffeid.TrustDomain
+	// Federation lists the bundles of foreign trust domains whose
+	// workloads the node's pods may talk to (none: one trust domain);
+	// FederationPoll is how often their files are checked for changes
+	// (default identity.DefaultFederationPoll).
+	Federation     []identity.FederatedBundle
+	FederationPoll time.Duration
 	// Source gives the desired state of the cluster.
 	Source source.Source
 	// DefaultMTLS is the mode of pods for which nothing else chooses one
@@ -134,6 +141,10 @@ func Run(ctx context.Context, cfg Config) error {
 	if c, ok := cfg.Source.(interface{ Close() }); ok {
 		undo.add(c.Close) // a source that holds informers
 	}
+	fed, err := identity.NewFederation(cfg.TrustDomain, cfg.Federation, log.With("component", "federation"))
+	if err != nil {
+		return err
+	}
 	first, err := cfg.Source.Initial(ctx)
 	if err != nil {
 		return err
@@ -141,6 +152,9 @@ func Run(ctx context.Context, cfg Config) error {
 	where := cfg.Source.Status().Where
 	nodeIPs, err := nodeAddrs(first.Snapshot, cfg.Node, where)
 	if err != nil {
+		return err
+	}
+	if err := checkTrustDomain(first.Snapshot, cfg.Node, cfg.TrustDomain); err != nil {
 		return err
 	}
 	if len(nodeIPs) == 0 {
@@ -256,7 +270,7 @@ func Run(ctx context.Context, cfg Config) error {
 	ids := identity.NewManager(cfg.Issuer, cfg.TrustDomain, log.With("component", "identity"), obsv.identityOptions(identity.ManagerOptions{TTL: cfg.SVIDTTL, ReissueSpread: cfg.SVIDReissueSpread}))
 	obsv.ids = ids
 	store := workload.NewStore()
-	zcfg.Store, zcfg.SVIDs, zcfg.Bundles = store, ids, ids
+	zcfg.Store, zcfg.SVIDs, zcfg.Bundles = store, ids, identity.TrustBundles(cfg.TrustDomain, ids, fed)
 	obsv.ztunnelHooks(&zcfg)
 	en.ztunnelHooks(&zcfg)
 	zcfg.Authorizer = en.az
@@ -322,6 +336,7 @@ func Run(ctx context.Context, cfg Config) error {
 				return out
 			}))
 		reg.MustRegister(obsv.collectors(proxy)...)
+		reg.MustRegister(telemetry.NewBundles(func() []identity.BundleInfo { return append(ids.Bundles(), fed.Bundles()...) }))
 		reg.MustRegister(newAdmissionCollector(proxy.Admission))
 		reg.MustRegister(enforce.NewCollector(en.az), events.NewCollector(en.ev, "mantlet_security_events_total",
 			"Security events, by result: written, suppressed (rate_limited, queue_full) or lost to a failed write (failed)."))
@@ -345,6 +360,7 @@ func Run(ctx context.Context, cfg Config) error {
 	g := newGroup(runCtx)
 	running = true
 	g.run("identity", func() error { return ids.Run(runCtx) })
+	g.run("federation", func() error { return fed.Run(runCtx, cfg.FederationPoll) })
 	g.run("data path watch", func() error { return dp.Watch(runCtx, cfg.WatchInterval) })
 	g.run("ztunnel", func() error { return proxy.Run(runCtx) })
 	g.run("memory release", func() error {
@@ -372,7 +388,7 @@ func Run(ctx context.Context, cfg Config) error {
 	})
 	obsv.run(runCtx, g, proxy, admin.Config{Node: cfg.Node, TrustDomain: cfg.TrustDomain, Snapshot: store.Load, Ready: ag.Ready,
 		Pods: ag.Pods, Datapath: dp, Source: cfg.Source.Status, Policy: en.eng, Policies: en.policies,
-		Certificates: ids.Certificates, Bundles: ids.Bundles, Logger: log.With("component", "admin")})
+		Certificates: ids.Certificates, Bundles: func() []identity.BundleInfo { return append(ids.Bundles(), fed.Bundles()...) }, Logger: log.With("component", "admin")})
 	for i, s := range servers {
 		g.run("http "+s.Addr, func() error {
 			if err := s.Serve(serverLns[i]); !errors.Is(err, http.ErrServerClosed) {
@@ -381,7 +397,7 @@ func Run(ctx context.Context, cfg Config) error {
 			return nil
 		})
 	}
-	log.Info("agent running", "node", cfg.Node, "trust_domain", cfg.TrustDomain.Name(), "source", where,
+	log.Info("agent running", "node", cfg.Node, "trust_domain", cfg.TrustDomain.Name(), "federated", fed.TrustDomains(), "source", where,
 		"pin_dir", bcfg.PinDir, "uplinks", uplinks, "outbound", zcfg.Outbound.Addr().String(), "hbone", zcfg.HBONE.Addr().String(),
 		"ready", cfg.ReadyAddr, "metrics", cfg.MetricsAddr, "admin", obsv.addrs(), "default_mtls", string(cfg.DefaultMTLS))
 
@@ -476,6 +492,19 @@ func (g *group) wait() error { return g.g.Wait() }
 // node. A name the state does not know at all (no Node object, no pod
 // scheduled there) is an error naming the nodes it has: a typo must fail
 // before anything is loaded into the kernel.
+// checkTrustDomain refuses to run an agent whose node the desired state
+// puts in another trust domain (mantlet.io/trust-domain): its pods would
+// be named in a domain whose SVIDs the agent cannot get.
+func checkTrustDomain(snap *workload.Snapshot, node string, td spiffeid.TrustDomain) error {
+	for _, n := range snap.Nodes() {
+		if n.Name == node && !n.TrustDomain.IsZero() && n.TrustDomain != td {
+			return fmt.Errorf("node: node %s is annotated mantlet.io/trust-domain: %s, but this agent's trust domain is %s (--trust-domain, or its CA's): run it with a CA of %s, or fix the annotation",
+				node, n.TrustDomain.Name(), td.Name(), n.TrustDomain.Name())
+		}
+	}
+	return nil
+}
+
 func nodeAddrs(snap *workload.Snapshot, node, where string) ([]netip.Addr, error) {
 	var (
 		ips   []netip.Addr

@@ -57,6 +57,7 @@ type node struct {
 type mesh struct {
 	t     testing.TB
 	ca    *ztest.CA
+	caB   *ztest.CA // node-b's, with meshOpts.federated
 	store *workload.Store
 	nodes map[string]*node
 	apps  map[netip.Addr]*app
@@ -72,6 +73,12 @@ type meshOpts struct {
 	svids     map[string]ztunnel.SVIDSource
 	plaintext bool         // give each node an inbound plaintext listener
 	logger    *slog.Logger // instead of testLogger
+	// federated puts node-a's workloads in trust domain a.test (CA ca)
+	// and node-b's in b.test (CA caB), each ztunnel trusting its own
+	// domain and, through a federated bundle file, the other's, unless
+	// its node is in unfederated.
+	federated   bool
+	unfederated map[string]bool
 }
 
 func newMesh(t testing.TB, o meshOpts) *mesh {
@@ -84,12 +91,18 @@ func newMesh(t testing.TB, o meshOpts) *mesh {
 		apps:  map[netip.Addr]*app{},
 		td:    spiffeid.RequireTrustDomainFromString("cluster.local"),
 	}
+	var tdOf map[string]spiffeid.TrustDomain // node → its workloads' trust domain
+	if o.federated {
+		m.ca, m.caB = ztest.NewCA(t, "a.test", ca.Options{}), ztest.NewCA(t, "b.test", ca.Options{})
+		m.td = m.ca.TrustDomain()
+		tdOf = map[string]spiffeid.TrustDomain{"node-a": m.ca.TrustDomain(), "node-b": m.caB.TrustDomain()}
+	}
 	for _, ip := range []netip.Addr{ipA1, ipA2, ipB1, ipB2, ipOutside, ipUnmesh} {
 		m.apps[ip] = startApp(t, ip)
 	}
 	wl := func(uid, name, sa, nodeName string, ip netip.Addr, enrolled bool) workload.Workload {
 		return workload.Workload{UID: uid, Name: name, Namespace: "shop", ServiceAccount: sa, Node: nodeName,
-			IPs: []netip.Addr{ip}, Enrolled: enrolled}
+			IPs: []netip.Addr{ip}, Enrolled: enrolled, TrustDomain: tdOf[nodeName]}
 	}
 	snap, err := workload.New(
 		[]workload.Node{{Name: "node-a", IP: netip.MustParseAddr("127.0.0.11")}, {Name: "node-b", IP: netip.MustParseAddr("127.0.0.12")}},
@@ -128,6 +141,17 @@ func (m *mesh) startNode(name string, o meshOpts) *node {
 	n.out = port(outLn)
 	n.hbone = port(hbLn)
 	var svids ztunnel.SVIDSource = m.ca
+	td, bundles := m.td, m.ca.Bundles()
+	if o.federated {
+		own, other := m.ca, m.caB
+		if name == "node-b" {
+			own, other = m.caB, m.ca
+		}
+		svids, td, bundles = own, own.TrustDomain(), own.Bundles()
+		if !o.unfederated[name] {
+			bundles = federate(t, own, other)
+		}
+	}
 	if s := o.svids[name]; s != nil {
 		svids = s
 	}
@@ -143,10 +167,10 @@ func (m *mesh) startNode(name string, o meshOpts) *node {
 	}
 	p, err := ztunnel.New(ztunnel.Config{
 		NodeName:    name,
-		TrustDomain: m.td,
+		TrustDomain: td,
 		Store:       m.store,
 		SVIDs:       svids,
-		Bundles:     m.ca.Bundles(),
+		Bundles:     bundles,
 		Authorizer:  o.authz[name],
 		Logger:      logger.With("node", name),
 		Outbound:    &origDstListener{Listener: outLn, orig: n.orig},

@@ -72,6 +72,8 @@ type agentFlags struct {
 	limits        node.LimitsConfig  // the ztunnel's accept path (agent_limits.go)
 	issuer        issuerFlags        // who signs the SVIDs (agent_issuer.go)
 	cni           cniFlags           // mantlet's CNI plugin (agent_cni.go)
+	federate      listFlag           // <trust-domain>=<bundle file>, repeatable
+	federatePoll  time.Duration
 }
 
 // listFlag is a flag that may be repeated or hold a comma-separated list.
@@ -122,6 +124,8 @@ func parseAgentFlags(e *env, args []string) (*agentFlags, error) {
 	fs.DurationVar(&f.resync, "resync", agent.DefaultResync, "how often every local pod is re-checked even without changes")
 	fs.DurationVar(&f.pollInterval, "config-poll", file.DefaultPoll, "how often the config file is re-checked besides change notifications")
 	fs.DurationVar(&f.watchInterval, "datapath-check", bpf.DefaultWatchInterval, "how often the data path's kernel state (programs, pins) is checked and repaired besides routing change notifications")
+	fs.Var(&f.federate, "federate", "trust a foreign trust domain: `trust-domain=file` of its bundle (PEM root certificates or a SPIFFE bundle); its workloads' certificates must chain to it, and it vouches for IDs of that domain only (repeat or comma-separate; see docs/identity.md)")
+	fs.DurationVar(&f.federatePoll, "federate-poll", identity.DefaultFederationPoll, "how often the --federate bundle files are checked for changes (re-read only when changed)")
 	fs.UintVar(&f.passMark, "pass-mark", bpf.DefaultPassMark, "fwmark bit set on enrolled pods' packets that leave uncaptured (the uplink guard drops those without it)")
 	addObserveFlags(fs, &f.observe)
 	addPolicyFlags(fs, &f.policy)
@@ -297,6 +301,14 @@ func (f *agentFlags) nodeConfig(ctx context.Context, log *slog.Logger) (node.Con
 	if err != nil {
 		return node.Config{}, err
 	}
+	var fed []identity.FederatedBundle
+	for _, v := range f.federate {
+		fb, err := identity.ParseFederatedBundle(v)
+		if err != nil {
+			return node.Config{}, fmt.Errorf("agent: --%w", err)
+		}
+		fed = append(fed, fb)
+	}
 	// Last: SPIRE's may wait for the SPIRE agent.
 	issuer, td, err := f.newIssuer(ctx, log)
 	if err != nil {
@@ -304,6 +316,7 @@ func (f *agentFlags) nodeConfig(ctx context.Context, log *slog.Logger) (node.Con
 	}
 	cfg := node.Config{
 		Node: f.node, Issuer: issuer, TrustDomain: td, DefaultMTLS: mode,
+		Federation: fed, FederationPoll: f.federatePoll,
 		Source:   src,
 		Datapath: bcfg, Uplinks: f.uplinks,
 		OutboundAddr: f.outboundAddr, HBONEAddr: f.hboneAddr,

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"flag"
 	"fmt"
 	"text/tabwriter"
 	"time"
@@ -10,16 +11,26 @@ import (
 )
 
 func init() {
-	register(command{name: "certs", summary: "list this node's workload certificates (identity, serial, expiry, renewal)", run: runCerts})
+	register(command{name: "certs", summary: "list this node's workload certificates (identity, serial, expiry, renewal), or with --bundles the trust bundles it verifies peers with", run: runCerts})
 }
 
 func runCerts(ctx context.Context, e *env, args []string) error {
 	var cf clientFlags
-	c, ctx, done, err := cf.connect(ctx, e, "certs", "[--admin ADDR | --node N] [-o table|json|yaml]", args, nil)
+	var bundles bool
+	c, ctx, done, err := cf.connect(ctx, e, "certs", "[--bundles] [--admin ADDR | --node N] [-o table|json|yaml]", args, func(fs *flag.FlagSet) {
+		fs.BoolVar(&bundles, "bundles", false, "list the trust bundles instead: the node's own trust domain's and the federated ones (--federate), with their roots, source file and reloads")
+	})
 	if err != nil {
 		return err
 	}
 	defer done()
+	if bundles {
+		st, err := c.Status(ctx)
+		if err != nil {
+			return explain(err)
+		}
+		return printBundles(e, cf.output, st.Bundles)
+	}
 	certs, err := c.Certs(ctx)
 	if err != nil {
 		return explain(err)
@@ -28,6 +39,39 @@ func runCerts(ctx context.Context, e *env, args []string) error {
 		row(tw, "IDENTITY", "SERIAL", "ROOT", "NOT AFTER", "EXPIRES IN", "STATUS")
 		for _, c := range certs {
 			row(tw, c.Identity, c.Serial, short(c.Root), notAfter(c), expiresIn(c), certState(c))
+		}
+	})
+}
+
+// printBundles prints trust bundles, one row per root.
+func printBundles(e *env, output string, bundles []admin.TrustBundle) error {
+	if bundles == nil {
+		bundles = []admin.TrustBundle{}
+	}
+	return printData(e.stdout, output, bundles, func(tw *tabwriter.Writer) {
+		row(tw, "TRUST DOMAIN", "SOURCE", "ROOT", "SUBJECT", "NOT AFTER", "CHANGED", "STATUS")
+		for _, b := range bundles {
+			src := "issuer"
+			if b.Federated {
+				src = b.Source
+			}
+			state := "ok"
+			if b.Federated && b.Reloads > 0 {
+				state = fmt.Sprintf("ok, %s", count(int(b.Reloads), "reload"))
+			}
+			if b.Failures > 0 {
+				state = fmt.Sprintf("%d failed reads (last good bundle in use): %s", b.Failures, b.LastError)
+			}
+			changed := ""
+			if !b.ChangedAt.IsZero() {
+				changed = b.ChangedAt.UTC().Format(time.RFC3339)
+			}
+			if len(b.Roots) == 0 {
+				row(tw, b.TrustDomain, src, "", "", "", changed, state)
+			}
+			for _, r := range b.Roots {
+				row(tw, b.TrustDomain, src, short(r.Fingerprint), r.Subject, r.NotAfter.UTC().Format(time.RFC3339), changed, state)
+			}
 		}
 	})
 }

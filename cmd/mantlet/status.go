@@ -98,8 +98,11 @@ func statusTable(tw *tabwriter.Writer, st *admin.Status) {
 			roots = append(roots, desc+")")
 		}
 		state := ""
+		if b.Federated {
+			state = fmt.Sprintf("; federated from %s, %s", b.Source, count(int(b.Reloads), "reload"))
+		}
 		if b.Failures > 0 {
-			state = fmt.Sprintf("; %d failed reads, last: %s", b.Failures, b.LastError)
+			state += fmt.Sprintf("; %d failed reads, last: %s", b.Failures, b.LastError)
 		}
 		fmt.Fprintf(tw, "Trust bundle:\t%s: %s: %s%s\n", b.TrustDomain, count(len(b.Roots), "root"), strings.Join(roots, ", "), state)
 	}

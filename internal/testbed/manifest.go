@@ -44,10 +44,14 @@ func (tb *Testbed) Manifest() []byte {
 		})
 	}
 
+	nodeAnnotations := map[string]map[string]string{}
+	for _, ns := range spec.Nodes {
+		nodeAnnotations[ns.Name] = ns.Annotations
+	}
 	for _, n := range tb.nodes {
 		objs = append(objs, &corev1.Node{
 			TypeMeta:   metav1.TypeMeta{APIVersion: "v1", Kind: "Node"},
-			ObjectMeta: metav1.ObjectMeta{Name: n.Name, UID: tb.uid("node", "", n.Name)},
+			ObjectMeta: metav1.ObjectMeta{Name: n.Name, UID: tb.uid("node", "", n.Name), Annotations: nodeAnnotations[n.Name]},
 			Spec:       corev1.NodeSpec{PodCIDR: n.PodCIDR.String(), PodCIDRs: []string{n.PodCIDR.String()}},
 			Status: corev1.NodeStatus{Addresses: []corev1.NodeAddress{
 				{Type: corev1.NodeInternalIP, Address: n.IP.String()},

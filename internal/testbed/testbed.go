@@ -56,6 +56,8 @@ type NodeSpec struct {
 	// Pods that run on the node, in order; pod k (from 1) gets
 	// 198.19.<node>.(10+k).
 	Pods []PodSpec `json:"pods,omitempty"`
+	// Annotations go to the node's metadata in the manifest.
+	Annotations map[string]string `json:"annotations,omitempty"`
 }
 
 // PodSpec describes one pod.
@@ -287,7 +289,7 @@ func (tb *Testbed) SetPodAnnotations(pod string, annotations map[string]string) 
 func cloneSpec(s Spec) Spec {
 	c := Spec{Nodes: make([]NodeSpec, len(s.Nodes)), Services: make([]ServiceSpec, len(s.Services)), ControlPlane: s.ControlPlane}
 	for i, n := range s.Nodes {
-		c.Nodes[i] = NodeSpec{Name: n.Name, Pods: make([]PodSpec, len(n.Pods))}
+		c.Nodes[i] = NodeSpec{Name: n.Name, Pods: make([]PodSpec, len(n.Pods)), Annotations: maps.Clone(n.Annotations)}
 		for j, p := range n.Pods {
 			p.Labels = maps.Clone(p.Labels)
 			p.Annotations = maps.Clone(p.Annotations)

@@ -40,14 +40,22 @@ type Workload struct {
 	// Enrolled is true when the pod is in the mesh: its namespace opted in
 	// and the pod did not opt out.
 	Enrolled bool
+	// TrustDomain, when set, is the trust domain of the pod's identity: a
+	// federated domain other than the reader's own (the pod or its node
+	// is annotated mantlet.io/trust-domain). Zero: the reader's own.
+	TrustDomain spiffeid.TrustDomain
 }
 
-// ID returns the workload's SPIFFE ID in trust domain td:
-// spiffe://<td>/ns/<namespace>/sa/<service account>.
+// ID returns the workload's SPIFFE ID:
+// spiffe://<trust domain>/ns/<namespace>/sa/<service account>, in the
+// workload's own TrustDomain when it has one, else in td (the reader's).
 func (w *Workload) ID(td spiffeid.TrustDomain) (spiffeid.ID, error) {
 	sa := w.ServiceAccount
 	if sa == "" {
 		sa = "default"
+	}
+	if !w.TrustDomain.IsZero() {
+		td = w.TrustDomain
 	}
 	id, err := identity.WorkloadID(td, w.Namespace, sa)
 	if err != nil {
@@ -87,6 +95,9 @@ type Node struct {
 	Name string
 	// IP is the node's address on the underlay (Kubernetes InternalIP).
 	IP netip.Addr
+	// TrustDomain, when set, is the trust domain of the node's pods (its
+	// mantlet.io/trust-domain annotation); zero: the reader's own.
+	TrustDomain spiffeid.TrustDomain
 }
 
 // Snapshot is an immutable view of the cluster. Build it with New; never

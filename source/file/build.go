@@ -6,6 +6,7 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/apimachinery/pkg/util/validation"
@@ -29,6 +30,21 @@ type owner struct{ loc Location }
 func (o owner) String() string {
 	s := o.loc.String()
 	return strings.TrimPrefix(s, o.loc.File+": ")
+}
+
+// trustDomain reads an object's AnnotationTrustDomain: zero when absent;
+// an invalid name is an error, reported against the annotation.
+func (p *parser) trustDomain(loc Location, annotations map[string]string) (spiffeid.TrustDomain, bool) {
+	v, ok := annotations[AnnotationTrustDomain]
+	if !ok {
+		return spiffeid.TrustDomain{}, true
+	}
+	td, err := spiffeid.TrustDomainFromString(v)
+	if err != nil || strings.Contains(v, "/") {
+		p.errorf(loc, annotationField(AnnotationTrustDomain), v, "want a trust domain name such as b.example (lower-case letters, digits, '.', '-', '_')")
+		return spiffeid.TrustDomain{}, false
+	}
+	return td, true
 }
 
 // build validates the decoded objects against each other and makes the
@@ -84,6 +100,7 @@ func (p *parser) build() *Manifest {
 
 	type nodeInfo struct {
 		ips []netip.Addr
+		td  spiffeid.TrustDomain
 	}
 	nodeIPs := map[string]nodeInfo{}
 	var nodes []workload.Node
@@ -93,6 +110,7 @@ func (p *parser) build() *Manifest {
 			continue
 		}
 		var info nodeInfo
+		info.td, _ = p.trustDomain(loc, n.Annotations)
 		for i, a := range n.Status.Addresses {
 			if a.Type != corev1.NodeInternalIP {
 				continue
@@ -109,7 +127,7 @@ func (p *parser) build() *Manifest {
 			continue
 		}
 		nodeIPs[n.Name] = info
-		nodes = append(nodes, workload.Node{Name: n.Name, IP: info.ips[0]})
+		nodes = append(nodes, workload.Node{Name: n.Name, IP: info.ips[0], TrustDomain: info.td})
 	}
 
 	var workloads []workload.Workload
@@ -125,6 +143,9 @@ func (p *parser) build() *Manifest {
 			n, ok := nodeIPs[node]
 			return n.ips, ok
 		})
+		if ok && w != nil && w.TrustDomain.IsZero() {
+			w.TrustDomain = nodeIPs[w.Node].td
+		}
 		if !ok || w == nil {
 			continue
 		}
@@ -266,6 +287,8 @@ func (p *parser) pod(loc Location, pod *corev1.Pod, namespaces map[string]namesp
 		p.errorf(loc, annotationField(AnnotationMesh), v, "want %q (opt this pod out) or %q", meshDisabled, meshEnabled)
 		ok = false
 	}
+	td, good := p.trustDomain(loc, pod.Annotations)
+	ok = ok && good
 	sa := pod.Spec.ServiceAccountName
 	saField := "spec.serviceAccountName"
 	if sa == "" {
@@ -358,6 +381,7 @@ func (p *parser) pod(loc Location, pod *corev1.Pod, namespaces map[string]namesp
 		Labels:         pod.Labels,
 		Node:           nodeName,
 		NodeIP:         nodeIP,
+		TrustDomain:    td,
 		IPs:            ips,
 		Enrolled:       enrolled,
 	}, true

@@ -30,6 +30,12 @@ const (
 	// AnnotationMTLS on a Namespace, "STRICT" or "PERMISSIVE", overrides the
 	// agent's default mTLS mode for the namespace's pods.
 	AnnotationMTLS = "mantlet.io/mtls"
+	// AnnotationTrustDomain on a Node (for all its pods) or a Pod names
+	// the trust domain of the pods' identities when it is not the
+	// agents' own: a federated domain whose bundle the agents are given
+	// (mantlet agent --federate). The pods' own agent must be of that
+	// domain.
+	AnnotationTrustDomain = "mantlet.io/trust-domain"
 
 	meshEnabled  = "enabled"
 	meshDisabled = "disabled"

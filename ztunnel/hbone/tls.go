@@ -55,7 +55,8 @@ func VerifyPeer(rawCerts [][]byte, bundles x509bundle.Source) (spiffeid.ID, erro
 		return spiffeid.ID{}, fmt.Errorf("%w: %w", ErrNotSVID, err)
 	}
 	if _, err := bundles.GetX509BundleForTrustDomain(id.TrustDomain()); err != nil {
-		return id, fmt.Errorf("%w: %s", ErrUntrustedDomain, id.TrustDomain())
+		return id, fmt.Errorf("%w: %s presents an ID of trust domain %s, for which this node holds no trust bundle (a foreign domain must be federated)",
+			ErrUntrustedDomain, id, id.TrustDomain().Name())
 	}
 	if _, _, err := x509svid.Verify(certs, bundles); err != nil {
 		var inv x509.CertificateInvalidError

@@ -5,11 +5,15 @@ package ztest
 
 import (
 	"context"
+	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/x509"
+	"encoding/pem"
 	"fmt"
+	"math/big"
+	"net/url"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -110,4 +114,48 @@ func (c *CA) ID(ns, sa string) spiffeid.ID {
 		panic(err)
 	}
 	return id
+}
+
+// MintAny signs a fresh key for id with the CA's root key, whatever id's
+// trust domain: a CA that overreaches, minting an identity of a domain it
+// does not own (the real CA refuses to).
+func (c *CA) MintAny(id spiffeid.ID, ttl time.Duration) (*x509svid.SVID, error) {
+	files, err := c.Files()
+	if err != nil {
+		return nil, err
+	}
+	block, _ := pem.Decode(files[ca.RootKeyFile])
+	if block == nil {
+		return nil, fmt.Errorf("ztest: no root key in the CA")
+	}
+	k, err := x509.ParsePKCS8PrivateKey(block.Bytes)
+	if err != nil {
+		return nil, err
+	}
+	signer, ok := k.(crypto.Signer)
+	if !ok {
+		return nil, fmt.Errorf("ztest: root key %T is no signer", k)
+	}
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, err
+	}
+	now := time.Now()
+	tmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(now.UnixNano()),
+		URIs:         []*url.URL{id.URL()},
+		NotBefore:    now.Add(-time.Minute),
+		NotAfter:     now.Add(ttl),
+		KeyUsage:     x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, c.Root(), &key.PublicKey, signer)
+	if err != nil {
+		return nil, err
+	}
+	cert, err := x509.ParseCertificate(der)
+	if err != nil {
+		return nil, err
+	}
+	return &x509svid.SVID{ID: id, Certificates: []*x509.Certificate{cert}, PrivateKey: key}, nil
 }

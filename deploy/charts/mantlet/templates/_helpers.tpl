@@ -57,3 +57,17 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- define "mantlet.caServerID" -}}
 {{- printf "spiffe://%s/ns/%s/sa/%s" (include "mantlet.trustDomain" .) .Release.Namespace (include "mantlet.ca" .) -}}
 {{- end -}}
+
+{{/* The federated trust domains, as a JSON list: the keys of federation.bundles, or federation.trustDomains of an existing ConfigMap. */}}
+{{- define "mantlet.federatedDomains" -}}
+{{- if .Values.federation.existingConfigMap -}}
+{{- .Values.federation.trustDomains | default list | toJson -}}
+{{- else -}}
+{{- keys (.Values.federation.bundles | default dict) | sortAlpha | toJson -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The ConfigMap of the federated bundles. */}}
+{{- define "mantlet.federationConfigMap" -}}
+{{- .Values.federation.existingConfigMap | default (printf "%s-federation" .Release.Name | trunc 63 | trimSuffix "-") -}}
+{{- end -}}
