@@ -38,6 +38,16 @@ type CNIConfig struct {
 	Uninstall func(ctx context.Context) (bool, string)
 }
 
+// addTimeout bounds the agent's wait for a pod: a little less than the
+// plugin waits, so that the plugin gets the agent's reason.
+func (c *CNIConfig) addTimeout() time.Duration {
+	t := time.Duration(c.Plugin.TimeoutSeconds) * time.Second
+	if t <= 0 {
+		t = cni.DefaultTimeout * time.Second
+	}
+	return max(t*5/6, t-5*time.Second)
+}
+
 // podAnnouncer is a source that takes pods' addresses from the CNI plugin
 // before their status has them (source/kubernetes does).
 type podAnnouncer interface {

@@ -102,3 +102,15 @@ func TestTheCNIAnswerRefusesPodsWithoutIPv4(t *testing.T) {
 		t.Errorf("Del: %v, withdrawn %v", err, f.withdrawn)
 	}
 }
+
+func TestTheAgentGivesUpBeforeThePlugin(t *testing.T) {
+	for _, tc := range []struct {
+		seconds int
+		want    time.Duration
+	}{{0, 25 * time.Second}, {30, 25 * time.Second}, {10, 8333333333}, {120, 115 * time.Second}} {
+		c := &CNIConfig{Plugin: cni.PluginConfig{TimeoutSeconds: tc.seconds}}
+		if got := c.addTimeout(); got != tc.want {
+			t.Errorf("plugin timeout %ds: the agent waits %v, want %v", tc.seconds, got, tc.want)
+		}
+	}
+}

@@ -371,7 +371,7 @@ func Run(ctx context.Context, cfg Config) error {
 	g.run("source", func() error { return cfg.Source.Run(runCtx, publish) })
 	if cniLn != nil {
 		g.run("cni", func() error {
-			return cni.Serve(runCtx, cniLn, cniEnroll, cni.ServerOptions{Logger: log.With("component", "cni")})
+			return cni.Serve(runCtx, cniLn, cniEnroll, cni.ServerOptions{AddTimeout: cfg.CNI.addTimeout(), Logger: log.With("component", "cni")})
 		})
 		if cfg.CNI.ConfDir != "" {
 			g.run("cni install", func() error { return runCNIInstall(runCtx, *cfg.CNI, log.With("component", "cni")) })
