@@ -136,6 +136,7 @@ type Agent struct {
 	applied  atomic.Bool // a state has been reconciled once
 	draining atomic.Bool
 	status   atomic.Pointer[[]PodStatus]
+	changed  chan struct{} // a value when Pods reports something new (coalesced)
 	// plainClosed counts connections ended by Config.Plaintext.
 	plainClosed atomic.Uint64
 
@@ -193,6 +194,7 @@ func New(cfg Config) (*Agent, error) {
 		cfg:      cfg,
 		log:      log,
 		wake:     make(chan struct{}, 1),
+		changed:  make(chan struct{}, 1),
 		pods:     map[string]*podState{},
 		removing: map[int]*podState{},
 		ids:      map[spiffeid.ID]bool{},
@@ -588,6 +590,9 @@ func sortedKeys[V any](m map[string]V) []string {
 type PodStatus struct {
 	// Pod is namespace/name.
 	Pod string
+	// UID is the workload's UID (a pod's Kubernetes UID): a pod deleted
+	// and created again under its name is another pod.
+	UID string
 	// IP is the pod's first IPv4 address.
 	IP netip.Addr
 	// Ifindex is the enrolled veth, 0 when not enrolled (yet).
@@ -612,15 +617,26 @@ func (a *Agent) Pods() []PodStatus {
 func (a *Agent) publish() {
 	out := make([]PodStatus, 0, len(a.pods))
 	for _, st := range a.pods {
-		ps := PodStatus{Pod: st.name, Ifindex: st.ifindex, Strict: st.strict, Err: st.lastErr}
+		ps := PodStatus{Pod: st.name, UID: st.uid, Ifindex: st.ifindex, Strict: st.strict, Err: st.lastErr}
 		if len(st.ips) > 0 {
 			ps.IP = st.ips[0]
 		}
 		out = append(out, ps)
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Pod < out[j].Pod })
-	a.status.Store(&out)
+	prev := a.status.Swap(&out)
+	if prev == nil || !slices.Equal(*prev, out) {
+		select {
+		case a.changed <- struct{}{}:
+		default:
+		}
+	}
 }
+
+// Changed receives a value after a reconcile pass that changed what Pods
+// reports (values are coalesced: one waits for any number of changes), so
+// that the pods' state can be told to the cluster without polling.
+func (a *Agent) Changed() <-chan struct{} { return a.changed }
 
 // Ready reports whether the node can carry captured traffic: a state has
 // been applied, the data path's programs are attached and the ztunnel's

@@ -620,3 +620,40 @@ func TestReadinessDoesNotWaitForAReconcilePass(t *testing.T) {
 		return ok && reason == "ready: 1 local pods enrolled, 0 pending, 1 veths attached"
 	})
 }
+
+// TestAgentSignalsAChangeOfItsPods: a pass that enrolls or un-enrolls a
+// pod signals Changed (the Meshed condition is written then, not at the
+// next period); a pass that changes nothing does not.
+func TestAgentSignalsAChangeOfItsPods(t *testing.T) {
+	dp := newFakeDatapath()
+	a, err := New(Config{Node: "node-1", Datapath: dp, Links: &fakeLinks{veths: map[netip.Addr]int{netip.MustParseAddr("198.19.1.1"): 101}},
+		Store: workload.NewStore()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	changed := func() bool {
+		select {
+		case <-a.Changed():
+			return true
+		default:
+			return false
+		}
+	}
+	steps := []struct {
+		what string
+		pods []pod
+		want bool
+	}{
+		{"a pod enrolled", []pod{{"shop/a", "node-1", "198.19.1.1", "", true}}, true},
+		{"the same state again", []pod{{"shop/a", "node-1", "198.19.1.1", "", true}}, false},
+		{"the pod gone", nil, true},
+		{"still gone", nil, false},
+	}
+	for _, s := range steps {
+		a.Apply(state(t, nil, s.pods...))
+		a.reconcile(t.Context(), time.Now())
+		if got := changed(); got != s.want {
+			t.Errorf("%s: Changed signalled %v, want %v (pods %v)", s.what, got, s.want, a.Pods())
+		}
+	}
+}

@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"os/exec"
 	"slices"
 	"strings"
 	"syscall"
@@ -784,5 +785,43 @@ func TestTimeWaitReuse(t *testing.T) {
 	// the TIME_WAIT socket, and all three reached the listener.
 	if c := tb.counters(t); c.Redirected-before.Redirected != 1 || c.LookupOutbound-before.LookupOutbound != 3 {
 		t.Errorf("counters changed by %q, want redirected+1 lookup_outbound+3", c.diff(before))
+	}
+}
+
+// TestOutboundCaptureOfADNATedService: kube-proxy's DNAT of a Service's
+// virtual IP happens after tc, so the ztunnel's socket is keyed by the
+// endpoint while the pod's later packets still name the virtual IP. The
+// whole flow reaches the ztunnel (the handshake completes, data goes both
+// ways) and nothing reaches the endpoint past it.
+func TestOutboundCaptureOfADNATedService(t *testing.T) {
+	tb := newTestbed(t, false)
+	iptables(t, tb.node, "-t", "nat", "-A", "PREROUTING", "-d", "198.18.130.1/32", "-p", "tcp", "--dport", "80",
+		"-j", "DNAT", "--to-destination", "198.51.100.7:8080")
+	real := listenIn(t, tb.remote, "198.51.100.7:8080")
+	before := tb.counters(t)
+
+	client, err := dialFrom(t, tb.pod, net.Dialer{}, netip.MustParseAddrPort("198.18.130.1:80"))
+	if err != nil {
+		t.Fatalf("pod dial: %v", err)
+	}
+	server := accept(t, tb.outbound)
+	if got, want := addrPort(server.LocalAddr()), ap(realDst, 8080); got != want {
+		t.Errorf("accepted socket's LocalAddr = %s, want the endpoint %s", got, want)
+	}
+	exchange(t, client, server)
+	nothingAccepted(t, real)
+	if c := tb.counters(t); c.Assigned == before.Assigned {
+		t.Errorf("counters changed by %q, want the flow's later packets assigned to the accepted socket", c.diff(before))
+	}
+}
+
+// iptables runs iptables in ns (a namespace of the test: its rules go
+// with it).
+func iptables(t *testing.T, ns netns.NsHandle, args ...string) {
+	t.Helper()
+	path := fmt.Sprintf("/proc/%d/fd/%d", os.Getpid(), int(ns))
+	out, err := exec.Command("nsenter", append([]string{"--net=" + path, "--", "iptables"}, args...)...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("iptables %s: %v: %s", strings.Join(args, " "), err, out)
 	}
 }

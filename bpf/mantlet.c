@@ -269,6 +269,109 @@ static __always_inline enum owner assign_owner(struct __sk_buff *skb, const stru
 	return OWNER_ASSIGNED;
 }
 
+/* Connection tracking, for flows whose destination netfilter rewrites
+ * after tc (kube-proxy's DNAT of a Service's virtual IP to an endpoint):
+ * the ztunnel's socket of such a flow is keyed by the endpoint, while the
+ * pod's later packets still name the virtual IP when tc sees them. The
+ * kfunc is weak: without connection tracking in the kernel nothing is
+ * rewritten either, and the lookup is skipped. Only the fields read are
+ * declared; CO-RE finds them in the kernel's struct nf_conn. */
+/* struct bpf_ct_opts as Linux 6.0 defines it (12 bytes; later kernels
+ * accept this size too). */
+struct bpf_ct_opts {
+	__s32 netns_id;
+	__s32 error;
+	__u8 l4proto;
+	__u8 dir;
+	__u8 reserved[2];
+};
+
+/* As libbpf 1.2's bpf_ksym_exists (Debian's libbpf is older). */
+#define ksym_exists(sym)                                                                       \
+	({                                                                                     \
+		_Static_assert(!__builtin_constant_p(!!sym), #sym " should be marked as __weak"); \
+		!!sym;                                                                         \
+	})
+
+union nf_inet_addr___m {
+	__u32 all[4];
+	__be32 ip;
+} __attribute__((preserve_access_index));
+
+union nf_conntrack_man_proto___m {
+	__be16 all;
+	struct {
+		__be16 port;
+	} tcp;
+} __attribute__((preserve_access_index));
+
+struct nf_conntrack_man___m {
+	union nf_inet_addr___m u3;
+	union nf_conntrack_man_proto___m u;
+} __attribute__((preserve_access_index));
+
+struct nf_conntrack_tuple___m {
+	struct nf_conntrack_man___m src;
+} __attribute__((preserve_access_index));
+
+struct nf_conntrack_tuple_hash___m {
+	struct nf_conntrack_tuple___m tuple;
+} __attribute__((preserve_access_index));
+
+struct nf_conn___m {
+	struct nf_conntrack_tuple_hash___m tuplehash[2];
+} __attribute__((preserve_access_index));
+
+extern struct nf_conn___m *bpf_skb_ct_lookup(struct __sk_buff *skb, struct bpf_sock_tuple *tuple, __u32 tuple__sz,
+					     struct bpf_ct_opts *opts, __u32 opts__sz) __ksym __weak;
+extern void bpf_ct_release(struct nf_conn___m *ct) __ksym __weak;
+
+#define CT_DIR_REPLY 1
+
+/* nat_dest rewrites p's destination to where connection tracking sends
+ * the flow (the reply direction's source) and returns 1 if that differs
+ * from the destination the packet names; 0 without a tracked flow or a
+ * rewrite. */
+static __always_inline int nat_dest(struct __sk_buff *skb, struct pkt *p)
+{
+	struct bpf_ct_opts opts = { .netns_id = -1, .l4proto = IPPROTO_TCP };
+	struct bpf_sock_tuple t = {};
+	struct nf_conn___m *ct;
+	__u32 daddr;
+	__u16 dport;
+
+	if (!ksym_exists(bpf_skb_ct_lookup))
+		return 0;
+	t.ipv4.saddr = p->saddr;
+	t.ipv4.daddr = p->daddr;
+	t.ipv4.sport = p->sport;
+	t.ipv4.dport = p->dport;
+	ct = bpf_skb_ct_lookup(skb, &t, sizeof(t.ipv4), &opts, sizeof(opts));
+	if (!ct)
+		return 0;
+	daddr = ct->tuplehash[CT_DIR_REPLY].tuple.src.u3.ip;
+	dport = ct->tuplehash[CT_DIR_REPLY].tuple.src.u.tcp.port;
+	bpf_ct_release(ct);
+	if (daddr == p->daddr && dport == p->dport)
+		return 0;
+	p->daddr = daddr;
+	p->dport = dport;
+	return 1;
+}
+
+/* assign_nat_owner is assign_owner for a later packet of a flow whose
+ * destination connection tracking rewrites: the socket that owns the
+ * flow is looked up by the rewritten destination. */
+static __always_inline enum owner assign_nat_owner(struct __sk_buff *skb, const struct pkt *p,
+						   const struct settings *cfg)
+{
+	struct pkt q = *p;
+
+	if (!nat_dest(skb, &q))
+		return OWNER_NONE;
+	return assign_owner(skb, &q, cfg);
+}
+
 /* steer hands a new connection (a SYN nobody owns) to the ztunnel's
  * listener in slot, from tc: the listener must be there and policy
  * routing must deliver the packet locally, or it is dropped and counted.
@@ -340,8 +443,19 @@ int pod_ingress(struct __sk_buff *skb)
 	default:
 		break;
 	}
-	if (!p.syn)
+	if (!p.syn) {
+		/* A flow to a Service's virtual IP that the ztunnel accepted
+		 * after kube-proxy's DNAT. */
+		switch (assign_nat_owner(skb, &p, cfg)) {
+		case OWNER_ASSIGNED:
+			return TC_ACT_UNSPEC;
+		case OWNER_DROP:
+			return TC_ACT_SHOT;
+		default:
+			break;
+		}
 		return pass(skb, cfg);
+	}
 	if (excluded(p.daddr, bpf_ntohs(p.dport))) {
 		COUNT(excluded);
 		return pass(skb, cfg);

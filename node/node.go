@@ -379,7 +379,7 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	if rep, ok := cfg.Source.(source.Reporter); ok {
 		g.run("report", func() error {
-			return rep.Report(runCtx, cfg.Node, func() []source.PodReport { return podReports(ag.Pods()) })
+			return rep.Report(runCtx, cfg.Node, func() []source.PodReport { return podReports(ag.Pods()) }, ag.Changed())
 		})
 	}
 	g.run("security events", func() error {
@@ -448,7 +448,7 @@ func podReports(pods []agent.PodStatus) []source.PodReport {
 	out := make([]source.PodReport, 0, len(pods))
 	for _, p := range pods {
 		ns, name, _ := strings.Cut(p.Pod, "/")
-		out = append(out, source.PodReport{Namespace: ns, Name: name, Enrolled: p.Ifindex != 0 && p.Err == "", Strict: p.Strict, Err: p.Err})
+		out = append(out, source.PodReport{Namespace: ns, Name: name, UID: p.UID, Enrolled: p.Ifindex != 0 && p.Err == "", Strict: p.Strict, Err: p.Err})
 	}
 	return out
 }

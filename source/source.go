@@ -54,6 +54,9 @@ type Status struct {
 // tells the cluster (Reporter).
 type PodReport struct {
 	Namespace, Name string
+	// UID is the pod's UID: the report is about that pod only, not
+	// another one created under the same name meanwhile.
+	UID string
 	// Enrolled: the pod's traffic is captured; Strict: in STRICT mode.
 	Enrolled, Strict bool
 	// Err says why a pod that should be enrolled is not (yet).
@@ -64,7 +67,9 @@ type PodReport struct {
 // of it: whether each policy is in force, whether each pod is meshed.
 type Reporter interface {
 	// Report writes back until ctx ends; pods lists the node's own pods.
-	Report(ctx context.Context, node string, pods func() []PodReport) error
+	// A value on changed (nil: never) says that what pods returns has
+	// changed: the pods are written back then, not only periodically.
+	Report(ctx context.Context, node string, pods func() []PodReport, changed <-chan struct{}) error
 }
 
 // Source is where the desired state comes from.

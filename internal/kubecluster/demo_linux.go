@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"strconv"
 	"strings"
 	"time"
@@ -70,6 +71,7 @@ func (c *Cluster) Demo(ctx context.Context, w io.Writer) error {
 	marker := "MANTLET-DEMO-" + hex.EncodeToString(b[:])
 	podAddr := net.JoinHostPort(echo.Status.PodIP, strconv.Itoa(echoPort))
 	vip := net.JoinHostPort(svc.Spec.ClusterIP, "80")
+	conns := HBONEConns{} // the second target's flow may ride the first's connection
 	for _, target := range []struct{ what, addr string }{{"pod IP", podAddr}, {"ClusterIP Service", vip}} {
 		cctx, cancel := context.WithCancel(ctx)
 		cp, err := c.Testbed.Capture(cctx)
@@ -98,16 +100,12 @@ func (c *Cluster) Demo(ctx context.Context, w io.Writer) error {
 		if testbed.Contains(pkts, []byte(marker)) {
 			return fmt.Errorf("demo: the message crossed the underlay in clear (by %s)", target.what)
 		}
-		hbone := 0
-		for _, s := range testbed.Streams(pkts) {
-			if s.Src.Addr().String() == client.Status.PodIP && s.Dst.Addr().String() == echo.Status.PodIP && s.Dst.Port() == 15008 {
-				if h, err := testbed.ParseTLSHello(s.Data); err == nil && h.Version() == 0x0304 {
-					hbone++
-				}
-			}
+		hbone, err := conns.Check(pkts, netip.MustParseAddr(client.Status.PodIP), netip.MustParseAddr(echo.Status.PodIP))
+		if err != nil {
+			return fmt.Errorf("demo: on the underlay, by %s: %w", target.what, err)
 		}
 		if hbone == 0 {
-			return fmt.Errorf("demo: no TLS 1.3 connection to %s:15008 on the underlay (by %s)", echo.Status.PodIP, target.what)
+			return fmt.Errorf("demo: no HBONE connection to %s:15008 carried the flow on the underlay (by %s)", echo.Status.PodIP, target.what)
 		}
 		ok("client to echo by %s %s: %q; on the wire only TLS 1.3 to %s:15008, the message never in clear", target.what, target.addr, greeting, echo.Status.PodIP)
 	}

@@ -12,6 +12,9 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/watch"
+	"k8s.io/utils/ptr"
 
 	"github.com/mantlet/mantlet/internal/testbed"
 )
@@ -24,6 +27,83 @@ func meshedNamespace(ctx context.Context, t *testing.T, c *Cluster, ns string) s
 	createPod(ctx, t, c, echoPod(ns, "echo", c.Nodes[1].Name))
 	echo := waitPod(ctx, t, c, ns, "echo", "Ready and Meshed", func(p *corev1.Pod) bool { return podReady(p) && meshedCondition(p) })
 	return net.JoinHostPort(echo.Status.PodIP, strconv.Itoa(echoPort))
+}
+
+// TestRecreatedPodIsReenrolledWithinASecond: a meshed pod deleted and
+// created again (a new sandbox, veth and address) is enrolled again, its
+// Meshed condition True, within a second of the kubelet reporting its new
+// address, and its connections are meshed.
+func TestRecreatedPodIsReenrolledWithinASecond(t *testing.T) {
+	c := meshed(t)
+	ctx, cancel := context.WithTimeout(t.Context(), 3*time.Minute)
+	defer cancel()
+	const ns = "lifecycle"
+	echoAddr := meshedNamespace(ctx, t, c, ns)
+	pods := c.Admin().CoreV1().Pods(ns)
+	var worst time.Duration
+	prevIP := ""
+	for round := range 3 {
+		w, err := pods.Watch(ctx, metav1.ListOptions{FieldSelector: "metadata.name=client"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		createPod(ctx, t, c, idlePod(ns, "client", c.Nodes[0].Name))
+		var addressed, enrolled time.Time
+		var pod *corev1.Pod
+		for enrolled.IsZero() {
+			select {
+			case ev, ok := <-w.ResultChan():
+				if !ok {
+					t.Fatal("the watch ended")
+				}
+				if ev.Type != watch.Added && ev.Type != watch.Modified {
+					continue
+				}
+				pod = ev.Object.(*corev1.Pod)
+				now := time.Now()
+				if addressed.IsZero() && pod.Status.PodIP != "" {
+					addressed = now
+				}
+				if meshedCondition(pod) {
+					enrolled = now
+				}
+			case <-ctx.Done():
+				t.Fatalf("round %d: the client pod was never Meshed: %v", round, ctx.Err())
+			}
+		}
+		w.Stop()
+		took := enrolled.Sub(addressed)
+		t.Logf("round %d: pod IP %s (before: %q), Meshed %s after the kubelet reported its address", round, pod.Status.PodIP, prevIP, took.Round(time.Millisecond))
+		worst = max(worst, took)
+		prevIP = pod.Status.PodIP
+		marker := newMarker(t)
+		stop := capture(t, c)
+		if _, err := talk(ctx, c, pod, echoAddr, marker); err != nil {
+			t.Fatalf("round %d: %v", round, err)
+		}
+		if testbed.Contains(stop(), []byte(marker)) {
+			t.Errorf("round %d: the re-created pod's marker crossed in clear", round)
+		}
+		if err := pods.Delete(ctx, "client", metav1.DeleteOptions{GracePeriodSeconds: ptr.To[int64](0)}); err != nil {
+			t.Fatal(err)
+		}
+		waitGone(ctx, t, c, ns, "client")
+	}
+	if worst > time.Second {
+		t.Errorf("re-enrolment took up to %s, want at most 1s", worst)
+	}
+}
+
+// waitGone waits until a pod is deleted from the API.
+func waitGone(ctx context.Context, t *testing.T, c *Cluster, ns, name string) {
+	t.Helper()
+	for ctx.Err() == nil {
+		if _, err := c.Admin().CoreV1().Pods(ns).Get(ctx, name, metav1.GetOptions{}); err != nil {
+			return
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Fatalf("pod %s/%s never went away", ns, name)
 }
 
 // TestRolloutRestartUnderTraffic: 'kubectl rollout restart' of the agent

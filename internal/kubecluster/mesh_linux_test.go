@@ -6,6 +6,8 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"net"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"slices"
@@ -16,9 +18,13 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/client-go/dynamic"
 
 	"github.com/mantlet/mantlet/internal/testbed"
+	mkube "github.com/mantlet/mantlet/source/kubernetes"
 )
 
 // The agent's capabilities, as the chart declares them (values privileged
@@ -265,4 +271,167 @@ func capField(t *testing.T, status, field string) uint64 {
 	}
 	t.Fatalf("no %s in /proc/<pid>/status", field)
 	return 0
+}
+
+// TestAnnotatedNamespaceIsMeshedOnRealNodes: annotating a namespace meshes
+// the pods that a real CNI wired: a client pod on node 1 reaches an echo
+// pod on node 2 by pod IP and by ClusterIP Service, the echo sees the
+// client's pod IP, and on the underlay only TLS 1.3 to the echo pod's port
+// 15008 crosses between them, the marker never in clear (the capture first
+// proves it sees the marker when the namespace is not meshed). The pods
+// get the Meshed condition. A MeshPolicy applied through the API denies,
+// and allows, as the policy model says.
+func TestAnnotatedNamespaceIsMeshedOnRealNodes(t *testing.T) {
+	c := meshed(t)
+	ctx, cancel := context.WithTimeout(t.Context(), 4*time.Minute)
+	defer cancel()
+	n1, n2 := c.Nodes[0], c.Nodes[1]
+	const ns = "shop"
+	createNamespace(ctx, t, c, ns, nil)
+	for _, sa := range []string{"client", "echo"} {
+		if _, err := c.Admin().CoreV1().ServiceAccounts(ns).Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: sa}}, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	ep := echoPod(ns, "echo", n2.Name)
+	ep.Spec.ServiceAccountName = "echo"
+	cp := idlePod(ns, "client", n1.Name)
+	cp.Spec.ServiceAccountName = "client"
+	createPod(ctx, t, c, ep)
+	createPod(ctx, t, c, cp)
+	echo := waitRunning(ctx, t, c, ns, "echo")
+	client := waitPod(ctx, t, c, ns, "client", "Running", func(p *corev1.Pod) bool { return p.Status.Phase == corev1.PodRunning && p.Status.PodIP != "" })
+	svc, err := c.Admin().CoreV1().Services(ns).Create(ctx, &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "echo"},
+		Spec: corev1.ServiceSpec{Selector: map[string]string{"app": "echo"},
+			Ports: []corev1.ServicePort{{Port: 80, TargetPort: intstr.FromInt32(echoPort)}}},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	podAddr := net.JoinHostPort(echo.Status.PodIP, strconv.Itoa(echoPort))
+	vip := net.JoinHostPort(svc.Spec.ClusterIP, "80")
+	waitServiceProgrammed(ctx, t, c, n1, svc.Spec.ClusterIP)
+
+	// Not meshed yet: the capture sees the marker in clear.
+	marker := newMarker(t)
+	stop := capture(t, c)
+	if _, err := talk(ctx, c, client, podAddr, marker); err != nil {
+		t.Fatalf("unmeshed: %v", err)
+	}
+	if pkts := stop(); !testbed.Contains(pkts, []byte(marker)) {
+		t.Fatal("the capture did not see an unmeshed marker in clear: it would prove nothing")
+	}
+
+	setNamespaceAnnotations(ctx, t, c, ns, map[string]string{"mantlet.io/mesh": "enabled"})
+	for _, name := range []string{"client", "echo"} {
+		waitPod(ctx, t, c, ns, name, "Meshed", meshedCondition)
+	}
+	clientIP := netip.MustParseAddr(client.Status.PodIP)
+	conns := HBONEConns{} // the flow to the Service may ride the connection opened for the first
+	for _, target := range []string{podAddr, vip} {
+		marker := newMarker(t)
+		stop := capture(t, c)
+		greeting, err := talk(ctx, c, client, target, marker)
+		if err != nil {
+			t.Fatalf("meshed, to %s: %v", target, err)
+		}
+		pkts := stop()
+		if want := "hello from echo to " + client.Status.PodIP + ":"; !strings.HasPrefix(greeting, want) {
+			t.Errorf("to %s: greeting %q, want %q... (the echo sees the client's pod IP)", target, greeting, want)
+		}
+		if testbed.Contains(pkts, []byte(marker)) {
+			t.Errorf("to %s: the marker crossed the underlay in clear", target)
+		}
+		checkOnlyHBONE(t, pkts, conns, clientIP, netip.MustParseAddr(echo.Status.PodIP), target)
+	}
+
+	// Policy through the API: a DENY on the port, then an ALLOW for
+	// another identity only, then one for the client's.
+	dyn, err := dynamic.NewForConfig(c.API.AdminConfig())
+	if err != nil {
+		t.Fatal(err)
+	}
+	mp := dyn.Resource(mkube.MeshPolicies).Namespace(ns)
+	apply := func(name string, spec map[string]any) {
+		t.Helper()
+		u := &unstructured.Unstructured{Object: map[string]any{"apiVersion": "mantlet.io/v1alpha1", "kind": "MeshPolicy",
+			"metadata": map[string]any{"namespace": ns, "name": name}, "spec": spec}}
+		if _, err := mp.Create(ctx, u, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	remove := func(name string) {
+		t.Helper()
+		if err := mp.Delete(ctx, name, metav1.DeleteOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	principal := func(sa string) string { return "spiffe://cluster.local/ns/" + ns + "/sa/" + sa }
+	steps := []struct {
+		what    string
+		do      func()
+		allowed bool
+	}{
+		{"DENY on the echo's port", func() {
+			apply("deny-echo", map[string]any{"action": "DENY", "rules": []any{map[string]any{"to": map[string]any{"ports": []any{strconv.Itoa(echoPort)}}}}})
+		}, false},
+		{"the DENY removed", func() { remove("deny-echo") }, true},
+		{"ALLOW for another identity only", func() {
+			apply("allow-other", map[string]any{"selector": map[string]any{"matchLabels": map[string]any{"app": "echo"}}, "action": "ALLOW",
+				"rules": []any{map[string]any{"from": []any{map[string]any{"principals": []any{principal("someone-else")}}}}}})
+		}, false},
+		{"ALLOW for the client's identity too", func() {
+			apply("allow-client", map[string]any{"selector": map[string]any{"matchLabels": map[string]any{"app": "echo"}}, "action": "ALLOW",
+				"rules": []any{map[string]any{"from": []any{map[string]any{"principals": []any{principal("client")}}}}}})
+		}, true},
+	}
+	for _, s := range steps {
+		s.do()
+		var last string
+		ok := false
+		for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(200 * time.Millisecond) {
+			_, err := talk(ctx, c, client, podAddr, "policy")
+			last = fmt.Sprint(err)
+			if (err == nil) == s.allowed {
+				ok = true
+				break
+			}
+		}
+		if !ok {
+			t.Fatalf("%s: want allowed=%v; last attempt: %s", s.what, s.allowed, last)
+		}
+	}
+}
+
+// checkOnlyHBONE fails t unless every TCP stream between the two pods'
+// addresses on the underlay is HBONE (HBONEConns.Check), one of them
+// carried the flow, and no stream involves only one of the pods.
+func checkOnlyHBONE(t *testing.T, pkts []testbed.Packet, conns HBONEConns, client, server netip.Addr, target string) {
+	t.Helper()
+	for _, s := range testbed.Streams(pkts) {
+		a, b := s.Src.Addr(), s.Dst.Addr()
+		if (a == client || b == client || a == server || b == server) && !(a == client && b == server) && !(a == server && b == client) {
+			t.Errorf("to %s: a stream %s -> %s involves a pod but not both", target, s.Src, s.Dst)
+		}
+	}
+	n, err := conns.Check(pkts, client, server)
+	if err != nil {
+		t.Errorf("to %s: %v", target, err)
+	}
+	if n == 0 {
+		t.Errorf("to %s: no HBONE connection from %s to %s:15008 carried the flow on the underlay", target, client, server)
+	}
+}
+
+func setNamespaceAnnotations(ctx context.Context, t *testing.T, c *Cluster, name string, ann map[string]string) {
+	t.Helper()
+	ns, err := c.Admin().CoreV1().Namespaces().Get(ctx, name, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ns.Annotations = ann
+	if _, err := c.Admin().CoreV1().Namespaces().Update(ctx, ns, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
 }

@@ -47,19 +47,25 @@ var _ source.Reporter = (*Source)(nil)
 // Report writes back, until ctx ends: the Accepted condition of every
 // MeshPolicy (one agent per policy writes it, chosen by hashing the
 // policy with the node names; any agent does once it is overdue), and the
-// Meshed condition of this node's pods. Only what differs from the
-// object is patched, at most 20 patches a second.
-func (s *Source) Report(ctx context.Context, node string, pods func() []source.PodReport) error {
+// Meshed condition of this node's pods, at once when changed says the
+// pods changed (a pod enrolled a moment ago is Meshed within the time of
+// a patch, not of a period). Only what differs from the object is
+// patched, at most 20 patches a second.
+func (s *Source) Report(ctx context.Context, node string, pods func() []source.PodReport, changed <-chan struct{}) error {
 	r := &reporter{s: s, node: node, pods: pods, limit: rate.NewLimiter(reportRate, 2*reportRate), behind: map[types.UID]time.Time{}}
 	t := time.NewTicker(DefaultReportEvery)
 	defer t.Stop()
+	r.policies(ctx)
+	r.meshed(ctx)
 	for {
-		r.policies(ctx)
-		r.meshed(ctx)
 		select {
 		case <-ctx.Done():
 			return nil
+		case <-changed:
+			r.meshed(ctx)
 		case <-t.C:
+			r.policies(ctx)
+			r.meshed(ctx)
 		}
 	}
 }
@@ -179,8 +185,8 @@ func owner(key string, nodes []*corev1.Node) string {
 func (r *reporter) meshed(ctx context.Context) {
 	for _, p := range r.pods() {
 		pod, err := r.s.pods.Pods(p.Namespace).Get(p.Name)
-		if err != nil {
-			continue
+		if err != nil || p.UID != "" && string(pod.UID) != p.UID {
+			continue // gone, or another pod under the same name
 		}
 		want := corev1.PodCondition{Type: ConditionMeshed, Status: corev1.ConditionTrue, Reason: "Enrolled",
 			Message: "traffic captured by mantlet, mTLS PERMISSIVE"}
@@ -209,7 +215,10 @@ func (r *reporter) meshed(ctx context.Context) {
 		if have != nil && have.Status == want.Status {
 			want.LastTransitionTime = have.LastTransitionTime
 		}
-		body, _ := json.Marshal(map[string]any{"status": map[string]any{"conditions": []corev1.PodCondition{want}}})
+		// The UID makes the API server refuse the patch if the pod was
+		// replaced by another of the same name since the cache saw it.
+		body, _ := json.Marshal(map[string]any{"metadata": map[string]any{"uid": pod.UID},
+			"status": map[string]any{"conditions": []corev1.PodCondition{want}}})
 		if _, err := r.s.client.CoreV1().Pods(p.Namespace).Patch(ctx, p.Name, types.StrategicMergePatchType, body, metav1.PatchOptions{}, "status"); err != nil {
 			r.s.log.Warn("kubernetes: write the Meshed condition of a pod", "pod", p.Namespace+"/"+p.Name, "error", err)
 		}

@@ -22,7 +22,8 @@ import (
 
 // Key identifies a pool of connections: streams are multiplexed only
 // between the same source identity, destination identity and destination
-// pod IP.
+// pod IP. Connections bound to a source address (Request.BindSrc) are
+// pooled per address as well: see poolKey.
 type Key struct {
 	Src, Dst spiffeid.ID
 	DstIP    netip.Addr
@@ -58,12 +59,27 @@ type Pool struct {
 	t     Tuning
 	log   *slog.Logger
 	mu    sync.Mutex
-	keys  map[Key]*keyConns
+	keys  map[poolKey]*keyConns
 	stop  chan struct{}
 	done  chan struct{}
 	once  sync.Once
 	stats struct{ handshakes, streams atomic.Uint64 }
 }
+
+// poolKey is what a pooled connection is shared by: its Key and the
+// source address it is bound to. A connection bound to one client pod's
+// address carries only that pod's streams: the replies to that address
+// reach the ztunnel only while the pod is there (on the node, capture
+// hands them to the ztunnel by the pod's address), so a connection bound
+// to a pod that is gone is dead in one direction, and another pod of the
+// same identity must not be given its streams.
+type poolKey struct {
+	Key
+	src netip.Addr
+}
+
+// keyOf returns the pool a request's streams share.
+func keyOf(req *Request) poolKey { return poolKey{Key: req.Key, src: req.BindSrc} }
 
 type keyConns struct {
 	conns   []*poolConn
@@ -101,7 +117,7 @@ func NewPool(cfg PoolConfig) *Pool {
 		cfg:  cfg,
 		t:    cfg.Tuning.WithDefaults(),
 		log:  cfg.Logger,
-		keys: make(map[Key]*keyConns),
+		keys: make(map[poolKey]*keyConns),
 		stop: make(chan struct{}),
 		done: make(chan struct{}),
 	}
@@ -220,7 +236,8 @@ type Request struct {
 	// Addr is where to dial the HBONE server (normally DstIP:15008).
 	Addr netip.AddrPort
 	// BindSrc, if valid, is the local address for new connections (the
-	// client pod's IP with transparent sockets).
+	// client pod's IP with transparent sockets). Streams share only
+	// connections bound to the same address.
 	BindSrc netip.Addr
 	// Target is the CONNECT :authority, the destination pod's ip:port.
 	Target netip.AddrPort
@@ -300,10 +317,11 @@ func (p *Pool) get(ctx context.Context, req *Request) (*poolConn, error) {
 		default:
 		}
 		p.mu.Lock()
-		kc := p.keys[req.Key]
+		key := keyOf(req)
+		kc := p.keys[key]
 		if kc == nil {
 			kc = &keyConns{}
-			p.keys[req.Key] = kc
+			p.keys[key] = kc
 		}
 		now := time.Now()
 		usable := 0

@@ -202,3 +202,30 @@ func TestRefusedStatusReachesClient(t *testing.T) {
 		t.Fatalf("err = %v, want a 401 RefusedError", err)
 	}
 }
+
+// TestConnectionsBoundToAPodCarryOnlyThatPodsStreams: two client pods of
+// one identity (a pod deleted and created again with a new address) never
+// share a connection bound to the other's address: the replies to a
+// deleted pod's address no longer reach the ztunnel.
+func TestConnectionsBoundToAPodCarryOnlyThatPodsStreams(t *testing.T) {
+	e := newEnv(t, hbone.Tuning{}, nil)
+	for i, src := range []string{"127.0.0.2", "127.0.0.2", "127.0.0.3", "127.0.0.3"} {
+		req := e.req(bytes.NewReader([]byte("ping")))
+		req.BindSrc = netip.MustParseAddr(src)
+		cs, err := e.pool.Connect(t.Context(), req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got, err := io.ReadAll(cs)
+		cs.Close()
+		if err != nil || string(got) != "ping" {
+			t.Fatalf("stream %d from %s: got %q (err %v), want ping", i, src, got, err)
+		}
+	}
+	if s := e.pool.Stats(); s.Handshakes != 2 || s.Streams != 4 {
+		t.Fatalf("stats = %+v, want 2 handshakes (one per bound address) for 4 streams", s)
+	}
+	if n := e.pool.Conns(); n != 2 {
+		t.Fatalf("%d pooled connections, want 2", n)
+	}
+}
