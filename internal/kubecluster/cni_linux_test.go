@@ -132,8 +132,12 @@ func TestNewPodsFirstConnectionIsNeverPlaintext(t *testing.T) {
 			t.Errorf("round %d: the client did not complete its meshed exchange: %s; it said: %s", round, podSummary(p), containerLog(c, p, "client"))
 		} else {
 			// A new pod, so a new HBONE connection (pooled per client
-			// address), its handshake in the capture.
-			checkOnlyHBONE(t, pkts, HBONEConns{}, netip.MustParseAddr(p.Status.PodIP), echoIP, fmt.Sprintf("round %d", round))
+			// address), its handshake in the capture. (Earlier rounds'
+			// pods' connections to the echo may still close meanwhile.)
+			n, err := HBONEConns{}.Check(pkts, netip.MustParseAddr(p.Status.PodIP), echoIP)
+			if err != nil || n == 0 {
+				t.Errorf("round %d: %d HBONE connections from the client to the echo on the underlay (%v), want every stream between them HBONE, at least one", round, n, err)
+			}
 		}
 		t.Logf("round %d: the agent enrolled %s/%s on veth %d and answered at %s; the container started at %s",
 			round, ns, name, a.Ifindex, a.Time.Format("15:04:05.000"), started.Format("15:04:05"))
