@@ -4,6 +4,7 @@ import (
 	"context"
 	"io"
 	"log/slog"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -56,13 +57,19 @@ type Stats struct {
 type Writer struct {
 	out  io.Writer
 	opts WriterOptions
-	q    chan Flow
+	q    chan *Flow // copies from flowPool, back there once written
 	lim  *rate.Limiter
 
 	written, rateLimited, queueFull, failed atomic.Uint64
 }
 
 var _ Sink = (*Writer)(nil)
+
+// flowPool holds the copies of flows that wait in Writers' queues. A
+// queue of pointers holds only the lines waiting: a queue of 4,096 Flow
+// values would keep 1.9 MB resident once traffic had gone through it,
+// whether lines wait or not.
+var flowPool = sync.Pool{New: func() any { return new(Flow) }}
 
 // NewWriter returns a Writer to out; call Run (once) to write.
 func NewWriter(out io.Writer, opts WriterOptions) *Writer {
@@ -84,7 +91,7 @@ func NewWriter(out io.Writer, opts WriterOptions) *Writer {
 	if opts.Now == nil {
 		opts.Now = time.Now
 	}
-	return &Writer{out: out, opts: opts, q: make(chan Flow, opts.QueueSize),
+	return &Writer{out: out, opts: opts, q: make(chan *Flow, opts.QueueSize),
 		lim: rate.NewLimiter(rate.Limit(opts.Rate), opts.Burst)}
 }
 
@@ -95,9 +102,13 @@ func (w *Writer) Emit(f *Flow) {
 		w.rateLimited.Add(1)
 		return
 	}
+	c := flowPool.Get().(*Flow)
+	*c = *f
 	select {
-	case w.q <- *f:
+	case w.q <- c:
 	default:
+		*c = Flow{}
+		flowPool.Put(c)
 		w.queueFull.Add(1)
 	}
 }
@@ -124,6 +135,8 @@ func (w *Writer) Run(ctx context.Context) {
 			f.Node = w.opts.Node
 		}
 		buf = append(f.Append(buf[:0]), '\n')
+		*f = Flow{}
+		flowPool.Put(f)
 		if _, err := w.out.Write(buf); err != nil {
 			w.failed.Add(1)
 			lastErr = err
@@ -147,14 +160,14 @@ func (w *Writer) Run(ctx context.Context) {
 	for {
 		select {
 		case f := <-w.q:
-			write(&f)
+			write(f)
 		case <-tick.C:
 			report()
 		case <-ctx.Done():
 			for {
 				select {
 				case f := <-w.q:
-					write(&f)
+					write(f)
 					continue
 				default:
 				}

@@ -12,44 +12,63 @@ import (
 // slowly (its scavenger), and an agent whose flows sit idle allocates
 // nothing, so it runs no garbage collection that would find the garbage
 // their setup left, nor one that would notice that thousands of flows
-// ended. Once the open flows moved by releaseMinDrop either way and then
-// held steady for a look, the agent collects and releases at once: its
-// resident memory then is what its flows hold (docs/performance.md,
-// "Memory per connection").
+// ended. Once the open flows, or the HBONE connections under them, moved
+// by releaseMinFlows (releaseMinConns) either way and then held steady
+// for a look, the agent collects and releases at once: its resident
+// memory then is what its flows hold (docs/performance.md, "Memory per
+// connection").
 const (
 	// releaseEvery is how often the open flows are looked at.
 	releaseEvery = 2 * time.Second
-	// releaseMinDrop is the smallest change of the open flows that
+	// releaseMinFlows is the smallest change of the open flows that
 	// releases: a few hundred flows hold a few MiB, not worth a full
 	// collection.
-	releaseMinDrop = 1000
+	releaseMinFlows = 1000
+	// releaseMinConns is the smallest change of the open HBONE
+	// connections that releases: each holds about 60 KiB (TLS state,
+	// HTTP/2 tables, two goroutines), so 32 hold about what 1,000 idle
+	// flows hold of heap. The client pool closes its spare connections a
+	// few seconds after the flows on them ended (hbone.Tuning's
+	// SpareIdleTimeout): a second release then gives their memory back.
+	releaseMinConns = 32
 )
 
-// releaseMemory calls debug.FreeOSMemory when the open flows (flows())
-// moved by releaseMinDrop since the last release and by less than a
-// tenth of that since the last look, looking every releaseEvery until ctx
-// ends. A release costs one full collection, at most once per
-// releaseEvery and only after such a change.
-func releaseMemory(ctx context.Context, flows func() int, log *slog.Logger) {
+// load is what the agent's memory follows: its open flows and the HBONE
+// connections that carry them.
+type load struct{ flows, conns int }
+
+// moved reports whether l and o differ by at least a release's worth
+// (div 1) or a tenth of it (div 10).
+func (l load) moved(o load, div int) bool {
+	return abs(l.flows-o.flows) >= releaseMinFlows/div || abs(l.conns-o.conns) >= releaseMinConns/div
+}
+
+// releaseMemory calls debug.FreeOSMemory when the load (now()) moved by
+// a release's worth since the last release and by less than a tenth of
+// that since the last look, looking every releaseEvery until ctx ends. A
+// release costs one full collection, at most once per releaseEvery and
+// only after such a change.
+func releaseMemory(ctx context.Context, now func() load, log *slog.Logger) {
 	t := time.NewTicker(releaseEvery)
 	defer t.Stop()
-	prev, base := 0, 0 // open flows at the last look, at the last release
+	var prev, base load // at the last look, at the last release
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
 		}
-		n := flows()
-		steady := abs(n-prev) < releaseMinDrop/10
+		n := now()
+		steady := !n.moved(prev, 10)
 		prev = n
-		if !steady || abs(n-base) < releaseMinDrop {
+		if !steady || !n.moved(base, 1) {
 			continue
 		}
 		before := heapMapped()
 		start := time.Now()
 		debug.FreeOSMemory()
-		log.Debug("released memory after the open flows changed", "open_flows_before", base, "open_flows", n,
+		log.Debug("released memory after the open flows changed", "open_flows_before", base.flows, "open_flows", n.flows,
+			"hbone_conns_before", base.conns, "hbone_conns", n.conns,
 			"heap_mapped_before", before, "heap_mapped_after", heapMapped(), "took", time.Since(start))
 		base = n
 	}

@@ -364,7 +364,8 @@ func Run(ctx context.Context, cfg Config) error {
 	g.run("data path watch", func() error { return dp.Watch(runCtx, cfg.WatchInterval) })
 	g.run("ztunnel", func() error { return proxy.Run(runCtx) })
 	g.run("memory release", func() error {
-		releaseMemory(runCtx, proxy.NumOpenFlows, log.With("component", "memory"))
+		releaseMemory(runCtx, func() load { return load{flows: proxy.NumOpenFlows(), conns: proxy.HBONEConns()} },
+			log.With("component", "memory"))
 		return nil
 	})
 	g.run("agent", func() error { return ag.Run(runCtx) })

@@ -59,7 +59,12 @@ type Traffic struct {
 
 	mu   sync.Mutex
 	open map[uint64]*flowCounters // by the registry's flow id
+	peak int                      // the most open held since it was made
 }
+
+// shrinkFrom is the size from which open is made anew once it holds an
+// eighth of its peak: a Go map keeps the memory of the most it held.
+const shrinkFrom = 1024
 
 // flowCounters is what Traffic remembers of one open flow: the counters
 // of its label sets (one per reporter) and how many bytes it has counted.
@@ -123,6 +128,7 @@ func (t *Traffic) openLocked(id uint64, e flowEnds) *flowCounters {
 	}
 	if id != 0 {
 		t.open[id] = fc
+		t.peak = max(t.peak, len(t.open))
 	}
 	return fc
 }
@@ -147,6 +153,13 @@ func (t *Traffic) Closed(r *ztunnel.FlowRecord) {
 	t.mu.Lock()
 	fc := t.openLocked(r.ID, e)
 	delete(t.open, r.ID)
+	if t.peak >= shrinkFrom && len(t.open) <= t.peak/8 {
+		m := make(map[uint64]*flowCounters, len(t.open))
+		for id, fc := range t.open {
+			m[id] = fc
+		}
+		t.open, t.peak = m, len(m)
+	}
 	t.mu.Unlock()
 	fc.add(r.Sent, r.Received)
 	for _, lv := range e.labelSets(r.Flag) {

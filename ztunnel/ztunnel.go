@@ -454,6 +454,7 @@ func (p *Proxy) stopAccepting() {
 func (p *Proxy) Close() {
 	p.stopAccepting()
 	p.cancel()
+	p.live.each(func(l *LiveFlow) bool { l.cancel(); return true })
 	p.srv.Close()
 	p.pool.Close()
 	p.refusals.summarize()
@@ -609,3 +610,7 @@ func (p *Proxy) hboneAddr(ip netip.Addr, w *workload.Workload) netip.AddrPort {
 
 // PoolConns returns how many pooled HBONE connections are open.
 func (p *Proxy) PoolConns() int { return p.pool.Conns() }
+
+// HBONEConns returns how many HBONE connections are open, pooled (out)
+// and served (in).
+func (p *Proxy) HBONEConns() int { return p.pool.Conns() + p.srv.Conns() }

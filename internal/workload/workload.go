@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"sync"
 	"sync/atomic"
 
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
@@ -49,6 +50,10 @@ type Workload struct {
 // ID returns the workload's SPIFFE ID:
 // spiffe://<trust domain>/ns/<namespace>/sa/<service account>, in the
 // workload's own TrustDomain when it has one, else in td (the reader's).
+// The ztunnel asks for it on every flow: IDs are made once and shared
+// (ids), so flows do not leave thousands of copies of the same string
+// behind in the flow records, each pinning the heap page it was
+// allocated on.
 func (w *Workload) ID(td spiffeid.TrustDomain) (spiffeid.ID, error) {
 	sa := w.ServiceAccount
 	if sa == "" {
@@ -57,12 +62,39 @@ func (w *Workload) ID(td spiffeid.TrustDomain) (spiffeid.ID, error) {
 	if !w.TrustDomain.IsZero() {
 		td = w.TrustDomain
 	}
+	k := idKey{td: td, ns: w.Namespace, sa: sa}
+	ids.mu.Lock()
+	id, ok := ids.m[k]
+	ids.mu.Unlock()
+	if ok {
+		return id, nil
+	}
 	id, err := identity.WorkloadID(td, w.Namespace, sa)
 	if err != nil {
 		return spiffeid.ID{}, fmt.Errorf("workload %s/%s: %w", w.Namespace, w.Name, err)
 	}
+	ids.mu.Lock()
+	if len(ids.m) >= idCacheSize {
+		clear(ids.m) // bounded: a cluster with more identities makes some twice
+	}
+	ids.m[k] = id
+	ids.mu.Unlock()
 	return id, nil
 }
+
+// idCacheSize bounds the identities that Workload.ID keeps made.
+const idCacheSize = 4096
+
+type idKey struct {
+	td     spiffeid.TrustDomain
+	ns, sa string
+}
+
+// ids are the identities Workload.ID made, at most idCacheSize.
+var ids = struct {
+	mu sync.Mutex
+	m  map[idKey]spiffeid.ID
+}{m: make(map[idKey]spiffeid.ID)}
 
 // String names the workload as namespace/name.
 func (w *Workload) String() string { return w.Namespace + "/" + w.Name }

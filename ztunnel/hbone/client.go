@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -64,6 +65,7 @@ type Pool struct {
 	done  chan struct{}
 	once  sync.Once
 	stats struct{ handshakes, streams atomic.Uint64 }
+	idles []time.Duration // reapLocked's, guarded by mu
 }
 
 // poolKey is what a pooled connection is shared by: its Key and the
@@ -175,31 +177,15 @@ func (p *Pool) Close() {
 
 func (p *Pool) reap() {
 	defer close(p.done)
-	tick := time.NewTicker(max(p.t.IdleTimeout/4, 10*time.Millisecond))
+	tick := time.NewTicker(max(p.t.SpareIdleTimeout/4, 10*time.Millisecond))
 	defer tick.Stop()
 	for {
 		select {
 		case <-p.stop:
 			return
 		case now := <-tick.C:
-			var dead []*poolConn
 			p.mu.Lock()
-			for k, kc := range p.keys {
-				live := kc.conns[:0]
-				for _, c := range kc.conns {
-					idle, gone, retired := c.hc.idleState(now)
-					if gone || idle >= p.t.IdleTimeout || idle > 0 && retired {
-						dead = append(dead, c)
-						continue
-					}
-					live = append(live, c)
-				}
-				clear(kc.conns[len(live):])
-				kc.conns = live
-				if len(kc.conns) == 0 && kc.dialing == nil {
-					delete(p.keys, k)
-				}
-			}
+			dead := p.reapLocked(now)
 			p.mu.Unlock()
 			for _, c := range dead {
 				p.log.Debug("hbone: closing idle connection")
@@ -207,6 +193,45 @@ func (p *Pool) reap() {
 			}
 		}
 	}
+}
+
+// reapLocked takes out of the pool, and returns for closing, the
+// connections that are gone, retired and idle, idle for IdleTimeout, or
+// idle for SpareIdleTimeout while their key keeps another idle one: of a
+// key's idle connections the one idle for the shortest time stays, the
+// others are spares.
+func (p *Pool) reapLocked(now time.Time) []*poolConn {
+	var dead []*poolConn
+	for k, kc := range p.keys {
+		keep := -1 // the key's connection idle for the shortest time
+		var keepIdle time.Duration
+		idles := slices.Grow(p.idles[:0], len(kc.conns))[:len(kc.conns)]
+		p.idles = idles
+		for i, c := range kc.conns {
+			idle, gone, retired := c.hc.idleState(now)
+			switch {
+			case gone || idle >= p.t.IdleTimeout || idle > 0 && retired:
+				idle = -1 // closed below
+			case idle > 0 && (keep < 0 || idle < keepIdle):
+				keep, keepIdle = i, idle
+			}
+			idles[i] = idle
+		}
+		live := kc.conns[:0]
+		for i, c := range kc.conns {
+			if idles[i] < 0 || i != keep && idles[i] >= p.t.SpareIdleTimeout {
+				dead = append(dead, c)
+				continue
+			}
+			live = append(live, c)
+		}
+		clear(kc.conns[len(live):])
+		kc.conns = live
+		if len(kc.conns) == 0 && kc.dialing == nil {
+			delete(p.keys, k)
+		}
+	}
+	return dead
 }
 
 // Errors of Connect, besides TLS verification errors (ErrPeerMismatch and
@@ -308,8 +333,13 @@ func sendBody(st *Stream, body io.Reader) {
 	}
 }
 
-// get reserves a stream slot on a connection for req.Key.
+// get reserves a stream slot on a connection for req.Key. One dial at a
+// time runs for a key; the others wait for it. A waiter whose dial
+// attempt failed tries once more (dialling itself, or waiting for the
+// next dial) before it takes that error as its own: one dial that timed
+// out under load does not fail every stream that was waiting for it.
 func (p *Pool) get(ctx context.Context, req *Request) (*poolConn, error) {
+	waitedFailed := false
 	for {
 		select {
 		case <-p.stop:
@@ -341,7 +371,10 @@ func (p *Pool) get(ctx context.Context, req *Request) (*poolConn, error) {
 			select {
 			case <-a.done:
 				if a.err != nil {
-					return nil, a.err
+					if waitedFailed || ctx.Err() != nil {
+						return nil, a.err
+					}
+					waitedFailed = true
 				}
 				continue
 			case <-ctx.Done():

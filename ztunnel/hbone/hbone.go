@@ -59,6 +59,12 @@ type Tuning struct {
 	// IdleTimeout closes a connection that has carried no stream for this
 	// long (client pool and server).
 	IdleTimeout time.Duration
+	// SpareIdleTimeout closes sooner the idle connections of a pool key
+	// beyond the one it keeps for IdleTimeout: a burst of streams that
+	// needed many connections leaves one waiting for the next, not all
+	// of them, each holding its TLS state, HTTP/2 tables and two
+	// goroutines (about 60 KiB) for minutes.
+	SpareIdleTimeout time.Duration
 	// KeepaliveInterval is how long a client connection may stay silent
 	// before it sends a PING; KeepaliveTimeout how long it waits for the
 	// answer before it gives the connection up.
@@ -108,6 +114,7 @@ func DefaultTuning() Tuning {
 		MaxStreamsPerConn:    100,
 		MaxConnsPerKey:       256,
 		IdleTimeout:          5 * time.Minute,
+		SpareIdleTimeout:     5 * time.Second,
 		KeepaliveInterval:    30 * time.Second,
 		KeepaliveTimeout:     10 * time.Second,
 		HandshakeTimeout:     10 * time.Second,
@@ -151,6 +158,10 @@ func (t Tuning) WithDefaults() Tuning {
 	if t.IdleTimeout <= 0 {
 		t.IdleTimeout = d.IdleTimeout
 	}
+	if t.SpareIdleTimeout <= 0 {
+		t.SpareIdleTimeout = d.SpareIdleTimeout
+	}
+	t.SpareIdleTimeout = min(t.SpareIdleTimeout, t.IdleTimeout)
 	if t.KeepaliveInterval <= 0 {
 		t.KeepaliveInterval = d.KeepaliveInterval
 	}

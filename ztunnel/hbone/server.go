@@ -222,6 +222,13 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	}
 }
 
+// Conns returns how many connections the server is serving.
+func (s *Server) Conns() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.conns)
+}
+
 // Close closes every connection at once.
 func (s *Server) Close() {
 	s.mu.Lock()
