@@ -674,3 +674,8 @@ func (a *Agent) Drain() { a.draining.Store(true) }
 
 // The data path of package bpf is the one the agent drives.
 var _ Datapath = (*bpf.Datapath)(nil)
+
+// Recheck asks for a reconcile pass now, as if the state had changed:
+// every local pod's veth is looked up again (a sandbox made again with
+// the same address has a new one).
+func (a *Agent) Recheck() { a.kick() }

@@ -31,6 +31,7 @@ import (
 	"github.com/mantlet/mantlet/admin"
 	"github.com/mantlet/mantlet/agent"
 	"github.com/mantlet/mantlet/bpf"
+	"github.com/mantlet/mantlet/cni"
 	"github.com/mantlet/mantlet/events"
 	"github.com/mantlet/mantlet/identity"
 	"github.com/mantlet/mantlet/internal/workload"
@@ -102,6 +103,10 @@ type Config struct {
 	Logger *slog.Logger
 	// Kernel is the machine; nil is HostKernel{}.
 	Kernel Kernel
+	// CNI, if set, serves mantlet's CNI plugin so that new pods are
+	// enrolled before their containers start, and installs the plugin
+	// (Kubernetes mode; the source must take the plugin's addresses).
+	CNI *CNIConfig
 }
 
 // Run runs the node until ctx ends, then drains open connections for up to
@@ -302,6 +307,24 @@ func Run(ctx context.Context, cfg Config) error {
 		en.reevaluate(proxy, st.Snapshot)
 	}
 
+	var cniLn net.Listener
+	var cniEnroll *cniEnroller
+	if cfg.CNI != nil {
+		an, ok := cfg.Source.(podAnnouncer)
+		if !ok {
+			return fmt.Errorf("node: the CNI plugin needs a source that takes pods' addresses from it (Kubernetes); %s does not", where)
+		}
+		sock := cfg.CNI.Socket
+		if sock == "" {
+			sock = cni.DefaultSocket
+		}
+		if cniLn, err = cni.Listen(sock); err != nil {
+			return err
+		}
+		undo.add(func() { cniLn.Close() })
+		cniEnroll = newCNIEnroller(an, store, ag)
+	}
+
 	var servers []*http.Server
 	if cfg.ReadyAddr != "" {
 		servers = append(servers, &http.Server{Addr: cfg.ReadyAddr, Handler: ag.Handler(), ReadHeaderTimeout: 5 * time.Second})
@@ -351,6 +374,14 @@ func Run(ctx context.Context, cfg Config) error {
 	})
 	g.run("agent", func() error { return ag.Run(runCtx) })
 	g.run("source", func() error { return cfg.Source.Run(runCtx, publish) })
+	if cniLn != nil {
+		g.run("cni", func() error {
+			return cni.Serve(runCtx, cniLn, cniEnroll, cni.ServerOptions{AddTimeout: cfg.CNI.addTimeout(), Logger: log.With("component", "cni")})
+		})
+		if cfg.CNI.ConfDir != "" {
+			g.run("cni install", func() error { return runCNIInstall(runCtx, *cfg.CNI, log.With("component", "cni")) })
+		}
+	}
 	if rep, ok := cfg.Source.(source.Reporter); ok {
 		g.run("report", func() error {
 			return rep.Report(runCtx, cfg.Node, func() []source.PodReport { return podReports(ag.Pods()) }, ag.Changed())

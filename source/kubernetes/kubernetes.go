@@ -126,6 +126,9 @@ type Source struct {
 	// build decodes only the ones that changed. Owned by build's caller
 	// (Initial, then Run's goroutine).
 	decoded map[types.UID]decodedPolicy
+
+	hintMu sync.Mutex
+	hints  map[string]announced // by namespace/name: addresses ahead of the pods' status (Announce)
 }
 
 type decodedPolicy struct {
@@ -421,6 +424,7 @@ func (s *Source) build() (*source.State, error) {
 	if objs.Pods, err = s.pods.List(labels.Everything()); err != nil {
 		return nil, fmt.Errorf("kubernetes: list pods: %w", err)
 	}
+	objs.Pods = s.withAnnounced(objs.Pods)
 	if objs.Services, err = s.services.List(labels.Everything()); err != nil {
 		return nil, fmt.Errorf("kubernetes: list services: %w", err)
 	}
