@@ -122,6 +122,12 @@ func (e *cniEnroller) Add(ctx context.Context, r *cni.Request) (cni.Response, er
 					continue
 				}
 				switch {
+				case p.Reason != "":
+					// The agent refuses the pod (a bridged CNI): fail the
+					// sandbox now with the reason, rather than after the
+					// timeout. The pod stays held: it never starts
+					// uncaptured.
+					return cni.Response{}, fmt.Errorf("pod %s (%s) refused by the agent (%s): %s", r.Pod(), ip, p.Reason, p.Err)
 				case p.Err != "":
 					why = p.Err
 				case p.Ifindex != 0 && (host == 0 || p.Ifindex == host):

@@ -453,7 +453,7 @@ func podReports(pods []agent.PodStatus) []source.PodReport {
 	out := make([]source.PodReport, 0, len(pods))
 	for _, p := range pods {
 		ns, name, _ := strings.Cut(p.Pod, "/")
-		out = append(out, source.PodReport{Namespace: ns, Name: name, UID: p.UID, Enrolled: p.Ifindex != 0 && p.Err == "", Strict: p.Strict, Err: p.Err})
+		out = append(out, source.PodReport{Namespace: ns, Name: name, UID: p.UID, Enrolled: p.Ifindex != 0 && p.Err == "", Strict: p.Strict, Err: p.Err, Reason: p.Reason})
 	}
 	return out
 }
