@@ -117,7 +117,11 @@ func TestTheAgentGivesUpBeforeThePlugin(t *testing.T) {
 
 func TestTheCNIAnswerFailsAtOnceForAPodTheAgentRefuses(t *testing.T) {
 	f := &fakeCluster{store: workload.NewStore(), meshed: map[string]bool{"shop": true}}
+	gone := false // the runtime tore the sandbox down: the agent forgot the pod
 	refused := func() []agent.PodStatus {
+		if gone {
+			return nil
+		}
 		return []agent.PodStatus{{Pod: "shop/new", IP: netip.MustParseAddr("198.19.1.11"), Reason: agent.ReasonBridgedCNI,
 			Err: "find veth: route to 198.19.1.11 leaves through cni0, a bridge: " + agent.ErrBridgedCNI.Error()}}
 	}
@@ -135,5 +139,11 @@ func TestTheCNIAnswerFailsAtOnceForAPodTheAgentRefuses(t *testing.T) {
 	}
 	if took := time.Since(start); took > 10*time.Second {
 		t.Errorf("answered after %v; a refused pod is answered at once, not at the timeout", took)
+	}
+	// The refusal stays visible (Meshed condition, 'mantlet status') once
+	// the sandbox is gone.
+	gone = true
+	if ps := e.Pods(); len(ps) != 1 || ps[0].Pod != "shop/new" || ps[0].UID != "u1" || ps[0].Reason != agent.ReasonBridgedCNI {
+		t.Errorf("Pods after the sandbox went = %+v; want the refused pod", ps)
 	}
 }
