@@ -77,10 +77,11 @@ bench: build ## run the Go benchmarks, then (as root) the peer bench on the test
 		rc=$$(cat $(BENCH_OUT)/go-bench.rc); rm -f $(BENCH_OUT)/go-bench.rc; exit $$rc
 	@if [ "$$(id -u)" = 0 ]; then ./$(BIN) bench --out $(BENCH_OUT); else echo "bench: the testbed bench (mantlet bench) was skipped: it needs root (network namespaces, eBPF); run 'sudo make bench'"; fi
 
-# BenchmarkScale fills a real API server (minutes); the API server tests
-# cover it.
+# BenchmarkScale and BenchmarkAgentScale fill a real API server
+# (minutes); the API server tests and TestAgentScaleSmoke (the agent
+# bench's code on a small cluster, in make test) cover them.
 bench-smoke: ## run every Go benchmark once (-benchtime=1x), so that none rots (what CI runs)
-	$(GO) test -run '^$$' -bench . -benchtime=1x -skip '^BenchmarkScale$$' -count=1 -timeout 20m ./...
+	$(GO) test -run '^$$' -bench . -benchtime=1x -skip '^Benchmark(Agent)?Scale$$' -count=1 -timeout 20m ./...
 
 peer-binaries: ## build ghostunnel for the peer bench from test/bench/tools (2-3 min once, then cached)
 	$(GO) run ./internal/peerbench/peerbin/cmd/peer-binaries

@@ -27,5 +27,10 @@
 //     principals; a cross-domain forgery and a missing bundle refused;
 //   - TestSPIREIssuesTheSVIDsAndItsRotationsDropNothing and
 //     TestSPIREDownTheAgentsKeepServingTheirSVIDs: SPIRE as the CA (real
-//     SPIRE binaries from internal/spiretest, `make spire-binaries`).
+//     SPIRE binaries from internal/spiretest, `make spire-binaries`);
+//   - TestAgentScaleSmoke: every change made through the API server reaches
+//     the data path of an agent in Kubernetes mode, quiet and while other
+//     pods change; BenchmarkAgentScale is the same on a 10,000-pod cluster,
+//     measuring the agent's memory, CPU and change latency
+//     (docs/performance.md).
 package e2e

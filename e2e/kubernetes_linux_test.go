@@ -61,7 +61,7 @@ func startKubeMesh(t *testing.T, spec testbed.Spec) *kubeMesh {
 // startKubeMeshWith is startKubeMesh with opts, and setup, when not nil,
 // called once the API server holds the testbed's objects and before any
 // agent starts.
-func startKubeMeshWith(t *testing.T, spec testbed.Spec, opts meshtest.Options, setup func(ctx context.Context, km *kubeMesh, m *meshtest.Mesh) error) *kubeMesh {
+func startKubeMeshWith(t testing.TB, spec testbed.Spec, opts meshtest.Options, setup func(ctx context.Context, km *kubeMesh, m *meshtest.Mesh) error) *kubeMesh {
 	t.Helper()
 	privtest.Require(t)
 	kubetest.RequireBinaries(t)

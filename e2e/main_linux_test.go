@@ -98,7 +98,7 @@ var meshedNS = map[string]string{meshed: "enabled"}
 // startMesh starts a mesh for the test and closes it when the test ends;
 // when the test failed, the agents' logs go to the test log. The agents
 // run binary unless opts names a wrapper of it (prlimit, say).
-func startMesh(t *testing.T, spec testbed.Spec, opts meshtest.Options) *meshtest.Mesh {
+func startMesh(t testing.TB, spec testbed.Spec, opts meshtest.Options) *meshtest.Mesh {
 	t.Helper()
 	privtest.Require(t)
 	if opts.Binary == "" {
@@ -125,7 +125,7 @@ func startMesh(t *testing.T, spec testbed.Spec, opts meshtest.Options) *meshtest
 }
 
 // echo starts an echo server on port of pod until the test ends.
-func echo(t *testing.T, m *meshtest.Mesh, pod string, port uint16) *meshtest.Echo {
+func echo(t testing.TB, m *meshtest.Mesh, pod string, port uint16) *meshtest.Echo {
 	t.Helper()
 	e, err := m.Echo(context.Background(), pod, port)
 	if err != nil {

@@ -31,6 +31,7 @@ import (
 	"github.com/mantlet/mantlet/admin"
 	"github.com/mantlet/mantlet/agent"
 	"github.com/mantlet/mantlet/bpf"
+	"github.com/mantlet/mantlet/cni"
 	"github.com/mantlet/mantlet/events"
 	"github.com/mantlet/mantlet/identity"
 	"github.com/mantlet/mantlet/internal/workload"
@@ -102,6 +103,10 @@ type Config struct {
 	Logger *slog.Logger
 	// Kernel is the machine; nil is HostKernel{}.
 	Kernel Kernel
+	// CNI, if set, serves mantlet's CNI plugin so that new pods are
+	// enrolled before their containers start, and installs the plugin
+	// (Kubernetes mode; the source must take the plugin's addresses).
+	CNI *CNIConfig
 }
 
 // Run runs the node until ctx ends, then drains open connections for up to
@@ -285,6 +290,10 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	store.Replace(first.Snapshot)
 	ag.Apply(agent.State{Snapshot: first.Snapshot})
+	// The first lists of a large cluster leave more garbage than the state
+	// they made (10,000 pods decoded whole before being stripped): give it
+	// back now rather than keep it resident until the scavenger does.
+	releaseNow(log, "the first state is in force")
 	// publish puts a later state in force: the engine and the ztunnel's
 	// workloads together, then the agent's enrolments, then every open
 	// flow is decided again. A state the engine refuses changes nothing.
@@ -296,6 +305,24 @@ func Run(ctx context.Context, cfg Config) error {
 		store.Replace(st.Snapshot)
 		ag.Apply(agent.State{Snapshot: st.Snapshot})
 		en.reevaluate(proxy, st.Snapshot)
+	}
+
+	var cniLn net.Listener
+	var cniEnroll *cniEnroller
+	if cfg.CNI != nil {
+		an, ok := cfg.Source.(podAnnouncer)
+		if !ok {
+			return fmt.Errorf("node: the CNI plugin needs a source that takes pods' addresses from it (Kubernetes); %s does not", where)
+		}
+		sock := cfg.CNI.Socket
+		if sock == "" {
+			sock = cni.DefaultSocket
+		}
+		if cniLn, err = cni.Listen(sock); err != nil {
+			return err
+		}
+		undo.add(func() { cniLn.Close() })
+		cniEnroll = newCNIEnroller(an, store, ag)
 	}
 
 	var servers []*http.Server
@@ -347,9 +374,22 @@ func Run(ctx context.Context, cfg Config) error {
 	})
 	g.run("agent", func() error { return ag.Run(runCtx) })
 	g.run("source", func() error { return cfg.Source.Run(runCtx, publish) })
+	if cniLn != nil {
+		g.run("cni", func() error {
+			return cni.Serve(runCtx, cniLn, cniEnroll, cni.ServerOptions{AddTimeout: cfg.CNI.addTimeout(), Logger: log.With("component", "cni")})
+		})
+		if cfg.CNI.ConfDir != "" {
+			g.run("cni install", func() error { return runCNIInstall(runCtx, *cfg.CNI, log.With("component", "cni")) })
+		}
+	}
+	// The agent's pods, and the pods it refused whose sandbox is gone.
+	pods := ag.Pods
+	if cniEnroll != nil {
+		pods = cniEnroll.Pods
+	}
 	if rep, ok := cfg.Source.(source.Reporter); ok {
 		g.run("report", func() error {
-			return rep.Report(runCtx, cfg.Node, func() []source.PodReport { return podReports(ag.Pods()) }, ag.Changed())
+			return rep.Report(runCtx, cfg.Node, func() []source.PodReport { return podReports(pods()) }, ag.Changed())
 		})
 	}
 	g.run("security events", func() error {
@@ -357,7 +397,7 @@ func Run(ctx context.Context, cfg Config) error {
 		return nil
 	})
 	obsv.run(runCtx, g, proxy, admin.Config{Node: cfg.Node, TrustDomain: cfg.TrustDomain, Snapshot: store.Load, Ready: ag.Ready,
-		Pods: ag.Pods, Datapath: dp, Source: cfg.Source.Status, Policy: en.eng, Policies: en.policies,
+		Pods: pods, Datapath: dp, Source: cfg.Source.Status, Policy: en.eng, Policies: en.policies,
 		Certificates: ids.Certificates, Bundles: func() []identity.BundleInfo { return append(ids.Bundles(), fed.Bundles()...) }, Logger: log.With("component", "admin")})
 	for i, s := range servers {
 		g.run("http "+s.Addr, func() error {
@@ -418,7 +458,7 @@ func podReports(pods []agent.PodStatus) []source.PodReport {
 	out := make([]source.PodReport, 0, len(pods))
 	for _, p := range pods {
 		ns, name, _ := strings.Cut(p.Pod, "/")
-		out = append(out, source.PodReport{Namespace: ns, Name: name, UID: p.UID, Enrolled: p.Ifindex != 0 && p.Err == "", Strict: p.Strict, Err: p.Err})
+		out = append(out, source.PodReport{Namespace: ns, Name: name, UID: p.UID, Enrolled: p.Ifindex != 0 && p.Err == "", Strict: p.Strict, Err: p.Err, Reason: p.Reason})
 	}
 	return out
 }

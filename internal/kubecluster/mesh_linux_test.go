@@ -153,7 +153,7 @@ func capture(t *testing.T, c *Cluster) func() []testbed.Packet {
 }
 
 // The chart's volumes, by mount path.
-var chartMounts = []string{"/sys/fs/bpf", "/run/mantlet", "/run/netns", "/var/run/netns", "/etc/mantlet/ca"}
+var chartMounts = []string{"/sys/fs/bpf", "/run/mantlet", "/run/netns", "/var/run/netns", "/host/cni/bin", "/host/cni/net.d", "/etc/mantlet/ca"}
 
 // Capability bits (linux/capability.h).
 var capBits = map[string]uint{"NET_ADMIN": 12, "SYS_ADMIN": 21, "BPF": 39, "SYS_PTRACE": 19, "SYS_RESOURCE": 24}

@@ -49,16 +49,29 @@ func checkTools() error {
 // nodeMounts are the folders that a node gets fresh in its mount
 // namespace, as a machine of its own has them: network namespaces of its
 // pods, containerd's shim sockets, the agent's admin sockets, CNI's cache,
-// the kubelet's log links. bpffs gets a fresh instance too, so that the
-// agents' pins are the node's alone and go with it.
-var nodeMounts = []string{"/run/netns", "/run/containerd", "/run/mantlet", "/var/lib/cni", "/var/log/containers"}
+// the kubelet's log links, and the CNI bin and configuration folders
+// where the chart installs mantlet's CNI plugin (the usual paths, as a
+// node has them). bpffs gets a fresh instance too, so that the agents'
+// pins are the node's alone and go with it.
+var nodeMounts = []string{"/run/netns", "/run/containerd", "/run/mantlet", "/var/lib/cni", "/var/log/containers", NodeCNIBinDir, NodeCNIConfDir}
 
-// mountSetup is the script that prepares a node's mount namespace.
-func mountSetup() string {
+// The CNI folders of a node, in its mount namespace: Debian's plugins
+// linked into the bin folder, the node's network configuration list in the
+// configuration folder.
+const (
+	NodeCNIBinDir  = "/opt/cni/bin"
+	NodeCNIConfDir = "/etc/cni/net.d"
+)
+
+// mountSetup is the script that prepares a node's mount namespace; conf
+// is the node's CNI network configuration list.
+func mountSetup(conf string) string {
 	var b strings.Builder
 	for _, d := range nodeMounts {
 		fmt.Fprintf(&b, "mkdir -p %s && mount -t tmpfs -o mode=0755 kubecluster %s\n", d, d)
 	}
+	fmt.Fprintf(&b, "ln -s %s/* %s/\n", CNIBinDir, NodeCNIBinDir)
+	fmt.Fprintf(&b, "cp %s %s/\n", strconv.Quote(conf), NodeCNIConfDir)
 	b.WriteString("mount -t bpf bpffs /sys/fs/bpf\n")
 	// Shared, as on a machine booted by systemd: containerd refuses
 	// HostToContainer volumes from a private mount. The namespace stays a
@@ -80,11 +93,11 @@ func (c *Cluster) startNode(ctx context.Context, n *Node, cni string, archives [
 		return fmt.Errorf("kubecluster: %w", err)
 	}
 	files := map[string][]byte{
-		"containerd.toml":         []byte(containerdConfig(n)),
-		"cni/10-kubecluster.conf": cniConfig(n, cni),
-		"kubelet.yaml":            []byte(kubeletConfig(n, c.API.CAFile())),
-		"kube-proxy.yaml":         []byte(kubeProxyConfig(n)),
-		"kubeconfig":              kc,
+		"containerd.toml":             []byte(containerdConfig(n)),
+		"cni/10-kubecluster.conflist": cniConfig(n, cni),
+		"kubelet.yaml":                []byte(kubeletConfig(n, c.API.CAFile())),
+		"kube-proxy.yaml":             []byte(kubeProxyConfig(n)),
+		"kubeconfig":                  kc,
 	}
 	for name, b := range files {
 		if err := os.WriteFile(filepath.Join(n.Dir, name), b, 0o600); err != nil {
@@ -105,7 +118,7 @@ func (c *Cluster) startNode(ctx context.Context, n *Node, cni string, archives [
 	}
 	n.containerd, err = c.procs.start(procSpec{
 		name: n.Name + " containerd", netns: n.Testbed.NS, cgroup: procs,
-		newMountNS: true, setup: mountSetup(),
+		newMountNS: true, setup: mountSetup(filepath.Join(n.Dir, "cni/10-kubecluster.conflist")),
 		log:  filepath.Join(n.Dir, "containerd.log"),
 		argv: []string{"containerd", "--config", filepath.Join(n.Dir, "containerd.toml")},
 	})
@@ -213,16 +226,17 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
         SystemdCgroup = false
 
   [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = ` + q(CNIBinDir) + `
-    conf_dir = ` + d("cni") + `
+    bin_dir = ` + q(NodeCNIBinDir) + `
+    conf_dir = ` + q(NodeCNIConfDir) + `
 `
 }
 
-// cniConfig is a node's CNI network: ptp (a veth per pod, the node end
-// holding the gateway address, a /32 route to the pod) or bridge, with
-// host-local addresses from the node's pod CIDR of the testbed (pods from
-// .11, as the testbed numbers them), no masquerading (pods are seen by
-// their own addresses across nodes).
+// cniConfig is a node's CNI network, a configuration list as network
+// plugins write them (so that mantlet's plugin can be chained to it): ptp
+// (a veth per pod, the node end holding the gateway address, a /32 route
+// to the pod) or bridge, with host-local addresses from the node's pod
+// CIDR of the testbed (pods from .11, as the testbed numbers them), no
+// masquerading (pods are seen by their own addresses across nodes).
 func cniConfig(n *Node, plugin string) []byte {
 	cidr := n.Testbed.PodCIDR
 	base := cidr.Addr().As4()
@@ -235,13 +249,14 @@ func cniConfig(n *Node, plugin string) []byte {
 		}}},
 		"routes": []map[string]string{{"dst": "0.0.0.0/0"}},
 	}
-	conf := map[string]any{"cniVersion": "0.4.0", "name": "kubecluster", "type": plugin, "ipMasq": false, "mtu": 1500, "ipam": ipam}
+	conf := map[string]any{"type": plugin, "ipMasq": false, "mtu": 1500, "ipam": ipam}
 	if plugin == CNIBridge {
 		conf["bridge"] = "cni0"
 		conf["isGateway"] = true
 		conf["hairpinMode"] = true
 	}
-	b, _ := json.MarshalIndent(conf, "", "  ")
+	list := map[string]any{"cniVersion": "0.4.0", "name": "kubecluster", "plugins": []any{conf}}
+	b, _ := json.MarshalIndent(list, "", "  ")
 	return b
 }
 

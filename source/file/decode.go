@@ -55,6 +55,14 @@ type parser struct {
 	// ready endpoints (pod UIDs by "namespace/name").
 	lenient   bool
 	endpoints map[string][]string
+	// podByUID holds the snapshot's pods by UID, with endpoints.
+	podByUID map[string]indexedPod
+}
+
+// indexedPod is a pod of the snapshot and its place in it.
+type indexedPod struct {
+	pod *corev1.Pod
+	i   int
 }
 
 type located[T any] struct {

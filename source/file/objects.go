@@ -29,6 +29,9 @@ type Objects struct {
 // the source in messages ("kubernetes").
 func BuildObjects(origin string, objs Objects) *Manifest {
 	p := &parser{file: origin, lenient: true, endpoints: objs.Endpoints}
+	if objs.Endpoints != nil {
+		p.podByUID = make(map[string]indexedPod, len(objs.Pods))
+	}
 	loc := func(kind, ns, name string) Location {
 		return Location{File: origin, Kind: kind, Namespace: ns, Name: name}
 	}

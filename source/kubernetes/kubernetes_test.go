@@ -299,7 +299,7 @@ func TestAnInvalidEditKeepsTheLastGoodVersion(t *testing.T) {
 func TestStripPodKeepsWhatMantletReads(t *testing.T) {
 	in := pod("shop", "a", "a", "node1", "198.19.1.10", map[string]string{"app": "web"})
 	in.Annotations["mantlet.io/mesh"] = "disabled"
-	out, err := stripPod(in)
+	out, err := strip(in)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -339,7 +339,7 @@ func BenchmarkBuild(b *testing.B) {
 	f, _ := newFixture(b, core, pols...)
 	b.ResetTimer()
 	for b.Loop() {
-		if _, _, err := f.src.build(); err != nil {
+		if _, err := f.src.build(); err != nil {
 			b.Fatal(err)
 		}
 	}

@@ -97,8 +97,7 @@ func (r *reporter) policies(ctx context.Context) {
 			continue
 		}
 		seen[u.GetUID()] = true
-		want := metav1.Condition{Type: ConditionAccepted, Status: metav1.ConditionTrue, Reason: "Accepted",
-			Message: "in force on the mesh", ObservedGeneration: u.GetGeneration()}
+		want := AcceptedCondition(u.GetGeneration())
 		if why, bad := invalid[u.GetNamespace()+"/"+u.GetName()]; bad {
 			want.Status, want.Reason, want.Message = metav1.ConditionFalse, "Invalid", truncate(why)
 		}
@@ -132,6 +131,13 @@ func (r *reporter) policies(ctx context.Context) {
 			delete(r.behind, uid)
 		}
 	}
+}
+
+// AcceptedCondition is the condition the agents write on a MeshPolicy
+// whose generation is in force.
+func AcceptedCondition(generation int64) metav1.Condition {
+	return metav1.Condition{Type: ConditionAccepted, Status: metav1.ConditionTrue, Reason: "Accepted",
+		Message: "in force on the mesh", ObservedGeneration: generation}
 }
 
 // maxMessage is the longest message a condition may hold (metav1.Condition
@@ -197,6 +203,9 @@ func (r *reporter) meshed(ctx context.Context) {
 			want.Status, want.Reason, want.Message = corev1.ConditionFalse, "Pending", p.Err
 			if want.Message == "" {
 				want.Message = "not enrolled yet"
+			}
+			if p.Reason != "" {
+				want.Reason = p.Reason
 			}
 		}
 		var have *corev1.PodCondition

@@ -15,18 +15,13 @@ import (
 	"testing"
 	"time"
 
-	corev1 "k8s.io/api/core/v1"
-	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/dynamic"
 	"k8s.io/client-go/kubernetes"
-	"k8s.io/utils/ptr"
 
 	"github.com/mantlet/mantlet/internal/kubetest"
 	"github.com/mantlet/mantlet/policy"
-	"github.com/mantlet/mantlet/policy/v1alpha1"
 	"github.com/mantlet/mantlet/source"
 )
 
@@ -64,7 +59,14 @@ func BenchmarkScale(b *testing.B) {
 	}
 	installCRDFile(b, dyn)
 	start := time.Now()
-	fillCluster(b, admin, dyn)
+	var nodes []string
+	for n := range scaleNodes {
+		nodes = append(nodes, "node-"+strconv.Itoa(n))
+	}
+	if err := api.Fill(ctx, dyn, kubetest.Fill{Prefix: "ns-", Namespaces: scaleNamespaces, PodsPerNamespace: scalePodsPerNS,
+		ServicesPerNamespace: scaleSvcsPerNS, Policies: scalePolsPerNS, Nodes: nodes}); err != nil {
+		b.Fatal(err)
+	}
 	b.Logf("filled the API server in %v", time.Since(start).Round(time.Second))
 
 	cfg := api.AdminConfig()
@@ -189,96 +191,6 @@ func podUID(b *testing.B, c kubernetes.Interface, ns, name string) string {
 	}
 	podUIDs.Store(ns+"/"+name, string(p.UID))
 	return string(p.UID)
-}
-
-// fillCluster creates the cluster, sixteen requests at a time.
-func fillCluster(b *testing.B, c kubernetes.Interface, dyn dynamic.Interface) {
-	ctx := context.Background()
-	work := make(chan func() error)
-	var wg sync.WaitGroup
-	var failed sync.Once
-	for range 16 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for f := range work {
-				if err := f(); err != nil {
-					failed.Do(func() { b.Error(err) })
-				}
-			}
-		}()
-	}
-	for n := range scaleNodes {
-		node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-" + strconv.Itoa(n)}}
-		work <- func() error {
-			got, err := c.CoreV1().Nodes().Create(ctx, node, metav1.CreateOptions{})
-			if err != nil {
-				return err
-			}
-			got.Status.Addresses = []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: fmt.Sprintf("10.0.0.%d", n+1)}}
-			_, err = c.CoreV1().Nodes().UpdateStatus(ctx, got, metav1.UpdateOptions{})
-			return err
-		}
-	}
-	for i := range scaleNamespaces {
-		ns := "ns-" + strconv.Itoa(i)
-		if _, err := c.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns,
-			Annotations: map[string]string{"mantlet.io/mesh": "enabled"}}}, metav1.CreateOptions{}); err != nil {
-			b.Fatal(err)
-		}
-		if _, err := c.CoreV1().ServiceAccounts(ns).Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "app"}}, metav1.CreateOptions{}); err != nil {
-			b.Fatal(err)
-		}
-		for j := range scalePodsPerNS {
-			ip := fmt.Sprintf("10.%d.%d.%d", 1+i/200, i%200, 10+j)
-			pod := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "pod-" + strconv.Itoa(j),
-				Labels: map[string]string{"app": "svc-" + strconv.Itoa(j%scaleSvcsPerNS)}},
-				Spec: corev1.PodSpec{NodeName: "node-" + strconv.Itoa((i*scalePodsPerNS+j)%scaleNodes), ServiceAccountName: "app",
-					Containers: []corev1.Container{{Name: "app", Image: "mantlet.test/app"}}}}
-			work <- func() error {
-				got, err := c.CoreV1().Pods(ns).Create(ctx, pod, metav1.CreateOptions{})
-				if err != nil {
-					return err
-				}
-				got.Status = corev1.PodStatus{Phase: corev1.PodRunning, PodIP: ip, PodIPs: []corev1.PodIP{{IP: ip}}}
-				_, err = c.CoreV1().Pods(ns).UpdateStatus(ctx, got, metav1.UpdateOptions{})
-				return err
-			}
-		}
-		for k := range scaleSvcsPerNS {
-			name := "svc-" + strconv.Itoa(k)
-			work <- func() error {
-				svc, err := c.CoreV1().Services(ns).Create(ctx, &corev1.Service{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name},
-					Spec: corev1.ServiceSpec{Selector: map[string]string{"app": name}, Ports: []corev1.ServicePort{{Port: 80}}}}, metav1.CreateOptions{})
-				if err != nil {
-					return err
-				}
-				slice := &discoveryv1.EndpointSlice{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name, Labels: map[string]string{discoveryv1.LabelServiceName: svc.Name}},
-					AddressType: discoveryv1.AddressTypeIPv4, Ports: []discoveryv1.EndpointPort{{Port: ptr.To[int32](80)}}}
-				for j := k; j < scalePodsPerNS; j += scaleSvcsPerNS {
-					slice.Endpoints = append(slice.Endpoints, discoveryv1.Endpoint{Addresses: []string{fmt.Sprintf("10.%d.%d.%d", 1+i/200, i%200, 10+j)},
-						Conditions: discoveryv1.EndpointConditions{Ready: ptr.To(true)}})
-				}
-				_, err = c.DiscoveryV1().EndpointSlices(ns).Create(ctx, slice, metav1.CreateOptions{})
-				return err
-			}
-		}
-		for k := range scalePolsPerNS {
-			pol := &unstructured.Unstructured{Object: map[string]any{"apiVersion": "mantlet.io/v1alpha1", "kind": "MeshPolicy",
-				"metadata": map[string]any{"namespace": ns, "name": "pol-" + strconv.Itoa(k)},
-				"spec": map[string]any{"action": string(v1alpha1.ActionAllow), "selector": map[string]any{"matchLabels": map[string]any{"app": "svc-" + strconv.Itoa(k)}},
-					"rules": []any{map[string]any{"from": []any{map[string]any{"namespaces": []any{ns}}}, "to": map[string]any{"ports": []any{"80"}}}}}}}
-			work <- func() error {
-				_, err := dyn.Resource(MeshPolicies).Namespace(ns).Create(ctx, pol, metav1.CreateOptions{})
-				return err
-			}
-		}
-	}
-	close(work)
-	wg.Wait()
-	if b.Failed() {
-		b.FailNow()
-	}
 }
 
 // memory returns the live heap after a collection and the resident set,

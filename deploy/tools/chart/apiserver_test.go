@@ -340,6 +340,23 @@ func checkAccessMatrix(ctx context.Context, t *testing.T, agent kubernetes.Inter
 		}
 	}
 	t.Logf("granted: %s", strings.Join(granted, ", "))
+	// With the CNI plugin: get of its own DaemonSet, and of nothing else
+	// of that kind (was mantlet uninstalled, or is the agent restarting?).
+	for _, tc := range []struct {
+		ns, name string
+		want     bool
+	}{{Namespace, "mantlet-agent", true}, {Namespace, "other", false}, {"default", "mantlet-agent", false}} {
+		review, err := agent.AuthorizationV1().SelfSubjectAccessReviews().Create(ctx, &authorizationv1.SelfSubjectAccessReview{
+			Spec: authorizationv1.SelfSubjectAccessReviewSpec{ResourceAttributes: &authorizationv1.ResourceAttributes{
+				Verb: "get", Group: "apps", Resource: "daemonsets", Namespace: tc.ns, Name: tc.name}},
+		}, metav1.CreateOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if review.Status.Allowed != tc.want {
+			t.Errorf("get daemonset %s/%s: allowed %v, want %v", tc.ns, tc.name, review.Status.Allowed, tc.want)
+		}
+	}
 }
 
 // checkAgentCalls makes the agent's calls, and some it must not make, for

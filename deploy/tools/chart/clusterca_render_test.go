@@ -27,7 +27,7 @@ func clusterCAValues() map[string]any {
 func TestClusterModeRendersTheCAAndAgentsWithoutTheKey(t *testing.T) {
 	objs := render(t, Options{Values: clusterCAValues()})
 	want := []string{"ServiceAccount", "ServiceAccount", "ClusterRole", "ClusterRole", "ClusterRoleBinding", "ClusterRoleBinding",
-		"Role", "RoleBinding", "Service", "DaemonSet", "Deployment"}
+		"Role", "Role", "RoleBinding", "RoleBinding", "Service", "DaemonSet", "Deployment"}
 	got := kinds(objs)
 	slices.Sort(got)
 	slices.Sort(want)

@@ -98,6 +98,7 @@ func nonDefault() map[string]any {
 		"podAnnotations":      map[string]any{"team": "net"},
 		"podLabels":           map[string]any{"tier": "node"},
 		"podMonitor":          map[string]any{"enabled": true, "interval": "15s", "labels": map[string]any{"release": "prometheus"}},
+		"cni":                 map[string]any{"binDir": "/usr/libexec/cni", "confDir": "/etc/kubernetes/cni/net.d", "excludeNamespaces": []any{"infra"}, "timeoutSeconds": 10},
 		"dashboard":           map[string]any{"enabled": true, "annotations": map[string]any{"grafana_folder": "mesh"}},
 	}
 }
@@ -130,9 +131,9 @@ func TestChartPassesHelmLint(t *testing.T) {
 
 func TestDefaultsRenderTheAgentItsAccountAndLeastPrivilegeRBAC(t *testing.T) {
 	objs := render(t, Options{})
-	want := []string{"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "DaemonSet"}
+	want := []string{"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "DaemonSet"}
 	if got := kinds(objs); !slices.Equal(got, want) {
-		t.Errorf("default values render %v, want %v (no Namespace: helm install --create-namespace makes it; no PodMonitor or dashboard)", got, want)
+		t.Errorf("default values render %v, want %v (no Namespace: helm install --create-namespace makes it; no PodMonitor or dashboard; the Role reads the agent's DaemonSet for its CNI plugin)", got, want)
 	}
 	for _, o := range objs {
 		if ns := o.GetNamespace(); o.GetKind() != "ClusterRole" && o.GetKind() != "ClusterRoleBinding" && ns != Namespace {
@@ -155,7 +156,8 @@ func TestDefaultsRenderTheAgentItsAccountAndLeastPrivilegeRBAC(t *testing.T) {
 	}
 	args := strings.Join(c.Args, " ")
 	for _, a := range []string{"agent --kubernetes ", "--node-name=$(NODE_NAME)", "--ca-dir=/etc/mantlet/ca", "--mtls-mode=PERMISSIVE",
-		"--mesh-root-namespace=mantlet-system", "--drain-timeout=20s", "--log-format=json", "--log-level=info"} {
+		"--mesh-root-namespace=mantlet-system", "--drain-timeout=20s", "--log-format=json", "--log-level=info",
+		"--cni --cni-socket=/run/mantlet/cni.sock --cni-bin-dir=/host/cni/bin --cni-conf-dir=/host/cni/net.d --cni-daemonset=mantlet-system/mantlet-agent --cni-exclude-namespace=kube-system,mantlet-system --cni-timeout=30s"} {
 		if !strings.Contains(args, a) {
 			t.Errorf("args %q lack %q", args, a)
 		}
@@ -220,6 +222,8 @@ func TestDefaultsRenderTheAgentItsAccountAndLeastPrivilegeRBAC(t *testing.T) {
 		{"/run/mantlet", "/run/mantlet", false, nil},
 		{"/run/netns", "/run/netns", true, &hostToContainer},
 		{"/var/run/netns", "/var/run/netns", true, &hostToContainer},
+		{"/host/cni/bin", "/opt/cni/bin", false, nil},
+		{"/host/cni/net.d", "/etc/cni/net.d", false, nil},
 	} {
 		m, ok := mounts[w.path]
 		switch {
@@ -249,6 +253,12 @@ func TestDefaultsRenderTheAgentItsAccountAndLeastPrivilegeRBAC(t *testing.T) {
 	var role rbacv1.ClusterRole
 	only(t, objs, "ClusterRole", &role)
 	checkLeastPrivilege(t, role)
+	var dsRole rbacv1.Role
+	only(t, objs, "Role", &dsRole)
+	if len(dsRole.Rules) != 1 || !slices.Equal(dsRole.Rules[0].Verbs, []string{"get"}) || !slices.Equal(dsRole.Rules[0].Resources, []string{"daemonsets"}) ||
+		!slices.Equal(dsRole.Rules[0].ResourceNames, []string{ds.Name}) {
+		t.Errorf("Role rules %+v, want get of the agent's own DaemonSet only", dsRole.Rules)
+	}
 	var binding rbacv1.ClusterRoleBinding
 	only(t, objs, "ClusterRoleBinding", &binding)
 	if binding.RoleRef.Name != role.Name || len(binding.Subjects) != 1 || binding.Subjects[0].Kind != "ServiceAccount" ||
@@ -286,9 +296,31 @@ func checkLeastPrivilege(t *testing.T, role rbacv1.ClusterRole) {
 	}
 }
 
+// TestTheCNIPluginCanBeTurnedOff: cni.enabled=false renders no CNI flag,
+// no CNI folder and no Role.
+func TestTheCNIPluginCanBeTurnedOff(t *testing.T) {
+	objs := render(t, Options{Values: map[string]any{"cni": map[string]any{"enabled": false}}})
+	if got, want := kinds(objs), []string{"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "DaemonSet"}; !slices.Equal(got, want) {
+		t.Errorf("rendered %v, want %v", got, want)
+	}
+	var ds appsv1.DaemonSet
+	only(t, objs, "DaemonSet", &ds)
+	c := ds.Spec.Template.Spec.Containers[0]
+	for _, a := range c.Args {
+		if strings.HasPrefix(a, "--cni") {
+			t.Errorf("arg %s with the CNI plugin off", a)
+		}
+	}
+	for _, m := range c.VolumeMounts {
+		if strings.HasPrefix(m.MountPath, "/host/cni") {
+			t.Errorf("mount %s with the CNI plugin off", m.MountPath)
+		}
+	}
+}
+
 func TestEveryValueReachesTheObjects(t *testing.T) {
 	objs := render(t, Options{Release: "edge", Namespace: "edge-mesh", Values: nonDefault()})
-	want := []string{"Namespace", "ServiceAccount", "ConfigMap", "ClusterRole", "ClusterRoleBinding", "DaemonSet", "PodMonitor"}
+	want := []string{"Namespace", "ServiceAccount", "ConfigMap", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "DaemonSet", "PodMonitor"}
 	if got := kinds(objs); !slices.Equal(got, want) {
 		t.Fatalf("rendered %v, want %v", got, want)
 	}
@@ -312,7 +344,7 @@ func TestEveryValueReachesTheObjects(t *testing.T) {
 	for _, a := range []string{"--mtls-mode=STRICT", "--mesh-root-namespace=mesh-root", "--drain-timeout=45s", "--log-format=text",
 		"--log-level=debug", "--trust-domain=mesh.example", "--default-deny", "--exclude-cidr=10.96.0.0/12",
 		"--exclude-cidr=169.254.169.254/32", "--exclude-port=22", "--exclude-port=10250", "--uplink=eth0",
-		"--access-log-open", "--svid-ttl=12h"} {
+		"--access-log-open", "--svid-ttl=12h", "--cni", "--cni-exclude-namespace=infra,edge-mesh", "--cni-timeout=10s", "--cni-daemonset=edge-mesh/edge-agent"} {
 		if !slices.Contains(c.Args, a) {
 			t.Errorf("args %q lack %q", args, a)
 		}
@@ -472,7 +504,7 @@ func TestRenderedManifestIsCurrent(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want2 := []string{"Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "DaemonSet"}
+	want2 := []string{"Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding", "DaemonSet"}
 	if crd {
 		want2 = slices.Insert(want2, 0, "CustomResourceDefinition")
 	} else {

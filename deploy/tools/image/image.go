@@ -36,6 +36,10 @@ const (
 // Entrypoint is where the binary sits in the image, and what it runs.
 const Entrypoint = "/mantlet"
 
+// PluginPath is where the CNI plugin sits in the image, beside the
+// binary, where 'mantlet agent --cni' looks for it.
+const PluginPath = "/mantlet-cni"
+
 // Options describe one image archive.
 type Options struct {
 	// Name is the image's reference, for example
@@ -47,6 +51,9 @@ type Options struct {
 	// Binaries are the static mantlet binaries, one per platform, as
 	// "os/arch".
 	Binaries map[string]string
+	// Plugins are the static mantlet-cni binaries (the CNI plugin the
+	// agent installs on its node), by platform; each goes to PluginPath.
+	Plugins map[string]string
 	// Created is the time of every timestamp in the archive (config,
 	// history, layer and tar entries), for reproducible archives.
 	Created time.Time
@@ -96,14 +103,24 @@ func DefaultName(chartDir string) (string, error) {
 // BuildBinary builds cmd/mantlet of the module at root for p, static and
 // stripped, into dir, and returns its path. goCmd is the go command.
 func BuildBinary(ctx context.Context, goCmd, root, dir string, p v1.Platform) (string, error) {
-	out := filepath.Join(dir, "mantlet-"+p.OS+"-"+p.Architecture)
-	cmd := exec.CommandContext(ctx, goCmd, "build", "-trimpath", "-buildvcs=false", "-ldflags=-s -w", "-o", out, "./cmd/mantlet")
+	return buildCommand(ctx, goCmd, root, dir, "mantlet", p)
+}
+
+// BuildPlugin builds cmd/mantlet-cni, the CNI plugin, as BuildBinary
+// builds cmd/mantlet.
+func BuildPlugin(ctx context.Context, goCmd, root, dir string, p v1.Platform) (string, error) {
+	return buildCommand(ctx, goCmd, root, dir, "mantlet-cni", p)
+}
+
+func buildCommand(ctx context.Context, goCmd, root, dir, name string, p v1.Platform) (string, error) {
+	out := filepath.Join(dir, name+"-"+p.OS+"-"+p.Architecture)
+	cmd := exec.CommandContext(ctx, goCmd, "build", "-trimpath", "-buildvcs=false", "-ldflags=-s -w", "-o", out, "./cmd/"+name)
 	cmd.Dir = root
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS="+p.OS, "GOARCH="+p.Architecture)
 	cmd.Stdout = os.Stderr
 	cmd.Stderr = os.Stderr
 	if err := cmd.Run(); err != nil {
-		return "", fmt.Errorf("image: build mantlet for %s: %w", platformKey(p), err)
+		return "", fmt.Errorf("image: build %s for %s: %w", name, platformKey(p), err)
 	}
 	return out, nil
 }
@@ -121,7 +138,7 @@ func Build(opts Options) (v1.ImageIndex, []v1.Image, error) {
 		if !ok {
 			return nil, nil, fmt.Errorf("image: no binary for %s", platformKey(p))
 		}
-		img, err := buildImage(bin, p, opts)
+		img, err := buildImage(bin, opts.Plugins[platformKey(p)], p, opts)
 		if err != nil {
 			return nil, nil, err
 		}
@@ -131,20 +148,26 @@ func Build(opts Options) (v1.ImageIndex, []v1.Image, error) {
 	return idx, imgs, nil
 }
 
-func buildImage(bin string, p v1.Platform, opts Options) (v1.Image, error) {
-	b, err := os.ReadFile(bin)
-	if err != nil {
-		return nil, fmt.Errorf("image: %w", err)
-	}
+func buildImage(bin, plugin string, p v1.Platform, opts Options) (v1.Image, error) {
 	var layerTar bytes.Buffer
 	tw := tar.NewWriter(&layerTar)
-	hdr := &tar.Header{Typeflag: tar.TypeReg, Name: strings.TrimPrefix(Entrypoint, "/"), Mode: 0o755, Size: int64(len(b)),
-		ModTime: opts.Created, Format: tar.FormatPAX}
-	if err := tw.WriteHeader(hdr); err != nil {
-		return nil, fmt.Errorf("image: layer: %w", err)
+	files := [][2]string{{bin, Entrypoint}}
+	if plugin != "" {
+		files = append(files, [2]string{plugin, PluginPath})
 	}
-	if _, err := tw.Write(b); err != nil {
-		return nil, fmt.Errorf("image: layer: %w", err)
+	for _, f := range files {
+		b, err := os.ReadFile(f[0])
+		if err != nil {
+			return nil, fmt.Errorf("image: %w", err)
+		}
+		hdr := &tar.Header{Typeflag: tar.TypeReg, Name: strings.TrimPrefix(f[1], "/"), Mode: 0o755, Size: int64(len(b)),
+			ModTime: opts.Created, Format: tar.FormatPAX}
+		if err := tw.WriteHeader(hdr); err != nil {
+			return nil, fmt.Errorf("image: layer: %w", err)
+		}
+		if _, err := tw.Write(b); err != nil {
+			return nil, fmt.Errorf("image: layer: %w", err)
+		}
 	}
 	if err := tw.Close(); err != nil {
 		return nil, fmt.Errorf("image: layer: %w", err)
@@ -159,7 +182,7 @@ func buildImage(bin string, p v1.Platform, opts Options) (v1.Image, error) {
 	created := v1.Time{Time: opts.Created}
 	img := mutate.ConfigMediaType(mutate.MediaType(empty.Image, types.OCIManifestSchema1), types.OCIConfigJSON)
 	img, err = mutate.Append(img, mutate.Addendum{Layer: layer, MediaType: types.OCILayer,
-		History: v1.History{Created: created, CreatedBy: "mantlet-image: COPY mantlet " + Entrypoint}})
+		History: v1.History{Created: created, CreatedBy: "mantlet-image: COPY mantlet " + Entrypoint + " (and mantlet-cni " + PluginPath + ")"}})
 	if err != nil {
 		return nil, fmt.Errorf("image: %w", err)
 	}

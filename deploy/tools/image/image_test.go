@@ -40,7 +40,7 @@ var (
 func archive(t *testing.T, ref string, created time.Time) ([]byte, map[string][]byte) {
 	t.Helper()
 	dir := t.TempDir()
-	opts := Options{Name: ref, Platforms: []v1.Platform{amd64, arm64}, Binaries: map[string]string{}, Created: created}
+	opts := Options{Name: ref, Platforms: []v1.Platform{amd64, arm64}, Binaries: map[string]string{}, Plugins: map[string]string{}, Created: created}
 	contents := map[string][]byte{}
 	for _, p := range opts.Platforms {
 		k := platformKey(p)
@@ -50,6 +50,11 @@ func archive(t *testing.T, ref string, created time.Time) ([]byte, map[string][]
 			t.Fatal(err)
 		}
 		opts.Binaries[k] = path
+		plugin := path + "-cni"
+		if err := os.WriteFile(plugin, append([]byte("cni "), contents[k]...), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		opts.Plugins[k] = plugin
 	}
 	idx, imgs, err := Build(opts)
 	if err != nil {
@@ -198,7 +203,9 @@ func TestArchiveIsAnOCILayoutNamedForContainerd(t *testing.T) {
 	}
 }
 
-// checkImage checks img's platform, entrypoint, times and only file. Read
+// checkImage checks img's platform, entrypoint, times and only files (the
+// binary and the CNI plugin, whose fake content is the binary's after
+// "cni "). Read
 // from a Docker archive, its manifest is Docker's, made by the reader;
 // otherwise it must be OCI.
 func checkImage(t *testing.T, img v1.Image, p v1.Platform, binary []byte, created time.Time, docker bool) {
@@ -226,11 +233,15 @@ func checkImage(t *testing.T, img v1.Image, p v1.Platform, binary []byte, create
 	}
 	files := layerFiles(t, img)
 	h, ok := files["mantlet"]
-	if len(files) != 1 || !ok {
-		t.Fatalf("%s: layer holds %v, want mantlet alone", p, files)
+	plugin, pok := files["mantlet-cni"]
+	if len(files) != 2 || !ok || !pok {
+		t.Fatalf("%s: layer holds %v, want mantlet and mantlet-cni alone", p, files)
 	}
 	if h.Mode != 0o755 || h.Uid != 0 || h.Gid != 0 || !h.ModTime.Equal(created) || h.PAXRecords["content"] != string(binary) {
 		t.Errorf("%s: /mantlet mode %o uid %d gid %d time %v, content %q", p, h.Mode, h.Uid, h.Gid, h.ModTime, h.PAXRecords["content"])
+	}
+	if plugin.Mode != 0o755 || !plugin.ModTime.Equal(created) || plugin.PAXRecords["content"] != "cni "+string(binary) {
+		t.Errorf("%s: /mantlet-cni mode %o time %v, content %q", p, plugin.Mode, plugin.ModTime, plugin.PAXRecords["content"])
 	}
 }
 

@@ -81,13 +81,16 @@ func run(ctx context.Context, root, out, ref, platforms string) error {
 	if goCmd == "" {
 		goCmd = "go"
 	}
-	opts := Options{Name: ref, Platforms: ps, Binaries: map[string]string{}, Created: created}
+	opts := Options{Name: ref, Platforms: ps, Binaries: map[string]string{}, Plugins: map[string]string{}, Created: created}
 	for _, p := range ps {
 		bin, err := BuildBinary(ctx, goCmd, root, tmp, p)
 		if err != nil {
 			return err
 		}
 		opts.Binaries[platformKey(p)] = bin
+		if opts.Plugins[platformKey(p)], err = BuildPlugin(ctx, goCmd, root, tmp, p); err != nil {
+			return err
+		}
 	}
 	idx, imgs, err := Build(opts)
 	if err != nil {
