@@ -90,6 +90,7 @@ mantlet_datapath_packets_total{event="lookup_inbound_plaintext"} 0
 mantlet_datapath_packets_total{event="local_plain_redirected"} 0
 mantlet_datapath_packets_total{event="lookup_outbound"} 0
 mantlet_datapath_packets_total{event="no_listener_dropped"} 0
+mantlet_datapath_packets_total{event="orphan_dropped"} 0
 mantlet_datapath_packets_total{event="redirected"} 7
 mantlet_datapath_packets_total{event="route_dropped"} 0
 mantlet_datapath_packets_total{event="spoof_dropped"} 2

@@ -254,6 +254,11 @@ type Counters struct {
 	// because neither pod_ingress nor the ztunnel had handled them (a
 	// detached or bypassed program): fail closed.
 	LeakDrops uint64 `event:"leak_dropped"`
+	// OrphanDrops counts later packets of a pod's flow that the ztunnel
+	// carried, dropped by pod_ingress because the ztunnel's end of the
+	// flow is gone (the agent restarted or crashed while the flow was
+	// open): fail closed instead of the rest of the flow in clear.
+	OrphanDrops uint64 `event:"orphan_dropped"`
 }
 
 // Event is one counter of Counters by its metric name.

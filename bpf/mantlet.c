@@ -186,6 +186,24 @@ static __always_inline int excluded(__u32 daddr, __u16 dport_host)
 	return 0;
 }
 
+/* remember_tunneled records that the ztunnel carries the flow a pod sends
+ * as (saddr, daddr, sport, dport). */
+static __always_inline void remember_tunneled(__u32 saddr, __u32 daddr, __u16 sport, __u16 dport)
+{
+	struct flow_key k = { .saddr = saddr, .daddr = daddr, .sport = sport, .dport = dport };
+	__u8 one = 1;
+
+	bpf_map_update_elem(&tunneled, &k, &one, BPF_ANY);
+}
+
+/* tunneled_flow reports whether the ztunnel carried the pod's flow of p. */
+static __always_inline int tunneled_flow(const struct pkt *p)
+{
+	struct flow_key k = { .saddr = p->saddr, .daddr = p->daddr, .sport = p->sport, .dport = p->dport };
+
+	return bpf_map_lookup_elem(&tunneled, &k) != NULL;
+}
+
 static __always_inline void set_probing(__u32 on)
 {
 	__u32 zero = 0;
@@ -416,6 +434,7 @@ int pod_ingress(struct __sk_buff *skb)
 	struct pod_ip_key key = {};
 	struct settings *cfg;
 	struct pkt p;
+	int ret;
 
 	if (parse(skb, &p) < 0)
 		return TC_ACT_UNSPEC;
@@ -454,6 +473,12 @@ int pod_ingress(struct __sk_buff *skb)
 		default:
 			break;
 		}
+		/* The ztunnel carried this flow and its end is gone: passing
+		 * the rest would send it in clear. */
+		if (tunneled_flow(&p)) {
+			COUNT(orphan_drops);
+			return TC_ACT_SHOT;
+		}
 		return pass(skb, cfg);
 	}
 	if (excluded(p.daddr, bpf_ntohs(p.dport))) {
@@ -461,7 +486,10 @@ int pod_ingress(struct __sk_buff *skb)
 		return pass(skb, cfg);
 	}
 	COUNT(redirected);
-	return steer(skb, &p, cfg, SLOT_OUTBOUND);
+	ret = steer(skb, &p, cfg, SLOT_OUTBOUND);
+	if (ret == TC_ACT_UNSPEC)
+		remember_tunneled(p.saddr, p.daddr, p.sport, p.dport);
+	return ret;
 }
 
 /* uplink_ingress sees packets arriving from other nodes. */
@@ -552,8 +580,13 @@ int pod_egress(struct __sk_buff *skb)
 	if (parse(skb, &p) < 0 || !p.tcp)
 		return TC_ACT_UNSPEC;
 	cfg = get_config();
-	if (cfg && cfg->ztunnel_mark && (skb->mark & cfg->ztunnel_mark) == cfg->ztunnel_mark)
+	if (cfg && cfg->ztunnel_mark && (skb->mark & cfg->ztunnel_mark) == cfg->ztunnel_mark) {
+		/* The ztunnel delivers a flow to the pod: the pod's replies
+		 * are tunneled too. */
+		if (p.syn)
+			remember_tunneled(p.daddr, p.saddr, p.dport, p.sport);
 		return TC_ACT_UNSPEC;
+	}
 	/* Kubelet probes come from the node's own addresses. */
 	if (bpf_map_lookup_elem(&node_ips, &p.saddr))
 		return TC_ACT_UNSPEC;

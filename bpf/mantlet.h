@@ -98,6 +98,7 @@ struct counter_set {
 	__u64 local_plain_redirected; /* pod_egress: plaintext SYNs from unmeshed pods of this node turned to the ztunnel */
 	__u64 route_drops;          /* tc: captured SYNs dropped because policy routing would not deliver them locally */
 	__u64 leak_drops;           /* uplink_egress: packets of enrolled pods leaving the node unchecked by pod_ingress or the ztunnel */
+	__u64 orphan_drops;         /* pod_ingress: later packets of a flow the ztunnel carried whose ztunnel socket is gone (agent restarted or crashed) */
 };
 
 #define MAX_IFACES 4096
@@ -106,6 +107,7 @@ struct counter_set {
 #define MAX_NODE_IPS 64
 #define MAX_EXCLUDE_CIDRS 256
 #define MAX_EXCLUDE_PORTS 64
+#define MAX_TUNNELED_FLOWS 65536
 
 /* All maps are pinned by name under the node's pin directory so that a
  * restarting agent adopts them. */
@@ -126,6 +128,29 @@ struct {
 	__type(value, struct iface_info);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ifaces SEC(".maps");
+
+/* A TCP flow as a pod sends it: its packets' addresses and ports (network
+ * byte order). */
+struct flow_key {
+	__u32 saddr;
+	__u32 daddr;
+	__u16 sport;
+	__u16 dport;
+};
+
+/* Flows of enrolled pods that the ztunnel carries, keyed as the pod sends
+ * them: recorded when pod_ingress steers a pod's SYN to the ztunnel and
+ * when the ztunnel's SYN reaches a pod (reversed). A later packet of such
+ * a flow that no socket owns any more (the ztunnel's end died with the
+ * agent) is dropped, never passed in clear. Least recently used entries
+ * make room (long-idle flows are the first to go). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, MAX_TUNNELED_FLOWS);
+	__type(key, struct flow_key);
+	__type(value, __u8);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} tunneled SEC(".maps");
 
 /* (ifindex, address) pairs a pod may send from (anti-spoofing). */
 struct {

@@ -30,6 +30,15 @@ type mantletCounterSet struct {
 	LocalPlainRedirected uint64
 	RouteDrops           uint64
 	LeakDrops            uint64
+	OrphanDrops          uint64
+}
+
+type mantletFlowKey struct {
+	_     structs.HostLayout
+	Saddr uint32
+	Daddr uint32
+	Sport uint16
+	Dport uint16
 }
 
 type mantletIfaceInfo struct {
@@ -82,6 +91,7 @@ const (
 	mantletMapNodeIps        = "node_ips"
 	mantletMapPodIps         = "pod_ips"
 	mantletMapProbing        = "probing"
+	mantletMapTunneled       = "tunneled"
 	mantletProgNodeSkLookup  = "node_sk_lookup"
 	mantletProgPodEgress     = "pod_egress"
 	mantletProgPodIngress    = "pod_ingress"
@@ -152,6 +162,7 @@ type mantletMapSpecs struct {
 	NodeIps   *ebpf.MapSpec `ebpf:"node_ips"`
 	PodIps    *ebpf.MapSpec `ebpf:"pod_ips"`
 	Probing   *ebpf.MapSpec `ebpf:"probing"`
+	Tunneled  *ebpf.MapSpec `ebpf:"tunneled"`
 }
 
 // mantletVariableSpecs contains global variables before they are loaded into the kernel.
@@ -190,6 +201,7 @@ type mantletMaps struct {
 	NodeIps   *ebpf.Map `ebpf:"node_ips"`
 	PodIps    *ebpf.Map `ebpf:"pod_ips"`
 	Probing   *ebpf.Map `ebpf:"probing"`
+	Tunneled  *ebpf.Map `ebpf:"tunneled"`
 }
 
 func (m *mantletMaps) Close() error {
@@ -204,6 +216,7 @@ func (m *mantletMaps) Close() error {
 		m.NodeIps,
 		m.PodIps,
 		m.Probing,
+		m.Tunneled,
 	)
 }
 

@@ -232,6 +232,35 @@ func TestPodIngressAssignsOwnedFlows(t *testing.T) {
 	}
 }
 
+// TestOrphanedTunneledFlowsAreDropped: once the ztunnel delivered a flow
+// to a pod (its marked SYN went out to the pod's veth), the pod's later
+// packets of that flow that no socket owns any more (the ztunnel's end
+// died with the agent) are dropped and counted, not passed in clear; a
+// flow the ztunnel never carried still passes.
+func TestOrphanedTunneledFlowsAreDropped(t *testing.T) {
+	f := newProgFixture(t, nil)
+	enter(t, f.ns)
+	if err := f.d.EnrollPod(Pod{HostIfindex: f.pod, IPs: []netip.Addr{podIP}}); err != nil {
+		t.Fatalf("EnrollPod: %v", err)
+	}
+	syn := packet{src: ap(remotePod, 41000), dst: ap(podIP, 80), flags: tcpSYN}
+	if verdict, _ := f.runTC(t, f.d.objs.PodEgress, f.pod, syn.bytes(), DefaultZtunnelMark); verdict != verdictNext {
+		t.Fatalf("the ztunnel's SYN to the pod: verdict %#x, want %#x", verdict, uint32(verdictNext))
+	}
+	before := f.counters(t)
+	reply := packet{src: ap(podIP, 80), dst: ap(remotePod, 41000), flags: tcpACK}
+	if verdict, mark := f.runTC(t, f.d.objs.PodIngress, f.pod, reply.bytes(), 0); verdict != verdictDrop || mark&DefaultPassMark != 0 {
+		t.Errorf("the pod's reply with the ztunnel's end gone: verdict %#x mark %#x, want dropped %#x unstamped", verdict, mark, uint32(verdictDrop))
+	}
+	if got := f.counters(t).diff(before); got != "orphan_dropped+1" {
+		t.Errorf("counters changed by %q, want %q", got, "orphan_dropped+1")
+	}
+	other := packet{src: ap(podIP, 80), dst: ap(remotePod, 41001), flags: tcpACK}
+	if verdict, mark := f.runTC(t, f.d.objs.PodIngress, f.pod, other.bytes(), 0); verdict != verdictNext || mark&DefaultPassMark == 0 {
+		t.Errorf("a flow the ztunnel never carried: verdict %#x mark %#x, want passed stamped", verdict, mark)
+	}
+}
+
 func TestPodEgressStrict(t *testing.T) {
 	f := newProgFixture(t, nil)
 	tests := []struct {
