@@ -35,18 +35,20 @@ func client(t *testing.T, addr string) *admin.Client {
 func TestStatusSaysWhatNeedsAttention(t *testing.T) {
 	f := admintest.New(t)
 	c := client(t, f.Addr)
-	f.Pods = append(f.Pods, admintestPending())
+	f.Pods = append(f.Pods, admintestPending(), agent.PodStatus{Pod: "shop/on-bridge", IP: netip.MustParseAddr("198.19.1.41"),
+		Reason: agent.ReasonBridgedCNI, Err: "find veth: route to 198.19.1.41 leaves through cni0, a bridge: " + agent.ErrBridgedCNI.Error()})
 	st, err := c.Status(context.Background())
 	if err != nil {
 		t.Fatal(err)
 	}
 	if !st.Ready || st.Node != "node-a" || st.Snapshot.Workloads != 4 || st.Snapshot.LocalWorkloads != 3 ||
-		st.Snapshot.Enrolled != 2 || st.Snapshot.Pending != 1 || st.Policy.Policies != 3 || st.Policy.Generation != 1 ||
+		st.Snapshot.Enrolled != 2 || st.Snapshot.Pending != 2 || st.Policy.Policies != 3 || st.Policy.Generation != 1 ||
 		!st.Datapath.SkLookupAttached || fmt.Sprint(st.Datapath.Listeners) != "[outbound hbone]" || st.Flows.Open != 3 {
 		t.Errorf("status = %+v", st)
 	}
 	want := []string{
 		"pod shop/new-0 pending: no veth routes to 198.19.1.40",
+		"pod shop/on-bridge refused (BridgedCNINotSupported), not captured: find veth: route to 198.19.1.41 leaves through cni0, a bridge: " + agent.ErrBridgedCNI.Error(),
 		"certificate of spiffe://cluster.local/ns/shop/sa/frontend expires in 30m0s",
 		"certificate of spiffe://cluster.local/ns/shop/sa/frontend: 3 failed attempts, last: ca: connection refused",
 	}

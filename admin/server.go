@@ -231,6 +231,10 @@ func (s *Server) Status() Status {
 			if why == "" {
 				why = "not enrolled yet"
 			}
+			if p.Reason != "" {
+				st.Problems = append(st.Problems, fmt.Sprintf("pod %s refused (%s), not captured: %s", p.Pod, p.Reason, why))
+				continue
+			}
 			st.Problems = append(st.Problems, fmt.Sprintf("pod %s pending: %s", p.Pod, why))
 		}
 	}

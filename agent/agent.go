@@ -139,6 +139,10 @@ type Agent struct {
 	changed  chan struct{} // a value when Pods reports something new (coalesced)
 	// plainClosed counts connections ended by Config.Plaintext.
 	plainClosed atomic.Uint64
+	// refusedBridged counts the pods refused because the node's CNI is a
+	// bridged one (each pod once while the agent tracks it: a held pod
+	// whose sandbox the runtime makes again counts again).
+	refusedBridged atomic.Uint64
 
 	mu       sync.Mutex           // serialises reconcile passes
 	pods     map[string]*podState // by workload UID: pods enrolled or to enroll
@@ -159,6 +163,8 @@ type podState struct {
 	failures int
 	retryAt  time.Time
 	lastErr  string
+	reason   string     // ReasonBridgedCNI when refused, "" otherwise
+	wantIP   netip.Addr // the pod's first address in the desired state
 }
 
 // New checks cfg and returns an Agent; call Run, then Apply.
@@ -328,7 +334,7 @@ func (a *Agent) attempt(p *pass, st *podState, step func() error) bool {
 		p.due(st.retryAt)
 		return false
 	}
-	st.failures, st.retryAt, st.lastErr = 0, time.Time{}, ""
+	st.failures, st.retryAt, st.lastErr, st.reason = 0, time.Time{}, "", ""
 	return true
 }
 
@@ -383,6 +389,7 @@ func (a *Agent) enrollWanted(p *pass, uid string, d desiredPod) {
 		st = &podState{uid: uid, name: d.w.String()}
 		a.pods[uid] = st
 	}
+	st.wantIP = d.ips[0]
 	if st.ifindex != 0 {
 		p.owned[st.ifindex] = true
 	}
@@ -544,8 +551,29 @@ func (a *Agent) fail(st *podState, now time.Time, err error) {
 		level = slog.LevelWarn
 	}
 	st.lastErr = msg
+	if errors.Is(err, ErrBridgedCNI) {
+		// Not a wait for the CNI: a node mantlet cannot capture on. Say so
+		// loudly, never enroll the pod, and keep checking in case the
+		// pod's wiring changes.
+		if st.reason != ReasonBridgedCNI {
+			st.reason = ReasonBridgedCNI
+			a.refusedBridged.Add(1)
+		}
+		if level == slog.LevelWarn {
+			level = slog.LevelError
+		}
+		a.log.Log(context.Background(), level, "agent: pod refused: bridged CNI is not supported; its traffic is not captured, and new sandboxes of meshed pods are held by the CNI plugin",
+			"pod", st.name, "error", msg, "attempts", st.failures, "retry_in", wait)
+		return
+	}
+	st.reason = ""
 	a.log.Log(context.Background(), level, "agent: pod not enrolled; will retry", "pod", st.name, "error", msg, "attempts", st.failures, "retry_in", wait)
 }
+
+// RefusedBridged returns how many times the agent refused a pod because
+// its address leads to a bridge (ErrBridgedCNI): once per pod, and again
+// when a held pod comes back with a new sandbox.
+func (a *Agent) RefusedBridged() uint64 { return a.refusedBridged.Load() }
 
 // backoff is the wait before the next attempt after failures failed ones.
 func (a *Agent) backoff(failures int) time.Duration {
@@ -601,6 +629,10 @@ type PodStatus struct {
 	Strict bool
 	// Err is the last failure, "" when enrolled.
 	Err string
+	// Reason is ReasonBridgedCNI when the agent refuses the pod because
+	// mantlet cannot capture it on this node (Err says more), "" when
+	// the pod is enrolled or waits to be.
+	Reason string
 }
 
 // Pods reports every local pod the agent wants enrolled, sorted by name,
@@ -617,9 +649,14 @@ func (a *Agent) Pods() []PodStatus {
 func (a *Agent) publish() {
 	out := make([]PodStatus, 0, len(a.pods))
 	for _, st := range a.pods {
-		ps := PodStatus{Pod: st.name, UID: st.uid, Ifindex: st.ifindex, Strict: st.strict, Err: st.lastErr}
+		ps := PodStatus{Pod: st.name, UID: st.uid, Ifindex: st.ifindex, Strict: st.strict, Err: st.lastErr, Reason: st.reason}
 		if len(st.ips) > 0 {
 			ps.IP = st.ips[0]
+		}
+		if st.ifindex == 0 || st.lastErr != "" {
+			// Not (yet) enrolled at its current address: report that one,
+			// so that whoever waits for the pod (the CNI plugin) sees why.
+			ps.IP = st.wantIP
 		}
 		out = append(out, ps)
 	}

@@ -52,6 +52,9 @@ func (r *RouteLinks) PodLink(ip netip.Addr) (int, error) {
 	}
 	routes = slices.DeleteFunc(routes, func(rt netlink.Route) bool { return rt.LinkIndex == 0 || len(rt.MultiPath) > 0 })
 	if len(routes) == 0 {
+		if br := r.bridgeFor(ip, family); br != "" {
+			return 0, fmt.Errorf("route to %s leaves through %s, a bridge: %w", ip, br, ErrBridgedCNI)
+		}
 		return 0, fmt.Errorf("route to %s: %w", ip, ErrNotPodRoute)
 	}
 	rt := routes[0]
@@ -62,10 +65,50 @@ func (r *RouteLinks) PodLink(ip netip.Addr) (int, error) {
 	if err != nil {
 		return 0, fmt.Errorf("route to %s: link %d: %w", ip, rt.LinkIndex, err)
 	}
+	if link.Type() == "bridge" {
+		return 0, fmt.Errorf("route to %s leaves through %s, a bridge: %w", ip, link.Attrs().Name, ErrBridgedCNI)
+	}
 	if link.Type() != "veth" {
 		return 0, fmt.Errorf("route to %s leaves through %s, a %s device: %w", ip, link.Attrs().Name, link.Type(), ErrNotPodRoute)
 	}
+	if m := link.Attrs().MasterIndex; m != 0 {
+		if master, err := r.nl.LinkByIndex(m); err == nil && master.Type() == "bridge" {
+			return 0, fmt.Errorf("route to %s leaves through %s, a port of bridge %s: %w", ip, link.Attrs().Name, master.Attrs().Name, ErrBridgedCNI)
+		}
+	}
 	return rt.LinkIndex, nil
+}
+
+// bridgeFor returns the name of the bridge that the most specific
+// directly connected route of the main table covering ip goes through
+// (the subnet route of a bridge CNI, such as 10.244.1.0/24 dev cni0), or
+// "" when that route is not through a bridge. Default routes and routes
+// through a gateway are not a bridge CNI's and are ignored, so a node
+// whose uplink is a bridge is not mistaken for one.
+func (r *RouteLinks) bridgeFor(ip netip.Addr, family int) string {
+	routes, err := r.nl.RouteListFiltered(family, &netlink.Route{Table: unix.RT_TABLE_MAIN}, netlink.RT_FILTER_TABLE)
+	if err != nil {
+		return ""
+	}
+	best, bestBits := 0, -1
+	for _, rt := range routes {
+		if rt.Dst == nil || rt.Gw != nil || rt.LinkIndex == 0 || len(rt.MultiPath) > 0 {
+			continue
+		}
+		bits, _ := rt.Dst.Mask.Size()
+		if bits == 0 || bits <= bestBits || !rt.Dst.Contains(ip.AsSlice()) {
+			continue
+		}
+		best, bestBits = rt.LinkIndex, bits
+	}
+	if best == 0 {
+		return ""
+	}
+	link, err := r.nl.LinkByIndex(best)
+	if err != nil || link.Type() != "bridge" {
+		return ""
+	}
+	return link.Attrs().Name
 }
 
 // FindUplinks returns the names of the interfaces that hold one of the

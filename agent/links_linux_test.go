@@ -89,18 +89,19 @@ func TestRouteLinksFindsPodVethsOfARoutedCNI(t *testing.T) {
 			ip      string
 			want    int
 			wantErr string
+			errIs   error
 		}{
-			{"198.19.1.10", pod.Attrs().Index, ""},
-			{"198.19.1.11", 0, "route to 198.19.1.11: " + ErrNotPodRoute.Error()},
-			{"198.19.2.5", 0, "route to 198.19.2.5: " + ErrNotPodRoute.Error()},
-			{"198.19.4.4", 0, "route to 198.19.4.4 goes through gateway 198.18.0.2: " + ErrNotPodRoute.Error()},
-			{"198.19.3.10", 0, "route to 198.19.3.10 leaves through mt-br0, a bridge device: " + ErrNotPodRoute.Error()},
+			{"198.19.1.10", pod.Attrs().Index, "", nil},
+			{"198.19.1.11", 0, "route to 198.19.1.11: " + ErrNotPodRoute.Error(), ErrNotPodRoute},
+			{"198.19.2.5", 0, "route to 198.19.2.5: " + ErrNotPodRoute.Error(), ErrNotPodRoute},
+			{"198.19.4.4", 0, "route to 198.19.4.4 goes through gateway 198.18.0.2: " + ErrNotPodRoute.Error(), ErrNotPodRoute},
+			{"198.19.3.10", 0, "route to 198.19.3.10 leaves through mt-br0, a bridge: " + ErrBridgedCNI.Error(), ErrBridgedCNI},
 		} {
 			got, err := rl.PodLink(netip.MustParseAddr(tc.ip))
 			switch {
 			case tc.wantErr == "" && (err != nil || got != tc.want):
 				t.Errorf("PodLink(%s) = %d, %v; want %d", tc.ip, got, err, tc.want)
-			case tc.wantErr != "" && (err == nil || err.Error() != tc.wantErr || !errors.Is(err, ErrNotPodRoute)):
+			case tc.wantErr != "" && (err == nil || err.Error() != tc.wantErr || !errors.Is(err, tc.errIs)):
 				t.Errorf("PodLink(%s) error = %v\nwant %s", tc.ip, err, tc.wantErr)
 			}
 		}
@@ -115,6 +116,61 @@ func TestRouteLinksFindsPodVethsOfARoutedCNI(t *testing.T) {
 			got, err := FindUplinks(tc.nodeIPs)
 			if err != nil || !slices.Equal(got, tc.want) {
 				t.Errorf("FindUplinks(%v) = %v, %v; want %v", tc.nodeIPs, got, err, tc.want)
+			}
+		}
+	})
+}
+
+func TestRouteLinksRefusesPodsOfABridgedCNI(t *testing.T) {
+	privtest.Require(t)
+	inFreshNetns(t, func(h *netlink.Handle) {
+		must := func(what string, err error) {
+			t.Helper()
+			if err != nil {
+				t.Fatalf("%s: %v", what, err)
+			}
+		}
+		bridge := func(name, cidr string) netlink.Link {
+			t.Helper()
+			must("bridge "+name, h.LinkAdd(&netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: name}}))
+			l, err := h.LinkByName(name)
+			must("find "+name, err)
+			addr, err := netlink.ParseAddr(cidr)
+			must("parse "+cidr, err)
+			must("address", h.AddrAdd(l, addr))
+			must("up", h.LinkSetUp(l))
+			return l
+		}
+		// The bridge CNI's node: cni0 holds the gateway of the pod
+		// subnet (a connected /24 route), pods' veths are its ports.
+		cni0 := bridge("mt-cni0", "10.244.1.1/24")
+		must("add veth", h.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "mt-h1", MasterIndex: cni0.Attrs().Index}, PeerName: "mt-p1"}))
+		port, err := h.LinkByName("mt-h1")
+		must("find mt-h1", err)
+		must("up", h.LinkSetUp(port))
+		// A veth that is a bridge port, with a /32 route of its own.
+		_, host32, _ := net.ParseCIDR("10.244.1.50/32")
+		must("route", h.RouteAdd(&netlink.Route{LinkIndex: port.Attrs().Index, Dst: host32, Scope: netlink.SCOPE_LINK}))
+		// The node's uplink is a bridge too (a common host set-up): its
+		// default route must not make every unknown address "bridged".
+		up := bridge("mt-up", "192.0.2.10/24")
+		must("default route", h.RouteAdd(&netlink.Route{LinkIndex: up.Attrs().Index, Gw: net.ParseIP("192.0.2.1")}))
+
+		rl, err := NewRouteLinks()
+		must("NewRouteLinks", err)
+		defer rl.Close()
+		for _, tc := range []struct {
+			ip, wantErr string
+			errIs       error
+		}{
+			{"10.244.1.11", "route to 10.244.1.11 leaves through mt-cni0, a bridge: " + ErrBridgedCNI.Error(), ErrBridgedCNI},
+			{"10.244.1.50", "route to 10.244.1.50 leaves through mt-h1, a port of bridge mt-cni0: " + ErrBridgedCNI.Error(), ErrBridgedCNI},
+			{"10.244.7.7", "route to 10.244.7.7: " + ErrNotPodRoute.Error(), ErrNotPodRoute},
+			{"192.0.2.77", "route to 192.0.2.77 leaves through mt-up, a bridge: " + ErrBridgedCNI.Error(), ErrBridgedCNI},
+		} {
+			_, err := rl.PodLink(netip.MustParseAddr(tc.ip))
+			if err == nil || err.Error() != tc.wantErr || !errors.Is(err, tc.errIs) {
+				t.Errorf("PodLink(%s) error = %v\nwant %s", tc.ip, err, tc.wantErr)
 			}
 		}
 	})

@@ -30,7 +30,7 @@ type Collector struct {
 	datapath   DatapathCounters
 	rejections func() map[string]uint64
 
-	ready, pods, reloadsDesc, lastReload, lastRejection, sourceUp, events, repairs, refused, plainClosed *prometheus.Desc
+	ready, pods, reloadsDesc, lastReload, lastRejection, sourceUp, events, repairs, refused, plainClosed, refusedPods *prometheus.Desc
 }
 
 // NewCollector returns a collector over a; reloads, datapath and
@@ -56,6 +56,8 @@ func NewCollector(a *Agent, reloads ConfigReloads, datapath DatapathCounters, re
 			"Pieces of the data path's kernel state found missing (a routing rule or route deleted, lo down, a program detached, a pin removed) and put back, by fault.", []string{"fault"}, nil),
 		refused: prometheus.NewDesc("mantlet_ztunnel_refused_connections_total",
 			"Connections the ztunnel refused or ended badly, by reason.", []string{"response_flags"}, nil),
+		refusedPods: prometheus.NewDesc("mantlet_agent_refused_pods_total",
+			"Times the agent refused to enroll a local meshed pod because mantlet cannot capture it on this node, by reason (BridgedCNINotSupported: the pod's address leads to a Linux bridge); counted once per pod and sandbox (a held pod whose sandbox the runtime retries counts again).", []string{"reason"}, nil),
 		plainClosed: prometheus.NewDesc("mantlet_strict_plaintext_connections_closed_total",
 			"Plaintext connections that bypassed the ztunnel, closed because their destination pod turned STRICT.", nil, nil),
 	}
@@ -66,6 +68,7 @@ func (c *Collector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.ready
 	ch <- c.pods
 	ch <- c.plainClosed
+	ch <- c.refusedPods
 	if c.reloads != nil {
 		ch <- c.reloadsDesc
 		ch <- c.lastReload
@@ -96,6 +99,7 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(c.pods, prometheus.GaugeValue, enrolled, "enrolled")
 	ch <- prometheus.MustNewConstMetric(c.pods, prometheus.GaugeValue, pending, "pending")
 	ch <- prometheus.MustNewConstMetric(c.plainClosed, prometheus.CounterValue, float64(c.agent.PlaintextClosed()))
+	ch <- prometheus.MustNewConstMetric(c.refusedPods, prometheus.CounterValue, float64(c.agent.RefusedBridged()), ReasonBridgedCNI)
 	if c.reloads != nil {
 		st := c.reloads.Status()
 		ch <- prometheus.MustNewConstMetric(c.reloadsDesc, prometheus.CounterValue, float64(st.Applied), "applied")

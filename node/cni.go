@@ -7,6 +7,9 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"slices"
+	"strings"
+	"sync"
 	"time"
 
 	"github.com/mantlet/mantlet/agent"
@@ -65,7 +68,79 @@ type cniEnroller struct {
 	recheck func() // asks the agent for a pass now
 	poll    time.Duration
 	ifindex func(name string) (int, error)
+	refused refusals
 }
+
+// refusals remembers the pods the agent refused while their sandbox was
+// being made, so that the refusal stays visible (the pod's Meshed
+// condition, 'mantlet status') after the runtime tore the failed sandbox
+// down and the agent forgot the pod. Bounded: the oldest go first, and
+// every entry expires.
+type refusals struct {
+	mu   sync.Mutex
+	pods map[string]refusal // by namespace/name
+}
+
+type refusal struct {
+	st agent.PodStatus
+	at time.Time
+}
+
+const (
+	maxRefusals = 256
+	refusalTTL  = 10 * time.Minute
+)
+
+func (r *refusals) add(st agent.PodStatus, uid string, now time.Time) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.pods == nil {
+		r.pods = map[string]refusal{}
+	}
+	if _, ok := r.pods[st.Pod]; !ok && len(r.pods) >= maxRefusals {
+		oldest := ""
+		for k, v := range r.pods {
+			if oldest == "" || v.at.Before(r.pods[oldest].at) {
+				oldest = k
+			}
+		}
+		delete(r.pods, oldest)
+	}
+	st.UID = uid
+	r.pods[st.Pod] = refusal{st: st, at: now}
+}
+
+func (r *refusals) forget(pod string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	delete(r.pods, pod)
+}
+
+// merge returns pods with the remembered refusals of the pods it does not
+// list, sorted by name.
+func (r *refusals) merge(pods []agent.PodStatus, now time.Time) []agent.PodStatus {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if len(r.pods) == 0 {
+		return pods
+	}
+	out := slices.Clone(pods)
+	for k, v := range r.pods {
+		if now.Sub(v.at) > refusalTTL {
+			delete(r.pods, k)
+			continue
+		}
+		if !slices.ContainsFunc(pods, func(p agent.PodStatus) bool { return p.Pod == k }) {
+			out = append(out, v.st)
+		}
+	}
+	slices.SortFunc(out, func(a, b agent.PodStatus) int { return strings.Compare(a.Pod, b.Pod) })
+	return out
+}
+
+// Pods is the agent's view of its pods plus the pods it refused lately
+// whose sandbox is gone (see refusals).
+func (e *cniEnroller) Pods() []agent.PodStatus { return e.refused.merge(e.pods(), time.Now()) }
 
 func newCNIEnroller(src podAnnouncer, store *workload.Store, ag *agent.Agent) *cniEnroller {
 	return &cniEnroller{src: src, store: store, pods: ag.Pods, recheck: ag.Recheck, poll: 10 * time.Millisecond,
@@ -114,6 +189,7 @@ func (e *cniEnroller) Add(ctx context.Context, r *cni.Request) (cni.Response, er
 		case w == nil || w.Namespace != r.Namespace || w.Name != r.Name:
 			why = "the agent's informer has not shown the pod yet"
 		case !w.Enrolled:
+			e.refused.forget(r.Pod())
 			return cni.Response{}, nil
 		default:
 			why = "the agent has not enrolled it yet"
@@ -122,9 +198,17 @@ func (e *cniEnroller) Add(ctx context.Context, r *cni.Request) (cni.Response, er
 					continue
 				}
 				switch {
+				case p.Reason != "":
+					// The agent refuses the pod (a bridged CNI): fail the
+					// sandbox now with the reason, rather than after the
+					// timeout. The pod stays held: it never starts
+					// uncaptured.
+					e.refused.add(p, r.UID, time.Now())
+					return cni.Response{}, fmt.Errorf("pod %s (%s) refused by the agent (%s): %s", r.Pod(), ip, p.Reason, p.Err)
 				case p.Err != "":
 					why = p.Err
 				case p.Ifindex != 0 && (host == 0 || p.Ifindex == host):
+					e.refused.forget(r.Pod())
 					return cni.Response{Meshed: true, Ifindex: p.Ifindex}, nil
 				case p.Ifindex != 0:
 					why = fmt.Sprintf("the agent has enrolled veth %d, not the pod's new %s (%d) yet", p.Ifindex, r.HostInterface, host)

@@ -114,3 +114,36 @@ func TestTheAgentGivesUpBeforeThePlugin(t *testing.T) {
 		}
 	}
 }
+
+func TestTheCNIAnswerFailsAtOnceForAPodTheAgentRefuses(t *testing.T) {
+	f := &fakeCluster{store: workload.NewStore(), meshed: map[string]bool{"shop": true}}
+	gone := false // the runtime tore the sandbox down: the agent forgot the pod
+	refused := func() []agent.PodStatus {
+		if gone {
+			return nil
+		}
+		return []agent.PodStatus{{Pod: "shop/new", IP: netip.MustParseAddr("198.19.1.11"), Reason: agent.ReasonBridgedCNI,
+			Err: "find veth: route to 198.19.1.11 leaves through cni0, a bridge: " + agent.ErrBridgedCNI.Error()}}
+	}
+	e := &cniEnroller{src: f, store: f.store, pods: refused, recheck: f.recheck, poll: time.Millisecond,
+		ifindex: func(string) (int, error) { return 42, nil }}
+	// A long deadline: the answer must not wait for it.
+	ctx, cancel := context.WithTimeout(t.Context(), time.Minute)
+	defer cancel()
+	start := time.Now()
+	got, err := e.Add(ctx, &cni.Request{Command: cni.Add, Namespace: "shop", Name: "new", UID: "u1",
+		IPs: []netip.Addr{netip.MustParseAddr("198.19.1.11")}, HostInterface: "veth-new"})
+	want := "pod shop/new (198.19.1.11) refused by the agent (BridgedCNINotSupported): find veth: route to 198.19.1.11 leaves through cni0, a bridge: " + agent.ErrBridgedCNI.Error()
+	if err == nil || err.Error() != want || got.Meshed {
+		t.Fatalf("answer %+v, error %v\nwant error %s", got, err, want)
+	}
+	if took := time.Since(start); took > 10*time.Second {
+		t.Errorf("answered after %v; a refused pod is answered at once, not at the timeout", took)
+	}
+	// The refusal stays visible (Meshed condition, 'mantlet status') once
+	// the sandbox is gone.
+	gone = true
+	if ps := e.Pods(); len(ps) != 1 || ps[0].Pod != "shop/new" || ps[0].UID != "u1" || ps[0].Reason != agent.ReasonBridgedCNI {
+		t.Errorf("Pods after the sandbox went = %+v; want the refused pod", ps)
+	}
+}

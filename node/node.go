@@ -382,9 +382,14 @@ func Run(ctx context.Context, cfg Config) error {
 			g.run("cni install", func() error { return runCNIInstall(runCtx, *cfg.CNI, log.With("component", "cni")) })
 		}
 	}
+	// The agent's pods, and the pods it refused whose sandbox is gone.
+	pods := ag.Pods
+	if cniEnroll != nil {
+		pods = cniEnroll.Pods
+	}
 	if rep, ok := cfg.Source.(source.Reporter); ok {
 		g.run("report", func() error {
-			return rep.Report(runCtx, cfg.Node, func() []source.PodReport { return podReports(ag.Pods()) }, ag.Changed())
+			return rep.Report(runCtx, cfg.Node, func() []source.PodReport { return podReports(pods()) }, ag.Changed())
 		})
 	}
 	g.run("security events", func() error {
@@ -392,7 +397,7 @@ func Run(ctx context.Context, cfg Config) error {
 		return nil
 	})
 	obsv.run(runCtx, g, proxy, admin.Config{Node: cfg.Node, TrustDomain: cfg.TrustDomain, Snapshot: store.Load, Ready: ag.Ready,
-		Pods: ag.Pods, Datapath: dp, Source: cfg.Source.Status, Policy: en.eng, Policies: en.policies,
+		Pods: pods, Datapath: dp, Source: cfg.Source.Status, Policy: en.eng, Policies: en.policies,
 		Certificates: ids.Certificates, Bundles: func() []identity.BundleInfo { return append(ids.Bundles(), fed.Bundles()...) }, Logger: log.With("component", "admin")})
 	for i, s := range servers {
 		g.run("http "+s.Addr, func() error {
@@ -453,7 +458,7 @@ func podReports(pods []agent.PodStatus) []source.PodReport {
 	out := make([]source.PodReport, 0, len(pods))
 	for _, p := range pods {
 		ns, name, _ := strings.Cut(p.Pod, "/")
-		out = append(out, source.PodReport{Namespace: ns, Name: name, UID: p.UID, Enrolled: p.Ifindex != 0 && p.Err == "", Strict: p.Strict, Err: p.Err})
+		out = append(out, source.PodReport{Namespace: ns, Name: name, UID: p.UID, Enrolled: p.Ifindex != 0 && p.Err == "", Strict: p.Strict, Err: p.Err, Reason: p.Reason})
 	}
 	return out
 }

@@ -61,6 +61,10 @@ type PodReport struct {
 	Enrolled, Strict bool
 	// Err says why a pod that should be enrolled is not (yet).
 	Err string
+	// Reason, when set, says the node refuses the pod rather than waits
+	// for it (agent.ReasonBridgedCNI); it is the reason of the pod's
+	// Meshed condition.
+	Reason string
 }
 
 // Reporter is a source that writes back to the cluster what the mesh made

@@ -72,50 +72,74 @@ func isTimeout(err error) bool {
 		(errors.As(err, &ne) && ne.Timeout())
 }
 
-// serveStream handles one CONNECT stream of an HBONE connection.
+// serveStream handles one CONNECT stream of an HBONE connection. Its
+// goroutine (the stream's handler) waits on the sockets for as long as
+// the flow is open, with this frame on its stack: the checks, policy,
+// the registry's hooks (metrics, access log), the dial and the answer
+// run deep, on a goroutine of their own (openStream), and the flow's
+// state is on the heap, so that what stays fits Go's smallest goroutine
+// stack (2 KiB, not 4).
 func (p *Proxy) serveStream(ctx context.Context, s *hbone.Stream) {
+	o := &inboundStream{ctx: ctx}
+	defer p.closeStream(o)
+	shallow(func() { p.openStream(s, o) })
+	if o.up != nil {
+		o.spliced = true
+		o.rec.Sent, o.rec.Received, o.end = splice(o.ctx, s, asHalf(o.up), &o.l.sent, &o.l.received)
+	}
+}
+
+// inboundStream is a CONNECT stream's flow, as serveStream keeps it.
+type inboundStream struct {
+	rec     *FlowRecord
+	ctx     context.Context // the flow's, once registered
+	l       *LiveFlow       // nil: refused, answered already
+	up      net.Conn        // the connection to the destination; nil: the dial failed, answered already
+	spliced bool
+	end     error // why the splice ended
+}
+
+// openStream checks, authorizes and registers a CONNECT stream's flow,
+// dials its destination and answers the stream.
+func (p *Proxy) openStream(s *hbone.Stream, o *inboundStream) {
 	rec := &FlowRecord{Direction: Inbound, Path: PathHBONE, Start: time.Now(), SrcID: s.Conn.PeerID, MTLS: true}
-	defer p.endFlow(rec)
-	// The stream's goroutine waits on the sockets as long as the flow is
-	// open: the checks' locals are gone (streamFlow returned), and the
-	// deep calls run on goroutines of their own (shallow), before it
-	// waits.
+	o.rec = rec
 	f, status := p.streamFlow(s, rec)
+	// The request's headers are read: their map would stay as long as
+	// the flow (about 400 bytes a stream).
+	s.Header = nil
 	if f == nil {
 		_ = s.Respond(status)
 		return
 	}
-	// Policy, the registry's hooks (metrics, access log), the dial and
-	// the answer run deep: on one goroutine of their own.
-	var (
-		allowed, ok bool
-		l           *LiveFlow
-		up          net.Conn
-	)
-	shallow(func() {
-		if allowed = p.authorize(ctx, rec, f); !allowed {
-			return
-		}
-		if l, ctx, ok = p.track(ctx, rec, f); ok {
-			up = p.dialStream(ctx, s, rec)
-		}
-	})
-	switch {
-	case !allowed:
+	if !p.authorize(o.ctx, rec, f) {
 		_ = s.Respond(http.StatusUnauthorized)
 		return
-	case !ok:
+	}
+	l, ctx, ok := p.track(o.ctx, rec, f)
+	if !ok {
 		_ = s.Respond(http.StatusServiceUnavailable)
 		return
 	}
-	defer p.untrack(l, rec)
-	if up == nil {
-		return
+	o.l, o.ctx = l, ctx
+	o.up = p.dialStream(ctx, s, rec)
+}
+
+// closeStream ends a CONNECT stream's flow: the destination's connection
+// is closed, the flow leaves the registry and its record is written.
+func (p *Proxy) closeStream(o *inboundStream) {
+	if o.spliced {
+		p.ended(o.rec, o.end)
 	}
-	defer up.Close()
-	var end error
-	rec.Sent, rec.Received, end = splice(ctx, s, asHalf(up), &l.sent, &l.received)
-	p.ended(rec, end)
+	if o.up != nil {
+		o.up.Close()
+	}
+	if o.l != nil {
+		p.untrack(o.l, o.rec)
+	}
+	if o.rec != nil {
+		p.endFlow(o.rec)
+	}
 }
 
 // dialStream connects to the stream's destination and answers the

@@ -21,40 +21,104 @@ import (
 // returns: with a FIN only after an orderly end of both directions, with a
 // reset otherwise (a refusal included).
 func (p *Proxy) HandleOutbound(ctx context.Context, conn net.Conn) {
-	armReset(conn)
-	defer conn.Close()
-	rec := &FlowRecord{Direction: Outbound, Start: time.Now()}
-	defer p.endFlow(rec)
 	// The flow's goroutine waits on its sockets as long as the flow is
-	// open: what it holds on its stack then is every idle flow's cost,
-	// so the routing's locals are gone (routeOutbound returned) before
-	// the flow is served.
-	if f, serve := p.routeOutbound(conn, rec); f != nil {
-		p.admit(ctx, rec, f, serve)
+	// open, with this frame on its stack: routing, policy, the registry's
+	// hooks, the dial or the CONNECT run deep, on a goroutine of their
+	// own (openOutbound), and the flow's state is on the heap, so that
+	// what stays fits Go's smallest goroutine stack (2 KiB, not 4).
+	o := &outboundFlow{ctx: ctx, conn: conn}
+	defer p.closeOutbound(o)
+	shallow(func() { p.openOutbound(o) })
+	if o.peer != nil {
+		o.spliced = true
+		o.rec.Sent, o.rec.Received, o.end = splice(o.ctx, asHalf(conn), o.peer, &o.l.sent, &o.l.received)
 	}
 }
 
-// routeOutbound decides where conn goes: it returns the flow to authorize
-// and the function that serves it, or nil with the reason in rec.
-func (p *Proxy) routeOutbound(conn net.Conn, rec *FlowRecord) (*Flow, func(ctx context.Context, l *LiveFlow)) {
+// outboundFlow is a captured connection's flow, as HandleOutbound keeps
+// it.
+type outboundFlow struct {
+	ctx     context.Context // the flow's, once registered
+	conn    net.Conn
+	rec     *FlowRecord
+	l       *LiveFlow // nil: not admitted
+	up      net.Conn  // the connection dialled without a tunnel
+	peer    halfConn  // what conn is spliced to (up, or the HBONE stream); nil: the flow failed
+	spliced bool
+	end     error // why the splice ended
+}
+
+// openOutbound routes, authorizes and registers a captured connection's
+// flow and connects it: over HBONE (once the destination answered 200,
+// the stream is spliced to conn as a delivery socket would be), or
+// directly.
+func (p *Proxy) openOutbound(o *outboundFlow) {
+	armReset(o.conn)
+	rec := &FlowRecord{Direction: Outbound, Start: time.Now()}
+	o.rec = rec
+	f := p.routeOutbound(o.conn, rec)
+	if f == nil || !p.authorize(o.ctx, rec, f) {
+		return
+	}
+	l, ctx, ok := p.track(o.ctx, rec, f)
+	if !ok {
+		return
+	}
+	o.l, o.ctx = l, ctx
+	if rec.Path == PathHBONE {
+		if st := p.connectHBONE(ctx, rec); st != nil {
+			o.peer = st
+		}
+		return // on failure closeOutbound resets conn
+	}
+	up, flag, err := p.dialDest(ctx, rec.Src.Addr(), rec.Dst)
+	if err != nil {
+		rec.Flag, rec.Err = flag, err
+		return
+	}
+	o.up, o.peer = up, asHalf(up)
+}
+
+// closeOutbound ends a captured connection's flow: the connection dialled
+// is closed, the flow leaves the registry, its record is written and conn
+// is closed (with a reset, unless the splice ended in order).
+func (p *Proxy) closeOutbound(o *outboundFlow) {
+	if o.spliced {
+		p.ended(o.rec, o.end)
+	}
+	if o.up != nil {
+		o.up.Close()
+	}
+	if o.l != nil {
+		p.untrack(o.l, o.rec)
+	}
+	if o.rec != nil {
+		p.endFlow(o.rec)
+	}
+	o.conn.Close()
+}
+
+// routeOutbound decides where conn goes (rec.Path, rec.Dst): it returns
+// the flow to authorize, or nil with the reason in rec.
+func (p *Proxy) routeOutbound(conn net.Conn, rec *FlowRecord) *Flow {
 	src, _ := hbone.AddrOf(conn.RemoteAddr())
 	dst, _ := hbone.AddrOf(conn.LocalAddr())
 	rec.Src, rec.OrigDst, rec.Dst = src, dst, dst
 	if p.ports[dst.Port()] {
 		rec.Flag, rec.Err = FlagLoop, fmt.Errorf("ztunnel: %s is the ztunnel's own port", dst)
-		return nil, nil
+		return nil
 	}
 	snap := p.cfg.Store.Load()
 	srcW := p.localWorkload(snap, src.Addr())
 	if srcW == nil {
 		rec.Flag, rec.Err = FlagUnknownSource, fmt.Errorf("ztunnel: no enrolled workload of node %s has IP %s", p.cfg.NodeName, src.Addr())
-		return nil, nil
+		return nil
 	}
 	rec.SrcWorkload = srcW
 	srcID, err := srcW.ID(p.cfg.TrustDomain)
 	if err != nil {
 		rec.Flag, rec.Err = FlagNoSVID, err
-		return nil, nil
+		return nil
 	}
 	rec.SrcID, rec.MTLS = srcID, true
 
@@ -64,24 +128,24 @@ func (p *Proxy) routeOutbound(conn net.Conn, rec *FlowRecord) (*Flow, func(ctx c
 	if dstW == nil || !dstW.Enrolled {
 		rec.Path, rec.MTLS = PathPassthrough, false
 		f := &Flow{Direction: Outbound, SrcID: srcID, SrcAddr: src, Src: srcW, Dst: dstW, DstAddr: target}
-		return f, func(ctx context.Context, l *LiveFlow) { p.direct(ctx, rec, l, conn, src.Addr(), target) }
+		return f
 	}
 	dstID, err := dstW.ID(p.cfg.TrustDomain)
 	if err != nil {
 		rec.Flag, rec.Err = FlagNoSVID, err
-		return nil, nil
+		return nil
 	}
 	rec.DstID = dstID
 	if dstW.Node == p.cfg.NodeName {
 		rec.Path = PathLocal
 		f := &Flow{Direction: Outbound, SrcID: srcID, SrcAddr: src, Src: srcW, Dst: dstW, DstAddr: target, MTLS: true}
-		return f, func(ctx context.Context, l *LiveFlow) { p.direct(ctx, rec, l, conn, src.Addr(), target) }
+		return f
 	}
 	rec.Path = PathHBONE
 	// The destination's ztunnel decides; asking here too lets a denial
 	// fail fast without a tunnel.
 	f := &Flow{Direction: Outbound, SrcID: srcID, SrcAddr: src, Src: srcW, Dst: dstW, DstAddr: target, MTLS: true, PreCheck: true}
-	return f, func(ctx context.Context, l *LiveFlow) { p.outboundHBONE(ctx, rec, l, conn) }
+	return f
 }
 
 // Resolve finds where a connection to dst goes, as the ztunnel does before
@@ -152,20 +216,6 @@ func (p *Proxy) direct(ctx context.Context, rec *FlowRecord, l *LiveFlow, conn n
 	p.ended(rec, end)
 }
 
-// outboundHBONE carries conn over an HBONE stream: once the destination
-// answered 200, the stream is spliced to conn as a delivery socket would
-// be.
-func (p *Proxy) outboundHBONE(ctx context.Context, rec *FlowRecord, l *LiveFlow, conn net.Conn) {
-	var st *hbone.Stream
-	shallow(func() { st = p.connectHBONE(ctx, rec) })
-	if st == nil {
-		return // HandleOutbound resets conn
-	}
-	var end error
-	rec.Sent, rec.Received, end = splice(ctx, asHalf(conn), st, &l.sent, &l.received)
-	p.ended(rec, end)
-}
-
 // connectHBONE opens the flow's CONNECT stream; on failure it returns nil
 // with the reason in rec.
 func (p *Proxy) connectHBONE(ctx context.Context, rec *FlowRecord) *hbone.Stream {
@@ -217,9 +267,9 @@ func (f fullCloser) CloseWrite() error { return f.Close() }
 // shallow runs fn on a goroutine of its own and waits for it. A flow's
 // goroutine waits for its sockets for as long as the flow stays open, with
 // the stack it grew to: run on it, the deep calls of a flow's setup
-// (policy, dialling, the CONNECT) would leave every idle flow an 8 KiB
-// stack where 4 KiB hold its wait. The extra goroutine exits with its
-// stack once fn returns.
+// (policy, dialling, the CONNECT) would leave every idle flow a stack of
+// 4 or 8 KiB where 2 KiB hold its wait. The extra goroutine exits with
+// its stack once fn returns.
 func shallow(fn func()) {
 	done := make(chan struct{})
 	go func() {

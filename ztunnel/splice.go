@@ -85,8 +85,20 @@ type splicer struct {
 // splice if that fails; srcUp says whether src is the upstream end.
 func (sp *splicer) copy(dst, src halfConn, srcUp bool, n *atomic.Int64) int64 {
 	// copyCounted, then CloseWrite here: a frame less on the stack
-	// of an idle flow's goroutine.
-	written, srcBroke, err := copyCounted(dst, src, n)
+	// of an idle flow's goroutine. A socket is copied from here
+	// (copyReadable), without copyCounted's frame: the goroutine waits
+	// in it for as long as the flow is open, and the frames under its
+	// wait decide whether its stack stays at Go's smallest (2 KiB).
+	var (
+		written  int64
+		srcBroke bool
+		err      error
+	)
+	if sc, rc := socketOf(src); rc != nil {
+		written, srcBroke, err = copyReadable(dst, sc, rc, n)
+	} else {
+		written, srcBroke, err = copyCounted(dst, src, n)
+	}
 	if err == nil {
 		err = dst.CloseWrite()
 	}
@@ -120,6 +132,16 @@ func (sp *splicer) push(src, dst halfConn, srcUp bool, n *atomic.Int64, written 
 	}
 	sp.sink = pushSink{c: sc, rc: rc, n: n}
 	sp.wg.Add(1)
+	// PushTo writes what the stream queued already to the socket: deep
+	// calls (a write system call under the push) that would double the
+	// stack of the flow's goroutine for the flow's life (shallow).
+	shallow(func() { sp.pushTo(st, dst, srcUp, written) })
+	return true
+}
+
+// pushTo starts src's push to the splice's socket sink (push).
+func (sp *splicer) pushTo(st *hbone.Stream, dst halfConn, srcUp bool, written *int64) {
+	src := halfConn(st)
 	st.PushTo(&sp.sink, func(err error) {
 		*written = sp.sink.written
 		dstBroke := err != nil && err == sp.sink.err
@@ -141,7 +163,6 @@ func (sp *splicer) push(src, dst halfConn, srcUp bool, n *atomic.Int64, written 
 			sp.abort(cause)
 		}()
 	})
-	return true
 }
 
 // pushSink is a socket as the sink of a stream's push: TryWrite writes
@@ -262,10 +283,9 @@ func copyCounted(dst io.Writer, src io.Reader, n *atomic.Int64) (written int64, 
 		cw := &countingWriter{w: dst, n: n}
 		written, err = s.WriteTo(cw)
 		return written, err != nil && cw.err == nil, err
-	case syscallConn:
-		if rc, rerr := s.SyscallConn(); rerr == nil {
-			return copyReadable(dst, s, rc, n)
-		}
+	}
+	if sc, rc := socketOf(src); rc != nil {
+		return copyReadable(dst, sc, rc, n)
 	}
 	return copyBuffered(dst, src, n)
 }
@@ -301,64 +321,96 @@ type syscallConn interface {
 	SyscallConn() (syscall.RawConn, error)
 }
 
+// socketOf returns src as a socket whose descriptor the copy may read
+// itself, with its raw connection; a nil RawConn when it is none.
+func socketOf(src io.Reader) (syscallConn, syscall.RawConn) {
+	if sc, ok := src.(syscallConn); ok {
+		if rc, err := sc.SyscallConn(); err == nil {
+			return sc, rc
+		}
+	}
+	return nil, nil
+}
+
 // copyReadable copies the socket c to dst as copyCounted does, reading
 // c's descriptor only when the poller says it is readable: the pooled
 // buffer is taken for a read that finds data, given back at once when
 // the read would block, and after the write to dst. An idle flow thus
-// holds no buffer while it waits for its peer.
+// holds no buffer while it waits for its peer. Its frame is small (the
+// read's state is in a socketRead, the write in writeChunk): the flow's
+// goroutine waits under it.
 func copyReadable(dst io.Writer, c net.Conn, rc syscall.RawConn, n *atomic.Int64) (written int64, srcBroke bool, err error) {
+	r := new(socketRead)
+	read := r.read
 	for {
-		var (
-			buf   *[]byte
-			nr    int
-			errno error
-		)
-		err := rc.Read(func(fd uintptr) bool {
-			buf = hbone.GetBuf()
-			for {
-				nr, errno = syscall.Read(int(fd), *buf)
-				if errno != syscall.EINTR {
-					break
-				}
-			}
-			if errno == syscall.EAGAIN {
-				hbone.PutBuf(buf)
-				buf = nil
-				return false
-			}
-			return true
-		})
-		if err == nil && errno != nil {
-			err = &net.OpError{Op: "read", Net: "tcp", Source: c.LocalAddr(), Addr: c.RemoteAddr(), Err: os.NewSyscallError("read", errno)}
+		err := rc.Read(read)
+		if err == nil && r.errno != nil {
+			err = readError(c, r.errno)
 		}
 		if err != nil {
-			if buf != nil {
-				hbone.PutBuf(buf)
-			}
+			r.done()
 			return written, true, err
 		}
-		if nr == 0 {
-			hbone.PutBuf(buf)
+		if r.nr == 0 {
+			r.done()
 			return written, false, nil // EOF
 		}
-		var (
-			nw   int
-			werr error
-		)
-		if _, ok := dst.(*hbone.Stream); ok {
-			// A stream's Write may encrypt and write the TLS connection
-			// itself: deep calls that would double the stack this
-			// goroutine keeps while the flow is idle (shallow).
-			shallow(func() { nw, werr = writeCounted(dst, (*buf)[:nr], n) })
-		} else {
-			nw, werr = writeCounted(dst, (*buf)[:nr], n)
-		}
-		hbone.PutBuf(buf)
+		nw, werr := writeChunk(dst, (*r.buf)[:r.nr], n)
+		r.done()
 		written += int64(nw)
 		if werr != nil {
 			return written, false, werr
 		}
 	}
+}
+
+// socketRead is the state of copyReadable's reads.
+type socketRead struct {
+	buf   *[]byte // taken for a read that found data (or failed)
+	nr    int
+	errno error
+}
+
+// read reads fd into a pooled buffer; false, holding no buffer, when the
+// read would block.
+func (r *socketRead) read(fd uintptr) bool {
+	r.buf = hbone.GetBuf()
+	for {
+		r.nr, r.errno = syscall.Read(int(fd), *r.buf)
+		if r.errno != syscall.EINTR {
+			break
+		}
+	}
+	if r.errno == syscall.EAGAIN {
+		r.done()
+		return false
+	}
+	return true
+}
+
+// done gives the buffer back and clears the read.
+func (r *socketRead) done() {
+	if r.buf != nil {
+		hbone.PutBuf(r.buf)
+	}
+	*r = socketRead{}
+}
+
+func readError(c net.Conn, errno error) error {
+	return &net.OpError{Op: "read", Net: "tcp", Source: c.LocalAddr(), Addr: c.RemoteAddr(), Err: os.NewSyscallError("read", errno)}
+}
+
+// writeChunk writes p, read from a socket, to dst and adds what was
+// written to n. A stream's Write may encrypt and write the TLS connection
+// itself: deep calls that would double the stack the flow's goroutine
+// keeps while the flow is idle, so they run on a goroutine of their own
+// (shallow).
+func writeChunk(dst io.Writer, p []byte, n *atomic.Int64) (nw int, err error) {
+	if _, ok := dst.(*hbone.Stream); ok {
+		shallow(func() { nw, err = writeCounted(dst, p, n) })
+		return nw, err
+	}
+	return writeCounted(dst, p, n)
 }
 
 // writeCounted writes p to dst and adds what was written to n.

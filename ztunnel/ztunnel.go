@@ -421,14 +421,25 @@ func (p *Proxy) accept(ln net.Listener, kind listenerKind, handle func(context.C
 		p.accepted.Add(1)
 		p.flows.Add(1)
 		p.wg.Add(1)
-		go func() {
-			defer p.wg.Done()
-			defer p.flows.Done()
-			handle(p.ctx, c, t)
-			t.table.release(t)
-			p.accepted.Add(-1)
-		}()
+		go p.serveConn(c, t, handle)
 	}
+}
+
+// serveConn runs an accepted connection's handler. The goroutine of a
+// flow waits under this frame for the flow's life: one deferred call
+// keeps it small.
+func (p *Proxy) serveConn(c net.Conn, t *ticket, handle func(context.Context, net.Conn, *ticket)) {
+	defer p.connDone(t)
+	handle(p.ctx, c, t)
+}
+
+// connDone gives back an accepted connection's ticket once its handler
+// returned.
+func (p *Proxy) connDone(t *ticket) {
+	defer p.wg.Done()
+	defer p.flows.Done()
+	t.table.release(t)
+	p.accepted.Add(-1)
 }
 
 func (p *Proxy) isClosed() bool {

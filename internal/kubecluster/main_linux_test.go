@@ -27,8 +27,11 @@ var shared struct {
 
 	meshOnce sync.Once
 	meshErr  error
-	image    string
-	helm     string
+
+	artOnce sync.Once
+	artErr  error
+	image   string
+	helm    string
 	// artifacts holds the image and helm; TestMain removes it.
 	artifacts string
 }
@@ -51,7 +54,7 @@ func TestMain(m *testing.M) {
 		}
 	}
 	if shared.cluster != nil {
-		if err := leftovers(); err != nil {
+		if err := leftovers(shared.cluster); err != nil {
 			fmt.Fprintln(os.Stderr, "kubecluster: left behind:", err)
 			code = 1
 		}
@@ -59,19 +62,19 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-// leftovers says what the removed test cluster left: its state file,
+// leftovers says what the removed test cluster c left: its state file,
 // cgroups, folder. Only its own: another test binary's cluster may be
 // recorded in the same folder meanwhile.
-func leftovers() error {
+func leftovers(c *Cluster) error {
 	names, _ := List(testStateDir)
-	if pid, ok := names[shared.cluster.Name]; ok {
-		return fmt.Errorf("cluster %s (pid %d) still recorded in %s", shared.cluster.Name, pid, testStateDir)
+	if pid, ok := names[c.Name]; ok {
+		return fmt.Errorf("cluster %s (pid %d) still recorded in %s", c.Name, pid, testStateDir)
 	}
-	if m, _ := filepath.Glob(filepath.Join(cgroupFS, "*", "kubecluster", "*-"+shared.cluster.Name)); len(m) > 0 {
+	if m, _ := filepath.Glob(filepath.Join(cgroupFS, "*", "kubecluster", "*-"+c.Name)); len(m) > 0 {
 		return fmt.Errorf("cgroups: %v", m)
 	}
-	if _, err := os.Stat(shared.cluster.Dir); err == nil {
-		return fmt.Errorf("folder %s", shared.cluster.Dir)
+	if _, err := os.Stat(c.Dir); err == nil {
+		return fmt.Errorf("folder %s", c.Dir)
 	}
 	return nil
 }
@@ -99,15 +102,10 @@ func bringUp(t *testing.T, bins kubebin.Binaries) error {
 	if err != nil {
 		return err
 	}
-	start := time.Now()
-	art := filepath.Join(os.TempDir(), fmt.Sprintf("kubecluster-artifacts-%d", os.Getpid()))
-	shared.artifacts = art
-	shared.image, shared.helm, err = BuildArtifacts(ctx, repo, art)
-	if err != nil {
+	if err := artifacts(t, repo); err != nil {
 		return err
 	}
-	t.Logf("mantlet image and helm built in %s", time.Since(start).Round(time.Millisecond))
-	start = time.Now()
+	start := time.Now()
 	shared.cluster, err = Up(ctx, Options{
 		Repo:     repo,
 		Binaries: &bins,
@@ -120,6 +118,23 @@ func bringUp(t *testing.T, bins kubebin.Binaries) error {
 	}
 	t.Logf("cluster %s up in %s", shared.cluster.Name, time.Since(start).Round(time.Millisecond))
 	return nil
+}
+
+// artifacts builds the mantlet image and helm once for every cluster of
+// the tests; TestMain removes them.
+func artifacts(t *testing.T, repo string) error {
+	shared.artOnce.Do(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+		defer cancel()
+		start := time.Now()
+		art := filepath.Join(os.TempDir(), fmt.Sprintf("kubecluster-artifacts-%d", os.Getpid()))
+		shared.artifacts = art
+		shared.image, shared.helm, shared.artErr = BuildArtifacts(ctx, repo, art)
+		if shared.artErr == nil {
+			t.Logf("mantlet image and helm built in %s", time.Since(start).Round(time.Millisecond))
+		}
+	})
+	return shared.artErr
 }
 
 // meshed returns the shared cluster with mantlet installed.

@@ -204,6 +204,9 @@ func (r *reporter) meshed(ctx context.Context) {
 			if want.Message == "" {
 				want.Message = "not enrolled yet"
 			}
+			if p.Reason != "" {
+				want.Reason = p.Reason
+			}
 		}
 		var have *corev1.PodCondition
 		for i := range pod.Status.Conditions {

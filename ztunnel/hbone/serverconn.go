@@ -133,25 +133,30 @@ func (hc *h2conn) processClientReset(f *http2.RSTStreamFrame) bool {
 	return true
 }
 
+// runHandler runs the server's handler of st. Its goroutine waits with
+// the handler for as long as the stream is open, so its frame stays small
+// (one deferred call): the goroutine's stack holds this frame for the
+// stream's life.
 func (hc *h2conn) runHandler(st *Stream) {
-	defer hc.wg.Done()
 	defer hc.handlerDone(st)
-	defer st.Close()
 	if hc.srv.Handler == nil {
 		_ = st.Respond(http.StatusServiceUnavailable)
 		return
 	}
 	hc.srv.Handler(st.ctx, st)
+}
+
+// handlerDone answers a stream its handler left unanswered, closes it and
+// releases its charge once its handler returned.
+func (hc *h2conn) handlerDone(st *Stream) {
+	defer hc.wg.Done()
 	hc.mu.Lock()
 	responded := st.responded
 	hc.mu.Unlock()
 	if !responded {
 		_ = st.Respond(http.StatusInternalServerError)
 	}
-}
-
-// handlerDone releases the stream's charge once its handler returned.
-func (hc *h2conn) handlerDone(st *Stream) {
+	st.Close()
 	st.cancel(nil)
 	hc.mu.Lock()
 	hc.running--
