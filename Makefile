@@ -7,7 +7,7 @@ TESTFLAGS ?= -count=1 -timeout 60m
 
 .DEFAULT_GOAL := help
 
-.PHONY: help build test test-unit lint generate check-generate bench bench-smoke peer-binaries demo clean image manifests
+.PHONY: help build test test-unit lint generate check-generate bench bench-smoke peer-binaries prometheus-binaries demo clean image manifests
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  %-15s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -28,7 +28,7 @@ test-unit: ## run the tests that need no root, quickly
 
 # The modules whose go.mod and go.sum must be tidy (a direct import
 # marked // indirect, a missing or unused requirement fails lint).
-MODULES := . test/interop test/kube/tools test/bench/tools test/spire/tools deploy/tools
+MODULES := . test/interop test/kube/tools test/bench/tools test/spire/tools test/prometheus/tools deploy/tools
 
 lint: ## gofmt, go vet, staticcheck, and go mod tidy -diff of every module
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt wants to change:"; echo "$$out"; exit 1; fi
@@ -85,6 +85,9 @@ bench-smoke: ## run every Go benchmark once (-benchtime=1x), so that none rots (
 
 peer-binaries: ## build ghostunnel for the peer bench from test/bench/tools (2-3 min once, then cached)
 	$(GO) run ./internal/peerbench/peerbin/cmd/peer-binaries
+
+prometheus-binaries: ## build the Prometheus server of the real-cluster tests (Kubernetes discovery, which Debian's lacks) from test/prometheus/tools (minutes once, then cached)
+	$(GO) run ./internal/prombin/cmd/prometheus-binaries
 
 demo: build ## run the two-node demo (needs root)
 	./$(BIN) demo
