@@ -34,6 +34,9 @@ type Options struct {
 	Nodes int
 	// CNI is CNIPtp (default) or CNIBridge.
 	CNI string
+	// ProxyMode is how kube-proxy runs on the nodes: ProxyIPTables
+	// (default), ProxyNFTables, or ProxyNone (no kube-proxy).
+	ProxyMode string
 	// Repo is the mantlet repository's root (default: found from the
 	// working directory); the test images are built from it.
 	Repo string
@@ -111,6 +114,12 @@ func Up(ctx context.Context, opts Options) (*Cluster, error) {
 	if opts.CNI != CNIPtp && opts.CNI != CNIBridge {
 		return nil, fmt.Errorf("kubecluster: CNI %q: want %s or %s", opts.CNI, CNIPtp, CNIBridge)
 	}
+	if opts.ProxyMode == "" {
+		opts.ProxyMode = ProxyIPTables
+	}
+	if opts.ProxyMode != ProxyIPTables && opts.ProxyMode != ProxyNFTables && opts.ProxyMode != ProxyNone {
+		return nil, fmt.Errorf("kubecluster: proxy mode %q: want %s, %s or %s", opts.ProxyMode, ProxyIPTables, ProxyNFTables, ProxyNone)
+	}
 	if opts.StateDir == "" {
 		opts.StateDir = DefaultStateDir
 	}
@@ -143,7 +152,7 @@ func Up(ctx context.Context, opts Options) (*Cluster, error) {
 		}
 		opts.Binaries = &b
 	}
-	if err := checkTools(); err != nil {
+	if err := checkTools(opts.ProxyMode); err != nil {
 		return nil, err
 	}
 	sweep(opts.StateDir, opts.Log)
@@ -167,7 +176,7 @@ func Up(ctx context.Context, opts Options) (*Cluster, error) {
 	if err := c.up(ctx, opts); err != nil {
 		return nil, errors.Join(err, c.Close())
 	}
-	c.log.Info("cluster up", "nodes", len(c.Nodes), "cni", opts.CNI, "took", time.Since(start).Round(time.Millisecond))
+	c.log.Info("cluster up", "nodes", len(c.Nodes), "cni", opts.CNI, "proxy", opts.ProxyMode, "took", time.Since(start).Round(time.Millisecond))
 	return c, nil
 }
 
@@ -236,7 +245,7 @@ func (c *Cluster) up(ctx context.Context, opts Options) error {
 		}
 		n.Containerd = filepath.Join(n.Dir, "containerd.sock")
 		c.Nodes = append(c.Nodes, n)
-		wg.Go(func() { errs[i] = c.startNode(ctx, n, opts.CNI, archives) })
+		wg.Go(func() { errs[i] = c.startNode(ctx, n, opts.CNI, opts.ProxyMode, archives) })
 	}
 	wg.Wait()
 	if err := errors.Join(errs...); err != nil {

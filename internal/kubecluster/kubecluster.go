@@ -7,7 +7,8 @@
 // nodes but no pods of its own. The control plane namespace runs etcd and
 // kube-apiserver (internal/kubetest), kube-controller-manager and
 // kube-scheduler. Each node namespace runs its own containerd (Debian's)
-// with runc, a kubelet and kube-proxy (iptables mode); pods are wired by
+// with runc, a kubelet and kube-proxy (iptables mode, or nftables, or
+// none); pods are wired by
 // the CNI plugins of Debian's containernetworking-plugins (ptp, or bridge),
 // in the node's pod CIDR of the testbed's address plan. The Kubernetes
 // programs are built once per machine from the nested module
@@ -40,6 +41,18 @@ const (
 	CNIPtp = "ptp"
 	// CNIBridge puts every pod of a node on a Linux bridge.
 	CNIBridge = "bridge"
+)
+
+// Modes kube-proxy can run a cluster's Services in.
+const (
+	// ProxyIPTables runs kube-proxy in iptables mode (the default).
+	ProxyIPTables = "iptables"
+	// ProxyNFTables runs kube-proxy in nftables mode; it needs the nft
+	// program (Debian's nftables).
+	ProxyNFTables = "nftables"
+	// ProxyNone runs no kube-proxy: nothing on the nodes translates a
+	// Service's ClusterIP.
+	ProxyNone = "none"
 )
 
 // Defaults.

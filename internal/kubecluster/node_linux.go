@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -27,10 +28,14 @@ var nodeTools = []string{"containerd", "ctr", "containerd-shim-runc-v2", "runc",
 const CNIBinDir = "/usr/lib/cni"
 
 // checkTools says which of the programs a node needs are missing, and how
-// to install them.
-func checkTools() error {
+// to install them. Only kube-proxy's nftables mode needs nft.
+func checkTools(proxyMode string) error {
 	var missing []string
-	for _, t := range nodeTools {
+	tools := nodeTools
+	if proxyMode == ProxyNFTables {
+		tools = append(slices.Clip(tools), "nft")
+	}
+	for _, t := range tools {
 		if _, err := exec.LookPath(t); err != nil {
 			missing = append(missing, t)
 		}
@@ -41,7 +46,7 @@ func checkTools() error {
 		}
 	}
 	if len(missing) > 0 {
-		return fmt.Errorf("kubecluster: missing %s: apt-get install containerd runc containernetworking-plugins iptables util-linux (.ci/run does)", strings.Join(missing, ", "))
+		return fmt.Errorf("kubecluster: missing %s: apt-get install containerd runc containernetworking-plugins iptables nftables util-linux (.ci/run does)", strings.Join(missing, ", "))
 	}
 	return nil
 }
@@ -81,8 +86,8 @@ func mountSetup(conf string) string {
 }
 
 // startNode configures and starts a node's containerd, imports the images
-// into it, then starts its kubelet and kube-proxy.
-func (c *Cluster) startNode(ctx context.Context, n *Node, cni string, archives []string) error {
+// into it, then starts its kubelet and kube-proxy (none with ProxyNone).
+func (c *Cluster) startNode(ctx context.Context, n *Node, cni, proxyMode string, archives []string) error {
 	for _, d := range []string{"containerd/root", "containerd/state", "runc", "cni", "ipam", "kubelet", "pod-logs", "opt"} {
 		if err := os.MkdirAll(filepath.Join(n.Dir, d), 0o755); err != nil {
 			return fmt.Errorf("kubecluster: node %s: %w", n.Name, err)
@@ -96,7 +101,7 @@ func (c *Cluster) startNode(ctx context.Context, n *Node, cni string, archives [
 		"containerd.toml":             []byte(containerdConfig(n)),
 		"cni/10-kubecluster.conflist": cniConfig(n, cni),
 		"kubelet.yaml":                []byte(kubeletConfig(n, c.API.CAFile())),
-		"kube-proxy.yaml":             []byte(kubeProxyConfig(n)),
+		"kube-proxy.yaml":             []byte(kubeProxyConfig(n, proxyMode)),
 		"kubeconfig":                  kc,
 	}
 	for name, b := range files {
@@ -156,7 +161,7 @@ func (c *Cluster) startNode(ctx context.Context, n *Node, cni string, archives [
 			"--v=1",
 		},
 	})
-	if err != nil {
+	if err != nil || proxyMode == ProxyNone {
 		return err
 	}
 	n.proxy, err = c.procs.start(procSpec{
@@ -295,14 +300,15 @@ maxPods: 110
 `
 }
 
-// kubeProxyConfig is a node's kube-proxy configuration: iptables mode,
+// kubeProxyConfig is a node's kube-proxy configuration in mode
+// (ProxyIPTables or ProxyNFTables; nftables mode runs the nft program),
 // in the node's network namespace; it touches no conntrack sysctl (those
 // of the machine are not a node's to change).
-func kubeProxyConfig(n *Node) string {
+func kubeProxyConfig(n *Node, mode string) string {
 	q := strconv.Quote
 	return `apiVersion: kubeproxy.config.k8s.io/v1alpha1
 kind: KubeProxyConfiguration
-mode: iptables
+mode: ` + mode + `
 hostnameOverride: ` + q(n.Name) + `
 clusterCIDR: ` + q(ClusterCIDR.String()) + `
 clientConnection:

@@ -4,7 +4,7 @@
 // Helm chart and runs the demo's checks on it, then stays until Ctrl-C,
 // which removes everything. 'make demo-kubernetes' runs 'kubecluster up'.
 //
-//	kubecluster up [--name NAME] [--nodes N] [--cni ptp|bridge] [--no-mesh] [--no-demo]
+//	kubecluster up [--name NAME] [--nodes N] [--cni ptp|bridge] [--proxy-mode iptables|nftables|none] [--no-mesh] [--no-demo]
 //	kubecluster down --name NAME | --all
 //	kubecluster list
 //
@@ -95,6 +95,7 @@ func up(ctx context.Context, out io.Writer, log *slog.Logger, args []string) err
 	name := fs.String("name", "mantlet", "the cluster's name (nodes are NAME-node1, ...)")
 	nodes := fs.Int("nodes", 2, "number of nodes")
 	cni := fs.String("cni", kubecluster.CNIPtp, "CNI plugin: ptp or bridge")
+	proxyMode := fs.String("proxy-mode", kubecluster.ProxyIPTables, "kube-proxy's mode: iptables, nftables, or none (no kube-proxy)")
 	noMesh := fs.Bool("no-mesh", false, "do not install mantlet")
 	noDemo := fs.Bool("no-demo", false, "install mantlet but run no checks")
 	if err := fs.Parse(args); err != nil {
@@ -121,7 +122,7 @@ func up(ctx context.Context, out io.Writer, log *slog.Logger, args []string) err
 		return err
 	}
 	fmt.Fprintln(out, "bringing up the cluster...")
-	c, err := kubecluster.Up(ctx, kubecluster.Options{Name: *name, Nodes: *nodes, CNI: *cni, Repo: repo, Binaries: &bins, Images: []string{image}, Log: log})
+	c, err := kubecluster.Up(ctx, kubecluster.Options{Name: *name, Nodes: *nodes, CNI: *cni, ProxyMode: *proxyMode, Repo: repo, Binaries: &bins, Images: []string{image}, Log: log})
 	if err != nil {
 		return err
 	}
@@ -131,7 +132,7 @@ func up(ctx context.Context, out io.Writer, log *slog.Logger, args []string) err
 			fmt.Fprintln(os.Stderr, "kubecluster:", err)
 		}
 	}()
-	fmt.Fprintf(out, "cluster %s up (%d nodes, CNI %s) in %s\n", c.Name, len(c.Nodes), *cni, time.Since(start).Round(time.Second))
+	fmt.Fprintf(out, "cluster %s up (%d nodes, CNI %s, kube-proxy %s) in %s\n", c.Name, len(c.Nodes), *cni, *proxyMode, time.Since(start).Round(time.Second))
 	if !*noMesh {
 		fmt.Fprintln(out, "helm install mantlet deploy/charts/mantlet -n mantlet-system ...")
 		if err := c.InstallMantlet(ctx, kubecluster.MeshOptions{Helm: helm, Repo: repo}); err != nil {

@@ -1,0 +1,125 @@
+package kubecluster
+
+import (
+	"context"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/util/intstr"
+
+	"github.com/mantlet/mantlet/internal/kubetest"
+	"github.com/mantlet/mantlet/internal/kubetest/kubebin"
+	"github.com/mantlet/mantlet/internal/privtest"
+	"github.com/mantlet/mantlet/internal/testbed"
+)
+
+// TestMeshedClusterIPThroughNFTablesKubeProxy: on a cluster of its own
+// whose kube-proxy runs in nftables mode (the Service in kube-proxy's nft
+// table, none of its rules in iptables), a meshed client pod on node 1
+// reaches the echo pod on node 2 by the Service's ClusterIP: the echo sees
+// the client's pod IP, and on the underlay only HBONE crosses between the
+// two pods, the marker never in clear.
+func TestMeshedClusterIPThroughNFTablesKubeProxy(t *testing.T) {
+	privtest.Require(t)
+	bins := kubetest.RequireBinaries(t)
+	repo, err := kubebin.RepoRoot(".")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := artifacts(t, repo); err != nil {
+		t.Fatalf("the mantlet image and helm: %v", err)
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 6*time.Minute)
+	defer cancel()
+	start := time.Now()
+	c, err := Up(ctx, Options{ProxyMode: ProxyNFTables, Repo: repo, Binaries: &bins, Images: []string{shared.image},
+		Log: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo})), StateDir: testStateDir})
+	if err != nil {
+		t.Fatalf("an nftables cluster: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := c.Close(); err != nil {
+			t.Errorf("removing the nftables cluster: %v", err)
+		}
+		if err := leftovers(c); err != nil {
+			t.Errorf("the nftables cluster left behind: %v", err)
+		}
+	})
+	t.Logf("nftables cluster %s up in %s", c.Name, time.Since(start).Round(time.Millisecond))
+	start = time.Now()
+	if err := c.InstallMantlet(ctx, MeshOptions{Helm: shared.helm, Repo: repo}); err != nil {
+		t.Fatalf("installing mantlet: %v", err)
+	}
+	t.Logf("helm install and agents Ready in %s", time.Since(start).Round(time.Millisecond))
+
+	const ns = "nftshop"
+	n1, n2 := c.Nodes[0], c.Nodes[1]
+	admin := c.Admin()
+	if _, err := admin.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns,
+		Annotations: map[string]string{"mantlet.io/mesh": "enabled"}}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	createPod(ctx, t, c, echoPod(ns, "echo", n2.Name))
+	createPod(ctx, t, c, idlePod(ns, "client", n1.Name))
+	svc, err := admin.CoreV1().Services(ns).Create(ctx, &corev1.Service{
+		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "echo"},
+		Spec: corev1.ServiceSpec{Selector: map[string]string{"app": "echo"},
+			Ports: []corev1.ServicePort{{Port: 80, TargetPort: intstr.FromInt32(echoPort)}}},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	echo := waitPod(ctx, t, c, ns, "echo", "Running and Meshed", func(p *corev1.Pod) bool {
+		return p.Status.PodIP != "" && podReady(p) && meshedCondition(p)
+	})
+	client := waitPod(ctx, t, c, ns, "client", "Running and Meshed", func(p *corev1.Pod) bool {
+		return p.Status.Phase == corev1.PodRunning && p.Status.PodIP != "" && meshedCondition(p)
+	})
+	waitNFTablesServiceProgrammed(ctx, t, n1, svc.Spec.ClusterIP)
+	out, err := n1.Testbed.Command(ctx, "iptables-save", "-t", "nat").CombinedOutput()
+	if err != nil {
+		t.Fatalf("iptables-save on %s: %v: %s", n1.Name, err, out)
+	}
+	if strings.Contains(string(out), svc.Spec.ClusterIP) {
+		t.Errorf("the Service's ClusterIP %s is in %s's iptables nat table: kube-proxy is not (only) in nftables mode:\n%s", svc.Spec.ClusterIP, n1.Name, out)
+	}
+
+	vip := net.JoinHostPort(svc.Spec.ClusterIP, "80")
+	marker := newMarker(t)
+	stop := capture(t, c)
+	greeting, err := talk(ctx, c, client, vip, marker)
+	if err != nil {
+		t.Fatalf("meshed, to the ClusterIP %s: %v", vip, err)
+	}
+	pkts := stop()
+	if want := "hello from echo to " + client.Status.PodIP + ":"; !strings.HasPrefix(greeting, want) {
+		t.Errorf("greeting %q, want %q... (the echo sees the client's pod IP)", greeting, want)
+	}
+	if testbed.Contains(pkts, []byte(marker)) {
+		t.Error("the marker crossed the underlay in clear")
+	}
+	checkOnlyHBONE(t, pkts, HBONEConns{}, netip.MustParseAddr(client.Status.PodIP), netip.MustParseAddr(echo.Status.PodIP), vip)
+}
+
+// waitNFTablesServiceProgrammed waits until kube-proxy (nftables mode) on
+// node maps vip, port 80, to its Service in the kube-proxy table.
+func waitNFTablesServiceProgrammed(ctx context.Context, t *testing.T, node *Node, vip string) {
+	t.Helper()
+	var last string
+	for ctx.Err() == nil {
+		out, err := node.Testbed.Command(ctx, "nft", "list", "map", "ip", "kube-proxy", "service-ips").CombinedOutput()
+		last = string(out)
+		if err == nil && strings.Contains(last, vip+" . tcp . 80 : goto service-") {
+			return
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	t.Fatalf("kube-proxy (nftables) on %s never programmed %s: %v; its service-ips map:\n%s", node.Name, vip, ctx.Err(), last)
+}
