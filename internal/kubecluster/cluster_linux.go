@@ -69,6 +69,8 @@ type Cluster struct {
 	Kubeconfig string
 	// Dir holds the cluster's files.
 	Dir string
+	// ProxyMode is how kube-proxy runs on the nodes (Options.ProxyMode).
+	ProxyMode string
 
 	bins     kubebin.Binaries
 	log      *slog.Logger
@@ -158,12 +160,13 @@ func Up(ctx context.Context, opts Options) (*Cluster, error) {
 	sweep(opts.StateDir, opts.Log)
 
 	c := &Cluster{
-		Name:     opts.Name,
-		Dir:      filepath.Join(opts.RunRoot, opts.Name),
-		bins:     *opts.Binaries,
-		log:      opts.Log.With("cluster", opts.Name),
-		stateDir: opts.StateDir,
-		procs:    launcher{proc.NewLauncher()},
+		Name:      opts.Name,
+		Dir:       filepath.Join(opts.RunRoot, opts.Name),
+		ProxyMode: opts.ProxyMode,
+		bins:      *opts.Binaries,
+		log:       opts.Log.With("cluster", opts.Name),
+		stateDir:  opts.StateDir,
+		procs:     launcher{proc.NewLauncher()},
 	}
 	st := state{Name: c.Name, PID: os.Getpid(), Dir: c.Dir, Created: time.Now().UTC()}
 	for i := range opts.Nodes {

@@ -3,6 +3,7 @@ package kubecluster
 import (
 	"context"
 	"fmt"
+	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -85,6 +86,16 @@ func (c *Cluster) InstallMantlet(ctx context.Context, opts MeshOptions) error {
 		return err
 	}
 	args := []string{"install", MeshRelease, filepath.Join(opts.Repo, ChartDir), "-n", MeshNamespace, "--set", "image.pullPolicy=Never"}
+	if c.ProxyMode == ProxyNone {
+		// Nothing translates the kubernetes Service's ClusterIP: the
+		// agents (host network) are given the API server's own address,
+		// as the chart's kubernetesAPI values say.
+		u, err := url.Parse(c.API.AdminConfig().Host)
+		if err != nil {
+			return fmt.Errorf("kubecluster: the API server's address: %w", err)
+		}
+		args = append(args, "--set", "kubernetesAPI.host="+u.Hostname(), "--set", "kubernetesAPI.port="+u.Port())
+	}
 	for _, v := range opts.Values {
 		args = append(args, "--set", v)
 	}

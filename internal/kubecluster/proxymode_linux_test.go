@@ -27,6 +27,62 @@ import (
 // the client's pod IP, and on the underlay only HBONE crosses between the
 // two pods, the marker never in clear.
 func TestMeshedClusterIPThroughNFTablesKubeProxy(t *testing.T) {
+	meshedClusterIPOn(t, ProxyNFTables, func(ctx context.Context, t *testing.T, c *Cluster, vip string) {
+		n1 := c.Nodes[0]
+		waitNFTablesServiceProgrammed(ctx, t, n1, vip)
+		out, err := n1.Testbed.Command(ctx, "iptables-save", "-t", "nat").CombinedOutput()
+		if err != nil {
+			t.Fatalf("iptables-save on %s: %v: %s", n1.Name, err, out)
+		}
+		if strings.Contains(string(out), vip) {
+			t.Errorf("the Service's ClusterIP %s is in %s's iptables nat table: kube-proxy is not (only) in nftables mode:\n%s", vip, n1.Name, out)
+		}
+	})
+}
+
+// TestMeshedClusterIPWithoutKubeProxy: on a cluster of its own with no
+// kube-proxy at all (nothing on the nodes translates a ClusterIP), the
+// agents reach the API server at the address the chart's kubernetesAPI
+// values give, and a meshed client pod on node 1 reaches the echo pod on
+// node 2 by the Service's ClusterIP through mantlet alone: the ztunnel
+// resolves the Service to its endpoint; the echo sees the client's pod IP,
+// only HBONE crosses the underlay, the marker never in clear.
+func TestMeshedClusterIPWithoutKubeProxy(t *testing.T) {
+	meshedClusterIPOn(t, ProxyNone, func(ctx context.Context, t *testing.T, c *Cluster, vip string) {
+		for _, n := range c.Nodes {
+			out, err := n.Testbed.Command(ctx, "iptables-save", "-t", "nat").CombinedOutput()
+			if err != nil {
+				t.Fatalf("iptables-save on %s: %v: %s", n.Name, err, out)
+			}
+			if strings.Contains(string(out), vip) || strings.Contains(string(out), "KUBE-SERVICES") {
+				t.Errorf("%s translates Services (a kube-proxy runs?):\n%s", n.Name, out)
+			}
+		}
+		// An unmeshed pod has nobody to translate the ClusterIP: what the
+		// meshed client gets below is mantlet's doing.
+		const plain = "proxyplain"
+		if _, err := c.Admin().CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: plain}}, metav1.CreateOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		createPod(ctx, t, c, idlePod(plain, "client", c.Nodes[0].Name))
+		p := waitPod(ctx, t, c, plain, "client", "Running", func(p *corev1.Pod) bool {
+			return p.Status.Phase == corev1.PodRunning && p.Status.PodIP != ""
+		})
+		dctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+		defer cancel()
+		if conn, err := c.DialFromPod(dctx, p, net.JoinHostPort(vip, "80")); err == nil {
+			conn.Close()
+			t.Errorf("an unmeshed pod connected to the ClusterIP %s with no kube-proxy on the cluster", vip)
+		}
+	})
+}
+
+// meshedClusterIPOn brings up a cluster of its own whose kube-proxy runs
+// in mode, installs mantlet, meshes a namespace with an echo pod on node 2
+// and a client on node 1 behind a Service, runs check with the Service's
+// ClusterIP, then asserts the client reaches the echo by that ClusterIP,
+// meshed.
+func meshedClusterIPOn(t *testing.T, mode string, check func(ctx context.Context, t *testing.T, c *Cluster, vip string)) {
 	privtest.Require(t)
 	bins := kubetest.RequireBinaries(t)
 	repo, err := kubebin.RepoRoot(".")
@@ -39,27 +95,27 @@ func TestMeshedClusterIPThroughNFTablesKubeProxy(t *testing.T) {
 	ctx, cancel := context.WithTimeout(t.Context(), 6*time.Minute)
 	defer cancel()
 	start := time.Now()
-	c, err := Up(ctx, Options{ProxyMode: ProxyNFTables, Repo: repo, Binaries: &bins, Images: []string{shared.image},
+	c, err := Up(ctx, Options{ProxyMode: mode, Repo: repo, Binaries: &bins, Images: []string{shared.image},
 		Log: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo})), StateDir: testStateDir})
 	if err != nil {
-		t.Fatalf("an nftables cluster: %v", err)
+		t.Fatalf("a cluster with kube-proxy mode %s: %v", mode, err)
 	}
 	t.Cleanup(func() {
 		if err := c.Close(); err != nil {
-			t.Errorf("removing the nftables cluster: %v", err)
+			t.Errorf("removing the %s cluster: %v", mode, err)
 		}
 		if err := leftovers(c); err != nil {
-			t.Errorf("the nftables cluster left behind: %v", err)
+			t.Errorf("the %s cluster left behind: %v", mode, err)
 		}
 	})
-	t.Logf("nftables cluster %s up in %s", c.Name, time.Since(start).Round(time.Millisecond))
+	t.Logf("cluster %s (kube-proxy %s) up in %s", c.Name, mode, time.Since(start).Round(time.Millisecond))
 	start = time.Now()
 	if err := c.InstallMantlet(ctx, MeshOptions{Helm: shared.helm, Repo: repo}); err != nil {
 		t.Fatalf("installing mantlet: %v", err)
 	}
 	t.Logf("helm install and agents Ready in %s", time.Since(start).Round(time.Millisecond))
 
-	const ns = "nftshop"
+	const ns = "proxyshop"
 	n1, n2 := c.Nodes[0], c.Nodes[1]
 	admin := c.Admin()
 	if _, err := admin.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns,
@@ -82,14 +138,7 @@ func TestMeshedClusterIPThroughNFTablesKubeProxy(t *testing.T) {
 	client := waitPod(ctx, t, c, ns, "client", "Running and Meshed", func(p *corev1.Pod) bool {
 		return p.Status.Phase == corev1.PodRunning && p.Status.PodIP != "" && meshedCondition(p)
 	})
-	waitNFTablesServiceProgrammed(ctx, t, n1, svc.Spec.ClusterIP)
-	out, err := n1.Testbed.Command(ctx, "iptables-save", "-t", "nat").CombinedOutput()
-	if err != nil {
-		t.Fatalf("iptables-save on %s: %v: %s", n1.Name, err, out)
-	}
-	if strings.Contains(string(out), svc.Spec.ClusterIP) {
-		t.Errorf("the Service's ClusterIP %s is in %s's iptables nat table: kube-proxy is not (only) in nftables mode:\n%s", svc.Spec.ClusterIP, n1.Name, out)
-	}
+	check(ctx, t, c, svc.Spec.ClusterIP)
 
 	vip := net.JoinHostPort(svc.Spec.ClusterIP, "80")
 	marker := newMarker(t)

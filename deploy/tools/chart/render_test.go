@@ -553,3 +553,27 @@ func equalPtr[T comparable](a, b *T) bool {
 	}
 	return *a == *b
 }
+
+// TestKubernetesAPIAddressReachesTheAgent: by default the agent reaches
+// the API server through the kubernetes Service (no override in its
+// environment); with kubernetesAPI.host (a cluster without kube-proxy)
+// it gets KUBERNETES_SERVICE_HOST and _PORT, which client-go's in-cluster
+// configuration reads.
+func TestKubernetesAPIAddressReachesTheAgent(t *testing.T) {
+	env := func(vals map[string]any) map[string]string {
+		var ds appsv1.DaemonSet
+		only(t, render(t, Options{Values: vals}), "DaemonSet", &ds)
+		out := map[string]string{}
+		for _, e := range ds.Spec.Template.Spec.Containers[0].Env {
+			out[e.Name] = e.Value
+		}
+		return out
+	}
+	if got := env(nil); got["KUBERNETES_SERVICE_HOST"] != "" || got["KUBERNETES_SERVICE_PORT"] != "" {
+		t.Errorf("default values override the API server's address: %v", got)
+	}
+	got := env(map[string]any{"kubernetesAPI": map[string]any{"host": "192.0.2.10", "port": 6443}})
+	if got["KUBERNETES_SERVICE_HOST"] != "192.0.2.10" || got["KUBERNETES_SERVICE_PORT"] != "6443" {
+		t.Errorf("kubernetesAPI host 192.0.2.10 port 6443: agent environment %v", got)
+	}
+}
