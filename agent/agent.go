@@ -148,6 +148,10 @@ type Agent struct {
 	pods     map[string]*podState // by workload UID: pods enrolled or to enroll
 	removing map[int]*podState    // by ifindex: veths to un-enroll that failed to
 	ids      map[spiffeid.ID]bool // identities announced to Identities
+	// lastFull is when a pass last looked up every pod's veth: a pass for
+	// a new state looks up only the pods whose desired state changed, and
+	// one every Config.Resync (at the latest) checks them all.
+	lastFull time.Time
 }
 
 // podState is what the agent knows of one local enrolled pod.
@@ -284,7 +288,16 @@ func (a *Agent) reconcile(ctx context.Context, now time.Time) (next time.Time) {
 		a.cfg.Store.Replace(desired.Snapshot)
 	}
 	want := a.wanted(desired, pending)
-	p := &pass{now: now, next: now.Add(a.cfg.Resync), enrolled: map[int]bool{}, owned: map[int]bool{}}
+	// A pass for a new state re-checks only the pods the state changed
+	// (a route lookup each costs the same for an unchanged pod as for a
+	// new one); a resync, or any pass once Resync has passed since the
+	// last full one, re-checks every pod, so that drift (a recreated
+	// veth) is repaired even while states keep coming.
+	full := !pending || now.Sub(a.lastFull) >= a.cfg.Resync
+	if full {
+		a.lastFull = now
+	}
+	p := &pass{now: now, next: a.lastFull.Add(a.cfg.Resync), full: full, enrolled: map[int]bool{}, owned: map[int]bool{}}
 	for _, ifindex := range a.cfg.Datapath.Status().Pods {
 		p.enrolled[ifindex] = true
 	}
@@ -308,6 +321,7 @@ func (a *Agent) reconcile(ctx context.Context, now time.Time) (next time.Time) {
 // pass is the bookkeeping of one reconcile pass.
 type pass struct {
 	now, next  time.Time
+	full       bool         // look up every pod's veth, not only changed pods'
 	enrolled   map[int]bool // veths the data path has enrolled
 	owned      map[int]bool // veths of the pods that should be enrolled
 	unresolved int          // wanted pods not (yet) in their desired state
@@ -393,6 +407,10 @@ func (a *Agent) enrollWanted(p *pass, uid string, d desiredPod) {
 	if st.ifindex != 0 {
 		p.owned[st.ifindex] = true
 	}
+	if !p.full && st.settled(p, d) && a.removing[st.ifindex] == nil {
+		st.id = d.id
+		return
+	}
 	if !a.attempt(p, st, func() error { return a.enroll(p, st, d) }) {
 		p.unresolved++
 	}
@@ -448,6 +466,14 @@ func (a *Agent) enroll(p *pass, st *podState, d desiredPod) error {
 	}
 	a.log.Info("pod enrolled", "pod", st.name, "ip", d.ips[0], "ifindex", ifindex, "strict", d.strict, "spiffe_id", d.id.String(), "adopted", adopted)
 	return nil
+}
+
+// settled reports whether st is enrolled as d asks, on a veth the data
+// path has, with nothing failed or pending: a pass for a new state leaves
+// such a pod alone.
+func (st *podState) settled(p *pass, d desiredPod) bool {
+	return st.ifindex != 0 && p.enrolled[st.ifindex] && st.failures == 0 && st.strict == d.strict &&
+		slices.Equal(st.ips, d.ips) && slices.Equal(st.local, d.ips)
 }
 
 // unenrollStale un-enrolls veths that no pod we know owns: pods removed

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
@@ -155,11 +156,15 @@ type fakeLinks struct {
 	mu    sync.Mutex
 	veths map[netip.Addr]int
 	fail  map[netip.Addr]int
+	asked map[netip.Addr]int // lookups made, by address (when not nil)
 }
 
 func (l *fakeLinks) PodLink(ip netip.Addr) (int, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
+	if l.asked != nil {
+		l.asked[ip]++
+	}
 	if l.fail[ip] > 0 {
 		l.fail[ip]--
 		return 0, fmt.Errorf("route to %s: network unreachable", ip)
@@ -462,6 +467,72 @@ func TestAgentMovesAPodToItsNewVeth(t *testing.T) {
 	if calls := r.dp.callLog(); !slices.Equal(calls, []string{"enroll 101", "enroll 201", "unenroll 101"}) {
 		t.Fatalf("calls = %v, want the old veth un-enrolled right after the new one was enrolled", calls)
 	}
+}
+
+func TestAgentLooksUpOnlyTheVethsOfChangedPodsUntilAResync(t *testing.T) {
+	// Passes are driven by hand: a state that changes one pod costs one
+	// route lookup, not one per local pod; the resync still checks all.
+	links := &fakeLinks{veths: map[netip.Addr]int{}, fail: map[netip.Addr]int{}, asked: map[netip.Addr]int{}}
+	for n := 1; n <= 3; n++ {
+		links.set(fmt.Sprintf("198.19.1.%d", n), 100+n)
+	}
+	dp := newFakeDatapath()
+	ids := &fakeIdentities{ids: map[string]bool{}}
+	a, err := New(Config{Node: "node-1", Datapath: dp, Links: links, Identities: ids, Resync: time.Minute})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pods := []pod{
+		{"shop/a", "node-1", "198.19.1.1", "", true},
+		{"shop/b", "node-1", "198.19.1.2", "", true},
+		{"shop/c", "node-1", "198.19.1.3", "", true},
+	}
+	t0 := time.Now()
+	a.Apply(state(t, nil, pods...))
+	a.reconcile(t.Context(), t0)
+	lookups := func() map[string]int {
+		links.mu.Lock()
+		defer links.mu.Unlock()
+		out := map[string]int{}
+		for ip, n := range links.asked {
+			out[ip.String()] = n
+		}
+		clear(links.asked)
+		return out
+	}
+	if got := lookups(); len(got) != 3 {
+		t.Fatalf("first pass looked up %v, want every pod once", got)
+	}
+	pods[1].sa = "other"                                                 // b's identity changes: no veth to find again
+	pods = append(pods, pod{"shop/d", "node-1", "198.19.1.4", "", true}) // a new pod
+	links.set("198.19.1.4", 104)
+	a.Apply(state(t, nil, pods...))
+	a.reconcile(t.Context(), t0.Add(time.Second))
+	if got, want := lookups(), map[string]int{"198.19.1.4": 1}; !maps.Equal(got, want) {
+		t.Fatalf("a pass for a new state looked up %v, want %v", got, want)
+	}
+	if ps := a.Pods(); len(ps) != 4 || ps[3].Ifindex != 104 {
+		t.Fatalf("pods = %+v, want four, d enrolled", ps)
+	}
+	if got := ids.held(); !slices.Contains(got, "spiffe://cluster.local/ns/shop/sa/other") {
+		t.Fatalf("identities %v, want b's new one", got)
+	}
+	// Drift the pass did not look for: a's sandbox has a new veth. The
+	// resync finds it, also while states keep coming.
+	links.set("198.19.1.1", 201)
+	a.Apply(state(t, nil, pods...))
+	a.reconcile(t.Context(), t0.Add(2*time.Second))
+	if got := lookups(); len(got) != 0 {
+		t.Fatalf("a pass for an unchanged state looked up %v, want nothing", got)
+	}
+	a.Apply(state(t, nil, pods...))
+	if next := a.reconcile(t.Context(), t0.Add(time.Minute)); !next.Equal(t0.Add(2 * time.Minute)) {
+		t.Errorf("next pass due %v after the start, want 2m", next.Sub(t0))
+	}
+	if got := lookups(); len(got) != 4 {
+		t.Fatalf("the resync looked up %v, want every pod", got)
+	}
+	wantEnrolled(t, dp, "102:198.19.1.2", "103:198.19.1.3", "104:198.19.1.4", "201:198.19.1.1")
 }
 
 func TestAgentKeepsAVethThatChangesHands(t *testing.T) {
