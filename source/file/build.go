@@ -137,7 +137,7 @@ func (p *parser) build() *Manifest {
 	}
 
 	var workloads []workload.Workload
-	pods := map[string][]*corev1.Pod{} // namespace → pods in the snapshot, for selectors
+	pods := map[string][]*Pod{} // namespace → pods in the snapshot, for selectors
 	uids := map[string]owner{}
 	for _, e := range p.pods {
 		pod, loc := e.obj, e.loc
@@ -165,7 +165,7 @@ func (p *parser) build() *Manifest {
 		clean := true
 		for i, ip := range w.IPs {
 			field := "status.podIP"
-			if len(pod.Status.PodIPs) > 0 {
+			if len(pod.PodIPs) > 0 {
 				field = fmt.Sprintf("status.podIPs[%d].ip", i)
 			}
 			clean = claim(loc, field, ip) && clean
@@ -176,7 +176,7 @@ func (p *parser) build() *Manifest {
 		workloads = append(workloads, *w)
 		pods[loc.Namespace] = append(pods[loc.Namespace], pod)
 		if p.endpoints != nil {
-			p.podByUID[string(pod.UID)] = indexedPod{pod, len(workloads)}
+			p.podByUID[pod.UID] = indexedPod{pod, len(workloads)}
 		}
 	}
 
@@ -272,11 +272,11 @@ func (p *parser) parseIP(loc Location, field, s string) (netip.Addr, bool) {
 
 // pod turns a Pod into a workload. It returns nil, true for pods that hold
 // no address of their own (finished, pending without an IP, host network).
-func (p *parser) pod(loc Location, pod *corev1.Pod, namespaces map[string]namespaceInfo, nodeIPs func(string) ([]netip.Addr, bool)) (*workload.Workload, bool) {
-	if pod.Status.Phase == corev1.PodSucceeded || pod.Status.Phase == corev1.PodFailed || pod.Spec.HostNetwork {
+func (p *parser) pod(loc Location, pod *Pod, namespaces map[string]namespaceInfo, nodeIPs func(string) ([]netip.Addr, bool)) (*workload.Workload, bool) {
+	if pod.Phase == corev1.PodSucceeded || pod.Phase == corev1.PodFailed || pod.HostNetwork {
 		return nil, true
 	}
-	if pod.Status.PodIP == "" && len(pod.Status.PodIPs) == 0 && pod.Status.Phase == corev1.PodPending {
+	if pod.PodIP == "" && len(pod.PodIPs) == 0 && pod.Phase == corev1.PodPending {
 		return nil, true
 	}
 	ok := true
@@ -300,10 +300,10 @@ func (p *parser) pod(loc Location, pod *corev1.Pod, namespaces map[string]namesp
 	}
 	td, good := p.trustDomain(loc, pod.Annotations)
 	ok = ok && good
-	sa := pod.Spec.ServiceAccountName
+	sa := pod.ServiceAccountName
 	saField := "spec.serviceAccountName"
 	if sa == "" {
-		sa, saField = pod.Spec.DeprecatedServiceAccount, "spec.serviceAccount"
+		sa, saField = pod.DeprecatedServiceAccount, "spec.serviceAccount"
 	}
 	if sa == "" {
 		sa = "default"
@@ -313,34 +313,34 @@ func (p *parser) pod(loc Location, pod *corev1.Pod, namespaces map[string]namesp
 
 	var ips []netip.Addr
 	switch {
-	case pod.Status.PodIP == "" && len(pod.Status.PodIPs) == 0:
+	case pod.PodIP == "" && len(pod.PodIPs) == 0:
 		p.errorf(loc, "status.podIP", "", "missing (want the pod's address, e.g. \"198.19.1.10\"; pods without one must have status.phase Pending)")
 		ok = false
-	case len(pod.Status.PodIPs) == 0:
-		if ip, good := p.parseIP(loc, "status.podIP", pod.Status.PodIP); good {
+	case len(pod.PodIPs) == 0:
+		if ip, good := p.parseIP(loc, "status.podIP", pod.PodIP); good {
 			ips = append(ips, ip)
 		} else {
 			ok = false
 		}
 	default:
-		if pod.Status.PodIP != "" {
-			if _, good := p.parseIP(loc, "status.podIP", pod.Status.PodIP); !good {
+		if pod.PodIP != "" {
+			if _, good := p.parseIP(loc, "status.podIP", pod.PodIP); !good {
 				ok = false
 				break
 			}
-			if pod.Status.PodIP != pod.Status.PodIPs[0].IP {
-				p.errorf(loc, "status.podIPs[0].ip", pod.Status.PodIPs[0].IP, "must equal status.podIP %q", pod.Status.PodIP)
+			if pod.PodIP != pod.PodIPs[0] {
+				p.errorf(loc, "status.podIPs[0].ip", pod.PodIPs[0], "must equal status.podIP %q", pod.PodIP)
 				ok = false
 				break
 			}
 		}
-		for i, a := range pod.Status.PodIPs {
-			ip, good := p.parseIP(loc, fmt.Sprintf("status.podIPs[%d].ip", i), a.IP)
+		for i, a := range pod.PodIPs {
+			ip, good := p.parseIP(loc, fmt.Sprintf("status.podIPs[%d].ip", i), a)
 			switch {
 			case !good:
 				ok = false
 			case slices.Contains(ips, ip):
-				p.errorf(loc, fmt.Sprintf("status.podIPs[%d].ip", i), a.IP, "listed twice")
+				p.errorf(loc, fmt.Sprintf("status.podIPs[%d].ip", i), a, "listed twice")
 				ok = false
 			default:
 				ips = append(ips, ip)
@@ -348,7 +348,7 @@ func (p *parser) pod(loc Location, pod *corev1.Pod, namespaces map[string]namesp
 		}
 	}
 
-	nodeName := pod.Spec.NodeName
+	nodeName := pod.NodeName
 	var nodeIP netip.Addr
 	if nodeName == "" {
 		p.errorf(loc, "spec.nodeName", "", "missing (want the name of the node the pod runs on)")
@@ -358,21 +358,21 @@ func (p *parser) pod(loc Location, pod *corev1.Pod, namespaces map[string]namesp
 	} else {
 		known, haveNode := nodeIPs(nodeName)
 		var hostIP netip.Addr
-		if pod.Status.HostIP != "" {
+		if pod.HostIP != "" {
 			var good bool
-			if hostIP, good = p.parseIP(loc, "status.hostIP", pod.Status.HostIP); !good {
+			if hostIP, good = p.parseIP(loc, "status.hostIP", pod.HostIP); !good {
 				ok = false
 			}
 		}
 		switch {
 		case haveNode && hostIP.IsValid() && !slices.Contains(known, hostIP):
-			p.errorf(loc, "status.hostIP", pod.Status.HostIP, "is not an InternalIP of Node %s (%s)", nodeName, joinAddrs(known))
+			p.errorf(loc, "status.hostIP", pod.HostIP, "is not an InternalIP of Node %s (%s)", nodeName, joinAddrs(known))
 			ok = false
 		case haveNode:
 			nodeIP = known[0]
 		case hostIP.IsValid():
 			nodeIP = hostIP
-		case pod.Status.HostIP == "":
+		case pod.HostIP == "":
 			p.errorf(loc, "spec.nodeName", nodeName, "no Node object of that name and no status.hostIP (add a Node with an InternalIP, or set status.hostIP)")
 			ok = false
 		}
@@ -380,7 +380,7 @@ func (p *parser) pod(loc Location, pod *corev1.Pod, namespaces map[string]namesp
 	if !ok {
 		return nil, false
 	}
-	uid := string(pod.UID)
+	uid := pod.UID
 	if uid == "" {
 		uid = loc.Namespace + "/" + pod.Name
 	}
@@ -409,7 +409,7 @@ func joinAddrs(ips []netip.Addr) string {
 // service turns a Service into a workload.Service whose endpoints are the
 // pods (of the snapshot, same namespace) that its selector matches. It
 // returns nil, true for services mantlet ignores (ExternalName).
-func (p *parser) service(loc Location, svc *corev1.Service, pods []*corev1.Pod) (*workload.Service, bool) {
+func (p *parser) service(loc Location, svc *corev1.Service, pods []*Pod) (*workload.Service, bool) {
 	if svc.Spec.Type == corev1.ServiceTypeExternalName {
 		return nil, true
 	}
@@ -451,7 +451,7 @@ func (p *parser) service(loc Location, svc *corev1.Service, pods []*corev1.Pod) 
 		}
 	}
 
-	var endpoints []*corev1.Pod
+	var endpoints []*Pod
 	if p.endpoints != nil {
 		// The ready endpoints that are pods of the snapshot, in the pods'
 		// order (a lookup each: scanning the namespace's pods for every
@@ -506,7 +506,7 @@ func (p *parser) service(loc Location, svc *corev1.Service, pods []*corev1.Pod) 
 	}
 	s := &workload.Service{Name: svc.Name, Namespace: loc.Namespace, VIPs: vips, Ports: ports}
 	for _, pod := range endpoints {
-		uid := string(pod.UID)
+		uid := pod.UID
 		if uid == "" {
 			uid = loc.Namespace + "/" + pod.Name
 		}
@@ -518,7 +518,7 @@ func (p *parser) service(loc Location, svc *corev1.Service, pods []*corev1.Pod) 
 // targetPort resolves a service port's targetPort to a number: numeric
 // ones directly, named ones through the container ports of the selected
 // pods, which must agree.
-func (p *parser) targetPort(loc Location, field string, sp corev1.ServicePort, endpoints []*corev1.Pod) (uint16, bool) {
+func (p *parser) targetPort(loc Location, field string, sp corev1.ServicePort, endpoints []*Pod) (uint16, bool) {
 	tp := sp.TargetPort
 	if tp.Type == intstr.Int {
 		switch {
@@ -538,18 +538,16 @@ func (p *parser) targetPort(loc Location, field string, sp corev1.ServicePort, e
 	var found int32
 	var foundOn string
 	for _, pod := range endpoints {
-		for _, c := range pod.Spec.Containers {
-			for _, cp := range c.Ports {
-				if cp.Name != name || (cp.Protocol != "" && cp.Protocol != corev1.ProtocolTCP) {
-					continue
-				}
-				switch {
-				case found == 0:
-					found, foundOn = cp.ContainerPort, pod.Name
-				case cp.ContainerPort != found:
-					p.errorf(loc, field, name, "means port %d on pod %s but %d on pod %s; mantlet needs one number per service port (use a number)", found, foundOn, cp.ContainerPort, pod.Name)
-					return 0, false
-				}
+		for _, cp := range pod.Ports {
+			if cp.Name != name || (cp.Protocol != "" && cp.Protocol != corev1.ProtocolTCP) {
+				continue
+			}
+			switch {
+			case found == 0:
+				found, foundOn = cp.ContainerPort, pod.Name
+			case cp.ContainerPort != found:
+				p.errorf(loc, field, name, "means port %d on pod %s but %d on pod %s; mantlet needs one number per service port (use a number)", found, foundOn, cp.ContainerPort, pod.Name)
+				return 0, false
 			}
 		}
 	}

@@ -45,7 +45,7 @@ type parser struct {
 	unknown []*Error
 
 	namespaces []located[corev1.Namespace]
-	pods       []located[corev1.Pod]
+	pods       []located[Pod]
 	nodes      []located[corev1.Node]
 	services   []located[corev1.Service]
 	extra      []Extra
@@ -61,7 +61,7 @@ type parser struct {
 
 // indexedPod is a pod of the snapshot and its place in it.
 type indexedPod struct {
-	pod *corev1.Pod
+	pod *Pod
 	i   int
 }
 
@@ -484,7 +484,7 @@ func (p *parser) typed(loc Location, obj runtime.Object) {
 	case *corev1.Namespace:
 		p.namespaces = append(p.namespaces, located[corev1.Namespace]{loc, o})
 	case *corev1.Pod:
-		p.pods = append(p.pods, located[corev1.Pod]{loc, o})
+		p.pods = append(p.pods, located[Pod]{loc, PodOf(o)})
 	case *corev1.Node:
 		p.nodes = append(p.nodes, located[corev1.Node]{loc, o})
 	case *corev1.Service:

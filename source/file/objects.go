@@ -11,7 +11,7 @@ import (
 type Objects struct {
 	Namespaces []*corev1.Namespace
 	Nodes      []*corev1.Node
-	Pods       []*corev1.Pod
+	Pods       []*Pod
 	Services   []*corev1.Service
 	// Endpoints, when not nil, gives each service's ready endpoints (pod
 	// UIDs), keyed "namespace/name", as EndpointSlices say; a service then
@@ -42,7 +42,7 @@ func BuildObjects(origin string, objs Objects) *Manifest {
 		p.nodes = append(p.nodes, located[corev1.Node]{loc("Node", "", o.Name), o})
 	}
 	for _, o := range objs.Pods {
-		p.pods = append(p.pods, located[corev1.Pod]{loc("Pod", o.Namespace, o.Name), o})
+		p.pods = append(p.pods, located[Pod]{loc("Pod", o.Namespace, o.Name), o})
 	}
 	for _, o := range objs.Services {
 		p.services = append(p.services, located[corev1.Service]{loc("Service", o.Namespace, o.Name), o})

@@ -5,7 +5,7 @@ import (
 	"net/netip"
 	"time"
 
-	corev1 "k8s.io/api/core/v1"
+	"github.com/mantlet/mantlet/source/file"
 )
 
 // Bounds of the addresses announced ahead of the kubelet (Announce).
@@ -83,7 +83,7 @@ func (s *Source) expireHints(now time.Time) {
 // and drops the announcements the pods' status has caught up with. pods
 // is the lister's fresh slice; the pods themselves are shared and never
 // changed (announced ones are copied).
-func (s *Source) withAnnounced(pods []*corev1.Pod) []*corev1.Pod {
+func (s *Source) withAnnounced(pods []*file.Pod) []*file.Pod {
 	s.hintMu.Lock()
 	defer s.hintMu.Unlock()
 	if len(s.hints) == 0 {
@@ -93,20 +93,20 @@ func (s *Source) withAnnounced(pods []*corev1.Pod) []*corev1.Pod {
 	for i, p := range pods {
 		key := p.Namespace + "/" + p.Name
 		h, ok := s.hints[key]
-		if !ok || (h.uid != "" && h.uid != string(p.UID)) {
+		if !ok || (h.uid != "" && h.uid != p.UID) {
 			continue // none, or for a newer pod of that name than the informer has
 		}
-		if p.Status.PodIP == h.ips[0].String() {
+		if p.PodIP == h.ips[0].String() {
 			delete(s.hints, key) // the kubelet reported it
 			continue
 		}
-		cp := p.DeepCopy()
-		cp.Status.PodIP = h.ips[0].String()
-		cp.Status.PodIPs = make([]corev1.PodIP, len(h.ips))
+		cp := *p
+		cp.PodIP = h.ips[0].String()
+		cp.PodIPs = make([]string, len(h.ips))
 		for j, ip := range h.ips {
-			cp.Status.PodIPs[j] = corev1.PodIP{IP: ip.String()}
+			cp.PodIPs[j] = ip.String()
 		}
-		pods[i] = cp
+		pods[i] = &cp
 	}
 	return pods
 }

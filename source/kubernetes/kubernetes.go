@@ -23,7 +23,6 @@ import (
 	"sync/atomic"
 	"time"
 
-	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
@@ -101,7 +100,7 @@ type Source struct {
 	synced   []cache.InformerSynced
 
 	namespaces corelisters.NamespaceLister
-	pods       corelisters.PodLister
+	pods       cache.Indexer // of *cachedPod
 	nodes      corelisters.NodeLister
 	services   corelisters.ServiceLister
 	slices     discoverylisters.EndpointSliceLister
@@ -186,7 +185,7 @@ func NewForClients(client k8s.Interface, dyn dynamic.Interface, where string, op
 	for _, inf := range infs {
 		_ = inf.SetTransform(strip)
 	}
-	s.namespaces, s.pods, s.nodes, s.services = core.Namespaces().Lister(), podInf.Lister(), core.Nodes().Lister(), core.Services().Lister()
+	s.namespaces, s.pods, s.nodes, s.services = core.Namespaces().Lister(), podInf.Informer().GetIndexer(), core.Nodes().Lister(), core.Services().Lister()
 	s.slices = s.factory.Discovery().V1().EndpointSlices().Lister()
 	s.policies = polInf.Lister()
 	for _, inf := range infs {
@@ -223,6 +222,13 @@ func (s *Source) notify() {
 // service's status). A build costs time in the size of the cluster; one
 // is made only for a change that may mean something.
 func (s *Source) onUpdate(oldObj, newObj any) {
+	if op, ok := oldObj.(*cachedPod); ok {
+		if np, ok := newObj.(*cachedPod); ok && (op.resourceVersion == np.resourceVersion || samePod(&op.Pod, &np.Pod)) {
+			return
+		}
+		s.notify()
+		return
+	}
 	o, ok1 := oldObj.(metav1.Object)
 	n, ok2 := newObj.(metav1.Object)
 	if ok1 && ok2 {
@@ -231,11 +237,6 @@ func (s *Source) onUpdate(oldObj, newObj any) {
 			return
 		case isPolicy(newObj) && o.GetGeneration() == n.GetGeneration() && o.GetGeneration() != 0:
 			return
-		}
-		if op, ok := oldObj.(*corev1.Pod); ok {
-			if np, ok := newObj.(*corev1.Pod); ok && samePod(op, np) {
-				return
-			}
 		}
 		if sameStripped(oldObj, newObj) {
 			return
@@ -251,13 +252,35 @@ func isPolicy(o any) bool {
 
 // samePod reports whether two versions of a stripped pod say the same to
 // mantlet.
-func samePod(a, b *corev1.Pod) bool {
-	return maps.Equal(a.Labels, b.Labels) && maps.Equal(a.Annotations, b.Annotations) &&
-		a.Spec.NodeName == b.Spec.NodeName && a.Spec.ServiceAccountName == b.Spec.ServiceAccountName &&
-		a.Spec.DeprecatedServiceAccount == b.Spec.DeprecatedServiceAccount && a.Spec.HostNetwork == b.Spec.HostNetwork &&
-		a.Status.Phase == b.Status.Phase && a.Status.PodIP == b.Status.PodIP && a.Status.HostIP == b.Status.HostIP &&
-		slices.Equal(a.Status.PodIPs, b.Status.PodIPs) &&
-		slices.EqualFunc(a.Spec.Containers, b.Spec.Containers, func(x, y corev1.Container) bool { return slices.Equal(x.Ports, y.Ports) })
+func samePod(a, b *file.Pod) bool {
+	return a.Name == b.Name && a.Namespace == b.Namespace && a.UID == b.UID &&
+		maps.Equal(a.Labels, b.Labels) && maps.Equal(a.Annotations, b.Annotations) &&
+		a.NodeName == b.NodeName && a.ServiceAccountName == b.ServiceAccountName &&
+		a.DeprecatedServiceAccount == b.DeprecatedServiceAccount && a.HostNetwork == b.HostNetwork &&
+		a.Phase == b.Phase && a.PodIP == b.PodIP && a.HostIP == b.HostIP &&
+		slices.Equal(a.PodIPs, b.PodIPs) && slices.Equal(a.Ports, b.Ports)
+}
+
+// pod returns the cached pod namespace/name, nil if there is none.
+func (s *Source) pod(namespace, name string) *cachedPod {
+	o, ok, err := s.pods.GetByKey(namespace + "/" + name)
+	if err != nil || !ok {
+		return nil
+	}
+	p, _ := o.(*cachedPod)
+	return p
+}
+
+// listPods returns the cached pods.
+func (s *Source) listPods() []*file.Pod {
+	list := s.pods.List()
+	out := make([]*file.Pod, 0, len(list))
+	for _, o := range list {
+		if p, ok := o.(*cachedPod); ok {
+			out = append(out, &p.Pod)
+		}
+	}
+	return out
 }
 
 func (s *Source) watchError(err error) {
@@ -421,10 +444,7 @@ func (s *Source) build() (*source.State, error) {
 	if objs.Nodes, err = s.nodes.List(labels.Everything()); err != nil {
 		return nil, fmt.Errorf("kubernetes: list nodes: %w", err)
 	}
-	if objs.Pods, err = s.pods.List(labels.Everything()); err != nil {
-		return nil, fmt.Errorf("kubernetes: list pods: %w", err)
-	}
-	objs.Pods = s.withAnnounced(objs.Pods)
+	objs.Pods = s.withAnnounced(s.listPods())
 	if objs.Services, err = s.services.List(labels.Everything()); err != nil {
 		return nil, fmt.Errorf("kubernetes: list services: %w", err)
 	}

@@ -20,6 +20,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 	dynfake "k8s.io/client-go/dynamic/fake"
 	"k8s.io/client-go/kubernetes/fake"
+	"k8s.io/client-go/tools/cache"
 
 	"github.com/mantlet/mantlet/source"
 )
@@ -306,13 +307,20 @@ func TestStripPodKeepsWhatMantletReads(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p := out.(*corev1.Pod)
+	p := out.(*cachedPod)
 	if p.Annotations["unrelated.example/big"] != "" || p.Annotations["mantlet.io/mesh"] != "disabled" {
 		t.Errorf("annotations kept: %v", p.Annotations)
 	}
-	if len(p.Spec.Containers) != 1 || p.Spec.Containers[0].Image != "" || len(p.Spec.Containers[0].Env) != 0 ||
-		p.Spec.Containers[0].Ports[0].Name != "http" || p.Labels["app"] != "web" || p.Status.PodIP != "198.19.1.10" {
+	if len(p.Ports) != 1 || p.Ports[0].Name != "http" || p.Labels["app"] != "web" || p.PodIP != "198.19.1.10" ||
+		p.NodeName != "node1" || p.UID != "uid-a" || p.resourceVersion != in.ResourceVersion {
 		t.Errorf("stripped pod %+v", p)
+	}
+	// The informer's cache keys it by namespace and name.
+	if key, err := cache.MetaNamespaceKeyFunc(out); err != nil || key != "shop/a" {
+		t.Errorf("key %q, %v; want shop/a", key, err)
+	}
+	if again, _ := strip(out); again != out {
+		t.Errorf("strip of a stripped pod made %v, want it unchanged", again)
 	}
 }
 

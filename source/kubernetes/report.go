@@ -190,8 +190,8 @@ func owner(key string, nodes []*corev1.Node) string {
 // meshed brings the Meshed condition of this node's pods in line.
 func (r *reporter) meshed(ctx context.Context) {
 	for _, p := range r.pods() {
-		pod, err := r.s.pods.Pods(p.Namespace).Get(p.Name)
-		if err != nil || p.UID != "" && string(pod.UID) != p.UID {
+		pod := r.s.pod(p.Namespace, p.Name)
+		if pod == nil || p.UID != "" && pod.UID != p.UID {
 			continue // gone, or another pod under the same name
 		}
 		want := corev1.PodCondition{Type: ConditionMeshed, Status: corev1.ConditionTrue, Reason: "Enrolled",
@@ -208,12 +208,7 @@ func (r *reporter) meshed(ctx context.Context) {
 				want.Reason = p.Reason
 			}
 		}
-		var have *corev1.PodCondition
-		for i := range pod.Status.Conditions {
-			if pod.Status.Conditions[i].Type == ConditionMeshed {
-				have = &pod.Status.Conditions[i]
-			}
-		}
+		have := pod.meshed
 		if have != nil && have.Status == want.Status && have.Reason == want.Reason && have.Message == want.Message {
 			continue
 		}
