@@ -160,6 +160,24 @@ var ErrInvalid = errors.New("invalid snapshot")
 // workloads share a UID or an IP, two services share a VIP:port, or a
 // workload has no IP.
 func New(nodes []Node, workloads []Workload, services []Service) (*Snapshot, error) {
+	ws := make([]*Workload, len(workloads))
+	for i := range workloads {
+		w := workloads[i]
+		w.IPs = slices.Clone(w.IPs)
+		ws[i] = &w
+	}
+	return build(nodes, ws, services)
+}
+
+// NewShared is New for workloads the caller will never change, which
+// the snapshot then holds as they are instead of copies: a source that
+// builds one snapshot after another shares the workloads of unchanged
+// pods between them (readers compare them by pointer to skip work).
+func NewShared(nodes []Node, workloads []*Workload, services []Service) (*Snapshot, error) {
+	return build(nodes, slices.Clone(workloads), services)
+}
+
+func build(nodes []Node, workloads []*Workload, services []Service) (*Snapshot, error) {
 	s := &Snapshot{
 		byIP:    make(map[netip.Addr]*Workload, len(workloads)),
 		byUID:   make(map[string]*Workload, len(workloads)),
@@ -173,30 +191,27 @@ func New(nodes []Node, workloads []Workload, services []Service) (*Snapshot, err
 			s.nodeIPs[n.IP] = n.Name
 		}
 	}
-	for i := range workloads {
-		w := workloads[i]
-		w.IPs = slices.Clone(w.IPs)
-		if len(w.IPs) == 0 {
-			return nil, fmt.Errorf("%w: workload %s has no IP", ErrInvalid, &w)
+	for _, wp := range workloads {
+		if len(wp.IPs) == 0 {
+			return nil, fmt.Errorf("%w: workload %s has no IP", ErrInvalid, wp)
 		}
-		if _, dup := s.byUID[w.UID]; dup {
-			return nil, fmt.Errorf("%w: workload %s: duplicate UID %q", ErrInvalid, &w, w.UID)
+		if _, dup := s.byUID[wp.UID]; dup {
+			return nil, fmt.Errorf("%w: workload %s: duplicate UID %q", ErrInvalid, wp, wp.UID)
 		}
-		for _, ip := range w.IPs {
+		for _, ip := range wp.IPs {
 			if other, dup := s.byIP[ip]; dup {
-				return nil, fmt.Errorf("%w: workloads %s and %s share IP %s", ErrInvalid, other, &w, ip)
+				return nil, fmt.Errorf("%w: workloads %s and %s share IP %s", ErrInvalid, other, wp, ip)
 			}
 		}
-		wp := &w
-		s.workloads = append(s.workloads, wp)
-		s.byUID[w.UID] = wp
-		for _, ip := range w.IPs {
+		s.byUID[wp.UID] = wp
+		for _, ip := range wp.IPs {
 			s.byIP[ip] = wp
 		}
 	}
-	slices.SortFunc(s.workloads, func(a, b *Workload) int {
-		return cmp.Or(cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Name, b.Name))
-	})
+	s.workloads = workloads
+	if !slices.IsSortedFunc(s.workloads, compareWorkloads) {
+		slices.SortFunc(s.workloads, compareWorkloads)
+	}
 	for i := range services {
 		svc := services[i]
 		svc.VIPs = slices.Clone(svc.VIPs)
@@ -218,6 +233,10 @@ func New(nodes []Node, workloads []Workload, services []Service) (*Snapshot, err
 		s.services = append(s.services, sp)
 	}
 	return s, nil
+}
+
+func compareWorkloads(a, b *Workload) int {
+	return cmp.Or(cmp.Compare(a.Namespace, b.Namespace), cmp.Compare(a.Name, b.Name))
 }
 
 // Empty is the snapshot of a cluster with nothing in it.

@@ -25,7 +25,7 @@ type namespaceInfo struct {
 }
 
 // owner remembers which object claimed a name or an address first.
-type owner struct{ loc Location }
+type owner struct{ loc *Location }
 
 func (o owner) String() string {
 	s := o.loc.String()
@@ -64,13 +64,20 @@ func (p *parser) build() *Manifest {
 			p.errorf(loc, "metadata.name", loc.Name, "duplicate: %s has the same kind, namespace and name", first)
 			return true
 		}
-		names[key] = owner{loc}
+		first := loc // only here: taking loc's address would move every caller's copy to the heap
+		names[key] = owner{&first}
 		return false
 	}
 	ips := map[netip.Addr]owner{} // pod, node and service addresses
-	claim := func(loc Location, field string, ip netip.Addr) bool {
+	// claim records that the object at loc (which lives as long as the
+	// build) has ip, unless another one has; field names where it says
+	// so, for the message (a format with %d for i, or a name).
+	claim := func(loc *Location, field string, i int, ip netip.Addr) bool {
 		if first, ok := ips[ip]; ok {
-			p.errorf(loc, field, ip.String(), "address already used by %s", first)
+			if strings.Contains(field, "%d") {
+				field = fmt.Sprintf(field, i)
+			}
+			p.errorf(*loc, field, ip.String(), "address already used by %s", first)
 			return false
 		}
 		ips[ip] = owner{loc}
@@ -104,14 +111,10 @@ func (p *parser) build() *Manifest {
 		namespaces[ns.Name] = info
 	}
 
-	type nodeInfo struct {
-		ips []netip.Addr
-		td  spiffeid.TrustDomain
-	}
 	nodeIPs := map[string]nodeInfo{}
 	var nodes []workload.Node
-	for _, e := range p.nodes {
-		n, loc := e.obj, e.loc
+	for k := range p.nodes {
+		n, loc := p.nodes[k].obj, p.nodes[k].loc
 		if !p.checkName(loc, "metadata.name", n.Name, validation.IsDNS1123Subdomain) || dup(loc) {
 			continue
 		}
@@ -122,7 +125,7 @@ func (p *parser) build() *Manifest {
 				continue
 			}
 			ip, ok := p.parseIP(loc, fmt.Sprintf("status.addresses[%d].address", i), a.Address)
-			if ok && claim(loc, fmt.Sprintf("status.addresses[%d].address", i), ip) {
+			if ok && claim(&p.nodes[k].loc, "status.addresses[%d].address", i, ip) {
 				info.ips = append(info.ips, ip)
 			}
 		}
@@ -136,22 +139,19 @@ func (p *parser) build() *Manifest {
 		nodes = append(nodes, workload.Node{Name: n.Name, IP: info.ips[0], TrustDomain: info.td})
 	}
 
-	var workloads []workload.Workload
+	workloads := make([]*workload.Workload, 0, len(p.pods))
 	pods := map[string][]*Pod{} // namespace → pods in the snapshot, for selectors
 	uids := map[string]owner{}
-	for _, e := range p.pods {
-		pod, loc := e.obj, e.loc
+	if p.cache != nil {
+		p.cache.gen++
+	}
+	for k := range p.pods {
+		pod, loc := p.pods[k].obj, p.pods[k].loc
 		if !p.checkName(loc, "metadata.name", pod.Name, validation.IsDNS1123Subdomain) ||
 			!p.checkName(loc, "metadata.namespace", loc.Namespace, validation.IsDNS1123Label) || dup(loc) {
 			continue
 		}
-		w, ok := p.pod(loc, pod, namespaces, func(node string) ([]netip.Addr, bool) {
-			n, ok := nodeIPs[node]
-			return n.ips, ok
-		})
-		if ok && w != nil && w.TrustDomain.IsZero() {
-			w.TrustDomain = nodeIPs[w.Node].td
-		}
+		w, ok := p.cachedPod(loc, pod, namespaces, nodeIPs)
 		if !ok || w == nil {
 			continue
 		}
@@ -160,20 +160,20 @@ func (p *parser) build() *Manifest {
 				p.errorf(loc, "metadata.uid", w.UID, "already used by %s", first)
 				continue
 			}
-			uids[w.UID] = owner{loc}
+			uids[w.UID] = owner{&p.pods[k].loc}
 		}
 		clean := true
+		field := "status.podIP"
+		if len(pod.PodIPs) > 0 {
+			field = "status.podIPs[%d].ip"
+		}
 		for i, ip := range w.IPs {
-			field := "status.podIP"
-			if len(pod.PodIPs) > 0 {
-				field = fmt.Sprintf("status.podIPs[%d].ip", i)
-			}
-			clean = claim(loc, field, ip) && clean
+			clean = claim(&p.pods[k].loc, field, i, ip) && clean
 		}
 		if !clean {
 			continue
 		}
-		workloads = append(workloads, *w)
+		workloads = append(workloads, w)
 		pods[loc.Namespace] = append(pods[loc.Namespace], pod)
 		if p.endpoints != nil {
 			p.podByUID[pod.UID] = indexedPod{pod, len(workloads)}
@@ -182,8 +182,8 @@ func (p *parser) build() *Manifest {
 
 	var services []workload.Service
 	vips := map[netip.AddrPort]owner{}
-	for _, e := range p.services {
-		svc, loc := e.obj, e.loc
+	for k := range p.services {
+		svc, loc := p.services[k].obj, p.services[k].loc
 		if !p.checkName(loc, "metadata.name", svc.Name, validation.IsDNS1035Label) ||
 			!p.checkName(loc, "metadata.namespace", loc.Namespace, validation.IsDNS1123Label) || dup(loc) {
 			continue
@@ -206,7 +206,7 @@ func (p *parser) build() *Manifest {
 					clean = false
 					break
 				}
-				vips[ap] = owner{loc}
+				vips[ap] = owner{&p.services[k].loc}
 			}
 		}
 		if clean {
@@ -220,7 +220,8 @@ func (p *parser) build() *Manifest {
 	if len(p.errs) > 0 {
 		return nil
 	}
-	snap, err := workload.New(nodes, workloads, services)
+	p.cache.sweep()
+	snap, err := workload.NewShared(nodes, workloads, services)
 	if err != nil {
 		// The checks above should have caught every contradiction New
 		// knows; report it against the file rather than panic.
@@ -230,6 +231,79 @@ func (p *parser) build() *Manifest {
 	m.Snapshot = snap
 	m.Warnings = p.warnings
 	return m
+}
+
+// nodeInfo is what pods need to know of their node.
+type nodeInfo struct {
+	ips []netip.Addr
+	td  spiffeid.TrustDomain
+}
+
+// PodCache remembers the workloads that builds made of pods, so that a
+// build reuses the workload of a pod that did not change (the same *Pod,
+// in a namespace and on a node that say the same as before) instead of
+// making it again, and snapshots share it. A source that builds state
+// after state from objects it keeps (the Kubernetes source's informers)
+// gives every build the same cache; builds that share one must not run
+// at once. The zero value is ready to use.
+type PodCache struct {
+	gen uint64
+	m   map[*Pod]cachedWorkload
+}
+
+// cachedWorkload is a workload made of a pod, and what else it was made
+// from.
+type cachedWorkload struct {
+	gen       uint64 // the last build that used it
+	ns        namespaceInfo
+	nsKnown   bool
+	node      nodeInfo
+	nodeKnown bool
+	w         *workload.Workload
+}
+
+// sweep forgets the pods the last build did not see.
+func (c *PodCache) sweep() {
+	if c == nil {
+		return
+	}
+	for k, e := range c.m {
+		if e.gen != c.gen {
+			delete(c.m, k)
+		}
+	}
+}
+
+// cachedPod is pod (below) through p.cache: a workload made of the same
+// pod in the same namespace and node information is reused. A pod whose
+// build found problems is not cached, so that they are reported again.
+func (p *parser) cachedPod(loc Location, pod *Pod, namespaces map[string]namespaceInfo, nodes map[string]nodeInfo) (*workload.Workload, bool) {
+	ns, nsKnown := namespaces[loc.Namespace]
+	node, nodeKnown := nodes[pod.NodeName]
+	c := p.cache
+	if c != nil {
+		if e, ok := c.m[pod]; ok && e.ns == ns && e.nsKnown == nsKnown && e.nodeKnown == nodeKnown &&
+			e.node.td == node.td && slices.Equal(e.node.ips, node.ips) {
+			e.gen = c.gen
+			c.m[pod] = e
+			return e.w, true
+		}
+	}
+	problems := len(p.errs) + len(p.warnings)
+	w, ok := p.pod(loc, pod, namespaces, func(node string) ([]netip.Addr, bool) {
+		n, ok := nodes[node]
+		return n.ips, ok
+	})
+	if ok && w != nil && w.TrustDomain.IsZero() {
+		w.TrustDomain = nodes[w.Node].td
+	}
+	if c != nil && ok && w != nil && problems == len(p.errs)+len(p.warnings) {
+		if c.m == nil {
+			c.m = map[*Pod]cachedWorkload{}
+		}
+		c.m[pod] = cachedWorkload{gen: c.gen, ns: ns, nsKnown: nsKnown, node: node, nodeKnown: nodeKnown, w: w}
+	}
+	return w, ok
 }
 
 func annotationField(key string) string { return fmt.Sprintf("metadata.annotations[%q]", key) }

@@ -57,6 +57,8 @@ type parser struct {
 	endpoints map[string][]string
 	// podByUID holds the snapshot's pods by UID, with endpoints.
 	podByUID map[string]indexedPod
+	// cache, if not nil, keeps pods' workloads from build to build.
+	cache *PodCache
 }
 
 // indexedPod is a pod of the snapshot and its place in it.

@@ -19,6 +19,10 @@ type Objects struct {
 	Endpoints map[string][]string
 	// Policies are MeshPolicies, each already validated.
 	Policies []*v1alpha1.MeshPolicy
+	// Cache, if not nil, carries the workloads made of pods from this
+	// build to the next (see PodCache): Pods must then never be changed
+	// once given to a build, only replaced.
+	Cache *PodCache
 }
 
 // BuildObjects turns objects read from an API server into a Manifest by
@@ -28,7 +32,7 @@ type Objects struct {
 // returned in Manifest.Warnings) instead of the whole state. origin names
 // the source in messages ("kubernetes").
 func BuildObjects(origin string, objs Objects) *Manifest {
-	p := &parser{file: origin, lenient: true, endpoints: objs.Endpoints}
+	p := &parser{file: origin, lenient: true, endpoints: objs.Endpoints, cache: objs.Cache}
 	if objs.Endpoints != nil {
 		p.podByUID = make(map[string]indexedPod, len(objs.Pods))
 	}
@@ -41,6 +45,9 @@ func BuildObjects(origin string, objs Objects) *Manifest {
 	for _, o := range objs.Nodes {
 		p.nodes = append(p.nodes, located[corev1.Node]{loc("Node", "", o.Name), o})
 	}
+	p.pods = make([]located[Pod], 0, len(objs.Pods))
+	p.services = make([]located[corev1.Service], 0, len(objs.Services))
+	p.extra = make([]Extra, 0, len(objs.Policies))
 	for _, o := range objs.Pods {
 		p.pods = append(p.pods, located[Pod]{loc("Pod", o.Namespace, o.Name), o})
 	}

@@ -12,17 +12,19 @@
 package kubernetes
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
 	"log/slog"
 	"maps"
 	"slices"
-	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
+	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
@@ -125,6 +127,9 @@ type Source struct {
 	// build decodes only the ones that changed. Owned by build's caller
 	// (Initial, then Run's goroutine).
 	decoded map[types.UID]decodedPolicy
+	// podCache keeps the workloads made of unchanged pods from build to
+	// build (same owner as decoded).
+	podCache file.PodCache
 
 	hintMu sync.Mutex
 	hints  map[string]announced // by namespace/name: addresses ahead of the pods' status (Announce)
@@ -487,6 +492,7 @@ func (s *Source) build() (*source.State, error) {
 	}
 	s.decoded = decoded
 	sortByName(objs)
+	objs.Cache = &s.podCache
 	m := file.BuildObjects("kubernetes", objs)
 	if m == nil {
 		return nil, errors.New("kubernetes: the objects contradict each other")
@@ -566,18 +572,15 @@ func readyEndpoints(list []*discoveryv1.EndpointSlice) map[string][]string {
 // sortByName puts objects in a stable order: the snapshot must not depend
 // on the caches' map order.
 func sortByName(o file.Objects) {
-	sort.Slice(o.Namespaces, func(i, j int) bool { return o.Namespaces[i].Name < o.Namespaces[j].Name })
-	sort.Slice(o.Nodes, func(i, j int) bool { return o.Nodes[i].Name < o.Nodes[j].Name })
-	sort.Slice(o.Pods, func(i, j int) bool {
-		a, b := o.Pods[i], o.Pods[j]
-		return a.Namespace < b.Namespace || a.Namespace == b.Namespace && a.Name < b.Name
+	slices.SortFunc(o.Namespaces, func(a, b *corev1.Namespace) int { return strings.Compare(a.Name, b.Name) })
+	slices.SortFunc(o.Nodes, func(a, b *corev1.Node) int { return strings.Compare(a.Name, b.Name) })
+	slices.SortFunc(o.Pods, func(a, b *file.Pod) int {
+		return cmp.Or(strings.Compare(a.Namespace, b.Namespace), strings.Compare(a.Name, b.Name))
 	})
-	sort.Slice(o.Services, func(i, j int) bool {
-		a, b := o.Services[i], o.Services[j]
-		return a.Namespace < b.Namespace || a.Namespace == b.Namespace && a.Name < b.Name
+	slices.SortFunc(o.Services, func(a, b *corev1.Service) int {
+		return cmp.Or(strings.Compare(a.Namespace, b.Namespace), strings.Compare(a.Name, b.Name))
 	})
-	sort.Slice(o.Policies, func(i, j int) bool {
-		a, b := o.Policies[i], o.Policies[j]
-		return a.Namespace < b.Namespace || a.Namespace == b.Namespace && a.Name < b.Name
+	slices.SortFunc(o.Policies, func(a, b *v1alpha1.MeshPolicy) int {
+		return cmp.Or(strings.Compare(a.Namespace, b.Namespace), strings.Compare(a.Name, b.Name))
 	})
 }

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -23,6 +24,7 @@ import (
 	"k8s.io/client-go/tools/cache"
 
 	"github.com/mantlet/mantlet/source"
+	"github.com/mantlet/mantlet/source/file"
 )
 
 func ns(name string, ann map[string]string) *corev1.Namespace {
@@ -327,10 +329,12 @@ func TestStripPodKeepsWhatMantletReads(t *testing.T) {
 // BenchmarkBuild measures one build of the state from the informers'
 // caches with 10,000 pods in 100 namespaces, 1,000 services and 1,000
 // MeshPolicies: what every change costs before the debounce lets it out.
+// from_scratch makes every workload anew; one_pod_changed is a build
+// after one pod's labels changed, which reuses the other pods' workloads.
 func BenchmarkBuild(b *testing.B) {
 	var core []runtime.Object
 	var pols []runtime.Object
-	core = append(core, node("node1", "10.0.0.1"))
+	core = append(core, node("node1", "198.18.0.1"))
 	for i := range 100 {
 		nsName := fmt.Sprintf("ns-%d", i)
 		core = append(core, ns(nsName, map[string]string{"mantlet.io/mesh": "enabled"}))
@@ -347,13 +351,33 @@ func BenchmarkBuild(b *testing.B) {
 				"rules":    []any{map[string]any{"to": map[string]any{"ports": []any{"80"}}}}}))
 		}
 	}
-	f, _ := newFixture(b, core, pols...)
-	b.ResetTimer()
-	for b.Loop() {
-		if _, err := f.src.build(); err != nil {
-			b.Fatal(err)
-		}
+	f, first := newFixture(b, core, pols...)
+	if n := len(first.Snapshot.Workloads()); n != 10000 {
+		b.Fatalf("%d workloads, want 10000", n)
 	}
+	b.Run("from_scratch", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			f.src.podCache = file.PodCache{}
+			if _, err := f.src.build(); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("one_pod_changed", func(b *testing.B) {
+		b.ReportAllocs()
+		i := 0
+		for b.Loop() {
+			i++
+			p := stripPod(pod("ns-7", "pod-7", "7-7", "node1", "10.1.7.17", map[string]string{"app": "svc-7", "churn": strconv.Itoa(i)}))
+			if err := f.src.pods.Update(p); err != nil {
+				b.Fatal(err)
+			}
+			if _, err := f.src.build(); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
 }
 
 // TestConditionMessagesFitTheAPI: a long validation message is cut to
