@@ -52,6 +52,10 @@ type Engine struct {
 	mu   sync.Mutex // serialises writers
 	set  *policySet
 	snap *workload.Snapshot
+	// compiled holds the set in force by the policy each was compiled
+	// from: a policy given again (the same object: sources keep those that
+	// did not change) is not compiled again.
+	compiled map[*v1alpha1.MeshPolicy]*cpolicy
 
 	cur atomic.Pointer[view]
 }
@@ -72,8 +76,8 @@ func NewEngine(opts Options) *Engine {
 		opts.Logger = slog.New(slog.DiscardHandler)
 	}
 	e := &Engine{opts: opts, snap: workload.Empty()}
-	e.set, _ = compileSet(nil, opts.RootNamespace, 0)
-	e.cur.Store(buildView(e.set, e.snap, &e.opts))
+	e.set, e.compiled, _ = compileSet(nil, opts.RootNamespace, 0, nil)
+	e.cur.Store(buildView(e.set, e.snap, &e.opts, nil, nil))
 	return e
 }
 
@@ -101,14 +105,15 @@ func (e *Engine) Apply(s *workload.Snapshot, policies []*v1alpha1.MeshPolicy) er
 }
 
 func (e *Engine) applyLocked(s *workload.Snapshot, policies []*v1alpha1.MeshPolicy) error {
-	set, err := compileSet(policies, e.opts.RootNamespace, e.set.gen+1)
+	set, compiled, err := compileSet(policies, e.opts.RootNamespace, e.set.gen+1, e.compiled)
 	if err != nil {
 		e.opts.Logger.Warn("policy set rejected; previous set stays in force",
 			"policies", len(policies), "generation", e.set.gen, "error", err)
 		return fmt.Errorf("policy: set of %d rejected, generation %d stays in force: %w", len(policies), e.set.gen, err)
 	}
-	e.set, e.snap = set, s
-	e.cur.Store(buildView(e.set, e.snap, &e.opts))
+	changed := changedNamespaces(e.compiled, compiled, e.opts.RootNamespace)
+	e.set, e.snap, e.compiled = set, s, compiled
+	e.cur.Store(buildView(e.set, e.snap, &e.opts, e.cur.Load(), changed))
 	e.opts.Logger.Info("policy set in force", "policies", len(set.policies), "generation", set.gen)
 	return nil
 }
@@ -124,7 +129,7 @@ func (e *Engine) SetWorkloads(s *workload.Snapshot) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	e.snap = s
-	e.cur.Store(buildView(e.set, e.snap, &e.opts))
+	e.cur.Store(buildView(e.set, e.snap, &e.opts, e.cur.Load(), map[string]bool{}))
 }
 
 // Generation counts the policy sets put in force; it changes exactly when
@@ -216,12 +221,26 @@ type policySet struct {
 	gen      uint64
 }
 
-func compileSet(in []*v1alpha1.MeshPolicy, rootNS string, gen uint64) (*policySet, error) {
+// compileSet compiles in as one set. A policy of in found in cache (the
+// last set's, by the policy compiled) is copied from there instead of
+// compiled again. It returns the set and its policies by source.
+func compileSet(in []*v1alpha1.MeshPolicy, rootNS string, gen uint64, cache map[*v1alpha1.MeshPolicy]*cpolicy) (*policySet, map[*v1alpha1.MeshPolicy]*cpolicy, error) {
 	set := &policySet{byNS: map[string][]*cpolicy{}, rootNS: rootNS, gen: gen}
 	var errs []error
 	seen := make(map[string]bool, len(in))
+	bySource := make(map[*v1alpha1.MeshPolicy]*cpolicy, len(in))
 	for _, p := range in {
-		cp, err := compilePolicy(p)
+		var cp *cpolicy
+		var err error
+		if c, ok := cache[p]; ok {
+			// Compiled policies are never changed but for their place in
+			// a set (order, root), which a copy gets anew: the set in
+			// force keeps its own.
+			cc := *c
+			cp = &cc
+		} else {
+			cp, err = compilePolicy(p)
+		}
 		key := p.Namespace + "/" + p.Name
 		if seen[key] && p.Name != "" {
 			dup := FieldError{Path: "metadata.name", Msg: "another MeshPolicy in the set has the same namespace and name; want unique names"}
@@ -238,9 +257,10 @@ func compileSet(in []*v1alpha1.MeshPolicy, rootNS string, gen uint64) (*policySe
 			continue
 		}
 		set.policies = append(set.policies, cp)
+		bySource[p] = cp
 	}
 	if len(errs) > 0 {
-		return nil, errors.Join(errs...)
+		return nil, nil, errors.Join(errs...)
 	}
 	slices.SortFunc(set.policies, func(a, b *cpolicy) int { return strings.Compare(a.key, b.key) })
 	for i, p := range set.policies {
@@ -252,7 +272,27 @@ func compileSet(in []*v1alpha1.MeshPolicy, rootNS string, gen uint64) (*policySe
 			set.byNS[p.ns] = append(set.byNS[p.ns], p)
 		}
 	}
-	return set, nil
+	return set, bySource, nil
+}
+
+// changedNamespaces returns the namespaces whose policies differ between
+// two sets (by policies compiled from: those given, and those gone), or
+// nil, meaning all, when the root namespace's differ (they apply to
+// every namespace).
+func changedNamespaces(old, cur map[*v1alpha1.MeshPolicy]*cpolicy, rootNS string) map[string]bool {
+	out := map[string]bool{}
+	for _, m := range []struct{ a, b map[*v1alpha1.MeshPolicy]*cpolicy }{{old, cur}, {cur, old}} {
+		for src, p := range m.a {
+			if _, ok := m.b[src]; ok {
+				continue
+			}
+			if p.ns == rootNS {
+				return nil
+			}
+			out[p.ns] = true
+		}
+	}
+	return out
 }
 
 // selectFor returns the policies that apply to a workload of namespace ns
@@ -289,7 +329,12 @@ type wlRef struct {
 	ent *entry
 }
 
-func buildView(set *policySet, snap *workload.Snapshot, opts *Options) *view {
+// buildView joins set with the workloads of snap. With prev (the view it
+// replaces) and changed (the namespaces whose policies changed since
+// prev's set; nil: all), a workload of prev (the same object) in a
+// namespace not in changed keeps its entry: the policies that select it,
+// and their order, are the same.
+func buildView(set *policySet, snap *workload.Snapshot, opts *Options, prev *view, changed map[string]bool) *view {
 	ws := snap.Workloads()
 	v := &view{
 		set:         set,
@@ -305,6 +350,12 @@ func buildView(set *policySet, snap *workload.Snapshot, opts *Options) *view {
 	var key []byte
 	var names []string
 	for _, w := range ws {
+		if prev != nil && changed != nil && !changed[w.Namespace] {
+			if r, ok := prev.byUID[w.UID]; ok && r.w == w {
+				v.byUID[w.UID] = r
+				continue
+			}
+		}
 		key = append(key[:0], w.Namespace...)
 		names = slices.AppendSeq(names[:0], maps.Keys(w.Labels))
 		slices.Sort(names)
