@@ -281,7 +281,9 @@ func compileSet(in []*v1alpha1.MeshPolicy, rootNS string, gen uint64, cache map[
 // every namespace).
 func changedNamespaces(old, cur map[*v1alpha1.MeshPolicy]*cpolicy, rootNS string) map[string]bool {
 	out := map[string]bool{}
-	for _, m := range []struct{ a, b map[*v1alpha1.MeshPolicy]*cpolicy }{{old, cur}, {cur, old}} {
+	for _, m := range []struct {
+		a, b map[*v1alpha1.MeshPolicy]*cpolicy
+	}{{old, cur}, {cur, old}} {
 		for src, p := range m.a {
 			if _, ok := m.b[src]; ok {
 				continue
