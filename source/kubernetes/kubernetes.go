@@ -130,6 +130,10 @@ type Source struct {
 	// podCache keeps the workloads made of unchanged pods from build to
 	// build (same owner as decoded).
 	podCache file.PodCache
+	// podOrder is each pod's place (by UID) in the last build's sorted
+	// list: while pods only change, not come and go, it sorts the next
+	// list without comparing names (same owner as decoded).
+	podOrder map[string]int
 
 	hintMu sync.Mutex
 	hints  map[string]announced // by namespace/name: addresses ahead of the pods' status (Announce)
@@ -491,6 +495,7 @@ func (s *Source) build() (*source.State, error) {
 		}
 	}
 	s.decoded = decoded
+	s.sortPods(objs.Pods)
 	sortByName(objs)
 	objs.Cache = &s.podCache
 	m := file.BuildObjects("kubernetes", objs)
@@ -569,14 +574,45 @@ func readyEndpoints(list []*discoveryv1.EndpointSlice) map[string][]string {
 	return out
 }
 
+// sortPods sorts pods by namespace and name. When they are the pods of
+// the last build (by UID: a pod's namespace and name never change), it
+// puts each in its last place instead: a sort of 10,000 pods compares
+// names a hundred thousand times, a fifth of a build.
+func (s *Source) sortPods(pods []*file.Pod) {
+	if len(pods) == len(s.podOrder) {
+		out := make([]*file.Pod, len(pods))
+		same := true
+		for _, p := range pods {
+			i, ok := s.podOrder[p.UID]
+			if !ok || out[i] != nil {
+				same = false
+				break
+			}
+			out[i] = p
+		}
+		if same {
+			copy(pods, out)
+			return
+		}
+	}
+	slices.SortFunc(pods, func(a, b *file.Pod) int {
+		return cmp.Or(strings.Compare(a.Namespace, b.Namespace), strings.Compare(a.Name, b.Name))
+	})
+	s.podOrder = make(map[string]int, len(pods))
+	for i, p := range pods {
+		if p.UID == "" {
+			s.podOrder = nil // no reuse without UIDs (never from an API server)
+			return
+		}
+		s.podOrder[p.UID] = i
+	}
+}
+
 // sortByName puts objects in a stable order: the snapshot must not depend
-// on the caches' map order.
+// on the caches' map order. Pods are sorted by sortPods.
 func sortByName(o file.Objects) {
 	slices.SortFunc(o.Namespaces, func(a, b *corev1.Namespace) int { return strings.Compare(a.Name, b.Name) })
 	slices.SortFunc(o.Nodes, func(a, b *corev1.Node) int { return strings.Compare(a.Name, b.Name) })
-	slices.SortFunc(o.Pods, func(a, b *file.Pod) int {
-		return cmp.Or(strings.Compare(a.Namespace, b.Namespace), strings.Compare(a.Name, b.Name))
-	})
 	slices.SortFunc(o.Services, func(a, b *corev1.Service) int {
 		return cmp.Or(strings.Compare(a.Namespace, b.Namespace), strings.Compare(a.Name, b.Name))
 	})

@@ -1,10 +1,13 @@
 package kubernetes
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 	"testing"
@@ -391,5 +394,36 @@ func TestConditionMessagesFitTheAPI(t *testing.T) {
 	got := truncate(long)
 	if len(got) > maxMessage || !strings.HasSuffix(got, " (cut short)") || !utf8.ValidString(got) {
 		t.Errorf("truncate of %d bytes gave %d bytes, valid UTF-8 %v", len(long), len(got), utf8.ValidString(got))
+	}
+}
+
+// TestSortPodsSortsByNamespaceAndName: pods come from the cache in no
+// order; every build gets them sorted, whether their order is made anew
+// (pods came or went) or taken from the last build (pods only changed).
+func TestSortPodsSortsByNamespaceAndName(t *testing.T) {
+	r := rand.New(rand.NewPCG(1, 2))
+	var pods []*file.Pod
+	for i := range 50 {
+		pods = append(pods, &file.Pod{Namespace: fmt.Sprint("ns-", i%3), Name: fmt.Sprint("pod-", i), UID: fmt.Sprint("uid-", i)})
+	}
+	s := &Source{}
+	for step := range 100 {
+		switch r.IntN(3) {
+		case 0: // a pod changed: a new object, same UID
+			i := r.IntN(len(pods))
+			cp := *pods[i]
+			cp.Labels = map[string]string{"step": fmt.Sprint(step)}
+			pods[i] = &cp
+		case 1: // one went, another came
+			i := r.IntN(len(pods))
+			pods[i] = &file.Pod{Namespace: fmt.Sprint("ns-", r.IntN(3)), Name: fmt.Sprint("new-", step), UID: fmt.Sprint("new-", step)}
+		}
+		r.Shuffle(len(pods), func(i, j int) { pods[i], pods[j] = pods[j], pods[i] })
+		s.sortPods(pods)
+		if !slices.IsSortedFunc(pods, func(a, b *file.Pod) int {
+			return cmp.Or(strings.Compare(a.Namespace, b.Namespace), strings.Compare(a.Name, b.Name))
+		}) {
+			t.Fatalf("step %d: not sorted", step)
+		}
 	}
 }
