@@ -72,7 +72,9 @@ type Record interface {
 
 // Stamp is the part of build.json that every set has.
 type Stamp struct {
-	Go    string    `json:"go"`
+	// Go is the version of the go command that built the programs.
+	Go string `json:"go"`
+	// Built is when the build finished, and Took how long it took.
 	Built time.Time `json:"built"`
 	Took  string    `json:"took"`
 }

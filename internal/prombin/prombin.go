@@ -93,7 +93,10 @@ func Find(dir string) (Prometheus, error) {
 // binbuild.Set.Build.
 func Build(ctx context.Context, root string, log *slog.Logger) (Prometheus, bool, error) {
 	dir, built, err := Set.Build(ctx, root, log)
-	return inDir(dir), built, err
+	if err != nil {
+		return Prometheus{}, false, err
+	}
+	return inDir(dir), built, nil
 }
 
 // compile builds the server into dir.

@@ -83,7 +83,10 @@ func Find(dir string) (Ghostunnel, error) {
 // binbuild.Set.Build.
 func Build(ctx context.Context, root string, log *slog.Logger) (Ghostunnel, bool, error) {
 	dir, built, err := Set.Build(ctx, root, log)
-	return inDir(dir), built, err
+	if err != nil {
+		return Ghostunnel{}, false, err
+	}
+	return inDir(dir), built, nil
 }
 
 // compile builds ghostunnel into dir.
