@@ -250,12 +250,42 @@ func (s Set) Build(ctx context.Context, root string, log *slog.Logger) (dir stri
 	return dir, true, nil
 }
 
-// ReadRecord reads the build.json in dir into rec; a build without one
-// (or with a broken one) leaves rec as it was.
-func ReadRecord(dir string, rec Record) {
+// Program is a build of a set of one program (Programs[0]).
+type Program[R any] struct {
+	// Dir holds it: <cache root>/<Prefix>-<key>.
+	Dir string
+	// Path is the program's path.
+	Path string
+	// Info is its build.json, a set's BuildInfo (zero if there is none).
+	Info R
+}
+
+// program names the set's one program in dir and reads its build.json
+// (a build without one, or with a broken one, leaves Info zero).
+func program[R any](s Set, dir string) Program[R] {
+	p := Program[R]{Dir: dir, Path: filepath.Join(dir, s.Programs[0])}
 	if b, err := os.ReadFile(filepath.Join(dir, "build.json")); err == nil {
-		_ = json.Unmarshal(b, rec)
+		_ = json.Unmarshal(b, &p.Info)
 	}
+	return p
+}
+
+// FindProgram is s.Find for a set of one program whose build.json is R.
+func FindProgram[R any](s Set, dir string) (Program[R], error) {
+	d, err := s.Find(dir)
+	if err != nil {
+		return Program[R]{}, err
+	}
+	return program[R](s, d), nil
+}
+
+// BuildProgram is s.Build for a set of one program whose build.json is R.
+func BuildProgram[R any](ctx context.Context, s Set, root string, log *slog.Logger) (Program[R], bool, error) {
+	d, built, err := s.Build(ctx, root, log)
+	if err != nil {
+		return Program[R]{}, false, err
+	}
+	return program[R](s, d), built, nil
 }
 
 // ModuleVersion asks the go command which version of module the tools

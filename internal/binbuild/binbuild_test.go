@@ -218,20 +218,18 @@ func TestABuildIsFoundThenAndNotBuiltAgain(t *testing.T) {
 	root := fakeRepo(t, s.Tools)
 	t.Setenv(s.CacheEnv, t.TempDir())
 	log := slog.New(slog.DiscardHandler)
-	dir, built, err := s.Build(context.Background(), root, log)
-	if err != nil || !built {
-		t.Fatalf("first Build: %q, built %v, %v; want built", dir, built, err)
+	p, built, err := binbuild.BuildProgram[fakeRecord](context.Background(), s, root, log)
+	if err != nil || !built || p.Path != filepath.Join(p.Dir, "prog") {
+		t.Fatalf("first Build: %+v, built %v, %v; want prog built", p, built, err)
 	}
-	if got, err := s.Find(root); err != nil || got != dir {
-		t.Errorf("Find after the build: %q, %v; want %q", got, err, dir)
+	if p.Info.Version != "v1.2.3" || p.Info.Go != runtime.Version() || p.Info.Built.IsZero() || p.Info.Took == "" {
+		t.Errorf("build.json records %+v; want the set's version and the stamp", p.Info)
 	}
-	var rec fakeRecord
-	binbuild.ReadRecord(dir, &rec)
-	if rec.Version != "v1.2.3" || rec.Go != runtime.Version() || rec.Built.IsZero() || rec.Took == "" {
-		t.Errorf("build.json records %+v; want the set's version and the stamp", rec)
+	if got, err := binbuild.FindProgram[fakeRecord](s, root); err != nil || got != p {
+		t.Errorf("Find after the build: %+v, %v; want %+v", got, err, p)
 	}
-	if again, built, err := s.Build(context.Background(), root, log); err != nil || built || again != dir {
-		t.Errorf("second Build: %q, built %v, %v; want %q, not built", again, built, err, dir)
+	if again, built, err := s.Build(context.Background(), root, log); err != nil || built || again != p.Dir {
+		t.Errorf("second Build: %q, built %v, %v; want %q, not built", again, built, err, p.Dir)
 	}
 	if compiled != 1 {
 		t.Errorf("compiled %d times; want once", compiled)

@@ -60,43 +60,20 @@ type BuildInfo struct {
 	binbuild.Stamp
 }
 
-// Prometheus is a Prometheus server built from ToolsModule.
-type Prometheus struct {
-	// Dir holds it: <cache root>/prometheus-<key>.
-	Dir string
-	// Path is the program's path.
-	Path string
-	// Info is its build.json (zero until built).
-	Info BuildInfo
-}
-
-// inDir names the program in dir and reads its build.json.
-func inDir(dir string) Prometheus {
-	p := Prometheus{Dir: dir, Path: filepath.Join(dir, "prometheus")}
-	binbuild.ReadRecord(dir, &p.Info)
-	return p
-}
+// Prometheus is a Prometheus server built from ToolsModule: its folder,
+// its path and its build.json.
+type Prometheus = binbuild.Program[BuildInfo]
 
 // Find returns the Prometheus built for the mantlet repository that holds
 // dir. If it is not built, the error wraps ErrMissing and says how to
 // build it.
-func Find(dir string) (Prometheus, error) {
-	d, err := Set.Find(dir)
-	if err != nil {
-		return Prometheus{}, err
-	}
-	return inDir(d), nil
-}
+func Find(dir string) (Prometheus, error) { return binbuild.FindProgram[BuildInfo](Set, dir) }
 
 // Build builds Prometheus from the tools module of the repository at root
 // into the cache, unless it is there already (then built is false); see
 // binbuild.Set.Build.
 func Build(ctx context.Context, root string, log *slog.Logger) (Prometheus, bool, error) {
-	dir, built, err := Set.Build(ctx, root, log)
-	if err != nil {
-		return Prometheus{}, false, err
-	}
-	return inDir(dir), built, nil
+	return binbuild.BuildProgram[BuildInfo](ctx, Set, root, log)
 }
 
 // compile builds the server into dir.

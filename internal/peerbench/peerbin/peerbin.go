@@ -50,43 +50,20 @@ type BuildInfo struct {
 	binbuild.Stamp
 }
 
-// Ghostunnel is a ghostunnel built from ToolsModule.
-type Ghostunnel struct {
-	// Dir holds it: <cache root>/ghostunnel-<key>.
-	Dir string
-	// Path is the program's path.
-	Path string
-	// Info is its build.json (zero until built).
-	Info BuildInfo
-}
-
-// inDir names the program in dir and reads its build.json.
-func inDir(dir string) Ghostunnel {
-	g := Ghostunnel{Dir: dir, Path: filepath.Join(dir, "ghostunnel")}
-	binbuild.ReadRecord(dir, &g.Info)
-	return g
-}
+// Ghostunnel is a ghostunnel built from ToolsModule: its folder, its path
+// and its build.json.
+type Ghostunnel = binbuild.Program[BuildInfo]
 
 // Find returns the ghostunnel built for the mantlet repository that holds
 // dir. If it is not built, the error wraps ErrMissing and says how to
 // build it.
-func Find(dir string) (Ghostunnel, error) {
-	d, err := Set.Find(dir)
-	if err != nil {
-		return Ghostunnel{}, err
-	}
-	return inDir(d), nil
-}
+func Find(dir string) (Ghostunnel, error) { return binbuild.FindProgram[BuildInfo](Set, dir) }
 
 // Build builds ghostunnel from the tools module of the repository at root
 // into the cache, unless it is there already (then built is false); see
 // binbuild.Set.Build.
 func Build(ctx context.Context, root string, log *slog.Logger) (Ghostunnel, bool, error) {
-	dir, built, err := Set.Build(ctx, root, log)
-	if err != nil {
-		return Ghostunnel{}, false, err
-	}
-	return inDir(dir), built, nil
+	return binbuild.BuildProgram[BuildInfo](ctx, Set, root, log)
 }
 
 // compile builds ghostunnel into dir.
