@@ -42,7 +42,7 @@ lint: ## gofmt, go vet, staticcheck, and go mod tidy -diff of every module
 # The Kubernetes API server for the tests (internal/kubetest, docs/kubetest.md).
 .PHONY: kube-binaries test-kube
 kube-binaries: ## build kube-apiserver, etcd, kubelet, kube-proxy, kube-controller-manager, kube-scheduler and kubectl for the tests (once 10-20 min on 2 cores, then cached)
-	$(GO) run ./internal/kubetest/cmd/kube-binaries
+	$(GO) run ./internal/binbuild/cmd/build-binaries kube
 
 test-kube: kube-binaries ## build the Kubernetes programs if needed, then run the harnesses' tests (API server; real two-node cluster, as root)
 	$(GO) test $(TESTFLAGS) ./internal/kubetest/... ./internal/kubecluster/...
@@ -54,7 +54,7 @@ demo-kubernetes: kube-binaries ## bring up a real two-node Kubernetes cluster on
 # The SPIRE server and agent for the tests (internal/spiretest, docs/spiretest.md).
 .PHONY: spire-binaries
 spire-binaries: ## build spire-server and spire-agent for the SPIRE tests (needs gcc; once several minutes on 2 cores, then cached)
-	$(GO) run ./internal/spiretest/cmd/spire-binaries
+	$(GO) run ./internal/binbuild/cmd/build-binaries spire
 
 # What controller-gen writes from the MeshPolicy types (policy/v1alpha1/gen.go).
 API_GENERATED := policy/v1alpha1/zz_generated.deepcopy.go deploy/charts/mantlet/crds/
@@ -84,10 +84,10 @@ bench-smoke: ## run every Go benchmark once (-benchtime=1x), so that none rots (
 	$(GO) test -run '^$$' -bench . -benchtime=1x -skip '^Benchmark(Agent)?Scale$$' -count=1 -timeout 20m ./...
 
 peer-binaries: ## build ghostunnel for the peer bench from test/bench/tools (2-3 min once, then cached)
-	$(GO) run ./internal/peerbench/peerbin/cmd/peer-binaries
+	$(GO) run ./internal/binbuild/cmd/build-binaries peer
 
 prometheus-binaries: ## build the Prometheus server of the real-cluster tests (Kubernetes discovery, which Debian's lacks) from test/prometheus/tools (minutes once, then cached)
-	$(GO) run ./internal/prombin/cmd/prometheus-binaries
+	$(GO) run ./internal/binbuild/cmd/build-binaries prometheus
 
 demo: build ## run the two-node demo (needs root)
 	./$(BIN) demo

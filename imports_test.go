@@ -40,7 +40,7 @@ var boundaries = []struct {
 // harness is the test harness and the scenarios built on it; product code
 // never imports them (the commands may: 'mantlet demo', 'bench' and
 // 'testbed' are their users).
-var harness = []string{"internal/testbed", "internal/meshtest", "internal/kubetest", "internal/spiretest", "internal/privtest", "internal/scenario", "internal/peerbench", "internal/kubecluster", "internal/prombin", "internal/proc", "admin/admintest", "ztunnel/internal/ztest"}
+var harness = []string{"internal/testbed", "internal/meshtest", "internal/kubetest", "internal/spiretest", "internal/privtest", "internal/scenario", "internal/peerbench", "internal/kubecluster", "internal/prombin", "internal/binbuild", "internal/proc", "admin/admintest", "ztunnel/internal/ztest"}
 
 // TestImportBoundaries keeps the package map of docs/architecture.md true.
 func TestImportBoundaries(t *testing.T) {

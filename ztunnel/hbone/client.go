@@ -183,9 +183,11 @@ func (p *Pool) reap() {
 		select {
 		case <-p.stop:
 			return
-		case now := <-tick.C:
+		case <-tick.C:
 			p.mu.Lock()
-			dead := p.reapLocked(now)
+			// Not the tick's time: under load the tick is read late, and
+			// a stream may have ended after it.
+			dead := p.reapLocked(time.Now())
 			p.mu.Unlock()
 			for _, c := range dead {
 				p.log.Debug("hbone: closing idle connection")
@@ -209,6 +211,7 @@ func (p *Pool) reapLocked(now time.Time) []*poolConn {
 		p.idles = idles
 		for i, c := range kc.conns {
 			idle, gone, retired := c.hc.idleState(now)
+			idle = max(idle, 0) // negative marks a connection to close
 			switch {
 			case gone || idle >= p.t.IdleTimeout || idle > 0 && retired:
 				idle = -1 // closed below

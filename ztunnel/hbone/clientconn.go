@@ -93,7 +93,7 @@ func (hc *h2conn) streamEndedLocked() {
 	}
 }
 
-// idleFor reports how long the connection has had no stream (0 while it
+// idleState reports how long the connection has had no stream (0 while it
 // has some), whether it is dead, and whether it is retired at now.
 func (hc *h2conn) idleState(now time.Time) (idle time.Duration, dead, retired bool) {
 	hc.mu.Lock()
