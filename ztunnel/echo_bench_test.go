@@ -6,6 +6,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"runtime"
 	"slices"
 	"sync"
 	"testing"
@@ -70,11 +71,14 @@ func runEcho(b *testing.B, c *net.TCPConn) {
 
 // BenchmarkThroughputParallel is BenchmarkThroughput with 4 uploads at
 // once from the same pod to the same pod (iperf3 -P 4): through a ztunnel
-// pair they share the pool's key.
+// pair they share the pool's key, whose streams spread over GOMAXPROCS
+// connections as in the agent.
 func BenchmarkThroughputParallel(b *testing.B) {
 	const streams = 4
 	b.Run("ztunnel-pair", func(b *testing.B) {
-		m := newMesh(b, meshOpts{})
+		var o meshOpts
+		o.tuning.Tuning.SpreadConnsPerKey = runtime.GOMAXPROCS(0)
+		m := newMesh(b, o)
 		m.apps[ipB1].setHandler(sinkHandler)
 		runParallelUpload(b, streams, func() (*net.TCPConn, error) { return m.dial(ipA1, m.appAddr(ipB1)) })
 	})
