@@ -394,7 +394,7 @@ func (r *socketRead) done() {
 	if r.buf != nil {
 		hbone.PutBuf(r.buf)
 	}
-	*r = socketRead{}
+	*r = socketRead{writes: r.writes}
 }
 
 func readError(c net.Conn, errno error) error {
