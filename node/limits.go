@@ -33,6 +33,9 @@ type LimitsConfig struct {
 	// streams per pooled connection and connections per key (0: the
 	// defaults of hbone.Tuning).
 	StreamsPerConn, ConnsPerKey int
+	// SpreadConnsPerKey is how many connections of a key new streams
+	// spread over (hbone.Tuning.SpreadConnsPerKey); 0: GOMAXPROCS.
+	SpreadConnsPerKey int
 	// RefusalLogRate is the most refusal log lines per second.
 	RefusalLogRate float64
 }

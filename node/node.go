@@ -17,6 +17,7 @@ import (
 	"net/http"
 	"net/netip"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strings"
 	"syscall"
@@ -265,6 +266,10 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	zcfg.Tuning.MaxStreamsPerConn = cfg.Limits.StreamsPerConn
 	zcfg.Tuning.MaxConnsPerKey = cfg.Limits.ConnsPerKey
+	zcfg.Tuning.SpreadConnsPerKey = cfg.Limits.SpreadConnsPerKey
+	if zcfg.Tuning.SpreadConnsPerKey == 0 {
+		zcfg.Tuning.SpreadConnsPerKey = runtime.GOMAXPROCS(0)
+	}
 
 	// 4. Identities, the ztunnel and the agent, and the first state.
 	ids := identity.NewManager(cfg.Issuer, cfg.TrustDomain, log.With("component", "identity"), obsv.identityOptions(identity.ManagerOptions{TTL: cfg.SVIDTTL, ReissueSpread: cfg.SVIDReissueSpread}))

@@ -51,18 +51,24 @@ func sinkHandler(c *net.TCPConn) {
 // upload sends total bytes on c in 256 KiB writes and waits for the sink's
 // acknowledgement.
 func upload(b *testing.B, c *net.TCPConn, total int64) {
+	if err := tryUpload(c, total); err != nil {
+		b.Fatal(err)
+	}
+}
+
+// tryUpload is upload for any goroutine.
+func tryUpload(c *net.TCPConn, total int64) error {
 	buf := make([]byte, 256<<10)
 	for total > 0 {
 		n := min(int64(len(buf)), total)
 		if _, err := c.Write(buf[:n]); err != nil {
-			b.Fatal(err)
+			return err
 		}
 		total -= n
 	}
 	c.CloseWrite()
-	if _, err := io.ReadAll(c); err != nil {
-		b.Fatal(err)
-	}
+	_, err := io.ReadAll(c)
+	return err
 }
 
 const chunk = 1 << 20 // bytes per benchmark iteration

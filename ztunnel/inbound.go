@@ -45,7 +45,7 @@ func (p *Proxy) handleHBONE(ctx context.Context, conn net.Conn, t *ticket) {
 	// handshake, the context the certificate lookup.
 	deadline := start.Add(p.cfg.Tuning.HandshakeTimeout)
 	_ = conn.SetDeadline(deadline)
-	tc := tls.Server(conn, p.serverTLS)
+	tc := tls.Server(hbone.BatchWrites(conn), p.serverTLS)
 	hctx, cancel := context.WithDeadline(ctx, deadline)
 	err := tc.HandshakeContext(hctx)
 	cancel()

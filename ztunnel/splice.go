@@ -355,7 +355,7 @@ func copyReadable(dst io.Writer, c net.Conn, rc syscall.RawConn, n *atomic.Int64
 			r.done()
 			return written, false, nil // EOF
 		}
-		nw, werr := writeChunk(dst, (*r.buf)[:r.nr], n)
+		nw, werr := r.write(dst, n)
 		r.done()
 		written += int64(nw)
 		if werr != nil {
@@ -366,9 +366,10 @@ func copyReadable(dst io.Writer, c net.Conn, rc syscall.RawConn, n *atomic.Int64
 
 // socketRead is the state of copyReadable's reads.
 type socketRead struct {
-	buf   *[]byte // taken for a read that found data (or failed)
-	nr    int
-	errno error
+	buf    *[]byte // taken for a read that found data (or failed)
+	nr     int
+	errno  error
+	writes int // chunks written to dst so far
 }
 
 // read reads fd into a pooled buffer; false, holding no buffer, when the
@@ -393,25 +394,41 @@ func (r *socketRead) done() {
 	if r.buf != nil {
 		hbone.PutBuf(r.buf)
 	}
-	*r = socketRead{}
+	*r = socketRead{writes: r.writes}
 }
 
 func readError(c net.Conn, errno error) error {
 	return &net.OpError{Op: "read", Net: "tcp", Source: c.LocalAddr(), Addr: c.RemoteAddr(), Err: os.NewSyscallError("read", errno)}
 }
 
+// write writes what the last read read to dst (writeChunk).
+func (r *socketRead) write(dst io.Writer, n *atomic.Int64) (int, error) {
+	r.writes++
+	return writeChunk(dst, (*r.buf)[:r.nr], n, r.writes > directAfter)
+}
+
 // writeChunk writes p, read from a socket, to dst and adds what was
 // written to n. A stream's Write may encrypt and write the TLS connection
 // itself: deep calls that would double the stack the flow's goroutine
 // keeps while the flow is idle, so they run on a goroutine of their own
-// (shallow).
-func writeChunk(dst io.Writer, p []byte, n *atomic.Int64) (nw int, err error) {
-	if _, ok := dst.(*hbone.Stream); ok {
+// (shallow) unless direct. That goroutine costs every write a wake-up
+// of another thread (the runtime starts one to run or steal it): a flow
+// that made directAfter writes writes itself from then on, and keeps the
+// larger stack.
+func writeChunk(dst io.Writer, p []byte, n *atomic.Int64, direct bool) (nw int, err error) {
+	if _, ok := dst.(*hbone.Stream); ok && !direct {
 		shallow(func() { nw, err = writeCounted(dst, p, n) })
 		return nw, err
 	}
 	return writeCounted(dst, p, n)
 }
+
+// directAfter is how many chunks a flow writes to a stream on goroutines
+// of their own (writeChunk) before it writes them itself: a flow that
+// opens, answers and then idles (most of what an agent holds) keeps the
+// smallest stack; a busy one (an echo loop, a bulk transfer) saves a
+// thread wake-up per chunk.
+const directAfter = 64
 
 // writeCounted writes p to dst and adds what was written to n.
 func writeCounted(dst io.Writer, p []byte, n *atomic.Int64) (int, error) {

@@ -29,6 +29,8 @@ func addLimitFlags(fs *flag.FlagSet, l *node.LimitsConfig) {
 		"CONNECT streams the HBONE client puts on one pooled connection before it dials another")
 	fs.IntVar(&l.ConnsPerKey, "hbone-conns-per-key", hbone.DefaultTuning().MaxConnsPerKey,
 		"pooled HBONE connections per (source identity, destination identity, destination pod IP); with --hbone-streams-per-conn it bounds the open connections from one pod to one pod")
+	fs.IntVar(&l.SpreadConnsPerKey, "hbone-spread-conns", 0,
+		"pooled HBONE connections per key that new streams spread over before two share one, so that parallel bulk streams use several cores (0: GOMAXPROCS; 1: as few connections as possible)")
 	fs.Float64Var(&l.RefusalLogRate, "refusal-log-rate", ztunnel.DefaultRefusalLogRate,
 		"log lines per second for refused handshakes and connections (bursts of 5 seconds' worth); the rest are counted and summed up every 5 s")
 }
@@ -52,6 +54,8 @@ func checkLimits(l *node.LimitsConfig) error {
 		return fmt.Errorf("--hbone-streams-per-conn %d: want a positive number", l.StreamsPerConn)
 	case l.ConnsPerKey <= 0:
 		return fmt.Errorf("--hbone-conns-per-key %d: want a positive number", l.ConnsPerKey)
+	case l.SpreadConnsPerKey < 0:
+		return fmt.Errorf("--hbone-spread-conns %d: want 0 (GOMAXPROCS) or a positive number", l.SpreadConnsPerKey)
 	case l.RefusalLogRate <= 0:
 		return fmt.Errorf("--refusal-log-rate %v: want a positive number", l.RefusalLogRate)
 	}

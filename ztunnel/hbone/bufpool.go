@@ -22,15 +22,21 @@ var chunkPool = sync.Pool{New: func() any { b := make([]byte, chunkSize); return
 
 func getChunk() *[]byte { return chunkPool.Get().(*[]byte) }
 
-// putChunk gives c back to the pool; nil is ignored.
+// putChunk gives c back to its pool: a chunk, or a BufSize buffer that
+// took a large frame (readData); nil is ignored.
 func putChunk(c *[]byte) {
-	if c != nil {
+	switch {
+	case c == nil:
+	case len(*c) == BufSize:
+		bufPool.Put(c)
+	default:
 		chunkPool.Put(c)
 	}
 }
 
 // recvQueue holds the bytes a stream received and its reader has not read
-// yet: a FIFO of pooled chunks, none while it is empty. Its size is
+// yet: a FIFO of pooled chunks (16 KiB, or BufSize for the payload of a
+// large frame), none while it is empty. Its size is
 // bounded by the stream's flow-control window. The caller synchronises
 // access.
 type recvQueue struct {
@@ -56,7 +62,7 @@ func (q *recvQueue) last() *qchunk {
 func (q *recvQueue) write(p []byte) {
 	for len(p) > 0 {
 		l := q.last()
-		if l == nil || l.end == chunkSize {
+		if l == nil || l.end == len(*l.c) {
 			q.chunks = append(q.chunks, qchunk{c: getChunk()})
 			l = q.last()
 		}
@@ -71,7 +77,7 @@ func (q *recvQueue) write(p []byte) {
 // are copied into the last chunk when they fit there (c goes back to the
 // pool), otherwise c becomes the last chunk.
 func (q *recvQueue) add(c *[]byte, k int) {
-	if l := q.last(); l != nil && chunkSize-l.end >= k {
+	if l := q.last(); l != nil && len(*l.c)-l.end >= k {
 		copy((*l.c)[l.end:], (*c)[:k])
 		l.end += k
 		q.n += k
@@ -98,7 +104,7 @@ func (q *recvQueue) take() (*[]byte, []byte) {
 // untake puts back at the head of the queue the part p of chunk c that
 // take returned and its caller did not use.
 func (q *recvQueue) untake(c *[]byte, p []byte) {
-	start := chunkSize - cap(p)
+	start := cap(*c) - cap(p)
 	q.chunks = append(q.chunks, qchunk{})
 	copy(q.chunks[1:], q.chunks)
 	q.chunks[0] = qchunk{c: c, end: start + len(p)}

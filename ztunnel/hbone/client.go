@@ -336,13 +336,18 @@ func sendBody(st *Stream, body io.Reader) {
 	}
 }
 
-// get reserves a stream slot on a connection for req.Key. One dial at a
+// get reserves a stream slot on a connection for req.Key: on an idle
+// one, else on a new one while the key has fewer than SpreadConnsPerKey
+// connections, else on the one with the fewest streams. One dial at a
 // time runs for a key; the others wait for it. A waiter whose dial
 // attempt failed tries once more (dialling itself, or waiting for the
 // next dial) before it takes that error as its own: one dial that timed
-// out under load does not fail every stream that was waiting for it.
+// out under load does not fail every stream that was waiting for it. A
+// dial that only spreads streams never fails one: if it fails, the
+// stream shares a connection.
 func (p *Pool) get(ctx context.Context, req *Request) (*poolConn, error) {
 	waitedFailed := false
+	spread := true // false once a dial to spread failed
 	for {
 		select {
 		case <-p.stop:
@@ -358,22 +363,35 @@ func (p *Pool) get(ctx context.Context, req *Request) (*poolConn, error) {
 		}
 		now := time.Now()
 		usable := 0
+		var least *poolConn // the connection with room and the fewest streams
+		leastActive := 0
 		for _, c := range kc.conns {
 			_, dead, retired := c.hc.idleState(now)
 			if dead || retired {
 				continue // gone, or draining: closed once its streams are done
 			}
 			usable++
-			if c.hc.reserve(p.t.MaxStreamsPerConn, now) {
-				p.mu.Unlock()
-				return c, nil
+			if active, room := c.hc.load(p.t.MaxStreamsPerConn, now); room && (least == nil || active < leastActive) {
+				least, leastActive = c, active
 			}
+		}
+		if least != nil && (leastActive == 0 || !spread || usable >= p.t.SpreadConnsPerKey) {
+			if least.hc.reserve(p.t.MaxStreamsPerConn, now) {
+				p.mu.Unlock()
+				return least, nil
+			}
+			p.mu.Unlock()
+			continue // it ended or filled meanwhile
 		}
 		if a := kc.dialing; a != nil {
 			p.mu.Unlock()
 			select {
 			case <-a.done:
 				if a.err != nil {
+					if least != nil {
+						spread = false
+						continue
+					}
 					if waitedFailed || ctx.Err() != nil {
 						return nil, a.err
 					}
@@ -404,6 +422,11 @@ func (p *Pool) get(ctx context.Context, req *Request) (*poolConn, error) {
 		close(a.done)
 		if err != nil {
 			p.mu.Unlock()
+			if least != nil {
+				p.log.Debug("hbone: dial to spread streams failed, sharing a connection", "key", req.Key, "error", err)
+				spread = false
+				continue
+			}
 			return nil, err
 		}
 		// The dialler gets a stream on its connection even if it is
@@ -437,7 +460,7 @@ func (p *Pool) dial(ctx context.Context, req *Request) (*poolConn, error) {
 	if err != nil {
 		return fail(err)
 	}
-	tc := tls.Client(raw, ClientConfig(svid, p.cfg.Bundles, req.Key.Dst))
+	tc := tls.Client(BatchWrites(raw), ClientConfig(svid, p.cfg.Bundles, req.Key.Dst))
 	if err := tc.HandshakeContext(dctx); err != nil {
 		raw.Close()
 		return fail(fmt.Errorf("hbone: TLS handshake: %w", err))

@@ -73,6 +73,14 @@ func (hc *h2conn) reserve(limit int, now time.Time) bool {
 	return true
 }
 
+// load returns how many streams the connection carries, and whether it
+// may take another one (see reserve).
+func (hc *h2conn) load(limit int, now time.Time) (active int, room bool) {
+	hc.mu.Lock()
+	defer hc.mu.Unlock()
+	return hc.cl.active, hc.usableLocked(now) && hc.cl.active < min(limit, int(hc.cl.peerMaxStreams))
+}
+
 // usableLocked reports whether the connection may take new streams.
 func (hc *h2conn) usableLocked(now time.Time) bool {
 	return !hc.closed && !hc.goingAway && !hc.cl.goAwayRecv && hc.werr == nil &&
@@ -106,7 +114,7 @@ func (hc *h2conn) idleState(now time.Time) (idle time.Duration, dead, retired bo
 
 // close closes the connection; its streams fail.
 func (hc *h2conn) close() {
-	hc.nc.Close()
+	hc.closeConn()
 	<-hc.done
 }
 
@@ -282,7 +290,7 @@ func (hc *h2conn) keepalive() {
 	switch {
 	case hc.cl.pingOut && seen == hc.cl.seenFrames:
 		hc.log.Debug("hbone: keepalive timeout, closing the connection", "remote", hc.info.Remote)
-		hc.nc.Close()
+		hc.closeConn()
 		return
 	case hc.cl.pingOut || seen != hc.cl.seenFrames:
 		// The peer is alive.

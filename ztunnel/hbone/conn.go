@@ -3,6 +3,7 @@ package hbone
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -114,6 +115,9 @@ func newConn(t Tuning, log *slog.Logger, nc net.Conn, info *Conn) *h2conn {
 		connRecvWindow: int64(t.ConnWindow),
 		writerDone:     make(chan struct{}),
 		done:           make(chan struct{}),
+	}
+	if tc, ok := nc.(*tls.Conn); ok {
+		hc.fw.b, _ = tc.NetConn().(*batchConn)
 	}
 	hc.rd.init(nc, t)
 	hc.wfr = http2.NewFramer(&hc.fw, nil)
@@ -323,7 +327,7 @@ func (hc *h2conn) goAwayLocked(code http2.ErrCode) {
 	if code == http2.ErrCodeNo && !again {
 		hc.drain = time.AfterFunc(hc.t.DrainTimeout, func() {
 			hc.log.Debug("hbone: drain timeout, closing the connection", "remote", hc.info.Remote)
-			hc.nc.Close()
+			hc.closeConn()
 		})
 	}
 }
@@ -333,6 +337,16 @@ func (hc *h2conn) goAwayLocked(code http2.ErrCode) {
 func (hc *h2conn) closeWhenFlushedLocked() {
 	hc.wclosing = true
 	hc.wcond.Signal()
+}
+
+// closeConn closes the connection at once. Under a batchConn the TCP
+// connection closes first: a TLS close would send its close_notify
+// after the batch being flushed, waiting for the network.
+func (hc *h2conn) closeConn() {
+	if hc.fw.b != nil {
+		hc.fw.b.Conn.Close()
+	}
+	hc.nc.Close()
 }
 
 // errConnClosed is what the streams of a connection that ended fail
@@ -377,10 +391,10 @@ func (hc *h2conn) teardown() {
 		st.pushRun(pushEnd, false)
 	}
 	// Let the writer send what is queued (a GOAWAY), briefly.
-	t := time.AfterFunc(flushTimeout, func() { hc.nc.Close() })
+	t := time.AfterFunc(flushTimeout, hc.closeConn)
 	<-hc.writerDone
 	t.Stop()
-	hc.nc.Close()
+	hc.closeConn()
 	if hc.cancel != nil {
 		hc.cancel()
 	}

@@ -74,10 +74,18 @@ func (hc *h2conn) readData(fh http2.FrameHeader) bool {
 	hc.mu.Unlock()
 
 	for data > 0 {
+		// A large frame (a client's socket read) goes into one BufSize
+		// buffer, which the push then writes to the socket with one
+		// system call; smaller ones into a chunk.
 		k := min(data, chunkSize)
 		var c *[]byte
 		p := hc.rd.small[:]
-		if k > len(p) {
+		switch {
+		case data > chunkSize:
+			c = GetBuf()
+			p = *c
+			k = min(data, len(p))
+		case k > len(p):
 			c = getChunk()
 			p = *c
 		}

@@ -135,3 +135,74 @@ func TestPoolClosesSpareIdleConnections(t *testing.T) {
 		t.Errorf("%d connections, want 1", got)
 	}
 }
+
+// With SpreadConnsPerKey, streams opened side by side get connections of
+// their own up to that many, then share the least loaded: four streams
+// over two connections carry two each, and all of them work.
+func TestPoolSpreadsStreamsOverConnections(t *testing.T) {
+	tune := hbone.Tuning{SpreadConnsPerKey: 2}
+	e := newEnv(t, tune, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	perConn := map[*hbone.Conn]int{}
+	var streams []*hbone.Stream
+	for range 4 {
+		st, err := e.pool.Connect(ctx, e.req(nil))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer st.Close()
+		streams = append(streams, st)
+		perConn[st.Conn]++
+	}
+	if got := e.pool.Stats().Handshakes; got != 2 || len(perConn) != 2 {
+		t.Fatalf("4 streams over %d connections (%d handshakes), want 2", len(perConn), got)
+	}
+	for _, n := range perConn {
+		if n != 2 {
+			t.Errorf("a connection carries %d of the 4 streams, want 2", n)
+		}
+	}
+	for i, st := range streams {
+		msg := []byte{'a' + byte(i)}
+		if _, err := st.Write(msg); err != nil {
+			t.Fatal(err)
+		}
+		if err := st.CloseWrite(); err != nil {
+			t.Fatal(err)
+		}
+		if got, err := io.ReadAll(st); err != nil || string(got) != string(msg) {
+			t.Fatalf("stream %d echoed %q, %v; want %q", i, got, err, msg)
+		}
+	}
+}
+
+// A dial made only to spread streams never fails a stream: when it fails,
+// the stream shares the connection there is.
+func TestPoolSpreadDialFailureSharesAConnection(t *testing.T) {
+	tune := hbone.Tuning{SpreadConnsPerKey: 4}
+	e := newEnv(t, tune, nil)
+	var dials atomic.Int32
+	pool := hbone.NewPool(hbone.PoolConfig{Tuning: tune, SVID: e.ca.SVID, Bundles: e.ca.Bundles(),
+		Dial: func(ctx context.Context, _ netip.Addr, dst netip.AddrPort) (net.Conn, error) {
+			if dials.Add(1) > 1 {
+				return nil, errors.New("refused by the test")
+			}
+			var d net.Dialer
+			return d.DialContext(ctx, "tcp", dst.String())
+		}})
+	t.Cleanup(pool.Close)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	first, err := pool.Connect(ctx, e.req(nil))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer first.Close()
+	if err := roundTripStream(ctx, pool, e.req(nil), "second"); err != nil {
+		t.Fatalf("the second stream, whose spreading dial failed: %v", err)
+	}
+	if n, c := dials.Load(), pool.Conns(); n != 2 || c != 1 {
+		t.Errorf("%d dials, %d connections; want 2 dials (one failed) and 1 connection", n, c)
+	}
+}

@@ -234,7 +234,7 @@ func (s *Server) Close() {
 	s.mu.Lock()
 	s.shutdown = true
 	for hc := range s.conns {
-		hc.nc.Close()
+		hc.closeConn()
 	}
 	s.mu.Unlock()
 }

@@ -104,10 +104,10 @@ func (hc *h2conn) writeLoop() {
 			hc.readyLocked(st)
 			continue
 		}
-		if hc.fw.n > 0 {
+		if hc.fw.n > 0 || hc.fw.batching {
 			hc.wbusy = true
 			hc.mu.Unlock()
-			err := hc.fw.flush()
+			err := hc.fw.push()
 			hc.mu.Lock()
 			hc.wbusy = false
 			if err != nil {
@@ -145,7 +145,7 @@ func (hc *h2conn) directLocked() bool {
 // flushDirect ends a direct write: what is buffered goes out, and the
 // buffer back to its pool.
 func (hc *h2conn) flushDirect() error {
-	err := hc.fw.flush()
+	err := hc.fw.push()
 	hc.fw.release()
 	return err
 }
@@ -367,7 +367,7 @@ func (hc *h2conn) failWriteLocked(err error) {
 	if hc.werr == nil {
 		hc.werr = fmt.Errorf("hbone: write: %w", err)
 	}
-	hc.nc.Close()
+	hc.closeConn()
 	for _, st := range hc.streams {
 		st.cond.Broadcast()
 	}
@@ -416,11 +416,36 @@ var wbufPool = sync.Pool{New: func() any { b := make([]byte, wbufSize); return &
 // frameWriter buffers small frames into full TLS records and passes large
 // payloads through in whole records, so TLS writes are few and full. Its
 // buffer comes from a pool while there is something to write and goes
-// back when the connection is idle.
+// back when the connection is idle. Over a batchConn (b), the records of
+// a burst go out with one system call when the burst ends (push).
 type frameWriter struct {
-	w   io.Writer
-	buf *[]byte
-	n   int
+	w        io.Writer
+	b        *batchConn // nil: records go out one by one
+	batching bool       // b gathers since the first write of the burst
+	buf      *[]byte
+	n        int
+}
+
+// out writes p to the TLS connection.
+func (fw *frameWriter) out(p []byte) (int, error) {
+	if fw.b != nil && !fw.batching {
+		fw.b.begin()
+		fw.batching = true
+	}
+	return fw.w.Write(p)
+}
+
+// push ends a burst: what is buffered, and the records gathered under
+// the TLS connection, go out.
+func (fw *frameWriter) push() error {
+	err := fw.flush()
+	if fw.batching {
+		fw.batching = false
+		if berr := fw.b.end(); err == nil {
+			err = berr
+		}
+	}
+	return err
 }
 
 func (fw *frameWriter) Write(p []byte) (int, error) {
@@ -428,7 +453,7 @@ func (fw *frameWriter) Write(p []byte) (int, error) {
 	for len(p) > 0 {
 		if fw.n == 0 && len(p) >= wbufSize {
 			k := len(p) - len(p)%wbufSize
-			if _, err := fw.w.Write(p[:k]); err != nil {
+			if _, err := fw.out(p[:k]); err != nil {
 				return total - len(p), err
 			}
 			p = p[k:]
@@ -453,7 +478,7 @@ func (fw *frameWriter) flush() error {
 	if fw.n == 0 {
 		return nil
 	}
-	_, err := fw.w.Write((*fw.buf)[:fw.n])
+	_, err := fw.out((*fw.buf)[:fw.n])
 	fw.n = 0
 	return err
 }
