@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io/fs"
 	"log/slog"
 	"net"
 	"net/http"
@@ -159,15 +160,8 @@ func ListenUnix(path string) (net.Listener, error) {
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
 		return nil, fmt.Errorf("admin: socket %s: %w", path, err)
 	}
-	if fi, err := os.Lstat(path); err == nil {
-		if fi.Mode().Type() != os.ModeSocket {
-			return nil, fmt.Errorf("admin: socket %s: a file that is not a socket is in the way", path)
-		}
-		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
-			c.Close()
-			return nil, fmt.Errorf("admin: socket %s: another process serves it (another agent for this node?)", path)
-		}
-		os.Remove(path)
+	if _, err := removeStale(path); err != nil {
+		return nil, err
 	}
 	ln, err := net.Listen("unix", path)
 	if err != nil {
@@ -178,6 +172,41 @@ func ListenUnix(path string) (net.Listener, error) {
 		return nil, fmt.Errorf("admin: socket %s: %w", path, err)
 	}
 	return ln, nil
+}
+
+// removeStale removes the socket at path if no process serves it, and
+// reports whether there was one. A live socket, or a file that is not a
+// socket, is an error.
+func removeStale(path string) (bool, error) {
+	fi, err := os.Lstat(path)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return false, nil
+	case err != nil:
+		return false, fmt.Errorf("admin: socket %s: %w", path, err)
+	case fi.Mode().Type() != os.ModeSocket:
+		return false, fmt.Errorf("admin: socket %s: a file that is not a socket is in the way", path)
+	}
+	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+		c.Close()
+		return false, fmt.Errorf("admin: socket %s: another process serves it (another agent for this node?)", path)
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return false, fmt.Errorf("admin: remove the stale socket %s: %w", path, err)
+	}
+	return true, nil
+}
+
+// RemoveStaleSocket removes the socket at path that an agent which did
+// not shut down (a crash, SIGKILL) left behind, and its folder if that is
+// then empty. It reports whether there was such a socket; a socket that a
+// process still serves is left alone, with an error.
+func RemoveStaleSocket(path string) (bool, error) {
+	removed, err := removeStale(path)
+	if removed {
+		os.Remove(filepath.Dir(path)) // only when empty
+	}
+	return removed, err
 }
 
 func writeJSON(w http.ResponseWriter, v any) {

@@ -260,14 +260,26 @@ func runAgent(ctx context.Context, e *env, args []string) error {
 	return node.Run(ctx, cfg)
 }
 
-// cleanupAgent removes the data path pinned for f's node and says what it
-// found and did.
+// cleanupAgent removes the data path pinned for f's node, and the admin
+// socket that a crashed agent left, and says what it found and did.
 func cleanupAgent(ctx context.Context, f *agentFlags, log *slog.Logger) error {
 	dir := f.pinDir
 	if dir == "" {
 		dir = bpf.DefaultConfig(f.node).PinDir
 	}
 	rep, err := bpf.Cleanup(ctx, filepath.Clean(dir))
+	// An agent that crashed also left its admin socket; one that a live
+	// agent serves stays.
+	if f.observe.AdminSocket != "" {
+		sock := strings.ReplaceAll(f.observe.AdminSocket, node.NodePlaceholder, filepath.Base(filepath.Clean(dir)))
+		removed, serr := admin.RemoveStaleSocket(sock)
+		switch {
+		case serr != nil:
+			log.Warn("admin socket left in place", "error", serr)
+		case removed:
+			log.Info("removed the stale admin socket "+sock, "node", f.node)
+		}
+	}
 	switch {
 	case err != nil && rep.Found:
 		log.Error("clean-up incomplete: "+rep.String(), "node", f.node, "detached", rep.Detached)
