@@ -43,7 +43,7 @@ func (l load) moved(o load, div int) bool {
 	return abs(l.flows-o.flows) >= releaseMinFlows/div || abs(l.conns-o.conns) >= releaseMinConns/div
 }
 
-// releaseMemory calls debug.FreeOSMemory when the load (now()) moved by
+// releaseMemory releases (release) when the load (now()) moved by
 // a release's worth since the last release and by less than a tenth of
 // that since the last look, looking every releaseEvery until ctx ends. A
 // release costs one full collection, at most once per releaseEvery and
@@ -64,12 +64,8 @@ func releaseMemory(ctx context.Context, now func() load, log *slog.Logger) {
 		if !steady || !n.moved(base, 1) {
 			continue
 		}
-		before := heapMapped()
-		start := time.Now()
-		debug.FreeOSMemory()
-		log.Debug("released memory after the open flows changed", "open_flows_before", base.flows, "open_flows", n.flows,
-			"hbone_conns_before", base.conns, "hbone_conns", n.conns,
-			"heap_mapped_before", before, "heap_mapped_after", heapMapped(), "took", time.Since(start))
+		release(log, "the open flows changed", "open_flows_before", base.flows, "open_flows", n.flows,
+			"hbone_conns_before", base.conns, "hbone_conns", n.conns)
 		base = n
 	}
 }
@@ -84,11 +80,20 @@ func heapMapped() uint64 {
 	return s[0].Value.Uint64() - s[1].Value.Uint64()
 }
 
-// releaseNow collects and gives the free heap back to the operating
-// system at once (one full collection), saying why at debug level.
-func releaseNow(log *slog.Logger, why string) {
+// release collects and gives the free heap back to the operating system
+// at once (one full collection), takes the executable's pages out of the
+// resident set (dropBinaryPages), and says why at debug level, with
+// attrs.
+func release(log *slog.Logger, why string, attrs ...any) {
 	before := heapMapped()
 	start := time.Now()
 	debug.FreeOSMemory()
-	log.Debug("released memory", "why", why, "heap_mapped_before", before, "heap_mapped_after", heapMapped(), "took", time.Since(start))
+	spanned, err := dropBinaryPages()
+	if err != nil {
+		// Only the resident figure is at stake: the pages were left as
+		// they were.
+		log.Warn("could not drop the executable's pages from memory", "error", err)
+	}
+	log.Debug("released memory", append([]any{"why", why, "heap_mapped_before", before, "heap_mapped_after", heapMapped(),
+		"binary_mappings_dropped", spanned, "took", time.Since(start)}, attrs...)...)
 }

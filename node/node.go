@@ -295,10 +295,6 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	store.Replace(first.Snapshot)
 	ag.Apply(agent.State{Snapshot: first.Snapshot})
-	// The first lists of a large cluster leave more garbage than the state
-	// they made (10,000 pods decoded whole before being stripped): give it
-	// back now rather than keep it resident until the scavenger does.
-	releaseNow(log, "the first state is in force")
 	// publish puts a later state in force: the engine and the ztunnel's
 	// workloads together, then the agent's enrolments, then every open
 	// flow is decided again. A state the engine refuses changes nothing.
@@ -415,6 +411,11 @@ func Run(ctx context.Context, cfg Config) error {
 	log.Info("agent running", "node", cfg.Node, "trust_domain", cfg.TrustDomain.Name(), "federated", fed.TrustDomains(), "source", where,
 		"pin_dir", bcfg.PinDir, "uplinks", uplinks, "outbound", zcfg.Outbound.Addr().String(), "hbone", zcfg.HBONE.Addr().String(),
 		"ready", cfg.ReadyAddr, "metrics", cfg.MetricsAddr, "admin", obsv.addrs(), "default_mtls", string(cfg.DefaultMTLS))
+	// The first lists of a large cluster leave more garbage than the state
+	// they made (10,000 pods decoded whole before being stripped), and
+	// the start touched most of the binary once: give both back now
+	// rather than keep them resident.
+	release(log, "the agent started")
 
 	select {
 	case <-ctx.Done():
