@@ -5,10 +5,8 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"log/slog"
 	"net"
 	"net/http"
-	"os"
 	"strings"
 	"testing"
 	"time"
@@ -17,9 +15,6 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/mantlet/mantlet/agent"
-	"github.com/mantlet/mantlet/internal/kubetest"
-	"github.com/mantlet/mantlet/internal/kubetest/kubebin"
-	"github.com/mantlet/mantlet/internal/privtest"
 	mkube "github.com/mantlet/mantlet/source/kubernetes"
 )
 
@@ -36,37 +31,7 @@ import (
 // status' (the admin API) names the pod. The pod stays held: no address,
 // no container.
 func TestBridgedCNIIsRefusedLoudly(t *testing.T) {
-	privtest.Require(t)
-	bins := kubetest.RequireBinaries(t)
-	repo, err := kubebin.RepoRoot(".")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := artifacts(t, repo); err != nil {
-		t.Fatalf("the mantlet image and helm: %v", err)
-	}
-	ctx, cancel := context.WithTimeout(t.Context(), 6*time.Minute)
-	defer cancel()
-	start := time.Now()
-	c, err := Up(ctx, Options{CNI: CNIBridge, Repo: repo, Binaries: &bins, Images: []string{shared.image},
-		Log: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo})), StateDir: testStateDir})
-	if err != nil {
-		t.Fatalf("a bridge cluster: %v", err)
-	}
-	t.Cleanup(func() {
-		if err := c.Close(); err != nil {
-			t.Errorf("removing the bridge cluster: %v", err)
-		}
-		if err := leftovers(c); err != nil {
-			t.Errorf("the bridge cluster left behind: %v", err)
-		}
-	})
-	t.Logf("bridge cluster %s up in %s", c.Name, time.Since(start).Round(time.Millisecond))
-	start = time.Now()
-	if err := c.InstallMantlet(ctx, MeshOptions{Helm: shared.helm, Repo: repo}); err != nil {
-		t.Fatalf("installing mantlet: %v", err)
-	}
-	t.Logf("helm install and agents Ready in %s", time.Since(start).Round(time.Millisecond))
+	ctx, c := ownClusterWithMantlet(t, "bridge cluster", Options{CNI: CNIBridge})
 
 	const ns = "bridged"
 	node := c.Nodes[0]

@@ -158,3 +158,45 @@ func meshed(t *testing.T) *Cluster {
 	}
 	return c
 }
+
+// ownClusterWithMantlet brings up a cluster of the test's own with opts
+// (its Repo, Binaries, Images, Log and StateDir filled in here), removes it
+// when the test ends (and fails the test if anything of it is left), and
+// installs mantlet on it. what names the cluster in messages. The returned
+// context ends 6 minutes after the call, or with the test.
+func ownClusterWithMantlet(t *testing.T, what string, opts Options) (context.Context, *Cluster) {
+	t.Helper()
+	privtest.Require(t)
+	bins := kubetest.RequireBinaries(t)
+	repo, err := kubebin.RepoRoot(".")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := artifacts(t, repo); err != nil {
+		t.Fatalf("the mantlet image and helm: %v", err)
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 6*time.Minute)
+	t.Cleanup(cancel)
+	start := time.Now()
+	opts.Repo, opts.Binaries, opts.Images, opts.StateDir = repo, &bins, []string{shared.image}, testStateDir
+	opts.Log = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	c, err := Up(ctx, opts)
+	if err != nil {
+		t.Fatalf("%s: %v", what, err)
+	}
+	t.Cleanup(func() {
+		if err := c.Close(); err != nil {
+			t.Errorf("removing the %s: %v", what, err)
+		}
+		if err := leftovers(c); err != nil {
+			t.Errorf("the %s left behind: %v", what, err)
+		}
+	})
+	t.Logf("%s %s up in %s", what, c.Name, time.Since(start).Round(time.Millisecond))
+	start = time.Now()
+	if err := c.InstallMantlet(ctx, MeshOptions{Helm: shared.helm, Repo: repo}); err != nil {
+		t.Fatalf("installing mantlet: %v", err)
+	}
+	t.Logf("helm install and agents Ready in %s", time.Since(start).Round(time.Millisecond))
+	return ctx, c
+}

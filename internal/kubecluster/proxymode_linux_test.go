@@ -2,10 +2,8 @@ package kubecluster
 
 import (
 	"context"
-	"log/slog"
 	"net"
 	"net/netip"
-	"os"
 	"strings"
 	"testing"
 	"time"
@@ -14,9 +12,6 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 
-	"github.com/mantlet/mantlet/internal/kubetest"
-	"github.com/mantlet/mantlet/internal/kubetest/kubebin"
-	"github.com/mantlet/mantlet/internal/privtest"
 	"github.com/mantlet/mantlet/internal/testbed"
 )
 
@@ -83,37 +78,8 @@ func TestMeshedClusterIPWithoutKubeProxy(t *testing.T) {
 // ClusterIP, then asserts the client reaches the echo by that ClusterIP,
 // meshed.
 func meshedClusterIPOn(t *testing.T, mode string, check func(ctx context.Context, t *testing.T, c *Cluster, vip string)) {
-	privtest.Require(t)
-	bins := kubetest.RequireBinaries(t)
-	repo, err := kubebin.RepoRoot(".")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := artifacts(t, repo); err != nil {
-		t.Fatalf("the mantlet image and helm: %v", err)
-	}
-	ctx, cancel := context.WithTimeout(t.Context(), 6*time.Minute)
-	defer cancel()
-	start := time.Now()
-	c, err := Up(ctx, Options{ProxyMode: mode, Repo: repo, Binaries: &bins, Images: []string{shared.image},
-		Log: slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo})), StateDir: testStateDir})
-	if err != nil {
-		t.Fatalf("a cluster with kube-proxy mode %s: %v", mode, err)
-	}
-	t.Cleanup(func() {
-		if err := c.Close(); err != nil {
-			t.Errorf("removing the %s cluster: %v", mode, err)
-		}
-		if err := leftovers(c); err != nil {
-			t.Errorf("the %s cluster left behind: %v", mode, err)
-		}
-	})
-	t.Logf("cluster %s (kube-proxy %s) up in %s", c.Name, mode, time.Since(start).Round(time.Millisecond))
-	start = time.Now()
-	if err := c.InstallMantlet(ctx, MeshOptions{Helm: shared.helm, Repo: repo}); err != nil {
-		t.Fatalf("installing mantlet: %v", err)
-	}
-	t.Logf("helm install and agents Ready in %s", time.Since(start).Round(time.Millisecond))
+	t.Helper()
+	ctx, c := ownClusterWithMantlet(t, "cluster with kube-proxy mode "+mode, Options{ProxyMode: mode})
 
 	const ns = "proxyshop"
 	n1, n2 := c.Nodes[0], c.Nodes[1]
