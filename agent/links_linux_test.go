@@ -40,15 +40,21 @@ func inFreshNetns(t *testing.T, fn func(h *netlink.Handle)) {
 	<-done
 }
 
+// mustFor returns a function that fails t with what and err when err is
+// not nil.
+func mustFor(t *testing.T) func(what string, err error) {
+	return func(what string, err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatalf("%s: %v", what, err)
+		}
+	}
+}
+
 func TestRouteLinksFindsPodVethsOfARoutedCNI(t *testing.T) {
 	privtest.Require(t)
 	inFreshNetns(t, func(h *netlink.Handle) {
-		must := func(what string, err error) {
-			t.Helper()
-			if err != nil {
-				t.Fatalf("%s: %v", what, err)
-			}
-		}
+		must := mustFor(t)
 		veth := func(name, peer string) netlink.Link {
 			t.Helper()
 			must("add veth "+name, h.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: name}, PeerName: peer}))
@@ -124,12 +130,7 @@ func TestRouteLinksFindsPodVethsOfARoutedCNI(t *testing.T) {
 func TestRouteLinksRefusesPodsOfABridgedCNI(t *testing.T) {
 	privtest.Require(t)
 	inFreshNetns(t, func(h *netlink.Handle) {
-		must := func(what string, err error) {
-			t.Helper()
-			if err != nil {
-				t.Fatalf("%s: %v", what, err)
-			}
-		}
+		must := mustFor(t)
 		bridge := func(name, cidr string) netlink.Link {
 			t.Helper()
 			must("bridge "+name, h.LinkAdd(&netlink.Bridge{LinkAttrs: netlink.LinkAttrs{Name: name}}))
