@@ -29,12 +29,16 @@ func dropBinaryPages() (int64, error) {
 	if err := syscall.Stat("/proc/self/exe", &st); err != nil {
 		return 0, fmt.Errorf("executable: %w", err)
 	}
+	path, err := os.Readlink("/proc/self/exe")
+	if err != nil {
+		return 0, fmt.Errorf("executable: %w", err)
+	}
 	maps, err := os.ReadFile("/proc/self/maps")
 	if err != nil {
 		return 0, fmt.Errorf("memory maps: %w", err)
 	}
 	var spanned int64
-	for _, m := range readOnlyMappingsOf(maps, st.Ino, unix.Major(st.Dev), unix.Minor(st.Dev)) {
+	for _, m := range readOnlyMappingsOf(maps, exeFile{path: path, ino: st.Ino, major: unix.Major(st.Dev), minor: unix.Minor(st.Dev)}) {
 		// The mapping is the kernel's, not Go's memory: the raw call
 		// takes its address as a number (unix.Madvise wants a slice).
 		if _, _, e := unix.Syscall(unix.SYS_MADVISE, m.start, m.end-m.start, unix.MADV_DONTNEED); e != 0 {
@@ -48,16 +52,32 @@ func dropBinaryPages() (int64, error) {
 // mapping is one line of /proc/<pid>/maps.
 type mapping struct{ start, end uintptr }
 
-// readOnlyMappingsOf returns the private, read-only mappings of the file
-// with inode ino on device major:minor in the text of /proc/<pid>/maps.
-func readOnlyMappingsOf(maps []byte, ino uint64, major, minor uint32) []mapping {
+// exeFile names the executable as /proc/<pid>/maps may show it.
+type exeFile struct {
+	// path is where it was run from (the link /proc/self/exe).
+	path string
+	// ino and major:minor are its inode and device (stat).
+	ino          uint64
+	major, minor uint32
+}
+
+// readOnlyMappingsOf returns the private, read-only mappings of exe in
+// the text of /proc/<pid>/maps. A mapping is exe's when its device and
+// inode are, or its path is: for a file on an overlay file system (a
+// container's root), kernels have shown the device and inode of the
+// layer's file beneath in the maps where stat gives the overlay's (this
+// one, 6.18, shows the overlay's in both).
+func readOnlyMappingsOf(maps []byte, exe exeFile) []mapping {
 	var out []mapping
-	dev := fmt.Sprintf("%02x:%02x", major, minor)
+	dev, ino := fmt.Sprintf("%02x:%02x", exe.major, exe.minor), strconv.FormatUint(exe.ino, 10)
 	sc := bufio.NewScanner(bytes.NewReader(maps))
 	for sc.Scan() {
 		// start-end perms offset dev inode [path]
 		f := strings.Fields(sc.Text())
-		if len(f) < 5 || f[3] != dev || f[4] != strconv.FormatUint(ino, 10) {
+		if len(f) < 5 {
+			continue
+		}
+		if !(f[3] == dev && f[4] == ino) && !(len(f) > 5 && strings.Join(f[5:], " ") == exe.path) {
 			continue
 		}
 		if perms := f[1]; len(perms) != 4 || perms[0] != 'r' || perms[1] != '-' || perms[3] != 'p' {

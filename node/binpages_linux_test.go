@@ -86,9 +86,15 @@ func TestReadOnlyMappingsOfPicksTheExecutablesReadOnlyMappings(t *testing.T) {
 7f0000004000-7f0000005000 r-xp 00000000 fd:02 1234 /other/device
 garbage line
 `)
-	got := readOnlyMappingsOf(maps, 1234, 0xfd, 1)
 	want := []mapping{{0x400000, 0x15f1000}, {0x15f1000, 0x288c000}}
+	got := readOnlyMappingsOf(maps, exeFile{path: "/usr/bin/mantlet (moved)", ino: 1234, major: 0xfd, minor: 1})
 	if len(got) != len(want) || got[0] != want[0] || got[1] != want[1] {
-		t.Errorf("readOnlyMappingsOf = %#v, want %#v", got, want)
+		t.Errorf("by device and inode: readOnlyMappingsOf = %#v, want %#v", got, want)
+	}
+	// In a container on an overlay, stat gives the overlay's device and
+	// inode, the maps the layer's: the path still matches.
+	got = readOnlyMappingsOf(maps, exeFile{path: "/usr/bin/mantlet", ino: 777, major: 0, minor: 0x2a})
+	if len(got) != len(want) || got[0] != want[0] || got[1] != want[1] {
+		t.Errorf("by path: readOnlyMappingsOf = %#v, want %#v", got, want)
 	}
 }
