@@ -28,8 +28,9 @@ import (
 
 type pool struct{}
 
-func (pool) PoolConns() int         { return 0 }
-func (pool) PoolStats() hbone.Stats { return hbone.Stats{} }
+func (pool) PoolConns() int                        { return 0 }
+func (pool) PoolStats() hbone.Stats                { return hbone.Stats{} }
+func (pool) ServerKeyExchanges() map[string]uint64 { return nil }
 
 type counters struct{}
 

@@ -195,6 +195,16 @@ func TestMetricsAccessLogAndFlowsShowTheTraffic(t *testing.T) {
 	if _, ok := mfs["istio_tcp_connections_failed_total"]; ok {
 		t.Errorf("node1 counts failed connections:\n%s", mfs.Describe("istio_tcp_connections_failed_total"))
 	}
+	// The agents agreed on the post-quantum hybrid for every tunnel, and
+	// say so on both sides.
+	hs, _ := mfs.Value("mantlet_hbone_pool_handshakes_total", map[string]string{})
+	if v, _ := mfs.Value("mantlet_hbone_key_exchanges_total", map[string]string{"side": "client", "key_exchange": "X25519MLKEM768"}); hs < 1 || v != hs {
+		t.Errorf("node1 made %v HBONE handshakes, %v of them with X25519MLKEM768; want all, at least one:\n%s", hs, v, mfs.Describe("mantlet_hbone_key_exchanges_total"))
+	}
+	mfs2 := scrape(t, m, "node2")
+	if v, _ := mfs2.Value("mantlet_hbone_key_exchanges_total", map[string]string{"side": "server", "key_exchange": "X25519MLKEM768"}); v < 1 || len(mfs2.Series("mantlet_hbone_key_exchanges_total", nil)) != 1 {
+		t.Errorf("node2 accepted %v HBONE connections with X25519MLKEM768, want at least one and no other group:\n%s", v, mfs2.Describe("mantlet_hbone_key_exchanges_total"))
+	}
 	if v, ok := mfs.Value("mantlet_svid_expiry_seconds", map[string]string{"identity": id("client")}); !ok || v < 23*3600 || v > 24*3600 {
 		t.Errorf("mantlet_svid_expiry_seconds of the client = %v (%v), want just under 24h", v, ok)
 	}

@@ -9,6 +9,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/mantlet/mantlet/ztunnel"
+	"github.com/mantlet/mantlet/ztunnel/hbone"
 )
 
 // LimitsConfig bounds the ztunnel's accept path: what connections
@@ -36,6 +37,9 @@ type LimitsConfig struct {
 	// SpreadConnsPerKey is how many connections of a key new streams
 	// spread over (hbone.Tuning.SpreadConnsPerKey); 0: GOMAXPROCS.
 	SpreadConnsPerKey int
+	// KeyExchange is the set of TLS 1.3 key exchange groups of HBONE, as
+	// client and server (nil: hbone.DefaultKeyExchange).
+	KeyExchange hbone.KeyExchange
 	// RefusalLogRate is the most refusal log lines per second.
 	RefusalLogRate float64
 }

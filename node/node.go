@@ -267,6 +267,7 @@ func Run(ctx context.Context, cfg Config) error {
 	zcfg.Tuning.MaxStreamsPerConn = cfg.Limits.StreamsPerConn
 	zcfg.Tuning.MaxConnsPerKey = cfg.Limits.ConnsPerKey
 	zcfg.Tuning.SpreadConnsPerKey = cfg.Limits.SpreadConnsPerKey
+	zcfg.Tuning.KeyExchange = cfg.Limits.KeyExchange
 	if zcfg.Tuning.SpreadConnsPerKey == 0 {
 		zcfg.Tuning.SpreadConnsPerKey = runtime.GOMAXPROCS(0)
 	}

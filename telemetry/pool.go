@@ -11,6 +11,7 @@ import (
 type Pool interface {
 	PoolConns() int
 	PoolStats() hbone.Stats
+	ServerKeyExchanges() map[string]uint64
 }
 
 // PoolCollector exports the ztunnel's HBONE client pool at scrape time:
@@ -18,9 +19,10 @@ type Pool interface {
 //	mantlet_hbone_pool_connections         pooled HBONE connections open now
 //	mantlet_hbone_pool_handshakes_total    TLS handshakes made by the pool
 //	mantlet_hbone_streams_total            CONNECT streams opened over the pool
+//	mantlet_hbone_key_exchanges_total      HBONE handshakes by side and key exchange group
 type PoolCollector struct {
-	pool                       Pool
-	conns, handshakes, streams *prometheus.Desc
+	pool                            Pool
+	conns, handshakes, streams, kex *prometheus.Desc
 }
 
 // NewPoolCollector returns the pool metrics over p.
@@ -33,6 +35,9 @@ func NewPoolCollector(p Pool) *PoolCollector {
 			"TLS handshakes the HBONE client pool made (new connections to other nodes).", nil, nil),
 		streams: prometheus.NewDesc("mantlet_hbone_streams_total",
 			"HBONE CONNECT streams opened by the client pool (one per proxied connection).", nil, nil),
+		kex: prometheus.NewDesc("mantlet_hbone_key_exchanges_total",
+			"HBONE TLS handshakes completed, by side (client: the pool dialled; server: :15008 accepted) and the key exchange group agreed on (X25519MLKEM768 is post-quantum hybrid).",
+			[]string{"side", "key_exchange"}, nil),
 	}
 }
 
@@ -41,6 +46,7 @@ func (c *PoolCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- c.conns
 	ch <- c.handshakes
 	ch <- c.streams
+	ch <- c.kex
 }
 
 // Collect implements prometheus.Collector.
@@ -49,6 +55,11 @@ func (c *PoolCollector) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(c.conns, prometheus.GaugeValue, float64(c.pool.PoolConns()))
 	ch <- prometheus.MustNewConstMetric(c.handshakes, prometheus.CounterValue, float64(st.Handshakes))
 	ch <- prometheus.MustNewConstMetric(c.streams, prometheus.CounterValue, float64(st.Streams))
+	for side, counts := range map[string]map[string]uint64{"client": st.KeyExchanges, "server": c.pool.ServerKeyExchanges()} {
+		for group, n := range counts {
+			ch <- prometheus.MustNewConstMetric(c.kex, prometheus.CounterValue, float64(n), side, group)
+		}
+	}
 }
 
 var _ Pool = (*ztunnel.Proxy)(nil)

@@ -242,8 +242,11 @@ mantlet_svid_issuances_total{result="ok"} 2
 
 type fakePool struct{}
 
-func (fakePool) PoolConns() int         { return 2 }
-func (fakePool) PoolStats() hbone.Stats { return hbone.Stats{Handshakes: 3, Streams: 40} }
+func (fakePool) PoolConns() int { return 2 }
+func (fakePool) PoolStats() hbone.Stats {
+	return hbone.Stats{Handshakes: 3, Streams: 40, KeyExchanges: map[string]uint64{"X25519MLKEM768": 2, "X25519": 1}}
+}
+func (fakePool) ServerKeyExchanges() map[string]uint64 { return map[string]uint64{"X25519MLKEM768": 5} }
 
 func TestPoolCollectorAndBuildInfo(t *testing.T) {
 	reg := prometheus.NewPedanticRegistry()
@@ -258,9 +261,14 @@ mantlet_hbone_pool_handshakes_total 3
 # HELP mantlet_hbone_streams_total HBONE CONNECT streams opened by the client pool (one per proxied connection).
 # TYPE mantlet_hbone_streams_total counter
 mantlet_hbone_streams_total 40
+# HELP mantlet_hbone_key_exchanges_total HBONE TLS handshakes completed, by side (client: the pool dialled; server: :15008 accepted) and the key exchange group agreed on (X25519MLKEM768 is post-quantum hybrid).
+# TYPE mantlet_hbone_key_exchanges_total counter
+mantlet_hbone_key_exchanges_total{key_exchange="X25519",side="client"} 1
+mantlet_hbone_key_exchanges_total{key_exchange="X25519MLKEM768",side="client"} 2
+mantlet_hbone_key_exchanges_total{key_exchange="X25519MLKEM768",side="server"} 5
 `
 	if err := testutil.GatherAndCompare(reg, strings.NewReader(want),
-		"mantlet_hbone_pool_connections", "mantlet_hbone_pool_handshakes_total", "mantlet_hbone_streams_total"); err != nil {
+		"mantlet_hbone_pool_connections", "mantlet_hbone_pool_handshakes_total", "mantlet_hbone_streams_total", "mantlet_hbone_key_exchanges_total"); err != nil {
 		t.Fatal(err)
 	}
 	mfs, err := reg.Gather()

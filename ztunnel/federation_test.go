@@ -2,6 +2,7 @@ package ztunnel_test
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"os"
 	"path/filepath"
@@ -119,6 +120,42 @@ func TestOneDomainsCANeverVouchForAnother(t *testing.T) {
 		r := m.nodes["node-a"].flow(t)
 		if r.Flag != ztunnel.FlagTLSUnknownCA || !errors.Is(r.Err, hbone.ErrUnknownAuthority) || !strings.Contains(r.Err.Error(), "spiffe://a.test/ns/shop/sa/checkout") {
 			t.Fatalf("node-a's flow: flag %s err %v; want %s naming the presented ID", r.Flag, r.Err, ztunnel.FlagTLSUnknownCA)
+		}
+	})
+}
+
+// TestKeyExchangeMismatchIsRefusedAndCounted: a node that accepts only the
+// post-quantum hybrid refuses a peer that offers only X25519 (a failed
+// handshake, counted, nothing through); with the defaults both agree on
+// the hybrid and count it on their side.
+func TestKeyExchangeMismatchIsRefusedAndCounted(t *testing.T) {
+	t.Run("hybrid only against X25519 only", func(t *testing.T) {
+		m := newMesh(t, meshOpts{keyExchange: map[string]hbone.KeyExchange{
+			"node-a": {tls.X25519}, "node-b": {tls.X25519MLKEM768},
+		}})
+		b := m.nodes["node-b"]
+		before := b.p.Rejected(ztunnel.FlagTLSHandshake)
+		if got := closedRoundTrip(t, m.mustDial(ipA1, m.appAddr(ipB1)), []byte("secret")); len(got) != 0 {
+			t.Fatalf("the client got %q through a handshake with no key exchange in common", got)
+		}
+		b.waitCount(t, ztunnel.FlagTLSHandshake, before+1)
+		if r := m.nodes["node-a"].flow(t); r.Flag == ztunnel.FlagNone {
+			t.Fatalf("node-a's flow ended without a refusal: %+v", r)
+		}
+		if n := b.p.ServerKeyExchanges(); len(n) != 0 {
+			t.Errorf("node-b counted accepted handshakes %v, want none", n)
+		}
+	})
+	t.Run("defaults", func(t *testing.T) {
+		m := newMesh(t, meshOpts{})
+		if got := roundTrip(t, m.mustDial(ipA1, m.appAddr(ipB1)), []byte("ping")); string(got) != "ping" {
+			t.Fatalf("echo through the tunnel: %q", got)
+		}
+		if n := m.nodes["node-a"].p.PoolStats().KeyExchanges; n["X25519MLKEM768"] != 1 || len(n) != 1 {
+			t.Errorf("node-a's pool counted %v, want one X25519MLKEM768 handshake", n)
+		}
+		if n := m.nodes["node-b"].p.ServerKeyExchanges(); n["X25519MLKEM768"] != 1 || len(n) != 1 {
+			t.Errorf("node-b counted %v, want one X25519MLKEM768 handshake", n)
 		}
 	})
 }

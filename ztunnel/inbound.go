@@ -61,6 +61,7 @@ func (p *Proxy) handleHBONE(ctx context.Context, conn net.Conn, t *ticket) {
 		p.reject(flag, fmt.Errorf("ztunnel: HBONE handshake: %w", err), "src", remote, "dst", local)
 		return
 	}
+	p.serverKX.Add(tc.ConnectionState().CurveID)
 	_ = conn.SetDeadline(time.Time{})
 	p.srv.ServeConn(ctx, tc)
 }

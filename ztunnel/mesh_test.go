@@ -79,6 +79,17 @@ type meshOpts struct {
 	// its node is in unfederated.
 	federated   bool
 	unfederated map[string]bool
+	// keyExchange sets a node's Tuning.KeyExchange.
+	keyExchange map[string]hbone.KeyExchange
+}
+
+// tuningOf is node name's Tuning in o.
+func tuningOf(o meshOpts, name string) hbone.Tuning {
+	t := o.tuning.Tuning
+	if k, ok := o.keyExchange[name]; ok {
+		t.KeyExchange = k
+	}
+	return t
 }
 
 func newMesh(t testing.TB, o meshOpts) *mesh {
@@ -185,7 +196,7 @@ func (m *mesh) startNode(name string, o meshOpts) *node {
 		MaxFlows:       o.tuning.MaxFlows,
 		OnFlowOpen:     o.tuning.OnFlowOpen,
 		OnReject:       o.tuning.OnReject,
-		Tuning:         o.tuning.Tuning,
+		Tuning:         tuningOf(o, name),
 		Limits:         o.tuning.Limits,
 
 		InboundPlaintext: plain, // with meshOpts.plaintext

@@ -244,6 +244,7 @@ type Proxy struct {
 	pool      *hbone.Pool
 	srv       *hbone.Server
 	serverTLS *tls.Config
+	serverKX  hbone.KeyExchangeCounter // the :15008 handshakes, by group
 	ports     map[uint16]bool
 	counters  [numFlags]atomic.Uint64
 	pick      atomic.Uint32
@@ -341,6 +342,7 @@ func New(cfg Config) (*Proxy, error) {
 		Logger:    p.log,
 	}
 	p.serverTLS = hbone.ServerConfig(p.serverSVID, cfg.Bundles)
+	p.serverTLS.CurvePreferences = cfg.Tuning.WithDefaults().KeyExchange
 	return p, nil
 }
 
@@ -516,6 +518,10 @@ func (p *Proxy) Counters() map[ResponseFlag]uint64 {
 
 // PoolStats returns the HBONE client pool's counters.
 func (p *Proxy) PoolStats() hbone.Stats { return p.pool.Stats() }
+
+// ServerKeyExchanges counts the HBONE connections accepted (their TLS
+// handshake done), by the key exchange group agreed on.
+func (p *Proxy) ServerKeyExchanges() map[string]uint64 { return p.serverKX.Counts() }
 
 // reject counts flag and logs the refusal with its reason, at the
 // refusals' rate (Limits.RefusalLogRate); for refusals that are not flows

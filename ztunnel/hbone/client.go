@@ -65,6 +65,7 @@ type Pool struct {
 	done  chan struct{}
 	once  sync.Once
 	stats struct{ handshakes, streams atomic.Uint64 }
+	kx    KeyExchangeCounter
 	idles []time.Duration // reapLocked's, guarded by mu
 }
 
@@ -140,11 +141,16 @@ func NewPool(cfg PoolConfig) *Pool {
 }
 
 // Stats counts TLS handshakes made and streams opened.
-type Stats struct{ Handshakes, Streams uint64 }
+type Stats struct {
+	Handshakes, Streams uint64
+	// KeyExchanges counts the handshakes by the key exchange group they
+	// agreed on (KeyExchangeCounter.Counts).
+	KeyExchanges map[string]uint64
+}
 
 // Stats returns the pool's counters.
 func (p *Pool) Stats() Stats {
-	return Stats{Handshakes: p.stats.handshakes.Load(), Streams: p.stats.streams.Load()}
+	return Stats{Handshakes: p.stats.handshakes.Load(), Streams: p.stats.streams.Load(), KeyExchanges: p.kx.Counts()}
 }
 
 // Conns returns how many connections the pool holds.
@@ -460,12 +466,15 @@ func (p *Pool) dial(ctx context.Context, req *Request) (*poolConn, error) {
 	if err != nil {
 		return fail(err)
 	}
-	tc := tls.Client(BatchWrites(raw), ClientConfig(svid, p.cfg.Bundles, req.Key.Dst))
+	tcfg := ClientConfig(svid, p.cfg.Bundles, req.Key.Dst)
+	tcfg.CurvePreferences = p.t.KeyExchange
+	tc := tls.Client(BatchWrites(raw), tcfg)
 	if err := tc.HandshakeContext(dctx); err != nil {
 		raw.Close()
 		return fail(fmt.Errorf("hbone: TLS handshake: %w", err))
 	}
 	p.stats.handshakes.Add(1)
+	p.kx.Add(tc.ConnectionState().CurveID)
 	end := start.Add(p.t.MaxConnectionAge)
 	if na := svid.Certificates[0].NotAfter; na.Before(end) {
 		end = na

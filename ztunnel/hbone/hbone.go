@@ -82,6 +82,9 @@ type Tuning struct {
 	KeepaliveTimeout  time.Duration
 	// HandshakeTimeout bounds TCP connect plus TLS handshake.
 	HandshakeTimeout time.Duration
+	// KeyExchange is the set of TLS 1.3 key exchange groups the client
+	// offers and the server accepts (nil: DefaultKeyExchange).
+	KeyExchange KeyExchange
 
 	// MaxConnectionAge bounds how long a connection accepts new streams,
 	// with the expiry of the client's and the server's certificates: a
@@ -129,6 +132,7 @@ func DefaultTuning() Tuning {
 		KeepaliveInterval:    30 * time.Second,
 		KeepaliveTimeout:     10 * time.Second,
 		HandshakeTimeout:     10 * time.Second,
+		KeyExchange:          DefaultKeyExchange(),
 		MaxConnectionAge:     time.Hour,
 		DrainTimeout:         30 * time.Second,
 		ResetRate:            100,
@@ -185,6 +189,9 @@ func (t Tuning) WithDefaults() Tuning {
 	}
 	if t.HandshakeTimeout <= 0 {
 		t.HandshakeTimeout = d.HandshakeTimeout
+	}
+	if len(t.KeyExchange) == 0 {
+		t.KeyExchange = d.KeyExchange
 	}
 	if t.MaxConnectionAge <= 0 {
 		t.MaxConnectionAge = d.MaxConnectionAge

@@ -98,14 +98,15 @@ func certificate(s *x509svid.SVID) *tls.Certificate {
 }
 
 // ClientConfig returns the TLS configuration of an HBONE client: TLS 1.3
-// only, ALPN h2, no SNI, presenting svid (always, whatever CAs the server
+// only, DefaultKeyExchange, ALPN h2, no SNI, presenting svid (always, whatever CAs the server
 // names) and accepting only a server whose X509-SVID verifies against
 // bundles and names want.
 func ClientConfig(svid *x509svid.SVID, bundles x509bundle.Source, want spiffeid.ID) *tls.Config {
 	cert := certificate(svid)
 	return &tls.Config{
-		MinVersion: tls.VersionTLS13,
-		NextProtos: []string{ALPN},
+		MinVersion:       tls.VersionTLS13,
+		CurvePreferences: DefaultKeyExchange(),
+		NextProtos:       []string{ALPN},
 		GetClientCertificate: func(*tls.CertificateRequestInfo) (*tls.Certificate, error) {
 			return cert, nil
 		},
@@ -130,14 +131,15 @@ func ClientConfig(svid *x509svid.SVID, bundles x509bundle.Source, want spiffeid.
 type ServerSVIDFunc func(ctx context.Context, local netip.Addr) (*x509svid.SVID, error)
 
 // ServerConfig returns the TLS configuration of an HBONE server: TLS 1.3
-// only, ALPN h2 (and http/1.1, so that HTTP/1 clients get a readable
+// only, DefaultKeyExchange, ALPN h2 (and http/1.1, so that HTTP/1 clients get a readable
 // refusal instead of a handshake failure), a certificate chosen from the
 // connection's local address, and a required client X509-SVID that
 // verifies against bundles.
 func ServerConfig(svid ServerSVIDFunc, bundles x509bundle.Source) *tls.Config {
 	return &tls.Config{
-		MinVersion: tls.VersionTLS13,
-		NextProtos: []string{ALPN, "http/1.1"},
+		MinVersion:       tls.VersionTLS13,
+		CurvePreferences: DefaultKeyExchange(),
+		NextProtos:       []string{ALPN, "http/1.1"},
 		GetCertificate: func(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
 			local, ok := addrOf(hello.Conn.LocalAddr())
 			if !ok {
