@@ -70,6 +70,38 @@ func releaseMemory(ctx context.Context, now func() load, log *slog.Logger) {
 	}
 }
 
+// settleEvery is how often releaseOnceSettled looks whether the agent is
+// ready, and settleWait how long it looks.
+const (
+	settleEvery = 100 * time.Millisecond
+	settleWait  = 30 * time.Second
+)
+
+// releaseOnceSettled releases (release) once the agent has settled:
+// settled() held at two looks in a row, settleEvery apart (or settleWait
+// passed). Its start does not end with "agent running" but with the first
+// enrolments (programs loaded and attached to the pods' veths, their
+// certificates issued just after), whose code the agent does not run
+// again until pods change.
+func releaseOnceSettled(ctx context.Context, settled func() bool, log *slog.Logger) {
+	t := time.NewTicker(settleEvery)
+	defer t.Stop()
+	deadline := time.Now().Add(settleWait)
+	for held := 0; held < 2 && time.Now().Before(deadline); {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if settled() {
+			held++
+		} else {
+			held = 0
+		}
+	}
+	release(log, "the agent settled")
+}
+
 func abs(n int) int { return max(n, -n) }
 
 // heapMapped is the heap memory the process holds from the operating

@@ -117,10 +117,12 @@ const MaxFollowers = 32
 // keep up loses events (and is told how many). Memory is bounded by the
 // ring size and MaxFollowers × the followers' buffers.
 type FlowLog struct {
-	mu        sync.Mutex
+	mu sync.Mutex
+	// ring holds the events; it grows to size as events come (an agent
+	// that saw few flows holds few), then the oldest is overwritten.
 	ring      []events.Flow
-	next      int  // where the next event goes
-	full      bool // the ring has wrapped
+	size      int
+	next      int // where the next event goes: len(ring) until it is full
 	total     uint64
 	followers map[*Follower]struct{}
 }
@@ -130,17 +132,24 @@ func NewFlowLog(size int) *FlowLog {
 	if size <= 0 {
 		size = DefaultFlowLogSize
 	}
-	return &FlowLog{ring: make([]events.Flow, size), followers: map[*Follower]struct{}{}}
+	return &FlowLog{size: size, followers: map[*Follower]struct{}{}}
 }
 
 // Add records ev and hands it to the followers whose filter it passes.
 func (l *FlowLog) Add(ev events.Flow) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	l.ring[l.next] = ev
-	l.next = (l.next + 1) % len(l.ring)
-	if l.next == 0 {
-		l.full = true
+	if n := len(l.ring); n < l.size {
+		if n == cap(l.ring) {
+			grown := make([]events.Flow, n, min(max(2*n, 16), l.size))
+			copy(grown, l.ring)
+			l.ring = grown
+		}
+		l.ring = append(l.ring, ev)
+		l.next = len(l.ring) % l.size
+	} else {
+		l.ring[l.next] = ev
+		l.next = (l.next + 1) % l.size
 	}
 	l.total++
 	for f := range l.followers {
@@ -160,10 +169,7 @@ func (l *FlowLog) Add(ev events.Flow) {
 func (l *FlowLog) Recent(f FlowFilter, limit int) []events.Flow {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	n := l.next
-	if l.full {
-		n = len(l.ring)
-	}
+	n := len(l.ring)
 	var out []events.Flow
 	for i := 1; i <= n; i++ { // newest first
 		ev := &l.ring[(l.next-i+len(l.ring))%len(l.ring)]

@@ -117,6 +117,35 @@ func TestFlowLogKeepsTheNewestAndFilters(t *testing.T) {
 	}
 }
 
+// TestFlowLogGrowsToItsSizeThenKeepsTheNewest: the ring holds only what
+// came (it grows as events come), in order while it grows, and the newest
+// size events, in order, once it wrapped.
+func TestFlowLogGrowsToItsSizeThenKeepsTheNewest(t *testing.T) {
+	const size = 50
+	l := NewFlowLog(size)
+	if got := l.Recent(FlowFilter{}, 0); len(got) != 0 {
+		t.Fatalf("an empty log holds %d events", len(got))
+	}
+	want := func(from, to int) string {
+		var w []int
+		for i := from; i <= to; i++ {
+			w = append(w, i)
+		}
+		return fmt.Sprint(w)
+	}
+	for i := 1; i <= 120; i++ {
+		l.Add(event(i, "shop", events.Allowed))
+		if i == 37 || i == size || i == size+1 || i == 120 {
+			if got := fmt.Sprint(ids(l.Recent(FlowFilter{}, 0))); got != want(max(1, i-size+1), i) {
+				t.Fatalf("after %d events: %s, want %s", i, got, want(max(1, i-size+1), i))
+			}
+		}
+	}
+	if c := cap(l.ring); c != size {
+		t.Errorf("the ring's capacity is %d, want its size %d", c, size)
+	}
+}
+
 func TestFlowLogFollowersNeverBlockTheWriter(t *testing.T) {
 	l := NewFlowLog(8)
 	slow, err := l.Follow(FlowFilter{Verdict: events.Denied}, 2)
