@@ -29,13 +29,16 @@ func DefaultKeyExchange() KeyExchange {
 	return KeyExchange{tls.X25519MLKEM768, tls.X25519}
 }
 
-// keyExchangeGroups are the groups --hbone-key-exchange may name, with
-// their names (Go's tls.CurveID names, P256 and P384 without "Curve"),
-// matched without regard to case.
-var keyExchangeGroups = [...]struct {
+// kexGroup is a key exchange group and its name (Go's tls.CurveID name,
+// P256 and P384 without "Curve").
+type kexGroup struct {
 	id   tls.CurveID
 	name string
-}{
+}
+
+// keyExchangeGroups are the groups --hbone-key-exchange may name, matched
+// by name without regard to case.
+var keyExchangeGroups = [...]kexGroup{
 	{tls.X25519MLKEM768, "X25519MLKEM768"},
 	{tls.SecP256r1MLKEM768, "SecP256r1MLKEM768"},
 	{tls.SecP384r1MLKEM1024, "SecP384r1MLKEM1024"},
@@ -50,12 +53,7 @@ func ParseKeyExchange(s string) (KeyExchange, error) {
 	var k KeyExchange
 	for name := range strings.SplitSeq(s, ",") {
 		name = strings.TrimSpace(name)
-		i := slices.IndexFunc(keyExchangeGroups[:], func(g struct {
-			id   tls.CurveID
-			name string
-		}) bool {
-			return strings.EqualFold(g.name, name)
-		})
+		i := slices.IndexFunc(keyExchangeGroups[:], func(g kexGroup) bool { return strings.EqualFold(g.name, name) })
 		if i < 0 {
 			var all []string
 			for _, g := range keyExchangeGroups {
