@@ -705,14 +705,11 @@ func (a *Agent) Changed() <-chan struct{} { return a.changed }
 // been applied, the data path's programs are attached and the ztunnel's
 // listeners are in the SOCKMAP. The reason says what is missing, or sums
 // up the node when ready.
-func (a *Agent) Ready() (bool, string) {
-	pods := a.Pods()
-	failing := 0
-	for _, p := range pods {
-		if p.Ifindex == 0 || p.Err != "" {
-			failing++
-		}
-	}
+func (a *Agent) Ready() (bool, string) { return a.readyWith(a.Pods()) }
+
+// readyWith is Ready, given the pods' state.
+func (a *Agent) readyWith(pods []PodStatus) (bool, string) {
+	failing := pending(pods)
 	switch {
 	case a.draining.Load():
 		return false, "shutting down"
@@ -729,6 +726,25 @@ func (a *Agent) Ready() (bool, string) {
 		}
 	}
 	return true, fmt.Sprintf("ready: %d local pods enrolled, %d pending, %d veths attached", len(pods)-failing, failing, len(st.Pods))
+}
+
+// Settled reports whether the agent is ready and every local pod is
+// enrolled: the work of its start, or of a change, is done.
+func (a *Agent) Settled() bool {
+	pods := a.Pods()
+	ok, _ := a.readyWith(pods)
+	return ok && pending(pods) == 0
+}
+
+// pending counts the pods not enrolled: no veth found yet, or an error.
+func pending(pods []PodStatus) int {
+	n := 0
+	for _, p := range pods {
+		if p.Ifindex == 0 || p.Err != "" {
+			n++
+		}
+	}
+	return n
 }
 
 // Drain marks the agent as shutting down, so the readiness probe fails

@@ -636,26 +636,34 @@ func TestReadinessProbe(t *testing.T) {
 		return resp.StatusCode, strings.TrimSpace(string(b))
 	}
 	for _, step := range []struct {
-		name   string
-		do     func()
-		code   int
-		reason string
+		name    string
+		do      func()
+		code    int
+		reason  string
+		settled bool
 	}{
-		{"before any state", func() {}, 503, "waiting for the first workload snapshot"},
+		{"before any state", func() {}, 503, "waiting for the first workload snapshot", false},
 		{"state applied, programs not attached", func() {
 			a.Apply(state(t, nil, pod{"shop/a", "node-1", "198.19.1.1", "", true}))
 			a.reconcile(t.Context(), time.Now())
-		}, 503, "not ready: sk_lookup program not attached; no outbound listener (:15001) in the SOCKMAP; no hbone listener (:15008) in the SOCKMAP"},
+		}, 503, "not ready: sk_lookup program not attached; no outbound listener (:15001) in the SOCKMAP; no hbone listener (:15008) in the SOCKMAP", false},
 		{"attached with listeners", func() {
 			dp.mu.Lock()
 			dp.ready = true
 			dp.mu.Unlock()
-		}, 200, "ready: 1 local pods enrolled, 0 pending, 1 veths attached"},
-		{"draining", a.Drain, 503, "shutting down"},
+		}, 200, "ready: 1 local pods enrolled, 0 pending, 1 veths attached", true},
+		{"a new pod whose veth is not there yet", func() {
+			a.Apply(state(t, nil, pod{"shop/a", "node-1", "198.19.1.1", "", true}, pod{"shop/b", "node-1", "198.19.1.2", "", true}))
+			a.reconcile(t.Context(), time.Now())
+		}, 200, "ready: 1 local pods enrolled, 1 pending, 1 veths attached", false},
+		{"draining", a.Drain, 503, "shutting down", false},
 	} {
 		step.do()
 		if code, reason := probe(); code != step.code || reason != step.reason {
 			t.Errorf("%s: probe = %d %q, want %d %q", step.name, code, reason, step.code, step.reason)
+		}
+		if got := a.Settled(); got != step.settled {
+			t.Errorf("%s: Settled() = %v, want %v", step.name, got, step.settled)
 		}
 	}
 }
@@ -676,6 +684,9 @@ func TestReadinessDoesNotWaitForAReconcilePass(t *testing.T) {
 			if ok, reason := r.agent.Ready(); ok || reason != "waiting for the first workload snapshot" {
 				t.Errorf("Ready() = %v %q during the first pass", ok, reason)
 			}
+			if r.agent.Settled() {
+				t.Error("Settled() during the first pass")
+			}
 			r.agent.Pods()
 		}
 	}()
@@ -690,6 +701,9 @@ func TestReadinessDoesNotWaitForAReconcilePass(t *testing.T) {
 		ok, reason := r.agent.Ready()
 		return ok && reason == "ready: 1 local pods enrolled, 0 pending, 1 veths attached"
 	})
+	if !r.agent.Settled() {
+		t.Error("Settled() = false with the agent ready and its one pod enrolled")
+	}
 }
 
 // TestAgentSignalsAChangeOfItsPods: a pass that enrolls or un-enrolls a

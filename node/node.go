@@ -370,17 +370,7 @@ func Run(ctx context.Context, cfg Config) error {
 	g.run("data path watch", func() error { return dp.Watch(runCtx, cfg.WatchInterval) })
 	g.run("ztunnel", func() error { return proxy.Run(runCtx) })
 	g.run("memory release", func() error {
-		releaseOnceSettled(runCtx, func() bool {
-			if ok, _ := ag.Ready(); !ok {
-				return false
-			}
-			for _, p := range ag.Pods() {
-				if p.Ifindex == 0 || p.Err != "" {
-					return false // not enrolled yet
-				}
-			}
-			return true
-		}, log.With("component", "memory"))
+		releaseOnceSettled(runCtx, ag.Settled, log.With("component", "memory"))
 		releaseMemory(runCtx, func() load { return load{flows: proxy.NumOpenFlows(), conns: proxy.HBONEConns()} },
 			log.With("component", "memory"))
 		return nil

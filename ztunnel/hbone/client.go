@@ -473,13 +473,14 @@ func (p *Pool) dial(ctx context.Context, req *Request) (*poolConn, error) {
 		raw.Close()
 		return fail(fmt.Errorf("hbone: TLS handshake: %w", err))
 	}
+	cs := tc.ConnectionState()
 	p.stats.handshakes.Add(1)
-	p.kx.Add(tc.ConnectionState().CurveID)
+	p.kx.Add(cs.CurveID)
 	end := start.Add(p.t.MaxConnectionAge)
 	if na := svid.Certificates[0].NotAfter; na.Before(end) {
 		end = na
 	}
-	if peer := tc.ConnectionState().PeerCertificates; len(peer) > 0 && peer[0].NotAfter.Before(end) {
+	if peer := cs.PeerCertificates; len(peer) > 0 && peer[0].NotAfter.Before(end) {
 		end = peer[0].NotAfter
 	}
 	now := time.Now()
