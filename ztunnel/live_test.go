@@ -9,6 +9,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"log/slog"
 	"net"
 	"net/netip"
 	"os"
@@ -248,5 +249,38 @@ func TestReleaserSeesEveryAllowedFlowEnd(t *testing.T) {
 	// node-b: the inbound flow.
 	if az.allowed != 4 || az.release != 4 || az.preChecks != 1 {
 		t.Fatalf("authorized %d (pre-checks %d), released %d; want 4 (1), 4", az.allowed, az.preChecks, az.release)
+	}
+}
+
+// TestAClosedFlowIsLoggedAsAFlowNotARefusal: a flow admitted and then
+// closed without a reason (LiveFlow.Close(FlagNone)) broke; its line is
+// "ztunnel: flow" with reason closed, never "ztunnel: refused", which
+// operators and the refusal lines' rate limit keep for refused
+// connections.
+func TestAClosedFlowIsLoggedAsAFlowNotARefusal(t *testing.T) {
+	logs := newLogCounter()
+	m := newMesh(t, meshOpts{logger: slog.New(logs)})
+	n := m.nodes["node-a"]
+	c := m.mustDial(ipA1, m.appAddr(ipA2))
+	if _, err := c.Write([]byte("ping")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.ReadFull(c, make([]byte, 4)); err != nil {
+		t.Fatal(err)
+	}
+	l := n.liveFlow(t, ztunnel.Outbound, c.LocalAddr().(*net.TCPAddr).AddrPort(), m.appAddr(ipA2))
+	l.Close(ztunnel.FlagNone)
+	r := n.flow(t)
+	for r.Src != c.LocalAddr().(*net.TCPAddr).AddrPort() {
+		r = n.flow(t)
+	}
+	if r.Flag != ztunnel.FlagClosed {
+		t.Fatalf("record flag %s, want %s", r.Flag, ztunnel.FlagClosed)
+	}
+	if n := logs.count("ztunnel: refused"); n != 0 {
+		t.Errorf("%d \"ztunnel: refused\" lines for a flow that was admitted and closed", n)
+	}
+	if v, ok := logs.attr("ztunnel: flow", "reason"); !ok || v.String() != "closed" {
+		t.Errorf("the last \"ztunnel: flow\" line has reason %v (%v), want closed", v, ok)
 	}
 }

@@ -214,10 +214,13 @@ func Flags() []ResponseFlag {
 }
 
 // broke reports whether f says how an admitted flow broke, rather than
-// why one was refused.
+// why one was refused. FlagClosed is an admitted flow cut without a more
+// specific reason (LiveFlow.Close, or its context ended first): logged
+// as "ztunnel: refused", an operator (and a count of refusal lines) would
+// take it for a connection refused.
 func (f ResponseFlag) broke() bool {
 	switch f {
-	case FlagDownstreamReset, FlagUpstreamReset, FlagTunnelReset, FlagTunnelLost, FlagShutdown:
+	case FlagDownstreamReset, FlagUpstreamReset, FlagTunnelReset, FlagTunnelLost, FlagShutdown, FlagClosed:
 		return true
 	}
 	return false
