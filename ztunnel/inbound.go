@@ -73,21 +73,25 @@ func isTimeout(err error) bool {
 		(errors.As(err, &ne) && ne.Timeout())
 }
 
-// serveStream handles one CONNECT stream of an HBONE connection. Its
-// goroutine (the stream's handler) waits on the sockets for as long as
-// the flow is open, with this frame on its stack: the checks, policy,
-// the registry's hooks (metrics, access log), the dial and the answer
-// run deep, on a goroutine of their own (openStream), and the flow's
-// state is on the heap, so that what stays fits Go's smallest goroutine
-// stack (2 KiB, not 4).
+// serveStream handles one CONNECT stream of an HBONE connection (the
+// server's handler). Once the stream is spliced to the destination's
+// connection the handler returns: the stream is detached from its
+// goroutine (hbone.Stream.Detach), keeps its charge against the
+// connection's stream limit, and is closed when the splice ended.
 func (p *Proxy) serveStream(ctx context.Context, s *hbone.Stream) {
 	o := &inboundStream{ctx: ctx}
-	defer p.closeStream(o)
-	shallow(func() { p.openStream(s, o) })
-	if o.up != nil {
-		o.spliced = true
-		o.rec.Sent, o.rec.Received, o.end = splice(o.ctx, s, asHalf(o.up), &o.l.sent, &o.l.received)
+	p.openStream(s, o)
+	if o.up == nil {
+		p.closeStream(o)
+		return
 	}
+	o.spliced = true
+	done := s.Detach()
+	startSplice(o.ctx, s, asHalf(o.up), &o.l.sent, &o.l.received, func(sent, received int64, end error) {
+		o.rec.Sent, o.rec.Received, o.end = sent, received, end
+		p.closeStream(o)
+		done()
+	})
 }
 
 // inboundStream is a CONNECT stream's flow, as serveStream keeps it.

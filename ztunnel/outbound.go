@@ -21,21 +21,32 @@ import (
 // returns: with a FIN only after an orderly end of both directions, with a
 // reset otherwise (a refusal included).
 func (p *Proxy) HandleOutbound(ctx context.Context, conn net.Conn) {
-	// The flow's goroutine waits on its sockets as long as the flow is
-	// open, with this frame on its stack: routing, policy, the registry's
-	// hooks, the dial or the CONNECT run deep, on a goroutine of their
-	// own (openOutbound), and the flow's state is on the heap, so that
-	// what stays fits Go's smallest goroutine stack (2 KiB, not 4).
-	o := &outboundFlow{ctx: ctx, conn: conn}
-	defer p.closeOutbound(o)
-	shallow(func() { p.openOutbound(o) })
-	if o.peer != nil {
-		o.spliced = true
-		o.rec.Sent, o.rec.Received, o.end = splice(o.ctx, asHalf(conn), o.peer, &o.l.sent, &o.l.received)
-	}
+	ended := make(chan struct{})
+	p.handleOutbound(ctx, conn, func() { close(ended) })
+	<-ended
 }
 
-// outboundFlow is a captured connection's flow, as HandleOutbound keeps
+// handleOutbound is HandleOutbound without the wait: it returns once the
+// flow is spliced or failed, and calls finish once the flow ended and conn
+// is closed. A spliced flow between sockets outside Go's poller keeps no
+// goroutine while it is idle (startSplice).
+func (p *Proxy) handleOutbound(ctx context.Context, conn net.Conn, finish func()) {
+	o := &outboundFlow{ctx: ctx, conn: conn}
+	p.openOutbound(o)
+	if o.peer == nil {
+		p.closeOutbound(o)
+		finish()
+		return
+	}
+	o.spliced = true
+	startSplice(o.ctx, asHalf(conn), o.peer, &o.l.sent, &o.l.received, func(sent, received int64, end error) {
+		o.rec.Sent, o.rec.Received, o.end = sent, received, end
+		p.closeOutbound(o)
+		finish()
+	})
+}
+
+// outboundFlow is a captured connection's flow, as handleOutbound keeps
 // it.
 type outboundFlow struct {
 	ctx     context.Context // the flow's, once registered

@@ -22,9 +22,24 @@ type halfConn interface {
 }
 
 // splice copies a→b and b→a until both directions ended, then closes a
-// and b. a is the flow's downstream end (the client's connection, or the
-// HBONE stream at the destination), b its upstream end (the connection
-// the ztunnel dialled, or the HBONE stream at the source).
+// and b, as startSplice does, and returns what startSplice's done gets.
+func splice(ctx context.Context, a, b halfConn, abN, baN *atomic.Int64) (ab, ba int64, err error) {
+	ended := make(chan struct{})
+	startSplice(ctx, a, b, abN, baN, func(x, y int64, e error) {
+		ab, ba, err = x, y, e
+		close(ended)
+	})
+	<-ended
+	return ab, ba, err
+}
+
+// startSplice starts copying a→b and b→a and returns; once both
+// directions ended and a and b are closed, done gets the bytes copied each
+// way and the abort's cause: nil after an orderly end, an *endError naming
+// the end that broke, or ctx's error. a is the flow's downstream end (the
+// client's connection, or the HBONE stream at the destination), b its
+// upstream end (the connection the ztunnel dialled, or the HBONE stream at
+// the source).
 //
 // The EOF of one end half-closes the other (CloseWrite: FIN or
 // END_STREAM); when both directions ended so, a and b are closed in order
@@ -35,39 +50,18 @@ type halfConn interface {
 // destination's connection broke (RFC 9113, section 8.5), CANCEL
 // otherwise.
 //
-// Between a stream and a socket, the calling goroutine copies the socket
-// to the stream, and the stream pushes what it receives to the socket
-// itself (hbone.Stream.PushTo): one goroutine per flow, which holds no
-// buffer while the socket is idle. Between two sockets each direction
-// has a goroutine.
-//
-// It returns the bytes copied each way and the abort's cause: nil after an
-// orderly end, an *endError naming the end that broke, or ctx's error.
-func splice(ctx context.Context, a, b halfConn, abN, baN *atomic.Int64) (ab, ba int64, err error) {
-	sp := &splicer{ctx: ctx, a: a, b: b}
-	stop := context.AfterFunc(ctx, sp.abortCtx)
-	switch {
-	case sp.push(a, b, false, abN, &sp.ab):
-		sp.ba = sp.copy(a, b, true, baN)
-	case sp.push(b, a, true, baN, &sp.ba):
-		sp.ab = sp.copy(b, a, false, abN)
-	default:
-		sp.wg.Add(1)
-		go func() {
-			defer sp.wg.Done()
-			sp.ab = sp.copy(b, a, false, abN)
-		}()
-		sp.ba = sp.copy(a, b, true, baN)
-	}
-	sp.wg.Wait()
-	if !stop() {
-		sp.once.Do(func() {}) // wait for the abort ctx started
-	}
-	if sp.cause == nil {
-		closeOrderly(a)
-		closeOrderly(b)
-	}
-	return sp.ab, sp.ba, sp.cause
+// No goroutine waits for an idle flow whose sockets are outside Go's
+// poller (rawtcp): a stream pushes what it receives to the socket itself
+// (hbone.Stream.PushTo), and a socket's reads start on a goroutine when
+// the poller finds it readable, which ends once the socket has nothing
+// more to read (asyncRead). Other readers are copied by a goroutine each
+// (copy). done runs on whichever goroutine ended the flow.
+func startSplice(ctx context.Context, a, b halfConn, abN, baN *atomic.Int64, done func(ab, ba int64, err error)) {
+	sp := &splicer{ctx: ctx, a: a, b: b, done: done}
+	sp.left.Store(2)
+	sp.stop = context.AfterFunc(ctx, sp.abortCtx)
+	sp.start(b, a, false, abN, &sp.ab)
+	sp.start(a, b, true, baN, &sp.ba)
 }
 
 // splicer is what the two directions of a splice share (one allocation).
@@ -75,10 +69,59 @@ type splicer struct {
 	ctx    context.Context
 	a, b   halfConn
 	ab, ba int64 // bytes copied a→b, b→a
-	wg     sync.WaitGroup
+	left   atomic.Int32
+	stop   func() bool // stops the abort at ctx's end
 	once   sync.Once
 	cause  error // set by the first abort
 	sink   pushSink
+	done   func(ab, ba int64, err error)
+}
+
+// start starts the direction src→dst; srcUp says whether src is the
+// upstream end. *written has the bytes copied once the direction told
+// the splice it ended (dirDone).
+func (sp *splicer) start(dst, src halfConn, srcUp bool, n *atomic.Int64, written *int64) {
+	if sp.push(src, dst, srcUp, n, written) {
+		return
+	}
+	if rw, ok := src.(readWaiter); ok {
+		if rc, err := rw.SyscallConn(); err == nil {
+			ar := &asyncRead{sp: sp, dst: dst, src: rw, rc: rc, srcUp: srcUp, n: n, written: written}
+			ar.resume = func() { go ar.run() }
+			go ar.run()
+			return
+		}
+	}
+	go func() {
+		*written = sp.copy(dst, src, srcUp, n)
+		sp.dirDone(false)
+	}()
+}
+
+// dirDone counts a direction that ended; the last one ends the splice:
+// both ends are closed in order unless the splice was aborted, and done is
+// called. onLoop says that the caller must not wait (an HBONE connection's
+// read loop): the end then runs on a goroutine of its own.
+func (sp *splicer) dirDone(onLoop bool) {
+	if sp.left.Add(-1) != 0 {
+		return
+	}
+	if onLoop {
+		go sp.finish()
+		return
+	}
+	sp.finish()
+}
+
+func (sp *splicer) finish() {
+	if !sp.stop() {
+		sp.once.Do(func() {}) // wait for the abort ctx started
+	}
+	if sp.cause == nil {
+		closeOrderly(sp.a)
+		closeOrderly(sp.b)
+	}
+	sp.done(sp.ab, sp.ba, sp.cause)
 }
 
 // copy copies src to dst (half-closing dst at src's EOF) and aborts the
@@ -99,6 +142,14 @@ func (sp *splicer) copy(dst, src halfConn, srcUp bool, n *atomic.Int64) int64 {
 	} else {
 		written, srcBroke, err = copyCounted(dst, src, n)
 	}
+	sp.endCopy(dst, src, srcUp, srcBroke, err)
+	return written
+}
+
+// endCopy ends the direction src→dst after its copy returned err: at
+// src's EOF (err nil) dst is half-closed, and a failure aborts the splice,
+// naming the end that broke.
+func (sp *splicer) endCopy(dst, src halfConn, srcUp, srcBroke bool, err error) {
 	if err == nil {
 		err = dst.CloseWrite()
 	}
@@ -109,14 +160,69 @@ func (sp *splicer) copy(dst, src halfConn, srcUp bool, n *atomic.Int64) int64 {
 			sp.abort(endBroke(dst, !srcUp, err))
 		}
 	}
-	return written
+}
+
+// readWaiter is a socket outside Go's poller that can call a function
+// when it becomes readable instead of a goroutine waiting for it:
+// *rawtcp.Conn.
+type readWaiter interface {
+	syscallConn
+	CloseWrite() error
+	// WaitRead returns false if the socket may be readable now, and
+	// otherwise keeps fn and calls it once it is (or closed).
+	WaitRead(fn func()) bool
+}
+
+// asyncRead copies a readWaiter to dst for a splice without a goroutine
+// that waits: run reads until the socket would block, then asks to be
+// resumed when it is readable again, and its goroutine ends. A read takes
+// a pooled buffer only when it finds data.
+type asyncRead struct {
+	sp      *splicer
+	dst     halfConn
+	src     readWaiter
+	rc      syscall.RawConn
+	srcUp   bool
+	n       *atomic.Int64
+	written *int64
+	resume  func()
+}
+
+func (ar *asyncRead) run() {
+	var r socketRead
+	for {
+		var readable bool
+		err := ar.rc.Control(func(fd uintptr) { readable = r.read(fd) })
+		if err == nil && !readable {
+			if ar.src.WaitRead(ar.resume) {
+				return // resumed on a goroutine of its own
+			}
+			continue
+		}
+		if err == nil && r.errno != nil {
+			err = readError(ar.src, r.errno)
+		}
+		if err != nil || r.nr == 0 {
+			r.done()
+			ar.sp.endCopy(ar.dst, ar.src, ar.srcUp, err != nil, err)
+			ar.sp.dirDone(false)
+			return
+		}
+		nw, werr := writeCounted(ar.dst, (*r.buf)[:r.nr], ar.n)
+		r.done()
+		*ar.written += int64(nw)
+		if werr != nil {
+			ar.sp.endCopy(ar.dst, ar.src, ar.srcUp, false, werr)
+			ar.sp.dirDone(false)
+			return
+		}
+	}
 }
 
 // push makes src, if it is a stream and dst a socket, push what it
 // receives to dst (half-closing dst at the stream's end, or aborting the
 // splice) and reports whether it does; srcUp says whether src is the
-// upstream end. *written has the bytes pushed once the splice's wait
-// group is done.
+// upstream end. *written has the bytes pushed once the direction ended.
 func (sp *splicer) push(src, dst halfConn, srcUp bool, n *atomic.Int64, written *int64) bool {
 	st, ok := src.(*hbone.Stream)
 	if !ok {
@@ -131,11 +237,7 @@ func (sp *splicer) push(src, dst halfConn, srcUp bool, n *atomic.Int64, written 
 		return false
 	}
 	sp.sink = pushSink{c: sc, rc: rc, n: n}
-	sp.wg.Add(1)
-	// PushTo writes what the stream queued already to the socket: deep
-	// calls (a write system call under the push) that would double the
-	// stack of the flow's goroutine for the flow's life (shallow).
-	shallow(func() { sp.pushTo(st, dst, srcUp, written) })
+	sp.pushTo(st, dst, srcUp, written)
 	return true
 }
 
@@ -147,7 +249,7 @@ func (sp *splicer) pushTo(st *hbone.Stream, dst halfConn, srcUp bool, written *i
 		dstBroke := err != nil && err == sp.sink.err
 		if err == nil {
 			if err = dst.CloseWrite(); err == nil {
-				sp.wg.Done()
+				sp.dirDone(true)
 				return
 			}
 			dstBroke = true
@@ -159,8 +261,8 @@ func (sp *splicer) pushTo(st *hbone.Stream, dst halfConn, srcUp bool, written *i
 		// done must not wait, and may run inside an abort of this very
 		// splice (which resets the stream): abort in a goroutine.
 		go func() {
-			defer sp.wg.Done()
 			sp.abort(cause)
+			sp.dirDone(false)
 		}()
 	})
 }

@@ -355,17 +355,28 @@ func (p *Proxy) Run(ctx context.Context) error {
 	type acceptor struct {
 		ln     net.Listener
 		kind   listenerKind
-		handle func(context.Context, net.Conn, *ticket)
+		handle connHandler
 	}
 	var as []acceptor
 	if p.cfg.Outbound != nil {
-		as = append(as, acceptor{p.cfg.Outbound, listenOutbound, func(ctx context.Context, c net.Conn, _ *ticket) { p.HandleOutbound(ctx, c) }})
+		// Captured connections stay outside Go's poller (rawListener),
+		// so that an idle flow holds neither a goroutine nor a record Go
+		// never frees.
+		as = append(as, acceptor{rawListener(p.cfg.Outbound), listenOutbound, func(ctx context.Context, c net.Conn, _ *ticket, done func()) {
+			p.handleOutbound(ctx, c, done)
+		}})
 	}
 	if p.cfg.HBONE != nil {
-		as = append(as, acceptor{p.cfg.HBONE, listenHBONE, p.handleHBONE})
+		as = append(as, acceptor{p.cfg.HBONE, listenHBONE, func(ctx context.Context, c net.Conn, t *ticket, done func()) {
+			p.handleHBONE(ctx, c, t)
+			done()
+		}})
 	}
 	if p.cfg.InboundPlaintext != nil {
-		as = append(as, acceptor{p.cfg.InboundPlaintext, listenInboundPlain, func(ctx context.Context, c net.Conn, _ *ticket) { p.HandleInbound(ctx, c) }})
+		as = append(as, acceptor{p.cfg.InboundPlaintext, listenInboundPlain, func(ctx context.Context, c net.Conn, _ *ticket, done func()) {
+			p.HandleInbound(ctx, c)
+			done()
+		}})
 	}
 	errc := make(chan error, len(as))
 	for _, a := range as {
@@ -391,7 +402,7 @@ func (p *Proxy) Run(ctx context.Context) error {
 // its listener's table (admitConn) before it gets a goroutine, and gives
 // its ticket back when its handler returns (HBONE: earlier, when its
 // handshake ended).
-func (p *Proxy) accept(ln net.Listener, kind listenerKind, handle func(context.Context, net.Conn, *ticket)) error {
+func (p *Proxy) accept(ln net.Listener, kind listenerKind, handle connHandler) error {
 	var delay time.Duration
 	for {
 		c, err := ln.Accept()
@@ -427,16 +438,18 @@ func (p *Proxy) accept(ln net.Listener, kind listenerKind, handle func(context.C
 	}
 }
 
-// serveConn runs an accepted connection's handler. The goroutine of a
-// flow waits under this frame for the flow's life: one deferred call
-// keeps it small.
-func (p *Proxy) serveConn(c net.Conn, t *ticket, handle func(context.Context, net.Conn, *ticket)) {
-	defer p.connDone(t)
-	handle(p.ctx, c, t)
+// connHandler serves an accepted connection that holds ticket t; it
+// calls done once the connection is closed, which may be after it
+// returned.
+type connHandler func(ctx context.Context, c net.Conn, t *ticket, done func())
+
+// serveConn runs an accepted connection's handler.
+func (p *Proxy) serveConn(c net.Conn, t *ticket, handle connHandler) {
+	handle(p.ctx, c, t, func() { p.connDone(t) })
 }
 
 // connDone gives back an accepted connection's ticket once its handler
-// returned.
+// is done with it.
 func (p *Proxy) connDone(t *ticket) {
 	defer p.wg.Done()
 	defer p.flows.Done()
@@ -607,7 +620,7 @@ func (p *Proxy) dialDest(ctx context.Context, src netip.Addr, dst netip.AddrPort
 	}
 	ctx, cancel := context.WithTimeout(ctx, p.cfg.ConnectTimeout)
 	defer cancel()
-	c, err := newDialer(p.cfg.Mark, src).DialContext(ctx, "tcp", dst.String())
+	c, err := dialTCP(ctx, p.cfg.Mark, src, dst)
 	if err != nil {
 		if errors.Is(err, context.DeadlineExceeded) {
 			return nil, FlagConnectTimeout, fmt.Errorf("ztunnel: connect to %s: %w", dst, err)

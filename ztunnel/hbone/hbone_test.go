@@ -229,3 +229,54 @@ func TestConnectionsBoundToAPodCarryOnlyThatPodsStreams(t *testing.T) {
 		t.Fatalf("%d pooled connections, want 2", n)
 	}
 }
+
+// A handler that detaches its stream returns at once; the stream keeps
+// carrying data until its done is called, which ends it as the handler's
+// return would have.
+func TestADetachedStreamOutlivesItsHandlerUntilDone(t *testing.T) {
+	dones := make(chan func(), 1)
+	returned := make(chan struct{}, 1)
+	e := newEnv(t, hbone.Tuning{}, func(_ context.Context, s *hbone.Stream) {
+		if err := s.Respond(http.StatusOK); err != nil {
+			return
+		}
+		dones <- s.Detach()
+		go func() {
+			buf := make([]byte, 1024)
+			n, _ := s.Read(buf)
+			s.Write(buf[:n])
+		}()
+		returned <- struct{}{}
+	})
+	pr, pw := io.Pipe()
+	defer pw.Close()
+	cs, err := e.pool.Connect(t.Context(), e.req(pr))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer cs.Close()
+	done := <-dones
+	<-returned
+	if _, err := pw.Write([]byte("ping")); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, 4)
+	if _, err := io.ReadFull(cs, got); err != nil || string(got) != "ping" {
+		t.Fatalf("after the handler returned, read %q (%v), want the echo of ping", got, err)
+	}
+	// The stream stays open until done: a read waits.
+	read := make(chan error, 1)
+	go func() {
+		_, err := cs.Read(got)
+		read <- err
+	}()
+	select {
+	case err := <-read:
+		t.Fatalf("before done, the read ended (%v), want it to wait", err)
+	case <-time.After(100 * time.Millisecond):
+	}
+	done()
+	if err := <-read; err == nil {
+		t.Fatal("after done, the read got data, want the stream ended")
+	}
+}

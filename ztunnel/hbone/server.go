@@ -71,10 +71,11 @@ type Server struct {
 	Tuning Tuning
 	// Handler runs in its own goroutine for every CONNECT stream that
 	// passed the protocol checks. It must call Respond, then may Read and
-	// Write; the stream is closed when Handler returns. Its context ends
-	// when the client resets the stream or the connection closes. The
-	// stream counts against Tuning.MaxConcurrentStreams until Handler
-	// returns, whatever the client does.
+	// Write; the stream is closed when Handler returns, unless Handler
+	// detached it (Stream.Detach), and then when the detached stream's
+	// done is called. Its context ends when the client resets the stream
+	// or the connection closes. The stream counts against
+	// Tuning.MaxConcurrentStreams until then, whatever the client does.
 	Handler func(ctx context.Context, s *Stream)
 	// Refused, if set, is called after the server refused a request or a
 	// connection by itself; err wraps ErrNotConnect, ErrHTTP1,
@@ -105,7 +106,8 @@ const maxPeerCtl = 1024
 
 // ServeConn serves HBONE on tc, which must have completed its handshake
 // with a configuration from ServerConfig. It returns when the connection
-// is closed, after every handler on it returned. Cancelling ctx closes the
+// is closed, after every handler on it returned (and every detached
+// stream's done was called). Cancelling ctx closes the
 // connection.
 func (s *Server) ServeConn(ctx context.Context, tc *tls.Conn) {
 	start := time.Now()

@@ -133,21 +133,47 @@ func (hc *h2conn) processClientReset(f *http2.RSTStreamFrame) bool {
 	return true
 }
 
-// runHandler runs the server's handler of st. Its goroutine waits with
-// the handler for as long as the stream is open, so its frame stays small
-// (one deferred call): the goroutine's stack holds this frame for the
-// stream's life.
+// runHandler runs the server's handler of st, then ends the stream unless
+// the handler detached it (Stream.Detach).
 func (hc *h2conn) runHandler(st *Stream) {
-	defer hc.handlerDone(st)
 	if hc.srv.Handler == nil {
 		_ = st.Respond(http.StatusServiceUnavailable)
-		return
+	} else {
+		hc.srv.Handler(st.ctx, st)
 	}
-	hc.srv.Handler(st.ctx, st)
+	hc.mu.Lock()
+	detached := st.detached
+	hc.mu.Unlock()
+	if !detached {
+		hc.handlerDone(st)
+	}
+}
+
+// Detach lets a server stream outlive its handler's goroutine, so that a
+// stream whose user waits for nothing (its data pushed to a socket, the
+// socket's read readiness watched by a poller) needs no goroutine while it
+// is idle. Once the handler called Detach, its return neither answers nor
+// closes the stream nor releases the stream's charge against
+// Tuning.MaxConcurrentStreams: done does all that, as the handler's return
+// would have, and must be called exactly once when the stream's user is
+// finished with it. The stream still counts, and ServeConn still waits for
+// done, whatever the client does. Detach must be called by the handler,
+// before it returns; on a client stream it returns a done that does
+// nothing.
+func (st *Stream) Detach() (done func()) {
+	hc := st.hc
+	if hc.srv == nil {
+		return func() {}
+	}
+	hc.mu.Lock()
+	st.detached = true
+	hc.mu.Unlock()
+	return func() { hc.handlerDone(st) }
 }
 
 // handlerDone answers a stream its handler left unanswered, closes it and
-// releases its charge once its handler returned.
+// releases its charge once its handler returned (or, detached, once the
+// stream's done was called).
 func (hc *h2conn) handlerDone(st *Stream) {
 	defer hc.wg.Done()
 	hc.mu.Lock()

@@ -77,6 +77,7 @@ type Stream struct {
 	pushBusy   bool        // a pushOut writes
 	pushEnded  bool        // done was called or is being called
 	pushFail   error       // the sink's error
+	detached   bool        // server: the handler's return does not end the stream (Detach)
 }
 
 // maybeRemoveLocked forgets st once both directions are done or it failed.

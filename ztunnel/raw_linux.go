@@ -1,0 +1,15 @@
+package ztunnel
+
+import (
+	"context"
+	"net"
+	"net/netip"
+)
+
+// rawListener returns ln.
+func rawListener(ln net.Listener) net.Listener { return ln }
+
+// dialTCP connects to dst from src with Go's dialer.
+func dialTCP(ctx context.Context, mark int, src netip.Addr, dst netip.AddrPort) (net.Conn, error) {
+	return newDialer(mark, src).DialContext(ctx, "tcp", dst.String())
+}
