@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
 	"github.com/mantlet/mantlet/events"
 	"github.com/mantlet/mantlet/ztunnel"
 )
@@ -112,4 +114,43 @@ func TestFlowLogGivesBackWhatItWasGiven(t *testing.T) {
 			t.Errorf("Follow: event %d\n%+v\nwant\n%+v", i, f, evs[i])
 		}
 	}
+}
+
+// TestTrafficGivesBackTheMemoryOf10000Flows: once 10,000 flows were
+// opened and closed, the per-flow state of the TCP metrics is back to
+// (nearly) its size before them, and every flow was counted.
+func TestTrafficGivesBackTheMemoryOf10000Flows(t *testing.T) {
+	const n = 10_000
+	tr := NewTraffic()
+	recs := make([]*ztunnel.FlowRecord, n)
+	for i := range recs {
+		recs[i] = hboneOut(uint64(i + 1))
+		recs[i].Sent = 10
+	}
+	tr.Opened(recs[0]) // the label sets exist before the measure
+	tr.Closed(recs[0])
+	var ms runtime.MemStats
+	heap := func() int64 { runtime.GC(); runtime.ReadMemStats(&ms); return int64(ms.HeapAlloc) }
+	before := heap()
+	for _, r := range recs[1:] {
+		tr.Opened(r)
+	}
+	if got := tr.OpenFlows(); got != n-1 {
+		t.Fatalf("%d open flows, want %d", got, n-1)
+	}
+	for _, r := range recs[1:] {
+		tr.Closed(r)
+	}
+	kept := heap() - before
+	t.Logf("traffic state after %d flows: %d KiB kept", n, kept>>10)
+	if kept > 64<<10 {
+		t.Errorf("the traffic metrics keep %d KiB after %d flows ended, want ≤ 64 KiB", kept>>10, n)
+	}
+	if got := tr.OpenFlows(); got != 0 {
+		t.Errorf("%d open flows after all ended", got)
+	}
+	if got := testutil.ToFloat64(tr.received); got != 10*n {
+		t.Errorf("received bytes counted: %v, want %d", got, 10*n)
+	}
+	runtime.KeepAlive(recs)
 }

@@ -5,6 +5,8 @@ import (
 	"net/netip"
 	"sync"
 	"time"
+
+	"github.com/mantlet/mantlet/internal/shrink"
 )
 
 // Admission of accepted connections
@@ -78,6 +80,7 @@ type admission struct {
 	mu   sync.Mutex
 	n    int
 	srcs map[netip.Addr]*source // at most n entries
+	peak shrink.Peak            // of srcs, so that a flood's memory is given back
 	// byWeight[k] lists the sources holding k tickets (evict only); top is
 	// the largest k whose list is not empty.
 	byWeight []*source
@@ -213,7 +216,7 @@ func (a *admission) removeLocked(t *ticket, st ticketState) {
 	a.n--
 	a.reweighLocked(s, s.n-1)
 	if s.n == 0 {
-		delete(a.srcs, s.key)
+		shrink.Delete(&a.srcs, s.key, &a.peak)
 	}
 }
 
