@@ -93,8 +93,10 @@ func newAdmission(max, perSource int, evict bool) *admission {
 	if perSource <= 0 || perSource > max {
 		perSource = max
 	}
-	a := &admission{max: max, perSource: perSource, evict: evict,
-		srcs: make(map[netip.Addr]*source, min(max, 1024))}
+	// srcs grows as sources come, and shrinks once they left: an agent
+	// that is not flooded keeps a few entries, not the 80 KB of a map
+	// made for 1,024 (three tables).
+	a := &admission{max: max, perSource: perSource, evict: evict, srcs: map[netip.Addr]*source{}}
 	if evict {
 		a.byWeight = make([]*source, a.perSource+1)
 	}
