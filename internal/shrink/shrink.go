@@ -31,11 +31,11 @@ type Peak struct {
 func Delete[M ~map[K]V, K comparable, V any](m *M, k K, p *Peak) {
 	p.n = max(p.n, len(*m))
 	delete(*m, k)
-	min := p.Min
-	if min <= 0 {
-		min = DefaultMin
+	from := p.Min
+	if from <= 0 {
+		from = DefaultMin
 	}
-	if p.n < min || len(*m) > p.n/4 {
+	if p.n < from || len(*m) > p.n/4 {
 		return
 	}
 	c := make(M, len(*m))
