@@ -118,9 +118,10 @@ const MaxFollowers = 32
 // ring size and MaxFollowers × the followers' buffers.
 type FlowLog struct {
 	mu sync.Mutex
-	// ring holds the events; it grows to size as events come (an agent
-	// that saw few flows holds few), then the oldest is overwritten.
-	ring      []events.Flow
+	// ring holds the events, compacted; it grows to size as events come
+	// (an agent that saw few flows holds few), then the oldest is
+	// overwritten.
+	ring      []ringFlow
 	size      int
 	next      int // where the next event goes: len(ring) until it is full
 	total     uint64
@@ -137,18 +138,19 @@ func NewFlowLog(size int) *FlowLog {
 
 // Add records ev and hands it to the followers whose filter it passes.
 func (l *FlowLog) Add(ev events.Flow) {
+	r := compact(&ev)
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if n := len(l.ring); n < l.size {
 		if n == cap(l.ring) {
-			grown := make([]events.Flow, n, min(max(2*n, 16), l.size))
+			grown := make([]ringFlow, n, min(max(2*n, 16), l.size))
 			copy(grown, l.ring)
 			l.ring = grown
 		}
-		l.ring = append(l.ring, ev)
+		l.ring = append(l.ring, r)
 		l.next = len(l.ring) % l.size
 	} else {
-		l.ring[l.next] = ev
+		l.ring[l.next] = r
 		l.next = (l.next + 1) % l.size
 	}
 	l.total++
@@ -172,11 +174,11 @@ func (l *FlowLog) Recent(f FlowFilter, limit int) []events.Flow {
 	n := len(l.ring)
 	var out []events.Flow
 	for i := 1; i <= n; i++ { // newest first
-		ev := &l.ring[(l.next-i+len(l.ring))%len(l.ring)]
-		if !f.Match(ev) {
+		ev := l.ring[(l.next-i+len(l.ring))%len(l.ring)].flow()
+		if !f.Match(&ev) {
 			continue
 		}
-		out = append(out, *ev)
+		out = append(out, ev)
 		if limit > 0 && len(out) == limit {
 			break
 		}

@@ -6,6 +6,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
+	"github.com/mantlet/mantlet/internal/shrink"
 	"github.com/mantlet/mantlet/internal/workload"
 	"github.com/mantlet/mantlet/ztunnel"
 )
@@ -59,12 +60,8 @@ type Traffic struct {
 
 	mu   sync.Mutex
 	open map[uint64]*flowCounters // by the registry's flow id
-	peak int                      // the most open held since it was made
+	peak shrink.Peak              // the most open held, so that it gives them back
 }
-
-// shrinkFrom is the size from which open is made anew once it holds an
-// eighth of its peak: a Go map keeps the memory of the most it held.
-const shrinkFrom = 1024
 
 // flowCounters is what Traffic remembers of one open flow: the counters
 // of its label sets (one per reporter) and how many bytes it has counted.
@@ -128,7 +125,6 @@ func (t *Traffic) openLocked(id uint64, e flowEnds) *flowCounters {
 	}
 	if id != 0 {
 		t.open[id] = fc
-		t.peak = max(t.peak, len(t.open))
 	}
 	return fc
 }
@@ -152,14 +148,7 @@ func (t *Traffic) Closed(r *ztunnel.FlowRecord) {
 	e := recordEnds(r)
 	t.mu.Lock()
 	fc := t.openLocked(r.ID, e)
-	delete(t.open, r.ID)
-	if t.peak >= shrinkFrom && len(t.open) <= t.peak/8 {
-		m := make(map[uint64]*flowCounters, len(t.open))
-		for id, fc := range t.open {
-			m[id] = fc
-		}
-		t.open, t.peak = m, len(m)
-	}
+	shrink.Delete(&t.open, r.ID, &t.peak)
 	t.mu.Unlock()
 	fc.add(r.Sent, r.Received)
 	for _, lv := range e.labelSets(r.Flag) {

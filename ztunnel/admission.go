@@ -5,6 +5,8 @@ import (
 	"net/netip"
 	"sync"
 	"time"
+
+	"github.com/mantlet/mantlet/internal/shrink"
 )
 
 // Admission of accepted connections
@@ -78,6 +80,7 @@ type admission struct {
 	mu   sync.Mutex
 	n    int
 	srcs map[netip.Addr]*source // at most n entries
+	peak shrink.Peak            // of srcs, so that a flood's memory is given back
 	// byWeight[k] lists the sources holding k tickets (evict only); top is
 	// the largest k whose list is not empty.
 	byWeight []*source
@@ -90,8 +93,10 @@ func newAdmission(max, perSource int, evict bool) *admission {
 	if perSource <= 0 || perSource > max {
 		perSource = max
 	}
-	a := &admission{max: max, perSource: perSource, evict: evict,
-		srcs: make(map[netip.Addr]*source, min(max, 1024))}
+	// srcs grows as sources come, and shrinks once they left: an agent
+	// that is not flooded keeps a few entries, not the 80 KB of a map
+	// made for 1,024 (three tables).
+	a := &admission{max: max, perSource: perSource, evict: evict, srcs: map[netip.Addr]*source{}}
 	if evict {
 		a.byWeight = make([]*source, a.perSource+1)
 	}
@@ -213,7 +218,7 @@ func (a *admission) removeLocked(t *ticket, st ticketState) {
 	a.n--
 	a.reweighLocked(s, s.n-1)
 	if s.n == 0 {
-		delete(a.srcs, s.key)
+		shrink.Delete(&a.srcs, s.key, &a.peak)
 	}
 }
 

@@ -8,6 +8,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/mantlet/mantlet/internal/shrink"
 	"github.com/mantlet/mantlet/internal/workload"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
@@ -160,20 +161,22 @@ type flowTable struct {
 	shards [flowShards]struct {
 		mu   sync.Mutex
 		m    map[uint64]*LiveFlow
-		peak int      // the most flows m held since it was made
-		_    [32]byte // keep shards on separate cache lines
+		peak shrink.Peak // the most flows m held, so that it gives them back
+		_    [32]byte    // keep shards on separate cache lines
 	}
 }
 
-// shrinkFrom is the size from which a shard's map is made anew once it
-// holds an eighth of its peak: a Go map keeps the memory of the most it
-// held (10,000 flows leave about 0.5 MB of empty tables behind).
+// shrinkFrom is the peak of a shard from which its map is made anew once
+// it holds a quarter of that: a Go map keeps the memory of the most it
+// held (10,000 flows leave about 0.5 MB of empty tables behind), and a
+// shard holds a 32nd of the flows.
 const shrinkFrom = 64
 
 func newFlowTable(max int) *flowTable {
 	t := &flowTable{max: int64(max)}
 	for i := range t.shards {
 		t.shards[i].m = make(map[uint64]*LiveFlow)
+		t.shards[i].peak.Min = shrinkFrom
 	}
 	return t
 }
@@ -188,7 +191,6 @@ func (t *flowTable) add(l *LiveFlow) bool {
 	s := &t.shards[l.id%flowShards]
 	s.mu.Lock()
 	s.m[l.id] = l
-	s.peak = max(s.peak, len(s.m))
 	s.mu.Unlock()
 	return true
 }
@@ -196,14 +198,7 @@ func (t *flowTable) add(l *LiveFlow) bool {
 func (t *flowTable) remove(l *LiveFlow) {
 	s := &t.shards[l.id%flowShards]
 	s.mu.Lock()
-	delete(s.m, l.id)
-	if s.peak >= shrinkFrom && len(s.m) <= s.peak/8 {
-		m := make(map[uint64]*LiveFlow, len(s.m))
-		for id, l := range s.m {
-			m[id] = l
-		}
-		s.m, s.peak = m, len(m)
-	}
+	shrink.Delete(&s.m, l.id, &s.peak)
 	s.mu.Unlock()
 	t.n.Add(-1)
 }

@@ -13,6 +13,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/mantlet/mantlet/internal/shrink"
+
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
 )
@@ -82,7 +84,8 @@ type h2conn struct {
 	wclosing       bool  // the writer closes the connection once idle
 	wbusy          bool  // the writer or a stream's user (directLocked) writes
 	streams        map[uint32]*Stream
-	lastStreamID   uint32 // server: the client's highest stream ID
+	streamsPeak    shrink.Peak // of streams, so that it gives back a burst's memory
+	lastStreamID   uint32      // server: the client's highest stream ID
 	connSendWindow int64
 	peerInitWindow int64
 	peerMaxFrame   int
@@ -109,6 +112,7 @@ func newConn(t Tuning, log *slog.Logger, nc net.Conn, info *Conn) *h2conn {
 		info:           info,
 		fw:             frameWriter{w: nc},
 		streams:        make(map[uint32]*Stream),
+		streamsPeak:    shrink.Peak{Min: streamsShrinkFrom},
 		connSendWindow: 65535,
 		peerInitWindow: 65535,
 		peerMaxFrame:   16384,

@@ -12,6 +12,8 @@ import (
 	"sync"
 	"time"
 
+	"github.com/mantlet/mantlet/internal/shrink"
+
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"golang.org/x/net/http2"
 )
@@ -92,6 +94,7 @@ type Server struct {
 
 	mu       sync.Mutex
 	conns    map[*h2conn]struct{}
+	peak     shrink.Peak // of conns, so that it gives back a burst's memory
 	shutdown bool
 }
 
@@ -166,7 +169,7 @@ func (s *Server) ServeConn(ctx context.Context, tc *tls.Conn) {
 	s.mu.Unlock()
 	defer func() {
 		s.mu.Lock()
-		delete(s.conns, hc)
+		shrink.Delete(&s.conns, hc, &s.peak)
 		s.mu.Unlock()
 	}()
 

@@ -9,6 +9,8 @@ import (
 	"net/netip"
 	"sync"
 
+	"github.com/mantlet/mantlet/internal/shrink"
+
 	"golang.org/x/net/http2"
 )
 
@@ -80,6 +82,12 @@ type Stream struct {
 	detached   bool        // server: the handler's return does not end the stream (Detach)
 }
 
+// streamsShrinkFrom is the peak from which a connection's stream map is
+// made anew once it holds a quarter of that: a server connection may
+// carry 1,000 streams (Tuning.MaxConcurrentStreams), ~40 KB of map that
+// would otherwise stay as long as the connection.
+const streamsShrinkFrom = 256
+
 // maybeRemoveLocked forgets st once both directions are done or it failed.
 // On the server the handler's charge stays until it returns
 // (handlerDone); on the client its place on the connection is free.
@@ -88,7 +96,7 @@ func (hc *h2conn) maybeRemoveLocked(st *Stream) {
 		return
 	}
 	st.removed = true
-	delete(hc.streams, st.id)
+	shrink.Delete(&hc.streams, st.id, &hc.streamsPeak)
 	if hc.srv == nil {
 		hc.streamEndedLocked()
 	}
