@@ -121,15 +121,11 @@ func dial(ctx context.Context, dst netip.AddrPort, src netip.Addr, mark int) (*C
 	if err := setup(fd, src, mark, v4); err != nil {
 		return nil, err
 	}
-	for {
-		err = unix.Connect(fd, sockaddr(dst))
-		if err != unix.EINTR {
-			break
-		}
+	err = unix.Connect(fd, sockaddr(dst))
+	if err == unix.EINTR {
 		// Interrupted: the connect goes on in the background (as for
 		// EINPROGRESS); calling connect again would say EALREADY.
 		err = unix.EINPROGRESS
-		break
 	}
 	switch err {
 	case nil, unix.EINPROGRESS, unix.EALREADY:
