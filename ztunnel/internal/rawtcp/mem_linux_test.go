@@ -179,7 +179,12 @@ func TestMemoryIsReturnedAfterClose(t *testing.T) {
 	if netOther < 100 {
 		t.Errorf("Go's net package kept %.1f B/socket of other_sys: the measurement no longer sees the poller's records", netOther)
 	}
-	if rawOther > 8 {
+	// other_sys moves by a few hundred KB whatever the sockets do: GC
+	// metadata grows with the heap's peak, and the runtime's "other" class
+	// (trace buffers, finalizer and profiling specials) swings both ways;
+	// seen from -260 KB to +350 KB, i.e. -26 to +35 B/socket here. The
+	// bound sits between that and the poller's ~560 B/socket.
+	if rawOther > 100 {
 		t.Errorf("rawtcp kept %.1f B/socket of other_sys after close, want ~0", rawOther)
 	}
 	if heap := perConn(raw.HeapAfter, raw.HeapBefore, raw.Conns); heap > 8 {

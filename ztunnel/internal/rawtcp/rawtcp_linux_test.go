@@ -197,9 +197,10 @@ func TestDeadlines(t *testing.T) {
 	if err := client.SetWriteDeadline(time.Now().Add(50 * time.Millisecond)); err != nil {
 		t.Fatal(err)
 	}
+	// (On a loaded machine the deadline may pass before the first byte.)
 	n, err := client.Write(make([]byte, 64<<20))
-	if !errors.Is(err, os.ErrDeadlineExceeded) || n == 0 || n == 64<<20 {
-		t.Fatalf("Write into a full buffer past its deadline = %d, %v; want part written and a timeout", n, err)
+	if !errors.Is(err, os.ErrDeadlineExceeded) || n == 64<<20 {
+		t.Fatalf("Write into a full buffer past its deadline = %d, %v; want a timeout", n, err)
 	}
 }
 
