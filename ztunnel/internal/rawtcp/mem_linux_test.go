@@ -309,3 +309,58 @@ func TestAllocsPerAcceptAndClose(t *testing.T) {
 		t.Errorf("Accept+Close allocates %.1f times, want <= 12", allocs)
 	}
 }
+
+// BenchmarkPingPong measures one round trip of a byte over an open
+// connection whose both ends block in Read: the cost of a wait on this
+// package's poller (raw) against Go's own (net).
+func BenchmarkPingPong(b *testing.B) {
+	b.Run("raw", func(b *testing.B) {
+		client, server := pair(b, listen(b))
+		pingPong(b, client, server)
+	})
+	b.Run("net", func(b *testing.B) {
+		ln := listen(b)
+		accepted := make(chan net.Conn, 1)
+		go func() {
+			c, err := ln.Accept()
+			if err == nil {
+				accepted <- c
+			}
+			close(accepted)
+		}()
+		client, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			b.Fatal(err)
+		}
+		server := <-accepted
+		if server == nil {
+			b.Fatal("accept failed")
+		}
+		b.Cleanup(func() { client.Close(); server.Close() })
+		pingPong(b, client, server)
+	})
+}
+
+func pingPong(b *testing.B, client, server net.Conn) {
+	go func() {
+		buf := make([]byte, 1)
+		for {
+			if _, err := server.Read(buf); err != nil {
+				return
+			}
+			if _, err := server.Write(buf); err != nil {
+				return
+			}
+		}
+	}()
+	buf := make([]byte, 1)
+	b.ReportAllocs()
+	for b.Loop() {
+		if _, err := client.Write(buf); err != nil {
+			b.Fatal(err)
+		}
+		if _, err := client.Read(buf); err != nil {
+			b.Fatal(err)
+		}
+	}
+}

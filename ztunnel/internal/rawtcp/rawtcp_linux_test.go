@@ -324,6 +324,14 @@ func TestDialSetsMarkAndTransparentSource(t *testing.T) {
 	if merr != nil || mark != 0x539 {
 		t.Errorf("SO_MARK = %#x, %v; want 0x539", mark, merr)
 	}
+	var keepAlive, idle int
+	rc.Control(func(fd uintptr) {
+		keepAlive, _ = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_KEEPALIVE)
+		idle, _ = unix.GetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_KEEPIDLE)
+	})
+	if keepAlive != 1 || idle != 15 {
+		t.Errorf("SO_KEEPALIVE %d, TCP_KEEPIDLE %d; want 1, 15 (net.Dialer's defaults)", keepAlive, idle)
+	}
 }
 
 func TestAcceptAfterListenerCloseSaysClosed(t *testing.T) {
