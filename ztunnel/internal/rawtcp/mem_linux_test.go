@@ -55,6 +55,13 @@ func memChild(mode string) int {
 }
 
 func measure(mode string) error {
+	var lim unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &lim); err != nil {
+		return fmt.Errorf("get open file limit: %w", err)
+	}
+	if need := uint64(2*memPairs + 100); lim.Cur < need { // Go raised it to the hard limit
+		return fmt.Errorf("open file limit %d, the test needs %d: raise the hard limit (ulimit -Hn)", lim.Cur, need)
+	}
 	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1)})
 	if err != nil {
 		return err
