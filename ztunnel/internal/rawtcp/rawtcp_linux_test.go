@@ -197,9 +197,10 @@ func TestDeadlines(t *testing.T) {
 	if err := client.SetWriteDeadline(time.Now().Add(50 * time.Millisecond)); err != nil {
 		t.Fatal(err)
 	}
+	// (On a loaded machine the deadline may pass before the first byte.)
 	n, err := client.Write(make([]byte, 64<<20))
-	if !errors.Is(err, os.ErrDeadlineExceeded) || n == 0 || n == 64<<20 {
-		t.Fatalf("Write into a full buffer past its deadline = %d, %v; want part written and a timeout", n, err)
+	if !errors.Is(err, os.ErrDeadlineExceeded) || n == 64<<20 {
+		t.Fatalf("Write into a full buffer past its deadline = %d, %v; want a timeout", n, err)
 	}
 }
 
@@ -322,6 +323,14 @@ func TestDialSetsMarkAndTransparentSource(t *testing.T) {
 	rc.Control(func(fd uintptr) { mark, merr = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK) })
 	if merr != nil || mark != 0x539 {
 		t.Errorf("SO_MARK = %#x, %v; want 0x539", mark, merr)
+	}
+	var keepAlive, idle int
+	rc.Control(func(fd uintptr) {
+		keepAlive, _ = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_KEEPALIVE)
+		idle, _ = unix.GetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_KEEPIDLE)
+	})
+	if keepAlive != 1 || idle != 15 {
+		t.Errorf("SO_KEEPALIVE %d, TCP_KEEPIDLE %d; want 1, 15 (net.Dialer's defaults)", keepAlive, idle)
 	}
 }
 
