@@ -3,6 +3,7 @@ package node
 import (
 	"context"
 	"log/slog"
+	"runtime"
 	"runtime/debug"
 	"runtime/metrics"
 	"time"
@@ -113,12 +114,17 @@ func heapMapped() uint64 {
 }
 
 // release collects and gives the free heap back to the operating system
-// at once (one full collection), takes the executable's pages out of the
+// at once (two full collections), takes the executable's pages out of the
 // resident set (dropBinaryPages), and says why at debug level, with
 // attrs.
 func release(log *slog.Logger, why string, attrs ...any) {
 	before := heapMapped()
 	start := time.Now()
+	// Two collections: what sync.Pools hold (pooled buffers, TLS and
+	// HTTP/2 state) survives one collection as the pools' victims, and
+	// would keep their spans in use until the next, which an idle agent
+	// may not run for minutes.
+	runtime.GC()
 	debug.FreeOSMemory()
 	spanned, err := dropBinaryPages()
 	if err != nil {

@@ -22,6 +22,7 @@ import (
 	"github.com/mantlet/mantlet/internal/workload"
 	"github.com/mantlet/mantlet/ztunnel"
 	"github.com/mantlet/mantlet/ztunnel/hbone"
+	"github.com/mantlet/mantlet/ztunnel/internal/rawtcp"
 	"github.com/mantlet/mantlet/ztunnel/internal/ztest"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
@@ -346,16 +347,18 @@ func (o *origMap) take(client netip.AddrPort) (netip.AddrPort, bool) {
 	}
 }
 
+// Accept accepts as the agent does: a socket outside Go's poller
+// (rawtcp).
 func (l *origDstListener) Accept() (net.Conn, error) {
-	c, err := l.Listener.Accept()
+	c, err := rawtcp.Accept(l.Listener.(*net.TCPListener))
 	if err != nil {
 		return nil, err
 	}
-	return &origDstConn{TCPConn: c.(*net.TCPConn), orig: l.orig}, nil
+	return &origDstConn{Conn: c, orig: l.orig}, nil
 }
 
 type origDstConn struct {
-	*net.TCPConn
+	*rawtcp.Conn
 	orig *origMap
 	once sync.Once
 	dst  net.Addr
@@ -363,7 +366,7 @@ type origDstConn struct {
 
 func (c *origDstConn) LocalAddr() net.Addr {
 	c.once.Do(func() {
-		c.dst = c.TCPConn.LocalAddr()
+		c.dst = c.Conn.LocalAddr()
 		if dst, ok := c.orig.take(c.RemoteAddr().(*net.TCPAddr).AddrPort()); ok {
 			c.dst = net.TCPAddrFromAddrPort(dst)
 		}

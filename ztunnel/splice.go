@@ -87,8 +87,8 @@ func (sp *splicer) start(dst, src halfConn, srcUp bool, n *atomic.Int64, written
 	if rw, ok := src.(readWaiter); ok {
 		if rc, err := rw.SyscallConn(); err == nil {
 			ar := &asyncRead{sp: sp, dst: dst, src: rw, rc: rc, srcUp: srcUp, n: n, written: written}
-			ar.resume = func() { go ar.run() }
-			go ar.run()
+			ar.resume = func() { tasks.submit(ar) }
+			tasks.submit(ar)
 			return
 		}
 	}
@@ -107,10 +107,16 @@ func (sp *splicer) dirDone(onLoop bool) {
 		return
 	}
 	if onLoop {
-		go sp.finish()
+		tasks.submit(sp)
 		return
 	}
 	sp.finish()
+}
+
+// run ends the splice as a task of the runner (dirDone).
+func (sp *splicer) run() bool {
+	sp.finish()
+	return true
 }
 
 func (sp *splicer) finish() {
@@ -174,9 +180,12 @@ type readWaiter interface {
 }
 
 // asyncRead copies a readWaiter to dst for a splice without a goroutine
-// that waits: run reads until the socket would block, then asks to be
-// resumed when it is readable again, and its goroutine ends. A read takes
-// a pooled buffer only when it finds data.
+// that waits: it runs as a task of the runner, reads until the socket
+// would block, then asks to be resumed (submitted again) when the socket
+// is readable, and returns. A read takes a pooled buffer only when it
+// finds data. Before it writes what it read, which may wait for the peer,
+// it leaves the runner, and its goroutine ends once the socket has
+// nothing more to read.
 type asyncRead struct {
 	sp      *splicer
 	dst     halfConn
@@ -188,14 +197,15 @@ type asyncRead struct {
 	resume  func()
 }
 
-func (ar *asyncRead) run() {
+func (ar *asyncRead) run() (worker bool) {
 	var r socketRead
+	worker = true
 	for {
 		var readable bool
 		err := ar.rc.Control(func(fd uintptr) { readable = r.read(fd) })
 		if err == nil && !readable {
 			if ar.src.WaitRead(ar.resume) {
-				return // resumed on a goroutine of its own
+				return worker // resumed as a task again
 			}
 			continue
 		}
@@ -203,10 +213,16 @@ func (ar *asyncRead) run() {
 			err = readError(ar.src, r.errno)
 		}
 		if err != nil || r.nr == 0 {
+			// The end: dst is half-closed or both ends reset, neither of
+			// which waits.
 			r.done()
 			ar.sp.endCopy(ar.dst, ar.src, ar.srcUp, err != nil, err)
 			ar.sp.dirDone(false)
-			return
+			return worker
+		}
+		if worker {
+			tasks.leave()
+			worker = false
 		}
 		nw, werr := writeCounted(ar.dst, (*r.buf)[:r.nr], ar.n)
 		r.done()
@@ -214,7 +230,7 @@ func (ar *asyncRead) run() {
 		if werr != nil {
 			ar.sp.endCopy(ar.dst, ar.src, ar.srcUp, false, werr)
 			ar.sp.dirDone(false)
-			return
+			return worker
 		}
 	}
 }

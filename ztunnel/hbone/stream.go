@@ -299,19 +299,13 @@ func (st *Stream) CloseWrite() error {
 	}
 	st.sentEnd = true
 	hc.maybeRemoveLocked(st)
-	if !hc.directLocked() {
-		st.wantEnd = true
-		hc.readyLocked(st)
-		return nil
-	}
-	hc.mu.Unlock()
-	err := hc.writeData(st.id, nil, true)
-	if err == nil {
-		err = hc.flushDirect()
-	}
-	hc.mu.Lock()
-	hc.endDirectLocked(err)
-	return err
+	// The connection's writer sends END_STREAM: CloseWrite never waits
+	// for the connection's socket, so that the goroutines that end
+	// flows (a bounded set, ztunnel's runner) cannot be held by a peer
+	// that stopped reading.
+	st.wantEnd = true
+	hc.readyLocked(st)
+	return nil
 }
 
 // Close ends the stream; if either direction is still open, the stream is
