@@ -49,6 +49,24 @@ type Conn struct {
 	idx        int32
 	gen        uint32
 	registered bool
+	noRead     bool // the read side is not watched (SetReadInterest)
+}
+
+// SetReadInterest stops (false) or starts again (true) the poller's watch
+// of the socket's read side; writes are watched either way. A caller that
+// reads the socket through another descriptor in Go's poller for a while
+// (a busy flow) thus saves rawtcp's poller a wake-up per packet. Turned
+// on again, a readiness that came meanwhile is reported as an event.
+func (c *Conn) SetReadInterest(on bool) error {
+	if !c.incref() {
+		return c.opError("set", net.ErrClosed)
+	}
+	defer c.decref()
+	p, err := getPoller()
+	if err != nil {
+		return err
+	}
+	return p.setReadInterest(c, on)
 }
 
 // newConn registers the connected socket fd with the poller. On failure it
