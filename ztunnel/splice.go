@@ -68,15 +68,15 @@ func startSplice(ctx context.Context, a, b halfConn, abN, baN *atomic.Int64, don
 
 // splicer is what the two directions of a splice share (one allocation).
 type splicer struct {
-	ctx    context.Context
-	a, b   halfConn
-	ab, ba int64 // bytes copied a→b, b→a
-	left   atomic.Int32
-	stop   func() bool // stops the abort at ctx's end
-	once   sync.Once
-	cause  error // set by the first abort
-	sink   pushSink
-	done   func(ab, ba int64, err error)
+	ctx     context.Context
+	a, b    halfConn
+	ab, ba  int64 // bytes copied a→b, b→a
+	left    atomic.Int32
+	stop    func() bool // stops the abort at ctx's end
+	once    sync.Once
+	cause   error // set by the first abort
+	sink    pushSink
+	done    func(ab, ba int64, err error)
 	rmu     sync.Mutex
 	readers []*asyncRead // the directions read by asyncRead
 	aborted bool         // abort closed the readers' busy descriptors
