@@ -218,7 +218,7 @@ func (m *Manager) startDue(ctx context.Context, wg *sync.WaitGroup) time.Time {
 	if !m.bundleFetching {
 		if !now.Before(m.bundleNext) {
 			m.bundleFetching = true
-			wg.Go(func() { m.refreshBundle(ctx) })
+			wg.Go(func() { m.refreshBundle(ctx, now) })
 		} else if m.bundleNext.Before(next) {
 			next = m.bundleNext
 		}
@@ -643,8 +643,11 @@ func Fingerprint(c *x509.Certificate) string {
 	return hex.EncodeToString(sum[:])
 }
 
-// refreshBundle is Run's periodic bundle fetch.
-func (m *Manager) refreshBundle(ctx context.Context) {
+// refreshBundle is Run's periodic bundle fetch, started at start: the next
+// one is due a period after that start, not after this fetch ended, so
+// that a slow fetch does not stretch the period (nor a clock that moved
+// while it ran).
+func (m *Manager) refreshBundle(ctx context.Context, start time.Time) {
 	ctx, cancel := context.WithTimeout(ctx, m.opts.FetchTimeout)
 	defer cancel()
 	_, err := m.fetchBundle(ctx)
@@ -658,7 +661,7 @@ func (m *Manager) refreshBundle(ctx context.Context) {
 		m.bundleFailures++
 		next = min(m.backoff(m.bundleFailures), m.opts.BundleRefresh)
 	}
-	m.bundleNext = m.clock.Now().Add(next)
+	m.bundleNext = start.Add(next)
 	m.mu.Unlock()
 	m.wake()
 	if err != nil && ctx.Err() == nil {
