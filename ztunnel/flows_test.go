@@ -548,3 +548,50 @@ func ztunnelGoroutines() (n int, sample string) {
 	}
 	return n, sample
 }
+
+// A flow that moves data keeps a goroutine that waits for its socket
+// while it is busy (no task to start per chunk), and gives it up once it
+// moved nothing for a while; it keeps working either way.
+func TestABusyFlowKeepsItsReaderOnlyWhileBusy(t *testing.T) {
+	m := newMesh(t, meshOpts{})
+	c := m.mustDial(ipA1, m.appAddr(ipB1))
+	defer c.Close()
+	echo := func() {
+		t.Helper()
+		if _, err := c.Write([]byte("x")); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := io.ReadFull(c, make([]byte, 1)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for range 200 {
+		echo()
+	}
+	if n := busyReaders(); n != 2 {
+		t.Fatalf("%d busy readers after 200 round trips, want 2 (one per ztunnel)", n)
+	}
+	// Idle: the readers give up their goroutines (after 5 s without data).
+	deadline := time.Now().Add(20 * time.Second)
+	for busyReaders() != 0 {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d busy readers %v after the flow went idle, want none", busyReaders(), 20*time.Second)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	echo()
+	if err := c.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	if b, err := io.ReadAll(c); err != nil || len(b) != 0 {
+		t.Fatalf("after CloseWrite: read %q, %v; want the app's orderly end", b, err)
+	}
+}
+
+// busyReaders counts the goroutines of flows waiting for their socket
+// while busy (asyncRead.waitReadable).
+func busyReaders() int {
+	buf := make([]byte, 16<<20)
+	buf = buf[:runtime.Stack(buf, true)]
+	return strings.Count(string(buf), "ztunnel.(*asyncRead).waitReadable")
+}

@@ -224,7 +224,7 @@ const (
 	stickyAfter = 64
 	// stickyIdle is how long a busy flow keeps its goroutine without
 	// data before it waits without one again.
-	stickyIdle = 5 * time.Second
+	stickyIdle = 2 * time.Second
 )
 
 func (ar *asyncRead) run() (worker bool) {

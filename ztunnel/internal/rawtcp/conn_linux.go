@@ -223,25 +223,13 @@ func (c *Conn) Read(b []byte) (int, error) {
 	}
 	defer c.decref()
 	for {
-		if err := c.check(&c.r); err != nil {
+		n, err := c.readOnce(b)
+		if err != ErrWouldBlock {
+			return n, err
+		}
+		if err := c.wait(&c.r, nil); err != nil {
 			return 0, c.opError("read", err)
 		}
-		n, err := unix.Read(c.fd, b)
-		switch err {
-		case nil:
-			if n == 0 && len(b) > 0 {
-				return 0, io.EOF
-			}
-			return n, nil
-		case unix.EINTR:
-			continue
-		case unix.EAGAIN:
-			if err := c.wait(&c.r, nil); err != nil {
-				return 0, c.opError("read", err)
-			}
-			continue
-		}
-		return 0, c.opError("read", os.NewSyscallError("read", err))
 	}
 }
 
@@ -269,6 +257,12 @@ func (c *Conn) TryRead(b []byte) (int, error) {
 		return 0, c.opError("read", net.ErrClosed)
 	}
 	defer c.decref()
+	return c.readOnce(b)
+}
+
+// readOnce reads once what the socket holds, holding a reference:
+// ErrWouldBlock when it holds nothing yet.
+func (c *Conn) readOnce(b []byte) (int, error) {
 	if err := c.check(&c.r); err != nil {
 		return 0, c.opError("read", err)
 	}
