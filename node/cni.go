@@ -229,11 +229,49 @@ func (e *cniEnroller) Del(_ context.Context, r *cni.Request) error {
 	return nil
 }
 
+// cniInstall is whether the plugin is chained in the node's network, as
+// the last check of runCNIInstall found: until it is, the agent is not
+// ready, since a new meshed pod could start before it is enrolled.
+type cniInstall struct {
+	mu     sync.Mutex
+	done   bool
+	reason string
+}
+
+func (c *cniInstall) set(err error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.done, c.reason = err == nil, ""
+	if err != nil {
+		c.reason = err.Error()
+	}
+}
+
+// ready is a readiness check (agent.Config.Ready); nil c is ready.
+func (c *cniInstall) ready() (bool, string) {
+	if c == nil {
+		return true, ""
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	switch {
+	case c.done:
+		return true, ""
+	case c.reason == "":
+		return false, "the CNI plugin is not chained in the node's network yet"
+	}
+	return false, "the CNI plugin is not chained in the node's network: " + c.reason
+}
+
 // runCNIInstall copies the plugin into the CNI bin folder and keeps it
-// last in the node's network configuration until ctx ends; then, if
-// cfg.Uninstall says the agent is being removed, it takes the plugin out.
-func runCNIInstall(ctx context.Context, cfg CNIConfig, log *slog.Logger) error {
+// last in the node's network configuration until ctx ends, telling inst
+// (if not nil) how each check went; then, if cfg.Uninstall says the agent
+// is being removed, it takes the plugin out.
+func runCNIInstall(ctx context.Context, cfg CNIConfig, inst *cniInstall, log *slog.Logger) error {
 	if err := cni.InstallBinary(cfg.Binary, cfg.BinDir); err != nil {
+		if inst != nil {
+			inst.set(err)
+		}
 		return err
 	}
 	every := cfg.Recheck
@@ -245,6 +283,9 @@ func runCNIInstall(ctx context.Context, cfg CNIConfig, log *slog.Logger) error {
 	last := ""
 	for {
 		path, changed, err := cni.Install(cfg.ConfDir, cfg.Plugin)
+		if inst != nil {
+			inst.set(err)
+		}
 		switch {
 		case err != nil && err.Error() != last && errors.Is(err, cni.ErrNoNetwork):
 			log.Warn("cni: no network configuration to chain to yet; pods wait for it anyway", "conf_dir", cfg.ConfDir)

@@ -2,7 +2,10 @@ package node
 
 import (
 	"context"
+	"log/slog"
 	"net/netip"
+	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -145,5 +148,65 @@ func TestTheCNIAnswerFailsAtOnceForAPodTheAgentRefuses(t *testing.T) {
 	gone = true
 	if ps := e.Pods(); len(ps) != 1 || ps[0].Pod != "shop/new" || ps[0].UID != "u1" || ps[0].Reason != agent.ReasonBridgedCNI {
 		t.Errorf("Pods after the sandbox went = %+v; want the refused pod", ps)
+	}
+}
+
+// The agent is not ready until its plugin is chained in the node's
+// network: a ready agent's node holds new meshed pods until they are
+// enrolled. Before the network plugin wrote its configuration there is
+// nothing to chain to; once it did, the agent chains itself and is ready.
+func TestCNIPluginChainedIsPartOfReadiness(t *testing.T) {
+	dir := t.TempDir()
+	binary := filepath.Join(dir, "mantlet-cni")
+	if err := os.WriteFile(binary, []byte("#!/bin/sh\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	confDir, binDir := filepath.Join(dir, "net.d"), filepath.Join(dir, "bin")
+	for _, d := range []string{confDir, binDir} {
+		if err := os.Mkdir(d, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	inst := &cniInstall{}
+	if ok, why := inst.ready(); ok || why == "" {
+		t.Fatalf("before the first check: ready %v (%q), want not ready with a reason", ok, why)
+	}
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	go func() {
+		done <- runCNIInstall(ctx, CNIConfig{ConfDir: confDir, BinDir: binDir, Binary: binary, Recheck: 10 * time.Millisecond},
+			inst, slog.New(slog.DiscardHandler))
+	}()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Error(err)
+		}
+	}()
+	waitReady := func(want bool) string {
+		t.Helper()
+		deadline := time.Now().Add(10 * time.Second)
+		for {
+			ok, why := inst.ready()
+			if ok == want {
+				return why
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("ready %v (%q), want %v", ok, why, want)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+	}
+	if why := waitReady(false); !strings.Contains(why, "not chained") {
+		t.Fatalf("no network configuration yet: reason %q, want it to say the plugin is not chained", why)
+	}
+	conf := `{"cniVersion":"0.4.0","name":"k8s","plugins":[{"type":"ptp"}]}`
+	if err := os.WriteFile(filepath.Join(confDir, "10-net.conflist"), []byte(conf), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	waitReady(true)
+	b, err := os.ReadFile(filepath.Join(confDir, "10-net.conflist"))
+	if err != nil || !strings.Contains(string(b), `"mantlet-cni"`) {
+		t.Fatalf("ready, and the network configuration is %s (%v): want mantlet-cni chained", b, err)
 	}
 }

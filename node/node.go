@@ -285,10 +285,16 @@ func Run(ctx context.Context, cfg Config) error {
 		return err
 	}
 	undo.add(proxy.Close)
+	// The plugin chained in the node's network is part of readiness: a
+	// ready agent's node holds new meshed pods until they are enrolled.
+	var cniInst *cniInstall
+	if cfg.CNI != nil && cfg.CNI.ConfDir != "" {
+		cniInst = &cniInstall{}
+	}
 	ag, err := agent.New(agent.Config{
 		Node: cfg.Node, TrustDomain: cfg.TrustDomain, DefaultMTLS: cfg.DefaultMTLS, MTLSMode: en.mtlsMode,
 		Datapath: dp, Links: links, Identities: ids, Plaintext: plain,
-		Ready:  sourceReady(cfg.Source, cfg.SourceGrace),
+		Ready:  allReady(sourceReady(cfg.Source, cfg.SourceGrace), cniInst.ready),
 		Logger: log.With("component", "agent"), Resync: cfg.Resync,
 	})
 	if err != nil {
@@ -382,7 +388,7 @@ func Run(ctx context.Context, cfg Config) error {
 			return cni.Serve(runCtx, cniLn, cniEnroll, cni.ServerOptions{AddTimeout: cfg.CNI.addTimeout(), Logger: log.With("component", "cni")})
 		})
 		if cfg.CNI.ConfDir != "" {
-			g.run("cni install", func() error { return runCNIInstall(runCtx, *cfg.CNI, log.With("component", "cni")) })
+			g.run("cni install", func() error { return runCNIInstall(runCtx, *cfg.CNI, cniInst, log.With("component", "cni")) })
 		}
 	}
 	// The agent's pods, and the pods it refused whose sandbox is gone.
@@ -455,6 +461,21 @@ func sourceReady(src source.Source, grace time.Duration) func() (bool, string) {
 		if st.Unreachable && time.Since(st.UnreachableSince) > grace {
 			return false, fmt.Sprintf("the %s source (%s) has been unreachable for %s; the last state stays in force",
 				st.Kind, st.Where, time.Since(st.UnreachableSince).Round(time.Second))
+		}
+		return true, ""
+	}
+}
+
+// allReady is ready when every one of checks is (nil checks are).
+func allReady(checks ...func() (bool, string)) func() (bool, string) {
+	return func() (bool, string) {
+		for _, c := range checks {
+			if c == nil {
+				continue
+			}
+			if ok, why := c(); !ok {
+				return false, why
+			}
 		}
 		return true, ""
 	}
