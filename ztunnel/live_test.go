@@ -130,14 +130,7 @@ func TestOpenFlowsCountBytesAndClose(t *testing.T) {
 func TestDenyEndsAFlowAsDeniedByItsPolicy(t *testing.T) {
 	m := newMesh(t, meshOpts{})
 	n := m.nodes["node-a"]
-	c := m.mustDial(ipA1, m.appAddr(ipA2))
-	if _, err := c.Write([]byte("ping")); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := io.ReadFull(c, make([]byte, 4)); err != nil {
-		t.Fatal(err)
-	}
-	l := n.liveFlow(t, ztunnel.Outbound, c.LocalAddr().(*net.TCPAddr).AddrPort(), m.appAddr(ipA2))
+	c, l := pingedFlow(t, m, n)
 	refusal := ztunnel.Verdict{Allow: true, Policy: "shop/deny-frontend", Rule: 2, Reason: "denied-by-policy"}
 	l.Deny(refusal)
 	l.Close(ztunnel.FlagShutdown) // too late: the first counts
@@ -261,14 +254,7 @@ func TestAClosedFlowIsLoggedAsAFlowNotARefusal(t *testing.T) {
 	logs := newLogCounter()
 	m := newMesh(t, meshOpts{logger: slog.New(logs)})
 	n := m.nodes["node-a"]
-	c := m.mustDial(ipA1, m.appAddr(ipA2))
-	if _, err := c.Write([]byte("ping")); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := io.ReadFull(c, make([]byte, 4)); err != nil {
-		t.Fatal(err)
-	}
-	l := n.liveFlow(t, ztunnel.Outbound, c.LocalAddr().(*net.TCPAddr).AddrPort(), m.appAddr(ipA2))
+	c, l := pingedFlow(t, m, n)
 	l.Close(ztunnel.FlagNone)
 	r := n.flow(t)
 	for r.Src != c.LocalAddr().(*net.TCPAddr).AddrPort() {
@@ -283,4 +269,18 @@ func TestAClosedFlowIsLoggedAsAFlowNotARefusal(t *testing.T) {
 	if v, ok := logs.attr("ztunnel: flow", "reason"); !ok || v.String() != "closed" {
 		t.Errorf("the last \"ztunnel: flow\" line has reason %v (%v), want closed", v, ok)
 	}
+}
+
+// pingedFlow opens a flow from A1 to A2 through n, echoes "ping" on it
+// and returns the client's connection and the flow as n's registry has it.
+func pingedFlow(t *testing.T, m *mesh, n *node) (*net.TCPConn, *ztunnel.LiveFlow) {
+	t.Helper()
+	c := m.mustDial(ipA1, m.appAddr(ipA2))
+	if _, err := c.Write([]byte("ping")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.ReadFull(c, make([]byte, 4)); err != nil {
+		t.Fatal(err)
+	}
+	return c, n.liveFlow(t, ztunnel.Outbound, c.LocalAddr().(*net.TCPAddr).AddrPort(), m.appAddr(ipA2))
 }

@@ -24,6 +24,7 @@ func rawListener(ln net.Listener) net.Listener {
 // dialTCP connects to dst from src (if valid, with IP_TRANSPARENT), with
 // SO_MARK mark (if not 0), as a socket outside Go's poller (rawListener).
 func dialTCP(ctx context.Context, mark int, src netip.Addr, dst netip.AddrPort) (net.Conn, error) {
+	// Not c itself on failure: a nil *rawtcp.Conn would be a non-nil net.Conn.
 	c, err := rawtcp.Dial(ctx, dst, src, mark)
 	if err != nil {
 		return nil, err

@@ -215,7 +215,6 @@ type asyncRead struct {
 	bmu    sync.Mutex
 	busy   *os.File        // while busy: a second descriptor of src, in Go's poller
 	busyRC syscall.RawConn // busy's
-	closed bool            // the splice aborted: no busy descriptor any more
 }
 
 const (
@@ -304,7 +303,7 @@ func (ar *asyncRead) openBusy() bool {
 		return false
 	}
 	ar.bmu.Lock()
-	if ar.closed {
+	if ar.sp.isAborted() { // closeBusy ran or runs after this lock
 		ar.bmu.Unlock()
 		f.Close()
 		return false
@@ -325,7 +324,7 @@ type readInterest interface {
 }
 
 // closeBusy closes the busy descriptor, if any (a read waiting on it
-// returns), and, called by an abort, keeps the flow from opening another.
+// returns). After an abort, openBusy opens no other.
 func (ar *asyncRead) closeBusy() {
 	ar.bmu.Lock()
 	defer ar.bmu.Unlock()
@@ -335,9 +334,6 @@ func (ar *asyncRead) closeBusy() {
 		if ri, ok := ar.src.(readInterest); ok {
 			_ = ri.SetReadInterest(true) // fails only once src is closed
 		}
-	}
-	if ar.sp.isAborted() {
-		ar.closed = true
 	}
 }
 
