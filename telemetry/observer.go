@@ -64,9 +64,14 @@ func (o *Observer) Collectors() []prometheus.Collector {
 // (ztunnel.Config.OnFlowOpen).
 func (o *Observer) FlowOpened(l *ztunnel.LiveFlow) {
 	r := OpenRecord(l)
-	o.Traffic.Opened(&r)
+	o.opened(&r)
+}
+
+// opened is FlowOpened of the flow r describes.
+func (o *Observer) opened(r *ztunnel.FlowRecord) {
+	o.Traffic.Opened(r)
 	if o.opts.LogOpens && o.opts.AccessLog != nil || o.opts.Flows != nil {
-		f := NewFlow(&r, events.Open, o.opts.Now().UTC())
+		f := NewFlow(r, events.Open, o.opts.Now().UTC())
 		if o.opts.LogOpens && o.opts.AccessLog != nil {
 			o.opts.AccessLog.Emit(&f)
 		}
