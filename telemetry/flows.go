@@ -12,6 +12,17 @@ import (
 // NewFlow describes r in an access log line; event is events.Open or
 // events.Close.
 func NewFlow(r *ztunnel.FlowRecord, event string, now time.Time) events.Flow {
+	svc := ""
+	if r.Service != nil {
+		svc = ServiceHost(r.Service)
+	}
+	return newFlow(r, event, now, svc)
+}
+
+// newFlow is NewFlow with ServiceHost(r.Service) given (ignored when r
+// has no service), so that the Observer does not make the string anew
+// for every flow.
+func newFlow(r *ztunnel.FlowRecord, event string, now time.Time, svcHost string) events.Flow {
 	f := events.Flow{
 		Time: now, Kind: events.KindFlow, Event: event, ID: r.ID,
 		Direction: string(r.Direction), Path: string(r.Path), MTLS: r.MTLS,
@@ -26,7 +37,7 @@ func NewFlow(r *ztunnel.FlowRecord, event string, now time.Time) events.Flow {
 		f.Dst.Workload, f.Dst.Namespace = w.Name, w.Namespace
 	}
 	if r.Service != nil {
-		f.Dst.Service = ServiceHost(r.Service)
+		f.Dst.Service = svcHost
 	}
 	if v, ok := verdictOf(r); ok {
 		f.Verdict, f.Reason, f.Policy, f.Rule = v, reasonOf(r), r.Verdict.Policy, r.Verdict.Rule

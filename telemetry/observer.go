@@ -69,9 +69,9 @@ func (o *Observer) FlowOpened(l *ztunnel.LiveFlow) {
 
 // opened is FlowOpened of the flow r describes.
 func (o *Observer) opened(r *ztunnel.FlowRecord) {
-	o.Traffic.Opened(r)
+	s := o.Traffic.opens(r)
 	if o.opts.LogOpens && o.opts.AccessLog != nil || o.opts.Flows != nil {
-		f := NewFlow(r, events.Open, o.opts.Now().UTC())
+		f := newFlow(r, events.Open, o.opts.Now().UTC(), s.serviceHostOf(r))
 		if o.opts.LogOpens && o.opts.AccessLog != nil {
 			o.opts.AccessLog.Emit(&f)
 		}
@@ -83,13 +83,13 @@ func (o *Observer) opened(r *ztunnel.FlowRecord) {
 
 // FlowEnded is called once per finished flow (ztunnel.Config.OnFlowEnd).
 func (o *Observer) FlowEnded(r *ztunnel.FlowRecord) {
-	o.Traffic.Closed(r)
+	s := o.Traffic.closes(r)
 	o.countDecisions(r)
 	if r.Flag == ztunnel.FlagRateLimited || r.Flag == ztunnel.FlagMaxConnections {
 		o.Verdicts.RateLimited(r.Flag.String(), r.Verdict.Policy)
 	}
 	if o.opts.AccessLog != nil || o.opts.Flows != nil {
-		f := NewFlow(r, events.Close, o.opts.Now().UTC())
+		f := newFlow(r, events.Close, o.opts.Now().UTC(), s.serviceHostOf(r))
 		if o.opts.AccessLog != nil {
 			o.opts.AccessLog.Emit(&f)
 		}

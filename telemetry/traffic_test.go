@@ -2,13 +2,16 @@ package telemetry
 
 import (
 	"errors"
+	"fmt"
 	"net/netip"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	dto "github.com/prometheus/client_model/go"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 
 	"github.com/mantlet/mantlet/identity"
@@ -289,4 +292,207 @@ mantlet_hbone_key_exchanges_total{key_exchange="X25519MLKEM768",side="server"} 5
 		return
 	}
 	t.Error("no mantlet_build_info")
+}
+
+// TestTrafficLabelIndexes: the series fill TrafficLabels by index.
+func TestTrafficLabelIndexes(t *testing.T) {
+	var s series
+	if len(TrafficLabels) != len(s.values) || TrafficLabels[labelReporter] != "reporter" ||
+		TrafficLabels[labelService] != "destination_service" || TrafficLabels[labelResponseFlags] != "response_flags" {
+		t.Fatalf("TrafficLabels %q do not match the series' indexes", TrafficLabels)
+	}
+}
+
+// TestTrafficCountsEachOpenFlowUnderItsOwnLabels: flows of different
+// label sets, open at once and flushed in turn, each add their bytes to
+// their own series; a flow whose record names other ends when it closes
+// (the labels are taken from the record each time, as before series were
+// shared) counts its bytes under the labels it opened with and its close
+// under those it closed with.
+func TestTrafficCountsEachOpenFlowUnderItsOwnLabels(t *testing.T) {
+	tr := NewTraffic()
+	reg := prometheus.NewPedanticRegistry()
+	reg.MustRegister(tr)
+
+	out1, out2 := hboneOut(1), hboneOut(2) // the same labels
+	in := hboneOut(3)
+	in.Direction = ztunnel.Inbound
+	plain := hboneOut(4) // to a pod that is not meshed, without a service
+	plain.Path, plain.MTLS, plain.Service, plain.DstWorkload, plain.DstID = ztunnel.PathPassthrough, false, nil, nil, spiffeid.ID{}
+	changed := hboneOut(5)
+	for _, r := range []*ztunnel.FlowRecord{out1, out2, in, plain, changed} {
+		tr.Opened(r)
+	}
+	for i := int64(1); i <= 3; i++ {
+		tr.Flush(1, 100*i, 1*i)
+		tr.Flush(2, 1000*i, 10*i)
+		tr.Flush(3, 10000*i, 100*i)
+		tr.Flush(4, 100000*i, 1000*i)
+	}
+	out1.Sent, out1.Received = 301, 4
+	out2.Sent, out2.Received = 3002, 30
+	in.Sent, in.Received = 30003, 300
+	plain.Sent, plain.Received, plain.Flag = 300004, 3000, ztunnel.FlagConnectFailed
+	changed.Sent, changed.Received, changed.Service = 7, 8, nil
+	for _, r := range []*ztunnel.FlowRecord{out1, out2, in, plain, changed} {
+		tr.Closed(r)
+	}
+
+	const f = `connection_security_policy="mutual_tls",destination_principal="spiffe://cluster.local/ns/shop/sa/payments",destination_service="payments.shop.svc.cluster.local",destination_workload="payments-0",destination_workload_namespace="shop",`
+	const noSvc = `connection_security_policy="mutual_tls",destination_principal="spiffe://cluster.local/ns/shop/sa/payments",destination_service="unknown",destination_workload="payments-0",destination_workload_namespace="shop",`
+	const p = `connection_security_policy="none",destination_principal="unknown",destination_service="unknown",destination_workload="unknown",destination_workload_namespace="unknown",reporter="source",`
+	const s = `source_principal="spiffe://cluster.local/ns/shop/sa/frontend",source_workload="frontend",source_workload_namespace="shop"`
+	compare(t, reg, `
+istio_tcp_connections_closed_total{`+f+`reporter="destination",response_flags="-",`+s+`} 1
+istio_tcp_connections_closed_total{`+f+`reporter="source",response_flags="-",`+s+`} 2
+istio_tcp_connections_closed_total{`+noSvc+`reporter="source",response_flags="-",`+s+`} 1
+istio_tcp_connections_closed_total{`+p+`response_flags="connect_failed",`+s+`} 1
+istio_tcp_connections_failed_total{`+p+`response_flags="connect_failed",`+s+`} 1
+istio_tcp_connections_opened_total{`+f+`reporter="destination",response_flags="-",`+s+`} 1
+istio_tcp_connections_opened_total{`+f+`reporter="source",response_flags="-",`+s+`} 3
+istio_tcp_connections_opened_total{`+p+`response_flags="-",`+s+`} 1
+istio_tcp_received_bytes_total{`+f+`reporter="destination",response_flags="-",`+s+`} 30003
+istio_tcp_received_bytes_total{`+f+`reporter="source",response_flags="-",`+s+`} 3310
+istio_tcp_received_bytes_total{`+p+`response_flags="-",`+s+`} 300004
+istio_tcp_sent_bytes_total{`+f+`reporter="destination",response_flags="-",`+s+`} 300
+istio_tcp_sent_bytes_total{`+f+`reporter="source",response_flags="-",`+s+`} 42
+istio_tcp_sent_bytes_total{`+p+`response_flags="-",`+s+`} 3000
+`, trafficNames...)
+	if n := tr.OpenFlows(); n != 0 {
+		t.Errorf("%d flows still tracked after close", n)
+	}
+}
+
+// TestTrafficForgetsIdleSeriesButNotThoseOfOpenFlows: label sets that no
+// open flow uses are kept for flows to come up to a bound, the least
+// recently used forgotten first; those of open flows stay however many
+// others come and go, and their bytes keep their labels.
+func TestTrafficForgetsIdleSeriesButNotThoseOfOpenFlows(t *testing.T) {
+	tr := NewTraffic()
+	reg := prometheus.NewPedanticRegistry()
+	reg.MustRegister(tr)
+	long := hboneOut(1)
+	tr.Opened(long)
+	const others = 3 * maxIdleSeries
+	for i := range others {
+		r := hboneOut(uint64(i + 2))
+		r.Service = &workload.Service{Name: fmt.Sprintf("svc-%d", i), Namespace: "shop"}
+		tr.Opened(r)
+		r.Sent, r.Received = 1, 1
+		tr.Closed(r)
+	}
+	tr.mu.Lock()
+	held, idle := len(tr.series), tr.nIdle
+	tr.mu.Unlock()
+	if held != maxIdleSeries+1 || idle != maxIdleSeries {
+		t.Errorf("after %d flows of their own labels, Traffic holds %d label sets (%d idle), want %d (%d idle)",
+			others+1, held, idle, maxIdleSeries+1, maxIdleSeries)
+	}
+	tr.Flush(1, 5, 6)
+	long.Sent, long.Received = 7, 8
+	tr.Closed(long)
+	labels := prometheus.Labels{"reporter": "source",
+		"source_workload": "frontend", "source_workload_namespace": "shop", "source_principal": id(frontend).String(),
+		"destination_workload": "payments-0", "destination_workload_namespace": "shop", "destination_principal": id(payments).String(),
+		"destination_service": "payments.shop.svc.cluster.local", "connection_security_policy": "mutual_tls", "response_flags": "-"}
+	for _, c := range []struct {
+		name string
+		vec  *prometheus.CounterVec
+		want float64
+	}{
+		{"opened", tr.opened, 1},
+		{"closed", tr.closed, 1},
+		{"received bytes", tr.received, 7},
+		{"sent bytes", tr.sent, 8},
+	} {
+		if got := testutil.ToFloat64(c.vec.With(labels)); got != c.want {
+			t.Errorf("%s of the flow open throughout = %v, want %v", c.name, got, c.want)
+		}
+	}
+	tr.mu.Lock()
+	defer tr.mu.Unlock()
+	if len(tr.series) != maxIdleSeries || tr.nIdle != maxIdleSeries {
+		t.Errorf("with no flow open, Traffic holds %d label sets (%d idle), want %d", len(tr.series), tr.nIdle, maxIdleSeries)
+	}
+}
+
+// TestOpenFlowsCostLittleHeap: 10,000 open flows cost telemetry at most
+// 128 bytes of heap each, the entry of the open-flow table (label values
+// are held once per distinct set; they cost 290 bytes a flow when each
+// flow held its own).
+func TestOpenFlowsCostLittleHeap(t *testing.T) {
+	o := warmObserver(ztunnel.Outbound)
+	if b := openFlowBytes(t, o, openRecords(1, 10_000, ztunnel.Outbound)); b > 128 {
+		t.Errorf("telemetry keeps %.0f bytes per open flow, want ≤ 128", b)
+	}
+}
+
+// TestAFlowOfKnownLabelsAllocatesNothing: opening, flushing and closing a
+// flow whose labels other flows had, with the metrics and the flow ring,
+// allocates nothing.
+func TestAFlowOfKnownLabelsAllocatesNothing(t *testing.T) {
+	o := warmObserver(ztunnel.Outbound)
+	recs := openRecords(1, 1, ztunnel.Outbound)
+	r := recs[0]
+	allocs := testing.AllocsPerRun(1000, func() {
+		r.ID++
+		o.opened(r)
+		o.Traffic.Flush(r.ID, 10, 20)
+		r.Sent, r.Received = 30, 40
+		o.FlowEnded(r)
+	})
+	if allocs != 0 {
+		t.Errorf("a flow allocates %v times, want 0", allocs)
+	}
+}
+
+// TestTrafficCountsFlowsOfManyGoroutines: flows opened, flushed and
+// closed from several goroutines at once, over more label sets than
+// Traffic keeps idle, are each counted once with all their bytes.
+func TestTrafficCountsFlowsOfManyGoroutines(t *testing.T) {
+	const workers, flows, services = 4, 500, 2 * maxIdleSeries
+	tr := NewTraffic()
+	var wg sync.WaitGroup
+	for w := range workers {
+		wg.Go(func() {
+			for i := range flows {
+				r := hboneOut(uint64(w*flows + i + 1))
+				r.Service = &workload.Service{Name: fmt.Sprintf("svc-%d", (w*flows+i)%services), Namespace: "shop"}
+				tr.Opened(r)
+				tr.Flush(r.ID, 1, 2)
+				r.Sent, r.Received = 3, 5
+				tr.Closed(r)
+			}
+		})
+	}
+	wg.Wait()
+	sum := func(v *prometheus.CounterVec) float64 {
+		ch := make(chan prometheus.Metric, 4*services)
+		v.Collect(ch)
+		close(ch)
+		var total float64
+		for m := range ch {
+			var pb dto.Metric
+			if err := m.Write(&pb); err != nil {
+				t.Fatal(err)
+			}
+			total += pb.GetCounter().GetValue()
+		}
+		return total
+	}
+	const n = workers * flows
+	for _, c := range []struct {
+		name string
+		vec  *prometheus.CounterVec
+		want float64
+	}{
+		{"opened", tr.opened, n}, {"closed", tr.closed, n}, {"received bytes", tr.received, 3 * n}, {"sent bytes", tr.sent, 5 * n},
+	} {
+		if got := sum(c.vec); got != c.want {
+			t.Errorf("%s: %v, want %v", c.name, got, c.want)
+		}
+	}
+	if got := tr.OpenFlows(); got != 0 {
+		t.Errorf("%d flows still tracked after close", got)
+	}
 }
