@@ -480,7 +480,7 @@ func (p *Proxy) stopAccepting() {
 func (p *Proxy) Close() {
 	p.stopAccepting()
 	p.cancel()
-	p.live.each(func(l *LiveFlow) bool { l.cancel(); return true })
+	p.live.each(func(l *LiveFlow) bool { l.ctx.Cancel(nil); return true })
 	p.srv.Close()
 	p.pool.Close()
 	p.refusals.summarize()
