@@ -241,3 +241,36 @@ func Cause(ctx context.Context) error {
 	}
 	return context.Cause(ctx)
 }
+
+// AfterFunc is context.AfterFunc (f runs on a goroutine of its own once
+// ctx ends; stop stops that), but when ctx is a *Ctx the function is
+// linked into it rather than watching its Done channel, which the Ctx
+// would then make and keep for the rest of its life.
+func AfterFunc(ctx context.Context, f func()) (stop func() bool) {
+	c, ok := ctx.(*Ctx)
+	if !ok {
+		return context.AfterFunc(ctx, f)
+	}
+	h := &Hook{}
+	c.Register(h, func() { go f() })
+	return func() bool { return c.Unregister(h) }
+}
+
+// WithTimeout is context.WithTimeout for a child that lives briefly (a
+// dial): when parent is a *Ctx, the child is ended through a Hook rather
+// than by watching the Ctx's Done channel, which the Ctx would then make
+// and keep for the rest of its life. The child's values are parent's;
+// it ends with context.Canceled when parent ends.
+func WithTimeout(parent context.Context, d time.Duration) (context.Context, context.CancelFunc) {
+	c, ok := parent.(*Ctx)
+	if !ok {
+		return context.WithTimeout(parent, d)
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(parent), d)
+	h := &Hook{}
+	c.Register(h, cancel)
+	return ctx, func() {
+		c.Unregister(h)
+		cancel()
+	}
+}

@@ -171,3 +171,36 @@ func BenchmarkFlowContext(b *testing.B) {
 		}
 	})
 }
+
+func TestAfterFuncAndWithTimeoutFollowTheCtxWithoutItsDoneChannel(t *testing.T) {
+	c := New(context.Background())
+	ran := make(chan struct{})
+	stop := AfterFunc(c, func() { close(ran) })
+	stopped := AfterFunc(c, func() { t.Error("a stopped AfterFunc ran") })
+	if !stopped() {
+		t.Fatal("stop of a pending AfterFunc = false")
+	}
+	short, cancelShort := WithTimeout(c, time.Hour)
+	defer cancelShort()
+	timed, cancelTimed := WithTimeout(c, time.Millisecond)
+	defer cancelTimed()
+	<-timed.Done()
+	if !errors.Is(timed.Err(), context.DeadlineExceeded) {
+		t.Fatalf("timed out child: %v, want DeadlineExceeded", timed.Err())
+	}
+	if c.done != nil {
+		t.Fatal("the Ctx made a Done channel for AfterFunc or WithTimeout")
+	}
+	c.Cancel(nil)
+	select {
+	case <-ran:
+	case <-time.After(5 * time.Second):
+		t.Fatal("AfterFunc did not run when the Ctx ended")
+	}
+	if stop() {
+		t.Fatal("stop after the run = true")
+	}
+	if !errors.Is(short.Err(), context.Canceled) {
+		t.Fatalf("WithTimeout child after its Ctx ended: %v, want Canceled", short.Err())
+	}
+}
