@@ -10,6 +10,7 @@ import (
 
 	"github.com/mantlet/mantlet/internal/shrink"
 	"github.com/mantlet/mantlet/internal/workload"
+	"github.com/mantlet/mantlet/ztunnel/internal/flowctx"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 )
 
@@ -67,7 +68,7 @@ type LiveFlow struct {
 	sent, received atomic.Int64
 	// ending is set by the first Close or Deny; nil while open.
 	ending atomic.Pointer[ending]
-	cancel context.CancelFunc
+	ctx    *flowctx.Ctx // the flow's; Close, Deny and untrack end it
 }
 
 // ending is why a flow was torn down.
@@ -120,7 +121,7 @@ func (l *LiveFlow) Close(reason ResponseFlag) {
 		reason = FlagClosed
 	}
 	if l.ending.CompareAndSwap(nil, &ending{flag: reason}) {
-		l.cancel()
+		l.ctx.Cancel(nil)
 	}
 }
 
@@ -136,7 +137,7 @@ func (l *LiveFlow) Deny(v Verdict) {
 		v.Flag = FlagPolicyDenied
 	}
 	if l.ending.CompareAndSwap(nil, &ending{flag: v.Flag, denied: &v}) {
-		l.cancel()
+		l.ctx.Cancel(nil)
 	}
 }
 
@@ -242,31 +243,31 @@ func (p *Proxy) track(ctx context.Context, rec *FlowRecord, f *Flow) (*LiveFlow,
 		dir: rec.Direction, path: rec.Path, start: rec.Start, flow: *f,
 		origDst: rec.OrigDst, dstID: rec.DstID, svc: rec.Service, verdict: rec.Verdict,
 	}
-	parent := ctx
-	if parent == p.ctx {
+	if ctx == p.ctx {
 		// A flow of the proxy's own listeners ends with the proxy through
 		// the registry (Close), not as a child of p.ctx: a context keeps
 		// a map of its children, and a Go map keeps the memory of the
 		// most it held (0.4 MB after 10,000 flows).
-		parent = context.WithoutCancel(parent)
+		l.ctx = flowctx.Owned(ctx)
+	} else {
+		// An HBONE stream's flow ends with its stream. Its context is a
+		// flowctx.Ctx, which links the flow's into itself.
+		l.ctx = flowctx.New(ctx)
 	}
-	fctx, cancel := context.WithCancel(parent)
-	l.cancel = cancel
 	if !p.live.add(l) {
-		cancel()
+		l.ctx.Cancel(nil)
 		p.release(f, rec.Verdict)
 		rec.Flag, rec.Err = FlagFlowLimit, fmt.Errorf("ztunnel: %d flows open, the limit", p.live.max)
 		return nil, ctx, false
 	}
 	if p.ctx.Err() != nil {
-		cancel() // Close ran before the flow was in the registry
+		l.ctx.Cancel(nil) // Close ran before the flow was in the registry
 	}
-	ctx = fctx
 	rec.ID = l.id
 	if p.cfg.OnFlowOpen != nil {
 		p.cfg.OnFlowOpen(l)
 	}
-	return l, ctx, true
+	return l, l.ctx, true
 }
 
 // untrack releases l to the Authorizer, removes it from the registry and,
@@ -274,7 +275,7 @@ func (p *Proxy) track(ctx context.Context, rec *FlowRecord, f *Flow) (*LiveFlow,
 // first so that a flow no longer counted by NumOpenFlows has been
 // released.
 func (p *Proxy) untrack(l *LiveFlow, rec *FlowRecord) {
-	l.cancel()
+	l.ctx.Cancel(nil)
 	p.release(&l.flow, l.verdict)
 	p.live.remove(l)
 	e := l.ending.Load()

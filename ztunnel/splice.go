@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/mantlet/mantlet/ztunnel/hbone"
+	"github.com/mantlet/mantlet/ztunnel/internal/flowctx"
 	"golang.org/x/net/http2"
 	"golang.org/x/sys/unix"
 )
@@ -61,7 +62,15 @@ func splice(ctx context.Context, a, b halfConn, abN, baN *atomic.Int64) (ab, ba 
 func startSplice(ctx context.Context, a, b halfConn, abN, baN *atomic.Int64, done func(ab, ba int64, err error)) {
 	sp := &splicer{ctx: ctx, a: a, b: b, done: done}
 	sp.left.Store(2)
-	sp.stop = context.AfterFunc(ctx, sp.abortCtx)
+	if fc, ok := ctx.(*flowctx.Ctx); ok {
+		// A flow's context (track): the abort is linked into it, with
+		// no allocation, and runs on a goroutine of its own as
+		// context.AfterFunc's would, since what ends the context may
+		// hold locks that the abort takes (an HBONE connection's).
+		fc.Register(&sp.hook, func() { go sp.abortCtx() })
+	} else {
+		sp.stop = context.AfterFunc(ctx, sp.abortCtx)
+	}
 	sp.start(b, a, false, abN, &sp.ab)
 	sp.start(a, b, true, baN, &sp.ba)
 }
@@ -72,7 +81,8 @@ type splicer struct {
 	a, b    halfConn
 	ab, ba  int64 // bytes copied a→b, b→a
 	left    atomic.Int32
-	stop    func() bool // stops the abort at ctx's end
+	hook    flowctx.Hook // the abort at ctx's end, when ctx is a flowctx.Ctx
+	stop    func() bool  // stops the abort at ctx's end otherwise
 	once    sync.Once
 	cause   error // set by the first abort
 	sink    pushSink
@@ -128,7 +138,7 @@ func (sp *splicer) run() bool {
 }
 
 func (sp *splicer) finish() {
-	if !sp.stop() {
+	if !sp.stopAbortCtx() {
 		sp.once.Do(func() {}) // wait for the abort ctx started
 	}
 	if sp.cause == nil {
@@ -498,12 +508,21 @@ func (sp *splicer) abort(err error) {
 	})
 }
 
+// stopAbortCtx stops the abort at ctx's end, and reports whether it did
+// so before the abort started.
+func (sp *splicer) stopAbortCtx() bool {
+	if sp.stop != nil {
+		return sp.stop()
+	}
+	return sp.ctx.(*flowctx.Ctx).Unregister(&sp.hook)
+}
+
 // abortCtx aborts because the flow's context ended. When that is because
 // the HBONE stream under it ended (the server cancels a stream's context
 // with why), the end is the tunnel's, as if a read of the stream had said
 // so.
 func (sp *splicer) abortCtx() {
-	cause := context.Cause(sp.ctx)
+	cause := flowctx.Cause(sp.ctx)
 	if errors.Is(cause, hbone.ErrStreamClosed) {
 		cause = tunnelBroke(cause, false)
 	}

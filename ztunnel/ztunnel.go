@@ -22,6 +22,7 @@ import (
 
 	"github.com/mantlet/mantlet/internal/workload"
 	"github.com/mantlet/mantlet/ztunnel/hbone"
+	"github.com/mantlet/mantlet/ztunnel/internal/flowctx"
 	"github.com/spiffe/go-spiffe/v2/bundle/x509bundle"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"github.com/spiffe/go-spiffe/v2/svid/x509svid"
@@ -480,7 +481,7 @@ func (p *Proxy) stopAccepting() {
 func (p *Proxy) Close() {
 	p.stopAccepting()
 	p.cancel()
-	p.live.each(func(l *LiveFlow) bool { l.cancel(); return true })
+	p.live.each(func(l *LiveFlow) bool { l.ctx.Cancel(nil); return true })
 	p.srv.Close()
 	p.pool.Close()
 	p.refusals.summarize()
@@ -618,7 +619,7 @@ func (p *Proxy) dialDest(ctx context.Context, src netip.Addr, dst netip.AddrPort
 	if !p.cfg.Transparent {
 		src = netip.Addr{}
 	}
-	ctx, cancel := context.WithTimeout(ctx, p.cfg.ConnectTimeout)
+	ctx, cancel := flowctx.WithTimeout(ctx, p.cfg.ConnectTimeout)
 	defer cancel()
 	c, err := dialTCP(ctx, p.cfg.Mark, src, dst)
 	if err != nil {

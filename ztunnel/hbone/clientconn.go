@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"time"
 
+	"github.com/mantlet/mantlet/ztunnel/internal/flowctx"
 	"golang.org/x/net/http2"
 )
 
@@ -155,7 +156,7 @@ func (hc *h2conn) open(ctx context.Context, req *Request) (*Stream, error) {
 	} else {
 		hc.queueCtlLocked(h)
 	}
-	stop := context.AfterFunc(ctx, func() {
+	stop := flowctx.AfterFunc(ctx, func() {
 		hc.mu.Lock()
 		st.cond.Broadcast()
 		hc.mu.Unlock()

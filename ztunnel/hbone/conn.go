@@ -382,8 +382,8 @@ func (hc *h2conn) teardown() {
 		}
 		st.q.reset()
 		st.cond.Broadcast()
-		if st.cancel != nil {
-			st.cancel(st.err)
+		if st.ctx != nil {
+			st.ctx.Cancel(st.err)
 		}
 		if st.pushStepLocked() == pushEnd {
 			pushing = append(pushing, st)

@@ -1,11 +1,11 @@
 package hbone
 
 import (
-	"context"
 	"fmt"
 	"net/http"
 	"time"
 
+	"github.com/mantlet/mantlet/ztunnel/internal/flowctx"
 	"golang.org/x/net/http2"
 )
 
@@ -101,7 +101,7 @@ func (hc *h2conn) processRequest(f *http2.MetaHeadersFrame) bool {
 		}
 	}
 	st.cond.L = &hc.mu
-	st.ctx, st.cancel = context.WithCancelCause(hc.ctx)
+	st.ctx = flowctx.Owned(hc.ctx) // ended by the stream's end, or by teardown
 	hc.mu.Lock()
 	st.recvWindow = int64(hc.t.StreamWindow)
 	st.sendWindow = hc.peerInitWindow
@@ -183,7 +183,7 @@ func (hc *h2conn) handlerDone(st *Stream) {
 		_ = st.Respond(http.StatusInternalServerError)
 	}
 	st.Close()
-	st.cancel(nil)
+	st.ctx.Cancel(nil)
 	hc.mu.Lock()
 	hc.running--
 	if hc.running == 0 {

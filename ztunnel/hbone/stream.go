@@ -1,7 +1,6 @@
 package hbone
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -10,6 +9,7 @@ import (
 	"sync"
 
 	"github.com/mantlet/mantlet/internal/shrink"
+	"github.com/mantlet/mantlet/ztunnel/internal/flowctx"
 
 	"golang.org/x/net/http2"
 )
@@ -50,12 +50,16 @@ type Stream struct {
 	// on the client side, the extra fields sent besides Forwarded.
 	Header http.Header
 
-	hc     *h2conn
-	id     uint32
-	cond   sync.Cond // on hc.mu: data, window, or state changed
-	ctx    context.Context
-	cancel context.CancelCauseFunc // server: its cause says why the stream ended (a *ResetError, ErrStreamClosed)
-	fwd    netip.AddrPort          // client: the Forwarded header to send
+	hc   *h2conn
+	id   uint32
+	cond sync.Cond // on hc.mu: data, window, or state changed
+	// ctx is a server stream's context, nil on the client side. It ends
+	// with the stream, and its cause says why (a *ResetError,
+	// ErrStreamClosed); it is Owned by the stream, which the connection's
+	// teardown ends, so that it costs no registration with the
+	// connection's context.
+	ctx *flowctx.Ctx
+	fwd netip.AddrPort // client: the Forwarded header to send
 
 	// guarded by hc.mu
 	q          recvQueue
@@ -355,7 +359,7 @@ func (st *Stream) abort(code http2.ErrCode, err error) {
 	step := st.pushStepLocked()
 	hc.mu.Unlock()
 	st.pushRun(step, false)
-	if st.cancel != nil {
-		st.cancel(err)
+	if st.ctx != nil {
+		st.ctx.Cancel(err)
 	}
 }
