@@ -276,7 +276,7 @@ func (d *Datapath) Status() Status {
 		return s
 	}
 	s.SkLookupAttached = d.skLookupAttached()
-	for _, p := range d.checkLocked() {
+	for _, p := range d.checkLocked(checkAll) {
 		if p.Fault != FaultSkLookup { // reported by SkLookupAttached
 			s.Problems = append(s.Problems, p.Problem)
 		}

@@ -219,14 +219,26 @@ func BenchmarkWatchRepair(b *testing.B) {
 	}
 }
 
-// BenchmarkCheck measures one check of the kernel state (what Watch does
-// every DefaultWatchInterval) on a node with one pod and one uplink.
+// BenchmarkCheck measures one check of the kernel state on a node with
+// one pod and one uplink: everything (what Check and a netlink
+// notification do), and what Watch looks at every DefaultWatchInterval
+// in between (checkSilent: attachments, sk_lookup, pins).
 func BenchmarkCheck(b *testing.B) {
 	tb := newTestbed(b, false)
-	b.ResetTimer()
-	for range b.N {
-		if ps := tb.d.Check(); len(ps) > 0 {
-			b.Fatal(ps)
-		}
+	for _, c := range []struct {
+		name  string
+		scope checkScope
+	}{{"all", checkAll}, {"silent", checkSilent}} {
+		b.Run(c.name, func(b *testing.B) {
+			b.ReportAllocs()
+			for range b.N {
+				tb.d.mu.Lock()
+				ps := tb.d.checkLocked(c.scope)
+				tb.d.mu.Unlock()
+				if len(ps) > 0 {
+					b.Fatal(ps)
+				}
+			}
+		})
 	}
 }

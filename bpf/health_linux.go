@@ -31,33 +31,49 @@ func (d *Datapath) Check() []Problem {
 		return nil
 	}
 	var out []Problem
-	for _, p := range d.checkLocked() {
+	for _, p := range d.checkLocked(checkAll) {
 		out = append(out, p.Problem)
 	}
 	return out
 }
 
-func (d *Datapath) checkLocked() []problem {
+// checkScope says what a check looks at.
+type checkScope bool
+
+const (
+	// checkAll looks at everything.
+	checkAll checkScope = true
+	// checkSilent looks only at what changes without a netlink
+	// notification: the sk_lookup link, the tc attachments, the pins.
+	// Listing the routing rules, the routes and lo is most of a check's
+	// cost (about 15 KB of garbage each time); Watch does it when a
+	// notification says they changed, and every watchAllEvery.
+	checkSilent checkScope = false
+)
+
+func (d *Datapath) checkLocked(scope checkScope) []problem {
 	var out []problem
 	add := func(f Fault, format string, args ...any) *problem {
 		out = append(out, problem{Problem: Problem{Fault: f, Detail: fmt.Sprintf(format, args...)}})
 		return &out[len(out)-1]
 	}
-	s := d.settings()
-	if lo, err := d.nl.LinkByName("lo"); err != nil {
-		add(FaultLoopback, "lo: %v", err)
-	} else if lo.Attrs().Flags&net.FlagUp == 0 {
-		add(FaultLoopback, "lo is down in the node's namespace")
-	}
-	if ok, err := d.hasRule(s); err != nil {
-		add(FaultRule, "list routing rules: %v", err)
-	} else if !ok {
-		add(FaultRule, "routing rule fwmark %#x/%#x lookup %d (priority %d) is missing", s.RedirectMark, s.MarkMask, s.RouteTable, s.RulePriority)
-	}
-	if ok, err := d.hasLocalRoute(s); err != nil {
-		add(FaultRoute, "list routes of table %d: %v", s.RouteTable, err)
-	} else if !ok {
-		add(FaultRoute, "route local 0.0.0.0/0 dev lo table %d is missing", s.RouteTable)
+	if scope == checkAll {
+		s := d.settings()
+		if lo, err := d.nl.LinkByName("lo"); err != nil {
+			add(FaultLoopback, "lo: %v", err)
+		} else if lo.Attrs().Flags&net.FlagUp == 0 {
+			add(FaultLoopback, "lo is down in the node's namespace")
+		}
+		if ok, err := d.hasRule(s); err != nil {
+			add(FaultRule, "list routing rules: %v", err)
+		} else if !ok {
+			add(FaultRule, "routing rule fwmark %#x/%#x lookup %d (priority %d) is missing", s.RedirectMark, s.MarkMask, s.RouteTable, s.RulePriority)
+		}
+		if ok, err := d.hasLocalRoute(s); err != nil {
+			add(FaultRoute, "list routes of table %d: %v", s.RouteTable, err)
+		} else if !ok {
+			add(FaultRoute, "route local 0.0.0.0/0 dev lo table %d is missing", s.RouteTable)
+		}
 	}
 	if !d.skLookupAttached() {
 		add(FaultSkLookup, "the sk_lookup program is not attached to the node's network namespace")
@@ -125,13 +141,16 @@ func (d *Datapath) missingPins() []string {
 // programs again, and pins again what lost its pin. An attachment whose
 // interface is gone is forgotten instead. It returns what it repaired;
 // the error names what it could not.
-func (d *Datapath) Repair() ([]Problem, error) {
+func (d *Datapath) Repair() ([]Problem, error) { return d.repair(checkAll) }
+
+// repair is Repair of what scope looks at.
+func (d *Datapath) repair(scope checkScope) ([]Problem, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if err := d.checkOpen(); err != nil {
 		return nil, err
 	}
-	probs := d.checkLocked()
+	probs := d.checkLocked(scope)
 	if len(probs) == 0 {
 		return nil, nil
 	}
@@ -160,7 +179,7 @@ func (d *Datapath) Repair() ([]Problem, error) {
 	}
 	// What is still missing was not repaired.
 	left := map[Problem]bool{}
-	for _, p := range d.checkLocked() {
+	for _, p := range d.checkLocked(scope) {
 		left[p.Problem] = true
 		errs = append(errs, fmt.Errorf("bpf: repair: %s", p.Detail))
 	}
