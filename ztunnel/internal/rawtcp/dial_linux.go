@@ -35,7 +35,7 @@ func Accept(ln *net.TCPListener) (*Conn, error) {
 	nfd := -1
 	var derr error
 	if err := rc.Control(func(fd uintptr) {
-		nfd, derr = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0)
+		nfd, derr = rawDupCloexec(int(fd))
 	}); err != nil {
 		return nil, &net.OpError{Op: "accept", Net: "tcp", Addr: ln.Addr(), Err: err}
 	}
@@ -109,20 +109,20 @@ func dial(ctx context.Context, dst netip.AddrPort, src netip.Addr, mark int) (*C
 	if v4 {
 		family = unix.AF_INET
 	}
-	fd, err := unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
+	fd, err := rawSocket(family, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
 	if err != nil {
 		return nil, os.NewSyscallError("socket", err)
 	}
 	ok := false
 	defer func() {
 		if !ok {
-			unix.Close(fd)
+			rawClose(fd)
 		}
 	}()
 	if err := setup(fd, src, mark, v4); err != nil {
 		return nil, err
 	}
-	err = unix.Connect(fd, sockaddr(dst))
+	err = rawConnect(fd, dst)
 	if err == unix.EINTR {
 		// Interrupted: the connect goes on in the background (as for
 		// EINPROGRESS); calling connect again would say EALREADY.
@@ -148,18 +148,18 @@ func dial(ctx context.Context, dst netip.AddrPort, src netip.Addr, mark int) (*C
 		c.Close()
 		return nil, err
 	}
-	lsa, err := unix.Getsockname(fd)
+	laddr, err := rawName(unix.SYS_GETSOCKNAME, fd)
 	if err != nil {
 		c.Close()
 		return nil, os.NewSyscallError("getsockname", err)
 	}
-	c.laddr, c.raddr = addrPort(lsa), dst
+	c.laddr, c.raddr = laddr, dst
 	return c, nil
 }
 
 // setup sets the socket options of Dial before connect.
 func setup(fd int, src netip.Addr, mark int, v4 bool) error {
-	if err := unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1); err != nil {
+	if err := rawSetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1); err != nil {
 		return fmt.Errorf("set TCP_NODELAY: %w", os.NewSyscallError("setsockopt", err))
 	}
 	// TCP keep-alive as net.Dialer sets it by default (and as Accept gets
@@ -173,12 +173,12 @@ func setup(fd int, src netip.Addr, mark int, v4 bool) error {
 		{unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, 15, "TCP_KEEPINTVL"},
 		{unix.IPPROTO_TCP, unix.TCP_KEEPCNT, 9, "TCP_KEEPCNT"},
 	} {
-		if err := unix.SetsockoptInt(fd, o.level, o.opt, o.value); err != nil {
+		if err := rawSetsockoptInt(fd, o.level, o.opt, o.value); err != nil {
 			return fmt.Errorf("set %s: %w", o.name, os.NewSyscallError("setsockopt", err))
 		}
 	}
 	if mark != 0 {
-		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_MARK, mark); err != nil {
+		if err := rawSetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_MARK, mark); err != nil {
 			return fmt.Errorf("set SO_MARK %#x: %w", mark, os.NewSyscallError("setsockopt", err))
 		}
 	}
@@ -186,20 +186,20 @@ func setup(fd int, src netip.Addr, mark int, v4 bool) error {
 		return nil
 	}
 	if v4 {
-		if err := unix.SetsockoptInt(fd, unix.SOL_IP, unix.IP_TRANSPARENT, 1); err != nil {
+		if err := rawSetsockoptInt(fd, unix.SOL_IP, unix.IP_TRANSPARENT, 1); err != nil {
 			return fmt.Errorf("set IP_TRANSPARENT: %w", os.NewSyscallError("setsockopt", err))
 		}
 	} else {
-		if err := unix.SetsockoptInt(fd, unix.SOL_IPV6, unix.IPV6_TRANSPARENT, 1); err != nil {
+		if err := rawSetsockoptInt(fd, unix.SOL_IPV6, unix.IPV6_TRANSPARENT, 1); err != nil {
 			return fmt.Errorf("set IPV6_TRANSPARENT: %w", os.NewSyscallError("setsockopt", err))
 		}
 	}
 	// IP_BIND_ADDRESS_NO_PORT (level SOL_IP for both families): pick the
 	// port at connect, so the 4-tuple rather than the address limits ports.
-	if err := unix.SetsockoptInt(fd, unix.SOL_IP, unix.IP_BIND_ADDRESS_NO_PORT, 1); err != nil {
+	if err := rawSetsockoptInt(fd, unix.SOL_IP, unix.IP_BIND_ADDRESS_NO_PORT, 1); err != nil {
 		return fmt.Errorf("set IP_BIND_ADDRESS_NO_PORT: %w", os.NewSyscallError("setsockopt", err))
 	}
-	if err := unix.Bind(fd, sockaddr(netip.AddrPortFrom(src, 0))); err != nil {
+	if err := rawBind(fd, netip.AddrPortFrom(src, 0)); err != nil {
 		return fmt.Errorf("bind to source %s: %w", src, os.NewSyscallError("bind", err))
 	}
 	return nil
@@ -218,7 +218,7 @@ func (c *Conn) connected(ctx context.Context, pending bool) error {
 			}
 		}
 		pending = true
-		errno, err := unix.GetsockoptInt(c.fd, unix.SOL_SOCKET, unix.SO_ERROR)
+		errno, err := rawGetsockoptInt(c.fd, unix.SOL_SOCKET, unix.SO_ERROR)
 		if err != nil {
 			return os.NewSyscallError("getsockopt", err)
 		}
@@ -231,7 +231,7 @@ func (c *Conn) connected(ctx context.Context, pending bool) error {
 		}
 		// SO_ERROR 0 may come early (a spurious wake-up); the socket has
 		// a peer only once connected.
-		switch _, err := unix.Getpeername(c.fd); err {
+		switch _, err := rawName(unix.SYS_GETPEERNAME, c.fd); err {
 		case nil:
 			return nil
 		case unix.ENOTCONN:
@@ -240,34 +240,4 @@ func (c *Conn) connected(ctx context.Context, pending bool) error {
 			return os.NewSyscallError("getpeername", err)
 		}
 	}
-}
-
-func sockaddr(ap netip.AddrPort) unix.Sockaddr {
-	if ap.Addr().Is4() {
-		return &unix.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().As4()}
-	}
-	sa := &unix.SockaddrInet6{Port: int(ap.Port()), Addr: ap.Addr().As16()}
-	if z := ap.Addr().Zone(); z != "" {
-		if ifi, err := net.InterfaceByName(z); err == nil {
-			sa.ZoneId = uint32(ifi.Index)
-		}
-	}
-	return sa
-}
-
-func addrPort(sa unix.Sockaddr) netip.AddrPort {
-	switch sa := sa.(type) {
-	case *unix.SockaddrInet4:
-		return netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), uint16(sa.Port))
-	case *unix.SockaddrInet6:
-		a := netip.AddrFrom16(sa.Addr)
-		if sa.ZoneId != 0 {
-			if ifi, err := net.InterfaceByIndex(int(sa.ZoneId)); err == nil {
-				a = a.WithZone(ifi.Name)
-			}
-		}
-		// A dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d.
-		return netip.AddrPortFrom(a.Unmap(), uint16(sa.Port))
-	}
-	return netip.AddrPort{}
 }

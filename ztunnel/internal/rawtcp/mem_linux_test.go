@@ -295,7 +295,8 @@ func echo(b *testing.B, client, server net.Conn, buf []byte) {
 // socket is a *net.TCPConn.
 func TestAllocsPerAcceptAndClose(t *testing.T) {
 	ln := listen(t)
-	sa := sockaddr(ln.Addr().(*net.TCPAddr).AddrPort())
+	ap := ln.Addr().(*net.TCPAddr).AddrPort()
+	sa := &unix.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().As4()}
 	allocs := testing.AllocsPerRun(200, func() {
 		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
 		if err != nil {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/netip"
@@ -262,7 +263,8 @@ func TestDialEndsWithContext(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	dst := addrPort(sa)
+	sa4 := sa.(*unix.SockaddrInet4)
+	dst := netip.AddrPortFrom(netip.AddrFrom4(sa4.Addr), uint16(sa4.Port))
 
 	before := openFDs(t)
 	var conns []*Conn
@@ -618,5 +620,146 @@ func TestSlotTableShrinks(t *testing.T) {
 		if _, err := io.ReadFull(b, make([]byte, 1)); err != nil {
 			t.Fatal(err)
 		}
+	}
+}
+
+// TestAddressesOfBothFamilies dials IPv4 and IPv6 loopback listeners: both
+// ends report the addresses the other sees, and a byte goes each way.
+func TestAddressesOfBothFamilies(t *testing.T) {
+	for _, ip := range []string{"127.0.0.1", "::1"} {
+		t.Run(ip, func(t *testing.T) {
+			ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.ParseIP(ip)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { ln.Close() })
+			client, server := pair(t, ln)
+			for _, c := range []struct {
+				name      string
+				got, want net.Addr
+			}{
+				{"client RemoteAddr", client.RemoteAddr(), ln.Addr()},
+				{"server LocalAddr", server.LocalAddr(), ln.Addr()},
+				{"server RemoteAddr", server.RemoteAddr(), client.LocalAddr()},
+			} {
+				if c.got.String() != c.want.String() {
+					t.Errorf("%s = %s, want %s", c.name, c.got, c.want)
+				}
+			}
+			if client.LocalAddrPort().Addr() != netip.MustParseAddr(ip) || client.LocalAddrPort().Port() == 0 {
+				t.Errorf("client LocalAddr = %s, want %s and a port", client.LocalAddr(), ip)
+			}
+			b := make([]byte, 1)
+			for _, dir := range [][2]*Conn{{client, server}, {server, client}} {
+				if _, err := dir[0].Write([]byte{'x'}); err != nil {
+					t.Fatal(err)
+				}
+				if _, err := io.ReadFull(dir[1], b); err != nil {
+					t.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+// TestBlockedWritesAndReadsLoseNoWakeUp echoes blocks larger than a
+// socket buffer through several socket pairs at once, so that writers and
+// readers at both ends block thousands of times, sharing wait channels
+// (waitChans): a lost wake-up stalls a pair. Afterwards no Conn holds a
+// wait channel.
+func TestBlockedWritesAndReadsLoseNoWakeUp(t *testing.T) {
+	const (
+		pairs  = 4
+		rounds = 400
+		block  = 256 << 10
+	)
+	ln := listen(t)
+	var wg sync.WaitGroup
+	var conns []*Conn
+	errc := make(chan error, 2*pairs)
+	for range pairs {
+		client, server := pair(t, ln)
+		conns = append(conns, client, server)
+		wg.Add(2)
+		go func() { // echo server
+			defer wg.Done()
+			buf := make([]byte, block)
+			for {
+				if _, err := io.ReadFull(server, buf); err != nil {
+					if err == io.EOF {
+						err = nil
+					}
+					errc <- err
+					return
+				}
+				if _, err := server.Write(buf); err != nil {
+					errc <- err
+					return
+				}
+			}
+		}()
+		go func() {
+			defer wg.Done()
+			out, in := bytes.Repeat([]byte{1}, block), make([]byte, block)
+			for i := range rounds {
+				out[0] = byte(i)
+				if _, err := client.Write(out); err != nil {
+					errc <- err
+					return
+				}
+				if _, err := io.ReadFull(client, in); err != nil {
+					errc <- err
+					return
+				}
+				if in[0] != byte(i) {
+					errc <- fmt.Errorf("round %d: echo of round %d", i, in[0])
+					return
+				}
+			}
+			errc <- client.CloseWrite()
+		}()
+	}
+	stall := time.AfterFunc(60*time.Second, func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	})
+	wg.Wait()
+	if !stall.Stop() {
+		t.Fatal("an echo stalled for 60 s (a lost wake-up)")
+	}
+	for range 2 * pairs {
+		if err := <-errc; err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i, c := range conns {
+		c.mu.Lock()
+		held := c.r.ch != nil || c.w.ch != nil
+		c.mu.Unlock()
+		if held {
+			t.Errorf("Conn %d holds a wait channel after its waits ended", i)
+		}
+	}
+}
+
+// TestCloseWithLingerDeliversData closes a Conn with SO_LINGER set to a
+// positive time (the ordinary close, see closeFD) right after writing:
+// the peer reads all of it, then EOF.
+func TestCloseWithLingerDeliversData(t *testing.T) {
+	client, server := pair(t, listen(t))
+	if err := server.SetLinger(5); err != nil {
+		t.Fatal(err)
+	}
+	msg := bytes.Repeat([]byte("linger "), 1<<14)
+	if _, err := server.Write(msg); err != nil {
+		t.Fatal(err)
+	}
+	if err := server.Close(); err != nil {
+		t.Fatal(err)
+	}
+	got, err := io.ReadAll(client)
+	if err != nil || !bytes.Equal(got, msg) {
+		t.Fatalf("peer read %d bytes, %v; want %d bytes, EOF", len(got), err, len(msg))
 	}
 }
