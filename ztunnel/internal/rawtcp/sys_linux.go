@@ -209,6 +209,17 @@ func rawName(call uintptr, fd int) (netip.AddrPort, error) {
 	return sa.addrPort(), nil
 }
 
+// rawAccept4 accepts a connection on the listening socket fd, as a
+// nonblocking, close-on-exec socket, and puts its peer's address in sa.
+func rawAccept4(fd int, sa *rawSockaddr) (int, error) {
+	l := uint32(unsafe.Sizeof(*sa))
+	nfd, _, e := unix.RawSyscall6(unix.SYS_ACCEPT4, uintptr(fd), uintptr(unsafe.Pointer(sa)), uintptr(unsafe.Pointer(&l)), unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0, 0)
+	if e != 0 {
+		return -1, e
+	}
+	return int(nfd), nil
+}
+
 func rawDupCloexec(fd int) (int, error) {
 	nfd, _, e := unix.RawSyscall(unix.SYS_FCNTL, uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
 	if e != 0 {
