@@ -175,7 +175,7 @@ func (m *mesh) startNode(name string, o meshOpts) *node {
 	if o.plaintext {
 		ln := listen(t)
 		n.plain = port(ln)
-		plain = &origDstListener{Listener: ln, orig: n.orig}
+		plain = newOrigDstListener(t, ln, n.orig)
 	}
 	p, err := ztunnel.New(ztunnel.Config{
 		NodeName:    name,
@@ -185,7 +185,7 @@ func (m *mesh) startNode(name string, o meshOpts) *node {
 		Bundles:     bundles,
 		Authorizer:  o.authz[name],
 		Logger:      logger.With("node", name),
-		Outbound:    &origDstListener{Listener: outLn, orig: n.orig},
+		Outbound:    newOrigDstListener(t, outLn, n.orig),
 		HBONE:       hbLn,
 		HBONEAddr: func(ip netip.Addr, w *workload.Workload) netip.AddrPort {
 			if via := m.via.Load(); via != nil {
@@ -301,10 +301,23 @@ func (n *node) waitCount(t *testing.T, flag ztunnel.ResponseFlag, want uint64) {
 }
 
 // origDstListener reports, as an accepted conn's LocalAddr, the
-// destination the test dialled, the way capture preserves it.
+// destination the test dialled, the way capture preserves it. It accepts
+// as the agent does: sockets outside Go's poller (rawtcp).
 type origDstListener struct {
-	net.Listener
+	*rawtcp.Listener
 	orig *origMap
+}
+
+// newOrigDstListener takes over ln (rawtcp.Listen), closed at the end of
+// the test.
+func newOrigDstListener(t testing.TB, ln net.Listener, orig *origMap) *origDstListener {
+	t.Helper()
+	rl, err := rawtcp.Listen(ln.(*net.TCPListener))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { rl.Close() })
+	return &origDstListener{Listener: rl, orig: orig}
 }
 
 // origMap maps a client's address to the destination it dialled.
@@ -347,10 +360,8 @@ func (o *origMap) take(client netip.AddrPort) (netip.AddrPort, bool) {
 	}
 }
 
-// Accept accepts as the agent does: a socket outside Go's poller
-// (rawtcp).
 func (l *origDstListener) Accept() (net.Conn, error) {
-	c, err := rawtcp.Accept(l.Listener.(*net.TCPListener))
+	c, err := l.AcceptConn()
 	if err != nil {
 		return nil, err
 	}

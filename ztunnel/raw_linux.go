@@ -13,12 +13,21 @@ import (
 // goroutine, and closing them gives all their memory back. Go's poller
 // never frees its record of a socket (about 550 bytes), nor the runtime
 // a goroutine's (about 480), so an agent that once held 10,000 flows
-// would keep 10 MB for good. Other listeners are left as they are.
-func rawListener(ln net.Listener) net.Listener {
-	if tl, ok := ln.(*net.TCPListener); ok {
-		return rawtcp.Listener(tl)
+// would keep 10 MB for good. The listener's socket moves to rawtcp, which
+// accepts with accept4 on its own poller, and ln is closed; other
+// listeners are left as they are.
+func rawListener(ln net.Listener) (net.Listener, error) {
+	tl, ok := ln.(*net.TCPListener)
+	if !ok {
+		return ln, nil
 	}
-	return ln
+	// Not l itself on failure: a nil *rawtcp.Listener would be a non-nil
+	// net.Listener.
+	l, err := rawtcp.Listen(tl)
+	if err != nil {
+		return nil, err
+	}
+	return l, nil
 }
 
 // dialTCP connects to dst from src (if valid, with IP_TRANSPARENT), with

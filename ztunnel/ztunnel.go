@@ -189,7 +189,9 @@ type Config struct {
 
 	// Outbound accepts captured connections of local pods (:15001): an
 	// accepted conn's LocalAddr is the original destination, RemoteAddr
-	// the client pod. Nil: none.
+	// the client pod. Nil: none. On Linux, New takes over the socket of a
+	// *net.TCPListener and closes the listener (rawListener): the
+	// socket then closes with the Proxy.
 	Outbound net.Listener
 	// HBONE accepts mutual-TLS HBONE connections (:15008); LocalAddr is
 	// the destination pod. Nil: none.
@@ -295,6 +297,17 @@ func New(cfg Config) (*Proxy, error) {
 	cfg.Tuning = cfg.Tuning.WithDefaults()
 	cfg.Limits = cfg.Limits.withDefaults()
 	lim := cfg.Limits
+	if cfg.Outbound != nil {
+		// Captured connections stay outside Go's poller (rawListener),
+		// so that an idle flow holds neither a goroutine nor a record Go
+		// never frees. Nothing fails after this, so the socket taken
+		// over is always the Proxy's to close.
+		ln, err := rawListener(cfg.Outbound)
+		if err != nil {
+			return nil, fmt.Errorf("ztunnel: outbound listener: %w", err)
+		}
+		cfg.Outbound = ln
+	}
 	p := &Proxy{cfg: cfg, log: cfg.Logger, authz: cfg.Authorizer, ports: map[uint16]bool{}, live: newFlowTable(cfg.MaxFlows),
 		limits:  lim,
 		pending: newAdmission(lim.MaxPendingHandshakes, lim.MaxPendingPerIP, true),
@@ -360,10 +373,7 @@ func (p *Proxy) Run(ctx context.Context) error {
 	}
 	var as []acceptor
 	if p.cfg.Outbound != nil {
-		// Captured connections stay outside Go's poller (rawListener),
-		// so that an idle flow holds neither a goroutine nor a record Go
-		// never frees.
-		as = append(as, acceptor{rawListener(p.cfg.Outbound), listenOutbound, func(ctx context.Context, c net.Conn, _ *ticket, done func()) {
+		as = append(as, acceptor{p.cfg.Outbound, listenOutbound, func(ctx context.Context, c net.Conn, _ *ticket, done func()) {
 			p.handleOutbound(ctx, c, done)
 		}})
 	}

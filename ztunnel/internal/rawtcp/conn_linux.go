@@ -15,7 +15,7 @@ import (
 
 // side is the readiness and waiting state of one direction of a Conn.
 type side struct {
-	ch      chan struct{} // made when a goroutine first blocks on this side
+	ch      chan struct{} // from waitChans while a goroutine blocks on this side
 	timer   *time.Timer   // only while a future deadline is set
 	seq     uint32        // deadline generation: a timer of an older one is ignored
 	ready   bool          // token: an event arrived that no waiter consumed yet
@@ -29,8 +29,8 @@ type side struct {
 // waits without a goroutine.
 //
 // A Conn holds no goroutine, no timer (unless a deadline is set) and no
-// channel (until a goroutine blocks in it); after Close it is ordinary
-// garbage.
+// channel (but while a goroutine blocks in it); after Close it is
+// ordinary garbage.
 type Conn struct {
 	fd    int
 	laddr netip.AddrPort
@@ -42,6 +42,7 @@ type Conn struct {
 	refs     int32 // references on fd: syscalls in flight, plus one held by Close
 	closed   bool
 	fdClosed bool
+	lingers  bool // SO_LINGER may have a positive time: closeFD must not be raw
 	r, w     side
 	readFn   func() // pending WaitRead callback
 
@@ -74,12 +75,12 @@ func (c *Conn) SetReadInterest(on bool) error {
 func newConn(fd int, laddr, raddr netip.AddrPort) (*Conn, error) {
 	p, err := getPoller()
 	if err != nil {
-		unix.Close(fd)
+		rawClose(fd)
 		return nil, err
 	}
 	c := &Conn{fd: fd, laddr: laddr, raddr: raddr}
 	if err := p.register(c); err != nil {
-		unix.Close(fd)
+		rawClose(fd)
 		return nil, err
 	}
 	return c, nil
@@ -149,11 +150,31 @@ func (c *Conn) decref() {
 	if last {
 		c.fdClosed = true
 	}
+	lingers := c.lingers
 	c.mu.Unlock()
 	if last {
-		unix.Close(c.fd)
+		closeFD(c.fd, lingers)
 	}
 }
+
+// closeFD closes fd, raw (sys_linux.go) unless lingers says SO_LINGER may
+// have a positive time and getsockopt confirms it: close then waits until
+// the socket's data is sent, up to that time, so it is the ordinary call
+// that lets the scheduler run other goroutines meanwhile.
+func closeFD(fd int, lingers bool) {
+	if lingers {
+		if l, err := rawGetsockoptLinger(fd); err != nil || l.Onoff != 0 && l.Linger > 0 {
+			unix.Close(fd)
+			return
+		}
+	}
+	rawClose(fd)
+}
+
+// waitChans holds the channels that goroutines blocked in a Conn wait on:
+// a channel is taken for one wait and given back after it, so an open
+// Conn keeps none (100-odd bytes each).
+var waitChans = sync.Pool{New: func() any { return make(chan struct{}, 1) }}
 
 // wait blocks until s has a readiness token (consuming it), the deadline
 // passes, the Conn is closed, or done is closed (nil: never).
@@ -172,19 +193,26 @@ func (c *Conn) wait(s *side, done <-chan struct{}) error {
 			c.mu.Unlock()
 			return nil
 		}
-		if s.ch == nil {
-			s.ch = make(chan struct{}, 1)
-		}
-		s.waiting = true
+		// The readiness itself is the token above, kept under c.mu: the
+		// channel only wakes this goroutine, and is given back once no
+		// wake (which sends only while s.waiting, under c.mu) can reach
+		// it, emptied of a wake this goroutine did not take.
+		ch := waitChans.Get().(chan struct{})
+		s.ch, s.waiting = ch, true
 		c.mu.Unlock()
 		var err error
 		select {
-		case <-s.ch:
+		case <-ch:
 		case <-done:
 			err = errDone
 		}
 		c.mu.Lock()
-		s.waiting = false
+		s.ch, s.waiting = nil, false
+		select {
+		case <-ch:
+		default:
+		}
+		waitChans.Put(ch)
 		if err != nil {
 			c.mu.Unlock()
 			return err
@@ -267,7 +295,7 @@ func (c *Conn) readOnce(b []byte) (int, error) {
 		return 0, c.opError("read", err)
 	}
 	for {
-		n, err := unix.Read(c.fd, b)
+		n, err := ioRead(c.fd, b)
 		switch err {
 		case nil:
 			if n == 0 && len(b) > 0 {
@@ -297,11 +325,8 @@ func (c *Conn) Write(b []byte) (int, error) {
 		if err := c.check(&c.w); err != nil {
 			return nn, c.opError("write", err)
 		}
-		// write(2), as Go's sockets do: a write to a reset connection
-		// fails with EPIPE, the runtime ignoring SIGPIPE for descriptors
-		// other than 1 and 2; and what is written shows in the process's
-		// write accounting (wchar of /proc/<pid>/io).
-		n, err := unix.Write(c.fd, b[nn:])
+		// write(2), as Go's sockets do (rawWrite).
+		n, err := ioWrite(c.fd, b[nn:])
 		if n > 0 {
 			nn += n
 		}
@@ -392,7 +417,7 @@ func (c *Conn) CloseWrite() error {
 		return c.opError("close", net.ErrClosed)
 	}
 	defer c.decref()
-	if err := unix.Shutdown(c.fd, unix.SHUT_WR); err != nil {
+	if err := rawShutdown(c.fd, unix.SHUT_WR); err != nil {
 		return c.opError("close", os.NewSyscallError("shutdown", err))
 	}
 	return nil
@@ -411,7 +436,10 @@ func (c *Conn) SetLinger(sec int) error {
 	if sec >= 0 {
 		l.Onoff, l.Linger = 1, int32(sec)
 	}
-	if err := unix.SetsockoptLinger(c.fd, unix.SOL_SOCKET, unix.SO_LINGER, &l); err != nil {
+	if sec > 0 {
+		c.setLingers()
+	}
+	if err := rawSetsockoptLinger(c.fd, &l); err != nil {
 		return c.opError("set", os.NewSyscallError("setsockopt", err))
 	}
 	return nil
@@ -501,8 +529,18 @@ func (rc rawConn) Control(f func(fd uintptr)) error {
 		return c.opError("raw-control", net.ErrClosed)
 	}
 	defer c.decref()
+	// f may set SO_LINGER itself.
+	c.setLingers()
 	f(uintptr(c.fd))
 	return nil
+}
+
+// setLingers records that the socket's SO_LINGER may have a positive
+// time (closeFD).
+func (c *Conn) setLingers() {
+	c.mu.Lock()
+	c.lingers = true
+	c.mu.Unlock()
 }
 
 func (rc rawConn) Read(f func(fd uintptr) bool) error {

@@ -7,71 +7,158 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"sync"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
 
-// Accept waits for the next connection on ln and returns it as a Conn.
-// After ln is closed it returns an error for which errors.Is(err,
-// net.ErrClosed); ln's deadline is honoured. Other errors (EMFILE, ...) come
-// as a *net.OpError with Op "accept", as from ln.Accept.
-//
-// The wait is ln's own, in Go's poller: Go's listener RawConn cannot wait
-// (its Read fails with EINVAL), so Accept takes the connection with
-// ln.AcceptTCP, moves the socket to a new fd of its own and closes Go's.
-// Go's poller thus holds each accepted socket only for a moment, and reuses
-// its record for the next one: the records Go never frees number the
-// Accepts in flight at once, not the connections.
-func Accept(ln *net.TCPListener) (*Conn, error) {
-	tc, err := ln.AcceptTCP()
-	if err != nil {
-		return nil, err
+// Listener accepts connections of a listening socket as Conns: with
+// accept4 on the socket, which waits for them on this package's poller,
+// as Conns do for data. Go's poller holds no record of it nor of the
+// connections, and an Accept costs one system call per connection, plus
+// its options (TCP_NODELAY, and the keep-alive of Go's listeners: 15 s
+// idle, 15 s interval, 9 probes) and getsockname for its local address:
+// for a connection accepted on a transparent socket, the original
+// destination.
+type Listener struct {
+	c    *Conn // the listening socket, registered with the poller
+	addr net.Addr
+	mu   sync.Mutex // one Accept at a time: a side of c has one waiter
+}
+
+// Listen takes over ln's listening socket: the returned Listener holds a
+// descriptor of its own for it, with every option ln's socket has
+// (IP_TRANSPARENT, SO_MARK, ...) and every reference the kernel keeps to
+// it (a SOCKMAP's), and ln is closed. The socket closes with the
+// Listener. On failure ln is left as it was.
+func Listen(ln *net.TCPListener) (*Listener, error) {
+	fail := func(err error) (*Listener, error) {
+		return nil, &net.OpError{Op: "listen", Net: "tcp", Addr: ln.Addr(), Err: err}
 	}
-	defer tc.Close()
-	rc, err := tc.SyscallConn()
+	rc, err := ln.SyscallConn()
 	if err != nil {
-		return nil, &net.OpError{Op: "accept", Net: "tcp", Addr: ln.Addr(), Err: err}
+		return fail(err)
 	}
-	nfd := -1
+	fd := -1
 	var derr error
-	if err := rc.Control(func(fd uintptr) {
-		nfd, derr = unix.FcntlInt(fd, unix.F_DUPFD_CLOEXEC, 0)
-	}); err != nil {
-		return nil, &net.OpError{Op: "accept", Net: "tcp", Addr: ln.Addr(), Err: err}
+	if err := rc.Control(func(lfd uintptr) { fd, derr = rawDupCloexec(int(lfd)) }); err != nil {
+		return fail(err)
 	}
 	if derr != nil {
-		return nil, &net.OpError{Op: "accept", Net: "tcp", Addr: ln.Addr(), Err: fmt.Errorf("move socket out of Go's poller: %w", os.NewSyscallError("fcntl", derr))}
+		return fail(fmt.Errorf("take the socket from Go's listener: %w", os.NewSyscallError("fcntl", derr)))
 	}
-	// The new fd shares the socket's open file description, nonblocking
-	// as Go made it; closing Go's fd leaves the connection open.
-	laddr := tc.LocalAddr().(*net.TCPAddr).AddrPort()
-	raddr := tc.RemoteAddr().(*net.TCPAddr).AddrPort()
-	c, err := newConn(nfd, unmap(laddr), unmap(raddr))
+	// The descriptor shares the socket's open file description,
+	// nonblocking as Go made it.
+	addr := ln.Addr()
+	c, err := newConn(fd, addr.(*net.TCPAddr).AddrPort(), netip.AddrPort{})
 	if err != nil {
-		return nil, &net.OpError{Op: "accept", Net: "tcp", Addr: ln.Addr(), Err: fmt.Errorf("register with poller: %w", err)}
+		return fail(fmt.Errorf("register with poller: %w", err))
+	}
+	// Go's descriptor goes, and its record in Go's poller with it; the
+	// socket stays open by c's.
+	ln.Close()
+	return &Listener{c: c, addr: addr}, nil
+}
+
+// Accept waits for the next connection and returns it as a *Conn. After
+// Close it returns an error for which errors.Is(err, net.ErrClosed);
+// after the deadline (SetDeadline) one for which errors.Is(err,
+// os.ErrDeadlineExceeded). Other errors (EMFILE, ...) come as a
+// *net.OpError with Op "accept", as from Go's listeners; the connection
+// stays queued for the next Accept.
+func (l *Listener) Accept() (net.Conn, error) {
+	c, err := l.AcceptConn()
+	if err != nil {
+		return nil, err // not c: a nil *Conn would be a non-nil net.Conn
 	}
 	return c, nil
 }
 
-// unmap turns an IPv4-mapped IPv6 address (a dual-stack socket's view of an
-// IPv4 peer) into the IPv4 address.
-func unmap(ap netip.AddrPort) netip.AddrPort {
-	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+// AcceptConn is Accept returning a *Conn.
+func (l *Listener) AcceptConn() (*Conn, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	lc := l.c
+	if !lc.incref() {
+		return nil, l.opError(net.ErrClosed)
+	}
+	defer lc.decref()
+	for {
+		if err := lc.check(&lc.r); err != nil {
+			return nil, l.opError(err)
+		}
+		var sa rawSockaddr
+		fd, err := rawAccept4(lc.fd, &sa)
+		switch err {
+		case nil:
+			c, err := accepted(fd, sa.addrPort())
+			if err != nil {
+				return nil, l.opError(err)
+			}
+			return c, nil
+		case unix.EINTR, unix.ECONNABORTED:
+			// ECONNABORTED: the connection was reset while queued; take
+			// the next one, as Go's listeners do.
+			continue
+		case unix.EAGAIN:
+			if err := lc.wait(&lc.r, nil); err != nil {
+				return nil, l.opError(err)
+			}
+			continue
+		}
+		return nil, l.opError(os.NewSyscallError("accept4", err))
+	}
 }
 
-// Listener returns a net.Listener whose Accept returns *Conn (see Accept);
-// Addr and Close are ln's.
-func Listener(ln *net.TCPListener) net.Listener { return listener{ln} }
-
-type listener struct{ *net.TCPListener }
-
-func (l listener) Accept() (net.Conn, error) {
-	c, err := Accept(l.TCPListener)
+// accepted sets up the socket fd accepted from raddr and registers it;
+// on failure it closes fd.
+func accepted(fd int, raddr netip.AddrPort) (*Conn, error) {
+	laddr, err := rawName(unix.SYS_GETSOCKNAME, fd)
+	if err == nil {
+		err = setTCPOptions(fd)
+	} else {
+		err = os.NewSyscallError("getsockname", err)
+	}
 	if err != nil {
+		rawClose(fd)
 		return nil, err
 	}
+	c, err := newConn(fd, laddr, raddr)
+	if err != nil {
+		return nil, fmt.Errorf("register with poller: %w", err)
+	}
 	return c, nil
 }
+
+func (l *Listener) opError(err error) error {
+	return &net.OpError{Op: "accept", Net: "tcp", Addr: l.addr, Err: err}
+}
+
+// Close closes the listening socket; an Accept waiting now returns an
+// error for which errors.Is(err, net.ErrClosed), and so does a second
+// Close.
+func (l *Listener) Close() error {
+	if err := l.c.Close(); err != nil {
+		return &net.OpError{Op: "close", Net: "tcp", Addr: l.addr, Err: net.ErrClosed}
+	}
+	return nil
+}
+
+// Addr returns the listening address, as Go's listener had it.
+func (l *Listener) Addr() net.Addr { return l.addr }
+
+// SetDeadline sets the time after which Accept fails with an error for
+// which errors.Is(err, os.ErrDeadlineExceeded); a zero t clears it. It
+// also affects an Accept waiting now.
+func (l *Listener) SetDeadline(t time.Time) error {
+	if err := l.c.setDeadline(&l.c.r, t); err != nil {
+		return &net.OpError{Op: "set", Net: "tcp", Addr: l.addr, Err: net.ErrClosed}
+	}
+	return nil
+}
+
+var _ net.Listener = (*Listener)(nil)
 
 // Dial connects to dst, with TCP_NODELAY and the keep-alive of net.Dialer's
 // defaults (15 s idle, 15 s interval, 9 probes). With mark != 0 the socket carries SO_MARK mark;
@@ -109,20 +196,20 @@ func dial(ctx context.Context, dst netip.AddrPort, src netip.Addr, mark int) (*C
 	if v4 {
 		family = unix.AF_INET
 	}
-	fd, err := unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
+	fd, err := rawSocket(family, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, unix.IPPROTO_TCP)
 	if err != nil {
 		return nil, os.NewSyscallError("socket", err)
 	}
 	ok := false
 	defer func() {
 		if !ok {
-			unix.Close(fd)
+			rawClose(fd)
 		}
 	}()
 	if err := setup(fd, src, mark, v4); err != nil {
 		return nil, err
 	}
-	err = unix.Connect(fd, sockaddr(dst))
+	err = rawConnect(fd, dst)
 	if err == unix.EINTR {
 		// Interrupted: the connect goes on in the background (as for
 		// EINPROGRESS); calling connect again would say EALREADY.
@@ -148,22 +235,22 @@ func dial(ctx context.Context, dst netip.AddrPort, src netip.Addr, mark int) (*C
 		c.Close()
 		return nil, err
 	}
-	lsa, err := unix.Getsockname(fd)
+	laddr, err := rawName(unix.SYS_GETSOCKNAME, fd)
 	if err != nil {
 		c.Close()
 		return nil, os.NewSyscallError("getsockname", err)
 	}
-	c.laddr, c.raddr = addrPort(lsa), dst
+	c.laddr, c.raddr = laddr, dst
 	return c, nil
 }
 
-// setup sets the socket options of Dial before connect.
-func setup(fd int, src netip.Addr, mark int, v4 bool) error {
-	if err := unix.SetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1); err != nil {
+// setTCPOptions sets what Dial and Accept set on every socket: TCP_NODELAY
+// and TCP keep-alive as Go's dialers and listeners set it by default:
+// probes after 15 s idle, every 15 s, 9 of them.
+func setTCPOptions(fd int) error {
+	if err := rawSetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, 1); err != nil {
 		return fmt.Errorf("set TCP_NODELAY: %w", os.NewSyscallError("setsockopt", err))
 	}
-	// TCP keep-alive as net.Dialer sets it by default (and as Accept gets
-	// it from Go's listener): probes after 15 s idle, every 15 s, 9 of them.
 	for _, o := range [...]struct {
 		level, opt, value int
 		name              string
@@ -173,12 +260,20 @@ func setup(fd int, src netip.Addr, mark int, v4 bool) error {
 		{unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, 15, "TCP_KEEPINTVL"},
 		{unix.IPPROTO_TCP, unix.TCP_KEEPCNT, 9, "TCP_KEEPCNT"},
 	} {
-		if err := unix.SetsockoptInt(fd, o.level, o.opt, o.value); err != nil {
+		if err := rawSetsockoptInt(fd, o.level, o.opt, o.value); err != nil {
 			return fmt.Errorf("set %s: %w", o.name, os.NewSyscallError("setsockopt", err))
 		}
 	}
+	return nil
+}
+
+// setup sets the socket options of Dial before connect.
+func setup(fd int, src netip.Addr, mark int, v4 bool) error {
+	if err := setTCPOptions(fd); err != nil {
+		return err
+	}
 	if mark != 0 {
-		if err := unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_MARK, mark); err != nil {
+		if err := rawSetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_MARK, mark); err != nil {
 			return fmt.Errorf("set SO_MARK %#x: %w", mark, os.NewSyscallError("setsockopt", err))
 		}
 	}
@@ -186,20 +281,20 @@ func setup(fd int, src netip.Addr, mark int, v4 bool) error {
 		return nil
 	}
 	if v4 {
-		if err := unix.SetsockoptInt(fd, unix.SOL_IP, unix.IP_TRANSPARENT, 1); err != nil {
+		if err := rawSetsockoptInt(fd, unix.SOL_IP, unix.IP_TRANSPARENT, 1); err != nil {
 			return fmt.Errorf("set IP_TRANSPARENT: %w", os.NewSyscallError("setsockopt", err))
 		}
 	} else {
-		if err := unix.SetsockoptInt(fd, unix.SOL_IPV6, unix.IPV6_TRANSPARENT, 1); err != nil {
+		if err := rawSetsockoptInt(fd, unix.SOL_IPV6, unix.IPV6_TRANSPARENT, 1); err != nil {
 			return fmt.Errorf("set IPV6_TRANSPARENT: %w", os.NewSyscallError("setsockopt", err))
 		}
 	}
 	// IP_BIND_ADDRESS_NO_PORT (level SOL_IP for both families): pick the
 	// port at connect, so the 4-tuple rather than the address limits ports.
-	if err := unix.SetsockoptInt(fd, unix.SOL_IP, unix.IP_BIND_ADDRESS_NO_PORT, 1); err != nil {
+	if err := rawSetsockoptInt(fd, unix.SOL_IP, unix.IP_BIND_ADDRESS_NO_PORT, 1); err != nil {
 		return fmt.Errorf("set IP_BIND_ADDRESS_NO_PORT: %w", os.NewSyscallError("setsockopt", err))
 	}
-	if err := unix.Bind(fd, sockaddr(netip.AddrPortFrom(src, 0))); err != nil {
+	if err := rawBind(fd, netip.AddrPortFrom(src, 0)); err != nil {
 		return fmt.Errorf("bind to source %s: %w", src, os.NewSyscallError("bind", err))
 	}
 	return nil
@@ -218,7 +313,7 @@ func (c *Conn) connected(ctx context.Context, pending bool) error {
 			}
 		}
 		pending = true
-		errno, err := unix.GetsockoptInt(c.fd, unix.SOL_SOCKET, unix.SO_ERROR)
+		errno, err := rawGetsockoptInt(c.fd, unix.SOL_SOCKET, unix.SO_ERROR)
 		if err != nil {
 			return os.NewSyscallError("getsockopt", err)
 		}
@@ -231,7 +326,7 @@ func (c *Conn) connected(ctx context.Context, pending bool) error {
 		}
 		// SO_ERROR 0 may come early (a spurious wake-up); the socket has
 		// a peer only once connected.
-		switch _, err := unix.Getpeername(c.fd); err {
+		switch _, err := rawName(unix.SYS_GETPEERNAME, c.fd); err {
 		case nil:
 			return nil
 		case unix.ENOTCONN:
@@ -240,34 +335,4 @@ func (c *Conn) connected(ctx context.Context, pending bool) error {
 			return os.NewSyscallError("getpeername", err)
 		}
 	}
-}
-
-func sockaddr(ap netip.AddrPort) unix.Sockaddr {
-	if ap.Addr().Is4() {
-		return &unix.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().As4()}
-	}
-	sa := &unix.SockaddrInet6{Port: int(ap.Port()), Addr: ap.Addr().As16()}
-	if z := ap.Addr().Zone(); z != "" {
-		if ifi, err := net.InterfaceByName(z); err == nil {
-			sa.ZoneId = uint32(ifi.Index)
-		}
-	}
-	return sa
-}
-
-func addrPort(sa unix.Sockaddr) netip.AddrPort {
-	switch sa := sa.(type) {
-	case *unix.SockaddrInet4:
-		return netip.AddrPortFrom(netip.AddrFrom4(sa.Addr), uint16(sa.Port))
-	case *unix.SockaddrInet6:
-		a := netip.AddrFrom16(sa.Addr)
-		if sa.ZoneId != 0 {
-			if ifi, err := net.InterfaceByIndex(int(sa.ZoneId)); err == nil {
-				a = a.WithZone(ifi.Name)
-			}
-		}
-		// A dual-stack socket reports IPv4 peers as ::ffff:a.b.c.d.
-		return netip.AddrPortFrom(a.Unmap(), uint16(sa.Port))
-	}
-	return netip.AddrPort{}
 }

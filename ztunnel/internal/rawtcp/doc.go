@@ -10,7 +10,9 @@
 // edge-triggered, with one epoll instance of this package, served by a
 // single goroutine; per-connection state is a small heap object, and
 // [Conn.WaitRead] hands a callback to that goroutine instead of blocking.
+// A listening socket moves there too ([Listen]): [Listener.Accept] takes
+// connections with accept4, without a socket or a record of Go's.
 //
-// The package works on Linux only; elsewhere Accept and Dial return
+// The package works on Linux only; elsewhere Listen and Dial return
 // [errors.ErrUnsupported].
 package rawtcp

@@ -80,7 +80,7 @@ func (p *poller) setReadInterest(c *Conn, on bool) error {
 	}
 	c.noRead = !on
 	ev := unix.EpollEvent{Events: eventsOf(c), Fd: c.idx, Pad: int32(c.gen)}
-	if err := unix.EpollCtl(p.epfd, unix.EPOLL_CTL_MOD, c.fd, &ev); err != nil {
+	if err := rawEpollCtl(p.epfd, unix.EPOLL_CTL_MOD, c.fd, &ev); err != nil {
 		return os.NewSyscallError("epoll_ctl", err)
 	}
 	return nil
@@ -102,7 +102,7 @@ func (p *poller) register(c *Conn) error {
 	p.nextGen++
 	p.slots[idx] = slot{c: c, gen: p.nextGen}
 	ev := unix.EpollEvent{Events: pollEvents, Fd: idx, Pad: int32(p.nextGen)}
-	if err := unix.EpollCtl(p.epfd, unix.EPOLL_CTL_ADD, c.fd, &ev); err != nil {
+	if err := rawEpollCtl(p.epfd, unix.EPOLL_CTL_ADD, c.fd, &ev); err != nil {
 		p.slots[idx] = slot{}
 		p.free = append(p.free, idx)
 		return os.NewSyscallError("epoll_ctl", err)
@@ -124,7 +124,7 @@ func (p *poller) deregister(c *Conn) {
 	c.registered = false
 	// ENOENT cannot happen while the fd is open and registered; any error
 	// leaves nothing to undo: close removes the socket from the set anyway.
-	_ = unix.EpollCtl(p.epfd, unix.EPOLL_CTL_DEL, c.fd, nil)
+	_ = rawEpollCtl(p.epfd, unix.EPOLL_CTL_DEL, c.fd, nil)
 	p.slots[c.idx] = slot{}
 	p.free = append(p.free, c.idx)
 	p.inUse--
@@ -153,7 +153,7 @@ func (p *poller) shrink() {
 		}
 		p.nextGen++
 		ev := unix.EpollEvent{Events: eventsOf(c), Fd: int32(j), Pad: int32(p.nextGen)}
-		if err := unix.EpollCtl(p.epfd, unix.EPOLL_CTL_MOD, c.fd, &ev); err != nil {
+		if err := rawEpollCtl(p.epfd, unix.EPOLL_CTL_MOD, c.fd, &ev); err != nil {
 			// Cannot happen for a registered, open socket; keep the
 			// table as it is rather than lose the socket's events.
 			slog.Default().Warn("rawtcp: shrink slot table: re-register socket", "err", err)
@@ -183,7 +183,7 @@ func (p *poller) run() {
 	// The epoll instance waits in Go's own network poller, as one more
 	// descriptor: no thread is held in epoll_wait, and the goroutines its
 	// events wake run as those of Go's sockets do. One RawConn.Read for
-	// good: its function takes what is ready (epoll_wait without a
+	// good: its function takes what is ready (epoll_pwait with a zero
 	// timeout) and hands it out until less than a full batch came, then
 	// returns false to wait for the next edge. Returning from Read would
 	// let the next Read's start forget an edge that came meanwhile.
@@ -195,12 +195,12 @@ func (p *poller) run() {
 	var events [128]unix.EpollEvent
 	err = rc.Read(func(fd uintptr) bool {
 		for {
-			n, err := unix.EpollWait(int(fd), events[:], 0)
+			n, err := rawEpollPoll(int(fd), events[:])
 			switch {
 			case err == unix.EINTR:
 				continue
 			case err != nil:
-				panic(fmt.Sprintf("rawtcp: epoll_wait: %v", err))
+				panic(fmt.Sprintf("rawtcp: epoll_pwait: %v", err))
 			}
 			p.dispatch(events[:n])
 			clear(events[:n])

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/netip"
@@ -28,9 +29,20 @@ func listen(t testing.TB) *net.TCPListener {
 	return ln
 }
 
+// rawListen returns a loopback Listener closed at the end of the test.
+func rawListen(t testing.TB) *Listener {
+	t.Helper()
+	ln, err := Listen(listen(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	return ln
+}
+
 // pair returns a dialled and an accepted Conn, connected to each other and
 // closed at the end of the test.
-func pair(t testing.TB, ln *net.TCPListener) (client, server *Conn) {
+func pair(t testing.TB, ln *Listener) (client, server *Conn) {
 	t.Helper()
 	type result struct {
 		c   *Conn
@@ -38,7 +50,7 @@ func pair(t testing.TB, ln *net.TCPListener) (client, server *Conn) {
 	}
 	accepted := make(chan result, 1)
 	go func() {
-		c, err := Accept(ln)
+		c, err := ln.AcceptConn()
 		accepted <- result{c, err}
 	}()
 	client, err := Dial(context.Background(), ln.Addr().(*net.TCPAddr).AddrPort(), netip.Addr{}, 0)
@@ -54,7 +66,7 @@ func pair(t testing.TB, ln *net.TCPListener) (client, server *Conn) {
 }
 
 func TestEchoBothDirectionsThenEOFAfterCloseWrite(t *testing.T) {
-	ln := listen(t)
+	ln := rawListen(t)
 	client, server := pair(t, ln)
 
 	if got, want := client.RemoteAddr().String(), ln.Addr().String(); got != want {
@@ -107,7 +119,7 @@ func TestEchoBothDirectionsThenEOFAfterCloseWrite(t *testing.T) {
 }
 
 func TestCloseAfterSetLingerZeroResetsPeer(t *testing.T) {
-	client, server := pair(t, listen(t))
+	client, server := pair(t, rawListen(t))
 	if err := server.SetLinger(0); err != nil {
 		t.Fatal(err)
 	}
@@ -121,7 +133,7 @@ func TestCloseAfterSetLingerZeroResetsPeer(t *testing.T) {
 }
 
 func TestOperationsAfterCloseSayClosed(t *testing.T) {
-	client, _ := pair(t, listen(t))
+	client, _ := pair(t, rawListen(t))
 	if err := client.Close(); err != nil {
 		t.Fatal(err)
 	}
@@ -149,7 +161,7 @@ func TestOperationsAfterCloseSayClosed(t *testing.T) {
 func second[T any](_ T, err error) error { return err }
 
 func TestDeadlines(t *testing.T) {
-	client, server := pair(t, listen(t))
+	client, server := pair(t, rawListen(t))
 
 	// A deadline in the past fails Read at once, even with data waiting.
 	if _, err := client.Write([]byte("x")); err != nil {
@@ -262,7 +274,8 @@ func TestDialEndsWithContext(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	dst := addrPort(sa)
+	sa4 := sa.(*unix.SockaddrInet4)
+	dst := netip.AddrPortFrom(netip.AddrFrom4(sa4.Addr), uint16(sa4.Port))
 
 	before := openFDs(t)
 	var conns []*Conn
@@ -298,9 +311,9 @@ func TestDialSetsMarkAndTransparentSource(t *testing.T) {
 		}
 		t.Skip("needs root (SO_MARK, IP_TRANSPARENT)")
 	}
-	ln := listen(t)
+	ln := rawListen(t)
 	go func() {
-		c, err := Accept(ln)
+		c, err := ln.AcceptConn()
 		if err == nil {
 			c.Close()
 		}
@@ -335,9 +348,9 @@ func TestDialSetsMarkAndTransparentSource(t *testing.T) {
 }
 
 func TestAcceptAfterListenerCloseSaysClosed(t *testing.T) {
-	ln := listen(t)
+	ln := rawListen(t)
 	errc := make(chan error, 1)
-	go func() { _, err := Listener(ln).Accept(); errc <- err }()
+	go func() { _, err := ln.Accept(); errc <- err }()
 	time.Sleep(10 * time.Millisecond) // usually blocked in Accept by now; either way it must fail
 	ln.Close()
 	if err := <-errc; !errors.Is(err, net.ErrClosed) {
@@ -346,7 +359,7 @@ func TestAcceptAfterListenerCloseSaysClosed(t *testing.T) {
 }
 
 func TestWaitReadCallsFuncOnceWhenDataArrives(t *testing.T) {
-	client, server := pair(t, listen(t))
+	client, server := pair(t, rawListen(t))
 	drain(t, server)
 
 	var calls atomic.Int32
@@ -396,7 +409,7 @@ func drain(t *testing.T, c *Conn) {
 }
 
 func TestWaitReadReturnsFalseWhenDataArrivedAlready(t *testing.T) {
-	client, server := pair(t, listen(t))
+	client, server := pair(t, rawListen(t))
 	drain(t, server)
 	if _, err := client.Write([]byte("a")); err != nil {
 		t.Fatal(err)
@@ -423,7 +436,7 @@ func TestWaitReadReturnsFalseWhenDataArrivedAlready(t *testing.T) {
 }
 
 func TestWaitReadIsCalledOnClose(t *testing.T) {
-	_, server := pair(t, listen(t))
+	_, server := pair(t, rawListen(t))
 	drain(t, server)
 	var calls atomic.Int32
 	if !server.WaitRead(func() { calls.Add(1) }) {
@@ -440,7 +453,7 @@ func TestWaitReadIsCalledOnClose(t *testing.T) {
 }
 
 func TestWaitReadTwicePanics(t *testing.T) {
-	_, server := pair(t, listen(t))
+	_, server := pair(t, rawListen(t))
 	drain(t, server)
 	if !server.WaitRead(func() {}) {
 		t.Fatal("WaitRead on an idle socket = false, want true")
@@ -459,7 +472,7 @@ func TestWaitReadTwicePanics(t *testing.T) {
 // way from EAGAIN to WaitRead. A lost wake-up stalls the exchange.
 func TestWaitReadLosesNoWakeUp(t *testing.T) {
 	const rounds = 2000
-	client, server := pair(t, listen(t))
+	client, server := pair(t, rawListen(t))
 
 	done := make(chan error, 1)
 	var serve func()
@@ -514,7 +527,7 @@ func TestWaitReadLosesNoWakeUp(t *testing.T) {
 // get the closed fd numbers: nothing may panic or race, every operation
 // returns, and no byte reaches a socket that reused a closed fd number.
 func TestConcurrentCloseIsSafe(t *testing.T) {
-	ln := listen(t)
+	ln := rawListen(t)
 	stop := make(chan struct{})
 	var reusers sync.WaitGroup
 	var leaked atomic.Int64
@@ -581,7 +594,7 @@ func TestConcurrentCloseIsSafe(t *testing.T) {
 }
 
 func TestSlotTableShrinks(t *testing.T) {
-	ln := listen(t)
+	ln := rawListen(t)
 	p, err := getPoller()
 	if err != nil {
 		t.Fatal(err)
@@ -618,5 +631,306 @@ func TestSlotTableShrinks(t *testing.T) {
 		if _, err := io.ReadFull(b, make([]byte, 1)); err != nil {
 			t.Fatal(err)
 		}
+	}
+}
+
+// TestAddressesOfBothFamilies dials IPv4 and IPv6 loopback listeners: both
+// ends report the addresses the other sees, and a byte goes each way.
+func TestAddressesOfBothFamilies(t *testing.T) {
+	for _, ip := range []string{"127.0.0.1", "::1"} {
+		t.Run(ip, func(t *testing.T) {
+			ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: net.ParseIP(ip)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			rl, err := Listen(ln)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { rl.Close() })
+			client, server := pair(t, rl)
+			for _, c := range []struct {
+				name      string
+				got, want net.Addr
+			}{
+				{"client RemoteAddr", client.RemoteAddr(), rl.Addr()},
+				{"server LocalAddr", server.LocalAddr(), rl.Addr()},
+				{"server RemoteAddr", server.RemoteAddr(), client.LocalAddr()},
+			} {
+				if c.got.String() != c.want.String() {
+					t.Errorf("%s = %s, want %s", c.name, c.got, c.want)
+				}
+			}
+			if client.LocalAddrPort().Addr() != netip.MustParseAddr(ip) || client.LocalAddrPort().Port() == 0 {
+				t.Errorf("client LocalAddr = %s, want %s and a port", client.LocalAddr(), ip)
+			}
+			b := make([]byte, 1)
+			for _, dir := range [][2]*Conn{{client, server}, {server, client}} {
+				if _, err := dir[0].Write([]byte{'x'}); err != nil {
+					t.Fatal(err)
+				}
+				if _, err := io.ReadFull(dir[1], b); err != nil {
+					t.Fatal(err)
+				}
+			}
+		})
+	}
+}
+
+// TestBlockedWritesAndReadsLoseNoWakeUp echoes blocks larger than a
+// socket buffer through several socket pairs at once, so that writers and
+// readers at both ends block thousands of times, sharing wait channels
+// (waitChans): a lost wake-up stalls a pair. Afterwards no Conn holds a
+// wait channel.
+func TestBlockedWritesAndReadsLoseNoWakeUp(t *testing.T) {
+	const (
+		pairs  = 4
+		rounds = 400
+		block  = 256 << 10
+	)
+	ln := rawListen(t)
+	var wg sync.WaitGroup
+	var conns []*Conn
+	errc := make(chan error, 2*pairs)
+	for range pairs {
+		client, server := pair(t, ln)
+		conns = append(conns, client, server)
+		wg.Add(2)
+		go func() { // echo server
+			defer wg.Done()
+			buf := make([]byte, block)
+			for {
+				if _, err := io.ReadFull(server, buf); err != nil {
+					if err == io.EOF {
+						err = nil
+					}
+					errc <- err
+					return
+				}
+				if _, err := server.Write(buf); err != nil {
+					errc <- err
+					return
+				}
+			}
+		}()
+		go func() {
+			defer wg.Done()
+			out, in := bytes.Repeat([]byte{1}, block), make([]byte, block)
+			for i := range rounds {
+				out[0] = byte(i)
+				if _, err := client.Write(out); err != nil {
+					errc <- err
+					return
+				}
+				if _, err := io.ReadFull(client, in); err != nil {
+					errc <- err
+					return
+				}
+				if in[0] != byte(i) {
+					errc <- fmt.Errorf("round %d: echo of round %d", i, in[0])
+					return
+				}
+			}
+			errc <- client.CloseWrite()
+		}()
+	}
+	stall := time.AfterFunc(60*time.Second, func() {
+		for _, c := range conns {
+			c.Close()
+		}
+	})
+	wg.Wait()
+	if !stall.Stop() {
+		t.Fatal("an echo stalled for 60 s (a lost wake-up)")
+	}
+	for range 2 * pairs {
+		if err := <-errc; err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i, c := range conns {
+		c.mu.Lock()
+		held := c.r.ch != nil || c.w.ch != nil
+		c.mu.Unlock()
+		if held {
+			t.Errorf("Conn %d holds a wait channel after its waits ended", i)
+		}
+	}
+}
+
+// TestCloseWithLingerDeliversData closes a Conn with SO_LINGER set to a
+// positive time (the ordinary close, see closeFD) right after writing:
+// the peer reads all of it, then EOF.
+func TestCloseWithLingerDeliversData(t *testing.T) {
+	client, server := pair(t, rawListen(t))
+	if err := server.SetLinger(5); err != nil {
+		t.Fatal(err)
+	}
+	msg := bytes.Repeat([]byte("linger "), 1<<14)
+	if _, err := server.Write(msg); err != nil {
+		t.Fatal(err)
+	}
+	if err := server.Close(); err != nil {
+		t.Fatal(err)
+	}
+	got, err := io.ReadAll(client)
+	if err != nil || !bytes.Equal(got, msg) {
+		t.Fatalf("peer read %d bytes, %v; want %d bytes, EOF", len(got), err, len(msg))
+	}
+}
+
+// TestListenTakesOverTheSocket listens with Go (IP_TRANSPARENT and SO_MARK
+// when root, as the agent's listeners have them), hands the listener to
+// Listen, and connects: Go's listener is closed, the connection is
+// accepted by the Listener with the addresses of both ends, the options
+// of Dial's sockets, and what it inherits from the listening socket.
+func TestListenTakesOverTheSocket(t *testing.T) {
+	root := os.Geteuid() == 0
+	if !root && os.Getenv("CI") == "true" {
+		t.Fatal("needs root (SO_MARK, IP_TRANSPARENT), and CI runs as root")
+	}
+	const mark = 0x5a
+	lc := net.ListenConfig{Control: func(_, _ string, rc syscall.RawConn) error {
+		if !root {
+			return nil
+		}
+		var err error
+		rc.Control(func(fd uintptr) {
+			if err = unix.SetsockoptInt(int(fd), unix.SOL_IP, unix.IP_TRANSPARENT, 1); err == nil {
+				err = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, mark)
+			}
+		})
+		return err
+	}}
+	gln, err := lc.Listen(context.Background(), "tcp4", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { gln.Close() })
+	ln, err := Listen(gln.(*net.TCPListener))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	if _, err := gln.Accept(); !errors.Is(err, net.ErrClosed) {
+		t.Errorf("Go's listener after Listen: Accept = %v, want net.ErrClosed", err)
+	}
+	if ln.Addr().String() != gln.Addr().String() {
+		t.Errorf("Addr = %s, want Go's listener's %s", ln.Addr(), gln.Addr())
+	}
+	client, server := pair(t, ln)
+	if server.LocalAddr().String() != ln.Addr().String() || server.RemoteAddr().String() != client.LocalAddr().String() {
+		t.Errorf("accepted: local %s, remote %s; want %s, %s", server.LocalAddr(), server.RemoteAddr(), ln.Addr(), client.LocalAddr())
+	}
+	opts := map[string]struct{ level, opt, want int }{
+		"TCP_NODELAY":  {unix.IPPROTO_TCP, unix.TCP_NODELAY, 1},
+		"SO_KEEPALIVE": {unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1},
+		"TCP_KEEPIDLE": {unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, 15},
+		"TCP_KEEPCNT":  {unix.IPPROTO_TCP, unix.TCP_KEEPCNT, 9},
+	}
+	if root {
+		opts["SO_MARK"] = struct{ level, opt, want int }{unix.SOL_SOCKET, unix.SO_MARK, mark}
+		opts["IP_TRANSPARENT"] = struct{ level, opt, want int }{unix.SOL_IP, unix.IP_TRANSPARENT, 1}
+	}
+	rc, _ := server.SyscallConn()
+	rc.Control(func(fd uintptr) {
+		for name, o := range opts {
+			if v, err := unix.GetsockoptInt(int(fd), o.level, o.opt); err != nil || v != o.want {
+				t.Errorf("accepted socket's %s = %d, %v; want %d", name, v, err, o.want)
+			}
+		}
+	})
+	if _, err := client.Write([]byte("x")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.ReadFull(server, make([]byte, 1)); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestListenerCloseTwiceSaysClosed(t *testing.T) {
+	ln := rawListen(t)
+	if err := ln.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := ln.Close(); !errors.Is(err, net.ErrClosed) {
+		t.Errorf("second Close = %v, want net.ErrClosed", err)
+	}
+	if _, err := ln.Accept(); !errors.Is(err, net.ErrClosed) {
+		t.Errorf("Accept after Close = %v, want net.ErrClosed", err)
+	}
+}
+
+// TestAcceptHonoursDeadline: an Accept waiting when the deadline passes
+// fails with a timeout; cleared, the next Accept takes the connection.
+func TestAcceptHonoursDeadline(t *testing.T) {
+	ln := rawListen(t)
+	if err := ln.SetDeadline(time.Now().Add(50 * time.Millisecond)); err != nil {
+		t.Fatal(err)
+	}
+	_, err := ln.Accept()
+	var ne net.Error
+	if !errors.Is(err, os.ErrDeadlineExceeded) || !errors.As(err, &ne) || !ne.Timeout() {
+		t.Fatalf("Accept past the deadline = %v, want os.ErrDeadlineExceeded", err)
+	}
+	if err := ln.SetDeadline(time.Time{}); err != nil {
+		t.Fatal(err)
+	}
+	pair(t, ln)
+}
+
+// TestAcceptOutOfDescriptorsKeepsTheConnection makes accept4 fail with
+// EMFILE: Accept returns it as Go's listeners do, and once a descriptor is
+// free again the next Accept takes the connection that waited.
+func TestAcceptOutOfDescriptorsKeepsTheConnection(t *testing.T) {
+	ln := rawListen(t)
+	client, err := Dial(context.Background(), ln.Addr().(*net.TCPAddr).AddrPort(), netip.Addr{}, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { client.Close() })
+
+	var lim unix.Rlimit
+	if err := unix.Getrlimit(unix.RLIMIT_NOFILE, &lim); err != nil {
+		t.Fatal(err)
+	}
+	// Take every free descriptor below a limit just above those open.
+	fill := []int{}
+	release := func() {
+		for _, fd := range fill {
+			unix.Close(fd)
+		}
+		fill = nil
+		unix.Setrlimit(unix.RLIMIT_NOFILE, &lim)
+	}
+	defer release()
+	low := lim
+	low.Cur = uint64(openFDs(t) + 64)
+	if err := unix.Setrlimit(unix.RLIMIT_NOFILE, &low); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		fd, err := unix.Dup(0)
+		if err == unix.EMFILE {
+			break
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		fill = append(fill, fd)
+	}
+	_, err = ln.Accept()
+	release()
+	var oe *net.OpError
+	if !errors.Is(err, syscall.EMFILE) || !errors.As(err, &oe) || oe.Op != "accept" {
+		t.Fatalf("Accept without a free descriptor = %v, want a *net.OpError accept with EMFILE", err)
+	}
+	server, err := ln.AcceptConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { server.Close() })
+	if server.RemoteAddr().String() != client.LocalAddr().String() {
+		t.Errorf("accepted %s, want the connection that waited, from %s", server.RemoteAddr(), client.LocalAddr())
 	}
 }

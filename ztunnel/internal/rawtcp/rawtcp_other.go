@@ -16,20 +16,19 @@ type Conn struct{}
 
 var errUnsupported = errors.ErrUnsupported
 
-// Accept is not supported on this platform.
-func Accept(ln *net.TCPListener) (*Conn, error) {
-	return nil, &net.OpError{Op: "accept", Net: "tcp", Addr: ln.Addr(), Err: errUnsupported}
+// Listener accepts Conns; only Linux has them.
+type Listener struct{}
+
+// Listen is not supported on this platform.
+func Listen(ln *net.TCPListener) (*Listener, error) {
+	return nil, &net.OpError{Op: "listen", Net: "tcp", Addr: ln.Addr(), Err: errUnsupported}
 }
 
-// Listener returns a listener whose Accept fails on this platform.
-func Listener(ln *net.TCPListener) net.Listener { return listener{ln} }
-
-type listener struct{ *net.TCPListener }
-
-func (l listener) Accept() (net.Conn, error) {
-	_, err := Accept(l.TCPListener)
-	return nil, err
-}
+func (l *Listener) Accept() (net.Conn, error)   { return nil, errUnsupported }
+func (l *Listener) AcceptConn() (*Conn, error)  { return nil, errUnsupported }
+func (l *Listener) Close() error                { return errUnsupported }
+func (l *Listener) Addr() net.Addr              { return nil }
+func (l *Listener) SetDeadline(time.Time) error { return errUnsupported }
 
 // Dial is not supported on this platform.
 func Dial(ctx context.Context, dst netip.AddrPort, src netip.Addr, mark int) (*Conn, error) {
