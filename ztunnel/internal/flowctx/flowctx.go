@@ -251,9 +251,7 @@ func AfterFunc(ctx context.Context, f func()) (stop func() bool) {
 	if !ok {
 		return context.AfterFunc(ctx, f)
 	}
-	h := &Hook{}
-	c.Register(h, func() { go f() })
-	return func() bool { return c.Unregister(h) }
+	return c.AfterFunc(func() { go f() })
 }
 
 // WithTimeout is context.WithTimeout for a child that lives briefly (a
