@@ -41,8 +41,11 @@ type Datapath interface {
 	// enrolled pod, so that HBONE to it is captured.
 	SetLocalPod(ip netip.Addr, on bool) error
 	// Status reports what is attached, including what a previous agent
-	// left pinned.
+	// left pinned, and checks the kernel state.
 	Status() bpf.Status
+	// EnrolledPods returns the ifindexes of the enrolled veths (Status's
+	// Pods) without checking anything.
+	EnrolledPods() []int
 }
 
 // LinkFinder finds the host side of a local pod's veth.
@@ -298,7 +301,7 @@ func (a *Agent) reconcile(ctx context.Context, now time.Time) (next time.Time) {
 		a.lastFull = now
 	}
 	p := &pass{now: now, next: a.lastFull.Add(a.cfg.Resync), full: full, enrolled: map[int]bool{}, owned: map[int]bool{}}
-	for _, ifindex := range a.cfg.Datapath.Status().Pods {
+	for _, ifindex := range a.cfg.Datapath.EnrolledPods() {
 		p.enrolled[ifindex] = true
 	}
 	a.unenrollDeparted(p, want)

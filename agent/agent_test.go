@@ -112,6 +112,8 @@ func (d *fakeDatapath) localPods() []string {
 	return out
 }
 
+func (d *fakeDatapath) EnrolledPods() []int { return d.Status().Pods }
+
 func (d *fakeDatapath) Status() bpf.Status {
 	d.mu.Lock()
 	defer d.mu.Unlock()

@@ -225,8 +225,8 @@ func clsactFilter(k attachKey, fd int) *netlink.BpfFilter {
 // alive reports whether a's program is still attached to its interface.
 func (d *Datapath) alive(a *attachment) bool {
 	if a.link != nil {
-		info, err := a.link.Info()
-		return err == nil && info.TCX() != nil && int(info.TCX().Ifindex) == a.key.ifindex
+		typ, ifindex, err := d.linkInfo.target(a.link)
+		return err == nil && typ == link.TCXType && int(ifindex) == a.key.ifindex
 	}
 	l, err := d.nl.LinkByIndex(a.key.ifindex)
 	if err != nil {

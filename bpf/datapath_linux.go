@@ -41,6 +41,14 @@ type Datapath struct {
 	closed   bool
 	skLookup link.Link
 	attached map[attachKey]*attachment
+
+	// What checks reuse (under mu), so that the silent check makes no
+	// garbage (scan_linux.go).
+	checkKeys []attachKey
+	mapNames  []string // of the pinned maps, sorted; fixed once loaded
+	pinScan   nameScan
+	pinPaths  [2]cpath // the pin directory and its links directory
+	linkInfo  linkInfo
 }
 
 // Open loads the data path for cfg, or adopts the one pinned in
@@ -290,6 +298,17 @@ func (d *Datapath) Status() Status {
 	s.Pods = d.withRole(rolePodIngress)
 	s.Uplinks = d.withRole(roleUplinkIngress)
 	return s
+}
+
+// EnrolledPods returns the ifindexes of the enrolled pod veths (Status's
+// Pods) without checking the kernel state.
+func (d *Datapath) EnrolledPods() []int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.closed {
+		return nil
+	}
+	return d.withRole(rolePodIngress)
 }
 
 // Ready reports whether captured connections reach the ztunnel: nothing

@@ -59,6 +59,9 @@ func (d *Datapath) Counters() (Counters, error) { return Counters{}, errNotLinux
 // Status reports nothing attached off Linux.
 func (d *Datapath) Status() Status { return Status{} }
 
+// EnrolledPods is nil off Linux.
+func (d *Datapath) EnrolledPods() []int { return nil }
+
 // Ready is false off Linux.
 func (d *Datapath) Ready() bool { return false }
 

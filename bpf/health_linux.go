@@ -11,6 +11,7 @@ import (
 	"slices"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
@@ -78,7 +79,8 @@ func (d *Datapath) checkLocked(scope checkScope) []problem {
 	if !d.skLookupAttached() {
 		add(FaultSkLookup, "the sk_lookup program is not attached to the node's network namespace")
 	}
-	for _, k := range d.attachmentKeys() {
+	d.checkKeys = d.appendAttachmentKeys(d.checkKeys[:0])
+	for _, k := range d.checkKeys {
 		if !d.alive(d.attached[k]) {
 			add(FaultAttachment, "%s is not attached to %s", k.role, d.ifName(k.ifindex)).key = k
 		}
@@ -91,46 +93,54 @@ func (d *Datapath) checkLocked(scope checkScope) []problem {
 
 // missingPins lists the paths the data path pins (the directory, its links
 // directory, the maps and the links) that are not there. Two directory
-// reads, however many pods: lstat on bpffs is not cheap.
+// reads, however many pods (lstat on bpffs is not cheap), into a buffer
+// the data path keeps: it makes no garbage when nothing is missing.
 func (d *Datapath) missingPins() []string {
-	dir := d.cfg.PinDir
-	links := filepath.Join(dir, linksDir)
-	names := func(dir string) map[string]bool {
-		entries, err := os.ReadDir(dir)
-		if err != nil {
-			return nil
-		}
-		out := make(map[string]bool, len(entries))
-		for _, e := range entries {
-			out[e.Name()] = true
-		}
-		return out
+	if d.pinPaths[0].z == nil {
+		d.pinPaths = [2]cpath{newCPath(d.cfg.PinDir), newCPath(filepath.Join(d.cfg.PinDir, linksDir))}
 	}
-	top := names(dir)
-	if top == nil {
-		return []string{dir}
+	dir, links := d.pinPaths[0], d.pinPaths[1]
+	s := &d.pinScan
+	s.reset()
+	maps := d.pinnedMapNames()
+	for _, name := range maps {
+		s.expect(name)
+	}
+	s.expect(linksDir)
+	if err := s.scan(dir); err != nil {
+		return []string{dir.path}
 	}
 	var out []string
-	var pinned []string
-	for name := range d.pinnedMaps() {
-		pinned = append(pinned, name)
-	}
-	slices.Sort(pinned)
-	for _, name := range pinned {
-		if !top[name] {
-			out = append(out, filepath.Join(dir, name))
+	for _, name := range maps {
+		if !s.has(name) {
+			out = append(out, filepath.Join(dir.path, name))
 		}
 	}
-	if !top[linksDir] {
-		return append(out, links)
+	if !s.has(linksDir) {
+		return append(out, links.path)
 	}
-	have := names(links)
-	if d.skLookup != nil && !have[skLookupPin] {
-		out = append(out, filepath.Join(links, skLookupPin))
+	s.reset()
+	if d.skLookup != nil {
+		s.expect(skLookupPin)
 	}
-	for _, k := range d.attachmentKeys() {
-		if pin := d.attached[k].pin; !have[filepath.Base(pin)] {
-			out = append(out, pin)
+	for _, a := range d.attached {
+		s.expect(filepath.Base(a.pin))
+	}
+	if err := s.scan(links); err != nil {
+		return append(out, links.path)
+	}
+	if d.skLookup != nil && !s.has(skLookupPin) {
+		out = append(out, filepath.Join(links.path, skLookupPin))
+	}
+	for _, a := range d.attached {
+		if !s.has(filepath.Base(a.pin)) {
+			// Something is missing: list the lost pins in a stable order.
+			for _, k := range d.attachmentKeys() {
+				if pin := d.attached[k].pin; !s.has(filepath.Base(pin)) {
+					out = append(out, pin)
+				}
+			}
+			break
 		}
 	}
 	return out
@@ -243,8 +253,8 @@ func (d *Datapath) skLookupAttached() bool {
 	if d.skLookup == nil {
 		return false
 	}
-	info, err := d.skLookup.Info()
-	return err == nil && info.NetNs() != nil && uint64(info.NetNs().NetnsInode) == d.nsInode
+	typ, ino, err := d.linkInfo.target(d.skLookup)
+	return err == nil && typ == link.NetNsType && uint64(ino) == d.nsInode
 }
 
 // reattachSkLookup replaces a detached sk_lookup link with a new one.
@@ -273,11 +283,17 @@ func (d *Datapath) reattach(k attachKey) error {
 
 // attachmentKeys returns the keys of d.attached in a stable order.
 func (d *Datapath) attachmentKeys() []attachKey {
-	keys := make([]attachKey, 0, len(d.attached))
+	return d.appendAttachmentKeys(make([]attachKey, 0, len(d.attached)))
+}
+
+// appendAttachmentKeys appends the keys of the attachments to keys, in
+// attachmentKeys' order.
+func (d *Datapath) appendAttachmentKeys(keys []attachKey) []attachKey {
+	start := len(keys)
 	for k := range d.attached {
 		keys = append(keys, k)
 	}
-	slices.SortFunc(keys, func(a, b attachKey) int {
+	slices.SortFunc(keys[start:], func(a, b attachKey) int {
 		if a.ifindex != b.ifindex {
 			return a.ifindex - b.ifindex
 		}
@@ -294,6 +310,18 @@ func (d *Datapath) ifName(ifindex int) string {
 }
 
 // pinnedMaps returns the maps of the data path by their pin name.
+// pinnedMapNames returns the names of pinnedMaps, sorted. The maps are
+// fixed once loaded: the names are worked out once.
+func (d *Datapath) pinnedMapNames() []string {
+	if d.mapNames == nil {
+		for name := range d.pinnedMaps() {
+			d.mapNames = append(d.mapNames, name)
+		}
+		slices.Sort(d.mapNames)
+	}
+	return d.mapNames
+}
+
 func (d *Datapath) pinnedMaps() map[string]*ebpf.Map {
 	out := map[string]*ebpf.Map{}
 	v := reflect.ValueOf(d.objs.mantletMaps)

@@ -110,6 +110,8 @@ func (d *fakeDatapath) UnenrollPod(ifindex int) error {
 
 func (d *fakeDatapath) SetLocalPod(netip.Addr, bool) error { return nil }
 
+func (d *fakeDatapath) EnrolledPods() []int { return d.Status().Pods }
+
 func (d *fakeDatapath) Status() bpf.Status {
 	d.mu.Lock()
 	defer d.mu.Unlock()
