@@ -25,7 +25,6 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/spiffe/go-spiffe/v2/spiffeid"
 	"golang.org/x/sync/errgroup"
 
@@ -353,7 +352,7 @@ func Run(ctx context.Context, cfg Config) error {
 		reg.MustRegister(enforce.NewCollector(en.az), events.NewCollector(en.ev, "mantlet_security_events_total",
 			"Security events, by result: written, suppressed (rate_limited, queue_full) or lost to a failed write (failed)."))
 		mux := http.NewServeMux()
-		mux.Handle("GET /metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+		mux.Handle("GET /metrics", telemetry.MetricsHandler(reg))
 		servers = append(servers, &http.Server{Addr: cfg.MetricsAddr, Handler: mux, ReadHeaderTimeout: 5 * time.Second})
 	}
 	serverLns := make([]net.Listener, len(servers))
