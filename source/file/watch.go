@@ -265,10 +265,19 @@ func (w *Watcher) Run(ctx context.Context, apply func(*Manifest)) error {
 		case <-settle.C:
 			check()
 		case <-poll.C:
-			w.rewatch(n)
-			check()
+			if again := w.poll(n, time.Now(), apply); again > 0 {
+				settle.Reset(again)
+			}
 		}
 	}
+}
+
+// poll is what Run does on each WatchOptions.Poll tick: it makes the
+// watches fit the path again and checks the file, in case a notification
+// was lost. It returns what check returns.
+func (w *Watcher) poll(n *notifier, now time.Time, apply func(*Manifest)) time.Duration {
+	w.rewatch(n)
+	return w.check(now, apply)
 }
 
 func (w *Watcher) rewatch(n *notifier) {
