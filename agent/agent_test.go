@@ -257,7 +257,7 @@ type pod struct {
 	enrolled     bool
 }
 
-func state(t *testing.T, mtls map[string]v1alpha1.MTLSMode, pods ...pod) State {
+func state(t testing.TB, mtls map[string]v1alpha1.MTLSMode, pods ...pod) State {
 	t.Helper()
 	var ws []workload.Workload
 	for _, p := range pods {
@@ -741,4 +741,44 @@ func TestAgentSignalsAChangeOfItsPods(t *testing.T) {
 			t.Errorf("%s: Changed signalled %v, want %v (pods %v)", s.what, got, s.want, a.Pods())
 		}
 	}
+}
+
+// benchIdleResync measures what an agent with pods enrolled pods does
+// when nothing changes: the pass of every Config.Resync. Its garbage sits
+// in an idle agent's heap between collections.
+func benchIdleResync(b *testing.B, links LinkFinder, pods int) {
+	dp := newFakeDatapath()
+	a, err := New(Config{Node: "node-1", Datapath: dp, Links: links, Resync: time.Minute})
+	if err != nil {
+		b.Fatal(err)
+	}
+	var ps []pod
+	for i := 1; i <= pods; i++ {
+		ps = append(ps, pod{fmt.Sprintf("shop/p%d", i), "node-1", fmt.Sprintf("198.19.1.%d", i), "", true})
+	}
+	a.Apply(state(b, nil, ps...))
+	now := time.Now()
+	a.reconcile(b.Context(), now)
+	if got := pending(a.Pods()); got != 0 {
+		b.Fatalf("%d pods not enrolled: %+v", got, a.Pods())
+	}
+	calls := len(dp.callLog())
+	b.ReportAllocs()
+	for b.Loop() {
+		now = now.Add(time.Minute)
+		a.reconcile(b.Context(), now)
+	}
+	if got := pending(a.Pods()); got != 0 || len(dp.callLog()) != calls {
+		b.Fatalf("%d pods not enrolled, data path calls %v", got, dp.callLog()[calls:])
+	}
+}
+
+// BenchmarkAgentIdleResync is the idle pass over fake veths, which cost
+// nothing to find: what the agent itself does.
+func BenchmarkAgentIdleResync(b *testing.B) {
+	links := &fakeLinks{veths: map[netip.Addr]int{}, fail: map[netip.Addr]int{}}
+	for n := 1; n <= 10; n++ {
+		links.set(fmt.Sprintf("198.19.1.%d", n), 100+n)
+	}
+	benchIdleResync(b, links, 10)
 }

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
 	"runtime"
@@ -17,7 +18,7 @@ import (
 // inFreshNetns runs fn on a thread of its own inside a new, unnamed
 // network namespace. The thread is never unlocked, so it dies with the
 // goroutine and the namespace goes when nothing holds it any more.
-func inFreshNetns(t *testing.T, fn func(h *netlink.Handle)) {
+func inFreshNetns(t testing.TB, fn func(h *netlink.Handle)) {
 	t.Helper()
 	done := make(chan struct{})
 	go func() {
@@ -42,7 +43,7 @@ func inFreshNetns(t *testing.T, fn func(h *netlink.Handle)) {
 
 // mustFor returns a function that fails t with what and err when err is
 // not nil.
-func mustFor(t *testing.T) func(what string, err error) {
+func mustFor(t testing.TB) func(what string, err error) {
 	return func(what string, err error) {
 		t.Helper()
 		if err != nil {
@@ -174,5 +175,32 @@ func TestRouteLinksRefusesPodsOfABridgedCNI(t *testing.T) {
 				t.Errorf("PodLink(%s) error = %v\nwant %s", tc.ip, err, tc.wantErr)
 			}
 		}
+	})
+}
+
+// BenchmarkAgentIdleResyncRouteLinks is the idle pass of an agent with 10
+// pods whose veths RouteLinks finds by their routes, in a network
+// namespace of its own.
+func BenchmarkAgentIdleResyncRouteLinks(b *testing.B) {
+	privtest.Require(b)
+	const pods = 10
+	inFreshNetns(b, func(h *netlink.Handle) {
+		must := mustFor(b)
+		for i := 1; i <= pods; i++ {
+			host, peer := fmt.Sprintf("mt-h%d", i), fmt.Sprintf("mt-p%d", i)
+			must("add veth "+host, h.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: host}, PeerName: peer}))
+			l, err := h.LinkByName(host)
+			must("find "+host, err)
+			p, err := h.LinkByName(peer)
+			must("find "+peer, err)
+			must("up", h.LinkSetUp(l))
+			must("up", h.LinkSetUp(p))
+			dst := &net.IPNet{IP: net.IPv4(198, 19, 1, byte(i)), Mask: net.CIDRMask(32, 32)}
+			must("add route", h.RouteAdd(&netlink.Route{LinkIndex: l.Attrs().Index, Dst: dst, Scope: netlink.SCOPE_LINK}))
+		}
+		rl, err := NewRouteLinks()
+		must("NewRouteLinks", err)
+		defer rl.Close()
+		benchIdleResync(b, rl, pods)
 	})
 }
