@@ -8,6 +8,7 @@ import (
 	"runtime"
 	"slices"
 	"testing"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -202,5 +203,52 @@ func BenchmarkAgentIdleResyncRouteLinks(b *testing.B) {
 		must("NewRouteLinks", err)
 		defer rl.Close()
 		benchIdleResync(b, rl, pods)
+	})
+}
+
+// TestRouteLinksTellsWhenAPodVethMayHaveChanged: the version RouteLinks
+// gives the agent changes when a pod's sandbox is made again (its veth
+// deleted, a new one routed to its address), and PodLink then finds the
+// new veth.
+func TestRouteLinksTellsWhenAPodVethMayHaveChanged(t *testing.T) {
+	privtest.Require(t)
+	inFreshNetns(t, func(h *netlink.Handle) {
+		must := mustFor(t)
+		dst := &net.IPNet{IP: net.IPv4(198, 19, 1, 10), Mask: net.CIDRMask(32, 32)}
+		sandbox := func(n int) int {
+			t.Helper()
+			host, peer := fmt.Sprintf("mt-h%d", n), fmt.Sprintf("mt-p%d", n)
+			must("add veth "+host, h.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: host}, PeerName: peer}))
+			l, err := h.LinkByName(host)
+			must("find "+host, err)
+			must("up", h.LinkSetUp(l))
+			must("add route", h.RouteAdd(&netlink.Route{LinkIndex: l.Attrs().Index, Dst: dst, Scope: netlink.SCOPE_LINK}))
+			return l.Attrs().Index
+		}
+		first := sandbox(0)
+		rl, err := NewRouteLinks()
+		must("NewRouteLinks", err)
+		defer rl.Close()
+		v0, ok := rl.LinksVersion()
+		if !ok {
+			t.Fatal("RouteLinks cannot follow the node's changes")
+		}
+		if got, err := rl.PodLink(netip.MustParseAddr("198.19.1.10")); err != nil || got != first {
+			t.Fatalf("PodLink = %d, %v; want %d", got, err, first)
+		}
+		old, err := h.LinkByIndex(first)
+		must("find the old veth", err)
+		must("delete the old veth", h.LinkDel(old))
+		second := sandbox(1)
+		deadline := time.Now().Add(5 * time.Second)
+		for v, _ := rl.LinksVersion(); v == v0; v, _ = rl.LinksVersion() {
+			if time.Now().After(deadline) {
+				t.Fatal("the version did not change within 5s of the pod's veth being made again")
+			}
+			time.Sleep(time.Millisecond)
+		}
+		if got, err := rl.PodLink(netip.MustParseAddr("198.19.1.10")); err != nil || got != second {
+			t.Fatalf("after the sandbox was made again, PodLink = %d, %v; want %d", got, err, second)
+		}
 	})
 }
