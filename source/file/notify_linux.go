@@ -43,11 +43,12 @@ type notifier struct {
 	dirs  map[int]string // watch descriptor → folder
 	names []string       // paths whose events matter
 	file  int            // watch descriptor of the file, -1 if none
-	// What the last update found, for stale: the folders it watched, the
-	// identity of each name and folder, and of the file the path led to
-	// (taken before it resolved the path); whole is false when a watch
-	// could not be added.
+	// What the last update found, for stale: the folders it watched and
+	// how many watches they had, the identity of each name and folder,
+	// and of the file the path led to (taken before it resolved the
+	// path); whole is false when a watch could not be added.
 	folders []string
+	nwatch  int
 	ids     []fileID // of names, then of folders; zero for a missing one
 	target  fileID
 	whole   bool
@@ -109,7 +110,7 @@ func (n *notifier) update() error {
 		}
 	}
 	n.names, n.file = names, file
-	n.folders, n.ids, n.target, n.whole = dirs, ids, target, len(errs) == 0 && file >= 0
+	n.folders, n.nwatch, n.ids, n.target, n.whole = dirs, len(n.dirs), ids, target, len(errs) == 0 && file >= 0
 	return errors.Join(errs...)
 }
 
@@ -123,7 +124,7 @@ func (n *notifier) update() error {
 func (n *notifier) stale() bool {
 	n.mu.Lock()
 	defer n.mu.Unlock()
-	if !n.whole || n.file < 0 || len(n.dirs) < len(n.folders) {
+	if !n.whole || n.file < 0 || len(n.dirs) < n.nwatch {
 		return true
 	}
 	// Without links on the way, the file's own identity below says it.
