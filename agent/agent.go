@@ -325,14 +325,16 @@ func (a *Agent) reconcile(ctx context.Context, now time.Time) (next time.Time) {
 	// asked. Otherwise it checks every pod against the data path's state
 	// (a detached veth, a failed pod), which needs no lookup: an idle
 	// node's agent lists no routes. The version is read before the
-	// lookups, so a change during them makes the next resync look again.
+	// lookups, so a change during them makes the next resync look again,
+	// and kept once every pod was dealt with (not if the pass panicked).
 	lookup := full
+	var ver uint64
+	var known bool
 	if lc, ok := a.cfg.Links.(LinkChanges); ok && full {
-		ver, known := lc.LinksVersion()
+		ver, known = lc.LinksVersion()
 		if known && a.linksKnown && ver == a.linksSeen && !recheck {
 			lookup = false
 		}
-		a.linksSeen, a.linksKnown = ver, known
 	}
 	p := &pass{now: now, next: a.lastFull.Add(a.cfg.Resync), full: lookup, enrolled: map[int]bool{}, owned: map[int]bool{}}
 	for _, ifindex := range a.cfg.Datapath.Status().Pods {
@@ -341,6 +343,9 @@ func (a *Agent) reconcile(ctx context.Context, now time.Time) (next time.Time) {
 	a.unenrollDeparted(p, want)
 	for _, uid := range sortedKeys(want) {
 		a.enrollWanted(p, uid, want[uid])
+	}
+	if full {
+		a.linksSeen, a.linksKnown = ver, known
 	}
 	// Only when every wanted pod was resolved, so that a transient lookup
 	// failure never un-enrolls (and so un-protects) a live pod.

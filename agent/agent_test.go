@@ -563,7 +563,7 @@ func TestAgentResyncLooksUpVethsOnlyAfterALinkOrRouteChanged(t *testing.T) {
 	// changes, a resync with nothing changed looks nothing up; one after a
 	// change, or a Recheck, looks up every pod and moves a pod to its new
 	// veth; a veth the data path lost is enrolled again without waiting
-	// for a change.
+	// for a change, and one a panic broke off is made again.
 	links := &versionedLinks{fakeLinks: &fakeLinks{veths: map[netip.Addr]int{}, fail: map[netip.Addr]int{}, asked: map[netip.Addr]int{}}, known: true}
 	for n := 1; n <= 3; n++ {
 		links.set(fmt.Sprintf("198.19.1.%d", n), 100+n)
@@ -616,6 +616,17 @@ func TestAgentResyncLooksUpVethsOnlyAfterALinkOrRouteChanged(t *testing.T) {
 	must(dp.UnenrollPod(103)) // the data path lost c's veth
 	pass("the resync after the data path lost a veth", 1)
 	wantEnrolled(t, dp, "103:198.19.1.3", "201:198.19.1.1", "202:198.19.1.2")
+
+	// A pass that breaks off (a panicking data path) before it moved a
+	// pod to its new veth leaves the lookups to the next one.
+	links.change("198.19.1.3", 203)
+	dp.mu.Lock()
+	dp.panicOnce = true
+	dp.mu.Unlock()
+	pass("the resync that panics", 3)
+	pass("the resync after it", 3)
+	wantEnrolled(t, dp, "201:198.19.1.1", "202:198.19.1.2", "203:198.19.1.3")
+	pass("the resync after that", 0)
 
 	links.mu.Lock()
 	links.known = false // the changes can no longer be followed
