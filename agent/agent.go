@@ -16,6 +16,7 @@ import (
 	"runtime/debug"
 	"slices"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -53,6 +54,16 @@ type LinkFinder interface {
 	// PodLink returns the ifindex, in the node's namespace, of the veth
 	// that leads to the pod with address ip.
 	PodLink(ip netip.Addr) (int, error)
+}
+
+// LinkChanges is implemented by a LinkFinder that can tell when its
+// answers may have changed; *RouteLinks implements it. A resync then looks
+// up the pods' veths again only when they may have.
+type LinkChanges interface {
+	// LinksVersion returns a number that changes whenever an answer of
+	// PodLink may change (on Linux: a link or route of the node changed),
+	// and ok false when it cannot tell.
+	LinksVersion() (version uint64, ok bool)
 }
 
 // Identities keeps the SVIDs of the node's identities; *identity.Manager
@@ -121,6 +132,9 @@ type Config struct {
 	Ready func() (bool, string)
 	// Resync is how often the agent re-checks every pod even when nothing
 	// changed, to repair drift such as a recreated veth (default 10s).
+	// With Links that tell when their answers may change (LinkChanges,
+	// such as RouteLinks), a resync looks up the pods' veths again only
+	// after a change.
 	Resync time.Duration
 }
 
@@ -130,9 +144,10 @@ type Agent struct {
 	log  *slog.Logger
 	wake chan struct{}
 
-	inMu    sync.Mutex // guards desired and pending
+	inMu    sync.Mutex // guards desired, pending and recheck
 	desired *State
 	pending bool // desired changed since the last reconcile
+	recheck bool // Recheck was called since the last reconcile
 
 	// Published for readers (probe, metrics) at the end of each pass, so
 	// they never wait for a long reconcile.
@@ -148,13 +163,20 @@ type Agent struct {
 	refusedBridged atomic.Uint64
 
 	mu       sync.Mutex           // serialises reconcile passes
+	scratch  []PodStatus          // publish's, reused: a pass that changes nothing allocates no new status
 	pods     map[string]*podState // by workload UID: pods enrolled or to enroll
 	removing map[int]*podState    // by ifindex: veths to un-enroll that failed to
 	ids      map[spiffeid.ID]bool // identities announced to Identities
-	// lastFull is when a pass last looked up every pod's veth: a pass for
-	// a new state looks up only the pods whose desired state changed, and
-	// one every Config.Resync (at the latest) checks them all.
+	// lastFull is when a pass last checked every pod: a pass for a new
+	// state checks only the pods whose desired state changed, and one
+	// every Config.Resync (at the latest) checks them all.
 	lastFull time.Time
+	// linksSeen is the LinkChanges version of Config.Links when a pass
+	// last looked up every pod's veth (linksKnown: if it could tell). A
+	// resync looks them up again only if the version changed since, as
+	// the answers would otherwise be the same; Recheck always does.
+	linksSeen  uint64
+	linksKnown bool
 }
 
 // podState is what the agent knows of one local enrolled pod.
@@ -270,8 +292,8 @@ type desiredPod struct {
 // reconcile does one pass and returns when the next is due.
 func (a *Agent) reconcile(ctx context.Context, now time.Time) (next time.Time) {
 	a.inMu.Lock()
-	desired, pending := a.desired, a.pending
-	a.pending = false
+	desired, pending, recheck := a.desired, a.pending, a.recheck
+	a.pending, a.recheck = false, false
 	a.inMu.Unlock()
 	if desired == nil {
 		return now.Add(a.cfg.Resync)
@@ -293,20 +315,40 @@ func (a *Agent) reconcile(ctx context.Context, now time.Time) (next time.Time) {
 	want := a.wanted(desired, pending)
 	// A pass for a new state re-checks only the pods the state changed
 	// (a route lookup each costs the same for an unchanged pod as for a
-	// new one); a resync, or any pass once Resync has passed since the
-	// last full one, re-checks every pod, so that drift (a recreated
-	// veth) is repaired even while states keep coming.
-	full := !pending || now.Sub(a.lastFull) >= a.cfg.Resync
+	// new one); a resync, a Recheck, or any pass once Resync has passed
+	// since the last full one, re-checks every pod, so that drift (a
+	// recreated veth) is repaired even while states keep coming.
+	full := !pending || recheck || now.Sub(a.lastFull) >= a.cfg.Resync
 	if full {
 		a.lastFull = now
 	}
-	p := &pass{now: now, next: a.lastFull.Add(a.cfg.Resync), full: full, enrolled: map[int]bool{}, owned: map[int]bool{}}
+	// A full pass looks up every pod's veth again only if one may have
+	// changed since the last full pass: Links cannot tell (see
+	// LinkChanges), a link or route of the node changed, or Recheck
+	// asked. Otherwise it checks every pod against the data path's state
+	// (a detached veth, a failed pod), which needs no lookup: an idle
+	// node's agent lists no routes. The version is read before the
+	// lookups, so a change during them makes the next resync look again,
+	// and kept once every pod was dealt with (not if the pass panicked).
+	lookup := full
+	var ver uint64
+	var known bool
+	if lc, ok := a.cfg.Links.(LinkChanges); ok && full {
+		ver, known = lc.LinksVersion()
+		if known && a.linksKnown && ver == a.linksSeen && !recheck {
+			lookup = false
+		}
+	}
+	p := &pass{now: now, next: a.lastFull.Add(a.cfg.Resync), full: lookup, enrolled: map[int]bool{}, owned: map[int]bool{}}
 	for _, ifindex := range a.cfg.Datapath.EnrolledPods() {
 		p.enrolled[ifindex] = true
 	}
 	a.unenrollDeparted(p, want)
 	for _, uid := range sortedKeys(want) {
 		a.enrollWanted(p, uid, want[uid])
+	}
+	if full {
+		a.linksSeen, a.linksKnown = ver, known
 	}
 	// Only when every wanted pod was resolved, so that a transient lookup
 	// failure never un-enrolls (and so un-protects) a live pod.
@@ -324,7 +366,7 @@ func (a *Agent) reconcile(ctx context.Context, now time.Time) (next time.Time) {
 // pass is the bookkeeping of one reconcile pass.
 type pass struct {
 	now, next  time.Time
-	full       bool         // look up every pod's veth, not only changed pods'
+	full       bool         // look up every pod's veth, not only unsettled pods'
 	enrolled   map[int]bool // veths the data path has enrolled
 	owned      map[int]bool // veths of the pods that should be enrolled
 	unresolved int          // wanted pods not (yet) in their desired state
@@ -676,7 +718,7 @@ func (a *Agent) Pods() []PodStatus {
 // publish makes the pods' state visible to Pods and Ready. Called with
 // a.mu held.
 func (a *Agent) publish() {
-	out := make([]PodStatus, 0, len(a.pods))
+	out := a.scratch[:0]
 	for _, st := range a.pods {
 		ps := PodStatus{Pod: st.name, UID: st.uid, Ifindex: st.ifindex, Strict: st.strict, Err: st.lastErr, Reason: st.reason}
 		if len(st.ips) > 0 {
@@ -689,13 +731,19 @@ func (a *Agent) publish() {
 		}
 		out = append(out, ps)
 	}
-	sort.Slice(out, func(i, j int) bool { return out[i].Pod < out[j].Pod })
-	prev := a.status.Swap(&out)
-	if prev == nil || !slices.Equal(*prev, out) {
-		select {
-		case a.changed <- struct{}{}:
-		default:
-		}
+	slices.SortFunc(out, func(x, y PodStatus) int { return strings.Compare(x.Pod, y.Pod) })
+	a.scratch = out
+	if prev := a.status.Load(); prev != nil && slices.Equal(*prev, out) {
+		return // readers keep the one they have
+	}
+	pub := slices.Clone(out)
+	if pub == nil {
+		pub = []PodStatus{}
+	}
+	a.status.Store(&pub)
+	select {
+	case a.changed <- struct{}{}:
+	default:
 	}
 }
 
@@ -759,5 +807,11 @@ var _ Datapath = (*bpf.Datapath)(nil)
 
 // Recheck asks for a reconcile pass now, as if the state had changed:
 // every local pod's veth is looked up again (a sandbox made again with
-// the same address has a new one).
-func (a *Agent) Recheck() { a.kick() }
+// the same address has a new one), even if Config.Links saw no change
+// yet (see LinkChanges).
+func (a *Agent) Recheck() {
+	a.inMu.Lock()
+	a.recheck = true
+	a.inMu.Unlock()
+	a.kick()
+}

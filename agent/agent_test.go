@@ -259,7 +259,7 @@ type pod struct {
 	enrolled     bool
 }
 
-func state(t *testing.T, mtls map[string]v1alpha1.MTLSMode, pods ...pod) State {
+func state(t testing.TB, mtls map[string]v1alpha1.MTLSMode, pods ...pod) State {
 	t.Helper()
 	var ws []workload.Workload
 	for _, p := range pods {
@@ -537,6 +537,106 @@ func TestAgentLooksUpOnlyTheVethsOfChangedPodsUntilAResync(t *testing.T) {
 	wantEnrolled(t, dp, "102:198.19.1.2", "103:198.19.1.3", "104:198.19.1.4", "201:198.19.1.1")
 }
 
+// versionedLinks is fakeLinks that tells when its answers may have
+// changed (LinkChanges), as RouteLinks does.
+type versionedLinks struct {
+	*fakeLinks
+	version uint64
+	known   bool
+}
+
+func (l *versionedLinks) LinksVersion() (uint64, bool) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.version, l.known
+}
+
+// change moves the pod at ip to the veth ifindex and bumps the version,
+// as a recreated sandbox's route does.
+func (l *versionedLinks) change(ip string, ifindex int) {
+	l.set(ip, ifindex)
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.version++
+}
+
+func TestAgentResyncLooksUpVethsOnlyAfterALinkOrRouteChanged(t *testing.T) {
+	// Passes are driven by hand: with Links that follow the node's
+	// changes, a resync with nothing changed looks nothing up; one after a
+	// change, or a Recheck, looks up every pod and moves a pod to its new
+	// veth; a veth the data path lost is enrolled again without waiting
+	// for a change, and one a panic broke off is made again.
+	links := &versionedLinks{fakeLinks: &fakeLinks{veths: map[netip.Addr]int{}, fail: map[netip.Addr]int{}, asked: map[netip.Addr]int{}}, known: true}
+	for n := 1; n <= 3; n++ {
+		links.set(fmt.Sprintf("198.19.1.%d", n), 100+n)
+	}
+	dp := newFakeDatapath()
+	a, err := New(Config{Node: "node-1", Datapath: dp, Links: links, Resync: time.Minute})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a.Apply(state(t, nil,
+		pod{"shop/a", "node-1", "198.19.1.1", "", true},
+		pod{"shop/b", "node-1", "198.19.1.2", "", true},
+		pod{"shop/c", "node-1", "198.19.1.3", "", true}))
+	now := time.Now()
+	pass := func(what string, wantLookups int) {
+		t.Helper()
+		now = now.Add(time.Minute)
+		a.reconcile(t.Context(), now)
+		links.mu.Lock()
+		n := 0
+		for _, k := range links.asked {
+			n += k
+		}
+		clear(links.asked)
+		links.mu.Unlock()
+		if n != wantLookups {
+			t.Fatalf("%s: %d veth lookups, want %d", what, n, wantLookups)
+		}
+	}
+	pass("the first pass", 3)
+	pass("a resync with nothing changed", 0)
+	pass("another one", 0)
+
+	links.change("198.19.1.1", 201) // a's sandbox was made again
+	pass("the resync after a route changed", 3)
+	wantEnrolled(t, dp, "102:198.19.1.2", "103:198.19.1.3", "201:198.19.1.1")
+	pass("the resync after that", 0)
+
+	links.set("198.19.1.2", 202) // b's, with its notification not seen yet
+	a.Recheck()
+	pass("a Recheck", 3)
+	wantEnrolled(t, dp, "103:198.19.1.3", "201:198.19.1.1", "202:198.19.1.2")
+
+	must := func(err error) {
+		t.Helper()
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	must(dp.UnenrollPod(103)) // the data path lost c's veth
+	pass("the resync after the data path lost a veth", 1)
+	wantEnrolled(t, dp, "103:198.19.1.3", "201:198.19.1.1", "202:198.19.1.2")
+
+	// A pass that breaks off (a panicking data path) before it moved a
+	// pod to its new veth leaves the lookups to the next one.
+	links.change("198.19.1.3", 203)
+	dp.mu.Lock()
+	dp.panicOnce = true
+	dp.mu.Unlock()
+	pass("the resync that panics", 3)
+	pass("the resync after it", 3)
+	wantEnrolled(t, dp, "201:198.19.1.1", "202:198.19.1.2", "203:198.19.1.3")
+	pass("the resync after that", 0)
+
+	links.mu.Lock()
+	links.known = false // the changes can no longer be followed
+	links.mu.Unlock()
+	pass("a resync when changes cannot be told", 3)
+	pass("the next one", 3)
+}
+
 func TestAgentKeepsAVethThatChangesHands(t *testing.T) {
 	// Pod a leaves and pod b arrives with a's address (so a's veth) in the
 	// same edit, while un-enrolling a's veth fails once: b must end up
@@ -743,4 +843,44 @@ func TestAgentSignalsAChangeOfItsPods(t *testing.T) {
 			t.Errorf("%s: Changed signalled %v, want %v (pods %v)", s.what, got, s.want, a.Pods())
 		}
 	}
+}
+
+// benchIdleResync measures what an agent with pods enrolled pods does
+// when nothing changes: the pass of every Config.Resync. Its garbage sits
+// in an idle agent's heap between collections.
+func benchIdleResync(b *testing.B, links LinkFinder, pods int) {
+	dp := newFakeDatapath()
+	a, err := New(Config{Node: "node-1", Datapath: dp, Links: links, Resync: time.Minute})
+	if err != nil {
+		b.Fatal(err)
+	}
+	var ps []pod
+	for i := 1; i <= pods; i++ {
+		ps = append(ps, pod{fmt.Sprintf("shop/p%d", i), "node-1", fmt.Sprintf("198.19.1.%d", i), "", true})
+	}
+	a.Apply(state(b, nil, ps...))
+	now := time.Now()
+	a.reconcile(b.Context(), now)
+	if got := pending(a.Pods()); got != 0 {
+		b.Fatalf("%d pods not enrolled: %+v", got, a.Pods())
+	}
+	calls := len(dp.callLog())
+	b.ReportAllocs()
+	for b.Loop() {
+		now = now.Add(time.Minute)
+		a.reconcile(b.Context(), now)
+	}
+	if got := pending(a.Pods()); got != 0 || len(dp.callLog()) != calls {
+		b.Fatalf("%d pods not enrolled, data path calls %v", got, dp.callLog()[calls:])
+	}
+}
+
+// BenchmarkAgentIdleResync is the idle pass over fake veths, which cost
+// nothing to find: what the agent itself does.
+func BenchmarkAgentIdleResync(b *testing.B) {
+	links := &fakeLinks{veths: map[netip.Addr]int{}, fail: map[netip.Addr]int{}}
+	for n := 1; n <= 10; n++ {
+		links.set(fmt.Sprintf("198.19.1.%d", n), 100+n)
+	}
+	benchIdleResync(b, links, 10)
 }

@@ -5,7 +5,9 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"slices"
+	"sync/atomic"
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
@@ -15,9 +17,23 @@ import (
 // with per-endpoint routes, kindnet, the testbed) wire pods: the node's
 // main routing table holds a /32 route to each local pod's IP through the
 // host side of the pod's veth.
+//
+// It also follows the node's link and route changes (rtnetlink
+// notifications), so that LinksVersion tells the agent when PodLink's
+// answers may have changed: a resync then looks up the pods' veths again
+// only if one may have, and an idle node's agent lists no routes.
 type RouteLinks struct {
 	nl *netlink.Handle
+
+	changes  *os.File      // rtnetlink socket in the link and route groups, in the runtime's poller
+	version  atomic.Uint64 // bumped for every notification read, and when some were lost
+	watching atomic.Bool   // changes is read: version means something
+	done     chan struct{} // closed when the reader has returned
 }
+
+// changeGroups are the rtnetlink groups whose notifications may change
+// PodLink's answers: links (added, removed, made a bridge port) and routes.
+const changeGroups = unix.RTMGRP_LINK | unix.RTMGRP_IPV4_ROUTE | unix.RTMGRP_IPV6_ROUTE
 
 // NewRouteLinks returns a finder that reads the routes of the calling
 // thread's network namespace (the node's, where the agent runs).
@@ -26,11 +42,75 @@ func NewRouteLinks() (*RouteLinks, error) {
 	if err != nil {
 		return nil, fmt.Errorf("agent: netlink: %w", err)
 	}
-	return &RouteLinks{nl: h}, nil
+	r := &RouteLinks{nl: h, done: make(chan struct{})}
+	// Without notifications, every resync looks up every pod's veth, as
+	// LinksVersion then says.
+	if r.changes, err = subscribe(changeGroups); err != nil {
+		close(r.done)
+		return r, nil
+	}
+	r.watching.Store(true)
+	go r.follow()
+	return r, nil
 }
 
-// Close releases the netlink handle.
-func (r *RouteLinks) Close() { r.nl.Close() }
+// subscribe opens a non-blocking rtnetlink socket that receives the
+// notifications of groups.
+func subscribe(groups uint32) (*os.File, error) {
+	fd, err := unix.Socket(unix.AF_NETLINK, unix.SOCK_RAW|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, unix.NETLINK_ROUTE)
+	if err != nil {
+		return nil, fmt.Errorf("agent: rtnetlink socket: %w", err)
+	}
+	if err := unix.Bind(fd, &unix.SockaddrNetlink{Family: unix.AF_NETLINK, Groups: groups}); err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("agent: rtnetlink: join groups %#x: %w", groups, err)
+	}
+	return os.NewFile(uintptr(fd), "rtnetlink"), nil
+}
+
+// follow reads notifications until Close: each one, read whole or not,
+// and each overflow of the socket (notifications lost), bumps the
+// version. It reads into one buffer and parses nothing, so an agent pays
+// nothing for the node's changes beyond the system calls.
+func (r *RouteLinks) follow() {
+	defer close(r.done)
+	var buf [4096]byte
+	for {
+		_, err := r.changes.Read(buf[:])
+		switch {
+		case err == nil, errors.Is(err, unix.ENOBUFS):
+			r.version.Add(1)
+		case errors.Is(err, os.ErrClosed):
+			return
+		default:
+			// Changes can no longer be told: back to looking up every
+			// pod at every resync.
+			r.watching.Store(false)
+			r.version.Add(1)
+			return
+		}
+	}
+}
+
+// LinksVersion returns a number that changes whenever a link or route of
+// the node changes, so whenever PodLink's answers may; ok is false when
+// the changes cannot be followed (the socket could not be opened, or
+// reading it failed).
+func (r *RouteLinks) LinksVersion() (version uint64, ok bool) {
+	// The version is read first: a failure of the reader after it is
+	// seen at the next call.
+	v := r.version.Load()
+	return v, r.watching.Load()
+}
+
+// Close releases the netlink handle and stops following changes.
+func (r *RouteLinks) Close() {
+	if r.changes != nil {
+		r.changes.Close()
+	}
+	<-r.done
+	r.nl.Close()
+}
 
 // PodLink returns the ifindex of the veth that the /32 route to ip goes
 // through. Its errors wrap ErrNotPodRoute when there is no such route or

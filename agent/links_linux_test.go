@@ -2,11 +2,13 @@ package agent
 
 import (
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
 	"runtime"
 	"slices"
 	"testing"
+	"time"
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
@@ -17,7 +19,7 @@ import (
 // inFreshNetns runs fn on a thread of its own inside a new, unnamed
 // network namespace. The thread is never unlocked, so it dies with the
 // goroutine and the namespace goes when nothing holds it any more.
-func inFreshNetns(t *testing.T, fn func(h *netlink.Handle)) {
+func inFreshNetns(t testing.TB, fn func(h *netlink.Handle)) {
 	t.Helper()
 	done := make(chan struct{})
 	go func() {
@@ -42,7 +44,7 @@ func inFreshNetns(t *testing.T, fn func(h *netlink.Handle)) {
 
 // mustFor returns a function that fails t with what and err when err is
 // not nil.
-func mustFor(t *testing.T) func(what string, err error) {
+func mustFor(t testing.TB) func(what string, err error) {
 	return func(what string, err error) {
 		t.Helper()
 		if err != nil {
@@ -173,6 +175,80 @@ func TestRouteLinksRefusesPodsOfABridgedCNI(t *testing.T) {
 			if err == nil || err.Error() != tc.wantErr || !errors.Is(err, tc.errIs) {
 				t.Errorf("PodLink(%s) error = %v\nwant %s", tc.ip, err, tc.wantErr)
 			}
+		}
+	})
+}
+
+// BenchmarkAgentIdleResyncRouteLinks is the idle pass of an agent with 10
+// pods whose veths RouteLinks finds by their routes, in a network
+// namespace of its own.
+func BenchmarkAgentIdleResyncRouteLinks(b *testing.B) {
+	privtest.Require(b)
+	const pods = 10
+	inFreshNetns(b, func(h *netlink.Handle) {
+		must := mustFor(b)
+		for i := 1; i <= pods; i++ {
+			host, peer := fmt.Sprintf("mt-h%d", i), fmt.Sprintf("mt-p%d", i)
+			must("add veth "+host, h.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: host}, PeerName: peer}))
+			l, err := h.LinkByName(host)
+			must("find "+host, err)
+			p, err := h.LinkByName(peer)
+			must("find "+peer, err)
+			must("up", h.LinkSetUp(l))
+			must("up", h.LinkSetUp(p))
+			dst := &net.IPNet{IP: net.IPv4(198, 19, 1, byte(i)), Mask: net.CIDRMask(32, 32)}
+			must("add route", h.RouteAdd(&netlink.Route{LinkIndex: l.Attrs().Index, Dst: dst, Scope: netlink.SCOPE_LINK}))
+		}
+		rl, err := NewRouteLinks()
+		must("NewRouteLinks", err)
+		defer rl.Close()
+		benchIdleResync(b, rl, pods)
+	})
+}
+
+// TestRouteLinksTellsWhenAPodVethMayHaveChanged: the version RouteLinks
+// gives the agent changes when a pod's sandbox is made again (its veth
+// deleted, a new one routed to its address), and PodLink then finds the
+// new veth.
+func TestRouteLinksTellsWhenAPodVethMayHaveChanged(t *testing.T) {
+	privtest.Require(t)
+	inFreshNetns(t, func(h *netlink.Handle) {
+		must := mustFor(t)
+		dst := &net.IPNet{IP: net.IPv4(198, 19, 1, 10), Mask: net.CIDRMask(32, 32)}
+		sandbox := func(n int) int {
+			t.Helper()
+			host, peer := fmt.Sprintf("mt-h%d", n), fmt.Sprintf("mt-p%d", n)
+			must("add veth "+host, h.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: host}, PeerName: peer}))
+			l, err := h.LinkByName(host)
+			must("find "+host, err)
+			must("up", h.LinkSetUp(l))
+			must("add route", h.RouteAdd(&netlink.Route{LinkIndex: l.Attrs().Index, Dst: dst, Scope: netlink.SCOPE_LINK}))
+			return l.Attrs().Index
+		}
+		first := sandbox(0)
+		rl, err := NewRouteLinks()
+		must("NewRouteLinks", err)
+		defer rl.Close()
+		v0, ok := rl.LinksVersion()
+		if !ok {
+			t.Fatal("RouteLinks cannot follow the node's changes")
+		}
+		if got, err := rl.PodLink(netip.MustParseAddr("198.19.1.10")); err != nil || got != first {
+			t.Fatalf("PodLink = %d, %v; want %d", got, err, first)
+		}
+		old, err := h.LinkByIndex(first)
+		must("find the old veth", err)
+		must("delete the old veth", h.LinkDel(old))
+		second := sandbox(1)
+		deadline := time.Now().Add(5 * time.Second)
+		for v, _ := rl.LinksVersion(); v == v0; v, _ = rl.LinksVersion() {
+			if time.Now().After(deadline) {
+				t.Fatal("the version did not change within 5s of the pod's veth being made again")
+			}
+			time.Sleep(time.Millisecond)
+		}
+		if got, err := rl.PodLink(netip.MustParseAddr("198.19.1.10")); err != nil || got != second {
+			t.Fatalf("after the sandbox was made again, PodLink = %d, %v; want %d", got, err, second)
 		}
 	})
 }

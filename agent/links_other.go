@@ -21,5 +21,8 @@ func (r *RouteLinks) Close() {}
 // PodLink fails off Linux.
 func (r *RouteLinks) PodLink(ip netip.Addr) (int, error) { return 0, errNotLinux }
 
+// LinksVersion cannot tell changes off Linux.
+func (r *RouteLinks) LinksVersion() (version uint64, ok bool) { return 0, false }
+
 // FindUplinks fails off Linux.
 func FindUplinks(nodeIPs []netip.Addr) ([]string, error) { return nil, errNotLinux }

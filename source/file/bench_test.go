@@ -2,8 +2,12 @@ package file
 
 import (
 	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 )
 
 // bigCluster returns a file of nodes×podsPerNode pods on nodes nodes, in
@@ -56,6 +60,46 @@ func BenchmarkParse(b *testing.B) {
 				}
 				if got := len(m.Snapshot.Workloads()); got != size.nodes*size.pods {
 					b.Fatalf("%d workloads", got)
+				}
+			}
+		})
+	}
+}
+
+// BenchmarkWatcherIdlePoll is what an idle agent's config watcher does
+// on each poll tick: the file is unchanged and nothing happens. It should
+// allocate (close to) nothing, as its garbage adds to the agent's
+// resident size between collections.
+func BenchmarkWatcherIdlePoll(b *testing.B) {
+	for _, layout := range []string{"file", "configmap"} {
+		b.Run(layout, func(b *testing.B) {
+			var path string
+			switch layout {
+			case "file":
+				path = filepath.Join(b.TempDir(), "cluster.yaml")
+				if err := os.WriteFile(path, []byte(clusterWith(1)), 0o600); err != nil {
+					b.Fatal(err)
+				}
+			case "configmap":
+				c := newConfigMap(b, clusterWith(1))
+				path = filepath.Join(c.dir, "cluster.yaml")
+			}
+			w := NewWatcher(path, slog.New(slog.DiscardHandler), WatchOptions{})
+			if _, err := w.Load(); err != nil {
+				b.Fatal(err)
+			}
+			n, err := newNotifier(path)
+			if err != nil {
+				b.Skipf("no change notifications here: %v", err)
+			}
+			defer n.close()
+			apply := func(*Manifest) { b.Fatal("applied an unchanged file") }
+			now := time.Now()
+			b.ReportAllocs()
+			for b.Loop() {
+				now = now.Add(DefaultPoll)
+				if again := w.poll(n, now, apply); again != 0 {
+					b.Fatalf("an unchanged file is checked again after %v", again)
 				}
 			}
 		})

@@ -35,13 +35,23 @@ type notifier struct {
 	// Err receives the error that stopped the notifier, if one did.
 	Err chan error
 
-	// events counts the inotify events read, for tests.
-	events atomic.Uint64
+	// events counts the inotify events read, and updates the calls of
+	// update, for tests.
+	events, updates atomic.Uint64
 
 	mu    sync.Mutex
 	dirs  map[int]string // watch descriptor → folder
 	names []string       // paths whose events matter
 	file  int            // watch descriptor of the file, -1 if none
+	// What the last update found, for stale: the folders it watched and
+	// how many watches they had, the identity of each name and folder,
+	// and of the file the path led to (taken before it resolved the
+	// path); whole is false when a watch could not be added.
+	folders []string
+	nwatch  int
+	ids     []fileID // of names, then of folders; zero for a missing one
+	target  fileID
+	whole   bool
 }
 
 func newNotifier(path string) (*notifier, error) {
@@ -64,7 +74,16 @@ func (n *notifier) close() { n.f.Close() }
 // update resolves the path again (a symbolic link may point elsewhere
 // now) and moves the watches to what now matters.
 func (n *notifier) update() error {
+	n.updates.Add(1)
+	// The file the path leads to is taken before the path is resolved: a
+	// change in between shows as a different file at the next stale.
+	target, _ := statID(n.path, true)
 	names, dirs := resolve(n.path)
+	ids := make([]fileID, 0, len(names)+len(dirs))
+	for _, p := range slices.Concat(names, dirs) {
+		id, _ := statID(p, false)
+		ids = append(ids, id)
+	}
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	var errs []error
@@ -91,7 +110,61 @@ func (n *notifier) update() error {
 		}
 	}
 	n.names, n.file = names, file
+	n.folders, n.nwatch, n.ids, n.target, n.whole = dirs, len(n.dirs), ids, target, len(errs) == 0 && file >= 0
 	return errors.Join(errs...)
+}
+
+// stale reports whether the watches may no longer fit the path, so that
+// update must run: the last update could not add every watch, a watch
+// went (its file or folder was removed), or the file the path leads to,
+// or one of the links, files and folders update found on the way, is not
+// the one it found. Changes there normally come as notifications; stale
+// is for a poll, in case one was lost, and costs a few stat calls where
+// update resolves the path component by component.
+func (n *notifier) stale() bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if !n.whole || n.file < 0 || len(n.dirs) < n.nwatch {
+		return true
+	}
+	// Without links on the way, the file's own identity below says it.
+	if len(n.names) > 1 {
+		if id, ok := statID(n.path, true); !ok || id != n.target {
+			return true
+		}
+	}
+	for i, p := range n.names {
+		if id, ok := statID(p, false); !ok || id != n.ids[i] {
+			return true
+		}
+	}
+	for i, p := range n.folders {
+		if id, ok := statID(p, false); !ok || id != n.ids[len(n.names)+i] {
+			return true
+		}
+	}
+	return false
+}
+
+// statID returns the identity of the file at path, following a final
+// symbolic link or not; ok is false when there is none.
+func statID(path string, follow bool) (id fileID, ok bool) {
+	var st unix.Stat_t
+	for {
+		var err error
+		if follow {
+			err = unix.Stat(path, &st)
+		} else {
+			err = unix.Lstat(path, &st)
+		}
+		switch {
+		case errors.Is(err, unix.EINTR):
+			continue
+		case err != nil:
+			return fileID{}, false
+		}
+		return fileID{dev: uint64(st.Dev), ino: st.Ino}, true
+	}
 }
 
 // read reads events until the descriptor is closed.

@@ -17,4 +17,6 @@ func newNotifier(string) (*notifier, error) {
 
 func (*notifier) update() error { return nil }
 
+func (*notifier) stale() bool { return false }
+
 func (*notifier) close() {}

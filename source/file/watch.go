@@ -179,7 +179,7 @@ func (w *Watcher) read() (fileVersion, []byte, error) {
 	if err != nil {
 		return fileVersion{}, nil, fmt.Errorf("manifest: %w", err)
 	}
-	v := fileVersion{fi: st}
+	v := versionOf(st)
 	if st.Size() > MaxFileSize {
 		return v, nil, fmt.Errorf("manifest: %s: %d bytes, larger than %d MiB", w.path, st.Size(), MaxFileSize>>20)
 	}
@@ -195,33 +195,34 @@ func (w *Watcher) read() (fileVersion, []byte, error) {
 	if err != nil {
 		return v, nil, fmt.Errorf("manifest: %w", err)
 	}
-	if a := (fileVersion{fi: after}); !a.same(v) || int64(len(data)) != st.Size() {
+	if a := versionOf(after); !a.same(v) || int64(len(data)) != st.Size() {
 		return a, nil, fmt.Errorf("manifest: %s: %w", w.path, errChanged)
 	}
 	return v, data, nil
 }
 
 // fileVersion identifies one version of the file by its size,
-// modification time and inode, or by why it could not be found.
+// modification time and identity (device and inode), or by why it could
+// not be found.
 type fileVersion struct {
-	fi  os.FileInfo // nil when the file could not be stat'ed (and for the zero version)
-	err string      // why, then
+	found bool // false when the file could not be stat'ed (and for the zero version)
+	size  int64
+	mtime time.Time
+	id    fileID
+	err   string // why not found
 }
 
 func (a fileVersion) same(b fileVersion) bool {
-	if a.fi == nil || b.fi == nil {
-		return a.fi == nil && b.fi == nil && a.err == b.err
+	if !a.found || !b.found {
+		return a.found == b.found && a.err == b.err
 	}
-	return a.fi.Size() == b.fi.Size() && a.fi.ModTime().Equal(b.fi.ModTime()) && os.SameFile(a.fi, b.fi)
+	return a.size == b.size && a.mtime.Equal(b.mtime) && a.id.same(b.id)
 }
 
-func (w *Watcher) stat() fileVersion {
-	st, err := os.Stat(w.path)
-	if err != nil {
-		return fileVersion{err: err.Error()}
-	}
-	return fileVersion{fi: st}
-}
+// stat returns the version of the file the path leads to now. It runs at
+// every check, so it makes no garbage beyond the system call's (see
+// statVersion).
+func (w *Watcher) stat() fileVersion { return statVersion(w.path) }
 
 // Run watches the file until ctx is done, calling apply (from Run's
 // goroutine) with every new version that parses. It returns nil when ctx
@@ -265,10 +266,25 @@ func (w *Watcher) Run(ctx context.Context, apply func(*Manifest)) error {
 		case <-settle.C:
 			check()
 		case <-poll.C:
-			w.rewatch(n)
-			check()
+			if again := w.poll(n, time.Now(), apply); again > 0 {
+				settle.Reset(again)
+			}
 		}
 	}
+}
+
+// poll is what Run does on each WatchOptions.Poll tick, in case a
+// notification was lost: it makes the watches fit the path again if they
+// may not (see notifier.stale: the path leads to another file, a link on
+// the way changed, a watch could not be added or went) and checks the
+// file. It returns what check returns. With the file unchanged and the
+// watches in place it neither resolves the path again nor re-adds the
+// watches: an idle agent's polls then make (close to) no garbage.
+func (w *Watcher) poll(n *notifier, now time.Time, apply func(*Manifest)) time.Duration {
+	if n != nil && n.stale() {
+		w.rewatch(n)
+	}
+	return w.check(now, apply)
 }
 
 func (w *Watcher) rewatch(n *notifier) {
@@ -298,7 +314,7 @@ func (w *Watcher) check(now time.Time, apply func(*Manifest)) time.Duration {
 	if wait := w.candSince.Add(w.opts.Debounce).Sub(now); wait > 0 {
 		return wait
 	}
-	if v.fi == nil {
+	if !v.found {
 		w.reject(now, v, nil, fmt.Errorf("manifest: %s", v.err))
 		return 0
 	}
@@ -309,7 +325,7 @@ func (w *Watcher) check(now time.Time, apply func(*Manifest)) time.Duration {
 		w.cand, w.candSince, w.held = got, now, false
 		return w.opts.Debounce
 	case err != nil:
-		if got.fi == nil {
+		if !got.found {
 			got = v
 		}
 		w.reject(now, got, nil, err)
@@ -373,7 +389,7 @@ func (w *Watcher) reject(now time.Time, v fileVersion, sum *[sha256.Size]byte, e
 	w.status.RejectedAt = now
 	w.status.LastEditRejected, w.status.Problems = true, problems
 	w.mu.Unlock()
-	if v.fi == nil {
+	if !v.found {
 		w.log.Warn("config file unavailable; keeping the last good config", "file", w.path, "error", err)
 		return
 	}

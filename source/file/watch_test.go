@@ -191,7 +191,7 @@ type configMap struct {
 	n            int
 }
 
-func newConfigMap(t *testing.T, content string) *configMap {
+func newConfigMap(t testing.TB, content string) *configMap {
 	c := &configMap{dir: t.TempDir()}
 	c.writeVersion(t, content)
 	must(t, os.Symlink(c.current, filepath.Join(c.dir, "..data")))
@@ -199,7 +199,7 @@ func newConfigMap(t *testing.T, content string) *configMap {
 	return c
 }
 
-func (c *configMap) writeVersion(t *testing.T, content string) {
+func (c *configMap) writeVersion(t testing.TB, content string) {
 	c.n++
 	c.current = fmt.Sprintf("..2026_12_06_00_00_%02d.%d", c.n, 1000+c.n)
 	must(t, os.Mkdir(filepath.Join(c.dir, c.current), 0o755))
@@ -214,7 +214,7 @@ func (c *configMap) swap(t *testing.T, content string) {
 	must(t, os.RemoveAll(filepath.Join(c.dir, old)))
 }
 
-func must(t *testing.T, err error) {
+func must(t testing.TB, err error) {
 	t.Helper()
 	if err != nil {
 		t.Fatal(err)
