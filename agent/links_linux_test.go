@@ -53,20 +53,28 @@ func mustFor(t testing.TB) func(what string, err error) {
 	}
 }
 
+// addVeth adds the veth pair name-peer to h's namespace, both ends up,
+// and returns name's end.
+func addVeth(t testing.TB, h *netlink.Handle, name, peer string) netlink.Link {
+	t.Helper()
+	must := mustFor(t)
+	must("add veth "+name, h.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: name}, PeerName: peer}))
+	l, err := h.LinkByName(name)
+	must("find "+name, err)
+	p, err := h.LinkByName(peer)
+	must("find "+peer, err)
+	must("up", h.LinkSetUp(l))
+	must("up", h.LinkSetUp(p))
+	return l
+}
+
 func TestRouteLinksFindsPodVethsOfARoutedCNI(t *testing.T) {
 	privtest.Require(t)
 	inFreshNetns(t, func(h *netlink.Handle) {
 		must := mustFor(t)
 		veth := func(name, peer string) netlink.Link {
 			t.Helper()
-			must("add veth "+name, h.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: name}, PeerName: peer}))
-			l, err := h.LinkByName(name)
-			must("find "+name, err)
-			p, err := h.LinkByName(peer)
-			must("find "+peer, err)
-			must("up", h.LinkSetUp(l))
-			must("up", h.LinkSetUp(p))
-			return l
+			return addVeth(t, h, name, peer)
 		}
 		route := func(r *netlink.Route) {
 			t.Helper()
@@ -188,14 +196,7 @@ func BenchmarkAgentIdleResyncRouteLinks(b *testing.B) {
 	inFreshNetns(b, func(h *netlink.Handle) {
 		must := mustFor(b)
 		for i := 1; i <= pods; i++ {
-			host, peer := fmt.Sprintf("mt-h%d", i), fmt.Sprintf("mt-p%d", i)
-			must("add veth "+host, h.LinkAdd(&netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: host}, PeerName: peer}))
-			l, err := h.LinkByName(host)
-			must("find "+host, err)
-			p, err := h.LinkByName(peer)
-			must("find "+peer, err)
-			must("up", h.LinkSetUp(l))
-			must("up", h.LinkSetUp(p))
+			l := addVeth(b, h, fmt.Sprintf("mt-h%d", i), fmt.Sprintf("mt-p%d", i))
 			dst := &net.IPNet{IP: net.IPv4(198, 19, 1, byte(i)), Mask: net.CIDRMask(32, 32)}
 			must("add route", h.RouteAdd(&netlink.Route{LinkIndex: l.Attrs().Index, Dst: dst, Scope: netlink.SCOPE_LINK}))
 		}
