@@ -41,14 +41,14 @@ const (
 	// some for good after a heap of 40-50 MB: span and GC metadata (about
 	// 1.1 MB), spans that a few live objects keep in use, stacks of the
 	// threads it started; with the flow events that the ring now holds
-	// (0.4 MB), 2.7-3.1 MB was measured (docs/performance.md, "After the
+	// (0.4 MB), 2.6-3.2 MB was measured (docs/performance.md, "After the
 	// connections close"). A record of Go's poller kept for every flow
 	// (560 B, 5.6 MB here) or a goroutine per flow fails it. The resident
 	// size may exceed 10% of idle by as much: issue 9's 10% is not met
 	// for the anonymous part, and the executable's pages mapped 30 s
-	// after (fewer than idle's, after the release) vary from run to run
-	// by several MiB, so the resident size alone came out 18% below to
-	// 11% above idle under load.
+	// after (most often fewer than idle's, after the release) vary from
+	// run to run by several MiB, so the resident size alone came out 18%
+	// below to 12.4% above idle.
 	tenKKeptAnon = 6 << 20
 )
 
