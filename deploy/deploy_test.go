@@ -59,7 +59,7 @@ func agentMetrics(t *testing.T) map[string]bool {
 		telemetry.NewBundles(func() []identity.BundleInfo { return nil }),
 		telemetry.NewPoolCollector(pool{}), telemetry.BuildInfo(),
 		clusterca.Metrics(func() *ca.CA { return clusterCA }),
-		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+		collectors.NewGoCollector(), telemetry.NewProcessCollector())
 	names := map[string]bool{}
 	fq := regexp.MustCompile(`fqName: "([^"]+)"`)
 	for _, c := range cs {

@@ -338,7 +338,7 @@ func Run(ctx context.Context, cfg Config) error {
 	}
 	if cfg.MetricsAddr != "" {
 		reg := prometheus.NewRegistry()
-		reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+		reg.MustRegister(collectors.NewGoCollector(), telemetry.NewProcessCollector(),
 			agent.NewCollector(ag, cfg.Source, dp, func() map[string]uint64 {
 				out := map[string]uint64{}
 				for flag, n := range proxy.Counters() {

@@ -32,12 +32,12 @@ func TestMetricsHandlerDoesNotCompress(t *testing.T) {
 }
 
 // BenchmarkMetricsScrape measures a scrape of the Go and process
-// collectors by a scraper that accepts gzip, after a collection (as
+// collectors (the agent's: NewProcessCollector) by a scraper that accepts gzip, after a collection (as
 // between an idle agent's scrapes): by MetricsHandler, and by promhttp's
 // default handler, which compresses.
 func BenchmarkMetricsScrape(b *testing.B) {
 	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	reg.MustRegister(collectors.NewGoCollector(), NewProcessCollector())
 	for _, c := range []struct {
 		name string
 		h    http.Handler

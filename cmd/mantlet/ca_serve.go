@@ -134,7 +134,7 @@ func runCAServe(ctx context.Context, e *env, args []string) error {
 			return fmt.Errorf("--metrics-addr %s: %w", *metricsAddr, err)
 		}
 		reg := prometheus.NewRegistry()
-		reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), srv.Collector())
+		reg.MustRegister(collectors.NewGoCollector(), telemetry.NewProcessCollector(), srv.Collector())
 		mux := http.NewServeMux()
 		mux.Handle("GET /metrics", telemetry.MetricsHandler(reg))
 		mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { fmt.Fprintln(w, "ok") })
