@@ -18,10 +18,10 @@
 //
 // A node's processes share a mount namespace of their own (a slave of the
 // machine's), where /run/netns, /run/containerd, /run/mantlet,
-// /var/lib/cni, /var/log/containers and /sys/fs/bpf are fresh, as on a
-// machine of its own; they live in a cgroup tree of their own
-// (/kubecluster/<cluster>-<node> in every cgroup v1 hierarchy), which is
-// also the kubelet's cgroup root. Close kills everything in those trees,
+// /var/lib/cni, /var/log/containers, /var/lib/kubelet/device-plugins and
+// /sys/fs/bpf are fresh, as on a machine of its own; they live in a
+// cgroup tree of their own (/kubecluster/<cluster>-<node> in every cgroup
+// v1 hierarchy), which is also the kubelet's cgroup root. Close kills everything in those trees,
 // which ends the mount namespaces and with them every mount the node
 // made; then it removes the cgroups, the testbed and the files. A cluster
 // whose process died is removed by the next Up (or Down).

@@ -54,11 +54,14 @@ func checkTools(proxyMode string) error {
 // nodeMounts are the folders that a node gets fresh in its mount
 // namespace, as a machine of its own has them: network namespaces of its
 // pods, containerd's shim sockets, the agent's admin sockets, CNI's cache,
-// the kubelet's log links, and the CNI bin and configuration folders
-// where the chart installs mantlet's CNI plugin (the usual paths, as a
-// node has them). bpffs gets a fresh instance too, so that the agents'
-// pins are the node's alone and go with it.
-var nodeMounts = []string{"/run/netns", "/run/containerd", "/run/mantlet", "/var/lib/cni", "/var/log/containers", NodeCNIBinDir, NodeCNIConfDir}
+// the kubelet's log links, the kubelet's device-plugin socket (whose
+// path no flag moves: two nodes' kubelets starting together each clear
+// that folder and bind it, and one then failed with "address already in
+// use"), and the CNI bin and configuration folders where the chart
+// installs mantlet's CNI plugin (the usual paths, as a node has them).
+// bpffs gets a fresh instance too, so that the agents' pins are the
+// node's alone and go with it.
+var nodeMounts = []string{"/run/netns", "/run/containerd", "/run/mantlet", "/var/lib/cni", "/var/log/containers", "/var/lib/kubelet/device-plugins", NodeCNIBinDir, NodeCNIConfDir}
 
 // The CNI folders of a node, in its mount namespace: Debian's plugins
 // linked into the bin folder, the node's network configuration list in the
