@@ -13,6 +13,7 @@ import (
 	"sync"
 
 	"github.com/cilium/ebpf/link"
+	"github.com/mantlet/mantlet/internal/rawfs"
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netns"
 )
@@ -47,7 +48,7 @@ type Datapath struct {
 	checkKeys []attachKey
 	mapNames  []string // of the pinned maps, sorted; fixed once loaded
 	pinScan   nameScan
-	pinPaths  [2]cpath // the pin directory and its links directory
+	pinPaths  [2]rawfs.Path // the pin directory and its links directory
 	linkInfo  linkInfo
 }
 

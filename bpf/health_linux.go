@@ -12,6 +12,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
+	"github.com/mantlet/mantlet/internal/rawfs"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
@@ -96,8 +97,8 @@ func (d *Datapath) checkLocked(scope checkScope) []problem {
 // reads, however many pods (lstat on bpffs is not cheap), into a buffer
 // the data path keeps: it makes no garbage when nothing is missing.
 func (d *Datapath) missingPins() []string {
-	if d.pinPaths[0].z == nil {
-		d.pinPaths = [2]cpath{newCPath(d.cfg.PinDir), newCPath(filepath.Join(d.cfg.PinDir, linksDir))}
+	if d.pinPaths[0].IsZero() {
+		d.pinPaths = [2]rawfs.Path{rawfs.NewPath(d.cfg.PinDir), rawfs.NewPath(filepath.Join(d.cfg.PinDir, linksDir))}
 	}
 	dir, links := d.pinPaths[0], d.pinPaths[1]
 	s := &d.pinScan
@@ -108,16 +109,16 @@ func (d *Datapath) missingPins() []string {
 	}
 	s.expect(linksDir)
 	if err := s.scan(dir); err != nil {
-		return []string{dir.path}
+		return []string{dir.String()}
 	}
 	var out []string
 	for _, name := range maps {
 		if !s.has(name) {
-			out = append(out, filepath.Join(dir.path, name))
+			out = append(out, filepath.Join(dir.String(), name))
 		}
 	}
 	if !s.has(linksDir) {
-		return append(out, links.path)
+		return append(out, links.String())
 	}
 	s.reset()
 	if d.skLookup != nil {
@@ -127,10 +128,10 @@ func (d *Datapath) missingPins() []string {
 		s.expect(filepath.Base(a.pin))
 	}
 	if err := s.scan(links); err != nil {
-		return append(out, links.path)
+		return append(out, links.String())
 	}
 	if d.skLookup != nil && !s.has(skLookupPin) {
-		out = append(out, filepath.Join(links.path, skLookupPin))
+		out = append(out, filepath.Join(links.String(), skLookupPin))
 	}
 	for _, a := range d.attached {
 		if !s.has(filepath.Base(a.pin)) {

@@ -1,12 +1,11 @@
 package bpf
 
 import (
-	"encoding/binary"
-	"errors"
 	"fmt"
 	"unsafe"
 
 	"github.com/cilium/ebpf/link"
+	"github.com/mantlet/mantlet/internal/rawfs"
 	"golang.org/x/sys/unix"
 )
 
@@ -15,10 +14,9 @@ import (
 // what it allocates stays resident until the next collection, which at an
 // idle agent's small heap can be minutes away (docs/datapath.md).
 
-// nameScan tells which of a set of names a directory holds, reading the
-// directory into a buffer it keeps.
+// nameScan tells which of a set of names a directory holds.
 type nameScan struct {
-	buf   []byte
+	dir   rawfs.DirReader
 	want  map[string]int // name → index in found
 	found []bool
 }
@@ -27,7 +25,6 @@ type nameScan struct {
 func (s *nameScan) reset() {
 	if s.want == nil {
 		s.want = map[string]int{}
-		s.buf = make([]byte, 8<<10)
 	}
 	clear(s.want)
 	s.found = s.found[:0]
@@ -47,63 +44,18 @@ func (s *nameScan) has(name string) bool {
 	return ok && s.found[i]
 }
 
-// cpath is a path and its NUL-terminated bytes, for system calls that
-// must not allocate.
-type cpath struct {
-	path string
-	z    []byte
-}
-
-func newCPath(path string) cpath {
-	return cpath{path: path, z: append([]byte(path), 0)}
-}
-
 // scan reads dir and marks the expected names it holds.
-func (s *nameScan) scan(dir cpath) error {
-	at := unix.AT_FDCWD
-	r, _, errno := unix.Syscall6(unix.SYS_OPENAT, uintptr(at), uintptr(unsafe.Pointer(&dir.z[0])),
-		unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0, 0, 0)
-	if errno != 0 {
-		return fmt.Errorf("bpf: open %s: %w", dir.path, errno)
+func (s *nameScan) scan(dir rawfs.Path) error {
+	if err := s.dir.Each(dir, s.mark); err != nil {
+		return fmt.Errorf("bpf: %w", err)
 	}
-	fd := int(r)
-	defer unix.Close(fd)
-	for {
-		n, err := unix.Getdents(fd, s.buf)
-		if errors.Is(err, unix.EINTR) {
-			continue
-		}
-		if err != nil {
-			return fmt.Errorf("bpf: read %s: %w", dir.path, err)
-		}
-		if n <= 0 {
-			return nil
-		}
-		s.mark(s.buf[:n])
-	}
+	return nil
 }
 
-// mark marks the expected names among the linux_dirent64 records of b:
-// inode (8 bytes), offset (8), record length (2), type (1), then the name,
-// NUL-terminated.
-func (s *nameScan) mark(b []byte) {
-	const nameOff = 19
-	for len(b) >= nameOff {
-		reclen := int(binary.NativeEndian.Uint16(b[16:18]))
-		if reclen < nameOff || reclen > len(b) {
-			return
-		}
-		name := b[nameOff:reclen]
-		for i, c := range name {
-			if c == 0 {
-				name = name[:i]
-				break
-			}
-		}
-		if i, ok := s.want[string(name)]; ok {
-			s.found[i] = true
-		}
-		b = b[reclen:]
+// mark marks name if it is expected.
+func (s *nameScan) mark(name []byte) {
+	if i, ok := s.want[string(name)]; ok {
+		s.found[i] = true
 	}
 }
 

@@ -2,15 +2,13 @@ package telemetry
 
 import (
 	"bytes"
-	"encoding/binary"
-	"errors"
 	"fmt"
 	"os"
 	"strconv"
 	"sync"
 	"time"
-	"unsafe"
 
+	"github.com/mantlet/mantlet/internal/rawfs"
 	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sys/unix"
 )
@@ -24,7 +22,7 @@ type processCollector struct {
 
 	mu    sync.Mutex // guards what Collect reuses
 	statm [128]byte
-	dents []byte
+	fds   rawfs.DirReader
 }
 
 func newProcessCollector() prometheus.Collector {
@@ -38,7 +36,6 @@ func newProcessCollector() prometheus.Collector {
 		maxFDs:   d("process_max_fds", "Limit of the process's open file descriptors (RLIMIT_NOFILE)."),
 		start:    d("process_start_time_seconds", "When the process started, in seconds since the Unix epoch."),
 		pageSize: float64(os.Getpagesize()),
-		dents:    make([]byte, 8<<10),
 	}
 	c.startTime, _ = processStart()
 	return c
@@ -90,16 +87,16 @@ func (c *processCollector) Collect(ch chan<- prometheus.Metric) {
 
 // Paths read on every scrape, NUL-terminated for the raw system calls.
 var (
-	statmPath = []byte("/proc/self/statm\x00")
-	fdPath    = []byte("/proc/self/fd\x00")
+	statmPath = rawfs.NewPath("/proc/self/statm")
+	fdPath    = rawfs.NewPath("/proc/self/fd")
 )
 
 // readStatm returns the first two fields of /proc/self/statm: the
 // virtual size and the resident set, in pages.
 func (c *processCollector) readStatm() (size, resident float64, err error) {
-	n, err := readSmall(statmPath, c.statm[:])
+	n, err := rawfs.ReadSmall(statmPath, c.statm[:])
 	if err != nil {
-		return 0, 0, fmt.Errorf("read /proc/self/statm: %w", err)
+		return 0, 0, err
 	}
 	b := c.statm[:n]
 	var v [2]uint64
@@ -119,90 +116,15 @@ func (c *processCollector) readStatm() (size, resident float64, err error) {
 	return float64(s), float64(r), nil
 }
 
-// countFDs counts the entries of /proc/self/fd but . and .., reading
-// the directory into a buffer it keeps.
+// countFDs counts the entries of /proc/self/fd, reading the directory
+// into a buffer it keeps.
 func (c *processCollector) countFDs() (int, error) {
-	fd, err := openRaw(fdPath, unix.O_RDONLY|unix.O_DIRECTORY)
-	if err != nil {
-		return 0, fmt.Errorf("open /proc/self/fd: %w", err)
-	}
-	defer unix.Close(fd)
 	n := 0
-	for {
-		got, err := unix.Getdents(fd, c.dents)
-		if errors.Is(err, unix.EINTR) {
-			continue
-		}
-		if err != nil {
-			return 0, fmt.Errorf("read /proc/self/fd: %w", err)
-		}
-		if got <= 0 {
-			// The directory's own descriptor, opened above, is one of them.
-			return n - 1, nil
-		}
-		n += countDirents(c.dents[:got])
-	}
-}
-
-// countDirents counts the linux_dirent64 records of b but . and ..:
-// inode (8 bytes), offset (8), record length (2), type (1), then the
-// name, NUL-terminated.
-func countDirents(b []byte) int {
-	const nameOff = 19
-	n := 0
-	for len(b) >= nameOff {
-		reclen := int(binary.NativeEndian.Uint16(b[16:18]))
-		if reclen < nameOff || reclen > len(b) {
-			break
-		}
-		if name := b[nameOff:reclen]; !isDotName(name) {
-			n++
-		}
-		b = b[reclen:]
-	}
-	return n
-}
-
-// isDotName reports whether the NUL-terminated name is . or ..
-func isDotName(name []byte) bool {
-	if i := bytes.IndexByte(name, 0); i >= 0 {
-		name = name[:i]
-	}
-	return string(name) == "." || string(name) == ".."
-}
-
-// openRaw opens the NUL-terminated path without allocating (unix.Open
-// copies the path into a new C string).
-func openRaw(path []byte, flags int) (int, error) {
-	at := unix.AT_FDCWD
-	for {
-		r, _, errno := unix.Syscall6(unix.SYS_OPENAT, uintptr(at), uintptr(unsafe.Pointer(&path[0])),
-			uintptr(flags|unix.O_CLOEXEC), 0, 0, 0)
-		switch errno {
-		case 0:
-			return int(r), nil
-		case unix.EINTR:
-			continue
-		}
-		return -1, errno
-	}
-}
-
-// readSmall reads the small file at the NUL-terminated path into buf
-// and returns how many bytes it read.
-func readSmall(path, buf []byte) (int, error) {
-	fd, err := openRaw(path, unix.O_RDONLY)
-	if err != nil {
+	if err := c.fds.Each(fdPath, func([]byte) { n++ }); err != nil {
 		return 0, err
 	}
-	defer unix.Close(fd)
-	for {
-		n, err := unix.Read(fd, buf)
-		if errors.Is(err, unix.EINTR) {
-			continue
-		}
-		return n, err
-	}
+	// The directory's own descriptor, open while it was read, is one.
+	return n - 1, nil
 }
 
 // userHZ is the unit of the times in /proc/<pid>/stat: USER_HZ, 100 on
