@@ -47,34 +47,30 @@ func (c *processCollector) Describe(ch chan<- *prometheus.Desc) {
 	}
 }
 
+// Collect sends what it could read. A series it could not read is left
+// out, as client_golang's collector does unless told to report errors: an
+// invalid metric would fail the whole scrape.
 func (c *processCollector) Collect(ch chan<- prometheus.Metric) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	var ru unix.Rusage
-	if err := unix.Getrusage(unix.RUSAGE_SELF, &ru); err == nil {
+	if unix.Getrusage(unix.RUSAGE_SELF, &ru) == nil {
 		ch <- prometheus.MustNewConstMetric(c.cpu, prometheus.CounterValue,
 			float64(ru.Utime.Nano()+ru.Stime.Nano())/float64(time.Second))
-	} else {
-		ch <- prometheus.NewInvalidMetric(c.cpu, fmt.Errorf("getrusage: %w", err))
 	}
 	if size, resident, err := c.readStatm(); err == nil {
 		ch <- prometheus.MustNewConstMetric(c.vsize, prometheus.GaugeValue, size*c.pageSize)
 		ch <- prometheus.MustNewConstMetric(c.rss, prometheus.GaugeValue, resident*c.pageSize)
-	} else {
-		ch <- prometheus.NewInvalidMetric(c.rss, err)
 	}
 	if n, err := c.countFDs(); err == nil {
 		ch <- prometheus.MustNewConstMetric(c.openFDs, prometheus.GaugeValue, float64(n))
-	} else {
-		ch <- prometheus.NewInvalidMetric(c.openFDs, err)
 	}
 	for _, l := range []struct {
 		desc     *prometheus.Desc
 		resource int
 	}{{c.maxFDs, unix.RLIMIT_NOFILE}, {c.maxVsize, unix.RLIMIT_AS}} {
 		var r unix.Rlimit
-		if err := unix.Getrlimit(l.resource, &r); err != nil {
-			ch <- prometheus.NewInvalidMetric(l.desc, fmt.Errorf("getrlimit: %w", err))
+		if unix.Getrlimit(l.resource, &r) != nil {
 			continue
 		}
 		// Unlimited is RLIM_INFINITY's value, as client_golang reports it.
