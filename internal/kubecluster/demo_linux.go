@@ -71,8 +71,15 @@ func (c *Cluster) Demo(ctx context.Context, w io.Writer) error {
 	marker := "MANTLET-DEMO-" + hex.EncodeToString(b[:])
 	podAddr := net.JoinHostPort(echo.Status.PodIP, strconv.Itoa(echoPort))
 	vip := net.JoinHostPort(svc.Spec.ClusterIP, "80")
+	echoIP := netip.MustParseAddr(echo.Status.PodIP)
 	conns := HBONEConns{} // the second target's flow may ride the first's connection
 	for _, target := range []struct{ what, addr string }{{"pod IP", podAddr}, {"ClusterIP Service", vip}} {
+		wctx, cancel := context.WithTimeout(ctx, ReadyTimeout)
+		err := c.WaitAgentMeshes(wctx, first, client.Status.PodIP, target.addr, echoIP)
+		cancel()
+		if err != nil {
+			return fmt.Errorf("demo: %w", err)
+		}
 		cctx, cancel := context.WithCancel(ctx)
 		cp, err := c.Testbed.Capture(cctx)
 		if err != nil {
@@ -100,7 +107,7 @@ func (c *Cluster) Demo(ctx context.Context, w io.Writer) error {
 		if testbed.Contains(pkts, []byte(marker)) {
 			return fmt.Errorf("demo: the message crossed the underlay in clear (by %s)", target.what)
 		}
-		hbone, err := conns.Check(pkts, netip.MustParseAddr(client.Status.PodIP), netip.MustParseAddr(echo.Status.PodIP))
+		hbone, err := conns.Check(pkts, netip.MustParseAddr(client.Status.PodIP), echoIP)
 		if err != nil {
 			return fmt.Errorf("demo: on the underlay, by %s: %w", target.what, err)
 		}

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"strconv"
 	"strings"
 	"sync"
@@ -20,13 +21,20 @@ import (
 )
 
 // meshedNamespace makes a meshed namespace with an echo pod on the second
-// node and returns the echo's address.
+// node, waits until the first node's agent would mesh a connection to it,
+// and returns its address.
 func meshedNamespace(ctx context.Context, t *testing.T, c *Cluster, ns string) string {
 	t.Helper()
 	createNamespace(ctx, t, c, ns, map[string]string{"mantlet.io/mesh": "enabled"})
 	createPod(ctx, t, c, echoPod(ns, "echo", c.Nodes[1].Name))
 	echo := waitPod(ctx, t, c, ns, "echo", "Ready and Meshed", func(p *corev1.Pod) bool { return podReady(p) && meshedCondition(p) })
-	return net.JoinHostPort(echo.Status.PodIP, strconv.Itoa(echoPort))
+	addr := net.JoinHostPort(echo.Status.PodIP, strconv.Itoa(echoPort))
+	// The clients run on node 1, whose agent learns the echo from its own
+	// watch.
+	if err := c.WaitAgentMeshes(ctx, c.Nodes[0], ns+"/default", addr, netip.MustParseAddr(echo.Status.PodIP)); err != nil {
+		t.Fatal(err)
+	}
+	return addr
 }
 
 // TestRecreatedPodIsReenrolledWithinASecond: a meshed pod deleted and

@@ -111,6 +111,33 @@ func failedAgentLogs(t *testing.T, c *Cluster) string {
 	return ""
 }
 
+// agentLogLines returns the lines of node's agent's log (every container
+// the agent pod ran, from the node's pod log folder) that contain sub.
+func agentLogLines(c *Cluster, node *Node, sub string) string {
+	pods, err := c.Admin().CoreV1().Pods(MeshNamespace).List(context.Background(), metav1.ListOptions{FieldSelector: "spec.nodeName=" + node.Name})
+	if err != nil {
+		return fmt.Sprintf("(listing the agent pods: %v)", err)
+	}
+	var b strings.Builder
+	for _, p := range pods.Items {
+		files, _ := filepath.Glob(filepath.Join(node.Dir, "pod-logs", p.Namespace+"_"+p.Name+"_"+string(p.UID), "agent", "*.log"))
+		for _, f := range files {
+			data, _ := os.ReadFile(f)
+			b.WriteString(grepLines(string(data), sub))
+		}
+	}
+	return b.String()
+}
+
+// logFlowsOnFailure logs, if the test failed, what node's agent logged
+// about ip: its access log says which path each flow took.
+func logFlowsOnFailure(t *testing.T, c *Cluster, node *Node, ip string) {
+	t.Helper()
+	if t.Failed() {
+		t.Logf("the agent on %s about %s:\n%s", node.Name, ip, agentLogLines(c, node, ip))
+	}
+}
+
 func newMarker(t *testing.T) string {
 	t.Helper()
 	var b [8]byte
@@ -327,9 +354,13 @@ func TestAnnotatedNamespaceIsMeshedOnRealNodes(t *testing.T) {
 	for _, name := range []string{"client", "echo"} {
 		waitPod(ctx, t, c, ns, name, "Meshed", meshedCondition)
 	}
-	clientIP := netip.MustParseAddr(client.Status.PodIP)
+	clientIP, echoIP := netip.MustParseAddr(client.Status.PodIP), netip.MustParseAddr(echo.Status.PodIP)
+	defer logFlowsOnFailure(t, c, n1, client.Status.PodIP)
 	conns := HBONEConns{} // the flow to the Service may ride the connection opened for the first
 	for _, target := range []string{podAddr, vip} {
+		if err := c.WaitAgentMeshes(ctx, n1, client.Status.PodIP, target, echoIP); err != nil {
+			t.Fatal(err)
+		}
 		marker := newMarker(t)
 		stop := capture(t, c)
 		greeting, err := talk(ctx, c, client, target, marker)
@@ -343,7 +374,7 @@ func TestAnnotatedNamespaceIsMeshedOnRealNodes(t *testing.T) {
 		if testbed.Contains(pkts, []byte(marker)) {
 			t.Errorf("to %s: the marker crossed the underlay in clear", target)
 		}
-		checkOnlyHBONE(t, pkts, conns, clientIP, netip.MustParseAddr(echo.Status.PodIP), target)
+		checkOnlyHBONE(t, pkts, conns, clientIP, echoIP, target)
 	}
 
 	// Policy through the API: a DENY on the port, then an ALLOW for

@@ -107,6 +107,11 @@ func meshedClusterIPOn(t *testing.T, mode string, check func(ctx context.Context
 	check(ctx, t, c, svc.Spec.ClusterIP)
 
 	vip := net.JoinHostPort(svc.Spec.ClusterIP, "80")
+	echoIP := netip.MustParseAddr(echo.Status.PodIP)
+	if err := c.WaitAgentMeshes(ctx, n1, client.Status.PodIP, vip, echoIP); err != nil {
+		t.Fatal(err)
+	}
+	defer logFlowsOnFailure(t, c, n1, client.Status.PodIP)
 	marker := newMarker(t)
 	stop := capture(t, c)
 	greeting, err := talk(ctx, c, client, vip, marker)
@@ -120,7 +125,7 @@ func meshedClusterIPOn(t *testing.T, mode string, check func(ctx context.Context
 	if testbed.Contains(pkts, []byte(marker)) {
 		t.Error("the marker crossed the underlay in clear")
 	}
-	checkOnlyHBONE(t, pkts, HBONEConns{}, netip.MustParseAddr(client.Status.PodIP), netip.MustParseAddr(echo.Status.PodIP), vip)
+	checkOnlyHBONE(t, pkts, HBONEConns{}, netip.MustParseAddr(client.Status.PodIP), echoIP, vip)
 }
 
 // waitNFTablesServiceProgrammed waits until kube-proxy (nftables mode) on
