@@ -23,14 +23,25 @@ type Peak struct {
 	n   int
 }
 
+// EmptyMin is the smallest peak after which Delete makes an emptied map
+// anew, whatever Peak.Min says: there is nothing to copy, and the last
+// copy of a map that shrank from a large peak still holds Min/4 entries'
+// worth of table (about 40 KB after 10,000 flows).
+const EmptyMin = 64
+
 // Delete deletes k from *m, and replaces *m with a copy of what remains
 // when that is at most a quarter of the map's peak and the peak reached
-// p.Min. The copy costs O(len(*m)), and the peak restarts from its size,
-// so the cost per delete stays constant. Do not call it while ranging
-// over *m.
+// p.Min, or with an empty map when it emptied a map whose peak reached
+// EmptyMin. The copy costs O(len(*m)), and the peak restarts from its
+// size, so the cost per delete stays constant. Do not call it while
+// ranging over *m.
 func Delete[M ~map[K]V, K comparable, V any](m *M, k K, p *Peak) {
 	p.n = max(p.n, len(*m))
 	delete(*m, k)
+	if len(*m) == 0 && p.n >= EmptyMin {
+		*m, p.n = make(M), 0
+		return
+	}
 	from := p.Min
 	if from <= 0 {
 		from = DefaultMin

@@ -206,12 +206,17 @@ func (p *Pool) reap() {
 // reapLocked takes out of the pool, and returns for closing, the
 // connections that are gone, retired and idle, idle for IdleTimeout, or
 // idle for SpareIdleTimeout while their key keeps another idle one: of a
-// key's idle connections the one idle for the shortest time stays, the
-// others are spares.
+// key's idle connections the oldest one idle for less than half of
+// IdleTimeout stays (else the one idle for the shortest time), the others
+// are spares. The oldest, because a burst's connections are the newest:
+// keeping one of them would keep its memory (TLS state, buffers, HTTP/2
+// tables) among the burst's freed objects, where it keeps whole pages of
+// the heap in use; the half, so that the server, which closes after
+// IdleTimeout too, is not about to close the one kept.
 func (p *Pool) reapLocked(now time.Time) []*poolConn {
 	var dead []*poolConn
 	for k, kc := range p.keys {
-		keep := -1 // the key's connection idle for the shortest time
+		keep := -1 // the connection kept idle; kc.conns is oldest first
 		var keepIdle time.Duration
 		idles := slices.Grow(p.idles[:0], len(kc.conns))[:len(kc.conns)]
 		p.idles = idles
@@ -221,7 +226,9 @@ func (p *Pool) reapLocked(now time.Time) []*poolConn {
 			switch {
 			case gone || idle >= p.t.IdleTimeout || idle > 0 && retired:
 				idle = -1 // closed below
-			case idle > 0 && (keep < 0 || idle < keepIdle):
+			case idle == 0:
+			case keep < 0,
+				keepIdle >= p.t.IdleTimeout/2 && idle < keepIdle:
 				keep, keepIdle = i, idle
 			}
 			idles[i] = idle

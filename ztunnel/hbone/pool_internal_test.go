@@ -24,9 +24,42 @@ func TestReapDoesNotCloseConnectionsIdleSinceAfterNow(t *testing.T) {
 			t.Fatal("the reaper closed a connection whose stream ended after the time it was given")
 		}
 	}
-	// Later, all three idle: the one idle for the shortest time stays.
+	// Later, all three idle: the oldest stays.
 	dead := p.reapLocked(now.Add(time.Second))
-	if len(kc.conns) != 1 || kc.conns[0] != fresh2 {
-		t.Fatalf("kept %d connections (reaped %d), want only the one idle for the shortest time", len(kc.conns), len(dead))
+	if len(kc.conns) != 1 || kc.conns[0] != spare {
+		t.Fatalf("kept %d connections (reaped %d), want only the oldest", len(kc.conns), len(dead))
+	}
+}
+
+// Of a key's idle connections the oldest stays, so that a burst's newer
+// connections go, and their memory with them; but not one idle for half
+// of IdleTimeout or more, which the server is about to close: then the
+// one idle for the shortest time stays.
+func TestReapKeepsTheOldestIdleConnectionTheServerKeepsToo(t *testing.T) {
+	now := time.Now()
+	tune := Tuning{SpareIdleTimeout: 200 * time.Millisecond, IdleTimeout: time.Minute}.WithDefaults()
+	conn := func(idleAt time.Time) *poolConn {
+		return &poolConn{hc: &h2conn{cl: clientState{idleAt: idleAt, retireAt: now.Add(time.Hour)}}}
+	}
+	for _, c := range []struct {
+		name string
+		idle []time.Duration // oldest first
+		kept int
+	}{
+		{"a burst's connections after the first", []time.Duration{time.Second, 2 * time.Second, time.Second}, 0},
+		{"the oldest idle for half of IdleTimeout", []time.Duration{30 * time.Second, 2 * time.Second, time.Second, 3 * time.Second}, 1},
+		{"every one idle for half of IdleTimeout", []time.Duration{40 * time.Second, 31 * time.Second, 35 * time.Second}, 1},
+	} {
+		p := &Pool{t: tune, keys: make(map[poolKey]*keyConns)}
+		var conns []*poolConn
+		for _, d := range c.idle {
+			conns = append(conns, conn(now.Add(-d)))
+		}
+		kc := &keyConns{conns: append([]*poolConn(nil), conns...)}
+		p.keys[poolKey{}] = kc
+		dead := p.reapLocked(now)
+		if len(kc.conns) != 1 || kc.conns[0] != conns[c.kept] || len(dead) != len(conns)-1 {
+			t.Errorf("%s: kept %d connections (reaped %d), want only connection %d", c.name, len(kc.conns), len(dead), c.kept)
+		}
 	}
 }
