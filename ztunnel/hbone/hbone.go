@@ -100,10 +100,11 @@ type Tuning struct {
 	// ResetRate and ResetBurst bound how fast a client may reset streams
 	// the server was still working on (RST_STREAM before the server
 	// answered the CONNECT): a token bucket of ResetBurst refilled at
-	// ResetRate per second. Beyond it the client is taken for a "rapid
+	// ResetRate per second (ResetBurst 0: the default, or MaxStreamsPerConn
+	// if that is more). Beyond it the client is taken for a "rapid
 	// reset" attacker: GOAWAY(ENHANCE_YOUR_CALM), the connection is
 	// closed, and Server.Refused gets ErrRapidReset. Well-behaved pools
-	// keep at most MaxStreamsPerConn streams per connection, far below.
+	// keep at most MaxStreamsPerConn streams per connection, within it.
 	ResetRate  float64
 	ResetBurst int
 	// FloodRate and FloodBurst do the same for frames that make no tunnel
@@ -116,7 +117,13 @@ type Tuning struct {
 
 // DefaultTuning returns the defaults. Windows and frame size were chosen by
 // measurement (BenchmarkTunnelThroughput, docs/performance.md); the header
-// limit and stream counts follow Istio's ztunnel.
+// limit follows Istio's ztunnel. Streams per pooled connection are twice
+// Istio's 100: 10,000 connections from one pod to one pod then take 50
+// HBONE connections, not 100, each with its TLS state, buffers and two
+// goroutines (about 60 KiB), and their memory is smaller while they are
+// open and after (docs/performance.md); ResetBurst stays at least
+// MaxStreamsPerConn, so a pool that cancels every stream of a
+// connection before its answer is not taken for a rapid-reset attacker.
 func DefaultTuning() Tuning {
 	return Tuning{
 		StreamWindow:         4 << 20,
@@ -124,8 +131,8 @@ func DefaultTuning() Tuning {
 		MaxFrameSize:         1 << 20,
 		MaxHeaderListSize:    64 << 10,
 		MaxConcurrentStreams: 1000,
-		MaxStreamsPerConn:    100,
-		MaxConnsPerKey:       256,
+		MaxStreamsPerConn:    200,
+		MaxConnsPerKey:       128,
 		SpreadConnsPerKey:    1,
 		IdleTimeout:          5 * time.Minute,
 		SpareIdleTimeout:     5 * time.Second,
@@ -203,7 +210,9 @@ func (t Tuning) WithDefaults() Tuning {
 		t.ResetRate = d.ResetRate
 	}
 	if t.ResetBurst <= 0 {
-		t.ResetBurst = d.ResetBurst
+		// At least a connection's streams: a pool of this tuning that
+		// cancels them all before their answers is no attacker.
+		t.ResetBurst = max(d.ResetBurst, t.MaxStreamsPerConn)
 	}
 	if t.FloodRate <= 0 {
 		t.FloodRate = d.FloodRate

@@ -140,6 +140,21 @@ func TestEchoThroughTunnel(t *testing.T) {
 	}
 }
 
+// A pool cancels at most a connection's streams before their answers at
+// once; the server's rapid-reset burst must allow that many, whatever the
+// streams per connection are set to (a server of the same tuning).
+func TestRapidResetBurstCoversAConnectionsStreams(t *testing.T) {
+	for _, streams := range []int{0, 50, 200, 300, 1000} {
+		tune := hbone.Tuning{MaxStreamsPerConn: streams}.WithDefaults()
+		if tune.ResetBurst < tune.MaxStreamsPerConn {
+			t.Errorf("MaxStreamsPerConn %d: ResetBurst %d, want at least %d", streams, tune.ResetBurst, tune.MaxStreamsPerConn)
+		}
+	}
+	if set := (hbone.Tuning{MaxStreamsPerConn: 300, ResetBurst: 10}).WithDefaults().ResetBurst; set != 10 {
+		t.Errorf("ResetBurst set to 10 became %d", set)
+	}
+}
+
 func TestSmallStreamWindowTakesHTTP2sInitialWindow(t *testing.T) {
 	// A client may send 65,535 bytes on a new stream before it has read
 	// the server's SETTINGS; a smaller window would reset the stream with
