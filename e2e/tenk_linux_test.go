@@ -38,17 +38,17 @@ const (
 	// tenKKeptAnon is how much more anonymous memory (the heap, stacks
 	// and the runtime's metadata, not the executable's pages) an agent
 	// may hold 30 s after the connections closed than when idle. Go keeps
-	// some for good after a heap of 40-50 MB: span and GC metadata (about
-	// 1.1 MB), spans that a few live objects keep in use, stacks of the
-	// threads it started; with the flow events that the ring now holds
-	// (0.4 MB), 2.6-3.2 MB was measured (docs/performance.md, "After the
-	// connections close"). A record of Go's poller kept for every flow
-	// (560 B, 5.6 MB here) or a goroutine per flow fails it. The resident
-	// size may exceed 10% of idle by as much: issue 9's 10% is not met
-	// for the anonymous part, and the executable's pages mapped 30 s
-	// after (most often fewer than idle's, after the release) vary from
-	// run to run by several MiB, so the resident size alone came out 18%
-	// below to 12.4% above idle.
+	// some for good after a heap of 40 MB: span and GC metadata (about
+	// 0.9 MB), spans that a few live objects keep in use, stacks that its
+	// processors cache and of the threads it started; with the flow
+	// events that the ring now holds (0.4 MB), 2.1-2.5 MiB was measured
+	// (docs/performance.md, "After the connections close"). A record of
+	// Go's poller kept for every flow (560 B, 5.6 MB here) or a goroutine
+	// per flow fails it. The resident size may exceed 10% of idle by as
+	// much: it was within 10% in 11 of 12 measurements, but the
+	// executable's pages mapped 30 s after (most often fewer than idle's,
+	// after the release) vary from run to run by 1-2 MiB, so a bound of
+	// 10% alone would fail now and then.
 	tenKKeptAnon = 6 << 20
 )
 
