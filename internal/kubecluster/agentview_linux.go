@@ -50,7 +50,7 @@ func (c *Cluster) WaitAgentMeshes(ctx context.Context, node *Node, from, to stri
 // adminClient returns an HTTP client whose connections are made inside the
 // node's network namespace, where its agent's admin API listens.
 func (n *Node) adminClient() *http.Client {
-	return &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+	return &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
 		return n.Testbed.Dial(ctx, network, addr)
 	}}}
 }

@@ -1,12 +1,8 @@
 package kubecluster
 
 import (
-	"context"
-	"encoding/json"
 	"fmt"
 	"io"
-	"net"
-	"net/http"
 	"strings"
 	"testing"
 	"time"
@@ -96,9 +92,7 @@ func TestBridgedCNIIsRefusedLoudly(t *testing.T) {
 	t.Logf("pod created %s; FailedCreatePodSandBox event %s later", created.CreationTimestamp.Format(time.RFC3339), event.LastTimestamp.Sub(created.CreationTimestamp.Time))
 
 	// The agent's metric and 'mantlet status', from the node.
-	hc := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-		return node.Testbed.Dial(ctx, network, addr)
-	}}}
+	hc := node.adminClient()
 	get := func(url string) string {
 		t.Helper()
 		resp, err := hc.Get(url)
@@ -123,7 +117,7 @@ func TestBridgedCNIIsRefusedLoudly(t *testing.T) {
 		Problems []string `json:"problems"`
 	}
 	err = retry(ctx, 30*time.Second, func() error {
-		if err := json.Unmarshal([]byte(get("http://127.0.0.1:15000/v1/status")), &status); err != nil {
+		if err := getJSON(ctx, hc, "http://"+AdminAddr+"/v1/status", &status); err != nil {
 			return err
 		}
 		for _, pr := range status.Problems {
