@@ -96,15 +96,8 @@ func failedAgentLogs(t *testing.T, c *Cluster) string {
 			if term == nil || term.ExitCode == 0 {
 				continue
 			}
-			n := c.Node(p.Spec.NodeName)
-			files, _ := filepath.Glob(filepath.Join(n.Dir, "pod-logs", p.Namespace+"_"+p.Name+"_"+string(p.UID), "agent", "*.log"))
-			var b strings.Builder
-			for _, f := range files {
-				data, _ := os.ReadFile(f)
-				b.Write(data)
-			}
-			if b.Len() > 0 {
-				return b.String()
+			if logs := agentPodLog(c.Node(p.Spec.NodeName), &p); logs != "" {
+				return logs
 			}
 		}
 	}
@@ -120,11 +113,19 @@ func agentLogLines(c *Cluster, node *Node, sub string) string {
 	}
 	var b strings.Builder
 	for _, p := range pods.Items {
-		files, _ := filepath.Glob(filepath.Join(node.Dir, "pod-logs", p.Namespace+"_"+p.Name+"_"+string(p.UID), "agent", "*.log"))
-		for _, f := range files {
-			data, _ := os.ReadFile(f)
-			b.WriteString(grepLines(string(data), sub))
-		}
+		b.WriteString(grepLines(agentPodLog(node, &p), sub))
+	}
+	return b.String()
+}
+
+// agentPodLog returns what the agent containers of pod p wrote, read from
+// its node's pod log folder (every container the pod ran), or "".
+func agentPodLog(n *Node, p *corev1.Pod) string {
+	files, _ := filepath.Glob(filepath.Join(n.Dir, "pod-logs", p.Namespace+"_"+p.Name+"_"+string(p.UID), "agent", "*.log"))
+	var b strings.Builder
+	for _, f := range files {
+		data, _ := os.ReadFile(f)
+		b.Write(data)
 	}
 	return b.String()
 }
