@@ -28,9 +28,9 @@ const (
 	tenKMaxRSS = 150 << 20
 	// tenKIdle is how long the connections are idle before the agents'
 	// memory is taken: an agent collects and releases memory once its
-	// open flows changed by 1,000 and held steady for 2 s (node's
-	// releaseMemory); before, it holds the garbage of the connections'
-	// setup too.
+	// load (open flows and HBONE connections) moved by what holds 1 MiB
+	// and held steady for 2 s (node's releaser); before, it holds the
+	// garbage of the connections' setup too.
 	tenKIdle = 5 * time.Second
 	// tenKSettle is how long after the connections closed the agents must
 	// be back within 10% of their idle size (the requirement itself).

@@ -13,25 +13,30 @@ import (
 // slowly (its scavenger), and an agent whose flows sit idle allocates
 // nothing, so it runs no garbage collection that would find the garbage
 // their setup left, nor one that would notice that thousands of flows
-// ended. Once the open flows, or the HBONE connections under them, moved
-// by releaseMinFlows (releaseMinConns) either way and then held steady
-// for a look, the agent collects and releases at once: its resident
+// ended. The agent follows what its load holds: once the open flows and
+// the HBONE connections under them together moved by what holds
+// releaseMinBytes (either way, each counted at its estimate) and then held
+// steady for a look, it collects and releases at once: its resident
 // memory then is what its flows hold (docs/performance.md, "Memory per
 // connection").
 const (
-	// releaseEvery is how often the open flows are looked at.
+	// releaseEvery is how often the load is looked at.
 	releaseEvery = 2 * time.Second
-	// releaseMinFlows is the smallest change of the open flows that
-	// releases: a few hundred flows hold a few MiB, not worth a full
-	// collection.
-	releaseMinFlows = 1000
-	// releaseMinConns is the smallest change of the open HBONE
-	// connections that releases: each holds about 60 KiB (TLS state,
-	// HTTP/2 tables, two goroutines), so 32 hold about what 1,000 idle
-	// flows hold of heap. The client pool closes its spare connections a
-	// few seconds after the flows on them ended (hbone.Tuning's
-	// SpareIdleTimeout): a second release then gives their memory back.
-	releaseMinConns = 32
+	// flowBytes is about what an open flow holds at each end's agent
+	// (2.1-2.6 KiB measured with 10,000 open, docs/performance.md).
+	flowBytes = 2 << 10
+	// connBytes is about what an HBONE connection holds: its TLS state,
+	// HTTP/2 tables and two goroutines (60 KiB and more, by the streams it
+	// carried). The client pool closes its spare connections a few
+	// seconds after the flows on them ended (hbone.Tuning's
+	// SpareIdleTimeout): what they held is given back by a second
+	// release, once they moved by releaseMinBytes too.
+	connBytes = 64 << 10
+	// releaseMinBytes is the smallest change of the load that releases: a
+	// full collection is not worth less (512 flows or 16 connections),
+	// and what smaller changes leave is within a few percent of an idle
+	// agent's 17-20 MiB.
+	releaseMinBytes = 1 << 20
 )
 
 // load is what the agent's memory follows: its open flows and the HBONE
@@ -39,35 +44,52 @@ const (
 type load struct{ flows, conns int }
 
 // moved reports whether l and o differ by at least a release's worth
-// (div 1) or a tenth of it (div 10).
+// (div 1) or a tenth of it (div 10): their differences in flows and in
+// connections each weighed at what one holds, and added, so that flows
+// that went up while connections went down do not cancel out.
 func (l load) moved(o load, div int) bool {
-	return abs(l.flows-o.flows) >= releaseMinFlows/div || abs(l.conns-o.conns) >= releaseMinConns/div
+	return int64(abs(l.flows-o.flows))*flowBytes+int64(abs(l.conns-o.conns))*connBytes >= releaseMinBytes/int64(div)
 }
 
-// releaseMemory releases (release) when the load (now()) moved by
-// a release's worth since the last release and by less than a tenth of
-// that since the last look, looking every releaseEvery until ctx ends. A
-// release costs one full collection, at most once per releaseEvery and
-// only after such a change.
+// releaser decides when a release is due: when the load moved by a
+// release's worth since the last release, and by less than a tenth of
+// that since the last look.
+type releaser struct {
+	prev, base load // at the last look, at the last release
+}
+
+// look takes the load now, and reports whether to release.
+func (r *releaser) look(n load) bool {
+	steady := !n.moved(r.prev, 10)
+	r.prev = n
+	if !steady || !n.moved(r.base, 1) {
+		return false
+	}
+	r.base = n
+	return true
+}
+
+// releaseMemory releases (release) when a releaser says so of the load
+// (now()), looking every releaseEvery until ctx ends. A release costs two
+// full collections, at most once per releaseEvery and only after such a
+// change.
 func releaseMemory(ctx context.Context, now func() load, log *slog.Logger) {
 	t := time.NewTicker(releaseEvery)
 	defer t.Stop()
-	var prev, base load // at the last look, at the last release
+	var r releaser
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
 		}
+		base := r.base
 		n := now()
-		steady := !n.moved(prev, 10)
-		prev = n
-		if !steady || !n.moved(base, 1) {
+		if !r.look(n) {
 			continue
 		}
-		release(log, "the open flows changed", "open_flows_before", base.flows, "open_flows", n.flows,
+		release(log, "the load changed", "open_flows_before", base.flows, "open_flows", n.flows,
 			"hbone_conns_before", base.conns, "hbone_conns", n.conns)
-		base = n
 	}
 }
 
