@@ -12,6 +12,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"strconv"
 	"strings"
@@ -118,8 +119,9 @@ type timedChange struct {
 //
 // It ignores b.N: run it with -benchtime=1x (make bench does). Filling the
 // API server takes minutes; the whole run about ten on a loaded 2-core
-// machine. MANTLET_SCALE_PROFILES=DIR saves the agent's heap and
-// allocation profiles after the sync and after the churn.
+// machine. MANTLET_SCALE_PROFILES=DIR runs the agent with Go's default
+// heap-profile rate and saves its heap and allocation profiles after the
+// sync and after the churn.
 func BenchmarkAgentScale(b *testing.B) {
 	r := runAgentScale(b, fullScale)
 	mb := func(v uint64) float64 { return float64(v) / 1e6 } // MB as the goal says: 10^6 bytes
@@ -205,10 +207,14 @@ func runAgentScale(tb testing.TB, sc agentScale) scaleResult {
 	}
 
 	var started time.Time
+	// As the chart runs it (values.yaml: logLevel info); the mesh's debug
+	// level logs a line per flow. Heap profiles need the profiler on.
+	args := []string{"--log-level", "info"}
+	if os.Getenv("MANTLET_SCALE_PROFILES") != "" {
+		args = append(args, "--memory-profile-rate", strconv.Itoa(runtime.MemProfileRate))
+	}
 	km := startKubeMeshWith(tb, spec, meshtest.Options{
-		// As the chart runs it (values.yaml: logLevel info); the mesh's
-		// debug level logs a line per flow.
-		AgentArgs:    []string{"--log-level", "info"},
+		AgentArgs:    args,
 		ReadyTimeout: 5 * time.Minute,
 	}, func(ctx context.Context, km *kubeMesh, m *meshtest.Mesh) error {
 		admin := km.api.Admin()

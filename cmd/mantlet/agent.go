@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"path/filepath"
+	"runtime"
 	"runtime/debug"
 	"strconv"
 	"strings"
@@ -75,6 +76,7 @@ type agentFlags struct {
 	cni           cniFlags           // mantlet's CNI plugin (agent_cni.go)
 	federate      listFlag           // <trust-domain>=<bundle file>, repeatable
 	federatePoll  time.Duration
+	memProfile    int // runtime.MemProfileRate, unless GODEBUG sets it
 }
 
 // listFlag is a flag that may be repeated or hold a comma-separated list.
@@ -118,6 +120,7 @@ func parseAgentFlags(e *env, args []string) (*agentFlags, error) {
 	fs.DurationVar(&f.drainTimeout, "drain-timeout", 10*time.Second, "on SIGTERM, how long open connections may take to finish")
 	fs.StringVar(&f.logFormat, "log-format", "text", "log format on stderr: text or json")
 	fs.StringVar(&f.logLevel, "log-level", "info", "log level: debug, info, warn or error")
+	fs.IntVar(&f.memProfile, "memory-profile-rate", 0, "sample one allocation per this many `bytes` for the heap and allocs profiles of the admin API (Go's default: 524288); 0 leaves them empty: each sample's call stack is recorded for good (docs/observability.md)")
 	fs.UintVar(&f.ztunnelMark, "ztunnel-mark", bpf.DefaultZtunnelMark, "SO_MARK of the ztunnel's sockets")
 	fs.UintVar(&f.redirectMark, "redirect-mark", bpf.DefaultRedirectMark, "fwmark of captured packets (also the mask of the routing rule)")
 	fs.IntVar(&f.routeTable, "route-table", bpf.DefaultRouteTable, "policy routing table that delivers captured packets locally")
@@ -165,6 +168,8 @@ func parseAgentFlags(e *env, args []string) (*agentFlags, error) {
 		return nil, usageErr("%s", f.checkIssuer(fs))
 	case f.logFormat != "text" && f.logFormat != "json":
 		return nil, usageErr("--log-format %q: want text or json", f.logFormat)
+	case f.memProfile < 0:
+		return nil, usageErr("--memory-profile-rate %d: want 0 (off) or a number of bytes", f.memProfile)
 	}
 	if _, err := v1alpha1.ParseMTLSMode(f.mtlsMode); err != nil {
 		return nil, usageErr("--mtls-mode: %v", err)
@@ -230,6 +235,18 @@ func (f *agentFlags) bpfConfig() (bpf.Config, error) {
 // more while the cluster changes (docs/performance.md).
 const agentGCPercent = 50
 
+// memProfileRate is the rate the agent's heap profiler samples at: flag,
+// unless godebug (the GODEBUG variable) sets memprofilerate, which the
+// runtime has applied already (ok false).
+func memProfileRate(godebug string, flag int) (rate int, ok bool) {
+	for _, kv := range strings.Split(godebug, ",") {
+		if strings.HasPrefix(strings.TrimSpace(kv), "memprofilerate=") {
+			return 0, false
+		}
+	}
+	return flag, true
+}
+
 func runAgent(ctx context.Context, e *env, args []string) error {
 	f, err := parseAgentFlags(e, args)
 	if err != nil {
@@ -247,6 +264,9 @@ func runAgent(ctx context.Context, e *env, args []string) error {
 	}
 	if e.getenv("GOGC") == "" {
 		debug.SetGCPercent(agentGCPercent)
+	}
+	if rate, ok := memProfileRate(e.getenv("GODEBUG"), f.memProfile); ok {
+		runtime.MemProfileRate = rate
 	}
 	f.observe.Stdout = e.stdout
 	f.policy.Stderr = e.stderr

@@ -72,6 +72,8 @@ func TestAgentCommandRefusesBadInvocations(t *testing.T) {
 			`mantlet agent: --exclude-cidr "10.0.0.0/40": want a prefix like 10.96.0.0/12`},
 		{"a bad excluded port", []string{"--node-name", "node-1", "--config", config, "--ca-dir", caDir, "--exclude-port", "22,0"}, 1,
 			`mantlet agent: --exclude-port "0": want a port from 1 to 65535`},
+		{"a negative heap-profile rate", []string{"--node-name", "node-1", "--config", config, "--ca-dir", caDir, "--memory-profile-rate", "-1"}, 2,
+			"mantlet agent: --memory-profile-rate -1: want 0 (off) or a number of bytes"},
 		{"a bad log level", []string{"--node-name", "node-1", "--config", config, "--ca-dir", caDir, "--log-level", "loud"}, 1,
 			`mantlet agent: --log-level "loud": want debug, info, warn or error`},
 		{"an unknown issuer", []string{"--node-name", "node-1", "--config", config, "--issuer", "vault"}, 2, `mantlet agent: --issuer "vault": want ca, cluster-ca or spire`},
@@ -104,6 +106,29 @@ func TestAgentCommandRefusesBadInvocations(t *testing.T) {
 				t.Fatalf("exit %d, stderr:\n%s\nwant exit %d and %q", code, errb, tc.code, tc.want)
 			}
 		})
+	}
+}
+
+// TestMemoryProfileRate: the agent samples its heap for profiles only when
+// asked to (--memory-profile-rate), and leaves a rate that GODEBUG gave the
+// runtime as it is.
+func TestMemoryProfileRate(t *testing.T) {
+	for _, tc := range []struct {
+		godebug string
+		flag    int
+		rate    int
+		ok      bool
+	}{
+		{"", 0, 0, true},
+		{"", 524288, 524288, true},
+		{"madvdontneed=1", 4096, 4096, true},
+		{"memprofilerate=1", 0, 0, false},
+		{"gctrace=1, memprofilerate=524288", 0, 0, false},
+	} {
+		rate, ok := memProfileRate(tc.godebug, tc.flag)
+		if rate != tc.rate || ok != tc.ok {
+			t.Errorf("GODEBUG=%q --memory-profile-rate %d: rate %d, set %v; want %d, %v", tc.godebug, tc.flag, rate, ok, tc.rate, tc.ok)
+		}
 	}
 }
 
