@@ -41,15 +41,22 @@ const (
 	// some for good after a heap of 40 MB: span and GC metadata (about
 	// 0.9 MB), spans that a few live objects keep in use, stacks that its
 	// processors cache and of the threads it started; with the flow
-	// events that the ring now holds (0.4 MB), 2.1-2.5 MiB was measured
+	// events that the ring now holds (0.4 MB), 1.7-2.6 MiB was measured
 	// (docs/performance.md, "After the connections close"). A record of
-	// Go's poller kept for every flow (560 B, 5.6 MB here) or a goroutine
-	// per flow fails it. The resident size may exceed 10% of idle by as
-	// much: it was within 10% in 11 of 12 measurements, but the
+	// Go's poller kept for every flow (560 B, 5.6 MB here), a goroutine
+	// per flow, or spare HBONE connections whose memory was not given
+	// back (4.6-6.1 MiB kept at 400 streams a connection) fail it. The
+	// resident size may exceed 10% of idle by as much: it was within 10%
+	// in every measurement since (and in 11 of 12 before), but the
 	// executable's pages mapped 30 s after (most often fewer than idle's,
-	// after the release) vary from run to run by 1-2 MiB, so a bound of
+	// after the release) vary from run to run by 1-6 MiB, so a bound of
 	// 10% alone would fail now and then.
-	tenKKeptAnon = 6 << 20
+	tenKKeptAnon = 4 << 20
+	// tenKBurstGrowth is how much more anonymous memory an agent may hold
+	// after a second burst than after the first: what Go keeps is its
+	// peak's, which the second burst does not raise. 0.2-0.3 MiB was
+	// measured, less with each further burst.
+	tenKBurstGrowth = 1 << 20
 )
 
 // TestTenThousandConnectionsFromOnePodToOnePod opens 10,000 connections
@@ -58,8 +65,9 @@ const (
 // may hold more than 150 MiB resident meanwhile, and 30 s after the
 // connections closed each agent's anonymous memory must be within what
 // Go's runtime never gives back of its idle size (tenKKeptAnon), and its
-// resident size within 10% of idle plus that. It moves 20,000 bytes in
-// all.
+// resident size within 10% of idle plus that. A second burst the same
+// must leave each agent where the first did (tenKBurstGrowth). It moves
+// 40,000 bytes in all.
 func TestTenThousandConnectionsFromOnePodToOnePod(t *testing.T) {
 	spec := testbed.Spec{
 		Nodes: []testbed.NodeSpec{
@@ -84,7 +92,7 @@ func TestTenThousandConnectionsFromOnePodToOnePod(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 120*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 240*time.Second)
 	defer cancel()
 
 	// Warm up the code paths and the HBONE pool, then take the agents'
@@ -107,6 +115,49 @@ func TestTenThousandConnectionsFromOnePodToOnePod(t *testing.T) {
 		idle[n] = memOf(t, pids[n])
 	}
 
+	first := tenKBurst(t, ctx, m, srv, dst, nodes, pids)
+	for _, n := range nodes {
+		b := first[n]
+		t.Logf("%s's agent: %.1f MiB idle (%.1f anonymous), %.1f MiB with %d connections (%.1f KiB each), %.1f MiB (%.1f anonymous) %v after they closed; %d connections opened in %v",
+			n, mib(idle[n].rss), mib(idle[n].anon), mib(b.loaded.rss), tenKConns, float64(b.loaded.rss-idle[n].rss)/tenKConns/1024,
+			mib(b.after.rss), mib(b.after.anon), tenKSettle, tenKConns, b.opened.Round(time.Millisecond))
+		if limit := idle[n].rss + idle[n].rss/10 + tenKKeptAnon; b.after.rss > limit {
+			t.Errorf("%s's agent holds %.1f MiB resident %v after the connections closed, want at most %.1f MiB (idle %.1f MiB, plus 10%%, plus %.0f MiB that Go keeps); %s",
+				n, mib(b.after.rss), tenKSettle, mib(limit), mib(idle[n].rss), mib(tenKKeptAnon), goMemory(m, n))
+		}
+		if limit := idle[n].anon + tenKKeptAnon; b.after.anon > limit {
+			t.Errorf("%s's agent holds %.1f MiB of anonymous memory %v after the connections closed, want at most %.1f MiB (idle %.1f MiB, plus %.0f MiB that Go keeps); %s",
+				n, mib(b.after.anon), tenKSettle, mib(limit), mib(idle[n].anon), mib(tenKKeptAnon), goMemory(m, n))
+		}
+	}
+	if t.Failed() {
+		return
+	}
+
+	second := tenKBurst(t, ctx, m, srv, dst, nodes, pids)
+	for _, n := range nodes {
+		a, b := first[n].after, second[n].after
+		t.Logf("%s's agent after a second burst: %.1f MiB (%.1f anonymous), %+.1f%% of idle", n, mib(b.rss), mib(b.anon), 100*float64(b.rss-idle[n].rss)/float64(idle[n].rss))
+		if limit := a.anon + tenKBurstGrowth; b.anon > limit {
+			t.Errorf("%s's agent holds %.1f MiB of anonymous memory %v after a second burst closed, want at most %.1f MiB (%.1f MiB after the first, plus %.0f MiB)",
+				n, mib(b.anon), tenKSettle, mib(limit), mib(a.anon), mib(tenKBurstGrowth))
+		}
+	}
+}
+
+// tenKMemory is an agent's memory in a burst: with its connections open
+// and idle, and tenKSettle after they closed.
+type tenKMemory struct {
+	loaded, after memStatus
+	opened        time.Duration // how long the burst's connections took to open
+}
+
+// tenKBurst opens tenKConns connections from the client pod to dst (the
+// server srv), leaves them idle for tenKIdle, closes them and waits
+// tenKSettle: every connection must succeed, and no agent may hold more
+// than tenKMaxRSS meanwhile. It returns each node's agent's memory.
+func tenKBurst(t *testing.T, ctx context.Context, m *meshtest.Mesh, srv *oneByteServer, dst netip.AddrPort, nodes []string, pids map[string]int) map[string]tenKMemory {
+	t.Helper()
 	start := time.Now()
 	conns, err := openConns(ctx, m, "client", dst, tenKConns)
 	t.Cleanup(func() { closeConns(conns) })
@@ -116,12 +167,13 @@ func TestTenThousandConnectionsFromOnePodToOnePod(t *testing.T) {
 	opened := time.Since(start)
 	waitServerConns(t, ctx, srv, tenKConns)
 	time.Sleep(tenKIdle)
-	loaded := map[string]memStatus{}
+	mem := map[string]tenKMemory{}
 	for _, n := range nodes {
-		loaded[n] = memOf(t, pids[n])
-		if loaded[n].rss > tenKMaxRSS {
-			t.Errorf("%s's agent holds %.1f MiB resident with %d idle connections, want at most %d MiB", n, mib(loaded[n].rss), tenKConns, tenKMaxRSS>>20)
+		loaded := memOf(t, pids[n])
+		if loaded.rss > tenKMaxRSS {
+			t.Errorf("%s's agent holds %.1f MiB resident with %d idle connections, want at most %d MiB", n, mib(loaded.rss), tenKConns, tenKMaxRSS>>20)
 		}
+		mem[n] = tenKMemory{loaded: loaded, opened: opened}
 	}
 
 	closeConns(conns)
@@ -130,19 +182,11 @@ func TestTenThousandConnectionsFromOnePodToOnePod(t *testing.T) {
 	waitServerConns(t, ctx, srv, 0)
 	time.Sleep(time.Until(closed.Add(tenKSettle)))
 	for _, n := range nodes {
-		after := memOf(t, pids[n])
-		t.Logf("%s's agent: %.1f MiB idle (%.1f anonymous), %.1f MiB with %d connections (%.1f KiB each), %.1f MiB (%.1f anonymous) %v after they closed; %d connections opened in %v",
-			n, mib(idle[n].rss), mib(idle[n].anon), mib(loaded[n].rss), tenKConns, float64(loaded[n].rss-idle[n].rss)/tenKConns/1024,
-			mib(after.rss), mib(after.anon), tenKSettle, tenKConns, opened.Round(time.Millisecond))
-		if limit := idle[n].rss + idle[n].rss/10 + tenKKeptAnon; after.rss > limit {
-			t.Errorf("%s's agent holds %.1f MiB resident %v after the connections closed, want at most %.1f MiB (idle %.1f MiB, plus 10%%, plus %.0f MiB that Go keeps); %s",
-				n, mib(after.rss), tenKSettle, mib(limit), mib(idle[n].rss), mib(tenKKeptAnon), goMemory(m, n))
-		}
-		if limit := idle[n].anon + tenKKeptAnon; after.anon > limit {
-			t.Errorf("%s's agent holds %.1f MiB of anonymous memory %v after the connections closed, want at most %.1f MiB (idle %.1f MiB, plus %.0f MiB that Go keeps); %s",
-				n, mib(after.anon), tenKSettle, mib(limit), mib(idle[n].anon), mib(tenKKeptAnon), goMemory(m, n))
-		}
+		b := mem[n]
+		b.after = memOf(t, pids[n])
+		mem[n] = b
 	}
+	return mem
 }
 
 // goMemory describes where node's agent's memory is, by its Go metrics.
