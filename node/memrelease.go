@@ -58,15 +58,16 @@ type releaser struct {
 	prev, base load // at the last look, at the last release
 }
 
-// look takes the load now, and reports whether to release.
-func (r *releaser) look(n load) bool {
+// look takes the load now, and reports whether to release, and the load
+// at the last release.
+func (r *releaser) look(n load) (last load, release bool) {
 	steady := !n.moved(r.prev, 10)
 	r.prev = n
 	if !steady || !n.moved(r.base, 1) {
-		return false
+		return r.base, false
 	}
-	r.base = n
-	return true
+	last, r.base = r.base, n
+	return last, true
 }
 
 // releaseMemory releases (release) when a releaser says so of the load
@@ -83,9 +84,9 @@ func releaseMemory(ctx context.Context, now func() load, log *slog.Logger) {
 			return
 		case <-t.C:
 		}
-		base := r.base
 		n := now()
-		if !r.look(n) {
+		base, ok := r.look(n)
+		if !ok {
 			continue
 		}
 		release(log, "the load changed", "open_flows_before", base.flows, "open_flows", n.flows,

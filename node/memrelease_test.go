@@ -127,8 +127,9 @@ func TestReleaseFollowsTheLoadDown(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			var r releaser
 			for i, s := range tc.steps {
-				if got := r.look(s.l); got != s.want {
-					t.Errorf("look %d at %+v (last release at %+v): release %v, want %v", i, s.l, r.base, got, s.want)
+				last, got := r.look(s.l)
+				if got != s.want {
+					t.Errorf("look %d at %+v (last release at %+v): release %v, want %v", i, s.l, last, got, s.want)
 				}
 			}
 		})
